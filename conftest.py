@@ -1,0 +1,111 @@
+"""Shared pytest set-up for tests/ and benchmarks/.
+
+* Without CUDA, Triton kernels run in the interpreter on CPU tensors (``import dms_perf`` sets
+  ``TRITON_INTERPRET=1`` before triton is imported).
+* ``--context-lengths`` / ``--methods`` select the parametrization of any test that takes the
+  ``context_length`` fixture or has an ``impl`` / ``method`` parameter.
+* ``@pytest.mark.gpu`` tests are skipped, with the reason printed, where there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import dms_perf  # noqa: F401  (must precede any triton import)
+import pytest
+import torch
+from dms_perf._runtime import HAS_CUDA, INTERPRET
+from dms_perf.measure import device_info
+from dms_perf.options import parse_context_lengths, parse_names, test_dtypes
+
+BASELINES_DIR = Path(__file__).parent / "benchmarks" / "baselines"
+DEFAULT_BENCHMARK_STORAGE = "file://./.benchmarks"
+DEFAULT_BENCHMARK_TIMER = "time.perf_counter"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dms-perf")
+    group.addoption(
+        "--context-lengths",
+        default=None,
+        help="comma-separated context lengths, e.g. 4k,8k (default: 64,256,1024 on CPU; "
+        "4096,8192,16384,32768 on a GPU)",
+    )
+    group.addoption(
+        "--methods",
+        default=None,
+        help="comma-separated implementation / method names to keep (default: all)",
+    )
+
+
+def pytest_configure(config):
+    config.dms_context_lengths = parse_context_lengths(config.getoption("--context-lengths"))
+    config.dms_methods = parse_names(config.getoption("--methods"))
+    _configure_benchmark_storage_and_timer(config)
+
+
+def _configure_benchmark_storage_and_timer(config):
+    """Baselines live per GPU model in benchmarks/baselines/<gpu-slug>/ so that a bare
+    ``pytest benchmarks --benchmark-compare`` compares against this card's committed baseline;
+    on CUDA the timer synchronizes the device (runs before pytest-benchmark's trylast configure)."""
+    if not hasattr(config.option, "benchmark_storage"):
+        return
+    if config.option.benchmark_storage == DEFAULT_BENCHMARK_STORAGE:
+        folder = BASELINES_DIR / device_info()["gpu_slug"]
+        config.option.benchmark_storage = f"file://{folder}"
+    if HAS_CUDA and config.option.benchmark_timer == DEFAULT_BENCHMARK_TIMER:
+        config.option.benchmark_timer = "dms_perf.measure.cuda_sync_timer"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["dms_perf_device"] = device_info()
+
+
+def pytest_report_header(config):
+    gpu = torch.cuda.get_device_name() if HAS_CUDA else "none"
+    return (
+        f"dms-perf: torch {torch.__version__}, GPU {gpu}, triton interpreter {INTERPRET}, "
+        f"context lengths {list(config.dms_context_lengths)}"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if "context_length" in metafunc.fixturenames:
+        metafunc.parametrize("context_length", metafunc.config.dms_context_lengths, ids=lambda n: f"ctx{n}")
+    if "dtype" in metafunc.fixturenames:
+        metafunc.parametrize("dtype", test_dtypes(), ids=lambda d: str(d).removeprefix("torch."))
+
+
+def pytest_collection_modifyitems(config, items):
+    keep_methods = config.dms_methods
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none on this machine (ran CPU/interpreter tests only)")
+    selected, deselected = [], []
+    for item in items:
+        if not HAS_CUDA and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        name = params.get("impl", params.get("method"))
+        if keep_methods is not None and name is not None and str(name) not in keep_methods:
+            deselected.append(item)
+        else:
+            selected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_free(request):
+    """Seed from the test id (different tests draw different inputs, reruns the same); free GPU memory after."""
+    seed = int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:4], "little")
+    torch.manual_seed(seed)
+    yield
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

@@ -1,0 +1,31 @@
+"""Helpers for correctness tests: poisoning, per-dtype tolerances, error metrics."""
+
+from __future__ import annotations
+
+import torch
+
+INT_SENTINEL = -7777
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` in place with a value no kernel produces (NaN, -7777 or True) and return it."""
+    if t.numel() == 0:
+        return t
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    elif t.dtype == torch.uint8:
+        t.fill_(0xAB)
+    else:
+        t.fill_(INT_SENTINEL)
+    return t
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    out64, ref64 = out.double(), ref.double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / max(denom, 1e-30)
