@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
-import dms_perf  # noqa: F401  (must precede any triton import)
 import pytest
 import torch
+
+import dms_perf  # noqa: F401  (must precede any triton import)
 from dms_perf._runtime import HAS_CUDA, INTERPRET
+from dms_perf.ci import GateError, check_same_gpu, parse_shard, require_baseline, shard_node_ids
 from dms_perf.measure import device_info
 from dms_perf.options import parse_context_lengths, parse_names, test_dtypes
 
@@ -33,6 +36,12 @@ def pytest_addoption(parser):
         "4096,8192,16384,32768 on a GPU)",
     )
     group.addoption(
+        "--shard",
+        default=None,
+        help="run only shard I of N of the collected items, e.g. 2/4 (to spread benchmarks over GPUs or "
+        "hosts; join the JSON with `python -m dms_perf.ci merge`)",
+    )
+    group.addoption(
         "--methods",
         default=None,
         help="comma-separated implementation / method names to keep (default: all)",
@@ -42,7 +51,19 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.dms_context_lengths = parse_context_lengths(config.getoption("--context-lengths"))
     config.dms_methods = parse_names(config.getoption("--methods"))
-    _configure_benchmark_storage_and_timer(config)
+    try:
+        config.dms_shard = parse_shard(config.getoption("--shard"))
+        _configure_benchmark_storage_and_timer(config)
+    except GateError as e:
+        raise pytest.UsageError(str(e)) from None
+    _one_gpu_per_xdist_worker()
+
+
+def _one_gpu_per_xdist_worker():
+    """``pytest tests -n <number of GPUs>``: worker gwK runs on GPU K (mod the GPU count)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if HAS_CUDA and worker.startswith("gw") and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
 
 
 def _configure_benchmark_storage_and_timer(config):
@@ -56,10 +77,20 @@ def _configure_benchmark_storage_and_timer(config):
         config.option.benchmark_storage = f"file://{folder}"
     if HAS_CUDA and config.option.benchmark_timer == DEFAULT_BENCHMARK_TIMER:
         config.option.benchmark_timer = "dms_perf.measure.cuda_sync_timer"
+    if config.option.benchmark_compare and not config.option.benchmark_disable:
+        require_baseline(config.option.benchmark_storage, config.option.benchmark_compare)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["dms_perf_device"] = device_info()
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    """Refuse to compare timings across GPU models: the numbers would mean nothing."""
+    try:
+        check_same_gpu(machine_info, compared_benchmark["machine_info"], where=str(benchmarksession.storage))
+    except GateError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_report_header(config):
@@ -90,6 +121,11 @@ def pytest_collection_modifyitems(config, items):
             deselected.append(item)
         else:
             selected.append(item)
+    if config.dms_shard is not None:
+        index, count = config.dms_shard
+        mine = set(shard_node_ids([item.nodeid for item in selected], index, count))
+        deselected += [item for item in selected if item.nodeid not in mine]
+        selected = [item for item in selected if item.nodeid in mine]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
@@ -97,7 +133,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def device() -> torch.device:
-    return torch.device("cuda" if HAS_CUDA else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if HAS_CUDA else torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_info() -> dict[str, Any]:
     """GPU name, slug, driver, CUDA, torch and triton versions (or a CPU description)."""
     import triton
@@ -87,17 +87,14 @@ def do_bench_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 10
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth_bytes_per_s() -> float:
     """Measured device-to-device copy bandwidth, counting bytes read plus bytes written (1 GiB copy)."""
     if not HAS_CUDA:
         return float("nan")
-    n = 2**30 // 2
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = do_bench_ms(lambda: dst.copy_(src), warmup_ms=50, rep_ms=300)
-    del src, dst
-    torch.cuda.empty_cache()
     return 2 * 2**30 / (ms * 1e-3)
 
 

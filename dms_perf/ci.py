@@ -1,0 +1,290 @@
+"""Regression gating for the GPU CI runner: per-GPU baselines, shards, base-vs-head comparison.
+
+The GPU workflow and a person on any GPU host run the same entry point::
+
+    python -m dms_perf.ci run                    # GPU tests, then benchmarks gated on this card's baseline
+    python -m dms_perf.ci run --save-baseline    # refresh this card's committed baseline
+    python -m dms_perf.ci base-vs-head --base origin/main   # both commits on this runner, gate on ratio
+    python -m dms_perf.ci merge out.json shard1.json shard2.json   # join ``--shard i/n`` runs
+    python -m dms_perf.ci gate baseline.json head.json --threshold 10
+
+Baselines are pytest-benchmark's own storage, one folder per GPU model:
+``benchmarks/baselines/<gpu-slug>/<machine-id>/NNNN_baseline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINES = REPO / "benchmarks" / "baselines"
+
+
+class GateError(ValueError):
+    """A comparison that cannot be made (other GPU, no baseline, bad shard)."""
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"2/4"`` -> (2, 4): shard 2 of 4, 1-based."""
+    if not text:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise GateError(f"--shard must look like I/N (e.g. 1/2), got {text!r}") from None
+    if not 1 <= index <= count:
+        raise GateError(f"--shard {text!r}: need 1 <= I <= N")
+    return index, count
+
+
+def shard_node_ids(node_ids: list[str], index: int, count: int) -> list[str]:
+    """Round-robin over the sorted ids, so each shard gets a similar mix of context lengths."""
+    return [nid for k, nid in enumerate(sorted(node_ids)) if k % count == index - 1]
+
+
+# --- baselines and machine checks -------------------------------------------------------------------
+
+
+def gpu_of(machine_info: dict) -> str | None:
+    return (machine_info.get("dms_perf_device") or {}).get("gpu")
+
+
+def check_same_gpu(current: dict, baseline: dict, where: str = "") -> None:
+    """Raise GateError naming both cards when a baseline was measured on another GPU model."""
+    here, there = gpu_of(current), gpu_of(baseline)
+    if here != there:
+        raise GateError(
+            f"refusing to compare benchmarks across GPU models: this run is on {here!r}, the baseline"
+            f"{' in ' + where if where else ''} was measured on {there!r}. Compare against the baseline "
+            f"folder of this GPU model (benchmarks/baselines/<gpu-slug>/) or create one."
+        )
+
+
+def storage_folder(storage_uri: str) -> Path:
+    return Path(storage_uri.removeprefix("file://"))
+
+
+def require_baseline(storage_uri: str, compare) -> None:
+    """``--benchmark-compare`` with no saved run is an error that says how to create one."""
+    folder = storage_folder(storage_uri)
+    if compare is True and not any(folder.rglob("*.json")):
+        raise GateError(
+            f"no benchmark baseline for this GPU model in {folder}. Create one on this card with "
+            f"`python -m dms_perf.ci run --save-baseline` (or `pytest benchmarks --benchmark-save=baseline`) "
+            f"and commit that folder."
+        )
+
+
+# --- benchmark JSON: load, merge, compare -----------------------------------------------------------
+
+
+def load(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GateError(f"benchmark JSON not found: {path}") from None
+
+
+def merge(runs: list[dict]) -> dict:
+    """Join the JSON of ``--shard i/n`` runs (same GPU model) into one run."""
+    if not runs:
+        raise GateError("merge needs at least one benchmark JSON")
+    merged = dict(runs[0], benchmarks=[])
+    seen: set[str] = set()
+    for run in runs:
+        check_same_gpu(runs[0]["machine_info"], run["machine_info"], where="another shard")
+        for bench in run["benchmarks"]:
+            if bench["fullname"] in seen:
+                raise GateError(f"benchmark {bench['fullname']!r} appears in more than one shard")
+            seen.add(bench["fullname"])
+            merged["benchmarks"].append(bench)
+    return merged
+
+
+@dataclass
+class Row:
+    name: str
+    base_s: float | None
+    head_s: float | None
+    threshold_pct: float
+
+    @property
+    def ratio(self) -> float | None:
+        if self.base_s is None or self.head_s is None:
+            return None
+        return self.head_s / self.base_s
+
+    @property
+    def regressed(self) -> bool:
+        return self.ratio is not None and self.ratio > 1 + self.threshold_pct / 100
+
+
+def compare(base: dict, head: dict, threshold_pct: float, stat: str = "median") -> list[Row]:
+    """Per benchmark, head/base of ``stat``; benchmarks on one side only are listed with None."""
+    check_same_gpu(head["machine_info"], base["machine_info"], where="the base run")
+    base_by = {b["fullname"]: b["stats"][stat] for b in base["benchmarks"]}
+    head_by = {b["fullname"]: b["stats"][stat] for b in head["benchmarks"]}
+    return [Row(name, base_by.get(name), head_by.get(name), threshold_pct) for name in sorted(base_by | head_by)]
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.4g}"
+
+
+def markdown_table(rows: list[Row], title: str) -> str:
+    lines = [f"### {title}", "", "| benchmark | base ms | head ms | head/base | verdict |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        verdict = "REGRESSED" if r.regressed else ("new" if r.base_s is None else "gone" if r.head_s is None else "ok")
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
+        lines.append(f"| `{r.name}` | {_ms(r.base_s)} | {_ms(r.head_s)} | {ratio} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_summary(run: dict) -> str:
+    """Markdown table of one run: median and the derived figures in extra_info."""
+    gpu = gpu_of(run["machine_info"]) or "cpu"
+    lines = [f"### Benchmarks on {gpu} ({run.get('datetime', '')})", ""]
+    lines += ["| benchmark | median ms | extra |", "|---|---:|---|"]
+    for b in sorted(run["benchmarks"], key=lambda b: b["fullname"]):
+        extra = ", ".join(f"{k}={_fmt(v)}" for k, v in b.get("extra_info", {}).items())
+        lines.append(f"| `{b['fullname']}` | {b['stats']['median'] * 1e3:.4g} | {extra} |")
+    return "\n".join(lines) + "\n"
+
+
+def _publish(markdown: str, out_dir: Path | None) -> None:
+    print(markdown)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "summary.md", "a") as f:
+            f.write(markdown + "\n")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as f:
+            f.write(markdown + "\n")
+
+
+def gate(base: dict, head: dict, threshold_pct: float, out_dir: Path | None, title: str) -> int:
+    rows = compare(base, head, threshold_pct)
+    _publish(markdown_table(rows, f"{title} (fail above +{threshold_pct:g}% median)"), out_dir)
+    regressed = [r.name for r in rows if r.regressed]
+    if regressed:
+        print(f"REGRESSION: {len(regressed)} benchmark(s) slower than +{threshold_pct:g}%: {', '.join(regressed)}")
+        return 1
+    return 0
+
+
+# --- running pytest -------------------------------------------------------------------------------
+
+
+def _pytest(args: list[str], cwd: Path) -> int:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "pytest", *args]
+    print("+", " ".join(cmd), f"(in {cwd})", flush=True)
+    return subprocess.call(cmd, cwd=cwd, env=env)
+
+
+def cmd_run(ns) -> int:
+    """GPU tests, then the benchmarks compared with (or saved as) this GPU model's baseline."""
+    out = Path(ns.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ns.skip_tests:
+        rc = _pytest(["tests", "-q", *ns.pytest_args], REPO)
+        if rc != 0:
+            print(f"GPU tests failed (exit {rc}); benchmarks not run")
+            return rc
+    bench_args = ["benchmarks", "-q", f"--benchmark-json={out / 'benchmarks.json'}", *ns.pytest_args]
+    if ns.save_baseline:
+        bench_args.append("--benchmark-save=baseline")
+    else:
+        bench_args += ["--benchmark-compare", f"--benchmark-compare-fail=median:{ns.threshold:g}%"]
+    rc = _pytest(bench_args, REPO)
+    if (out / "benchmarks.json").exists():
+        _publish(run_summary(load(out / "benchmarks.json")), out)
+    return rc
+
+
+def cmd_base_vs_head(ns) -> int:
+    """Benchmark the base commit and the working tree on this runner, one after the other; gate on ratio."""
+    out = Path(ns.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["benchmarks", "-q", "-p", "no:cacheprovider", *ns.pytest_args]
+    with tempfile.TemporaryDirectory(prefix="dms-perf-base-") as tmp:
+        base_tree = Path(tmp) / "base"
+        subprocess.check_call(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), ns.base])
+        try:
+            rc_base = _pytest([*args, f"--benchmark-json={out / 'base.json'}"], base_tree)
+        finally:
+            subprocess.call(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)])
+    rc_head = _pytest([*args, f"--benchmark-json={out / 'head.json'}"], REPO)
+    if rc_base or rc_head:
+        print(f"benchmark runs failed (base exit {rc_base}, head exit {rc_head})")
+        return rc_base or rc_head
+    return gate(load(out / "base.json"), load(out / "head.json"), ns.threshold, out, f"head vs base {ns.base}")
+
+
+def cmd_gate(ns) -> int:
+    return gate(load(ns.base), load(ns.head), ns.threshold, ns.out and Path(ns.out), "head vs base")
+
+
+def cmd_merge(ns) -> int:
+    merged = merge([load(path) for path in ns.inputs])
+    Path(ns.output).write_text(json.dumps(merged, indent=2))
+    print(f"merged {len(merged['benchmarks'])} benchmarks from {len(ns.inputs)} runs into {ns.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dms_perf.ci", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="GPU tests + benchmarks gated on this GPU model's committed baseline")
+    p.add_argument("--save-baseline", action="store_true", help="store this run as the baseline instead")
+    p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    p.add_argument("--threshold", type=float, default=10.0, help="fail above this %% median slowdown (10)")
+    p.add_argument("--out", default="ci-results", help="folder for benchmarks.json and summary.md")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("base-vs-head", help="benchmark a base commit and the working tree here; gate on ratio")
+    p.add_argument("--base", required=True, help="git revision of the base (e.g. origin/main)")
+    p.add_argument("--threshold", type=float, default=10.0, help="fail above this %% median slowdown (10)")
+    p.add_argument("--out", default="ci-results", help="folder for base.json, head.json, summary.md")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.set_defaults(func=cmd_base_vs_head)
+
+    p = sub.add_parser("merge", help="join the JSON of --shard runs into one")
+    p.add_argument("output")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("gate", help="compare two benchmark JSON files; exit 1 on a regression")
+    p.add_argument("base")
+    p.add_argument("head")
+    p.add_argument("--threshold", type=float, default=10.0)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_gate)
+
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except GateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
