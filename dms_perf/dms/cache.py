@@ -1,0 +1,230 @@
+"""The compacted DMS KV cache, a transformers ``Cache`` (shared/DMS.md, "Cache and decode").
+
+Per layer and per (batch, KV head), the cache holds only the tokens the next query can still see:
+the tokens not marked for eviction plus the last ``window + 1`` tokens. Heads keep different numbers
+of tokens, so each layer stores a ``[B, Hkv, C, D]`` buffer whose first ``lengths[b, h]`` slots are
+occupied; ``C`` is the longest head (rounded up to ``capacity_step``), not the context length. Slot
+order is irrelevant to attention because RoPE is applied before caching.
+
+Decode bookkeeping follows the released code: a ring of ``window + 1`` (slot, flag) entries per head
+remembers where the last ``window + 1`` tokens live and whether each was marked. For new token t:
+its decision becomes the flag of token t-1; the token leaving the window (t - window - 1) is looked up
+in the ring; if it was marked, its slot is reused for token t, else token t is appended. Everything
+runs on the device (no ``.item()``); only the capacity grows on the host, from the host-known upper
+bound ``longest head after prefill + decode steps``.
+
+``DMSReferenceCache`` is the uncompacted counterpart used by the "math" reference model: every K/V
+plus every decision, so the rule can be applied as a full mask at each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from dms_perf.dms.rule import evict_flags
+
+DEFAULT_CAPACITY_STEP = 256
+
+
+class DMSCacheLayer(CacheLayerMixin):
+    """One layer of :class:`DMSCache`: padded per-head K/V buffers, per-head lengths and the ring."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP):
+        super().__init__()
+        self.window = window
+        self.capacity_step = capacity_step
+        self.lengths: torch.Tensor | None = None
+        self.ring_slot: torch.Tensor | None = None
+        self.ring_flag: torch.Tensor | None = None
+        self.seen = 0
+        self.longest_bound = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+
+    def update(self, key_states, value_states, cache_kwargs: dict[str, Any] | None = None):
+        raise NotImplementedError(
+            "DMSCache needs the DMS decisions with every update: call DMSCache.append(layer_idx, k, v, decisions)"
+        )
+
+    def _capacity_for(self, n: int) -> int:
+        step = self.capacity_step
+        return max(step, -(-n // step) * step)
+
+    def prefill(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
+        """Store the tokens the last prefill query sees (K/V ``[B, Hkv, N, D]``, decisions ``[B, Hkv, N]``)."""
+        self.lazy_initialization(keys, values)
+        B, H, N, D = keys.shape
+        w1 = self.window + 1
+        evict = evict_flags(decisions)
+        in_window = torch.arange(N, device=keys.device) >= N - w1
+        keep = in_window | ~evict
+        rank = keep.cumsum(-1) - 1
+        self.lengths = keep.sum(-1, dtype=torch.int32)
+        # One host sync per layer and prefill: the buffer is sized by the longest head.
+        self.longest_bound = int(self.lengths.max())
+        capacity = self._capacity_for(self.longest_bound)
+        self.keys = torch.empty((B, H, capacity, D), dtype=keys.dtype, device=keys.device)
+        self.values = torch.empty((B, H, capacity, D), dtype=values.dtype, device=values.device)
+        b_idx, h_idx, j_idx = keep.nonzero(as_tuple=True)
+        slot = rank[b_idx, h_idx, j_idx]
+        self.keys[b_idx, h_idx, slot] = keys[b_idx, h_idx, j_idx]
+        self.values[b_idx, h_idx, slot] = values[b_idx, h_idx, j_idx]
+
+        # Ring entry j % (window + 1) describes token j for the last window + 1 tokens; entries of
+        # tokens before 0 stay (slot 0, unflagged) so that they never free a slot.
+        self.ring_slot = torch.zeros((B, H, w1), dtype=torch.int64, device=keys.device)
+        self.ring_flag = torch.zeros((B, H, w1), dtype=torch.bool, device=keys.device)
+        last = torch.arange(max(0, N - w1), N, device=keys.device)
+        self.ring_slot[:, :, last % w1] = rank[:, :, last]
+        self.ring_flag[:, :, last % w1] = evict[:, :, last]
+        self.seen = N
+        self.is_initialized = True
+
+    def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
+        """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
+        t, w1 = self.seen, self.window + 1
+        self.ring_flag[:, :, (t - 1) % w1] = decisions[:, :, 0]
+        leaving = t % w1
+        reuse = self.ring_flag[:, :, leaving]
+        slot = torch.where(reuse, self.ring_slot[:, :, leaving], self.lengths.long())
+        self.lengths += (~reuse).to(torch.int32)
+        self.ring_slot[:, :, leaving] = slot
+        self.ring_flag[:, :, leaving] = False
+        self.longest_bound += 1
+        if self.longest_bound > self.keys.shape[2]:
+            self._grow(self._capacity_for(self.longest_bound))
+        index = slot[:, :, None, None].expand(-1, -1, 1, keys.shape[-1])
+        self.keys.scatter_(2, index, keys)
+        self.values.scatter_(2, index, values)
+        self.seen = t + 1
+
+    def _grow(self, capacity: int) -> None:
+        B, H, old, D = self.keys.shape
+        for name in ("keys", "values"):
+            buf = getattr(self, name)
+            grown = torch.empty((B, H, capacity, D), dtype=buf.dtype, device=buf.device)
+            grown[:, :, :old] = buf
+            setattr(self, name, grown)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.seen + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.window, self.capacity_step)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("DMSCache does not support beam search (reorder_cache)")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("DMSCache cannot be cropped: eviction is final (shared/DMS.md)")
+
+    def nbytes(self) -> int:
+        tensors = (self.keys, self.values, self.lengths, self.ring_slot, self.ring_flag)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class DMSCache(Cache):
+    """Compacted DMS KV cache for all layers of a Qwen3-DMS model (see the module docstring).
+
+    ``append(layer_idx, keys, values, decisions)`` is the only way in: a first call with N tokens is
+    the prefill, later calls add one token each (the released code likewise supports one prefill
+    followed by decoding).
+    """
+
+    def __init__(self, num_layers: int, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP):
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        if capacity_step < 1:
+            raise ValueError(f"capacity_step must be >= 1, got {capacity_step}")
+        super().__init__(layers=[DMSCacheLayer(window, capacity_step) for _ in range(num_layers)])
+        self.window = window
+
+    def append(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add tokens to layer ``layer_idx``; returns its ``(k_cache, v_cache, lengths)`` for attention."""
+        layer = self.layers[layer_idx]
+        n = keys.shape[2]
+        if keys.shape != values.shape or decisions.shape != keys.shape[:3] or decisions.dtype != torch.bool:
+            raise ValueError(
+                f"expected keys = values [B, Hkv, N, D] and bool decisions [B, Hkv, N]; got keys "
+                f"{tuple(keys.shape)}, values {tuple(values.shape)}, decisions {tuple(decisions.shape)} "
+                f"{decisions.dtype}"
+            )
+        if not layer.is_initialized:
+            layer.prefill(keys, values, decisions)
+        elif n == 1:
+            if keys.shape[:2] != layer.keys.shape[:2]:
+                raise ValueError(
+                    f"batch/heads {tuple(keys.shape[:2])} differ from the cache's {tuple(layer.keys.shape[:2])}"
+                )
+            layer.decode(keys, values, decisions)
+        else:
+            raise ValueError(
+                f"DMSCache takes one prefill followed by one token per step; got {n} tokens after "
+                f"{layer.seen} cached (shared/DMS.md: the released code supports only this)"
+            )
+        return layer.keys, layer.values, layer.lengths
+
+    def head_lengths(self, layer_idx: int) -> torch.Tensor:
+        """``[B, Hkv]`` int32: tokens held per (batch, KV head) in layer ``layer_idx``."""
+        return self.layers[layer_idx].lengths
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated by the cache (K/V buffers with their spare capacity, lengths and rings)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kept_kv_bytes(self) -> int:
+        """Bytes of the occupied K/V slots only (synchronizes: for reporting)."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                per_token = 2 * layer.keys.shape[-1] * layer.keys.element_size()
+                total += int(layer.lengths.sum()) * per_token
+        return total
+
+
+class DMSReferenceCache(DynamicCache):
+    """Uncompacted cache of the "math" reference model: every K/V (DynamicCache) and every decision."""
+
+    def __init__(self):
+        super().__init__()
+        self.decisions: list[torch.Tensor] = []
+
+    def append(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store everything; returns all keys, values ``[B, Hkv, T, D]`` and decisions ``[B, Hkv, T]``."""
+        all_keys, all_values = self.update(keys, values, layer_idx)
+        if layer_idx == len(self.decisions):
+            self.decisions.append(decisions)
+        else:
+            self.decisions[layer_idx] = torch.cat([self.decisions[layer_idx], decisions], dim=-1)
+        return all_keys, all_values, self.decisions[layer_idx]
+
+
+def kv_cache_bytes(past_key_values: Cache | None) -> int:
+    """Bytes held by a KV cache: ``DMSCache.kv_bytes()``, or the K/V tensors of any layered Cache."""
+    if past_key_values is None:
+        return 0
+    if isinstance(past_key_values, DMSCache):
+        return past_key_values.kv_bytes()
+    total = 0
+    for layer in past_key_values.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,110 @@
+"""DMSCache bookkeeping: after prefill and every decode step each head holds exactly the visible tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from dms_perf.dms.cache import DMSCache, DMSReferenceCache, kv_cache_bytes
+from dms_perf.dms.rule import visibility_mask
+
+
+def _tagged(B, H, n, D, first, device):
+    """K/V whose channel 0 is the token index: the cache's slots can be mapped back to tokens."""
+    k = torch.randn(B, H, n, D, device=device)
+    k[..., 0] = torch.arange(first, first + n, device=device, dtype=torch.float32)
+    return k, -k
+
+
+def _held_tokens(cache, layer_idx):
+    layer = cache.layers[layer_idx]
+    out = {}
+    for b in range(layer.keys.shape[0]):
+        for h in range(layer.keys.shape[1]):
+            n = int(layer.lengths[b, h])
+            out[b, h] = sorted(int(x) for x in layer.keys[b, h, :n, 0])
+            assert torch.equal(layer.values[b, h, :n], -layer.keys[b, h, :n])
+    return out
+
+
+def _visible_tokens(decisions, window):
+    """Tokens the newest query sees, per (b, h), from the rule written once in dms_perf.dms.rule."""
+    n = decisions.shape[-1]
+    last_row = visibility_mask(decisions, window, n_queries=1, n_keys=n, query_offset=n - 1)[:, :, 0]
+    return {
+        (b, h): torch.nonzero(last_row[b, h]).flatten().tolist()
+        for b in range(decisions.shape[0]) for h in range(decisions.shape[1])
+    }
+
+
+@pytest.mark.parametrize(
+    "prompt,window,steps,p_mark,step",
+    [(40, 8, 30, 0.7, 16), (5, 8, 20, 0.5, 4), (64, 16, 40, 0.9, 256), (12, 0, 15, 0.6, 8), (30, 3, 25, 0.0, 8)],
+)
+def test_cache_holds_exactly_the_visible_tokens(prompt, window, steps, p_mark, step, device):
+    B, H, D = 2, 3, 16
+    cache = DMSCache(num_layers=1, window=window, capacity_step=step)
+    decisions = torch.rand(B, H, prompt, device=device) < p_mark
+    k, v = _tagged(B, H, prompt, D, 0, device)
+    cache.append(0, k, v, decisions)
+    assert _held_tokens(cache, 0) == _visible_tokens(decisions, window)
+    assert cache.get_seq_length() == prompt
+    for t in range(prompt, prompt + steps):
+        d = torch.rand(B, H, 1, device=device) < p_mark
+        decisions = torch.cat([decisions, d], dim=-1)
+        k, v = _tagged(B, H, 1, D, t, device)
+        _, _, lengths = cache.append(0, k, v, d)
+        expected = _visible_tokens(decisions, window)
+        assert _held_tokens(cache, 0) == expected
+        assert lengths.tolist() == [[len(expected[b, h]) for h in range(H)] for b in range(B)]
+    assert cache.get_seq_length() == prompt + steps
+
+
+def test_cache_bytes_follow_kept_tokens_not_context(device):
+    """Marking most tokens keeps the buffer near window + kept tokens; marking none keeps everything."""
+    B, H, D, n, window = 1, 2, 32, 600, 16
+    sizes = {}
+    for p_mark in (0.0, 0.9):
+        cache = DMSCache(num_layers=2, window=window, capacity_step=32)
+        decisions = torch.rand(B, H, n, device=device) < p_mark
+        for layer in range(2):
+            cache.append(layer, *_tagged(B, H, n, D, 0, device), decisions)
+        sizes[p_mark] = cache.kv_bytes()
+        assert cache.kept_kv_bytes() <= cache.kv_bytes()
+    full = 2 * 2 * B * H * n * D * 4  # layers * (K, V) * tokens * fp32
+    assert sizes[0.0] >= full
+    assert sizes[0.9] < 0.25 * full
+
+
+def test_reference_cache_keeps_everything(device):
+    cache = DMSReferenceCache()
+    d0 = torch.rand(1, 2, 7, device=device) < 0.5
+    cache.append(0, *_tagged(1, 2, 7, 16, 0, device), d0)
+    d1 = torch.rand(1, 2, 1, device=device) < 0.5
+    k, v, d = cache.append(0, *_tagged(1, 2, 1, 16, 7, device), d1)
+    assert k.shape == (1, 2, 8, 16) and torch.equal(d, torch.cat([d0, d1], -1))
+    assert k[0, 0, :, 0].tolist() == list(range(8))
+    assert kv_cache_bytes(cache) == 2 * 8 * 2 * 16 * 4
+
+
+def test_kv_cache_bytes_dynamic_cache():
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), 0)
+    assert kv_cache_bytes(cache) == 2 * 2 * 5 * 8 * 4
+    assert kv_cache_bytes(None) == 0
+
+
+def test_cache_rejects_bad_use(device):
+    cache = DMSCache(num_layers=1, window=4)
+    k, v = _tagged(1, 2, 6, 16, 0, device)
+    d = torch.zeros(1, 2, 6, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="bool decisions"):
+        cache.append(0, k, v, d.int())
+    cache.append(0, k, v, d)
+    with pytest.raises(ValueError, match="one prefill"):
+        cache.append(0, k, v, d)
+    with pytest.raises(NotImplementedError, match="decisions"):
+        cache.update(k, v, 0)
+    with pytest.raises(ValueError, match="window"):
+        DMSCache(num_layers=1, window=-1)
