@@ -1,0 +1,231 @@
+"""DMS prefill attention: one public function, four implementations (issue 3, shared/DMS.md).
+
+``"math"``   fp32 dense masked softmax, written for reading: the ground truth of the tests.
+``"hub"``    the released checkpoint's algorithm, reproduced faithfully (the "DMS (Hub)" baseline).
+``"flex"``   PyTorch FlexAttention with a DMS ``mask_mod``, chunked over queries.
+``"triton"`` the fused kernel, ``dms_perf/kernels/prefill_attention.py``.
+
+All four take their mask from ``dms_perf.dms.rule.visibility_mask`` / ``evict_flags``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dms_perf._runtime import INTERPRET
+from dms_perf.dms.rule import evict_flags, visibility_mask
+
+IMPLS = ("math", "hub", "flex", "triton")
+HUB_QUERY_CHUNK = 512
+# Elements of one query chunk's mask/score block (B * Hq * rows * keys) for "math" and "flex".
+CHUNK_ELEMENTS = 2**30
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def dms_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decisions: torch.Tensor,
+    window: int = 512,
+    *,
+    impl: str = "triton",
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Causal prefill attention under the DMS visibility rule (shared/DMS.md, "Who is visible").
+
+    Args:
+        q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` with ``Hq`` a multiple of ``Hkv`` (GQA); one
+            dtype (fp16, bf16, fp32; fp64 for ``"math"`` only) and one device for all three.
+        decisions: bool ``[B, Hkv, N]``; ``decisions[..., t]`` is token t's decision, which marks
+            token t-1 for eviction. Query i sees key j iff ``j <= i`` and (``i - j <= window`` or not
+            ``decisions[..., j + 1]``); the last token is always kept.
+        window: the DMS sliding window (``dms_window_size``, 512 in the checkpoint), ``>= 0``.
+        impl: ``"triton"`` (fused kernel), ``"flex"``, ``"hub"`` or ``"math"`` (see the module doc).
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return the natural-log logsumexp of the scaled visible scores per query row,
+            fp32 ``[B, Hq, N]`` (not available for ``"hub"``, whose SDPA calls do not expose it).
+
+    Returns:
+        ``out`` shaped and typed like ``q``, or ``(out, lse)`` with ``return_lse``.
+
+    Padding: every sequence of the batch has length N; left-padded batches of different lengths are
+    not supported (there is no attention-mask argument): run such sequences one by one.
+    """
+    _check_inputs(q, k, v, decisions, window, impl, scale, return_lse)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "math":
+        out, lse = math_attention(q, k, v, decisions, window, scale)
+    elif impl == "hub":
+        out, lse = hub_attention(q, k, v, decisions, window, scale), None
+    elif impl == "flex":
+        out, lse = flex_attention(q, k, v, decisions, window, scale, return_lse)
+    else:
+        from dms_perf.kernels.prefill_attention import triton_prefill_attention
+
+        out, lse = triton_prefill_attention(q, k, v, decisions, window, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def math_attention(q, k, v, decisions, window, scale, compute_dtype=None):
+    """Dense masked softmax, one query chunk at a time; returns ``(out, lse)``.
+
+    Computed in ``compute_dtype`` (default: fp32, or fp64 for fp64 inputs; tests also run it in the
+    input dtype to measure what plain torch loses at that precision). ``out`` has q's dtype.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    batch, num_q_heads, n, _ = q.shape
+    group = num_q_heads // k.shape[1]
+    keys = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    values = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device)
+    rows = max(1, CHUNK_ELEMENTS // (batch * num_q_heads * n))
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        visible = visibility_mask(decisions, window, end - start, end, query_offset=start)
+        visible = visible.repeat_interleave(group, dim=1)
+        scores = (q[:, :, start:end].to(compute_dtype) @ keys[:, :, :end].transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse[:, :, start:end] = torch.logsumexp(scores, dim=-1).float()
+        out[:, :, start:end] = (torch.softmax(scores, dim=-1) @ values[:, :, :end]).to(q.dtype)
+    return out, lse
+
+
+def hub_attention(q, k, v, decisions, window, scale):
+    """The released checkpoint's prefill, kept as its "DMS (Hub)" baseline (shared/DMS.md).
+
+    Left-pads the batch with Python loops, runs query chunks of 512, each with a dense boolean mask
+    over all keys up to the chunk's end and one SDPA call with ``enable_gqa``, then restores the
+    original order with another loop. Not optimized on purpose: speedups are measured against it.
+    """
+    batch, num_q_heads, n, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    lengths = [n] * batch  # equal lengths: the API takes no padding mask (see dms_prefill_attention)
+    padded_len = max(lengths)
+
+    q_pad = q.new_zeros(batch, num_q_heads, padded_len, head_dim)
+    k_pad = k.new_zeros(batch, num_kv_heads, padded_len, head_dim)
+    v_pad = v.new_zeros(batch, num_kv_heads, padded_len, head_dim)
+    decisions_pad = decisions.new_zeros(batch, num_kv_heads, padded_len)
+    for b, length in enumerate(lengths):
+        q_pad[b, :, padded_len - length:] = q[b]
+        k_pad[b, :, padded_len - length:] = k[b]
+        v_pad[b, :, padded_len - length:] = v[b]
+        decisions_pad[b, :, padded_len - length:] = decisions[b]
+
+    out_pad = torch.empty_like(q_pad)
+    for start in range(0, padded_len, HUB_QUERY_CHUNK):
+        end = min(start + HUB_QUERY_CHUNK, padded_len)
+        mask = visibility_mask(decisions_pad, window, end - start, end, query_offset=start)
+        mask = mask.repeat_interleave(group, dim=1)
+        out_pad[:, :, start:end] = F.scaled_dot_product_attention(
+            q_pad[:, :, start:end], k_pad[:, :, :end], v_pad[:, :, :end],
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+
+    out = torch.empty_like(q)
+    for b, length in enumerate(lengths):
+        out[b] = out_pad[b, :, padded_len - length:]
+    return out
+
+
+def flex_attention(q, k, v, decisions, window, scale, return_lse):
+    """FlexAttention with a DMS ``mask_mod`` over query chunks; returns ``(out, lse or None)``.
+
+    Building one block mask over all N x N pairs runs out of memory at 16K on an 80 GB card, so each
+    chunk of queries gets its own block mask over the keys up to the chunk's end.
+    """
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    batch, num_q_heads, n, _ = q.shape
+    group = num_q_heads // k.shape[1]
+    evict = evict_flags(decisions)
+    attend = _flex_attention_fn(q.device.type)
+    rows = max(128, (CHUNK_ELEMENTS // (batch * num_q_heads * n)) // 128 * 128)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else None
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        # Offset as a tensor: the compiled kernel takes it as an input instead of recompiling per chunk.
+        offset = torch.tensor(start, device=q.device)
+
+        def dms_mask(b, h, q_idx, kv_idx, offset=offset):
+            i = q_idx + offset
+            return (kv_idx <= i) & ((i - kv_idx <= window) | ~evict[b, h // group, kv_idx])
+
+        block_mask = create_block_mask(dms_mask, batch, num_q_heads, end - start, end, device=q.device)
+        result = attend(
+            q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+            block_mask=block_mask, scale=scale, enable_gqa=True,
+            return_aux=AuxRequest(lse=True) if return_lse else None,
+        )
+        if return_lse:
+            out[:, :, start:end], lse[:, :, start:end] = result[0], result[1].lse
+        else:
+            out[:, :, start:end] = result
+    return out, lse
+
+
+@functools.cache
+def _flex_attention_fn(device_type: str):
+    """flex_attention compiled once (dynamic shapes: every chunk length reuses it); eager on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if device_type == "cuda":
+        return torch.compile(flex, dynamic=True)
+    return flex
+
+
+def _check_inputs(q, k, v, decisions, window, impl, scale, return_lse):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("decisions", decisions)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if impl == "math" else ())
+    if q.dtype not in allowed:
+        raise TypeError(f"q has dtype {q.dtype}; impl {impl!r} takes {allowed}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if decisions.dtype != torch.bool:
+        raise TypeError(f"decisions must be torch.bool, got {decisions.dtype}")
+    if len({t.device for t in (q, k, v, decisions)}) != 1:
+        raise ValueError(
+            f"q, k, v, decisions must be on one device, got {q.device}, {k.device}, {v.device}, "
+            f"{decisions.device}"
+        )
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    batch, num_q_heads, n, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    kb, num_kv_heads, kn, kd = k.shape
+    if (kb, kn, kd) != (batch, n, head_dim):
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+                         "in batch, length or head_dim")
+    if n == 0 or num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"need N > 0 and Hq={num_q_heads} a multiple of Hkv={num_kv_heads}")
+    if tuple(decisions.shape) != (batch, num_kv_heads, n):
+        raise ValueError(f"decisions must be [B, Hkv, N] = {(batch, num_kv_heads, n)}, "
+                         f"got {tuple(decisions.shape)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if return_lse and impl == "hub":
+        raise ValueError("return_lse is not available for impl 'hub' (its SDPA calls do not return it)")
+    if impl == "triton":
+        if head_dim not in TRITON_HEAD_DIMS:
+            raise ValueError(f"impl 'triton' supports head_dim in {TRITON_HEAD_DIMS}, got {head_dim}")
+        if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
+            raise ValueError(f"impl 'triton' needs CUDA tensors (or the interpreter), got {q.device}")
