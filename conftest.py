@@ -22,6 +22,8 @@ from dms_perf.ci import GateError, check_same_gpu, parse_shard, require_baseline
 from dms_perf.measure import device_info
 from dms_perf.options import parse_context_lengths, parse_names, test_dtypes
 
+pytest_plugins = ["pytester"]  # tests/test_ci.py runs real pytest sessions to prove the gate trips
+
 BASELINES_DIR = Path(__file__).parent / "benchmarks" / "baselines"
 DEFAULT_BENCHMARK_STORAGE = "file://./.benchmarks"
 DEFAULT_BENCHMARK_TIMER = "time.perf_counter"

@@ -206,6 +206,8 @@ def cmd_run(ns) -> int:
         if rc != 0:
             print(f"GPU tests failed (exit {rc}); benchmarks not run")
             return rc
+    if ns.skip_benchmarks:
+        return 0
     bench_args = ["benchmarks", "-q", f"--benchmark-json={out / 'benchmarks.json'}", *ns.pytest_args]
     if ns.save_baseline:
         bench_args.append("--benchmark-save=baseline")
@@ -221,15 +223,16 @@ def cmd_base_vs_head(ns) -> int:
     """Benchmark the base commit and the working tree on this runner, one after the other; gate on ratio."""
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    repo = Path(subprocess.check_output(["git", "-C", ns.repo, "rev-parse", "--show-toplevel"], text=True).strip())
     args = ["benchmarks", "-q", "-p", "no:cacheprovider", *ns.pytest_args]
     with tempfile.TemporaryDirectory(prefix="dms-perf-base-") as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.check_call(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), ns.base])
+        subprocess.check_call(["git", "-C", str(repo), "worktree", "add", "--detach", str(base_tree), ns.base])
         try:
             rc_base = _pytest([*args, f"--benchmark-json={out / 'base.json'}"], base_tree)
         finally:
-            subprocess.call(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)])
-    rc_head = _pytest([*args, f"--benchmark-json={out / 'head.json'}"], REPO)
+            subprocess.call(["git", "-C", str(repo), "worktree", "remove", "--force", str(base_tree)])
+    rc_head = _pytest([*args, f"--benchmark-json={out / 'head.json'}"], repo)
     if rc_base or rc_head:
         print(f"benchmark runs failed (base exit {rc_base}, head exit {rc_head})")
         return rc_base or rc_head
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="GPU tests + benchmarks gated on this GPU model's committed baseline")
     p.add_argument("--save-baseline", action="store_true", help="store this run as the baseline instead")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    p.add_argument("--skip-benchmarks", action="store_true", help="GPU tests only")
     p.add_argument("--threshold", type=float, default=10.0, help="fail above this %% median slowdown (10)")
     p.add_argument("--out", default="ci-results", help="folder for benchmarks.json and summary.md")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("base-vs-head", help="benchmark a base commit and the working tree here; gate on ratio")
     p.add_argument("--base", required=True, help="git revision of the base (e.g. origin/main)")
+    p.add_argument("--repo", default=".", help="the git checkout holding the head (default: here)")
     p.add_argument("--threshold", type=float, default=10.0, help="fail above this %% median slowdown (10)")
     p.add_argument("--out", default="ci-results", help="folder for base.json, head.json, summary.md")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")

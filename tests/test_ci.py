@@ -1,0 +1,147 @@
+"""Proof that the regression gate trips: save a baseline, compare unchanged (pass), inject a slower
+implementation (fail, naming the benchmark); the same for base-vs-head, merged shards, a baseline from
+another GPU model and a missing baseline. Each check runs real pytest / pytest-benchmark processes."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dms_perf import ci
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A benchmark whose cost is set from outside: the "slower implementation" doubles the sleep.
+BENCH_FILE = """
+import os, time
+
+DELAY = float(os.environ.get("GATE_DELAY", "0.004"))
+
+def work():
+    time.sleep(DELAY)
+
+def test_sleepy(benchmark):
+    benchmark.pedantic(work, rounds=15, iterations=1, warmup_rounds=1)
+
+def test_other(benchmark):
+    benchmark.pedantic(work, rounds=15, iterations=1, warmup_rounds=1)
+"""
+
+FAST, SLOW = "0.004", "0.012"
+
+
+@pytest.fixture
+def bench_project(pytester):
+    """A project with the real root conftest.py (per-GPU storage, machine checks) and one benchmark file."""
+    pytester.makeconftest((REPO / "conftest.py").read_text())
+    bench_dir = pytester.mkpydir("benchmarks")
+    (bench_dir / "test_gate.py").write_text(BENCH_FILE)
+    return pytester
+
+
+def run(pytester, delay: str, *args: str):
+    pytester._monkeypatch.setenv("GATE_DELAY", delay)
+    return pytester.runpytest_subprocess("benchmarks", "-p", "no:cacheprovider", "-p", "no:xdist", *args)
+
+
+def saved_baselines(pytester) -> list[Path]:
+    return sorted((pytester.path / "benchmarks" / "baselines").rglob("*.json"))
+
+
+def test_compare_passes_unchanged_and_fails_on_slower_code(bench_project):
+    assert run(bench_project, FAST, "--benchmark-save=baseline").ret == 0
+    (baseline,) = saved_baselines(bench_project)
+    assert baseline.parent.parent.name == "cpu"  # stored per GPU model (slug "cpu" without one)
+
+    unchanged = run(bench_project, FAST, "--benchmark-compare", "--benchmark-compare-fail=median:50%")
+    assert unchanged.ret == 0, unchanged.stdout.str()
+
+    slower = run(bench_project, SLOW, "--benchmark-compare", "--benchmark-compare-fail=median:50%")
+    assert slower.ret != 0
+    report = slower.stdout.str() + slower.stderr.str()
+    assert "Performance has regressed" in report and "test_sleepy (0001_baselin) - Field 'median'" in report
+
+
+def test_missing_baseline_says_how_to_create_one(bench_project):
+    result = run(bench_project, FAST, "--benchmark-compare")
+    assert result.ret != 0
+    err = result.stderr.str()
+    assert "no benchmark baseline" in err and "--save-baseline" in err
+
+
+def test_baseline_from_another_gpu_is_refused(bench_project):
+    assert run(bench_project, FAST, "--benchmark-save=baseline").ret == 0
+    (baseline,) = saved_baselines(bench_project)
+    data = json.loads(baseline.read_text())
+    data["machine_info"]["dms_perf_device"]["gpu"] = "NVIDIA H100 80GB HBM3"
+    baseline.write_text(json.dumps(data))
+    result = run(bench_project, FAST, "--benchmark-compare")
+    assert result.ret != 0
+    err = result.stderr.str()
+    assert "refusing to compare" in err and "NVIDIA H100 80GB HBM3" in err and "'none'" in err
+
+
+def test_shards_split_the_benchmarks_and_merge_into_one_gated_run(bench_project, tmp_path):
+    paths = []
+    for shard in ("1/2", "2/2"):
+        path = tmp_path / f"shard{shard[0]}.json"
+        assert run(bench_project, FAST, f"--shard={shard}", f"--benchmark-json={path}").ret == 0
+        paths.append(path)
+    names = [[b["name"] for b in ci.load(p)["benchmarks"]] for p in paths]
+    assert sorted(names) == [["test_other"], ["test_sleepy"]]
+
+    merged = tmp_path / "merged.json"
+    assert ci.main(["merge", str(merged), *map(str, paths)]) == 0
+    assert {b["name"] for b in ci.load(merged)["benchmarks"]} == {"test_other", "test_sleepy"}
+
+    slow = tmp_path / "slow.json"
+    assert run(bench_project, SLOW, f"--benchmark-json={slow}").ret == 0
+    assert ci.main(["gate", str(merged), str(merged), "--threshold", "50"]) == 0
+    assert ci.main(["gate", str(merged), str(slow), "--threshold", "50"]) == 1
+    with pytest.raises(ci.GateError, match="more than one shard"):
+        ci.merge([ci.load(merged), ci.load(merged)])
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_base_vs_head_passes_unchanged_and_fails_on_slower_head(bench_project, tmp_path, capfd):
+    project = bench_project.path
+    git = ["git", "-C", str(project), "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.check_call([*git, "init", "-q"])
+    subprocess.check_call([*git, "add", "-A"])
+    subprocess.check_call([*git, "commit", "-qm", "base"])
+    bench = project / "benchmarks" / "test_gate.py"
+
+    def gate() -> int:
+        out = tmp_path / "out"
+        args = ["base-vs-head", "--base", "HEAD", "--repo", str(project), "--threshold", "50", "--out", str(out)]
+        return ci.main([*args, "--", "-p", "no:xdist"])
+
+    assert gate() == 0
+    bench.write_text(BENCH_FILE.replace('"0.004"', f'"{SLOW}"'))  # the head's code is slower
+    assert gate() == 1
+    assert "REGRESSION" in capfd.readouterr().out
+
+
+def test_shard_option_is_validated():
+    assert ci.parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "x", "1/2/3"):
+        with pytest.raises(ci.GateError):
+            ci.parse_shard(bad)
+    ids = [f"t{i}" for i in range(7)]
+    shards = [ci.shard_node_ids(ids, i, 3) for i in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == sorted(ids)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="actionlint's wheel is x86_64 only")
+def test_workflows_pass_actionlint():
+    actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    workflows = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+    assert workflows, "no workflow files"
+    result = subprocess.run([actionlint, *map(str, workflows)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
