@@ -1,0 +1,174 @@
+"""Shared pieces of the data-movement kernels: input checks, launch geometry, the mask-counting kernel.
+
+The kernels move raw bits: a tensor of any 1/2/4/8-byte dtype (fp32, fp16, bf16, fp8, integers) is
+viewed as the integer type of its width, so one compiled kernel serves every dtype of that width and
+zero padding is the all-zero bit pattern (+0.0 for floats).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dms_perf._runtime import INTERPRET
+
+BITS_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+# Per-program bytes of one [BLOCK_S, D] tile on the GPU: large enough for 16-byte vector accesses
+# and many bytes in flight, small enough to keep several programs resident per SM.
+GPU_TILE_BYTES = 16384
+# The interpreter runs programs one after another in Python: fewer, larger programs are faster,
+# but keep several chunks per row so that the cross-chunk prefix logic is exercised on CPU.
+INTERPRET_BLOCK_S = 64
+INTERPRET_TARGET_PROGRAMS = 16
+# Chunk counts are read by every program in blocks of this many.
+COUNT_BLOCK = 1024
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """The same memory viewed as the integer dtype of the same width (no copy)."""
+    return t.view(BITS_DTYPES[t.element_size()])
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_data_dtype(name: str, t: torch.Tensor) -> None:
+    """The kernels move bits of any real dtype 1, 2, 4 or 8 bytes wide."""
+    if t.element_size() not in BITS_DTYPES or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must have a 1, 2, 4 or 8-byte real dtype (e.g. float32/float16/bfloat16), got {t.dtype}"
+        )
+
+
+def check_data(name: str, t, *, ndim: int) -> None:
+    """A data tensor: any dtype 1, 2, 4 or 8 bytes wide, contiguous along its last dimension."""
+    check_tensor(name, t, ndim=ndim)
+    check_data_dtype(name, t)
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_device_usable(name: str, t: torch.Tensor) -> None:
+    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
+    expected = "cpu" if INTERPRET else "cuda"
+    if t.device.type != expected:
+        raise ValueError(
+            f"{name} is on {t.device}, but the Triton kernels run on {expected} here "
+            f"({'interpreter' if INTERPRET else 'compiled'} mode)"
+        )
+
+
+def check_mask(name: str, mask, shape: tuple[int, ...], data_name: str, data: torch.Tensor) -> None:
+    """A contiguous bool mask of the given shape on the data's device."""
+    check_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} to match {data_name}, got {tuple(mask.shape)}")
+    check_same_device(name, mask, data_name, data)
+    if not mask.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {mask.stride()}")
+
+
+def check_index_tensor(name: str, t, length: int, data_name: str, data: torch.Tensor) -> None:
+    """A 1-D integer tensor of the given length on the data's device."""
+    check_tensor(name, t, ndim=1)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries (one per row of {data_name}), got {t.shape[0]}")
+    check_same_device(name, t, data_name, data)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def check_size_argument(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs per launch that fill the GPU (4 per SM: 132 SMs on an H100 give 528)."""
+    if INTERPRET:
+        return INTERPRET_TARGET_PROGRAMS
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def block_rows(row_elems: int, element_size: int) -> int:
+    """Rows per [BLOCK_S, BLOCK_D] tile: about GPU_TILE_BYTES on the GPU, a power of two in [16, 256]."""
+    if INTERPRET:
+        return INTERPRET_BLOCK_S
+    rows = max(1, GPU_TILE_BYTES // (triton.next_power_of_2(row_elems) * element_size))
+    return max(16, min(256, 1 << (rows.bit_length() - 1)))
+
+
+def chunk_geometry(rows: int, seq_len: int, block_s: int, device: torch.device) -> tuple[int, int, int]:
+    """Split each of ``rows`` rows of ``seq_len`` tokens into chunks of whole tiles.
+
+    Returns ``(chunk, n_chunks, tiles_per_chunk)``: enough chunks in all to fill the device even at
+    8 rows, few enough that each program's scan over earlier chunks' counts stays cheap.
+    """
+    n_tiles = triton.cdiv(seq_len, block_s)
+    tiles = max(1, min(n_tiles, triton.cdiv(rows * n_tiles, target_programs(device))))
+    chunk = tiles * block_s
+    return chunk, triton.cdiv(seq_len, chunk), tiles
+
+
+@triton.jit
+def tile_mask(row_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_S, BLOCK_D] mask from a per-row mask; the column test only when D is not a power of two
+    (a row-only mask keeps whole rows uniform, so accesses stay 16-byte vectors)."""
+    if BLOCK_D == D:
+        return row_ok[:, None]
+    else:
+        return row_ok[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+
+
+@triton.jit
+def _count_chunks_kernel(mask_ptr, counts_ptr, S, CHUNK, n_chunks, COUNT_BLOCK: tl.constexpr):
+    """counts[r, c] = number of True in mask[r, c*CHUNK : (c+1)*CHUNK]."""
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    start = c * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    row = mask_ptr + r.to(tl.int64) * S
+    total = 0
+    for off in range(start, end, COUNT_BLOCK):
+        idx = off + tl.arange(0, COUNT_BLOCK)
+        m = tl.load(row + idx, mask=idx < end, other=0)
+        total += tl.sum(m.to(tl.int32), axis=0)
+    tl.store(counts_ptr + r * n_chunks + c, total)
+
+
+def count_chunks(mask_rows: torch.Tensor, chunk: int, n_chunks: int) -> torch.Tensor:
+    """Per-chunk True counts ``[rows, n_chunks]`` int32 of a contiguous bool mask ``[rows, S]`` (no host sync)."""
+    rows, seq_len = mask_rows.shape
+    counts = torch.empty((rows, n_chunks), dtype=torch.int32, device=mask_rows.device)
+    _count_chunks_kernel[(n_chunks, rows)](
+        mask_rows.view(torch.uint8), counts, seq_len, chunk, n_chunks, COUNT_BLOCK=COUNT_BLOCK
+    )
+    return counts

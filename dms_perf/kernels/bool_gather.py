@@ -1,0 +1,147 @@
+"""Boolean gather with left padding: each (b, h)'s selected rows, in order, right-aligned in ``[B, H, L, D]``.
+
+This is the hub prefill's per-head selection of kept tokens (shared/DMS.md, "The hub algorithm" and
+"Cache and decode": lengths differ between heads, so rows are left-padded to the longest one).
+``bool_gather_left_pad_loop`` mirrors the original per-(b, h) boolean indexing, ``..._torch`` is the
+vectorized reference and ``bool_gather_left_pad`` the Triton version.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dms_perf.kernels._common import (
+    COUNT_BLOCK,
+    as_bits,
+    block_rows,
+    check_data,
+    check_device_usable,
+    check_mask,
+    check_size_argument,
+    chunk_geometry,
+    count_chunks,
+    tile_mask,
+)
+
+
+@triton.jit
+def _bool_gather_kernel(
+    x_ptr, mask_ptr, chunk_counts_ptr, y_ptr, lengths_ptr,
+    H, S, L, stride_xb, stride_xh, stride_xs, CHUNK, n_chunks, tiles,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+):
+    """Program (c, r) moves the selected rows of chunk c of row r = b*H + h, and zero-fills the padding
+    positions ``[c*CHUNK, (c+1)*CHUNK) ∩ [0, L - count)`` of that row (the last chunk: all beyond)."""
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    # Row count and the count before this chunk, from the per-chunk counts (a few KB at most).
+    count = 0
+    before = 0
+    for off in range(0, n_chunks, COUNT_BLOCK):
+        j = off + tl.arange(0, COUNT_BLOCK)
+        chunk_counts = tl.load(chunk_counts_ptr + r * n_chunks + j, mask=j < n_chunks, other=0)
+        count += tl.sum(chunk_counts, axis=0)
+        before += tl.sum(tl.where(j < c, chunk_counts, 0), axis=0)
+    if c == 0:
+        tl.store(lengths_ptr + r, count)
+    pad = L - count
+    d = tl.arange(0, BLOCK_D)
+    y_row = y_ptr + r.to(tl.int64) * L * D
+    start = c * CHUNK
+    zero_end = tl.minimum(start + CHUNK, pad)
+    if c == n_chunks - 1:
+        zero_end = pad
+    zeros = tl.zeros((BLOCK_S, BLOCK_D), dtype=y_ptr.dtype.element_ty)
+    for p0 in range(start, zero_end, BLOCK_S):
+        p = p0 + tl.arange(0, BLOCK_S)
+        tl.store(y_row + p[:, None].to(tl.int64) * D + d[None, :], zeros, mask=tile_mask(p < zero_end, D, BLOCK_D))
+    b = (r // H).to(tl.int64)
+    h = (r % H).to(tl.int64)
+    x_row = x_ptr + b * stride_xb + h * stride_xh
+    mask_row = mask_ptr + r.to(tl.int64) * S
+    # Position (in y) of the next selected row; rows that fall before 0 (L too small) are dropped.
+    next_dest = pad + before
+    for t in range(0, tiles):
+        s = start + t * BLOCK_S + tl.arange(0, BLOCK_S)
+        selected = tl.load(mask_row + s, mask=s < S, other=0).to(tl.int32)
+        dest = next_dest + tl.cumsum(selected, axis=0) - 1
+        move = (selected != 0) & (dest >= 0)
+        vals = tl.load(x_row + s[:, None].to(tl.int64) * stride_xs + d[None, :], mask=tile_mask(move, D, BLOCK_D))
+        tl.store(y_row + dest[:, None].to(tl.int64) * D + d[None, :], vals, mask=tile_mask(move, D, BLOCK_D))
+        next_dest += tl.sum(selected, axis=0)
+
+
+def bool_gather_left_pad(
+    x: torch.Tensor, mask: torch.Tensor, *, max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather each (b, h)'s selected rows in order and right-align them (left padding with zeros).
+
+    Args:
+        x: ``[B, H, S, D]``, any 1/2/4/8-byte dtype (fp32, fp16, bf16, ...), contiguous in the last
+            dim (other strides are free, e.g. a transposed ``[B, S, H, D]`` projection).
+        mask: ``[B, H, S]`` contiguous bool on x's device; True selects the row.
+        max_length: the output length L. Default: ``mask.sum(-1).max()``, which costs one host
+            synchronization. Passing it makes the call asynchronous; it should be at least the
+            largest count (a larger L just pads more; with a smaller one each row's earliest
+            selected rows are dropped).
+
+    Returns:
+        ``(y, lengths)``: ``y [B, H, L, D]`` with ``y[b, h, L - n:] = x[b, h][mask[b, h]]`` and zeros
+        before, ``lengths [B, H]`` int32 with ``n = mask[b, h].sum()``. Two Triton launches (per-chunk
+        mask counts, then the move); no host sync when ``max_length`` is given.
+    """
+    check_data("x", x, ndim=4)
+    batch, heads, seq_len, dim = x.shape
+    check_mask("mask", mask, (batch, heads, seq_len), "x", x)
+    check_device_usable("x", x)
+    if max_length is not None:
+        check_size_argument("max_length", max_length)
+    rows = batch * heads
+    if rows == 0 or seq_len == 0:
+        length = 0 if max_length is None else max_length
+        return (
+            torch.zeros((batch, heads, length, dim), dtype=x.dtype, device=x.device),
+            torch.zeros((batch, heads), dtype=torch.int32, device=x.device),
+        )
+    block_s = block_rows(dim, x.element_size())
+    chunk, n_chunks, tiles = chunk_geometry(rows, seq_len, block_s, x.device)
+    chunk_counts = count_chunks(mask.view(rows, seq_len), chunk, n_chunks)
+    if max_length is None:
+        max_length = int(chunk_counts.sum(dim=1).max())
+    y = torch.empty((batch, heads, max_length, dim), dtype=x.dtype, device=x.device)
+    lengths = torch.empty((batch, heads), dtype=torch.int32, device=x.device)
+    _bool_gather_kernel[(n_chunks, rows)](
+        as_bits(x), mask.view(torch.uint8), chunk_counts, as_bits(y), lengths,
+        heads, seq_len, max_length, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
+        D=dim, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim), COUNT_BLOCK=COUNT_BLOCK,
+    )
+    return y, lengths
+
+
+def bool_gather_left_pad_torch(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorized reference: destination ``L - n + rank`` of every selected row, one index_put."""
+    batch, heads, seq_len, dim = x.shape
+    lengths = mask.sum(dim=-1)
+    max_length = int(lengths.max()) if lengths.numel() else 0
+    dest = max_length - lengths[..., None] + torch.cumsum(mask, dim=-1) - 1
+    b, h, s = mask.nonzero(as_tuple=True)
+    y = torch.zeros((batch, heads, max_length, dim), dtype=x.dtype, device=x.device)
+    y[b, h, dest[b, h, s]] = x[b, h, s]
+    return y, lengths.to(torch.int32)
+
+
+def bool_gather_left_pad_loop(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hub baseline: boolean indexing per (b, h) (one host sync each), then left padding per row."""
+    batch, heads, _, dim = x.shape
+    selected = [[x[b, h][mask[b, h]] for h in range(heads)] for b in range(batch)]
+    lengths = torch.tensor([[len(sel) for sel in row] for row in selected], dtype=torch.int32, device=x.device)
+    max_length = int(lengths.max()) if lengths.numel() else 0
+    y = torch.zeros((batch, heads, max_length, dim), dtype=x.dtype, device=x.device)
+    for b in range(batch):
+        for h in range(heads):
+            n = len(selected[b][h])
+            if n:
+                y[b, h, max_length - n:] = selected[b][h]
+    return y, lengths
