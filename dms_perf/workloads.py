@@ -1,0 +1,162 @@
+"""Needle-in-a-haystack prompts of an exact token count.
+
+* With a tokenizer (a local path or object): real filler text, one needle sentence holding a secret
+  code at a chosen depth, a question, all inside the tokenizer's chat template; the expected answer
+  is the code. Parts are tokenized separately and joined, so the prompt has exactly
+  ``context_length`` ids.
+* Without one: seeded random token ids of exactly ``context_length`` with the needle's ids planted at
+  the same depth, so that timing matches the text workload.
+
+Retrieval is scored only for a model with real weights; otherwise the result is the literal
+``"n/a (random weights)"``, never a score.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NOT_SCORED = "n/a (random weights)"
+
+SECRET_CODE = "7391-ORCHID"
+NEEDLE = f"The secret code for the blue door is {SECRET_CODE}. "
+QUESTION = "What is the secret code for the blue door? Reply with the code only."
+
+# Original filler prose (written for this project), cycled to any length.
+FILLER = (
+    "The harbour town woke slowly, with gulls circling above the fish market. ",
+    "A baker on the corner pulled the first loaves from a brick oven. ",
+    "Rain had washed the cobblestones overnight, and they shone in the early light. ",
+    "Children walked to school in pairs, arguing about a football match. ",
+    "At the library, a clerk sorted returned books into neat wooden carts. ",
+    "The ferry sounded its horn twice before leaving for the northern islands. ",
+    "An old man repaired fishing nets on the pier, humming a tune nobody recognised. ",
+    "In the hills above the town, sheep grazed between low stone walls. ",
+    "The museum opened an exhibition of maps drawn by sailors two centuries ago. ",
+    "A cyclist stopped at the bridge to watch the tide turn in the estuary. ",
+    "Shopkeepers rolled up their shutters and set out crates of apples and pears. ",
+    "The weather station on the cliff recorded a gentle westerly wind. ",
+    "Two engineers inspected the lighthouse lamp and wrote notes in a logbook. ",
+    "By noon the square was full of people drinking coffee in the sun. ",
+    "A choir rehearsed in the chapel, their voices carrying across the green. ",
+    "Evening brought a cool breeze and the smell of woodsmoke from the chimneys. ",
+)
+
+# Token ids of the "needle" in the id-only workload: a fixed, recognisable run of ids.
+NEEDLE_IDS_RANDOM = (17, 4, 42, 99, 7, 256, 31, 8)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One prompt: ``input_ids`` [1, context_length] int64 (CPU), where the needle is, what to answer."""
+
+    input_ids: torch.Tensor
+    needle_position: int  # index of the needle's first token in input_ids
+    needle_ids: tuple[int, ...]
+    question: str | None  # None for the id-only workload
+    expected_answer: str | None
+    tokenizer: Any = None
+
+    @property
+    def context_length(self) -> int:
+        return self.input_ids.shape[-1]
+
+    def retrieval(self, generated_ids, *, real_weights: bool) -> str:
+        """``"pass"`` / ``"fail"`` when the weights are real and an answer is expected, else NOT_SCORED."""
+        if not real_weights or self.expected_answer is None or self.tokenizer is None:
+            return NOT_SCORED
+        ids = generated_ids.flatten().tolist() if torch.is_tensor(generated_ids) else list(generated_ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return "pass" if _squash(self.expected_answer) in _squash(text) else "fail"
+
+
+def _squash(text: str) -> str:
+    """Letters and digits only, lower case: tokenizers differ in how they space '7391-ORCHID'."""
+    return re.sub(r"[^0-9a-z]", "", text.lower())
+
+
+def _check(context_length: int, needle_depth: float) -> None:
+    if isinstance(context_length, bool) or not isinstance(context_length, int):
+        raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+    if context_length <= 0:
+        raise ValueError(f"context_length must be positive, got {context_length}")
+    if not 0.0 <= needle_depth <= 1.0:
+        raise ValueError(f"needle_depth must be in [0, 1], got {needle_depth}")
+
+
+def needle_workload(context_length: int, *, tokenizer=None, needle_depth: float = 0.5, vocab_size: int | None = None,
+                    seed: int = 0) -> Workload:
+    """A needle-in-a-haystack prompt of exactly ``context_length`` tokens.
+
+    ``tokenizer``: a transformers tokenizer or a local path to one (text workload); None gives the
+    id-only workload, which needs ``vocab_size``. ``needle_depth`` in [0, 1]: 0 = start, 1 = end of the
+    haystack.
+    """
+    _check(context_length, needle_depth)
+    if tokenizer is None:
+        if vocab_size is None:
+            raise ValueError("the id-only workload (no tokenizer) needs vocab_size")
+        return _id_workload(context_length, needle_depth, vocab_size, seed)
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return _text_workload(context_length, needle_depth, tokenizer)
+
+
+def _id_workload(context_length: int, needle_depth: float, vocab_size: int, seed: int) -> Workload:
+    needle = tuple(i % vocab_size for i in NEEDLE_IDS_RANDOM)[:context_length]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (1, context_length), generator=gen)
+    at = round(needle_depth * (context_length - len(needle)))
+    ids[0, at : at + len(needle)] = torch.tensor(needle)
+    return Workload(ids, at, needle, None, None)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _template_around(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids before and after the haystack: chat template (if any) + question + generation prompt."""
+    marker = "\u2063HAYSTACK\u2063"
+    content = f"{marker}\n\n{QUESTION}"
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=False,  # Qwen3: answer directly; other templates ignore it
+        )
+    else:
+        rendered = f"{content}\nAnswer:"
+    before, after = rendered.split(marker)
+    return _encode(tokenizer, before), _encode(tokenizer, after)
+
+
+def _text_workload(context_length: int, needle_depth: float, tokenizer) -> Workload:
+    prefix, suffix = _template_around(tokenizer)
+    needle = _encode(tokenizer, NEEDLE)
+    budget = context_length - len(prefix) - len(suffix) - len(needle)
+    if budget < 0:
+        raise ValueError(
+            f"context_length {context_length} is too short for the text workload: the template, question and "
+            f"needle alone take {context_length - budget} tokens"
+        )
+    sentences = [_encode(tokenizer, s) for s in FILLER]
+    target = round(needle_depth * budget)
+    haystack: list[int] = []
+    k = 0
+    # Whole sentences before the needle (it starts on a sentence boundary at or before the target).
+    while len(haystack) + len(sentences[k % len(sentences)]) <= target:
+        haystack += sentences[k % len(sentences)]
+        k += 1
+    needle_position = len(prefix) + len(haystack)
+    haystack += needle
+    while len(haystack) < budget + len(needle):
+        haystack += sentences[k % len(sentences)]
+        k += 1
+    haystack = haystack[: budget + len(needle)]
+    ids = torch.tensor([prefix + haystack + suffix], dtype=torch.long)
+    return Workload(ids, needle_position, tuple(needle), QUESTION, SECRET_CODE, tokenizer)
