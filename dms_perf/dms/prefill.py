@@ -21,8 +21,10 @@ from dms_perf.dms.rule import evict_flags, visibility_mask
 
 IMPLS = ("math", "hub", "flex", "triton")
 HUB_QUERY_CHUNK = 512
-# Elements of one query chunk's mask/score block (B * Hq * rows * keys) for "math" and "flex".
-CHUNK_ELEMENTS = 2**30
+# Elements (B * Hq * query rows * keys) of one query chunk: "math" holds fp32/fp64 scores and
+# their softmax; "flex" holds the bool mask that create_block_mask materializes.
+MATH_CHUNK_ELEMENTS = 2**28
+FLEX_CHUNK_ELEMENTS = 2**30
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -87,7 +89,7 @@ def math_attention(q, k, v, decisions, window, scale, compute_dtype=None):
     values = v.to(compute_dtype).repeat_interleave(group, dim=1)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device)
-    rows = max(1, CHUNK_ELEMENTS // (batch * num_q_heads * n))
+    rows = max(1, MATH_CHUNK_ELEMENTS // (batch * num_q_heads * n))
     for start in range(0, n, rows):
         end = min(start + rows, n)
         visible = visibility_mask(decisions, window, end - start, end, query_offset=start)
@@ -150,7 +152,7 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
     group = num_q_heads // k.shape[1]
     evict = evict_flags(decisions)
     attend = _flex_attention_fn(q.device.type)
-    rows = max(128, (CHUNK_ELEMENTS // (batch * num_q_heads * n)) // 128 * 128)
+    rows = max(128, (FLEX_CHUNK_ELEMENTS // (batch * num_q_heads * n)) // 128 * 128)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else None
     for start in range(0, n, rows):

@@ -1,0 +1,129 @@
+"""DMS prefill attention: every implementation against the readable "math" impl in fp64.
+
+Tolerance, flash-attention style: an implementation's error against the fp64 reference may be at
+most twice the error of the same dense math done by torch at the input dtype, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dms_perf import dms_prefill_attention
+from dms_perf._runtime import INTERPRET
+from dms_perf.dms.prefill import math_attention
+from dms_perf.testing import rel_error
+
+# On CPU, flex_attention runs eagerly on purpose (the compiled path is for the GPU).
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+LSE_FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# The interpreter runs each program in Python: longer CPU contexts are left to the GPU run.
+INTERPRETER_MAX_TOKENS = 256
+RULE_GRID_TOKENS = 157  # a multiple of no block size
+
+
+def make_inputs(batch, num_q_heads, num_kv_heads, n, head_dim, dtype, device, evict_rate):
+    q = torch.randn(batch, num_q_heads, n, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, num_kv_heads, n, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, num_kv_heads, n, head_dim, dtype=dtype, device=device)
+    decisions = torch.rand(batch, num_kv_heads, n, device=device) < evict_rate
+    return q, k, v, decisions
+
+
+def check_against_math(impl, q, k, v, decisions, window):
+    """Run ``impl`` and assert it is as close to fp64 math as torch's own math at q's dtype."""
+    scale = q.shape[-1] ** -0.5
+    want_lse = impl != "hub"
+    result = dms_prefill_attention(q, k, v, decisions, window, impl=impl, return_lse=want_lse)
+    out, lse = result if want_lse else (result, None)
+    ref, ref_lse = math_attention(q.double(), k.double(), v.double(), decisions, window, scale)
+    same_dtype, same_dtype_lse = math_attention(q, k, v, decisions, window, scale, compute_dtype=q.dtype)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any(), "NaN in the output"
+    err, base = rel_error(out, ref), rel_error(same_dtype, ref)
+    assert err <= 2 * base + FLOOR[q.dtype], f"{impl}: error {err:.3g}, torch at {q.dtype}: {base:.3g}"
+    if lse is not None:
+        assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+        lse_err = (lse.double() - ref_lse).abs().max().item()
+        lse_base = (same_dtype_lse.double() - ref_lse).abs().max().item()
+        assert lse_err <= 2 * lse_base + LSE_FLOOR[q.dtype], f"{impl}: LSE error {lse_err:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["hub", "flex", "triton"])
+@pytest.mark.parametrize("window", [0, 16, 512, RULE_GRID_TOKENS], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("evict_rate", [0.0, 0.5, 0.875, 1.0], ids=lambda r: f"evict{r}")
+def test_rule_grid(impl, window, evict_rate, device):
+    """Eviction rates x windows (0, small, the checkpoint's 512, >= N) at GQA 4, batch 2."""
+    inputs = make_inputs(2, 8, 2, RULE_GRID_TOKENS, 64, torch.float32, device, evict_rate)
+    check_against_math(impl, *inputs, window)
+
+
+@pytest.mark.parametrize("impl", ["hub", "flex", "triton"])
+@pytest.mark.parametrize("heads", [(2, 2), (8, 2)], ids=["gqa1", "gqa4"])
+def test_context_lengths(impl, heads, context_length, dtype, device):
+    """Every context length (CPU: small; GPU: 4K..32K) and dtype, N a multiple of no block size."""
+    if impl == "triton" and INTERPRET and context_length > INTERPRETER_MAX_TOKENS:
+        pytest.skip(f"interpreter: {context_length} tokens is too slow on CPU, covered on the GPU")
+    n = context_length - 3
+    window = min(512, n // 4)
+    num_q_heads, num_kv_heads = heads
+    inputs = make_inputs(2, num_q_heads, num_kv_heads, n, 128, dtype, device, 0.875)
+    check_against_math(impl, *inputs, window)
+
+
+@pytest.mark.gpu
+def test_triton_at_the_checkpoint_shape(context_length):
+    """Qwen3-8B shape (Hq=32, Hkv=8, D=128), bf16, window 512, 7/8 of the tokens marked."""
+    inputs = make_inputs(1, 32, 8, context_length, 128, torch.bfloat16, "cuda", 0.875)
+    check_against_math("triton", *inputs, 512)
+
+
+@pytest.mark.parametrize("impl", ["math", "flex", "triton"])
+def test_strided_inputs(impl, device):
+    """q, k, v as transposed views of [B, N, H, D] tensors (the layout of a projection's output)."""
+    n = 45
+    q = torch.randn(2, n, 4, 64, device=device).transpose(1, 2)
+    k = torch.randn(2, n, 2, 64, device=device).transpose(1, 2)
+    v = torch.randn(2, n, 2, 64, device=device).transpose(1, 2)
+    decisions = torch.rand(2, 2, n, device=device) < 0.875
+    check_against_math(impl, q, k, v, decisions, 8)
+
+
+def test_custom_scale_matches_math(device):
+    q, k, v, decisions = make_inputs(1, 4, 2, 70, 64, torch.float32, device, 0.5)
+    out = dms_prefill_attention(q, k, v, decisions, 16, impl="triton", scale=0.3)
+    ref, _ = math_attention(q.double(), k.double(), v.double(), decisions, 16, 0.3)
+    assert rel_error(out, ref) < 1e-5
+
+
+_Q, _K, _V, _DECISIONS = make_inputs(1, 4, 2, 16, 64, torch.float32, "cpu", 0.5)
+BAD_INPUTS = {
+    "unknown-impl": (dict(impl="fast"), ValueError, "impl"),
+    "mixed-dtypes": (dict(q=_Q.half()), TypeError, "dtype"),
+    "fp64-not-math": (dict(q=_Q.double(), k=_K.double(), v=_V.double()), TypeError, "float64"),
+    "integer-q": (dict(q=_Q.int(), k=_K.int(), v=_V.int()), TypeError, "dtype"),
+    "int-decisions": (dict(decisions=_DECISIONS.int()), TypeError, "bool"),
+    "short-decisions": (dict(decisions=_DECISIONS[..., :-1]), ValueError, "decisions"),
+    "heads-not-multiple": (dict(q=_Q[:, :3]), ValueError, "multiple"),
+    "kv-length": (dict(k=_K[:, :, :-1], v=_V[:, :, :-1]), ValueError, "length"),
+    "k-v-shapes": (dict(v=_V[..., :32]), ValueError, "shapes differ"),
+    "3-d-q": (dict(q=_Q[0]), ValueError, "4-D"),
+    "negative-window": (dict(window=-1), ValueError, "window"),
+    "float-window": (dict(window=1.5), ValueError, "window"),
+    "zero-scale": (dict(scale=0.0), ValueError, "scale"),
+    "hub-lse": (dict(impl="hub", return_lse=True), ValueError, "return_lse"),
+    "triton-head-dim": (dict(q=_Q[..., :48], k=_K[..., :48], v=_V[..., :48]), ValueError, "head_dim"),
+    "two-devices": (dict(decisions=_DECISIONS.to("meta")), ValueError, "device"),
+    "not-a-tensor": (dict(q=[1.0]), TypeError, "q must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise(case):
+    change, error, match = BAD_INPUTS[case]
+    kwargs = {**dict(q=_Q, k=_K, v=_V, decisions=_DECISIONS, window=4), **change}
+    with pytest.raises(error, match=match):
+        dms_prefill_attention(**kwargs)
