@@ -22,6 +22,7 @@ import triton.language as tl
 
 from dms_perf._runtime import INTERPRET
 from dms_perf.dms.rule import evict_flags
+from dms_perf.kernels.compact import compact_by_bool
 
 LOG2E = 1.4426950408889634
 # Running max before any key: finite, so that rows whose first tiles are all masked give
@@ -147,27 +148,6 @@ def _dms_prefill_kernel(
         tl.store(LSE + lse_row, lse, mask=row_ok)
 
 
-def _compact(x: torch.Tensor, keep: torch.Tensor):
-    """``compact_by_bool`` (dms_perf/kernels/compact.py) when it exists, else the same in torch."""
-    try:
-        from dms_perf.kernels.compact import compact_by_bool
-    except ImportError:
-        return _compact_by_bool_torch(x, keep)
-    return compact_by_bool(x, keep)
-
-
-def _compact_by_bool_torch(x: torch.Tensor, keep: torch.Tensor):
-    """Rows of ``x`` [B, H, N, D] where ``keep`` [B, H, N]; (values [T, D], offsets int32 [B*H+1],
-    positions [T]), segments in (b, h) order, positions ascending within a segment."""
-    flat_keep = keep.reshape(-1, keep.shape[-1])
-    counts = flat_keep.sum(dim=-1, dtype=torch.int32)
-    offsets = torch.zeros(flat_keep.shape[0] + 1, dtype=torch.int32, device=x.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    values = x.reshape(-1, x.shape[-2], x.shape[-1])[flat_keep]
-    positions = flat_keep.nonzero()[:, 1]
-    return values, offsets, positions
-
-
 def triton_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,8 +169,10 @@ def triton_prefill_attention(
 
     keep = ~evict_flags(decisions)
     kept_upto = torch.cumsum(keep, dim=-1, dtype=torch.int32)
-    k_kept, segments, _ = _compact(k, keep)
-    v_kept, _, _ = _compact(v, keep)
+    # One host sync for the kept total, instead of one inside each compaction.
+    total = int(kept_upto[..., -1].sum())
+    k_kept, segments, _ = compact_by_bool(k, keep, total=total)
+    v_kept, _, _ = compact_by_bool(v, keep, total=total)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else out
@@ -200,7 +182,7 @@ def triton_prefill_attention(
         return (triton.cdiv(n, meta["ROWS"] // group_p2), batch * num_kv_heads)
 
     _dms_prefill_kernel[grid](
-        q, k, v, k_kept.contiguous(), v_kept.contiguous(), segments, kept_upto, keep.view(torch.uint8),
+        q, k, v, k_kept, v_kept, segments, kept_upto, keep.view(torch.uint8),
         out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
