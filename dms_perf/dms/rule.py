@@ -75,3 +75,20 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of dtype {x.dtype} on {x.device}"
     return type(x).__name__
+
+
+def count_visible_pairs(decisions: torch.Tensor, window: int) -> int:
+    """Number of visible (query, key) pairs of a prefill, summed over batch and KV heads.
+
+    The count of ``visibility_mask(decisions, window, N, N)`` without building it: query i sees the
+    ``min(i, window) + 1`` keys of its window plus the kept keys at positions ``< i - window``.
+    Multiply by the query heads per KV head for attention FLOPs.
+    """
+    n = decisions.shape[-1]
+    i = torch.arange(n, device=decisions.device)
+    in_window = int((torch.clamp(i, max=window) + 1).sum()) * decisions[..., 0].numel()
+    if n <= window + 1:
+        return in_window
+    kept_upto = torch.cumsum(~evict_flags(decisions), dim=-1)
+    # Query i >= window + 1 adds the kept keys among positions 0 .. i - window - 1.
+    return in_window + int(kept_upto[..., : n - window - 1].sum())

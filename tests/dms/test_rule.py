@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dms_perf import dms_decisions
-from dms_perf.dms.rule import evict_flags, visibility_mask
+from dms_perf.dms.rule import count_visible_pairs, evict_flags, visibility_mask
 
 
 def test_dms_decisions_hand_example():
@@ -93,3 +93,10 @@ def test_visibility_mask_query_chunk_is_a_slice_of_the_full_mask():
 def test_visibility_mask_rejects_more_keys_than_decisions():
     with pytest.raises(ValueError, match="n_keys"):
         visibility_mask(torch.zeros(1, 1, 4, dtype=torch.bool), 1, 4, 5)
+
+
+@pytest.mark.parametrize("window", [0, 3, 16, 40, 100])
+def test_count_visible_pairs_matches_the_mask(window):
+    decisions = torch.rand(2, 3, 41) < 0.7
+    expected = int(visibility_mask(decisions, window, 41, 41).sum())
+    assert count_visible_pairs(decisions, window) == expected

@@ -1,0 +1,109 @@
+"""DMS prefill attention at the Qwen3-8B shape: hub, flex, triton against dense causal SDPA.
+
+B=1, Hq=32, Hkv=8, D=128, bf16, window 512, decisions marking 7/8 of the tokens at random (the
+DMS-8x rate; random decisions, not the checkpoint's). ``extra_info``: visible pairs, TFLOP/s over the
+visible pairs only, the ratio to the floor (visible-pair FLOPs at MATMUL_TFLOPS), and speedups against
+dense causal cuDNN SDPA and against the hub algorithm, both measured in this session with do_bench.
+
+CPU smoke mode (``--benchmark-disable``): tiny heads, fp32, DMS impls only, one call each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dms_perf import dms_prefill_attention
+from dms_perf._runtime import HAS_CUDA, INTERPRET
+from dms_perf.dms.rule import count_visible_pairs
+from dms_perf.measure import bench, do_bench_ms
+
+WINDOW = 512
+EVICT_RATE = 7 / 8
+# bf16 dense matmul rate of an H100 (8192^3 product on random data, /work/.library/device/KINDS.md).
+MATMUL_TFLOPS = 790.0
+DENSE_REFERENCE = "sdpa-dense-cudnn"
+HUB_ROUNDS = 5  # ~133 ms a call at 32K
+INTERPRETER_MAX_TOKENS = 256
+IMPLS = [
+    "hub",
+    "flex",
+    "triton",
+    pytest.param("sdpa-dense-cudnn", marks=pytest.mark.gpu),
+    pytest.param("sdpa-dense-flash", marks=pytest.mark.gpu),
+]
+
+# On CPU, flex_attention runs eagerly on purpose (the compiled path is for the GPU).
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+# do_bench medians (ms) of the speedup references, keyed by (impl, context length).
+_reference_ms: dict[tuple[str, int], float] = {}
+
+
+def _shape():
+    if HAS_CUDA:
+        return dict(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    return dict(batch=1, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+
+
+def _make_call(impl: str, n: int):
+    """Fresh inputs (seeded by n: every impl sees the same ones) and a zero-argument call."""
+    s = _shape()
+    device = "cuda" if HAS_CUDA else "cpu"
+    gen = torch.Generator(device=device).manual_seed(n)
+    b, hq, hkv, d, dtype = s["batch"], s["num_q_heads"], s["num_kv_heads"], s["head_dim"], s["dtype"]
+    q = torch.randn(b, hq, n, d, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
+    decisions = torch.rand(b, hkv, n, device=device, generator=gen) < EVICT_RATE
+    if impl.startswith("sdpa-dense"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = SDPBackend.CUDNN_ATTENTION if impl == "sdpa-dense-cudnn" else SDPBackend.FLASH_ATTENTION
+        k_full, v_full = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
+
+        def call():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+    else:
+
+        def call():
+            return dms_prefill_attention(q, k, v, decisions, WINDOW, impl=impl)
+
+    return call, decisions
+
+
+def _reference(impl: str, n: int) -> float:
+    if (impl, n) not in _reference_ms:
+        call, _ = _make_call(impl, n)
+        call()
+        _reference_ms[(impl, n)] = do_bench_ms(call)
+    return _reference_ms[(impl, n)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefill_attention(benchmark, impl, context_length):
+    if impl == "triton" and INTERPRET and context_length > INTERPRETER_MAX_TOKENS:
+        pytest.skip(f"interpreter: {context_length} tokens is too slow for a CPU smoke run")
+    call, decisions = _make_call(impl, context_length)
+    s = _shape()
+    group = s["num_q_heads"] // s["num_kv_heads"]
+    pairs = count_visible_pairs(decisions, WINDOW) * group
+    flops = 4 * s["head_dim"] * pairs
+    benchmark.group = f"prefill-attention-{context_length}"
+    benchmark.extra_info.update(visible_pairs=pairs, window=WINDOW, evict_rate=EVICT_RATE, dtype=str(s["dtype"]))
+
+    median_s = bench(benchmark, call, rounds=HUB_ROUNDS if impl == "hub" else 15)
+    if median_s is None:
+        return
+    ms = benchmark.extra_info["do_bench_median_ms"]
+    _reference_ms.setdefault((impl, context_length), ms)
+    floor_ms = flops / (MATMUL_TFLOPS * 1e12) * 1e3
+    benchmark.extra_info.update(
+        visible_tflops=flops / (ms * 1e-3) / 1e12,
+        floor_ms=floor_ms,
+        time_over_floor=ms / floor_ms,
+        time_vs_dense_cudnn=ms / _reference(DENSE_REFERENCE, context_length),
+        speedup_vs_hub=_reference("hub", context_length) / ms,
+    )
