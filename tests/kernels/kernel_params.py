@@ -1,0 +1,69 @@
+"""Parameters shared by the data-movement kernel tests (tests/kernels/test_*.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from dms_perf._runtime import HAS_CUDA
+
+IMPLS = ("loop", "torch", "triton")
+
+# (batch, heads, head_dim): the interpreter is slow, so CPU runs keep few rows.
+SHAPES = (
+    ((1, 2, 128), (2, 1, 64))
+    if not HAS_CUDA
+    else ((1, 2, 128), (2, 1, 64), (1, 8, 128), (2, 4, 64))
+)
+shape_params = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}d{}".format(*s))
+impl_params = pytest.mark.parametrize("impl", IMPLS)
+
+# Mask / length patterns: "random" also holds one all-false and one all-true row; "ragged" has a
+# sequence length that is not a multiple of any block size.
+CASES = ("random", "none", "all", "ragged")
+case_params = pytest.mark.parametrize("case", CASES)
+
+# Dtypes that exercise every bit width the kernels accept (they move bits, not values); uint8, not
+# int8, because the poison value of an int8 allocation does not fit.
+WIDTH_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.float64, torch.bfloat16)
+
+# Hypothesis: few examples (the interpreter is slow); the autouse poison / seed fixtures are
+# function-scoped on purpose (poisoning stays on for every example).
+property_settings = settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def seq_len_for(case: str, context_length: int) -> int:
+    return context_length - 3 if case == "ragged" else context_length
+
+
+def random_mask(case: str, shape: tuple[int, ...], device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool mask [..., S] for a case: none / all / random (one row of each extreme) / ragged (30%)."""
+    if case == "none":
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    if case == "all":
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    p = 0.3 if case == "ragged" else 0.5
+    mask = torch.rand(shape, generator=generator) < p
+    if case == "random":
+        rows = mask.view(-1, shape[-1])
+        rows[0] = False
+        rows[-1] = True
+    return mask.to(device)
+
+
+def random_data(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Finite random values of any dtype (integers drawn over a small range)."""
+    if dtype.is_floating_point:
+        return torch.randn(shape, device=device).to(dtype)
+    return torch.randint(-100, 100, shape, device=device).to(dtype)
+
+
+def assert_same(result: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    """Every output equal to the expected one: dtype, shape and every element (NaN poison fails)."""
+    assert len(result) == len(expected)
+    for got, want in zip(result, expected, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+        assert torch.equal(got, want)

@@ -1,0 +1,126 @@
+"""bool_gather_left_pad (Triton) and its loop / torch references vs the issue-2 semantics, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_params import (
+    WIDTH_DTYPES,
+    assert_same,
+    case_params,
+    impl_params,
+    property_settings,
+    random_data,
+    random_mask,
+    seq_len_for,
+    shape_params,
+)
+
+from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
+
+IMPL = {"loop": bool_gather_left_pad_loop, "torch": bool_gather_left_pad_torch, "triton": bool_gather_left_pad}
+
+
+def expected_bool_gather(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (b, h): the rows at mask.nonzero() positions, in order, after L - count zero rows."""
+    batch, heads, _, dim = x.shape
+    selected = {(b, h): mask[b, h].nonzero()[:, 0].tolist() for b in range(batch) for h in range(heads)}
+    length = max(len(s) for s in selected.values())
+    y = torch.zeros(batch, heads, length, dim, dtype=x.dtype, device=x.device)
+    for (b, h), positions in selected.items():
+        for i, s in enumerate(positions):
+            y[b, h, length - len(positions) + i] = x[b, h, s]
+    lengths = torch.tensor([[len(selected[b, h]) for h in range(heads)] for b in range(batch)], dtype=torch.int32)
+    return y, lengths.to(x.device)
+
+
+@impl_params
+@case_params
+@shape_params
+def test_bool_gather_matches_semantics(impl, case, shape, context_length, dtype, device):
+    batch, heads, dim = shape
+    seq_len = seq_len_for(case, context_length)
+    x = random_data((batch, heads, seq_len, dim), dtype, device)
+    mask = random_mask(case, (batch, heads, seq_len), device)
+    assert_same(IMPL[impl](x, mask), expected_bool_gather(x, mask))
+
+
+@pytest.mark.parametrize("extra", [0, 5])
+@case_params
+def test_bool_gather_given_max_length(extra, case, context_length, dtype, device):
+    """A caller-given L (no host sync): exactly the default result, or `extra` more zero rows in front."""
+    seq_len = seq_len_for(case, context_length)
+    x = random_data((1, 3, seq_len, 64), dtype, device)
+    mask = random_mask(case, (1, 3, seq_len), device)
+    y_ref, lengths_ref = expected_bool_gather(x, mask)
+    length = y_ref.shape[2] + extra
+    y, lengths = bool_gather_left_pad(x, mask, max_length=length)
+    padded = torch.cat([torch.zeros(1, 3, extra, 64, dtype=dtype, device=device), y_ref], dim=2)
+    assert_same((y, lengths), (padded, lengths_ref))
+
+
+def test_bool_gather_too_small_max_length_drops_earliest(device):
+    x = random_data((1, 2, 40, 64), torch.float32, device)
+    mask = torch.ones(1, 2, 40, dtype=torch.bool, device=device)
+    y, lengths = bool_gather_left_pad(x, mask, max_length=25)
+    assert torch.equal(y, x[:, :, 15:])
+    assert lengths.tolist() == [[40, 40]]
+
+
+def test_bool_gather_strided_input(dtype, device):
+    """x as the transposed [B, S, H, D] projection output: no copy needed."""
+    x = random_data((2, 90, 4, 64), dtype, device).transpose(1, 2)
+    mask = random_mask("random", (2, 4, 90), device)
+    assert_same(bool_gather_left_pad(x, mask), expected_bool_gather(x, mask))
+
+
+@pytest.mark.parametrize("width_dtype", WIDTH_DTYPES, ids=str)
+def test_bool_gather_moves_any_width(width_dtype, device):
+    x = random_data((1, 2, 70, 24), width_dtype, device)  # head_dim 24: not a power of two
+    mask = random_mask("random", (1, 2, 70), device)
+    assert_same(bool_gather_left_pad(x, mask), expected_bool_gather(x, mask))
+
+
+def test_bool_gather_empty_sequence(device):
+    mask = torch.zeros(2, 3, 0, dtype=torch.bool, device=device)
+    y, lengths = bool_gather_left_pad(torch.randn(2, 3, 0, 64, device=device), mask)
+    assert y.shape == (2, 3, 0, 64) and lengths.tolist() == [[0] * 3] * 2
+
+
+@property_settings
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    seq_len=st.integers(1, 300),
+    dim=st.sampled_from([16, 64, 128]),
+    keep_p=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bool_gather_property(batch, heads, seq_len, dim, keep_p, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, heads, seq_len, dim), generator=gen).to(device)
+    mask = (torch.rand((batch, heads, seq_len), generator=gen) < keep_p).to(device)
+    assert_same(bool_gather_left_pad(x, mask), expected_bool_gather(x, mask))
+
+
+BAD_CALLS = {
+    "x not a tensor": (lambda x, m: bool_gather_left_pad(x.tolist(), m), TypeError, "torch.Tensor"),
+    "x 3-D": (lambda x, m: bool_gather_left_pad(x[0], m), ValueError, "4 dimensions"),
+    "x complex": (lambda x, m: bool_gather_left_pad(x.to(torch.complex128), m), TypeError, "dtype"),
+    "x strided last dim": (lambda x, m: bool_gather_left_pad(x.transpose(2, 3), m), ValueError, "last dimension"),
+    "mask not bool": (lambda x, m: bool_gather_left_pad(x, m.int()), TypeError, "bool"),
+    "mask wrong shape": (lambda x, m: bool_gather_left_pad(x, m[:, :, :-1]), ValueError, r"\(1, 2, 8\)"),
+    "mask strided": (lambda x, m: bool_gather_left_pad(x, m.repeat(1, 1, 2)[:, :, ::2]), ValueError, "contiguous"),
+    "mask on meta": (lambda x, m: bool_gather_left_pad(x, m.to("meta")), ValueError, "meta"),
+    "max_length float": (lambda x, m: bool_gather_left_pad(x, m, max_length=3.0), TypeError, "int"),
+    "max_length negative": (lambda x, m: bool_gather_left_pad(x, m, max_length=-1), ValueError, "-1"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_CALLS)
+def test_bool_gather_rejects_bad_input(bad, device):
+    call, error, match = BAD_CALLS[bad]
+    with pytest.raises(error, match=match):
+        call(torch.randn(1, 2, 8, 64, device=device), torch.ones(1, 2, 8, dtype=torch.bool, device=device))
