@@ -1,0 +1,123 @@
+"""Qwen3-DMS prefill and decode vs vanilla Qwen3 (issue 4): seconds per prefill, decode tok/s, KV bytes.
+
+GPU: random Qwen3-8B shape in bf16; the DMS model's eviction is calibrated to 8x on a random prompt
+(shared/DMS.md, "Random weights"; the achieved marked fraction is in every case's extra_info). CPU
+smoke (``--benchmark-disable``): the tiny config, each path run once.
+
+* prefill: ``model(prompt, fresh cache, logits_to_keep=1)``, cache construction (DMS compaction) included;
+* decode: one ``model(token, cache)`` step on the cache of that prompt; ``decode_tok_s = 1 / median``.
+
+The DMS model is shared by the "dms-hub" and "dms-triton" cases (``set_dms_backend``): same weights,
+same calibration. ``peak_vram_bytes`` = this model's weights + the peak allocated above what was
+allocated before the call (both models stay resident during the run).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from dms_perf._runtime import HAS_CUDA
+from dms_perf.dms.cache import kv_cache_bytes
+from dms_perf.dms.calibrate import calibrate_dms
+from dms_perf.dms.model import build_model, qwen3_8b_config, tiny_config
+from dms_perf.measure import bench
+
+METHODS = {"vanilla": None, "dms-hub": "hub", "dms-triton": "triton"}
+TARGET_CR = 8
+CALIBRATION_TOKENS = 4096 if HAS_CUDA else 256
+
+
+@functools.cache
+def _models():
+    """(vanilla model, DMS model, calibration), built once per session on the benchmark device."""
+    config = qwen3_8b_config() if HAS_CUDA else tiny_config()
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    device = "cuda" if HAS_CUDA else "cpu"
+    vanilla = build_model(config, backend=None, dtype=dtype, device=device)
+    dms = build_model(config, backend="triton", dtype=dtype, device=device)
+    calibration = calibrate_dms(dms, target_cr=TARGET_CR, num_tokens=CALIBRATION_TOKENS)
+    return vanilla, dms, calibration
+
+
+def _model_for(method):
+    vanilla, dms, calibration = _models()
+    if METHODS[method] is None:
+        return vanilla, None
+    dms.set_dms_backend(METHODS[method])
+    return dms, calibration
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _prefill(model, ids):
+    cache = model.make_dms_cache() if hasattr(model, "make_dms_cache") else None
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out
+
+
+def _describe(benchmark, model, method, context_length, calibration, cache):
+    config = model.config
+    dense = config.num_hidden_layers * 2 * config.num_key_value_heads * context_length * config.head_dim
+    dense *= next(model.parameters()).element_size()
+    info = benchmark.extra_info
+    info.update(method=method, context_length=context_length, model="qwen3-8b" if HAS_CUDA else "tiny")
+    info["kv_cache_bytes"] = kv_cache_bytes(cache)
+    info["kv_bytes_vs_dense"] = info["kv_cache_bytes"] / dense
+    if calibration is not None:
+        info.update(
+            weights="random, DMS eviction calibrated", target_cr=TARGET_CR,
+            calibrated_marked_fraction=calibration.marked_fraction,
+            calibrated_compression_ratio=calibration.compression_ratio,
+            dms_initial_alpha_offset=calibration.alpha_offset,
+        )
+    else:
+        info["weights"] = "random"
+
+
+def _track_peak(benchmark, model, fn):
+    """Run ``fn`` once more with the peak-memory counter reset; record the peak for this model."""
+    if not HAS_CUDA:
+        return fn()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    benchmark.extra_info["peak_vram_bytes"] = _weight_bytes(model) + torch.cuda.max_memory_allocated() - before
+    return result
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_prefill(benchmark, method, context_length):
+    model, calibration = _model_for(method)
+    ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
+    with torch.inference_mode():
+        median = bench(benchmark, lambda: _prefill(model, ids), rounds=3)
+        out = _track_peak(benchmark, model, lambda: _prefill(model, ids))
+    _describe(benchmark, model, method, context_length, calibration, out.past_key_values)
+    if median is not None:
+        benchmark.extra_info["prefill_s"] = median
+        benchmark.extra_info["prefill_tok_s"] = context_length / median
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_decode(benchmark, method, context_length):
+    model, calibration = _model_for(method)
+    ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
+    with torch.inference_mode():
+        out = _prefill(model, ids)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        # Each timed call appends one token to the cache, as generate's loop does.
+        step = lambda: model(input_ids=token, past_key_values=cache, use_cache=True)
+        median = bench(benchmark, step, rounds=10)
+        _track_peak(benchmark, model, step)
+    _describe(benchmark, model, method, context_length, calibration, cache)
+    benchmark.extra_info["cache_tokens_seen"] = cache.get_seq_length()
+    if median is not None:
+        benchmark.extra_info["decode_step_s"] = median
+        benchmark.extra_info["decode_tok_s"] = 1.0 / median
