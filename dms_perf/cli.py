@@ -161,7 +161,10 @@ def run_bench(args, parser) -> int:
                 release_memory()
                 continue
             if calibration is not None:
-                writer.meta["calibration"][backend] = calibration
+                writer.meta["calibration"][backend] = {
+                    "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
+                    "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
+                }
             for m in group:
                 for ctx in contexts:
                     progress.update(task, description=f"{m.name} @ {ctx}")

@@ -265,13 +265,17 @@ def measure_generation(model, workload, method, *, new_tokens: int = 128, repeat
 
     ``workload``: a ``dms_perf.workloads.Workload``; ``method``: a ``dms_perf.methods.Method`` (its
     press, if any, is built once on this prompt, outside the timing). ``warmup`` untimed generations
-    precede ``repeats`` timed ones; figures are medians. Returns a dict with ``status`` "ok", "OOM" or
-    "error: ..." (then without figures); memory is released either way.
+    precede ``repeats`` timed ones; figures are medians. Returns a dict with ``status`` "ok", "OOM",
+    "error: ..." or "skipped: ..." (then without figures); memory is released either way.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if repeats < 1 or warmup < 0 or new_tokens < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and new_tokens >= 1, got repeats={repeats}, "
+                         f"warmup={warmup}, new_tokens={new_tokens}")
     row: dict[str, Any] = {"context": workload.context_length, "method": method.name,
                            "new_tokens": new_tokens}
+    if workload.context_length < method.min_context:
+        row["status"] = f"skipped: {method.name} needs a prompt of at least {method.min_context} tokens"
+        return row
     try:
         input_ids = workload.input_ids.to(device if device is not None else next(model.parameters()).device)
         press = method.press_for(model, input_ids)

@@ -54,6 +54,7 @@ class Family:
     # (ratio, model, input_ids) -> a kvpress press; None for methods without a press
     make_press: Callable[[float, Any, torch.Tensor], Any] | None = None
     default_ratio: float | None = None  # families taking a parameter have a default
+    min_context: int = 1  # shortest prompt the method accepts
 
     @property
     def takes_parameter(self) -> bool:
@@ -120,7 +121,9 @@ FAMILIES: dict[str, Family] = {
         Family("dms-hub", "Qwen3-DMS, prefill as the released code does it (chunked SDPA masks)", "hub"),
         Family("dms-flex", "Qwen3-DMS, prefill with torch flex_attention block masks", "flex"),
         Family("dms-triton", "Qwen3-DMS, prefill with dms_perf's Triton kernel", "triton"),
-        Family("snapkv", "kvpress SnapKVPress (attention of the last queries)", None, _scorer("SnapKVPress"), 0.5),
+        # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
+        Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
+               0.5, min_context=65),
         Family("streamingllm", "kvpress StreamingLLMPress (sinks + recent)", None,
                _scorer("StreamingLLMPress"), 0.5),
         Family("knorm", "kvpress KnormPress (key norm)", None, _scorer("KnormPress"), 0.5),
@@ -160,6 +163,10 @@ class Method:
     @property
     def backend(self) -> str | None:
         return self.family.backend
+
+    @property
+    def min_context(self) -> int:
+        return self.family.min_context
 
     @property
     def is_dms(self) -> bool:

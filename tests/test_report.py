@@ -1,0 +1,84 @@
+"""results.json written per row, results.md with both tables, PNG plots."""
+
+from __future__ import annotations
+
+import json
+
+from dms_perf.report import (
+    MEMORY_PLOT,
+    TIME_PLOT,
+    ResultsWriter,
+    load_results,
+    render_markdown,
+    speedup_rows,
+)
+
+GIB = 2**30
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(context, method, prefill, decode=1.0, vram=None, kv=2**20, compression=1.0, new_tokens=9):
+    return {
+        "context": context, "method": method, "new_tokens": new_tokens, "status": "ok",
+        "prefill_s": prefill, "prefill_tok_s": context / prefill, "decode_tok_s": (new_tokens - 1) / decode,
+        "total_s": prefill + decode, "generated_tokens": new_tokens, "peak_vram_bytes": vram, "kv_bytes": kv,
+        "compression": compression, "retrieval": "n/a (random weights)", "repeats": 3,
+        "runs_total_s": [prefill + decode] * 3,
+    }
+
+
+def _rows():
+    return [
+        _row(4096, "dms-hub", 2.0, vram=20 * GIB),
+        _row(4096, "dms-triton", 0.5, vram=17 * GIB, compression=7.9),
+        _row(8192, "dms-triton", 1.0, vram=18 * GIB),
+        {"context": 8192, "method": "dms-hub", "new_tokens": 9, "status": "OOM"},
+        _row(4096, "vanilla", 0.4, vram=18 * GIB),
+    ]
+
+
+def test_json_is_rewritten_after_every_row(tmp_path):
+    writer = ResultsWriter(tmp_path, {"model": "tiny"})
+    assert load_results(tmp_path / "results.json") == ({"model": "tiny"}, [])
+    rows = _rows()
+    for k, row in enumerate(rows, start=1):
+        writer.add(row)
+        meta, saved = load_results(tmp_path / "results.json")
+        assert saved == rows[:k]  # an interruption after any cell keeps every earlier one
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_finish_writes_markdown_and_plots(tmp_path):
+    writer = ResultsWriter(tmp_path, {"model": "qwen3-8b", "weights": "random weights, eviction calibrated to 8x",
+                                      "device": {"gpu": "NVIDIA H100 80GB HBM3"}, "date": "2026-11-27 22:00 UTC"})
+    for row in _rows():
+        writer.add(row)
+    files = writer.finish()
+    assert {f.name for f in files} == {"results.json", "results.md", TIME_PLOT, MEMORY_PLOT}
+    for name in (TIME_PLOT, MEMORY_PLOT):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    md = (tmp_path / "results.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "random weights, eviction calibrated to 8x" in md
+    assert "## Full comparison" in md and "## DMS prefill speedup (hub vs triton)" in md
+    assert "| 4K | dms-triton | 1.5 | 6 | 17.00 | 0.5 | 8,192 | 8 | 1.0 | 7.90x | n/a (random weights) |" in md
+    assert "| 8K | dms-hub | OOM |" in md
+    assert "| 4K | 2 | 0.5 | 4.00x | 20.00 | 17.00 | 3.00 |" in md  # speedup 2.0 / 0.5, 3 GiB saved
+    assert "| 8K | OOM | 1 | — | — | 18.00 | — |" in md
+
+
+def test_speedup_rows_need_both_methods():
+    rows = _rows()
+    assert [s["context"] for s in speedup_rows(rows)] == [4096, 8192]
+    assert speedup_rows([r for r in rows if r["method"] != "dms-hub"]) == []
+    md = render_markdown({}, [r for r in rows if r["method"] != "dms-hub"])
+    assert "Needs both dms-hub and dms-triton" in md
+
+
+def test_plots_without_vram_are_still_written(tmp_path):
+    writer = ResultsWriter(tmp_path, {})
+    writer.add(_row(64, "vanilla", 0.01))
+    writer.add(_row(128, "vanilla", 0.02))
+    writer.finish()
+    assert (tmp_path / MEMORY_PLOT).read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["context"] == 128
