@@ -24,14 +24,13 @@ IMPL = {"loop": bool_gather_left_pad_loop, "torch": bool_gather_left_pad_torch, 
 
 
 def expected_bool_gather(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (b, h): the rows at mask.nonzero() positions, in order, after L - count zero rows."""
+    """Per (b, h): the rows at the selected token indices, in order, after L - count zero rows."""
     batch, heads, _, dim = x.shape
-    selected = {(b, h): mask[b, h].nonzero()[:, 0].tolist() for b in range(batch) for h in range(heads)}
+    selected = {(b, h): mask[b, h].nonzero()[:, 0] for b in range(batch) for h in range(heads)}
     length = max(len(s) for s in selected.values())
     y = torch.zeros(batch, heads, length, dim, dtype=x.dtype, device=x.device)
-    for (b, h), positions in selected.items():
-        for i, s in enumerate(positions):
-            y[b, h, length - len(positions) + i] = x[b, h, s]
+    for (b, h), tokens in selected.items():
+        y[b, h, length - len(tokens):] = x[b, h, tokens]
     lengths = torch.tensor([[len(selected[b, h]) for h in range(heads)] for b in range(batch)], dtype=torch.int32)
     return y, lengths.to(x.device)
 

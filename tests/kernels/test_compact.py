@@ -25,17 +25,16 @@ IMPL = {"loop": compact_by_bool_loop, "torch": compact_by_bool_torch, "triton": 
 
 def expected_compact(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows r = b*H + h in order; within each, kept token indices ascending; offsets = running counts."""
-    batch, heads, _, dim = x.shape
-    values, positions, offsets = [], [], [0]
+    batch, heads, seq_len, dim = x.shape
+    values, positions, offsets = [x.new_zeros(0, dim)], [], [0]
     for b in range(batch):
         for h in range(heads):
-            kept = [s for s, k in enumerate(keep[b, h].tolist()) if k]
-            values += [x[b, h, s] for s in kept]
+            kept = [s for s, k in zip(range(seq_len), keep[b, h].tolist(), strict=True) if k]
+            values.append(x[b, h, torch.tensor(kept, dtype=torch.long, device=x.device)])
             positions += kept
             offsets.append(offsets[-1] + len(kept))
-    stacked = torch.stack(values) if values else torch.zeros(0, dim, dtype=x.dtype, device=x.device)
     as_int32 = lambda v: torch.tensor(v, dtype=torch.int32, device=x.device)
-    return stacked, as_int32(offsets), as_int32(positions)
+    return torch.cat(values), as_int32(offsets), as_int32(positions)
 
 
 @impl_params
