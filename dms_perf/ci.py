@@ -192,6 +192,7 @@ def gate(base: dict, head: dict, threshold_pct: float, out_dir: Path | None, tit
 
 def _pytest(args: list[str], cwd: Path) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")])))
+    env.pop("PYTEST_XDIST_WORKER", None)  # a child pytest that sees it disables pytest-benchmark
     cmd = [sys.executable, "-m", "pytest", *args]
     print("+", " ".join(cmd), f"(in {cwd})", flush=True)
     return subprocess.call(cmd, cwd=cwd, env=env)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_FILE = """
 import os, time
 
-DELAY = float(os.environ.get("GATE_DELAY", "0.004"))
+DELAY = float(os.environ.get("GATE_DELAY", "0.02"))
 
 def work():
     time.sleep(DELAY)
@@ -33,12 +33,14 @@ def test_other(benchmark):
     benchmark.pedantic(work, rounds=15, iterations=1, warmup_rounds=1)
 """
 
-FAST, SLOW = "0.004", "0.012"
+FAST, SLOW = "0.02", "0.06"
 
 
 @pytest.fixture
 def bench_project(pytester):
     """A project with the real root conftest.py (per-GPU storage, machine checks) and one benchmark file."""
+    # Under `pytest -n`, a child pytest would see PYTEST_XDIST_WORKER and disable pytest-benchmark.
+    pytester._monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     pytester.makeconftest((REPO / "conftest.py").read_text())
     bench_dir = pytester.mkpydir("benchmarks")
     (bench_dir / "test_gate.py").write_text(BENCH_FILE)
@@ -123,7 +125,7 @@ def test_base_vs_head_passes_unchanged_and_fails_on_slower_head(bench_project, t
         return ci.main([*args, "--", "-p", "no:xdist"])
 
     assert gate() == 0
-    bench.write_text(BENCH_FILE.replace('"0.004"', f'"{SLOW}"'))  # the head's code is slower
+    bench.write_text(BENCH_FILE.replace('"0.02"', f'"{SLOW}"'))  # the head's code is slower
     assert gate() == 1
     assert "REGRESSION" in capfd.readouterr().out
 
