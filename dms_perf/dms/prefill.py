@@ -151,7 +151,8 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
     batch, num_q_heads, n, _ = q.shape
     group = num_q_heads // k.shape[1]
     evict = evict_flags(decisions)
-    attend = _flex_attention_fn(q.device.type)
+    on_cuda = q.device.type == "cuda"
+    attend = _flex_attention_fn(on_cuda)
     rows = max(128, (FLEX_CHUNK_ELEMENTS // (batch * num_q_heads * n)) // 128 * 128)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else None
@@ -164,7 +165,9 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
             i = q_idx + offset
             return (kv_idx <= i) & ((i - kv_idx <= window) | ~evict[b, h // group, kv_idx])
 
-        block_mask = create_block_mask(dms_mask, batch, num_q_heads, end - start, end, device=q.device)
+        block_mask = create_block_mask(
+            dms_mask, batch, num_q_heads, end - start, end, device=q.device, _compile=on_cuda
+        )
         result = attend(
             q[:, :, start:end], k[:, :, :end], v[:, :, :end],
             block_mask=block_mask, scale=scale, enable_gqa=True,
@@ -178,13 +181,23 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
 
 
 @functools.cache
-def _flex_attention_fn(device_type: str):
-    """flex_attention compiled once (dynamic shapes: every chunk length reuses it); eager on CPU."""
+def _flex_attention_fn(on_cuda: bool):
+    """flex_attention compiled once (dynamic shapes: every chunk length reuses it); eager on CPU.
+
+    Runs under ``torch.no_grad()``: the prefill is inference only (no impl offers a backward), so
+    compile traces no autograd path.
+    """
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if device_type == "cuda":
-        return torch.compile(flex, dynamic=True)
-    return flex
+    if not on_cuda:
+        return flex
+    compiled = torch.compile(flex, dynamic=True)
+
+    def attend(*args, **kwargs):
+        with torch.no_grad():
+            return compiled(*args, **kwargs)
+
+    return attend
 
 
 def _check_inputs(q, k, v, decisions, window, impl, scale, return_lse):

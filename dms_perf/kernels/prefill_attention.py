@@ -27,7 +27,7 @@ from dms_perf.kernels.compact import compact_by_bool
 LOG2E = 1.4426950408889634
 # Running max before any key: finite, so that rows whose first tiles are all masked give
 # exp2(-inf - NEG_BIG) = 0 instead of NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 def _configs():
@@ -36,7 +36,9 @@ def _configs():
         return [triton.Config({"ROWS": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"ROWS": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"ROWS": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"ROWS": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ]
 
