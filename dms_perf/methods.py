@@ -241,20 +241,30 @@ def model_config(model: str):
     raise ValueError(f"unknown random model {model!r}: expected one of {MODEL_CHOICES} or a checkpoint path")
 
 
+_CALIBRATIONS: dict[tuple, Any] = {}
+
+
 def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, seed: int = 0,
                    target_cr: float | None = None):
     """The model ``method`` runs on: random ``tiny`` / ``qwen3-8b`` weights or a local checkpoint.
 
     With random weights and a DMS backend, eviction is calibrated so that ``1 - 1/target_cr`` of the
-    tokens are marked (shared/DMS.md, "Random weights"); returns (model, calibration stats or None).
+    tokens are marked (shared/DMS.md, "Random weights"); returns (model, calibration or None).
+    Every backend gets the same weights for a seed, so the offset is found once per process and
+    reused: all DMS backends then evict alike.
     """
     from dms_perf.dms import model as api
 
     if is_model_path(model):
         return api.load_model(model, backend=method.backend, dtype=dtype, device=device), None
     built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
-    if method.is_dms and target_cr:
+    if not (method.is_dms and target_cr):
+        return built, None
+    key = (model, seed, float(target_cr), dtype, str(device))
+    if key not in _CALIBRATIONS:
         from dms_perf.dms.calibrate import calibrate_dms
 
-        return built, calibrate_dms(built, target_cr=target_cr)
-    return built, None
+        _CALIBRATIONS[key] = calibrate_dms(built, target_cr=target_cr)
+    calibration = _CALIBRATIONS[key]
+    built.config.dms_initial_alpha_offset = calibration.alpha_offset
+    return built, calibration

@@ -48,13 +48,13 @@ def test_entry_point_module_runs():
 def test_tiny_cpu_run_writes_results(tmp_path, capsys):
     out = tmp_path / "results"
     methods = "vanilla,knorm:0.5,dms-hub,dms-triton"
-    code = main(["bench", "--contexts", "80,0.125k", "--methods", methods, "--model", "tiny", "--new-tokens", "3",
+    code = main(["bench", "--contexts", "40,0.0625k", "--methods", methods, "--model", "tiny", "--new-tokens", "3",
                  "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     assert [(r["method"], r["context"]) for r in rows] == [
-        (m, c) for m in methods.split(",") for c in (80, 128)
+        (m, c) for m in methods.split(",") for c in (40, 64)
     ]
     assert all(r["status"] == "ok" and r["generated_tokens"] == 3 for r in rows), rows
     meta = data["meta"]
@@ -64,8 +64,8 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
     for name in ("results.md", "time_vs_context.png", "vram_vs_context.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "results.md").read_text()
-    assert "| 128 | dms-triton |" in md and "## DMS prefill speedup" in md
-    assert "| 80 | knorm:0.5 |" in capsys.readouterr().out  # the table is printed too
+    assert "| 64 | dms-triton |" in md and "## DMS prefill speedup" in md
+    assert "| 40 | knorm:0.5 |" in capsys.readouterr().out  # the table is printed too
 
 
 @pytest.mark.parametrize(
