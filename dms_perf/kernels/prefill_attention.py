@@ -67,6 +67,29 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _band_tiles(
+    acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d, lo, hi, band_hi, window,
+    stride_kn, stride_vn, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Band tiles starting in [lo, hi) over the original K/V; ``MASKED`` applies the DMS rule
+    (shared/DMS.md: ``j <= i`` and (``i - j <= window`` or key j kept)) and ``j < band_hi``."""
+    for start in range(lo, hi, BLOCK_N):
+        j = start + cols
+        col_ok = j < band_hi
+        visible = col_ok[None, :]
+        if MASKED:
+            kept = tl.load(keep_base + j, mask=col_ok, other=0) != 0
+            dist = pos[:, None] - j[None, :]
+            visible = (dist >= 0) & ((dist <= window) | kept[None, :]) & col_ok[None, :]
+        k_ptrs = k_base + j.to(tl.int64)[:, None] * stride_kn + d[None, :]
+        v_ptrs = v_base + j.to(tl.int64)[:, None] * stride_vn + d[None, :]
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, col_ok, visible,
+                                     qk_scale, MASKED, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
 @triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "GROUP"])
 @triton.jit
 def _dms_prefill_kernel(
@@ -123,21 +146,25 @@ def _dms_prefill_kernel(
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, tail_ok,
                                      tail_ok[None, :], qk_scale, True, DOT_PRECISION)
 
-    # Loop 2: every key in [band_lo, m0 + BLOCK_M) from the original K/V, under the DMS rule.
+    # Loop 2: every key in [band_lo, m0 + BLOCK_M) from the original K/V, under the DMS rule. Tiles
+    # starting at or after m0 + BLOCK_M - 1 - window are in every row's window, and tiles ending at
+    # or before m0 are causal for every row: those run unmasked, the head and tail tiles masked.
     band_hi = tl.minimum(m0 + BLOCK_M, N)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     keep_base = KEEP + bh.to(tl.int64) * N
-    for start in range(band_lo, band_hi, BLOCK_N):
-        j = start + cols
-        col_ok = j < band_hi
-        kept = tl.load(keep_base + j, mask=col_ok, other=0) != 0
-        dist = pos[:, None] - j[None, :]
-        visible = (dist >= 0) & ((dist <= window) | kept[None, :]) & col_ok[None, :]
-        k_ptrs = k_base + j.to(tl.int64)[:, None] * stride_kn + d[None, :]
-        v_ptrs = v_base + j.to(tl.int64)[:, None] * stride_vn + d[None, :]
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, col_ok, visible,
-                                     qk_scale, True, DOT_PRECISION)
+    in_all_windows = m0 + BLOCK_M - 1 - window
+    mid_lo = band_lo + tl.cdiv(tl.maximum(in_all_windows - band_lo, 0), BLOCK_N) * BLOCK_N
+    mid_hi = mid_lo + (tl.maximum(tl.minimum(m0 + 1, band_hi) - mid_lo, 0) // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d,
+                                band_lo, tl.minimum(mid_lo, band_hi), band_hi, window,
+                                stride_kn, stride_vn, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d,
+                                mid_lo, mid_hi, band_hi, window,
+                                stride_kn, stride_vn, qk_scale, BLOCK_N, False, DOT_PRECISION)
+    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d,
+                                mid_hi, band_hi, band_hi, window,
+                                stride_kn, stride_vn, qk_scale, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_row = (b.to(tl.int64) * stride_ob + (h * GROUP + g).to(tl.int64) * stride_oh

@@ -53,10 +53,10 @@ def check_against_math(impl, q, k, v, decisions, window):
 
 
 @pytest.mark.parametrize("impl", ["hub", "flex", "triton"])
-@pytest.mark.parametrize("window", [0, 16, 512, RULE_GRID_TOKENS], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("window", [0, 16, 70, 512, RULE_GRID_TOKENS], ids=lambda w: f"w{w}")
 @pytest.mark.parametrize("evict_rate", [0.0, 0.5, 0.875, 1.0], ids=lambda r: f"evict{r}")
 def test_rule_grid(impl, window, evict_rate, device):
-    """Eviction rates x windows (0, small, the checkpoint's 512, >= N) at GQA 4, batch 2."""
+    """Eviction rates x windows (0, small, some unmasked band tiles, 512, >= N) at GQA 4, batch 2."""
     inputs = make_inputs(2, 8, 2, RULE_GRID_TOKENS, 64, torch.float32, device, evict_rate)
     check_against_math(impl, *inputs, window)
 
