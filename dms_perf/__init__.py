@@ -15,6 +15,9 @@ _LAZY = {
     "compact_by_bool": "dms_perf.kernels.compact",
     "dms_prefill_attention": "dms_perf.dms.prefill",
     "dms_decisions": "dms_perf.dms.rule",
+    "resolve_method": "dms_perf.methods",
+    "needle_workload": "dms_perf.workloads",
+    "measure_generation": "dms_perf.measure",
 }
 
 __all__ = sorted(_LAZY)
