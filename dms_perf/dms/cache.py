@@ -19,8 +19,6 @@ plus every decision, so the rule can be applied as a full mask at each step.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
@@ -48,7 +46,7 @@ class DMSCacheLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
 
-    def update(self, key_states, value_states, cache_kwargs: dict[str, Any] | None = None):
+    def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
             "DMSCache needs the DMS decisions with every update: call DMSCache.append(layer_idx, k, v, decisions)"
         )
@@ -116,10 +114,15 @@ class DMSCacheLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # transformers 5.2 passes cache_position, later versions the query length.
+        query_length = query if isinstance(query, int) else query.shape[0]
+        return self.seen + query_length, 0
 
-    def get_max_cache_shape(self) -> int:
+    def get_max_length(self) -> int:  # abstract in later transformers: -1 = no maximum
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # abstract in transformers 5.2
         return -1
 
     def reset(self) -> None:
