@@ -9,7 +9,8 @@ smoke (``--benchmark-disable``): the tiny config, each path run once.
 
 The DMS model is shared by the "dms-hub" and "dms-triton" cases (``set_dms_backend``): same weights,
 same calibration. ``peak_vram_bytes`` = this model's weights + the peak allocated above what was
-allocated before the call (both models stay resident during the run).
+allocated before the case's prefill (both models stay resident during the run, so the absolute
+device peak would count the other model too).
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ def _prefill(model, ids):
     return out
 
 
-def _describe(benchmark, model, method, context_length, calibration, cache):
+def _describe(benchmark, model, method, tokens, calibration, cache):
+    """extra_info shared by prefill and decode; ``tokens``: tokens the cache has seen."""
     config = model.config
-    dense = config.num_hidden_layers * 2 * config.num_key_value_heads * context_length * config.head_dim
+    dense = config.num_hidden_layers * 2 * config.num_key_value_heads * tokens * config.head_dim
     dense *= next(model.parameters()).element_size()
     info = benchmark.extra_info
-    info.update(method=method, context_length=context_length, model="qwen3-8b" if HAS_CUDA else "tiny")
+    info.update(method=method, model="qwen3-8b" if HAS_CUDA else "tiny")
     info["kv_cache_bytes"] = kv_cache_bytes(cache)
     info["kv_bytes_vs_dense"] = info["kv_cache_bytes"] / dense
     if calibration is not None:
@@ -79,16 +81,20 @@ def _describe(benchmark, model, method, context_length, calibration, cache):
         info["weights"] = "random"
 
 
-def _track_peak(benchmark, model, fn):
-    """Run ``fn`` once more with the peak-memory counter reset; record the peak for this model."""
+def _track_peak(benchmark, model, fn, base: int | None = None):
+    """Run ``fn`` once more with the peak-memory counter reset and record ``peak_vram_bytes``.
+
+    ``base``: memory allocated before this case's state existed (default: now), so that a decode
+    step's peak counts the KV cache its prefill left behind.
+    """
     if not HAS_CUDA:
         return fn()
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_allocated() if base is None else base
     torch.cuda.reset_peak_memory_stats()
     result = fn()
     torch.cuda.synchronize()
-    benchmark.extra_info["peak_vram_bytes"] = _weight_bytes(model) + torch.cuda.max_memory_allocated() - before
+    benchmark.extra_info["peak_vram_bytes"] = _weight_bytes(model) + torch.cuda.max_memory_allocated() - base
     return result
 
 
@@ -100,6 +106,7 @@ def test_prefill(benchmark, method, context_length):
         median = bench(benchmark, lambda: _prefill(model, ids), rounds=3)
         out = _track_peak(benchmark, model, lambda: _prefill(model, ids))
     _describe(benchmark, model, method, context_length, calibration, out.past_key_values)
+    benchmark.extra_info["context_length"] = context_length
     if median is not None:
         benchmark.extra_info["prefill_s"] = median
         benchmark.extra_info["prefill_tok_s"] = context_length / median
@@ -109,15 +116,16 @@ def test_prefill(benchmark, method, context_length):
 def test_decode(benchmark, method, context_length):
     model, calibration = _model_for(method)
     ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
+    base = torch.cuda.memory_allocated() if HAS_CUDA else None
     with torch.inference_mode():
         out = _prefill(model, ids)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         # Each timed call appends one token to the cache, as generate's loop does.
         step = lambda: model(input_ids=token, past_key_values=cache, use_cache=True)
         median = bench(benchmark, step, rounds=10)
-        _track_peak(benchmark, model, step)
-    _describe(benchmark, model, method, context_length, calibration, cache)
-    benchmark.extra_info["cache_tokens_seen"] = cache.get_seq_length()
+        _track_peak(benchmark, model, step, base)
+    _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
+    benchmark.extra_info.update(context_length=context_length, cache_tokens_seen=cache.get_seq_length())
     if median is not None:
         benchmark.extra_info["decode_step_s"] = median
         benchmark.extra_info["decode_tok_s"] = 1.0 / median
