@@ -108,3 +108,23 @@ def test_cache_rejects_bad_use(device):
         cache.update(k, v, 0)
     with pytest.raises(ValueError, match="window"):
         DMSCache(num_layers=1, window=-1)
+
+
+@pytest.mark.gpu
+def test_decode_update_and_attention_do_not_synchronize():
+    """The per-step path (cache update + Triton decode attention) never waits for the device."""
+    from dms_perf.kernels.decode_attention import dms_decode_attention
+
+    cache = DMSCache(num_layers=1, window=8, capacity_step=16)
+    decisions = torch.rand(1, 2, 50, device="cuda") < 0.5
+    cache.append(0, *_tagged(1, 2, 50, 32, 0, "cuda"), decisions)
+    steps = [(_tagged(1, 2, 1, 32, t, "cuda"), torch.rand(1, 2, 1, device="cuda") < 0.5) for t in range(50, 80)]
+    q = torch.randn(1, 4, 32, device="cuda")
+    dms_decode_attention(q, *cache.append(0, *steps[0][0], steps[0][1]))  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for (k, v), d in steps[1:]:  # crosses a capacity step: growing must not sync either
+            dms_decode_attention(q, *cache.append(0, k, v, d))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
