@@ -27,6 +27,9 @@ INTERPRET_BLOCK_S = 64
 INTERPRET_TARGET_PROGRAMS = 16
 # Chunk counts are read by every program in blocks of this many.
 COUNT_BLOCK = 1024
+# Index / length vectors up to this size are checked in Python after one copy to the host: cheaper
+# than a chain of small device reductions. Longer ones are reduced on the device, then read once.
+HOST_CHECK_MAX = 2048
 
 
 def as_bits(t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +107,16 @@ def check_size_argument(name: str, value) -> int:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def host_check_values(t: torch.Tensor) -> tuple[int, int, bool]:
+    """``(min, max, has_duplicates)`` of a non-empty integer vector, with one host synchronization."""
+    if t.numel() <= HOST_CHECK_MAX:
+        values = t.tolist()
+        return min(values), max(values), len(set(values)) != len(values)
+    ordered = torch.sort(t).values
+    lo, hi, repeats = torch.stack([ordered[0], ordered[-1], (ordered[1:] == ordered[:-1]).any().to(t.dtype)]).tolist()
+    return lo, hi, bool(repeats)
 
 
 @functools.cache

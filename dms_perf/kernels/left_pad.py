@@ -17,6 +17,7 @@ from dms_perf.kernels._common import (
     check_data,
     check_device_usable,
     check_index_tensor,
+    host_check_values,
     tile_mask,
 )
 
@@ -60,8 +61,7 @@ def left_pad_2d(x: torch.Tensor, lengths: torch.Tensor, *, check_lengths: bool =
     check_device_usable("x", x)
     n_rows, seq_len, dim = x.shape
     if check_lengths and n_rows:
-        lo, hi = torch.aminmax(lengths)
-        lo, hi = int(lo), int(hi)
+        lo, hi, _ = host_check_values(lengths)
         if lo < 0 or hi > seq_len:
             raise ValueError(f"lengths must lie in [0, S={seq_len}], got values in [{lo}, {hi}]")
     y = torch.empty((n_rows, seq_len, dim), dtype=x.dtype, device=x.device)

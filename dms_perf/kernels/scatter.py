@@ -21,6 +21,7 @@ from dms_perf.kernels._common import (
     check_device_usable,
     check_same_device,
     check_tensor,
+    host_check_values,
 )
 
 # Elements per [BLOCK_M, BLOCK_R] tile: 16 KB of bf16 on the GPU.
@@ -45,18 +46,14 @@ def _scatter_rows_kernel(
 
 
 def _check_index_values(index: torch.Tensor, n_out: int) -> None:
-    """Range and uniqueness of ``index`` with one host synchronization (more only to word an error)."""
-    ordered = torch.sort(index).values
-    flags = torch.stack([ordered[0] < 0, ordered[-1] >= n_out, (ordered[1:] == ordered[:-1]).any()])
-    below, above, duplicated = flags.tolist()
-    if below or above:
-        raise ValueError(
-            f"index values must lie in [0, {n_out}) (out.shape[0]), got values in "
-            f"[{int(ordered[0])}, {int(ordered[-1])}]"
-        )
+    """Range and uniqueness of ``index`` with one host synchronization."""
+    lo, hi, duplicated = host_check_values(index)
+    if lo < 0 or hi >= n_out:
+        raise ValueError(f"index values must lie in [0, {n_out}) (out.shape[0]), got values in [{lo}, {hi}]")
     if duplicated:
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        raise ValueError(f"index must not repeat a value (each output row is written once), {int(repeated[0])} repeats")
+        ordered = torch.sort(index).values
+        repeated = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+        raise ValueError(f"index must not repeat a value (each output row is written once), {repeated} repeats")
 
 
 def scatter_by_index(

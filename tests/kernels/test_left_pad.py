@@ -16,6 +16,7 @@ from kernel_params import (
     shape_params,
 )
 
+from dms_perf.kernels._common import HOST_CHECK_MAX
 from dms_perf.kernels.left_pad import left_pad_2d, left_pad_2d_loop, left_pad_2d_torch
 
 IMPL = {"loop": left_pad_2d_loop, "torch": left_pad_2d_torch, "triton": left_pad_2d}
@@ -85,6 +86,15 @@ def test_left_pad_property(n_rows, seq_len, dim, seed, device):
     x = torch.randn((n_rows, seq_len, dim), generator=gen).to(device)
     lengths = torch.randint(0, seq_len + 1, (n_rows,), generator=gen).to(device)
     assert torch.equal(left_pad_2d(x, lengths), expected_left_pad(x, lengths))
+
+
+@pytest.mark.parametrize("rows", [10, HOST_CHECK_MAX + 10], ids=["host-checked", "device-checked"])
+@pytest.mark.parametrize("bad_length", [-1, 9])
+def test_left_pad_rejects_out_of_range_length(rows, bad_length, device):
+    lengths = torch.randint(0, 9, (rows,), device=device)
+    lengths[rows // 2] = bad_length
+    with pytest.raises(ValueError, match=r"\[0, S=8\]"):
+        left_pad_2d(torch.randn(rows, 8, 4, device=device), lengths)
 
 
 BAD_CALLS = {

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kernel_params import WIDTH_DTYPES, impl_params, property_settings, random_data, shape_params
 
+from dms_perf.kernels._common import HOST_CHECK_MAX
 from dms_perf.kernels.scatter import scatter_by_index, scatter_by_index_loop, scatter_by_index_torch
 
 IMPL = {"loop": scatter_by_index_loop, "torch": scatter_by_index_torch, "triton": scatter_by_index}
@@ -114,6 +115,21 @@ def test_scatter_rejects_bad_input(bad, device):
     src = torch.randn(4, 64, device=device)
     with pytest.raises(error, match=match):
         call(src, torch.tensor([2, 0, 3, 1], device=device))
+
+
+@pytest.mark.parametrize("rows", [10, HOST_CHECK_MAX + 10], ids=["host-checked", "device-checked"])
+@pytest.mark.parametrize("flaw", ["duplicate", "too large", "negative"])
+def test_scatter_rejects_flawed_permutation(rows, flaw, device):
+    index = torch.randperm(rows, device=device)
+    position = int(torch.nonzero(index == rows - 1)[0, 0])
+    if flaw == "duplicate":
+        index[position] = index[(position + 1) % rows]
+        match = "repeat"
+    else:
+        index[position] = rows if flaw == "too large" else -3
+        match = "must lie in"
+    with pytest.raises(ValueError, match=match):
+        scatter_by_index(torch.randn(rows, 8, device=device), index)
 
 
 def test_scatter_rejected_index_leaves_out_untouched(device):
