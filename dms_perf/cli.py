@@ -145,43 +145,58 @@ def run_bench(args, parser) -> int:
         by_backend.setdefault(m.backend, []).append(m)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts))
-        for backend, group in by_backend.items():
-            progress.update(task, description=f"building model ({backend or 'vanilla'})")
-            try:
-                model, calibration = load_model_for(args.model, group[0], dtype=dtype, device=device, seed=args.seed,
-                                                    target_cr=None if real_weights else args.target_cr)
-            except Exception as exc:  # the other backends can still run
-                reason = f"error: model build failed: {type(exc).__name__}: {exc}".splitlines()[0][:240]
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts))
+            for backend, group in by_backend.items():
+                progress.update(task, description=f"building model ({backend or 'vanilla'})")
+                try:
+                    model, calibration = load_model_for(args.model, group[0], dtype=dtype, device=device,
+                                                        seed=args.seed,
+                                                        target_cr=None if real_weights else args.target_cr)
+                except Exception as exc:  # the other backends can still run
+                    reason = _reason("model build failed", exc)
+                    for m in group:
+                        for ctx in contexts:
+                            writer.add({"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
+                                        "status": reason})
+                            progress.advance(task)
+                    release_memory()
+                    continue
+                if calibration is not None:
+                    writer.meta["calibration"][backend] = {
+                        "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
+                        "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
+                    }
                 for m in group:
                     for ctx in contexts:
-                        writer.add({"context": ctx, "method": m.name, "new_tokens": args.new_tokens, "status": reason})
+                        progress.update(task, description=f"{m.name} @ {ctx}")
+                        try:
+                            if ctx not in workloads:
+                                workloads[ctx] = needle_workload(
+                                    ctx, tokenizer=tokenizer, needle_depth=args.needle_depth,
+                                    vocab_size=model.config.vocab_size, seed=args.seed,
+                                )
+                        except ValueError as exc:
+                            row = {"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
+                                   "status": _reason("workload", exc)}
+                        else:
+                            row = measure_generation(model, workloads[ctx], m, new_tokens=args.new_tokens,
+                                                     repeats=args.repeats, warmup=args.warmup,
+                                                     real_weights=real_weights, device=device)
+                        writer.add(row)
                         progress.advance(task)
+                del model
                 release_memory()
-                continue
-            if calibration is not None:
-                writer.meta["calibration"][backend] = {
-                    "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
-                    "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
-                }
-            for m in group:
-                for ctx in contexts:
-                    progress.update(task, description=f"{m.name} @ {ctx}")
-                    if ctx not in workloads:
-                        workloads[ctx] = needle_workload(ctx, tokenizer=tokenizer, needle_depth=args.needle_depth,
-                                                         vocab_size=model.config.vocab_size, seed=args.seed)
-                    row = measure_generation(model, workloads[ctx], m, new_tokens=args.new_tokens,
-                                             repeats=args.repeats, warmup=args.warmup, real_weights=real_weights,
-                                             device=device)
-                    writer.add(row)
-                    progress.advance(task)
-            del model
-            release_memory()
-    files = writer.finish()
+    finally:  # an interrupted run still gets its tables and plots for the cells measured so far
+        files = writer.finish()
     print(comparison_table(writer.rows))
     console.print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _reason(what: str, exc: Exception) -> str:
+    return f"error: {what}: {type(exc).__name__}: {exc}".splitlines()[0][:240]
 
 
 if __name__ == "__main__":

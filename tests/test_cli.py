@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from word_tokenizer import word_tokenizer
 
 from dms_perf.cli import build_parser, main
+from dms_perf.report import load_results
 
 BENCH_OPTIONS = ("--contexts", "--methods", "--model", "--tokenizer", "--new-tokens", "--repeats", "--warmup",
                  "--needle-depth", "--dtype", "--target-cr", "--seed", "--out")
@@ -84,3 +87,51 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny Qwen3(-DMS) checkpoint with its tokenizer, as a real one would be laid out on disk."""
+    from dms_perf.dms.model import build_model, tiny_config
+
+    path = tmp_path_factory.mktemp("checkpoint")
+    build_model(tiny_config(), backend=None, dtype=torch.float32, device="cpu").save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_checkpoint_run_uses_its_tokenizer_and_scores_retrieval(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(checkpoint), "--contexts", "20,80", "--methods", "vanilla,dms-triton",
+                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert code == 0
+    meta, rows = load_results(out / "results.json")
+    assert meta["weights"] == f"real weights from {checkpoint}" and meta["calibration"] == {}
+    assert meta["tokenizer"] == str(checkpoint)
+    by = {(r["method"], r["context"]): r for r in rows}
+    # 20 tokens cannot hold template, question and needle: a row says so, the rest runs.
+    assert by["vanilla", 20]["status"].startswith("error: workload: ValueError: context_length 20 is too short")
+    for method in ("vanilla", "dms-triton"):
+        assert by[method, 80]["status"] == "ok"
+        assert by[method, 80]["retrieval"] in ("pass", "fail")  # scored: these weights count as real
+
+
+def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch):
+    import dms_perf.measure
+
+    real = dms_perf.measure.measure_generation
+    calls = {"n": 0}
+
+    def measure(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dms_perf.measure, "measure_generation", measure)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "2",
+              "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    _, rows = load_results(tmp_path / "results.json")
+    assert [(r["context"], r["status"]) for r in rows] == [(32, "ok")]
+    assert "| 32 | vanilla |" in (tmp_path / "results.md").read_text()

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from word_tokenizer import word_tokenizer
 
 from dms_perf.workloads import FILLER, NEEDLE, NOT_SCORED, QUESTION, SECRET_CODE, needle_workload
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level tokenizer built here from the workload's own text (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    pre = pre_tokenizers.Whitespace()
-    corpus = " ".join([*FILLER, NEEDLE, QUESTION, "<|user|> <|end|><|assistant|> Answer: other words"])
-    words = sorted({w for w, _ in pre.pre_tokenize_str(corpus)})
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_tokenizer()
 
 
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 100, 1000, 4096])
