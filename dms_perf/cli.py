@@ -23,12 +23,16 @@ GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "model": "qwen3-8b", "new_tokens": 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults shown, and the method list kept one per line."""
+
+
 def _defaults() -> dict:
     return GPU_DEFAULTS if HAS_CUDA else CPU_DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dms_perf.methods import DEFAULT_METHODS, valid_names
+    from dms_perf.methods import DEFAULT_METHODS, describe_methods
 
     d = _defaults()
     parser = argparse.ArgumentParser(prog="dms-perf", description="Benchmarks for DMS KV-cache compression.")
@@ -40,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes results.json after every cell, then results.md (full comparison and DMS prefill speedup "
         "tables) and PNG plots. A failing cell (e.g. out of memory) becomes a row saying so. Defaults "
         f"here ({'GPU' if HAS_CUDA else 'no GPU'}): {d}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="methods (R = fraction of the prompt's KV pairs removed, in [0, 1)):\n" + describe_methods(),
+        formatter_class=_HelpFormatter,
     )
     bench.add_argument("--contexts", default=d["contexts"],
                        help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")
     bench.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                       help=f"comma-separated method names; valid: {valid_names()}")
+                       help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below)")
     bench.add_argument("--model", default=d["model"],
                        help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape) or a "
                        "local checkpoint directory (e.g. nvidia/Qwen3-8B-DMS-8x or Qwen3-8B downloaded)")

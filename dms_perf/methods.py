@@ -17,7 +17,6 @@ kvpress is imported only when a press is built, so the package works where it is
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,9 +117,9 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("vanilla", "transformers Qwen3, dense KV cache (no compression)"),
-        Family("dms-hub", "Qwen3-DMS, prefill as the released code does it (chunked SDPA masks)", "hub"),
-        Family("dms-flex", "Qwen3-DMS, prefill with torch flex_attention block masks", "flex"),
-        Family("dms-triton", "Qwen3-DMS, prefill with dms_perf's Triton kernel", "triton"),
+        Family("dms-hub", "Qwen3-DMS, prefill as the released code (chunked SDPA masks), torch decode", "hub"),
+        Family("dms-flex", "Qwen3-DMS, prefill with torch flex_attention block masks, torch decode", "flex"),
+        Family("dms-triton", "Qwen3-DMS, dms_perf's Triton prefill and decode kernels", "triton"),
         # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
         Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
                0.5, min_context=65),
@@ -146,6 +145,13 @@ def valid_names() -> str:
     for f in FAMILIES.values():
         parts.append(f"{f.name}:<ratio in [0, 1), default {f.default_ratio}>" if f.takes_parameter else f.name)
     return ", ".join(parts)
+
+
+def describe_methods() -> str:
+    """One line per family: name (with its parameter) and what it is, for --help."""
+    return "\n".join(
+        f"  {f.name + (':R' if f.takes_parameter else ''):22} {f.summary}" for f in FAMILIES.values()
+    )
 
 
 @dataclass(frozen=True)
@@ -177,11 +183,6 @@ class Method:
         if self.family.make_press is None:
             return None
         return self.family.make_press(self.ratio, model, input_ids)
-
-    @staticmethod
-    def applied(press, model):
-        """Context in which ``model`` runs with ``press`` (a no-op for None)."""
-        return press(model) if press is not None else contextlib.nullcontext()
 
 
 def resolve_method(name: str) -> Method:

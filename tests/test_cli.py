@@ -11,6 +11,7 @@ import torch
 from word_tokenizer import word_tokenizer
 
 from dms_perf.cli import build_parser, main
+from dms_perf.methods import FAMILIES
 from dms_perf.report import load_results
 
 BENCH_OPTIONS = ("--contexts", "--methods", "--model", "--tokenizer", "--new-tokens", "--repeats", "--warmup",
@@ -34,7 +35,8 @@ def test_bench_help_explains_every_option(capsys):
     bench = next(a for a in build_parser()._subparsers._group_actions[0].choices.values())
     for action in bench._actions:
         assert action.help, f"{action.option_strings} has no help text"
-    assert "snapkv:<ratio in [0, 1), default 0.5>" in out and "dms-triton" in out
+    for family in FAMILIES.values():  # every method listed with what it is
+        assert f"{family.name}{':R' if family.takes_parameter else ''} {family.summary}" in out
 
 
 def test_no_subcommand_prints_help(capsys):
