@@ -32,6 +32,16 @@ COUNT_BLOCK = 1024
 HOST_CHECK_MAX = 2048
 
 
+def cdiv(a: int, b: int) -> int:
+    """Plain-int ceil division (``triton.cdiv`` is a constexpr function, ~2 us a call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), without ``triton.next_power_of_2``'s host cost."""
+    return 1 << (n - 1).bit_length()
+
+
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """The same memory viewed as the integer dtype of the same width (no copy)."""
     return t.view(BITS_DTYPES[t.element_size()])
@@ -135,7 +145,7 @@ def block_rows(row_elems: int, element_size: int) -> int:
     """Rows per [BLOCK_S, BLOCK_D] tile: about GPU_TILE_BYTES on the GPU, a power of two in [16, 256]."""
     if INTERPRET:
         return INTERPRET_BLOCK_S
-    rows = max(1, GPU_TILE_BYTES // (triton.next_power_of_2(row_elems) * element_size))
+    rows = max(1, GPU_TILE_BYTES // (next_power_of_2(row_elems) * element_size))
     return max(16, min(256, 1 << (rows.bit_length() - 1)))
 
 
@@ -145,10 +155,10 @@ def chunk_geometry(rows: int, seq_len: int, block_s: int, device: torch.device) 
     Returns ``(chunk, n_chunks, tiles_per_chunk)``: enough chunks in all to fill the device even at
     8 rows, few enough that each program's scan over earlier chunks' counts stays cheap.
     """
-    n_tiles = triton.cdiv(seq_len, block_s)
-    tiles = max(1, min(n_tiles, triton.cdiv(rows * n_tiles, target_programs(device))))
+    n_tiles = cdiv(seq_len, block_s)
+    tiles = max(1, min(n_tiles, cdiv(rows * n_tiles, target_programs(device))))
     chunk = tiles * block_s
-    return chunk, triton.cdiv(seq_len, chunk), tiles
+    return chunk, cdiv(seq_len, chunk), tiles
 
 
 @triton.jit

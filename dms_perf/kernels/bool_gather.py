@@ -22,6 +22,7 @@ from dms_perf.kernels._common import (
     check_size_argument,
     chunk_geometry,
     count_chunks,
+    next_power_of_2,
     tile_mask,
 )
 
@@ -115,7 +116,7 @@ def bool_gather_left_pad(
     _bool_gather_kernel[(n_chunks, rows)](
         as_bits(x), mask.view(torch.uint8), chunk_counts, as_bits(y), lengths,
         heads, seq_len, max_length, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
-        D=dim, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim), COUNT_BLOCK=COUNT_BLOCK,
+        D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim), COUNT_BLOCK=COUNT_BLOCK,
     )
     return y, lengths
 

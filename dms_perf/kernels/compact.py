@@ -23,6 +23,7 @@ from dms_perf.kernels._common import (
     check_size_argument,
     chunk_geometry,
     count_chunks,
+    next_power_of_2,
     tile_mask,
 )
 
@@ -109,7 +110,7 @@ def compact_by_bool(
     _compact_kernel[(n_chunks, rows)](
         as_bits(x), keep.view(torch.uint8), chunk_counts, as_bits(values), offsets, positions,
         heads, seq_len, total, rows, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
-        D=dim, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim), COUNT_BLOCK=COUNT_BLOCK,
+        D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim), COUNT_BLOCK=COUNT_BLOCK,
     )
     return values, offsets, positions
 

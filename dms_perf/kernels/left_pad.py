@@ -14,10 +14,12 @@ import triton.language as tl
 from dms_perf.kernels._common import (
     as_bits,
     block_rows,
+    cdiv,
     check_data,
     check_device_usable,
     check_index_tensor,
     host_check_values,
+    next_power_of_2,
     tile_mask,
 )
 
@@ -68,10 +70,10 @@ def left_pad_2d(x: torch.Tensor, lengths: torch.Tensor, *, check_lengths: bool =
     if y.numel() == 0:
         return y
     block_s = block_rows(dim, x.element_size())
-    grid = (triton.cdiv(seq_len, block_s), n_rows)
+    grid = (cdiv(seq_len, block_s), n_rows)
     _left_pad_kernel[grid](
         as_bits(x), lengths, as_bits(y), seq_len, x.stride(0), x.stride(1),
-        D=dim, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim),
+        D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
     )
     return y
 

@@ -17,11 +17,13 @@ from dms_perf._runtime import INTERPRET
 from dms_perf.kernels._common import (
     INDEX_DTYPES,
     as_bits,
+    cdiv,
     check_data_dtype,
     check_device_usable,
     check_same_device,
     check_tensor,
     host_check_values,
+    next_power_of_2,
 )
 
 # Elements per [BLOCK_M, BLOCK_R] tile: 16 KB of bf16 on the GPU.
@@ -108,10 +110,10 @@ def scatter_by_index(
         return out
     if check_index:
         _check_index_values(index, out.shape[0])
-    block_r = min(triton.next_power_of_2(row_elems), MAX_BLOCK_R)
+    block_r = min(next_power_of_2(row_elems), MAX_BLOCK_R)
     block_m = max(1, TILE_ELEMS // block_r)
-    n_col_blocks = triton.cdiv(row_elems, block_r)
-    grid = (triton.cdiv(n_src, block_m) * n_col_blocks,)
+    n_col_blocks = cdiv(row_elems, block_r)
+    grid = (cdiv(n_src, block_m) * n_col_blocks,)
     _scatter_rows_kernel[grid](
         as_bits(src), index, as_bits(out), n_src, row_elems, n_col_blocks, BLOCK_M=block_m, BLOCK_R=block_r
     )
