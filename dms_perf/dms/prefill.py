@@ -151,8 +151,7 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
     batch, num_q_heads, n, _ = q.shape
     group = num_q_heads // k.shape[1]
     evict = evict_flags(decisions)
-    on_cuda = q.device.type == "cuda"
-    attend = _flex_attention_fn(on_cuda)
+    attend = _flex_attention_fn(q.device.type == "cuda")
     rows = max(128, (FLEX_CHUNK_ELEMENTS // (batch * num_q_heads * n)) // 128 * 128)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else None
@@ -165,9 +164,7 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
             i = q_idx + offset
             return (kv_idx <= i) & ((i - kv_idx <= window) | ~evict[b, h // group, kv_idx])
 
-        block_mask = create_block_mask(
-            dms_mask, batch, num_q_heads, end - start, end, device=q.device, _compile=on_cuda
-        )
+        block_mask = create_block_mask(dms_mask, batch, num_q_heads, end - start, end, device=q.device)
         result = attend(
             q[:, :, start:end], k[:, :, :end], v[:, :, :end],
             block_mask=block_mask, scale=scale, enable_gqa=True,
