@@ -111,6 +111,15 @@ def check_index_tensor(name: str, t, length: int, data_name: str, data: torch.Te
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
+# CUDA limits the second grid dimension, which indexes rows (N or B*H) in the row-wise kernels.
+MAX_GRID_ROWS = 65535
+
+
+def check_grid_rows(name: str, rows: int) -> None:
+    if rows > MAX_GRID_ROWS:
+        raise ValueError(f"{name} = {rows} rows exceed the {MAX_GRID_ROWS} rows one launch can cover")
+
+
 def check_size_argument(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -18,6 +18,7 @@ from dms_perf.kernels._common import (
     block_rows,
     check_data,
     check_device_usable,
+    check_grid_rows,
     check_mask,
     check_size_argument,
     chunk_geometry,
@@ -100,6 +101,7 @@ def bool_gather_left_pad(
     if max_length is not None:
         check_size_argument("max_length", max_length)
     rows = batch * heads
+    check_grid_rows("B*H", rows)
     if rows == 0 or seq_len == 0:
         length = 0 if max_length is None else max_length
         return (

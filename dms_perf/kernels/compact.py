@@ -19,6 +19,7 @@ from dms_perf.kernels._common import (
     block_rows,
     check_data,
     check_device_usable,
+    check_grid_rows,
     check_mask,
     check_size_argument,
     chunk_geometry,
@@ -93,6 +94,7 @@ def compact_by_bool(
     if total is not None:
         check_size_argument("total", total)
     rows = batch * heads
+    check_grid_rows("B*H", rows)
     if rows == 0 or seq_len == 0:
         return (
             torch.zeros((0, dim), dtype=x.dtype, device=x.device),

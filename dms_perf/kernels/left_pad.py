@@ -17,6 +17,7 @@ from dms_perf.kernels._common import (
     cdiv,
     check_data,
     check_device_usable,
+    check_grid_rows,
     check_index_tensor,
     host_check_values,
     next_power_of_2,
@@ -62,6 +63,7 @@ def left_pad_2d(x: torch.Tensor, lengths: torch.Tensor, *, check_lengths: bool =
     check_index_tensor("lengths", lengths, x.shape[0], "x", x)
     check_device_usable("x", x)
     n_rows, seq_len, dim = x.shape
+    check_grid_rows("N", n_rows)
     if check_lengths and n_rows:
         lo, hi, _ = host_check_values(lengths)
         if lo < 0 or hi > seq_len:

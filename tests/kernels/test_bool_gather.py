@@ -18,6 +18,7 @@ from kernel_params import (
     shape_params,
 )
 
+from dms_perf.kernels._common import MAX_GRID_ROWS
 from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
 
 IMPL = {"loop": bool_gather_left_pad_loop, "torch": bool_gather_left_pad_torch, "triton": bool_gather_left_pad}
@@ -102,6 +103,13 @@ def test_bool_gather_property(batch, heads, seq_len, dim, keep_p, seed, device):
     x = torch.randn((batch, heads, seq_len, dim), generator=gen).to(device)
     mask = (torch.rand((batch, heads, seq_len), generator=gen) < keep_p).to(device)
     assert_same(bool_gather_left_pad(x, mask), expected_bool_gather(x, mask))
+
+
+def test_bool_gather_rejects_more_rows_than_one_launch_covers(device):
+    heads = MAX_GRID_ROWS + 1
+    mask = torch.zeros(1, heads, 1, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="65536 rows"):
+        bool_gather_left_pad(torch.zeros(1, heads, 1, 1, device=device), mask)
 
 
 BAD_CALLS = {

@@ -18,6 +18,7 @@ from kernel_params import (
     shape_params,
 )
 
+from dms_perf.kernels._common import MAX_GRID_ROWS
 from dms_perf.kernels.compact import compact_by_bool, compact_by_bool_loop, compact_by_bool_torch
 
 IMPL = {"loop": compact_by_bool_loop, "torch": compact_by_bool_torch, "triton": compact_by_bool}
@@ -101,6 +102,13 @@ def test_compact_property(batch, heads, seq_len, dim, keep_p, seed, device):
     x = torch.randn((batch, heads, seq_len, dim), generator=gen).to(device)
     keep = (torch.rand((batch, heads, seq_len), generator=gen) < keep_p).to(device)
     assert_same(compact_by_bool(x, keep), expected_compact(x, keep))
+
+
+def test_compact_rejects_more_rows_than_one_launch_covers(device):
+    heads = MAX_GRID_ROWS + 1
+    mask = torch.zeros(1, heads, 1, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="65536 rows"):
+        compact_by_bool(torch.zeros(1, heads, 1, 1, device=device), mask)
 
 
 BAD_CALLS = {

@@ -16,7 +16,7 @@ from kernel_params import (
     shape_params,
 )
 
-from dms_perf.kernels._common import HOST_CHECK_MAX
+from dms_perf.kernels._common import HOST_CHECK_MAX, MAX_GRID_ROWS
 from dms_perf.kernels.left_pad import left_pad_2d, left_pad_2d_loop, left_pad_2d_torch
 
 IMPL = {"loop": left_pad_2d_loop, "torch": left_pad_2d_torch, "triton": left_pad_2d}
@@ -95,6 +95,12 @@ def test_left_pad_rejects_out_of_range_length(rows, bad_length, device):
     lengths[rows // 2] = bad_length
     with pytest.raises(ValueError, match=r"\[0, S=8\]"):
         left_pad_2d(torch.randn(rows, 8, 4, device=device), lengths)
+
+
+def test_left_pad_rejects_more_rows_than_one_launch_covers(device):
+    rows = MAX_GRID_ROWS + 1
+    with pytest.raises(ValueError, match="65536 rows"):
+        left_pad_2d(torch.zeros(rows, 1, 1, device=device), torch.zeros(rows, dtype=torch.int64, device=device))
 
 
 BAD_CALLS = {
