@@ -2,16 +2,19 @@
 
 Per layer and per (batch, KV head), the cache holds only the tokens the next query can still see:
 the tokens not marked for eviction plus the last ``window + 1`` tokens. Heads keep different numbers
-of tokens, so each layer stores a ``[B, Hkv, C, D]`` buffer whose first ``lengths[b, h]`` slots are
-occupied; ``C`` is the longest head (rounded up to ``capacity_step``), not the context length. Slot
-order is irrelevant to attention because RoPE is applied before caching.
+of tokens, so each layer stores one flat ``[S, D]`` K (and V) buffer cut into per-head segments: head
+``(b, h)`` owns rows ``starts[b, h] ..`` of which the first ``lengths[b, h]`` are occupied, followed by
+spare rows for decoding. A segment is its head's length + ``capacity_step`` rows: memory follows the
+kept tokens of each head, not the context length or the longest head. Slot order is irrelevant to
+attention because RoPE is applied before caching.
 
 Decode bookkeeping follows the released code: a ring of ``window + 1`` (slot, flag) entries per head
 remembers where the last ``window + 1`` tokens live and whether each was marked. For new token t:
 its decision becomes the flag of token t-1; the token leaving the window (t - window - 1) is looked up
 in the ring; if it was marked, its slot is reused for token t, else token t is appended. Everything
-runs on the device (no ``.item()``); only the capacity grows on the host, from the host-known upper
-bound ``longest head after prefill + decode steps``.
+runs on the device (no ``.item()``). A head grows by at most one row per step, so the host knows when
+the spare rows may run out (``capacity_step`` steps after the last growth); it then gives every
+segment ``capacity_step`` more rows, moving the rows on the device, still without a sync.
 
 ``DMSReferenceCache`` is the uncompacted counterpart used by the "math" reference model: every K/V
 plus every decision, so the rule can be applied as a full mask at each step.
@@ -24,11 +27,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from dms_perf.dms.rule import evict_flags
 
-DEFAULT_CAPACITY_STEP = 256
+DEFAULT_CAPACITY_STEP = 128
 
 
 class DMSCacheLayer(CacheLayerMixin):
-    """One layer of :class:`DMSCache`: padded per-head K/V buffers, per-head lengths and the ring."""
+    """One layer of :class:`DMSCache`: per-head segments of a flat K/V buffer, lengths and the ring."""
 
     is_compileable = False
     is_sliding = False
@@ -37,11 +40,15 @@ class DMSCacheLayer(CacheLayerMixin):
         super().__init__()
         self.window = window
         self.capacity_step = capacity_step
-        self.lengths: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None  # [B, Hkv] int64, first row of each segment
+        self.capacity: torch.Tensor | None = None  # [B, Hkv] int64, rows of each segment
+        self.lengths: torch.Tensor | None = None  # [B, Hkv] int32, occupied rows
+        self.row_head: torch.Tensor | None = None  # [S] int32, flat index of the head owning each row
         self.ring_slot: torch.Tensor | None = None
         self.ring_flag: torch.Tensor | None = None
         self.seen = 0
-        self.longest_bound = 0
+        self.longest_bound = 0  # host-known upper bound of lengths
+        self.spare_steps = 0  # decode steps every segment can still take without growing
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -51,32 +58,35 @@ class DMSCacheLayer(CacheLayerMixin):
             "DMSCache needs the DMS decisions with every update: call DMSCache.append(layer_idx, k, v, decisions)"
         )
 
-    def _capacity_for(self, n: int) -> int:
-        step = self.capacity_step
-        return max(step, -(-n // step) * step)
-
     def prefill(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
         """Store the tokens the last prefill query sees (K/V ``[B, Hkv, N, D]``, decisions ``[B, Hkv, N]``)."""
         self.lazy_initialization(keys, values)
         B, H, N, D = keys.shape
-        w1 = self.window + 1
+        w1, step = self.window + 1, self.capacity_step
         evict = evict_flags(decisions)
         in_window = torch.arange(N, device=keys.device) >= N - w1
         keep = in_window | ~evict
         rank = keep.cumsum(-1) - 1
         self.lengths = keep.sum(-1, dtype=torch.int32)
-        # One host sync per layer and prefill: the buffer is sized by the longest head.
+        self.capacity = self.lengths.long() + step
+        self.starts = self.capacity.flatten().cumsum(0).view(B, H) - self.capacity
+        # One host sync per layer and prefill: the buffer size and the longest head.
+        rows = int(self.capacity.sum())
         self.longest_bound = int(self.lengths.max())
-        capacity = self._capacity_for(self.longest_bound)
-        self.keys = torch.empty((B, H, capacity, D), dtype=keys.dtype, device=keys.device)
-        self.values = torch.empty((B, H, capacity, D), dtype=values.dtype, device=values.device)
+        self.spare_steps = step
+        self.row_head = torch.repeat_interleave(
+            torch.arange(B * H, dtype=torch.int32, device=keys.device), self.capacity.flatten(), output_size=rows
+        )
+        self.keys = torch.empty((rows, D), dtype=keys.dtype, device=keys.device)
+        self.values = torch.empty((rows, D), dtype=values.dtype, device=values.device)
         b_idx, h_idx, j_idx = keep.nonzero(as_tuple=True)
-        slot = rank[b_idx, h_idx, j_idx]
-        self.keys[b_idx, h_idx, slot] = keys[b_idx, h_idx, j_idx]
-        self.values[b_idx, h_idx, slot] = values[b_idx, h_idx, j_idx]
+        row = self.starts[b_idx, h_idx] + rank[b_idx, h_idx, j_idx]
+        self.keys[row] = keys[b_idx, h_idx, j_idx]
+        self.values[row] = values[b_idx, h_idx, j_idx]
 
-        # Ring entry j % (window + 1) describes token j for the last window + 1 tokens; entries of
-        # tokens before 0 stay (slot 0, unflagged) so that they never free a slot.
+        # Ring entry j % (window + 1) describes token j (slot = row within its head's segment) for
+        # the last window + 1 tokens; entries of tokens before 0 stay (slot 0, unflagged) so that
+        # they never free a slot.
         self.ring_slot = torch.zeros((B, H, w1), dtype=torch.int64, device=keys.device)
         self.ring_flag = torch.zeros((B, H, w1), dtype=torch.bool, device=keys.device)
         last = torch.arange(max(0, N - w1), N, device=keys.device)
@@ -87,6 +97,8 @@ class DMSCacheLayer(CacheLayerMixin):
 
     def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
         """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
+        if self.spare_steps == 0:
+            self._grow()
         t, w1 = self.seen, self.window + 1
         self.ring_flag[:, :, (t - 1) % w1] = decisions[:, :, 0]
         leaving = t % w1
@@ -95,21 +107,31 @@ class DMSCacheLayer(CacheLayerMixin):
         self.lengths += (~reuse).to(torch.int32)
         self.ring_slot[:, :, leaving] = slot
         self.ring_flag[:, :, leaving] = False
+        rows = (self.starts + slot).flatten()
+        self.keys.index_copy_(0, rows, keys.reshape(-1, keys.shape[-1]))
+        self.values.index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
         self.longest_bound += 1
-        if self.longest_bound > self.keys.shape[2]:
-            self._grow(self._capacity_for(self.longest_bound))
-        index = slot[:, :, None, None].expand(-1, -1, 1, keys.shape[-1])
-        self.keys.scatter_(2, index, keys)
-        self.values.scatter_(2, index, values)
+        self.spare_steps -= 1
         self.seen = t + 1
 
-    def _grow(self, capacity: int) -> None:
-        B, H, old, D = self.keys.shape
+    def _grow(self) -> None:
+        """Give every segment ``capacity_step`` more rows: head i's rows move down by i * step."""
+        step = self.capacity_step
+        heads = self.starts.numel()
+        rows, D = self.keys.shape
+        moved = torch.arange(rows, device=self.keys.device) + self.row_head * step
         for name in ("keys", "values"):
-            buf = getattr(self, name)
-            grown = torch.empty((B, H, capacity, D), dtype=buf.dtype, device=buf.device)
-            grown[:, :, :old] = buf
+            old = getattr(self, name)
+            grown = torch.empty((rows + heads * step, D), dtype=old.dtype, device=old.device)
+            grown.index_copy_(0, moved, old)
             setattr(self, name, grown)
+        self.capacity += step
+        self.starts = self.starts + torch.arange(heads, device=self.starts.device).view_as(self.starts) * step
+        self.row_head = torch.repeat_interleave(
+            torch.arange(heads, dtype=torch.int32, device=self.starts.device), self.capacity.flatten(),
+            output_size=rows + heads * step,
+        )
+        self.spare_steps = step
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -135,7 +157,10 @@ class DMSCacheLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache cannot be cropped: eviction is final (shared/DMS.md)")
 
     def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.lengths, self.ring_slot, self.ring_flag)
+        tensors = (
+            self.keys, self.values, self.starts, self.capacity, self.lengths, self.row_head,
+            self.ring_slot, self.ring_flag,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -157,8 +182,12 @@ class DMSCache(Cache):
 
     def append(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add tokens to layer ``layer_idx``; returns its ``(k_cache, v_cache, lengths)`` for attention."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Add tokens to layer ``layer_idx``.
+
+        Returns ``(k_cache [S, D], v_cache [S, D], starts [B, Hkv], lengths [B, Hkv], max_length)``,
+        the arguments of ``dms_decode_attention``.
+        """
         layer = self.layers[layer_idx]
         n = keys.shape[2]
         if keys.shape != values.shape or decisions.shape != keys.shape[:3] or decisions.dtype != torch.bool:
@@ -170,9 +199,9 @@ class DMSCache(Cache):
         if not layer.is_initialized:
             layer.prefill(keys, values, decisions)
         elif n == 1:
-            if keys.shape[:2] != layer.keys.shape[:2]:
+            if keys.shape[:2] != layer.lengths.shape:
                 raise ValueError(
-                    f"batch/heads {tuple(keys.shape[:2])} differ from the cache's {tuple(layer.keys.shape[:2])}"
+                    f"batch/heads {tuple(keys.shape[:2])} differ from the cache's {tuple(layer.lengths.shape)}"
                 )
             layer.decode(keys, values, decisions)
         else:
@@ -180,14 +209,14 @@ class DMSCache(Cache):
                 f"DMSCache takes one prefill followed by one token per step; got {n} tokens after "
                 f"{layer.seen} cached (shared/DMS.md: the released code supports only this)"
             )
-        return layer.keys, layer.values, layer.lengths
+        return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
 
     def head_lengths(self, layer_idx: int) -> torch.Tensor:
         """``[B, Hkv]`` int32: tokens held per (batch, KV head) in layer ``layer_idx``."""
         return self.layers[layer_idx].lengths
 
     def kv_bytes(self) -> int:
-        """Bytes allocated by the cache (K/V buffers with their spare capacity, lengths and rings)."""
+        """Bytes allocated by the cache (K/V buffers with their spare rows, and the bookkeeping)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def kept_kv_bytes(self) -> int:

@@ -113,9 +113,9 @@ class Qwen3DMSAttention(Qwen3Attention):
                 past_key_values.append(self.layer_idx, k, v, decisions)
         else:
             _require_cache(past_key_values, DMSCache, backend)
-            k_cache, v_cache, lengths = past_key_values.append(self.layer_idx, k, v, decisions)
+            cached = past_key_values.append(self.layer_idx, k, v, decisions)
             decode = dms_decode_attention if backend == "triton" else dms_decode_attention_reference
-            out = decode(q[:, :, 0], k_cache, v_cache, lengths, scale=self.scaling)[:, :, None]
+            out = decode(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
 
         out = out.transpose(1, 2).reshape(batch, n, -1)
         return self.o_proj(out), None

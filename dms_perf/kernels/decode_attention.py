@@ -1,10 +1,11 @@
 """Decode attention over the compacted DMS KV cache (one query token per sequence).
 
 The cache (``dms_perf.dms.cache``, shared/DMS.md "Cache and decode") holds, per (batch, KV head), the
-kept tokens plus the last ``window + 1`` tokens in slots ``0 .. lengths[b, h] - 1`` of a padded
-``[B, Hkv, C, D]`` buffer; slot order is irrelevant because RoPE is applied before caching. Every
-occupied slot is visible to the new query (the cache update already dropped the evicted tokens), so
-decode attention is plain softmax attention over the first ``lengths[b, h]`` slots of each head.
+kept tokens plus the last ``window + 1`` tokens in one segment of a flat ``[S, D]`` buffer: head
+``(b, h)`` occupies rows ``starts[b, h] .. starts[b, h] + lengths[b, h] - 1`` (its segment may have
+spare rows after that). Slot order is irrelevant because RoPE is applied before caching. Every occupied
+slot is visible to the new query (the cache update already dropped the evicted tokens), so decode
+attention is plain softmax attention over each head's occupied rows.
 
 Kernel layout: one program per (batch, KV head, split). The ``G`` query heads of a KV head are
 processed together (one K/V read serves all of them) and the key range is split across programs so
@@ -26,10 +27,8 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, part_out_ptr, part_lse_ptr,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_kn, stride_vn,
     num_kv_heads, num_splits, split_size, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     FP32_DOT: tl.constexpr,
@@ -51,8 +50,9 @@ def _decode_split_kernel(
     start = pid_s * split_size
     end = tl.minimum(start + split_size, length)
 
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    first = tl.load(start_ptr + pid_bh).to(tl.int64)
+    k_base = k_ptr + first * stride_kn
+    v_base = v_ptr + first * stride_vn
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -107,7 +107,7 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def _check_inputs(q, k_cache, v_cache, lengths):
+def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -115,31 +115,34 @@ def _check_inputs(q, k_cache, v_cache, lengths):
             raise TypeError(f"{name} dtype {t.dtype} not supported (fp16, bf16, fp32)")
     if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int32:
         raise TypeError(f"lengths must be an int32 tensor, got {getattr(lengths, 'dtype', type(lengths))}")
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+    if not isinstance(starts, torch.Tensor) or starts.dtype != torch.int64:
+        raise TypeError(f"starts must be an int64 tensor, got {getattr(starts, 'dtype', type(starts))}")
+    if q.dim() != 3 or k_cache.dim() != 2 or v_cache.shape != k_cache.shape:
         raise ValueError(
-            f"expected q [B, Hq, D] and k_cache = v_cache [B, Hkv, C, D]; got q {tuple(q.shape)}, "
+            f"expected q [B, Hq, D] and k_cache = v_cache [S, D]; got q {tuple(q.shape)}, "
             f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
         )
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"q, k_cache, v_cache must share a dtype: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     B, Hq, D = q.shape
-    Bk, Hkv, _, Dk = k_cache.shape
-    if Bk != B or Dk != D:
-        raise ValueError(f"batch / head_dim mismatch: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
-    if Hq % Hkv != 0:
-        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
-    if tuple(lengths.shape) != (B, Hkv):
-        raise ValueError(f"lengths must be [B, Hkv] = {(B, Hkv)}, got {tuple(lengths.shape)}")
+    if k_cache.shape[1] != D:
+        raise ValueError(f"head_dim mismatch: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
+    if starts.dim() != 2 or starts.shape[0] != B or Hq % starts.shape[1] != 0:
+        raise ValueError(f"starts must be [B, Hkv] with Hq={Hq} a multiple of Hkv; got {tuple(starts.shape)}")
+    if lengths.shape != starts.shape:
+        raise ValueError(f"lengths must be [B, Hkv] = {tuple(starts.shape)}, got {tuple(lengths.shape)}")
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
-    devices = {q.device, k_cache.device, v_cache.device, lengths.device}
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int (an upper bound of lengths), got {max_length!r}")
+    devices = {q.device, k_cache.device, v_cache.device, starts.device, lengths.device}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-def default_num_splits(batch_kv_heads: int, capacity: int, block_n: int) -> int:
-    """Enough splits for about two programs per SM, never more than the cache has key blocks."""
-    blocks = max(1, math.ceil(capacity / block_n))
+def default_num_splits(batch_kv_heads: int, max_length: int, block_n: int) -> int:
+    """Enough splits for about two programs per SM, never more than the longest head has key blocks."""
+    blocks = max(1, math.ceil(max_length / block_n))
     if HAS_CUDA:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         wanted = math.ceil(2 * sms / max(batch_kv_heads, 1))
@@ -152,7 +155,9 @@ def dms_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    starts: torch.Tensor,
     lengths: torch.Tensor,
+    max_length: int,
     *,
     scale: float | None = None,
     num_splits: int | None = None,
@@ -162,38 +167,37 @@ def dms_decode_attention(
 
     Args:
         q: ``[B, Hq, D]`` query of the new token (RoPE applied, borrowed channel zeroed).
-        k_cache, v_cache: ``[B, Hkv, C, D]``, same dtype as ``q``; stride 1 along ``D``.
-        lengths: ``[B, Hkv]`` int32, occupied slots per head (``1 <= lengths <= C``); slots
-            ``>= lengths`` are never read.
+        k_cache, v_cache: ``[S, D]``, same dtype as ``q``, stride 1 along ``D``: all heads' segments.
+        starts: ``[B, Hkv]`` int64, first row of each head's segment.
+        lengths: ``[B, Hkv]`` int32, occupied rows per head (``>= 1``); rows past them are never read.
+        max_length: a host-known upper bound of ``lengths`` (sizes the split over the key length).
         scale: softmax scale, default ``D ** -0.5``.
         num_splits: programs per (batch, KV head) along the key length; default from the SM count.
     Returns:
         ``[B, Hq, D]`` in ``q.dtype``; query head ``h * G + g`` attends to KV head ``h``
-        (G = Hq / Hkv), over exactly the occupied slots (shared/DMS.md, "Cache and decode").
-    Reads ``lengths`` on the device only: no host synchronization.
+        (G = Hq / Hkv), over exactly the occupied rows (shared/DMS.md, "Cache and decode").
+    Reads ``starts`` and ``lengths`` on the device only: no host synchronization.
     """
-    _check_inputs(q, k_cache, v_cache, lengths)
+    _check_inputs(q, k_cache, v_cache, starts, lengths, max_length)
     B, Hq, D = q.shape
-    _, Hkv, C, _ = k_cache.shape
+    Hkv = starts.shape[1]
     G = Hq // Hkv
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need stride 1 along head_dim")
     scale = D**-0.5 if scale is None else float(scale)
     if num_splits is None:
-        num_splits = default_num_splits(B * Hkv, C, block_n)
+        num_splits = default_num_splits(B * Hkv, max_length, block_n)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    split_size = block_n * max(1, math.ceil(C / (num_splits * block_n)))
-    lengths = lengths.contiguous()
+    split_size = block_n * max(1, math.ceil(max_length / (num_splits * block_n)))
+    starts, lengths = starts.contiguous(), lengths.contiguous()
     g_pad = max(16, triton.next_power_of_2(G))
     part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     _decode_split_kernel[(B * Hkv, num_splits)](
-        q, k_cache, v_cache, lengths, part_out, part_lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q, k_cache, v_cache, starts, lengths, part_out, part_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
         Hkv, num_splits, split_size, scale * math.log2(math.e),
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, FP32_DOT=q.dtype == torch.float32,
         num_warps=4,
@@ -211,26 +215,30 @@ def dms_decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    starts: torch.Tensor,
     lengths: torch.Tensor,
+    max_length: int,
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Readable torch version of :func:`dms_decode_attention` (fp32 math, same arguments and result).
 
-    Slots ``>= lengths[b, h]`` are masked out; query head ``h * G + g`` uses KV head ``h``.
-    Also the "hub" backend's straightforward decode.
+    Gathers rows ``starts .. starts + max_length - 1`` of every head and masks those past ``lengths``;
+    query head ``h * G + g`` uses KV head ``h``. Also the "hub" backend's straightforward decode.
     """
-    _check_inputs(q, k_cache, v_cache, lengths)
+    _check_inputs(q, k_cache, v_cache, starts, lengths, max_length)
     B, Hq, D = q.shape
-    Hkv, C = k_cache.shape[1], k_cache.shape[2]
+    Hkv = starts.shape[1]
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else float(scale)
-    qg = q.float().view(B, Hkv, G, D)
-    scores = torch.einsum("bhgd,bhnd->bhgn", qg, k_cache.float()) * scale
-    occupied = torch.arange(C, device=q.device)[None, None, :] < lengths[:, :, None]
+    offsets = torch.arange(max_length, device=q.device)
+    occupied = offsets[None, None, :] < lengths[:, :, None]
+    rows = (starts[:, :, None] + offsets).clamp(max=k_cache.shape[0] - 1)
+    keys, values = k_cache[rows].float(), v_cache[rows].float()  # [B, Hkv, max_length, D]
+    scores = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, Hkv, G, D), keys) * scale
     scores = scores.masked_fill(~occupied[:, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    # Free slots may hold anything (even NaN): zero them so that 0 * garbage cannot leak in.
-    values = torch.where(occupied[..., None], v_cache.float(), 0.0)
+    # Free rows may hold anything (even NaN): zero them so that 0 * garbage cannot leak in.
+    values = torch.where(occupied[..., None], values, 0.0)
     out = torch.einsum("bhgn,bhnd->bhgd", probs, values)
     return out.reshape(B, Hq, D).to(q.dtype)

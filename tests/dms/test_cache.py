@@ -20,11 +20,13 @@ def _tagged(B, H, n, D, first, device):
 def _held_tokens(cache, layer_idx):
     layer = cache.layers[layer_idx]
     out = {}
-    for b in range(layer.keys.shape[0]):
-        for h in range(layer.keys.shape[1]):
-            n = int(layer.lengths[b, h])
-            out[b, h] = sorted(int(x) for x in layer.keys[b, h, :n, 0])
-            assert torch.equal(layer.values[b, h, :n], -layer.keys[b, h, :n])
+    for b in range(layer.lengths.shape[0]):
+        for h in range(layer.lengths.shape[1]):
+            first, n = int(layer.starts[b, h]), int(layer.lengths[b, h])
+            assert n <= int(layer.capacity[b, h])
+            rows = slice(first, first + n)
+            out[b, h] = sorted(int(x) for x in layer.keys[rows, 0])
+            assert torch.equal(layer.values[rows], -layer.keys[rows])
     return out
 
 
@@ -54,7 +56,8 @@ def test_cache_holds_exactly_the_visible_tokens(prompt, window, steps, p_mark, s
         d = torch.rand(B, H, 1, device=device) < p_mark
         decisions = torch.cat([decisions, d], dim=-1)
         k, v = _tagged(B, H, 1, D, t, device)
-        _, _, lengths = cache.append(0, k, v, d)
+        _, _, _, lengths, longest = cache.append(0, k, v, d)
+        assert int(lengths.max()) <= longest
         expected = _visible_tokens(decisions, window)
         assert _held_tokens(cache, 0) == expected
         assert lengths.tolist() == [[len(expected[b, h]) for h in range(H)] for b in range(B)]
