@@ -177,8 +177,8 @@ def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None
         tokens.append(token)
         for step in range(new_tokens - 1):
             pos = positions[:, step : step + 1]
-            out = model(input_ids=token, past_key_values=cache, position_ids=pos, cache_position=pos[0],
-                        use_cache=True)
+            # Positions only: transformers >= 5.4 dropped ``cache_position`` (5.2 derives it from the cache).
+            out = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
         synchronize()
