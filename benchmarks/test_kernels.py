@@ -32,7 +32,9 @@ HEADS, HEAD_DIM, DTYPE = (8, 128, torch.bfloat16) if HAS_CUDA else (2, 64, torch
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Random masks keep half the tokens: the irregular case (DMS-8x keeps about 1/8 plus the window).
 KEEP_FRACTION = 0.5
-IMPLS = ("loop", "torch", "triton", "triton-default")
+# "triton-graph": the "triton" call replayed from CUDA graphs, i.e. the kernels' device time without
+# Python's per-launch cost (about 30 us a launch on the H100 host, more than the kernel itself at B=1).
+IMPLS = ("loop", "torch", "triton", "triton-graph", "triton-default")
 KERNELS = ("left_pad_2d", "scatter_by_index", "bool_gather_left_pad", "compact_by_bool")
 
 # do_bench medians (ms) of the reference cases, keyed by (kernel, impl, context length, batch).
@@ -133,10 +135,17 @@ def test_kernel(benchmark, kernel, impl, batch, context_length, request):
     first = next_case()
     benchmark.group = kernel
     benchmark.extra_info.update(
-        kernel=kernel, impl=impl, batch=batch, heads=HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE),
-        keep_fraction=KEEP_FRACTION, bytes=first.bytes,
+        kernel=kernel,
+        impl=impl,
+        batch=batch,
+        heads=HEADS,
+        head_dim=HEAD_DIM,
+        dtype=str(DTYPE),
+        keep_fraction=KEEP_FRACTION,
+        bytes=first.bytes,
     )
-    median_s = bench(benchmark, lambda: next_case().calls[impl]())
+    call = impl.removesuffix("-graph")
+    median_s = bench(benchmark, lambda: next_case().calls[call](), cuda_graph=impl.endswith("-graph"))
     if median_s is None:
         return
     ms = benchmark.extra_info["do_bench_median_ms"]

@@ -77,7 +77,10 @@ def _driver_version() -> str | None:
 
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         )
         return out.stdout.strip().splitlines()[0]
     except Exception:
@@ -112,22 +115,52 @@ def rotating(make_inputs: Callable[[], Sequence[Any]], l2_bytes_each: int, min_t
     return itertools.cycle(sets).__next__
 
 
-def bench(benchmark, fn: Callable[[], Any], *, target_round_ms: float = 5.0, rounds: int = 15) -> float | None:
+def graph_replays(fn: Callable[[], Any], count: int = 8) -> Callable[[], Any]:
+    """Capture ``count`` CUDA graphs of one ``fn()`` call each and return a callable replaying them in turn.
+
+    Each capture consumes the next input set of a ``rotating`` ``fn``, so replays still rotate inputs.
+    Replays launch from C++ (a few microseconds), so the timing is the kernels' device time without
+    Python launch overhead. ``fn`` must not synchronize the host (capture raises if it does).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(count):  # warm-up off the capture: compilation, autotuning, allocator
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for _ in range(count):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    next_graph = itertools.cycle(graphs).__next__
+    return lambda: next_graph().replay()
+
+
+def bench(
+    benchmark, fn: Callable[[], Any], *, cuda_graph: bool = False, target_round_ms: float = 5.0, rounds: int = 15
+) -> float | None:
     """Time ``fn`` with pytest-benchmark; on CUDA also record do_bench's median in ``extra_info``.
 
-    On CUDA the benchmark timer must be ``cuda_sync_timer`` (benchmarks/conftest.py sets it); each
-    round runs enough back-to-back calls to last ``target_round_ms``. Returns the pytest-benchmark
-    median in seconds (None when benchmarking is disabled, e.g. the CPU smoke run).
+    On CUDA the benchmark timer is ``cuda_sync_timer`` (set in conftest.py); each round runs enough
+    back-to-back calls to last ``target_round_ms``. ``cuda_graph=True`` times replays of captured CUDA
+    graphs of ``fn`` (device time without Python launch cost; ``extra_info["timing"]`` says which).
+    Returns the pytest-benchmark median in seconds (None when benchmarking is disabled, e.g. the CPU
+    smoke run).
     """
     if not HAS_CUDA or getattr(benchmark, "disabled", False):
         benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
         return None
+    if cuda_graph:
+        fn = graph_replays(fn)
     fn()
     torch.cuda.synchronize()
     ref_ms = do_bench_ms(fn)
     iterations = max(1, math.ceil(target_round_ms / max(ref_ms, 1e-4)))
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=2)
     median_s = benchmark.stats.stats.median
+    benchmark.extra_info["timing"] = "cuda-graph replay" if cuda_graph else "eager launches"
     benchmark.extra_info["do_bench_median_ms"] = ref_ms
     benchmark.extra_info["timer_agreement"] = (median_s * 1e3) / ref_ms
     return median_s
@@ -166,7 +199,7 @@ def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
     tokens = []
-    with torch.inference_mode(), (press(model) if press is not None else contextlib.nullcontext()):
+    with torch.inference_mode(), press(model) if press is not None else contextlib.nullcontext():
         synchronize()
         start = time.perf_counter()
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
@@ -259,8 +292,17 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
     }
 
 
-def measure_generation(model, workload, method, *, new_tokens: int = 128, repeats: int = 3, warmup: int = 1,
-                       real_weights: bool = False, device=None) -> dict[str, Any]:
+def measure_generation(
+    model,
+    workload,
+    method,
+    *,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    warmup: int = 1,
+    real_weights: bool = False,
+    device=None,
+) -> dict[str, Any]:
     """End-to-end figures for one (context, method) cell; never raises for a failing cell.
 
     ``workload``: a ``dms_perf.workloads.Workload``; ``method``: a ``dms_perf.methods.Method`` (its
@@ -269,10 +311,11 @@ def measure_generation(model, workload, method, *, new_tokens: int = 128, repeat
     "error: ..." or "skipped: ..." (then without figures); memory is released either way.
     """
     if repeats < 1 or warmup < 0 or new_tokens < 1:
-        raise ValueError(f"need repeats >= 1, warmup >= 0 and new_tokens >= 1, got repeats={repeats}, "
-                         f"warmup={warmup}, new_tokens={new_tokens}")
-    row: dict[str, Any] = {"context": workload.context_length, "method": method.name,
-                           "new_tokens": new_tokens}
+        raise ValueError(
+            f"need repeats >= 1, warmup >= 0 and new_tokens >= 1, got repeats={repeats}, "
+            f"warmup={warmup}, new_tokens={new_tokens}"
+        )
+    row: dict[str, Any] = {"context": workload.context_length, "method": method.name, "new_tokens": new_tokens}
     if workload.context_length < method.min_context:
         row["status"] = f"skipped: {method.name} needs a prompt of at least {method.min_context} tokens"
         return row
