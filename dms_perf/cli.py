@@ -1,4 +1,5 @@
-"""``dms-perf``: the command line. Subcommands: ``bench`` (methods x context lengths, end to end).
+"""``dms-perf``: the command line. Subcommands: ``bench`` (methods x context lengths, end to end) and
+``report`` (merge bench runs made in parts).
 
     dms-perf bench                                   # CPU: tiny random model, small contexts, < 1 min
     dms-perf bench --contexts 4k,8k,16k,32k --methods vanilla,dms-hub,dms-triton,snapkv:0.5 \\
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
     bench.add_argument("--out", default="results", help="output directory")
     bench.set_defaults(run=run_bench)
+
+    report = sub.add_parser(
+        "report",
+        help="merge results of several bench runs (same card and model) into one results.md and plots",
+        description="Join bench outputs made in parts, e.g. one device call per group of methods, and write "
+        "results.json, results.md and the plots for all of them. A cell present twice keeps the later row.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in order")
+    report.add_argument("--out", default="results", help="output directory")
+    report.set_defaults(run=run_report)
     return parser
 
 
@@ -197,6 +209,20 @@ def run_bench(args, parser) -> int:
         files = writer.finish()
     print(comparison_table(writer.rows))
     console.print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def run_report(args, parser) -> int:
+    from dms_perf.report import ResultsWriter, merge_results
+
+    try:
+        meta, rows = merge_results(args.inputs)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"cannot merge {args.inputs}: {exc}")
+    writer = ResultsWriter(args.out, meta)
+    for row in rows:
+        writer.add(row)
+    print("wrote " + ", ".join(str(f) for f in writer.finish()))
     return 0
 
 

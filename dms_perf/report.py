@@ -51,8 +51,36 @@ class ResultsWriter:
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    data = json.loads(Path(path).read_text())
+    """(meta, rows) of a results.json, or of the results.json inside a directory."""
+    path = Path(path)
+    data = json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
     return data["meta"], data["rows"]
+
+
+def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Join runs made in parts (e.g. one device call per group of methods) on the same card.
+
+    Metadata is the first run's, with the union of contexts and methods and every command; a cell
+    measured twice keeps the later run's row. Runs from different cards, models or dtypes raise ValueError.
+    """
+    if not paths:
+        raise ValueError("merge_results needs at least one results.json")
+    meta: dict[str, Any] = {}
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for path in paths:
+        m, r = load_results(path)
+        if not meta:
+            meta = {**m, "commands": []}
+        for key in ("device", "model", "dtype", "weights"):
+            if m.get(key) != meta.get(key):
+                raise ValueError(f"cannot merge {path}: its {key} {m.get(key)!r} differs from {meta.get(key)!r}")
+        meta["commands"].append(m.get("command"))
+        meta["contexts"] = sorted(set(meta.get("contexts", [])) | set(m.get("contexts", [])))
+        meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
+        meta["calibration"] = {**meta.get("calibration", {}), **m.get("calibration", {})}
+        rows.update({(row["context"], row["method"]): row for row in r})
+    meta["command"] = " ; ".join(c for c in meta.pop("commands") if c)
+    return meta, list(rows.values())
 
 
 # --- formatting ------------------------------------------------------------------------------------

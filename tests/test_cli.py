@@ -137,3 +137,21 @@ def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch):
     _, rows = load_results(tmp_path / "results.json")
     assert [(r["context"], r["status"]) for r in rows] == [(32, "ok")]
     assert "| 32 | vanilla |" in (tmp_path / "results.md").read_text()
+
+
+def test_report_merges_bench_runs(tmp_path):
+    common = ["--model", "tiny", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"]
+    assert main(["bench", "--contexts", "32", "--methods", "vanilla", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["bench", "--contexts", "32,48", "--methods", "knorm:0.5", "--out", str(tmp_path / "b"), *common]) == 0
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "all")]) == 0
+    meta, rows = load_results(tmp_path / "all")
+    assert sorted((r["method"], r["context"]) for r in rows) == [("knorm:0.5", 32), ("knorm:0.5", 48),
+                                                                 ("vanilla", 32)]
+    assert meta["methods"] == ["vanilla", "knorm:0.5"]
+    assert "| 48 | knorm:0.5 |" in (tmp_path / "all" / "results.md").read_text()
+
+
+def test_report_of_a_missing_run_exits_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "all")])
+    assert info.value.code == 2 and "cannot merge" in capsys.readouterr().err

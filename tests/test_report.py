@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dms_perf.report import (
     MEMORY_PLOT,
     TIME_PLOT,
     ResultsWriter,
     load_results,
+    merge_results,
     render_markdown,
     speedup_rows,
 )
@@ -82,3 +85,36 @@ def test_plots_without_vram_are_still_written(tmp_path):
     writer.finish()
     assert (tmp_path / MEMORY_PLOT).read_bytes().startswith(PNG_MAGIC)
     assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["context"] == 128
+
+
+def _saved(path, meta, rows):
+    writer = ResultsWriter(path, meta)
+    for row in rows:
+        writer.add(row)
+    return path
+
+
+def test_merge_joins_runs_made_in_parts(tmp_path):
+    meta = {"device": {"gpu": "H100"}, "model": "qwen3-8b", "dtype": "bfloat16", "weights": "random weights",
+            "contexts": [4096], "methods": ["dms-hub"], "command": "dms-perf bench --methods dms-hub",
+            "calibration": {"hub": {"marked_fraction": 0.875}}}
+    rows = _rows()
+    a = _saved(tmp_path / "a", meta, rows[:2])
+    b = _saved(tmp_path / "b", {**meta, "contexts": [8192, 4096], "methods": ["dms-triton", "vanilla"],
+                                 "command": "dms-perf bench --methods dms-triton,vanilla", "calibration": {}},
+               [{**rows[1], "prefill_s": 0.25}, *rows[2:]])
+    merged_meta, merged = merge_results([a, b / "results.json"])
+    assert merged_meta["contexts"] == [4096, 8192]
+    assert merged_meta["methods"] == ["dms-hub", "dms-triton", "vanilla"]
+    assert merged_meta["command"] == "dms-perf bench --methods dms-hub ; dms-perf bench --methods dms-triton,vanilla"
+    assert merged_meta["calibration"] == {"hub": {"marked_fraction": 0.875}}
+    assert len(merged) == len(rows)
+    triton_4k = [r for r in merged if (r["context"], r["method"]) == (4096, "dms-triton")]
+    assert [r["prefill_s"] for r in triton_4k] == [0.25]  # the later run wins
+
+
+def test_merge_refuses_other_cards(tmp_path):
+    a = _saved(tmp_path / "a", {"device": {"gpu": "H100"}}, _rows()[:1])
+    b = _saved(tmp_path / "b", {"device": {"gpu": "H200"}}, _rows()[1:2])
+    with pytest.raises(ValueError, match="device"):
+        merge_results([a, b])
