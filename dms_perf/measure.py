@@ -307,7 +307,9 @@ def measure_generation(
 
     ``workload``: a ``dms_perf.workloads.Workload``; ``method``: a ``dms_perf.methods.Method`` (its
     press, if any, is built once on this prompt, outside the timing). ``warmup`` untimed generations
-    precede ``repeats`` timed ones; figures are medians. Returns a dict with ``status`` "ok", "OOM",
+    precede ``repeats`` timed ones; figures are medians. ``real_weights``: score retrieval (else
+    "n/a (random weights)"); ``device``: where the prompt goes (default: the model's). Returns a dict
+    with ``status`` "ok", "OOM",
     "error: ..." or "skipped: ..." (then without figures); memory is released either way.
     """
     if repeats < 1 or warmup < 0 or new_tokens < 1:
