@@ -35,9 +35,8 @@ def _configs():
         # The interpreter's cost is per operation, not per element: few, small tiles.
         return [triton.Config({"ROWS": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
+        # The autotuner's picks at the Qwen3-8B shape on an H100 (benchmarks/NOTES.md).
         triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"ROWS": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"ROWS": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"ROWS": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ]
@@ -198,10 +197,12 @@ def triton_prefill_attention(
 
     keep = ~evict_flags(decisions)
     kept_upto = torch.cumsum(keep, dim=-1, dtype=torch.int32)
-    # One host sync for the kept total, instead of one inside each compaction.
-    total = int(kept_upto[..., -1].sum())
-    k_kept, segments, _ = compact_by_bool(k, keep, total=total)
-    v_kept, _, _ = compact_by_bool(v, keep, total=total)
+    # Capacity, not the exact kept count: knowing that would take a host sync, which left the GPU idle
+    # while the rest of the call launched (about 0.5 ms measured at 4K on an H100, benchmarks/NOTES.md).
+    # The rows past the kept count stay unwritten and the kernel reads only within ``segments``.
+    capacity = keep.numel()
+    k_kept, segments, _ = compact_by_bool(k, keep, total=capacity)
+    v_kept, _, _ = compact_by_bool(v, keep, total=capacity)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else out
