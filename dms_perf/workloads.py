@@ -22,27 +22,28 @@ import torch
 NOT_SCORED = "n/a (random weights)"
 
 SECRET_CODE = "7391-ORCHID"
-NEEDLE = f"The secret code for the blue door is {SECRET_CODE}. "
+NEEDLE = f" The secret code for the blue door is {SECRET_CODE}."
 QUESTION = "What is the secret code for the blue door? Reply with the code only."
 
-# Original filler prose (written for this project), cycled to any length.
+# Original filler prose (written for this project), cycled to any length. Sentences start with a
+# space, as BPE tokenizers expect inside running text, since each part is tokenized on its own.
 FILLER = (
-    "The harbour town woke slowly, with gulls circling above the fish market. ",
-    "A baker on the corner pulled the first loaves from a brick oven. ",
-    "Rain had washed the cobblestones overnight, and they shone in the early light. ",
-    "Children walked to school in pairs, arguing about a football match. ",
-    "At the library, a clerk sorted returned books into neat wooden carts. ",
-    "The ferry sounded its horn twice before leaving for the northern islands. ",
-    "An old man repaired fishing nets on the pier, humming a tune nobody recognised. ",
-    "In the hills above the town, sheep grazed between low stone walls. ",
-    "The museum opened an exhibition of maps drawn by sailors two centuries ago. ",
-    "A cyclist stopped at the bridge to watch the tide turn in the estuary. ",
-    "Shopkeepers rolled up their shutters and set out crates of apples and pears. ",
-    "The weather station on the cliff recorded a gentle westerly wind. ",
-    "Two engineers inspected the lighthouse lamp and wrote notes in a logbook. ",
-    "By noon the square was full of people drinking coffee in the sun. ",
-    "A choir rehearsed in the chapel, their voices carrying across the green. ",
-    "Evening brought a cool breeze and the smell of woodsmoke from the chimneys. ",
+    " The harbour town woke slowly, with gulls circling above the fish market.",
+    " A baker on the corner pulled the first loaves from a brick oven.",
+    " Rain had washed the cobblestones overnight, and they shone in the early light.",
+    " Children walked to school in pairs, arguing about a football match.",
+    " At the library, a clerk sorted returned books into neat wooden carts.",
+    " The ferry sounded its horn twice before leaving for the northern islands.",
+    " An old man repaired fishing nets on the pier, humming a tune nobody recognised.",
+    " In the hills above the town, sheep grazed between low stone walls.",
+    " The museum opened an exhibition of maps drawn by sailors two centuries ago.",
+    " A cyclist stopped at the bridge to watch the tide turn in the estuary.",
+    " Shopkeepers rolled up their shutters and set out crates of apples and pears.",
+    " The weather station on the cliff recorded a gentle westerly wind.",
+    " Two engineers inspected the lighthouse lamp and wrote notes in a logbook.",
+    " By noon the square was full of people drinking coffee in the sun.",
+    " A choir rehearsed in the chapel, their voices carrying across the green.",
+    " Evening brought a cool breeze and the smell of woodsmoke from the chimneys.",
 )
 
 # Token ids of the "needle" in the id-only workload: a fixed, recognisable run of ids.
