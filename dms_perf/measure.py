@@ -240,11 +240,13 @@ def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
 
     kept = dense = 0
     for index, layer in enumerate(cache.layers):
+        if isinstance(cache, DMSCache):  # flat [slots, D] buffers: heads come from the per-head lengths
+            lengths = cache.head_lengths(index)
+            dense += lengths.numel() * seen_tokens
+            kept += int(lengths.sum())
+            continue
         batch, heads = layer.keys.shape[:2]
         dense += batch * heads * seen_tokens
-        if isinstance(cache, DMSCache):
-            kept += int(cache.head_lengths(index).sum())
-            continue
         masked = getattr(model.model.layers[index].self_attn, "masked_key_indices", None)
         kept += batch * heads * layer.keys.shape[2] - (len(masked[0]) if masked is not None else 0)
     return kv_cache_bytes(cache), kept, dense
