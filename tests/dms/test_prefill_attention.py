@@ -81,6 +81,19 @@ def test_triton_at_the_checkpoint_shape(context_length):
     check_against_math("triton", *inputs, 512)
 
 
+@pytest.mark.gpu
+def test_triton_does_not_synchronize():
+    """A host sync per call left the GPU idle while the rest launched (benchmarks/NOTES.md)."""
+    inputs = make_inputs(1, 8, 2, 1000, 128, torch.bfloat16, "cuda", 0.875)
+    dms_prefill_attention(*inputs, 64)  # compile and autotune first: those may query the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dms_prefill_attention(*inputs, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("impl", ["math", "flex", "triton"])
 def test_strided_inputs(impl, device):
     """q, k, v as transposed views of [B, N, H, D] tensors (the layout of a projection's output)."""
