@@ -26,6 +26,8 @@ HUB_QUERY_CHUNK = 512
 MATH_CHUNK_ELEMENTS = 2**28
 FLEX_CHUNK_ELEMENTS = 2**30
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+# The kernel stacks a KV head's query heads into one tile of at least 32 rows.
+TRITON_MAX_GROUP = 16
 
 
 def dms_prefill_attention(
@@ -239,5 +241,8 @@ def _check_inputs(q, k, v, decisions, window, impl, scale, return_lse):
     if impl == "triton":
         if head_dim not in TRITON_HEAD_DIMS:
             raise ValueError(f"impl 'triton' supports head_dim in {TRITON_HEAD_DIMS}, got {head_dim}")
+        if num_q_heads // num_kv_heads > TRITON_MAX_GROUP:
+            raise ValueError(f"impl 'triton' stacks at most {TRITON_MAX_GROUP} query heads per KV head, "
+                             f"got {num_q_heads // num_kv_heads}")
         if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
             raise ValueError(f"impl 'triton' needs CUDA tensors (or the interpreter), got {q.device}")

@@ -129,6 +129,8 @@ BAD_INPUTS = {
     "zero-scale": (dict(scale=0.0), ValueError, "scale"),
     "hub-lse": (dict(impl="hub", return_lse=True), ValueError, "return_lse"),
     "triton-head-dim": (dict(q=_Q[..., :48], k=_K[..., :48], v=_V[..., :48]), ValueError, "head_dim"),
+    "triton-group": (dict(q=torch.randn(1, 64, 16, 64), k=_K[:, :1], v=_V[:, :1], decisions=_DECISIONS[:, :1]),
+                     ValueError, "query heads per KV head"),
     "two-devices": (dict(decisions=_DECISIONS.to("meta")), ValueError, "device"),
     "not-a-tensor": (dict(q=[1.0]), TypeError, "q must be"),
 }
