@@ -7,6 +7,13 @@ import torch
 
 from dms_perf.testing import poison
 
+try:  # `with torch.device(...)` recognizes factories by identity in a cached set: build it before patching
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+except ImportError:  # pragma: no cover - older/newer torch without this helper
+    pass
+
 
 @pytest.fixture(autouse=True)
 def poison_fresh_allocations(monkeypatch):
