@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from word_tokenizer import word_tokenizer
 
 from dms_perf.cli import build_parser, main
 from dms_perf.methods import FAMILIES
 from dms_perf.report import load_results
+from tests.word_tokenizer import word_tokenizer
 
 BENCH_OPTIONS = ("--contexts", "--methods", "--model", "--tokenizer", "--new-tokens", "--repeats", "--warmup",
                  "--needle-depth", "--dtype", "--target-cr", "--seed", "--out")

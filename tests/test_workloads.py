@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from word_tokenizer import word_tokenizer
 
 from dms_perf.workloads import FILLER, NEEDLE, NOT_SCORED, QUESTION, SECRET_CODE, needle_workload
+from tests.word_tokenizer import word_tokenizer
 
 
 @pytest.fixture(scope="module")

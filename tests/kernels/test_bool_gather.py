@@ -6,7 +6,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import (
+
+from dms_perf.kernels._common import MAX_GRID_ROWS
+from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
+from tests.kernels.kernel_params import (
     WIDTH_DTYPES,
     assert_same,
     case_params,
@@ -17,9 +20,6 @@ from kernel_params import (
     seq_len_for,
     shape_params,
 )
-
-from dms_perf.kernels._common import MAX_GRID_ROWS
-from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
 
 IMPL = {"loop": bool_gather_left_pad_loop, "torch": bool_gather_left_pad_torch, "triton": bool_gather_left_pad}
 

@@ -6,7 +6,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import (
+
+from dms_perf.kernels._common import MAX_GRID_ROWS
+from dms_perf.kernels.compact import compact_by_bool, compact_by_bool_loop, compact_by_bool_torch
+from tests.kernels.kernel_params import (
     WIDTH_DTYPES,
     assert_same,
     case_params,
@@ -17,9 +20,6 @@ from kernel_params import (
     seq_len_for,
     shape_params,
 )
-
-from dms_perf.kernels._common import MAX_GRID_ROWS
-from dms_perf.kernels.compact import compact_by_bool, compact_by_bool_loop, compact_by_bool_torch
 
 IMPL = {"loop": compact_by_bool_loop, "torch": compact_by_bool_torch, "triton": compact_by_bool}
 

@@ -6,7 +6,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import (
+
+from dms_perf.kernels._common import HOST_CHECK_MAX, MAX_GRID_ROWS
+from dms_perf.kernels.left_pad import left_pad_2d, left_pad_2d_loop, left_pad_2d_torch
+from tests.kernels.kernel_params import (
     WIDTH_DTYPES,
     case_params,
     impl_params,
@@ -15,9 +18,6 @@ from kernel_params import (
     seq_len_for,
     shape_params,
 )
-
-from dms_perf.kernels._common import HOST_CHECK_MAX, MAX_GRID_ROWS
-from dms_perf.kernels.left_pad import left_pad_2d, left_pad_2d_loop, left_pad_2d_torch
 
 IMPL = {"loop": left_pad_2d_loop, "torch": left_pad_2d_torch, "triton": left_pad_2d}
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_params import WIDTH_DTYPES, impl_params, property_settings, random_data, shape_params
 
 from dms_perf.kernels._common import HOST_CHECK_MAX
 from dms_perf.kernels.scatter import scatter_by_index, scatter_by_index_loop, scatter_by_index_torch
+from tests.kernels.kernel_params import WIDTH_DTYPES, impl_params, property_settings, random_data, shape_params
 
 IMPL = {"loop": scatter_by_index_loop, "torch": scatter_by_index_torch, "triton": scatter_by_index}
 # The loop reference syncs once per row: token-order permutations only up to this many rows.
