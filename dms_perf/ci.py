@@ -251,8 +251,8 @@ def cmd_merge(ns) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dms_perf.ci", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m dms_perf.ci") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="GPU tests + benchmarks gated on this GPU model's committed baseline")

@@ -81,10 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in order")
     report.add_argument("--out", default="results", help="output directory")
     report.set_defaults(run=run_report)
+
+    ci = sub.add_parser(
+        "ci",
+        add_help=False,  # `dms-perf ci --help` is answered by dms_perf.ci itself
+        help="GPU CI: tests + benchmarks gated on this GPU model's baseline, base-vs-head, shard merge "
+        "(`dms-perf ci --help`; same as .ci/gpu and python -m dms_perf.ci)",
+    )
+    ci.add_argument("ci_args", nargs=argparse.REMAINDER)  # listed in --help; main() hands these over
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ci"]:  # everything after `ci`, --help included, belongs to dms_perf.ci
+        from dms_perf.ci import main as ci_main
+
+        return ci_main(argv[1:], prog="dms-perf ci")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -147,3 +147,25 @@ def test_workflows_pass_actionlint():
     assert workflows, "no workflow files"
     result = subprocess.run([actionlint, *map(str, workflows)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _run_json(medians: dict[str, float], gpu: str = "NVIDIA H100 80GB HBM3") -> dict:
+    return {
+        "machine_info": {"dms_perf_device": {"gpu": gpu}},
+        "benchmarks": [{"fullname": name, "name": name, "stats": {"median": m}} for name, m in medians.items()],
+    }
+
+
+def test_dms_perf_ci_gate_through_the_cli(tmp_path, capsys):
+    from dms_perf.cli import main as cli_main
+
+    base, same, slower, other_gpu = (tmp_path / f"{n}.json" for n in ("base", "same", "slower", "other"))
+    base.write_text(json.dumps(_run_json({"a": 1.0, "b": 2.0})))
+    same.write_text(json.dumps(_run_json({"a": 1.05, "b": 1.9})))
+    slower.write_text(json.dumps(_run_json({"a": 1.0, "b": 2.5})))
+    other_gpu.write_text(json.dumps(_run_json({"a": 1.0, "b": 2.0}, gpu="NVIDIA H200")))
+    assert cli_main(["ci", "gate", str(base), str(same), "--threshold", "10"]) == 0
+    assert cli_main(["ci", "gate", str(base), str(slower), "--threshold", "10"]) == 1
+    assert "REGRESSION: 1 benchmark(s)" in capsys.readouterr().out
+    assert cli_main(["ci", "gate", str(base), str(other_gpu)]) == 2
+    assert "NVIDIA H200" in capsys.readouterr().err
