@@ -18,7 +18,7 @@ import torch
 
 import dms_perf  # noqa: F401  (must precede any triton import)
 from dms_perf._runtime import HAS_CUDA, INTERPRET
-from dms_perf.ci import GateError, check_same_gpu, parse_shard, require_baseline, shard_node_ids
+from dms_perf.ci import GateError, check_same_gpu, gpu_for_worker, parse_shard, require_baseline, shard_node_ids
 from dms_perf.measure import device_info
 from dms_perf.options import parse_context_lengths, parse_names, test_dtypes
 
@@ -63,9 +63,10 @@ def pytest_configure(config):
 
 def _one_gpu_per_xdist_worker():
     """``pytest tests -n <number of GPUs>``: worker gwK runs on GPU K (mod the GPU count)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if HAS_CUDA and worker.startswith("gw") and torch.cuda.device_count() > 1:
-        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
+    if HAS_CUDA:
+        index = gpu_for_worker(os.environ.get("PYTEST_XDIST_WORKER", ""), torch.cuda.device_count())
+        if index is not None:
+            torch.cuda.set_device(index)
 
 
 def _configure_benchmark_storage_and_timer(config):

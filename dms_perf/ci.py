@@ -52,6 +52,13 @@ def shard_node_ids(node_ids: list[str], index: int, count: int) -> list[str]:
     return [nid for k, nid in enumerate(sorted(node_ids)) if k % count == index - 1]
 
 
+def gpu_for_worker(worker_id: str, device_count: int) -> int | None:
+    """The GPU of pytest-xdist worker ``gwK`` (K mod the GPU count); None outside xdist or on one GPU."""
+    if device_count < 2 or not worker_id.startswith("gw"):
+        return None
+    return int(worker_id[2:]) % device_count
+
+
 # --- baselines and machine checks -------------------------------------------------------------------
 
 

@@ -169,3 +169,9 @@ def test_dms_perf_ci_gate_through_the_cli(tmp_path, capsys):
     assert "REGRESSION: 1 benchmark(s)" in capsys.readouterr().out
     assert cli_main(["ci", "gate", str(base), str(other_gpu)]) == 2
     assert "NVIDIA H200" in capsys.readouterr().err
+
+
+def test_each_xdist_worker_gets_its_own_gpu():
+    assert [ci.gpu_for_worker(f"gw{k}", 4) for k in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert ci.gpu_for_worker("gw3", 1) is None  # one GPU: every worker shares it
+    assert ci.gpu_for_worker("", 8) is None  # not under xdist
