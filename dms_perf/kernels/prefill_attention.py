@@ -89,7 +89,9 @@ def _band_tiles(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["N", "HEAD_DIM", "GROUP"])
+# Keyed on N rounded up to a power of two: a new prompt length reuses its bucket's config instead of
+# re-running the autotuner (host syncs, hundreds of ms) inside a model's prefill.
+@triton.autotune(configs=_configs(), key=["N_BUCKET", "HEAD_DIM", "GROUP"])
 @triton.jit
 def _dms_prefill_kernel(
     Q, K, V, KC, VC, SEG, KEPT_UPTO, KEEP, OUT, LSE,
@@ -97,7 +99,7 @@ def _dms_prefill_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    N, num_kv_heads, window, qk_scale,
+    N, N_BUCKET, num_kv_heads, window, qk_scale,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -195,7 +197,7 @@ def triton_prefill_attention(
     group = num_q_heads // num_kv_heads
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
-    keep = ~evict_flags(decisions)
+    keep = ~evict_flags(decisions.contiguous())  # compact_by_bool needs a contiguous mask
     kept_upto = torch.cumsum(keep, dim=-1, dtype=torch.int32)
     # Capacity, not the exact kept count: knowing that would take a host sync, which left the GPU idle
     # while the rest of the call launched (about 0.5 ms measured at 4K on an H100, benchmarks/NOTES.md).
@@ -218,7 +220,7 @@ def triton_prefill_attention(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        n, num_kv_heads, window, scale * LOG2E,
+        n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E,
         HEAD_DIM=head_dim, GROUP=group, GROUP_P2=group_p2,
         RETURN_LSE=return_lse,
         # fp32 inputs: three tf32 products per dot (near-fp32 accuracy, still on the tensor cores).
