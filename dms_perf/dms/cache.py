@@ -11,10 +11,11 @@ attention because RoPE is applied before caching.
 Decode bookkeeping follows the released code: a ring of ``window + 1`` (slot, flag) entries per head
 remembers where the last ``window + 1`` tokens live and whether each was marked. For new token t:
 its decision becomes the flag of token t-1; the token leaving the window (t - window - 1) is looked up
-in the ring; if it was marked, its slot is reused for token t, else token t is appended. Everything
+in the ring; if it was marked, its slot is reused for token t, else token t is appended. Each step
 runs on the device (no ``.item()``). A head grows by at most one row per step, so the host knows when
-the spare rows may run out (``capacity_step`` steps after the last growth); it then gives every
-segment ``capacity_step`` more rows, moving the rows on the device, still without a sync.
+the spare rows may run out (``capacity_step`` steps after the last re-size); it then reads the lengths
+back once (one host sync per ``capacity_step`` steps) and re-sizes each segment to its length +
+``capacity_step``, so memory follows the kept tokens while decoding too.
 
 ``DMSReferenceCache`` is the uncompacted counterpart used by the "math" reference model: every K/V
 plus every decision, so the rule can be applied as a full mask at each step.
@@ -115,22 +116,31 @@ class DMSCacheLayer(CacheLayerMixin):
         self.seen = t + 1
 
     def _grow(self) -> None:
-        """Give every segment ``capacity_step`` more rows: head i's rows move down by i * step."""
+        """Re-size every segment to its head's length + ``capacity_step`` rows (never shrinking one).
+
+        Runs once per ``capacity_step`` decode steps and reads the lengths back (one host sync): heads
+        whose appends were absorbed by reused slots keep their size, so memory keeps following each
+        head's kept tokens during decoding instead of growing with the steps.
+        """
         step = self.capacity_step
         heads = self.starts.numel()
-        rows, D = self.keys.shape
-        moved = torch.arange(rows, device=self.keys.device) + self.row_head * step
+        capacity = torch.maximum(self.capacity, self.lengths.long() + step)
+        rows, longest = torch.stack([capacity.sum(), self.lengths.max().long()]).tolist()
+        starts = capacity.flatten().cumsum(0).view_as(self.starts) - capacity
+        moved = (
+            torch.arange(self.keys.shape[0], device=self.keys.device)
+            + (starts - self.starts).flatten()[self.row_head.long()]
+        )
         for name in ("keys", "values"):
             old = getattr(self, name)
-            grown = torch.empty((rows + heads * step, D), dtype=old.dtype, device=old.device)
+            grown = torch.empty((rows, old.shape[1]), dtype=old.dtype, device=old.device)
             grown.index_copy_(0, moved, old)
             setattr(self, name, grown)
-        self.capacity += step
-        self.starts = self.starts + torch.arange(heads, device=self.starts.device).view_as(self.starts) * step
+        self.capacity, self.starts = capacity, starts
         self.row_head = torch.repeat_interleave(
-            torch.arange(heads, dtype=torch.int32, device=self.starts.device), self.capacity.flatten(),
-            output_size=rows + heads * step,
+            torch.arange(heads, dtype=torch.int32, device=starts.device), capacity.flatten(), output_size=rows
         )
+        self.longest_bound = longest
         self.spare_steps = step
 
     def get_seq_length(self) -> int:
@@ -158,8 +168,14 @@ class DMSCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         tensors = (
-            self.keys, self.values, self.starts, self.capacity, self.lengths, self.row_head,
-            self.ring_slot, self.ring_flag,
+            self.keys,
+            self.values,
+            self.starts,
+            self.capacity,
+            self.lengths,
+            self.row_head,
+            self.ring_slot,
+            self.ring_flag,
         )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
