@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dms_perf.dms.model import Qwen3DMSForCausalLM
+from dms_perf.dms.rule import decision_alphas
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,11 @@ class Calibration:
 
 def _alpha_logits(model: Qwen3DMSForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     """``a * dms_alpha_scale`` of every decision (all layers, KV heads, tokens) on ``input_ids``, fp32."""
-    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    num_kv_heads = model.config.num_key_value_heads
     captured: list[torch.Tensor] = []
 
-    def grab(_module, _inputs, q_normed):  # [B, N, Hq, D]: the borrowed channel of each group's first head
-        captured.append(q_normed[:, :, ::group, -1].float().flatten())
+    def grab(_module, _inputs, q_normed):  # q_norm's output is [B, N, Hq, D]
+        captured.append(decision_alphas(q_normed.transpose(1, 2), num_kv_heads).flatten())
 
     hooks = [layer.self_attn.q_norm.register_forward_hook(grab) for layer in model.model.layers]
     try:

@@ -23,8 +23,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotary_pos_emb
 
 from dms_perf.dms.cache import DEFAULT_CAPACITY_STEP, DMSCache, DMSReferenceCache
-from dms_perf.dms.prefill import dms_prefill_attention
-from dms_perf.dms.rule import dms_decisions, visibility_mask
+from dms_perf.dms.prefill import dms_prefill_attention, math_attention
+from dms_perf.dms.rule import dms_decisions
 from dms_perf.kernels.decode_attention import dms_decode_attention, dms_decode_attention_reference
 
 BACKENDS = ("triton", "hub", "flex", "math")
@@ -54,19 +54,6 @@ def validate_dms_config(config: Qwen3Config) -> None:
         )
 
 
-def _math_attention(q, keys, values, decisions, window, scale):
-    """Every query of ``q`` (the newest tokens) over all ``keys`` under the full DMS mask, fp32."""
-    n_q, n_k = q.shape[2], keys.shape[2]
-    group = q.shape[1] // keys.shape[1]
-    visible = visibility_mask(decisions, window, n_queries=n_q, n_keys=n_k, query_offset=n_k - n_q)
-    visible = visible.repeat_interleave(group, dim=1)
-    keys = keys.float().repeat_interleave(group, dim=1)
-    values = values.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ keys.transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return (probs @ values).to(q.dtype)
-
-
 class Qwen3DMSAttention(Qwen3Attention):
     """Qwen3 attention with DMS decisions, eviction and the compacted cache (same weights as Qwen3)."""
 
@@ -89,9 +76,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         num_kv_heads = k.shape[1]
-        decisions, q = dms_decisions(
-            q, num_kv_heads, config.dms_alpha_scale, config.dms_initial_alpha_offset
-        )
+        decisions, q = dms_decisions(q, num_kv_heads, config.dms_alpha_scale, config.dms_initial_alpha_offset)
         # [B, Hkv, N] from a view of the [B, N, Hq, D] projection: made contiguous once for all consumers.
         decisions = decisions.contiguous()
         cos, sin = position_embeddings
@@ -105,7 +90,7 @@ class Qwen3DMSAttention(Qwen3Attention):
             if past_key_values is not None:
                 _require_cache(past_key_values, DMSReferenceCache, backend)
                 k, v, decisions = past_key_values.append(self.layer_idx, k, v, decisions)
-            out = _math_attention(q, k, v, decisions, window, self.scaling)
+            out, _ = math_attention(q, k, v, decisions, window, self.scaling)
         elif past_key_values is None or past_key_values.get_seq_length(self.layer_idx) == 0:
             out = dms_prefill_attention(q, k, v, decisions, window, impl=backend, scale=self.scaling)
             if past_key_values is not None:
@@ -179,10 +164,20 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
 def qwen3_8b_config(**overrides) -> Qwen3Config:
     """The Qwen3-8B(-DMS-8x) shape: 36 layers, hidden 4096, 32/8 heads, head_dim 128 (shared/DMS.md)."""
     fields = dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, **DMS_DEFAULTS,
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        **DMS_DEFAULTS,
     )
     fields.update(overrides)
     return Qwen3Config(**fields)
@@ -194,10 +189,18 @@ def tiny_config(**overrides) -> Qwen3Config:
     GQA-4 variant: ``tiny_config(num_key_value_heads=1)``.
     """
     fields = dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False, **DMS_DEFAULTS,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        **DMS_DEFAULTS,
     )
     fields["dms_window_size"] = 16
     fields.update(overrides)
@@ -211,8 +214,12 @@ def _dms_backend_checked(backend: str | None) -> str | None:
 
 
 def build_model(
-    config: Qwen3Config, *, backend: str | None, dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu", seed: int = 0,
+    config: Qwen3Config,
+    *,
+    backend: str | None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
 ) -> Qwen3ForCausalLM:
     """A random-weight model built directly on ``device`` in ``dtype``, in eval mode.
 

@@ -80,26 +80,29 @@ def dms_prefill_attention(
 def math_attention(q, k, v, decisions, window, scale, compute_dtype=None):
     """Dense masked softmax, one query chunk at a time; returns ``(out, lse)``.
 
-    Computed in ``compute_dtype`` (default: fp32, or fp64 for fp64 inputs; tests also run it in the
-    input dtype to measure what plain torch loses at that precision). ``out`` has q's dtype.
+    The queries are the newest ``q.shape[2]`` of the ``k.shape[2]`` tokens (all of them in a prefill;
+    the last one in a decode step); ``decisions`` covers all ``k.shape[2]`` tokens. Computed in
+    ``compute_dtype`` (default: fp32, or fp64 for fp64 inputs; tests also run it in the input dtype to
+    measure what plain torch loses at that precision). ``out`` has q's dtype.
     """
     if compute_dtype is None:
         compute_dtype = torch.promote_types(q.dtype, torch.float32)
     batch, num_q_heads, n, _ = q.shape
+    offset = k.shape[2] - n  # position of the first query
     group = num_q_heads // k.shape[1]
     keys = k.to(compute_dtype).repeat_interleave(group, dim=1)
     values = v.to(compute_dtype).repeat_interleave(group, dim=1)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device)
-    rows = max(1, MATH_CHUNK_ELEMENTS // (batch * num_q_heads * n))
+    rows = max(1, MATH_CHUNK_ELEMENTS // (batch * num_q_heads * k.shape[2]))
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        visible = visibility_mask(decisions, window, end - start, end, query_offset=start)
+        visible = visibility_mask(decisions, window, end - start, offset + end, query_offset=offset + start)
         visible = visible.repeat_interleave(group, dim=1)
-        scores = (q[:, :, start:end].to(compute_dtype) @ keys[:, :, :end].transpose(-1, -2)) * scale
+        scores = (q[:, :, start:end].to(compute_dtype) @ keys[:, :, : offset + end].transpose(-1, -2)) * scale
         scores = scores.masked_fill(~visible, float("-inf"))
         lse[:, :, start:end] = torch.logsumexp(scores, dim=-1).float()
-        out[:, :, start:end] = (torch.softmax(scores, dim=-1) @ values[:, :, :end]).to(q.dtype)
+        out[:, :, start:end] = (torch.softmax(scores, dim=-1) @ values[:, :, : offset + end]).to(q.dtype)
     return out, lse
 
 
@@ -122,10 +125,10 @@ def hub_attention(q, k, v, decisions, window, scale):
     v_pad = v.new_zeros(batch, num_kv_heads, padded_len, head_dim)
     decisions_pad = decisions.new_zeros(batch, num_kv_heads, padded_len)
     for b, length in enumerate(lengths):
-        q_pad[b, :, padded_len - length:] = q[b]
-        k_pad[b, :, padded_len - length:] = k[b]
-        v_pad[b, :, padded_len - length:] = v[b]
-        decisions_pad[b, :, padded_len - length:] = decisions[b]
+        q_pad[b, :, padded_len - length :] = q[b]
+        k_pad[b, :, padded_len - length :] = k[b]
+        v_pad[b, :, padded_len - length :] = v[b]
+        decisions_pad[b, :, padded_len - length :] = decisions[b]
 
     # As the released code: one "page batch" entry per (batch, KV head), holding that head's G query
     # heads and its one K/V head, so each chunk's mask is [B*Hkv, 1, chunk, keys], shared by the G heads.
@@ -138,14 +141,18 @@ def hub_attention(q, k, v, decisions, window, scale):
         end = min(start + HUB_QUERY_CHUNK, padded_len)
         mask = visibility_mask(decisions_pad, window, end - start, end, query_offset=start)
         out_pages[:, :, start:end] = F.scaled_dot_product_attention(
-            q_pages[:, :, start:end], k_pages[:, :, :end], v_pages[:, :, :end],
-            attn_mask=mask.reshape(page_batch, 1, end - start, end), scale=scale, enable_gqa=True,
+            q_pages[:, :, start:end],
+            k_pages[:, :, :end],
+            v_pages[:, :, :end],
+            attn_mask=mask.reshape(page_batch, 1, end - start, end),
+            scale=scale,
+            enable_gqa=True,
         )
 
     out_pad = out_pages.reshape(batch, num_q_heads, padded_len, head_dim)
     out = torch.empty_like(q)
     for b, length in enumerate(lengths):
-        out[b] = out_pad[b, :, padded_len - length:]
+        out[b] = out_pad[b, :, padded_len - length :]
     return out
 
 
@@ -175,8 +182,12 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
 
         block_mask = create_block_mask(dms_mask, batch, num_q_heads, end - start, end, device=q.device)
         result = attend(
-            q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-            block_mask=block_mask, scale=scale, enable_gqa=True,
+            q[:, :, start:end],
+            k[:, :, :end],
+            v[:, :, :end],
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=True,
             return_aux=AuxRequest(lse=True) if return_lse else None,
         )
         if return_lse:
@@ -221,24 +232,22 @@ def _check_inputs(q, k, v, decisions, window, impl, scale, return_lse):
         raise TypeError(f"decisions must be torch.bool, got {decisions.dtype}")
     if len({t.device for t in (q, k, v, decisions)}) != 1:
         raise ValueError(
-            f"q, k, v, decisions must be on one device, got {q.device}, {k.device}, {v.device}, "
-            f"{decisions.device}"
+            f"q, k, v, decisions must be on one device, got {q.device}, {k.device}, {v.device}, {decisions.device}"
         )
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(f"q, k, v must be 4-D [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     batch, num_q_heads, n, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     kb, num_kv_heads, kn, kd = k.shape
     if (kb, kn, kd) != (batch, n, head_dim):
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-                         "in batch, length or head_dim")
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head_dim"
+        )
     if n == 0 or num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"need N > 0 and Hq={num_q_heads} a multiple of Hkv={num_kv_heads}")
     if tuple(decisions.shape) != (batch, num_kv_heads, n):
-        raise ValueError(f"decisions must be [B, Hkv, N] = {(batch, num_kv_heads, n)}, "
-                         f"got {tuple(decisions.shape)}")
+        raise ValueError(f"decisions must be [B, Hkv, N] = {(batch, num_kv_heads, n)}, got {tuple(decisions.shape)}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0, got {window!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
@@ -249,7 +258,9 @@ def _check_inputs(q, k, v, decisions, window, impl, scale, return_lse):
         if head_dim not in TRITON_HEAD_DIMS:
             raise ValueError(f"impl 'triton' supports head_dim in {TRITON_HEAD_DIMS}, got {head_dim}")
         if num_q_heads // num_kv_heads > TRITON_MAX_GROUP:
-            raise ValueError(f"impl 'triton' stacks at most {TRITON_MAX_GROUP} query heads per KV head, "
-                             f"got {num_q_heads // num_kv_heads}")
+            raise ValueError(
+                f"impl 'triton' stacks at most {TRITON_MAX_GROUP} query heads per KV head, "
+                f"got {num_q_heads // num_kv_heads}"
+            )
         if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
             raise ValueError(f"impl 'triton' needs CUDA tensors (or the interpreter), got {q.device}")

@@ -36,11 +36,16 @@ def dms_decisions(
             f"num_kv_heads must be a positive divisor of Hq={num_q_heads}, got {num_kv_heads!r}"
         )
     group = num_q_heads // num_kv_heads
-    alpha = q_pre_rope[:, ::group, :, -1].float()
-    decisions = alpha * alpha_scale - alpha_offset > 0
+    decisions = decision_alphas(q_pre_rope, num_kv_heads) * alpha_scale - alpha_offset > 0
     q = q_pre_rope.clone()
     q[:, ::group, :, -1] = 0
     return decisions, q
+
+
+def decision_alphas(q_pre_rope: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``a`` of every decision, fp32 ``[B, Hkv, N]``: the last channel of each group's first query head."""
+    group = q_pre_rope.shape[1] // num_kv_heads
+    return q_pre_rope[:, ::group, :, -1].float()
 
 
 def evict_flags(decisions: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def host_check_values(t: torch.Tensor) -> tuple[int, int, bool]:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -147,7 +147,7 @@ def target_programs(device: torch.device) -> int:
     """Programs per launch that fill the GPU (4 per SM: 132 SMs on an H100 give 528)."""
     if INTERPRET:
         return INTERPRET_TARGET_PROGRAMS
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def block_rows(row_elems: int, element_size: int) -> int:

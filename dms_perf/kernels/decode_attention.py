@@ -14,7 +14,6 @@ that a long cache still fills the GPU; a second small kernel merges the splits b
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import HAS_CUDA
+from dms_perf.kernels._common import sm_count
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -141,16 +141,11 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch_kv_heads: int, max_length: int, block_n: int) -> int:
     """Enough splits for about two programs per SM, never more than the longest head has key blocks."""
     blocks = max(1, math.ceil(max_length / block_n))
     if HAS_CUDA:
-        wanted = math.ceil(2 * _sm_count(torch.cuda.current_device()) / max(batch_kv_heads, 1))
+        wanted = math.ceil(2 * sm_count(torch.cuda.current_device()) / max(batch_kv_heads, 1))
     else:
         wanted = 4
     return max(1, min(wanted, blocks))
