@@ -210,7 +210,7 @@ def cmd_run(ns) -> int:
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not ns.skip_tests:
-        rc = _pytest(["tests", "-q", *ns.pytest_args], REPO)
+        rc = _pytest(["tests", "-q", "-n", str(ns.workers), *ns.pytest_args], REPO)
         if rc != 0:
             print(f"GPU tests failed (exit {rc}); benchmarks not run")
             return rc
@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m dms_perf.ci") -> 
     p.add_argument("--save-baseline", action="store_true", help="store this run as the baseline instead")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     p.add_argument("--skip-benchmarks", action="store_true", help="GPU tests only")
+    p.add_argument(
+        "--workers", type=int, default=4, help="pytest-xdist workers for the tests (they share the GPUs round-robin)"
+    )
     p.add_argument("--threshold", type=float, default=10.0, help="fail above this %% median slowdown (10)")
     p.add_argument("--out", default="ci-results", help="folder for benchmarks.json and summary.md")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
