@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dms_perf import dms_prefill_attention
 from dms_perf._runtime import HAS_CUDA, INTERPRET
 from dms_perf.dms.rule import count_visible_pairs
-from dms_perf.measure import bench, do_bench_ms
+from dms_perf.measure import bench, do_bench_ms, graph_replays
 
 WINDOW = 512
 EVICT_RATE = 7 / 8
@@ -26,12 +26,16 @@ MATMUL_TFLOPS = 790.0
 DENSE_REFERENCE = "sdpa-dense-cudnn"
 HUB_ROUNDS = 5  # ~133 ms a call at 32K
 INTERPRETER_MAX_TOKENS = 256
+# "-graph": the same call captured in CUDA graphs and timed as replays: device time without Python's
+# launch cost, which bounds triton's eager time at 4K (several launches at ~30 us each on the H100 host).
 IMPLS = [
     "hub",
     "flex",
     "triton",
     pytest.param("sdpa-dense-cudnn", marks=pytest.mark.gpu),
     pytest.param("sdpa-dense-flash", marks=pytest.mark.gpu),
+    pytest.param("triton-graph", marks=pytest.mark.gpu),
+    pytest.param("sdpa-dense-cudnn-graph", marks=pytest.mark.gpu),
 ]
 
 # On CPU, flex_attention runs eagerly on purpose (the compiled path is for the GPU).
@@ -76,7 +80,8 @@ def _make_call(impl: str, n: int):
 
 def _reference(impl: str, n: int) -> float:
     if (impl, n) not in _reference_ms:
-        call, _ = _make_call(impl, n)
+        call, _ = _make_call(impl.removesuffix("-graph"), n)
+        call = graph_replays(call) if impl.endswith("-graph") else call
         call()
         _reference_ms[(impl, n)] = do_bench_ms(call)
     return _reference_ms[(impl, n)]
@@ -86,7 +91,8 @@ def _reference(impl: str, n: int) -> float:
 def test_prefill_attention(benchmark, impl, context_length):
     if impl == "triton" and INTERPRET and context_length > INTERPRETER_MAX_TOKENS:
         pytest.skip(f"interpreter: {context_length} tokens is too slow for a CPU smoke run")
-    call, decisions = _make_call(impl, context_length)
+    graphed = impl.endswith("-graph")
+    call, decisions = _make_call(impl.removesuffix("-graph"), context_length)
     s = _shape()
     group = s["num_q_heads"] // s["num_kv_heads"]
     pairs = count_visible_pairs(decisions, WINDOW) * group
@@ -94,7 +100,7 @@ def test_prefill_attention(benchmark, impl, context_length):
     benchmark.group = f"prefill-attention-{context_length}"
     benchmark.extra_info.update(visible_pairs=pairs, window=WINDOW, evict_rate=EVICT_RATE, dtype=str(s["dtype"]))
 
-    median_s = bench(benchmark, call, rounds=HUB_ROUNDS if impl == "hub" else 15)
+    median_s = bench(benchmark, call, cuda_graph=graphed, rounds=HUB_ROUNDS if impl == "hub" else 15)
     if median_s is None:
         return
     if impl == "triton":
@@ -108,6 +114,7 @@ def test_prefill_attention(benchmark, impl, context_length):
         visible_tflops=flops / (ms * 1e-3) / 1e12,
         floor_ms=floor_ms,
         time_over_floor=ms / floor_ms,
-        time_vs_dense_cudnn=ms / _reference(DENSE_REFERENCE, context_length),
+        # against cuDNN timed the same way (eager vs eager, graph replays vs graph replays)
+        time_vs_dense_cudnn=ms / _reference(DENSE_REFERENCE + ("-graph" if graphed else ""), context_length),
         speedup_vs_hub=_reference("hub", context_length) / ms,
     )
