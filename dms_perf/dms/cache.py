@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from dms_perf.dms.rule import evict_flags
+from dms_perf.kernels.compact import compact_by_bool
 
 DEFAULT_CAPACITY_STEP = 128
 
@@ -71,19 +72,25 @@ class DMSCacheLayer(CacheLayerMixin):
         self.lengths = keep.sum(-1, dtype=torch.int32)
         self.capacity = self.lengths.long() + step
         self.starts = self.capacity.flatten().cumsum(0).view(B, H) - self.capacity
-        # One host sync per layer and prefill: the buffer size and the longest head.
-        rows = int(self.capacity.sum())
-        self.longest_bound = int(self.lengths.max())
+        # One host sync per layer and prefill: the buffer size, the kept total and the longest head.
+        rows, kept, self.longest_bound = torch.stack(
+            [self.capacity.sum(), self.lengths.sum().long(), self.lengths.max().long()]
+        ).tolist()
         self.spare_steps = step
         self.row_head = torch.repeat_interleave(
             torch.arange(B * H, dtype=torch.int32, device=keys.device), self.capacity.flatten(), output_size=rows
         )
-        self.keys = torch.empty((rows, D), dtype=keys.dtype, device=keys.device)
-        self.values = torch.empty((rows, D), dtype=values.dtype, device=values.device)
-        b_idx, h_idx, j_idx = keep.nonzero(as_tuple=True)
-        row = self.starts[b_idx, h_idx] + rank[b_idx, h_idx, j_idx]
-        self.keys[row] = keys[b_idx, h_idx, j_idx]
-        self.values[row] = values[b_idx, h_idx, j_idx]
+        # compact_by_bool packs each head's kept rows back to back; head i's segment starts
+        # i * step rows further down (the spare rows of the heads before it).
+        packed_head = torch.repeat_interleave(
+            torch.arange(B * H, device=keys.device), self.lengths.flatten(), output_size=kept
+        )
+        dest = torch.arange(kept, device=keys.device) + packed_head * step
+        for name, src in (("keys", keys), ("values", values)):
+            packed, _, _ = compact_by_bool(src, keep, total=kept)
+            buffer = torch.empty((rows, D), dtype=src.dtype, device=src.device)
+            buffer.index_copy_(0, dest, packed)
+            setattr(self, name, buffer)
 
         # Ring entry j % (window + 1) describes token j (slot = row within its head's segment) for
         # the last window + 1 tokens; entries of tokens before 0 stay (slot 0, unflagged) so that
