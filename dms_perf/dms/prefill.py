@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -159,32 +160,41 @@ def hub_attention(q, k, v, decisions, window, scale):
 def flex_attention(q, k, v, decisions, window, scale, return_lse):
     """FlexAttention with a DMS ``mask_mod`` over query chunks; returns ``(out, lse or None)``.
 
-    Building one block mask over all N x N pairs runs out of memory at 16K on an 80 GB card, so each
-    chunk of queries gets its own block mask over the keys up to the chunk's end.
+    Building one block mask over all N x N pairs eagerly runs out of memory at 16K on an 80 GB card,
+    so each chunk of queries gets its own block mask. On CUDA the block masks are built by compiled
+    code (as FlexAttention is meant to be used): every chunk has the same shape (its queries x all N
+    keys) and reads its query offset from a device tensor, so the build compiles once per shape
+    (twice at most: the last chunk may be shorter) instead of once per chunk.
     """
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
     batch, num_q_heads, n, _ = q.shape
     group = num_q_heads // k.shape[1]
     evict = evict_flags(decisions)
-    attend = _flex_attention_fn(q.device.type == "cuda")
+    on_cuda = q.device.type == "cuda"
+    attend = _flex_attention_fn(on_cuda)
     rows = max(128, (FLEX_CHUNK_ELEMENTS // (batch * num_q_heads * n)) // 128 * 128)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else None
+    # Position of the chunk's first query; updated in place, in stream order with the kernels reading it.
+    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+
+    def dms_mask(b, h, q_idx, kv_idx):
+        i = q_idx + offset
+        return (kv_idx <= i) & ((i - kv_idx <= window) | ~evict[b, h // group, kv_idx])
+
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        # Offset as a tensor: the compiled kernel takes it as an input instead of recompiling per chunk.
-        offset = torch.tensor(start, device=q.device)
-
-        def dms_mask(b, h, q_idx, kv_idx, offset=offset):
-            i = q_idx + offset
-            return (kv_idx <= i) & ((i - kv_idx <= window) | ~evict[b, h // group, kv_idx])
-
-        block_mask = create_block_mask(dms_mask, batch, num_q_heads, end - start, end, device=q.device)
+        offset.fill_(start)
+        with warnings.catch_warnings():  # _compile=True is deprecated in newer torch, still supported
+            warnings.simplefilter("ignore", DeprecationWarning)
+            block_mask = create_block_mask(
+                dms_mask, batch, num_q_heads, end - start, n, device=q.device, _compile=on_cuda
+            )
         result = attend(
             q[:, :, start:end],
-            k[:, :, :end],
-            v[:, :, :end],
+            k,
+            v,
             block_mask=block_mask,
             scale=scale,
             enable_gqa=True,
