@@ -11,14 +11,17 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` in place with a value no kernel produces (NaN, -7777 or True) and return it."""
     if t.numel() == 0:
         return t
-    if t.dtype.is_floating_point or t.dtype.is_complex:
-        t.fill_(float("nan"))
-    elif t.dtype == torch.bool:
-        t.fill_(True)
-    elif t.dtype == torch.uint8:
-        t.fill_(0xAB)
-    else:
-        t.fill_(INT_SENTINEL)
+    # no_grad: callers such as inductor's pattern setup ask for leaves with requires_grad=True, which
+    # an in-place fill under autograd would reject.
+    with torch.no_grad():
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        elif t.dtype == torch.uint8:
+            t.fill_(0xAB)
+        else:
+            t.fill_(INT_SENTINEL)
     return t
 
 

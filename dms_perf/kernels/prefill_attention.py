@@ -12,6 +12,12 @@ are read from a compacted copy of the kept keys, with no mask at all. Only the b
 ``[m0 - window, m0 + BLOCK_M)`` of the original K/V needs the element-wise rule. The two loops are
 disjoint by position and share one online softmax (exp2, fp32 accumulation), so no N x N mask or score
 matrix ever exists.
+
+Host cost matters at short prompts (a Triton launch costs tens of microseconds of Python on the
+host): a call is two Triton launches. ``_dms_prep_kernel`` reads the decisions, compacts the kept K and
+V rows of every (batch, KV head) into segments of fixed capacity N (no global prefix sum, so no host
+sync and no second pass) and writes the running kept counts; ``_dms_prefill_kernel`` attends.
+Its readable reference is ``prep_reference`` below (``evict_flags``, boolean indexing, ``cumsum``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import triton.language as tl
 
 from dms_perf._runtime import INTERPRET
 from dms_perf.dms.rule import evict_flags
-from dms_perf.kernels.compact import compact_by_bool
+from dms_perf.kernels._common import COUNT_BLOCK, block_rows, chunk_geometry
 
 LOG2E = 1.4426950408889634
 # Running max before any key: finite, so that rows whose first tiles are all masked give
@@ -39,7 +45,18 @@ def _configs():
         triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"ROWS": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"ROWS": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        # fp32 inputs: tiles of twice the bytes; these fit Hopper's 227 KB of shared memory at D=128.
+        triton.Config({"ROWS": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"ROWS": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ]
+
+
+def _prune_by_element_size(configs, named_args, **kwargs):
+    """2-byte inputs try the first three configs, fp32 the last two (the others run out of shared
+    memory at D=128, and the autotuner would raise instead of skipping when all fail)."""
+    if INTERPRET:
+        return configs
+    return configs[:3] if named_args["Q"].element_size() <= 2 else configs[3:]
 
 
 @triton.jit
@@ -68,7 +85,7 @@ def _attend_tile(
 
 @triton.jit
 def _band_tiles(
-    acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d, lo, hi, band_hi, window,
+    acc, m_i, l_i, q, k_base, v_base, dec_base, pos, cols, d, lo, hi, band_hi, window, N,
     stride_kn, stride_vn, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -79,7 +96,8 @@ def _band_tiles(
         col_ok = j < band_hi
         visible = col_ok[None, :]
         if MASKED:
-            kept = tl.load(keep_base + j, mask=col_ok, other=0) != 0
+            # Key j is kept unless token j + 1's decision marks it (the newest token has none).
+            kept = tl.load(dec_base + j + 1, mask=col_ok & (j + 1 < N), other=0) == 0
             dist = pos[:, None] - j[None, :]
             visible = (dist >= 0) & ((dist <= window) | kept[None, :]) & col_ok[None, :]
         k_ptrs = k_base + j.to(tl.int64)[:, None] * stride_kn + d[None, :]
@@ -91,10 +109,13 @@ def _band_tiles(
 
 # Keyed on N rounded up to a power of two: a new prompt length reuses its bucket's config instead of
 # re-running the autotuner (host syncs, hundreds of ms) inside a model's prefill.
-@triton.autotune(configs=_configs(), key=["N_BUCKET", "HEAD_DIM", "GROUP"])
+@triton.autotune(
+    configs=_configs(), key=["N_BUCKET", "HEAD_DIM", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_by_element_size},
+)
 @triton.jit
 def _dms_prefill_kernel(
-    Q, K, V, KC, VC, SEG, KEPT_UPTO, KEEP, OUT, LSE,
+    Q, K, V, KC, VC, KEPT_UPTO, DEC, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -130,7 +151,7 @@ def _dms_prefill_kernel(
 
     # Loop 1: kept keys at positions < m0 - window, compacted; visible to every row, no mask.
     band_lo = tl.maximum(m0 - window, 0)
-    seg_start = tl.load(SEG + bh).to(tl.int64)
+    seg_start = bh.to(tl.int64) * N
     n_prefix = 0
     if band_lo > 0:
         n_prefix = tl.load(KEPT_UPTO + bh.to(tl.int64) * N + band_lo - 1)
@@ -153,18 +174,18 @@ def _dms_prefill_kernel(
     band_hi = tl.minimum(m0 + BLOCK_M, N)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    keep_base = KEEP + bh.to(tl.int64) * N
+    dec_base = DEC + bh.to(tl.int64) * N
     in_all_windows = m0 + BLOCK_M - 1 - window
     mid_lo = band_lo + tl.cdiv(tl.maximum(in_all_windows - band_lo, 0), BLOCK_N) * BLOCK_N
     mid_hi = mid_lo + (tl.maximum(tl.minimum(m0 + 1, band_hi) - mid_lo, 0) // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d,
-                                band_lo, tl.minimum(mid_lo, band_hi), band_hi, window,
+    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, dec_base, pos, cols, d,
+                                band_lo, tl.minimum(mid_lo, band_hi), band_hi, window, N,
                                 stride_kn, stride_vn, qk_scale, BLOCK_N, True, DOT_PRECISION)
-    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d,
-                                mid_lo, mid_hi, band_hi, window,
+    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, dec_base, pos, cols, d,
+                                mid_lo, mid_hi, band_hi, window, N,
                                 stride_kn, stride_vn, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, keep_base, pos, cols, d,
-                                mid_hi, band_hi, band_hi, window,
+    acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, dec_base, pos, cols, d,
+                                mid_hi, band_hi, band_hi, window, N,
                                 stride_kn, stride_vn, qk_scale, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / l_i[:, None]
@@ -176,6 +197,79 @@ def _dms_prefill_kernel(
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         lse_row = (b.to(tl.int64) * num_kv_heads * GROUP + h * GROUP + g) * N + pos
         tl.store(LSE + lse_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _dms_prep_kernel(
+    DEC, K, V, KC, VC, KEPT_UPTO,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    N, num_kv_heads, CHUNK, tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+):
+    """Program (c, r) handles tokens [c * CHUNK, (c + 1) * CHUNK) of row r = b * Hkv + h: writes
+    ``KEPT_UPTO[r, s]`` (kept tokens among 0..s) and copies each kept token's K and V row to
+    ``KC / VC[r * N + its rank among the row's kept tokens]``. Token s is kept unless ``DEC[r, s + 1]``."""
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    b = (r // num_kv_heads).to(tl.int64)
+    h = (r % num_kv_heads).to(tl.int64)
+    row = r.to(tl.int64) * N
+    start = c * CHUNK
+    # Kept tokens before the chunk: tokens j < start are evicted iff DEC[j + 1] (j + 1 <= start < N).
+    marked = 0
+    for off in range(0, start, COUNT_BLOCK):
+        j = off + tl.arange(0, COUNT_BLOCK)
+        marked += tl.sum(tl.load(DEC + row + j + 1, mask=j < start, other=0).to(tl.int32), axis=0)
+    next_rank = start - marked
+    d = tl.arange(0, HEAD_DIM)
+    end = tl.minimum(start + CHUNK, N)
+    for t in range(0, tiles):
+        s = start + t * BLOCK_S + tl.arange(0, BLOCK_S)
+        in_chunk = s < end
+        evicted = tl.load(DEC + row + s + 1, mask=in_chunk & (s + 1 < N), other=0) != 0
+        kept = in_chunk & ~evicted
+        upto = next_rank + tl.cumsum(kept.to(tl.int32), axis=0)
+        tl.store(KEPT_UPTO + row + s, upto, mask=in_chunk)
+        dest = (row + upto - 1)[:, None] * HEAD_DIM + d[None, :]
+        src = s.to(tl.int64)[:, None]
+        k_rows = tl.load(K + b * stride_kb + h * stride_kh + src * stride_kn + d[None, :], mask=kept[:, None])
+        tl.store(KC + dest, k_rows, mask=kept[:, None])
+        v_rows = tl.load(V + b * stride_vb + h * stride_vh + src * stride_vn + d[None, :], mask=kept[:, None])
+        tl.store(VC + dest, v_rows, mask=kept[:, None])
+        next_rank += tl.sum(kept.to(tl.int32), axis=0)
+
+
+def dms_prep(k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor):
+    """One launch: ``(k_kept, v_kept, kept_upto)`` for the fused kernel (see ``prep_reference``).
+
+    k, v ``[B, Hkv, N, D]`` (last dim contiguous), decisions bool ``[B, Hkv, N]`` contiguous.
+    ``k_kept`` / ``v_kept`` ``[B * Hkv * N, D]``: row r = b * Hkv + h's kept K/V rows, in order, from
+    ``r * N``; the rest of each segment is left unwritten. ``kept_upto`` int32 ``[B, Hkv, N]``.
+    """
+    batch, num_kv_heads, n, head_dim = k.shape
+    rows = batch * num_kv_heads
+    k_kept = torch.empty((rows * n, head_dim), dtype=k.dtype, device=k.device)
+    v_kept = torch.empty((rows * n, head_dim), dtype=v.dtype, device=v.device)
+    kept_upto = torch.empty((batch, num_kv_heads, n), dtype=torch.int32, device=k.device)
+    block_s = block_rows(head_dim, k.element_size())
+    chunk, n_chunks, tiles = chunk_geometry(rows, n, block_s, k.device)
+    _dms_prep_kernel[(n_chunks, rows)](
+        decisions.view(torch.uint8), k, v, k_kept, v_kept, kept_upto,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        n, num_kv_heads, chunk, tiles,
+        HEAD_DIM=head_dim, BLOCK_S=block_s, COUNT_BLOCK=COUNT_BLOCK,
+    )
+    return k_kept, v_kept, kept_upto
+
+
+def prep_reference(k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor):
+    """Readable reference of ``dms_prep``: ``(kept K rows, kept V rows, kept_upto)``, the kept rows
+    as one list entry per (b, h) (``k[b, h][keep[b, h]]``), ``kept_upto = cumsum(keep)`` int32."""
+    keep = ~evict_flags(decisions)
+    batch, num_kv_heads = keep.shape[:2]
+    k_rows = [k[b, h][keep[b, h]] for b in range(batch) for h in range(num_kv_heads)]
+    v_rows = [v[b, h][keep[b, h]] for b in range(batch) for h in range(num_kv_heads)]
+    return k_rows, v_rows, torch.cumsum(keep, dim=-1, dtype=torch.int32)
 
 
 def triton_prefill_attention(
@@ -197,14 +291,10 @@ def triton_prefill_attention(
     group = num_q_heads // num_kv_heads
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
-    keep = ~evict_flags(decisions.contiguous())  # compact_by_bool needs a contiguous mask
-    kept_upto = torch.cumsum(keep, dim=-1, dtype=torch.int32)
-    # Capacity, not the exact kept count: knowing that would take a host sync, which left the GPU idle
-    # while the rest of the call launched (about 0.5 ms measured at 4K on an H100, benchmarks/NOTES.md).
-    # The rows past the kept count stay unwritten and the kernel reads only within ``segments``.
-    capacity = keep.numel()
-    k_kept, segments, _ = compact_by_bool(k, keep, total=capacity)
-    v_kept, _, _ = compact_by_bool(v, keep, total=capacity)
+    decisions = decisions.contiguous()
+    # Segments of capacity N per (b, h), not the exact kept counts: knowing those would take a host
+    # sync, which left the GPU idle while the rest of the call launched (benchmarks/NOTES.md).
+    k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else out
@@ -214,7 +304,7 @@ def triton_prefill_attention(
         return (triton.cdiv(n, meta["ROWS"] // group_p2), batch * num_kv_heads)
 
     _dms_prefill_kernel[grid](
-        q, k, v, k_kept, v_kept, segments, kept_upto, keep.view(torch.uint8),
+        q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8),
         out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -166,3 +166,22 @@ def test_query_chunks_match_math(impl, device, monkeypatch):
     monkeypatch.setattr(prefill, "MATH_CHUNK_ELEMENTS", 1)  # 1-row chunks
     out = dms_prefill_attention(q, k, v, decisions, 40, impl=impl, scale=0.125)
     assert rel_error(out, ref) < 1e-5 and worst_row_error(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("evict_rate", [0.0, 0.5, 0.875, 1.0])
+@pytest.mark.parametrize(("batch", "n"), [(1, 1), (2, 157), (1, 1000)])
+def test_prep_kernel_matches_reference(evict_rate, batch, n, device):
+    """The fused kernel's prep launch: kept K/V rows packed per (b, h) segment, running kept counts."""
+    from dms_perf.kernels.prefill_attention import dms_prep, prep_reference
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    _, k, v, decisions = make_inputs(batch, 4, 2, n, 64, dtype, device, evict_rate)
+    v = torch.randn(batch, n, 2, 64, dtype=dtype, device=device).transpose(1, 2)  # strided rows
+    k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
+    k_rows, v_rows, ref_upto = prep_reference(k, v, decisions)
+    assert torch.equal(kept_upto, ref_upto)
+    for r, (k_ref, v_ref) in enumerate(zip(k_rows, v_rows)):
+        assert torch.equal(k_kept[r * n : r * n + len(k_ref)], k_ref), f"segment {r}: K rows differ"
+        assert torch.equal(v_kept[r * n : r * n + len(v_ref)], v_ref), f"segment {r}: V rows differ"
+    # The newest token is always kept, so every segment holds at least one row.
+    assert min(len(rows) for rows in k_rows) >= 1

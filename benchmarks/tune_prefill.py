@@ -1,0 +1,65 @@
+"""Sweep launch configs of the fused DMS prefill kernel on this GPU (how its autotune list was chosen).
+
+    PYTHONPATH=. python3 benchmarks/tune_prefill.py --context-lengths 8192,32768
+
+Runs the kernel directly (bypassing the autotuner) at the Qwen3-8B shape of the prefill benchmark
+(B=1, Hq=32, Hkv=8, D=128, bf16, window 512, 7/8 marked) for each (ROWS, BLOCK_N, warps, stages) and
+prints do_bench medians; configs that do not fit the card print their error. Results: benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import triton
+
+from dms_perf.dms.rule import count_visible_pairs
+from dms_perf.kernels.prefill_attention import LOG2E, _dms_prefill_kernel, dms_prep
+from dms_perf.measure import do_bench_ms
+
+CANDIDATES = [
+    # (ROWS, BLOCK_N, num_warps, num_stages)
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
+    (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (256, 64, 16, 3), (256, 128, 16, 2),
+    (256, 128, 16, 3), (256, 64, 16, 4), (128, 32, 8, 4),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context-lengths", default="8192,32768")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "triton", triton.__version__)
+    for n in (int(x) for x in args.context_lengths.split(",")):
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv")
+        decisions = torch.rand(1, 8, n, device="cuda", generator=gen) < 7 / 8
+        flops = 4 * 128 * 4 * count_visible_pairs(decisions, 512)
+        k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
+        out = torch.empty_like(q)
+        for rows, block_n, warps, stages in CANDIDATES:
+            grid = (triton.cdiv(n, rows // 4), 8)
+
+            def call():
+                _dms_prefill_kernel.fn[grid](
+                    q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8), out, out,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                    n, triton.next_power_of_2(n), 8, 512, LOG2E / math.sqrt(128),
+                    HEAD_DIM=128, GROUP=4, GROUP_P2=4, ROWS=rows, BLOCK_N=block_n, RETURN_LSE=False,
+                    DOT_PRECISION="tf32", num_warps=warps, num_stages=stages,
+                )
+
+            try:
+                ms = do_bench_ms(call)
+                print(f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages}: "
+                      f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s (visible)", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result here
+                print(f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages}: "
+                      f"{type(exc).__name__}: {str(exc)[:100]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
