@@ -10,6 +10,7 @@ prints do_bench medians; configs that do not fit the card print their error. Res
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
@@ -27,6 +28,17 @@ CANDIDATES = [
 ]
 
 
+def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages):
+    n = q.shape[2]
+    _dms_prefill_kernel.fn[(triton.cdiv(n, rows // 4), 8)](
+        q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8), out, out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        n, triton.next_power_of_2(n), 8, 512, LOG2E / math.sqrt(128),
+        HEAD_DIM=128, GROUP=4, GROUP_P2=4, ROWS=rows, BLOCK_N=block_n, RETURN_LSE=False,
+        DOT_PRECISION="tf32", num_warps=warps, num_stages=stages,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context-lengths", default="8192,32768")
@@ -41,17 +53,9 @@ def main() -> None:
         k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
         out = torch.empty_like(q)
         for rows, block_n, warps, stages in CANDIDATES:
-            grid = (triton.cdiv(n, rows // 4), 8)
-
-            def call():
-                _dms_prefill_kernel.fn[grid](
-                    q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8), out, out,
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                    n, triton.next_power_of_2(n), 8, 512, LOG2E / math.sqrt(128),
-                    HEAD_DIM=128, GROUP=4, GROUP_P2=4, ROWS=rows, BLOCK_N=block_n, RETURN_LSE=False,
-                    DOT_PRECISION="tf32", num_warps=warps, num_stages=stages,
-                )
-
+            call = functools.partial(
+                _launch, q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages
+            )
             try:
                 ms = do_bench_ms(call)
                 print(f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages}: "

@@ -162,10 +162,10 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
 
     Building one block mask over all N x N pairs eagerly runs out of memory at 16K on an 80 GB card,
     so each chunk of queries gets its own block mask. Heads are laid out in pages (one per KV head,
-    as the hub does), so the mask is evaluated once per KV head, not once per query head. On CUDA the block masks are built by compiled
-    code (as FlexAttention is meant to be used): every chunk has the same shape (its queries x all N
-    keys) and reads its query offset from a device tensor, so the build compiles once per shape
-    (twice at most: the last chunk may be shorter) instead of once per chunk.
+    as the hub does), so the mask is evaluated once per KV head, not once per query head. On CUDA the
+    block masks are built by compiled code (as FlexAttention is meant to be used): every chunk has the
+    same shape (its queries x all N keys) and reads its query offset from a device tensor, so the
+    build compiles once per shape (twice at most: the last chunk may be shorter), not once per chunk.
     """
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 

@@ -180,7 +180,7 @@ def test_prep_kernel_matches_reference(evict_rate, batch, n, device):
     k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
     k_rows, v_rows, ref_upto = prep_reference(k, v, decisions)
     assert torch.equal(kept_upto, ref_upto)
-    for r, (k_ref, v_ref) in enumerate(zip(k_rows, v_rows)):
+    for r, (k_ref, v_ref) in enumerate(zip(k_rows, v_rows, strict=True)):
         assert torch.equal(k_kept[r * n : r * n + len(k_ref)], k_ref), f"segment {r}: K rows differ"
         assert torch.equal(v_kept[r * n : r * n + len(v_ref)], v_ref), f"segment {r}: V rows differ"
     # The newest token is always kept, so every segment holds at least one row.
