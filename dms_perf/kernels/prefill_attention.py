@@ -41,10 +41,11 @@ def _configs():
         # The interpreter's cost is per operation, not per element: few, small tiles.
         return [triton.Config({"ROWS": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
-        # The autotuner's picks at the Qwen3-8B shape on an H100 (benchmarks/NOTES.md).
+        # The fastest three of benchmarks/tune_prefill.py's sweep at the Qwen3-8B shape on an H100
+        # (benchmarks/NOTES.md): 64 query positions x 4 heads per program, 64-key tiles.
+        triton.Config({"ROWS": 256, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"ROWS": 256, "BLOCK_N": 64}, num_warps=16, num_stages=3),
         triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"ROWS": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"ROWS": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         # fp32 inputs: tiles of twice the bytes; these fit Hopper's 227 KB of shared memory at D=128.
         triton.Config({"ROWS": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"ROWS": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
@@ -72,11 +73,12 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    # Raw scores; the scale (log2 e / sqrt(D)) enters through the row max and one fused multiply-add.
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
