@@ -30,6 +30,9 @@ from dms_perf.dms.rule import evict_flags
 from dms_perf.kernels.compact import compact_by_bool
 
 DEFAULT_CAPACITY_STEP = 128
+# Prefill layers whose packing may wait (each holds its full-length K/V until packed): two layers of
+# GPU work stay queued behind the one the host waits for.
+MAX_PENDING_LAYERS = 2
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -49,6 +52,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.ring_slot: torch.Tensor | None = None
         self.ring_flag: torch.Tensor | None = None
         self.seen = 0
+        self._pending = None  # a prefill's (keys, values, keep, sizes, ready event) until packed
         self.longest_bound = 0  # host-known upper bound of lengths
         self.spare_steps = 0  # decode steps every segment can still take without growing
 
@@ -61,7 +65,13 @@ class DMSCacheLayer(CacheLayerMixin):
         )
 
     def prefill(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
-        """Store the tokens the last prefill query sees (K/V ``[B, Hkv, N, D]``, decisions ``[B, Hkv, N]``)."""
+        """Store the tokens the last prefill query sees (K/V ``[B, Hkv, N, D]``, decisions ``[B, Hkv, N]``).
+
+        Sizing the buffer needs three numbers from the device (rows, kept total, longest head). They are
+        copied back asynchronously and the packing waits in ``_pending`` until ``finish_prefill``: a
+        blocking read per layer would drain the GPU's queue 36 times a prefill and expose the host's
+        per-layer Python time (benchmarks/NOTES.md).
+        """
         self.lazy_initialization(keys, values)
         B, H, N, D = keys.shape
         w1, step = self.window + 1, self.capacity_step
@@ -72,11 +82,41 @@ class DMSCacheLayer(CacheLayerMixin):
         self.lengths = keep.sum(-1, dtype=torch.int32)
         self.capacity = self.lengths.long() + step
         self.starts = self.capacity.flatten().cumsum(0).view(B, H) - self.capacity
-        # One host sync per layer and prefill: the buffer size, the kept total and the longest head.
-        rows, kept, self.longest_bound = torch.stack(
-            [self.capacity.sum(), self.lengths.sum().long(), self.lengths.max().long()]
-        ).tolist()
+        totals = torch.stack([self.capacity.sum(), self.lengths.sum().long(), self.lengths.max().long()])
+        ready = None
+        if totals.is_cuda:
+            totals = totals.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending = (keys, values, keep, totals, ready)
         self.spare_steps = step
+
+        # Ring entry j % (window + 1) describes token j (slot = row within its head's segment) for
+        # the last window + 1 tokens; entries of tokens before 0 stay (slot 0, unflagged) so that
+        # they never free a slot.
+        self.ring_slot = torch.zeros((B, H, w1), dtype=torch.int64, device=keys.device)
+        self.ring_flag = torch.zeros((B, H, w1), dtype=torch.bool, device=keys.device)
+        last = torch.arange(max(0, N - w1), N, device=keys.device)
+        self.ring_slot[:, :, last % w1] = rank[:, :, last]
+        self.ring_flag[:, :, last % w1] = evict[:, :, last]
+        self.seen = N
+        self.is_initialized = True
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def finish_prefill(self) -> None:
+        """Pack the prefill's kept K/V into the per-head segments (waits for the sizes if needed)."""
+        if self._pending is None:
+            return
+        keys, values, keep, totals, ready = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()
+        rows, kept, self.longest_bound = totals.tolist()
+        B, H, _, D = keys.shape
+        step = self.capacity_step
         self.row_head = torch.repeat_interleave(
             torch.arange(B * H, dtype=torch.int32, device=keys.device), self.capacity.flatten(), output_size=rows
         )
@@ -92,19 +132,9 @@ class DMSCacheLayer(CacheLayerMixin):
             buffer.index_copy_(0, dest, packed)
             setattr(self, name, buffer)
 
-        # Ring entry j % (window + 1) describes token j (slot = row within its head's segment) for
-        # the last window + 1 tokens; entries of tokens before 0 stay (slot 0, unflagged) so that
-        # they never free a slot.
-        self.ring_slot = torch.zeros((B, H, w1), dtype=torch.int64, device=keys.device)
-        self.ring_flag = torch.zeros((B, H, w1), dtype=torch.bool, device=keys.device)
-        last = torch.arange(max(0, N - w1), N, device=keys.device)
-        self.ring_slot[:, :, last % w1] = rank[:, :, last]
-        self.ring_flag[:, :, last % w1] = evict[:, :, last]
-        self.seen = N
-        self.is_initialized = True
-
     def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
         """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
+        self.finish_prefill()
         if self.spare_steps == 0:
             self._grow()
         t, w1 = self.seen, self.window + 1
@@ -174,6 +204,7 @@ class DMSCacheLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache cannot be cropped: eviction is final (shared/DMS.md)")
 
     def nbytes(self) -> int:
+        self.finish_prefill()
         tensors = (
             self.keys,
             self.values,
@@ -202,14 +233,19 @@ class DMSCache(Cache):
             raise ValueError(f"capacity_step must be >= 1, got {capacity_step}")
         super().__init__(layers=[DMSCacheLayer(window, capacity_step) for _ in range(num_layers)])
         self.window = window
+        self._pending_layers: list[DMSCacheLayer] = []
 
     def append(
-        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,
+        *, defer_packing: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
         """Add tokens to layer ``layer_idx``.
 
         Returns ``(k_cache [S, D], v_cache [S, D], starts [B, Hkv], lengths [B, Hkv], max_length)``,
-        the arguments of ``dms_decode_attention``.
+        the arguments of ``dms_decode_attention``. ``defer_packing`` (prefill only; returns None): leave
+        the layer's packing pending, so that the model's prefill does not wait for the GPU at every
+        layer. At most ``MAX_PENDING_LAYERS`` layers stay pending (the oldest is packed first, waiting
+        for a layer the GPU finished long ago); ``finish_prefill()`` packs the rest.
         """
         layer = self.layers[layer_idx]
         n = keys.shape[2]
@@ -221,6 +257,12 @@ class DMSCache(Cache):
             )
         if not layer.is_initialized:
             layer.prefill(keys, values, decisions)
+            if defer_packing:
+                self._pending_layers.append(layer)
+                while len(self._pending_layers) > MAX_PENDING_LAYERS:
+                    self._pending_layers.pop(0).finish_prefill()
+                return None
+            layer.finish_prefill()
         elif n == 1:
             if keys.shape[:2] != layer.lengths.shape:
                 raise ValueError(
@@ -234,6 +276,12 @@ class DMSCache(Cache):
             )
         return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
 
+    def finish_prefill(self) -> None:
+        """Pack every layer whose prefill packing was deferred (one wait, for the newest)."""
+        for layer in self._pending_layers:
+            layer.finish_prefill()
+        self._pending_layers.clear()
+
     def head_lengths(self, layer_idx: int) -> torch.Tensor:
         """``[B, Hkv]`` int32: tokens held per (batch, KV head) in layer ``layer_idx``."""
         return self.layers[layer_idx].lengths
@@ -244,6 +292,7 @@ class DMSCache(Cache):
 
     def kept_kv_bytes(self) -> int:
         """Bytes of the occupied K/V slots only (synchronizes: for reporting)."""
+        self.finish_prefill()
         total = 0
         for layer in self.layers:
             if layer.is_initialized:

@@ -95,7 +95,7 @@ class Qwen3DMSAttention(Qwen3Attention):
             out = dms_prefill_attention(q, k, v, decisions, window, impl=backend, scale=self.scaling)
             if past_key_values is not None:
                 _require_cache(past_key_values, DMSCache, backend)
-                past_key_values.append(self.layer_idx, k, v, decisions)
+                past_key_values.append(self.layer_idx, k, v, decisions, defer_packing=True)
         else:
             _require_cache(past_key_values, DMSCache, backend)
             cached = past_key_values.append(self.layer_idx, k, v, decisions)
@@ -151,9 +151,12 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
             )
         if use_cache and past_key_values is None:
             past_key_values = self.make_dms_cache()
-        return super().forward(
+        out = super().forward(
             input_ids=input_ids, attention_mask=None, past_key_values=past_key_values, use_cache=use_cache, **kwargs
         )
+        if isinstance(past_key_values, DMSCache):
+            past_key_values.finish_prefill()  # the prefill's deferred packing (a no-op when decoding)
+        return out
 
     def generate(self, *args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):

@@ -151,3 +151,24 @@ def test_decode_update_and_attention_do_not_synchronize():
             dms_decode_attention(q, *cache.append(0, k, v, d))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_deferred_prefill_packing_matches_immediate(device):
+    """The model's prefill defers each layer's packing (at most MAX_PENDING_LAYERS wait); the packed
+    cache must equal the one packed at once, layer by layer."""
+    from dms_perf.dms.cache import MAX_PENDING_LAYERS
+
+    layers, B, H, n, D = MAX_PENDING_LAYERS + 3, 2, 2, 40, 16
+    deferred, immediate = DMSCache(num_layers=layers, window=4), DMSCache(num_layers=layers, window=4)
+    for layer in range(layers):
+        k, v = _tagged(B, H, n, D, 0, device)
+        decisions = torch.rand(B, H, n, device=device) < 0.7
+        assert deferred.append(layer, k, v, decisions, defer_packing=True) is None
+        immediate.append(layer, k, v, decisions)
+        assert sum(lay.pending for lay in deferred.layers) == min(layer + 1, MAX_PENDING_LAYERS)
+    assert deferred.layers[0].pending is False and deferred.layers[-1].pending is True
+    deferred.finish_prefill()
+    assert not any(lay.pending for lay in deferred.layers)
+    for layer in range(layers):
+        assert _held_tokens(deferred, layer) == _held_tokens(immediate, layer)
+    assert deferred.kv_bytes() == immediate.kv_bytes()
