@@ -120,8 +120,14 @@ def test_decode(benchmark, method, context_length):
     with torch.inference_mode():
         out = _prefill(model, ids)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        # Each timed call appends one token to the cache, as generate's loop does.
-        step = lambda: model(input_ids=token, past_key_values=cache, use_cache=True)
+        position = torch.full((1, 1), context_length, device=model.device)
+
+        def step():
+            # Each timed call appends one token at the next position, as generate_once's loop does.
+            result = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
+            position.add_(1)
+            return result
+
         median = bench(benchmark, step, rounds=10)
         _track_peak(benchmark, model, step, base)
     _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
