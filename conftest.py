@@ -50,7 +50,15 @@ def pytest_addoption(parser):
     )
 
 
+HOST_BOUND_MARKER = (
+    "host_bound: timing set by host-side Python and launches rather than device work (a benchmark module "
+    "marks its cases with a module-level host_bound(params) rule); `dms-perf ci run` leaves them out of "
+    "the gate against an absolute baseline, base-vs-head gates them"
+)
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", HOST_BOUND_MARKER)
     config.dms_context_lengths = parse_context_lengths(config.getoption("--context-lengths"))
     config.dms_methods = parse_names(config.getoption("--methods"))
     try:
@@ -111,6 +119,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", test_dtypes(), ids=lambda d: str(d).removeprefix("torch."))
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selection, which must see the host_bound marks
 def pytest_collection_modifyitems(config, items):
     keep_methods = config.dms_methods
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none on this machine (ran CPU/interpreter tests only)")
@@ -119,6 +128,9 @@ def pytest_collection_modifyitems(config, items):
         if not HAS_CUDA and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
         params = getattr(getattr(item, "callspec", None), "params", {})
+        host_bound = getattr(getattr(item, "module", None), "host_bound", None)
+        if callable(host_bound) and host_bound(params):
+            item.add_marker("host_bound")
         name = params.get("impl", params.get("method"))
         if keep_methods is not None and name is not None and str(name) not in keep_methods:
             deselected.append(item)
@@ -132,6 +144,14 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
+
+
+@pytest.fixture(autouse=True)
+def _record_host_bound(request):
+    """Benchmarks marked host_bound say so in their JSON (``extra_info["host_bound"]``), so that
+    ``dms-perf ci gate --host-bound-threshold`` can treat them apart."""
+    if "benchmark" in request.fixturenames and request.node.get_closest_marker("host_bound"):
+        request.getfixturevalue("benchmark").extra_info["host_bound"] = True
 
 
 @pytest.fixture

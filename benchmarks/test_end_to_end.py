@@ -18,6 +18,9 @@ from dms_perf.measure import generate_once, release_memory, summarize_runs
 from dms_perf.methods import DEFAULT_METHODS, DMS_BACKENDS, load_model_for, resolve_method
 from dms_perf.workloads import needle_workload
 
+# Whole generations: mostly decode steps, whose time is Python on the host (benchmarks/NOTES.md).
+pytestmark = pytest.mark.host_bound
+
 MODEL = "qwen3-8b" if HAS_CUDA else "tiny"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 NEW_TOKENS = 32 if HAS_CUDA else 4

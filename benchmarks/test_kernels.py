@@ -116,6 +116,12 @@ def _compact_case(batch: int, seq_len: int) -> Case:
     )
 
 
+def host_bound(params: dict) -> bool:
+    """The loop references (a host sync per row) and every eager batch-1 call: at B=1 a launch's Python
+    costs about as much as the copy (triton vs triton-graph in benchmarks/NOTES.md)."""
+    return params.get("impl") == "loop" or (params.get("batch") == 1 and not str(params.get("impl")).endswith("-graph"))
+
+
 MAKE_CASE = {
     "left_pad_2d": _left_pad_case,
     "scatter_by_index": _scatter_case,

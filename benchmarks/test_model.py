@@ -112,6 +112,8 @@ def test_prefill(benchmark, method, context_length):
         benchmark.extra_info["prefill_tok_s"] = context_length / median
 
 
+# A decode step is Python in transformers' layer loop and small launches: tens of ms of host time.
+@pytest.mark.host_bound
 @pytest.mark.parametrize("method", list(METHODS))
 def test_decode(benchmark, method, context_length):
     model, calibration = _model_for(method)

@@ -175,3 +175,52 @@ def test_each_xdist_worker_gets_its_own_gpu():
     assert [ci.gpu_for_worker(f"gw{k}", 4) for k in range(6)] == [0, 1, 2, 3, 0, 1]
     assert ci.gpu_for_worker("gw3", 1) is None  # one GPU: every worker shares it
     assert ci.gpu_for_worker("", 8) is None  # not under xdist
+
+
+HOST_BOUND_BENCH = """
+import os, time
+import pytest
+
+def host_bound(params):
+    return params.get("where") == "host"
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_case(benchmark, where):
+    delay = float(os.environ.get("HOST_DELAY" if where == "host" else "GATE_DELAY", "0.02"))
+    benchmark.pedantic(time.sleep, args=(delay,), rounds=15, iterations=1, warmup_rounds=1)
+"""
+
+
+def test_host_bound_cases_leave_the_absolute_gate_but_not_the_json_gate(bench_project, tmp_path):
+    """A module's host_bound(params) rule marks its cases: `-m "not host_bound"` (what `dms-perf ci run`
+    adds against an absolute baseline) ignores a slower host-bound case but not a slower device one;
+    the JSON carries the mark, so `ci gate` can give those cases their own threshold."""
+    (bench_project.path / "benchmarks" / "test_gate.py").write_text(HOST_BOUND_BENCH)
+    base, head = tmp_path / "base.json", tmp_path / "head.json"
+    assert run(bench_project, FAST, "--benchmark-save=baseline", f"--benchmark-json={base}").ret == 0
+    marked = {b["name"]: b["extra_info"].get("host_bound", False) for b in ci.load(base)["benchmarks"]}
+    assert marked == {"test_case[device]": False, "test_case[host]": True}
+
+    bench_project._monkeypatch.setenv("HOST_DELAY", SLOW)  # only the host-bound case got slower
+    gated = ("--benchmark-compare", "--benchmark-compare-fail=median:10%")
+    result = run(bench_project, FAST, *gated, "-m", "not host_bound", f"--benchmark-json={head}")
+    assert result.ret == 0 and "1 deselected" in result.stdout.str()
+    assert run(bench_project, FAST, *gated).ret != 0  # with the host-bound case, the gate trips
+    run(bench_project, FAST, f"--benchmark-json={head}")
+    assert ci.main(["gate", str(base), str(head), "--threshold", "10"]) == 1
+    assert ci.main(["gate", str(base), str(head), "--threshold", "10", "--host-bound-threshold", "1000"]) == 0
+
+    bench_project._monkeypatch.setenv("HOST_DELAY", FAST)
+    result = run(bench_project, SLOW, *gated, "-m", "not host_bound")  # a slower device-bound case
+    assert result.ret != 0 and "test_case[device]" in result.stdout.str() + result.stderr.str()
+
+
+def test_ci_run_leaves_host_bound_cases_to_base_vs_head(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(ci, "_pytest", lambda args, cwd: calls.append(args) or 0)
+    assert ci.main(["run", "--skip-tests", "--out", str(tmp_path)]) == 0
+    assert calls[-1][calls[-1].index("-m") + 1] == "not host_bound"
+    assert ci.main(["run", "--skip-tests", "--include-host-bound", "--out", str(tmp_path)]) == 0
+    assert "-m" not in calls[-1]
+    assert ci.main(["run", "--skip-tests", "--save-baseline", "--out", str(tmp_path)]) == 0
+    assert "-m" not in calls[-1]  # a baseline holds every case
