@@ -66,6 +66,11 @@ def gpu_of(machine_info: dict) -> str | None:
     return (machine_info.get("dms_perf_device") or {}).get("gpu")
 
 
+def gpu_slug_of(run: dict) -> str:
+    """The baseline folder name of a benchmark JSON's GPU model (``none`` without a GPU)."""
+    return (run["machine_info"].get("dms_perf_device") or {}).get("gpu_slug") or "none"
+
+
 def check_same_gpu(current: dict, baseline: dict, where: str = "") -> None:
     """Raise GateError naming both cards when a baseline was measured on another GPU model."""
     here, there = gpu_of(current), gpu_of(baseline)
@@ -227,30 +232,89 @@ def _pytest(args: list[str], cwd: Path) -> int:
     return subprocess.call(cmd, cwd=cwd, env=env)
 
 
+def _shard_devices(count: int) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each of ``count`` shards: one visible GPU each, in order."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+    else:
+        try:
+            import torch
+
+            ids = [str(i) for i in range(torch.cuda.device_count())]
+        except ImportError:  # pragma: no cover - torch is a dependency
+            ids = []
+    if ids and len(ids) < count:
+        raise GateError(f"--shards {count} needs {count} GPUs, {len(ids)} visible ({','.join(ids)})")
+    return [ids[i] if ids else None for i in range(count)]
+
+
+def _run_shards(args: list[str], count: int, out: Path, cwd: Path) -> tuple[int, list[Path]]:
+    """Run ``pytest args --shard i/count`` in parallel, one GPU each; returns (worst exit code, JSON paths)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")])))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    procs, paths = [], []
+    for index, device in enumerate(_shard_devices(count), start=1):
+        path = out / f"shard{index}.json"
+        path.unlink(missing_ok=True)
+        shard_env = dict(env) if device is None else dict(env, CUDA_VISIBLE_DEVICES=device)
+        cmd = [sys.executable, "-m", "pytest", *args, f"--shard={index}/{count}", f"--benchmark-json={path}"]
+        print("+", " ".join(cmd), f"(GPU {device if device is not None else '-'}, in {cwd})", flush=True)
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=shard_env))
+        paths.append(path)
+    codes = [p.wait() for p in procs]
+    for index, code in enumerate(codes, start=1):
+        print(f"shard {index}/{count}: exit {code}")
+    return max(codes, key=abs), [p for p in paths if p.exists() and p.stat().st_size]
+
+
+def next_baseline_path(storage: Path) -> Path:
+    """Where pytest-benchmark's ``--benchmark-save=baseline`` would write next in ``storage``."""
+    from pytest_benchmark.utils import get_machine_id
+
+    folder = storage / get_machine_id()
+    numbers = [int(p.name[:4]) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.json")]
+    return folder / f"{max(numbers, default=0) + 1:04d}_baseline.json"
+
+
 def cmd_run(ns) -> int:
     """GPU tests, then the benchmarks compared with (or saved as) this GPU model's baseline."""
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    repo = Path(ns.repo).resolve()
+    if ns.shards < 1:
+        raise GateError(f"--shards must be >= 1, got {ns.shards}")
     if not ns.skip_tests:
-        rc = _pytest(["tests", "-q", "-n", str(ns.workers), *ns.pytest_args], REPO)
+        rc = _pytest(["tests", "-q", "-n", str(ns.workers), *ns.pytest_args], repo)
         if rc != 0:
             print(f"GPU tests failed (exit {rc}); benchmarks not run")
             return rc
     if ns.skip_benchmarks:
         return 0
-    bench_args = ["benchmarks", "-q", f"--benchmark-json={out / 'benchmarks.json'}"]
-    if ns.save_baseline:
-        bench_args.append("--benchmark-save=baseline")
-    else:
+    bench_args = ["benchmarks", "-q"]
+    if not ns.save_baseline:
         # Host-bound cases vary with the host more than with the code (benchmarks/NOTES.md: 16 false
         # alarms between two H100 hosts): the absolute gate leaves them to base-vs-head.
         if not ns.include_host_bound:
             bench_args += ["-m", "not host_bound"]
         bench_args += ["--benchmark-compare", f"--benchmark-compare-fail=median:{ns.threshold:g}%"]
     bench_args += ns.pytest_args
-    rc = _pytest(bench_args, REPO)
-    if (out / "benchmarks.json").exists():
-        _publish(run_summary(load(out / "benchmarks.json")), out)
+    result = out / "benchmarks.json"
+    if ns.shards == 1:
+        save = ["--benchmark-save=baseline"] if ns.save_baseline else []
+        rc = _pytest([*bench_args, *save, f"--benchmark-json={result}"], repo)
+    else:
+        # Each shard compares its own cases with the baseline; a baseline is saved once, merged.
+        rc, paths = _run_shards(bench_args, ns.shards, out, repo)
+        if paths:
+            result.write_text(json.dumps(merge([load(p) for p in paths]), indent=2))
+        if ns.save_baseline and rc == 0:
+            target = next_baseline_path(repo / "benchmarks" / "baselines" / gpu_slug_of(load(result)))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(result.read_text())
+            print(f"saved the merged run of {ns.shards} shards as {target}")
+    if result.exists() and result.stat().st_size:
+        _publish(run_summary(load(result)), out)
     return rc
 
 
@@ -304,6 +368,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m dms_perf.ci") -> 
         help="also gate the cases marked host_bound against the absolute baseline (left out by default: "
         "they move with the host, see README)",
     )
+    p.add_argument(
+        "--shards", type=int, default=1,
+        help="split the benchmarks over this many GPUs of this host, one pytest per GPU in parallel "
+        "(--shard i/N), and merge their JSON; with --save-baseline the merged run is the baseline",
+    )
+    p.add_argument("--repo", default=str(REPO), help="the checkout to test (default: this one)")
     p.add_argument("--out", default="ci-results", help="folder for benchmarks.json and summary.md")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=cmd_run)

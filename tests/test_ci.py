@@ -224,3 +224,32 @@ def test_ci_run_leaves_host_bound_cases_to_base_vs_head(monkeypatch, tmp_path):
     assert "-m" not in calls[-1]
     assert ci.main(["run", "--skip-tests", "--save-baseline", "--out", str(tmp_path)]) == 0
     assert "-m" not in calls[-1]  # a baseline holds every case
+
+
+def test_ci_run_shards_the_benchmarks_saves_one_merged_baseline_and_gates(bench_project, tmp_path, capfd):
+    """`dms-perf ci run --shards 2`: one pytest per GPU (here: none, CPU), the merged run saved as the
+    next baseline file; the same command then passes unchanged and fails on slower code."""
+    project, out = bench_project.path, tmp_path / "out"
+
+    def ci_run(delay: str, *extra: str) -> int:
+        bench_project._monkeypatch.setenv("GATE_DELAY", delay)
+        args = ["run", "--skip-tests", "--shards", "2", "--repo", str(project), "--out", str(out), *extra]
+        return ci.main([*args, "--", "-p", "no:xdist", "-p", "no:cacheprovider"])
+
+    assert ci_run(FAST, "--save-baseline") == 0
+    (baseline,) = saved_baselines(bench_project)
+    assert baseline.name == "0001_baseline.json"
+    assert {b["name"] for b in ci.load(baseline)["benchmarks"]} == {"test_sleepy", "test_other"}
+    assert ci_run(FAST) == 0
+    assert ci_run(SLOW) != 0
+    captured = capfd.readouterr()
+    report = captured.out + captured.err
+    assert "Performance has regressed" in report and "test_sleepy (0001_baselin) - Field 'median'" in report
+    assert ci.next_baseline_path(baseline.parent.parent).name == "0002_baseline.json"
+
+
+def test_shards_take_one_visible_gpu_each(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert ci._shard_devices(2) == ["3", "5"]
+    with pytest.raises(ci.GateError, match="needs 3 GPUs, 2 visible"):
+        ci._shard_devices(3)
