@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dms_perf import dms_prefill_attention
 from dms_perf._runtime import INTERPRET
@@ -168,15 +170,12 @@ def test_query_chunks_match_math(impl, device, monkeypatch):
     assert rel_error(out, ref) < 1e-5 and worst_row_error(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize("evict_rate", [0.0, 0.5, 0.875, 1.0])
-@pytest.mark.parametrize(("batch", "n"), [(1, 1), (2, 157), (1, 1000)])
-def test_prep_kernel_matches_reference(evict_rate, batch, n, device):
-    """The fused kernel's prep launch: kept K/V rows packed per (b, h) segment, running kept counts."""
+def check_prep(k, v, decisions):
+    """The fused kernel's prep launch against its reference: kept K/V rows packed per (b, h) segment
+    (segment r starts at r * N), running kept counts. Unwritten rows past a segment stay poisoned."""
     from dms_perf.kernels.prefill_attention import dms_prep, prep_reference
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    _, k, v, decisions = make_inputs(batch, 4, 2, n, 64, dtype, device, evict_rate)
-    v = torch.randn(batch, n, 2, 64, dtype=dtype, device=device).transpose(1, 2)  # strided rows
+    n = k.shape[2]
     k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
     k_rows, v_rows, ref_upto = prep_reference(k, v, decisions)
     assert torch.equal(kept_upto, ref_upto)
@@ -185,3 +184,28 @@ def test_prep_kernel_matches_reference(evict_rate, batch, n, device):
         assert torch.equal(v_kept[r * n : r * n + len(v_ref)], v_ref), f"segment {r}: V rows differ"
     # The newest token is always kept, so every segment holds at least one row.
     assert min(len(rows) for rows in k_rows) >= 1
+
+
+@pytest.mark.parametrize("evict_rate", [0.0, 0.5, 0.875, 1.0])
+@pytest.mark.parametrize(("batch", "n"), [(1, 1), (2, 157), (1, 1000)])
+def test_prep_kernel_matches_reference(evict_rate, batch, n, device):
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    _, k, _, decisions = make_inputs(batch, 4, 2, n, 64, dtype, device, evict_rate)
+    v = torch.randn(batch, n, 2, 64, dtype=dtype, device=device).transpose(1, 2)  # strided rows
+    check_prep(k, v, decisions)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    n=st.integers(1, 300),
+    head_dim=st.sampled_from([16, 64, 128]),
+    mark_p=st.sampled_from([0.0, 0.3, 0.875, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_prep_kernel_property(batch, kv_heads, n, head_dim, mark_p, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn((batch, kv_heads, n, head_dim), generator=gen).to(device) for _ in "kv")
+    decisions = (torch.rand((batch, kv_heads, n), generator=gen) < mark_p).to(device)
+    check_prep(k, v, decisions)
