@@ -254,3 +254,17 @@ def test_shards_take_one_visible_gpu_each(monkeypatch):
     assert ci._shard_devices(2) == ["3", "5"]
     with pytest.raises(ci.GateError, match="needs 3 GPUs, 2 visible"):
         ci._shard_devices(3)
+
+
+def test_ci_run_tests_long_contexts_one_worker_per_gpu(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(ci, "_pytest", lambda args, cwd: calls.append(args) or 0)
+    monkeypatch.setattr(ci, "_gpu_count", lambda: 2)
+    assert ci.main(["run", "--skip-benchmarks", "--workers", "6", "--out", str(tmp_path)]) == 0
+    short, long = calls
+    assert short[short.index("-n") + 1] == "6" and "--context-lengths=4096,8192" in short and "-k" not in short
+    assert long[long.index("-n") + 1] == "2" and "--context-lengths=16384,32768" in long
+    assert long[long.index("-k") + 1] == "ctx16384 or ctx32768"
+    calls.clear()  # explicit context lengths: one pass, as given
+    assert ci.main(["run", "--skip-benchmarks", "--out", str(tmp_path), "--", "--context-lengths=4096"]) == 0
+    assert len(calls) == 1 and calls[0][-1] == "--context-lengths=4096"
