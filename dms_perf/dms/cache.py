@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from dms_perf.dms.rule import evict_flags
+from dms_perf.kernels.cache_update import decode_update, decode_update_torch
 from dms_perf.kernels.compact import compact_by_bool
 
 DEFAULT_CAPACITY_STEP = 128
@@ -134,23 +135,29 @@ class DMSCacheLayer(CacheLayerMixin):
 
     def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
         """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
+        self._before_step()
+        decode_update_torch(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
+                            keys, values, decisions, self.seen, self.window)
+        self._after_step()
+
+    def decode_step(self, q, keys, values, alphas, alpha_scale: float, alpha_offset: float) -> None:
+        """``decode`` in one Triton launch, the decisions computed from ``alphas`` (the borrowed channel
+        before RoPE, fp32 ``[B, Hkv, 1]``) on the device; also zeroes the rotated query's borrowed
+        channel in place (``dms_perf.kernels.cache_update``)."""
+        self._before_step()
+        decode_update(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
+                      keys, values, alphas, q, self.seen, self.window, alpha_scale, alpha_offset)
+        self._after_step()
+
+    def _before_step(self) -> None:
         self.finish_prefill()
         if self.spare_steps == 0:
             self._grow()
-        t, w1 = self.seen, self.window + 1
-        self.ring_flag[:, :, (t - 1) % w1] = decisions[:, :, 0]
-        leaving = t % w1
-        reuse = self.ring_flag[:, :, leaving]
-        slot = torch.where(reuse, self.ring_slot[:, :, leaving], self.lengths.long())
-        self.lengths += (~reuse).to(torch.int32)
-        self.ring_slot[:, :, leaving] = slot
-        self.ring_flag[:, :, leaving] = False
-        rows = (self.starts + slot).flatten()
-        self.keys.index_copy_(0, rows, keys.reshape(-1, keys.shape[-1]))
-        self.values.index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
+
+    def _after_step(self) -> None:
         self.longest_bound += 1
         self.spare_steps -= 1
-        self.seen = t + 1
+        self.seen += 1
 
     def _grow(self) -> None:
         """Re-size every segment to its head's length + ``capacity_step`` rows (never shrinking one).
@@ -274,6 +281,23 @@ class DMSCache(Cache):
                 f"DMSCache takes one prefill followed by one token per step; got {n} tokens after "
                 f"{layer.seen} cached (shared/DMS.md: the released code supports only this)"
             )
+        return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
+
+    def append_step(
+        self, layer_idx: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alphas: torch.Tensor,
+        alpha_scale: float, alpha_offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One decode token in one launch (``DMSCacheLayer.decode_step``); returns what ``append`` does.
+
+        ``q`` ``[B, Hq, 1, D]`` is the rotated query (its borrowed channels are zeroed in place),
+        ``alphas`` fp32 ``[B, Hkv, 1]`` the borrowed channel before RoPE.
+        """
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized or keys.shape[2] != 1 or keys.shape[:2] != layer.lengths.shape:
+            raise ValueError(
+                f"append_step adds one token per (batch, KV head) after a prefill; got keys {tuple(keys.shape)}"
+            )
+        layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset)
         return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
 
     def finish_prefill(self) -> None:

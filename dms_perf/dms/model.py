@@ -24,7 +24,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotar
 
 from dms_perf.dms.cache import DEFAULT_CAPACITY_STEP, DMSCache, DMSReferenceCache
 from dms_perf.dms.prefill import dms_prefill_attention, math_attention
-from dms_perf.dms.rule import dms_decisions
+from dms_perf.dms.rule import decision_alphas, dms_decisions
 from dms_perf.kernels.decode_attention import dms_decode_attention, dms_decode_attention_reference
 
 BACKENDS = ("triton", "hub", "flex", "math")
@@ -76,10 +76,16 @@ class Qwen3DMSAttention(Qwen3Attention):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         num_kv_heads = k.shape[1]
+        cos, sin = position_embeddings
+        if (
+            self.dms_backend == "triton"
+            and isinstance(past_key_values, DMSCache)
+            and past_key_values.get_seq_length(self.layer_idx) > 0
+        ):
+            return self._triton_decode_step(q, k, v, cos, sin, past_key_values, batch, n)
         decisions, q = dms_decisions(q, num_kv_heads, config.dms_alpha_scale, config.dms_initial_alpha_offset)
         # [B, Hkv, N] from a view of the [B, N, Hq, D] projection: made contiguous once for all consumers.
         decisions = decisions.contiguous()
-        cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         # RoPE rotates channel D/2-1 into the borrowed channel: zero it again (shared/DMS.md).
         q[:, :: self.num_key_value_groups, :, -1] = 0
@@ -102,6 +108,21 @@ class Qwen3DMSAttention(Qwen3Attention):
             decode = dms_decode_attention if backend == "triton" else dms_decode_attention_reference
             out = decode(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
 
+        out = out.transpose(1, 2).reshape(batch, n, -1)
+        return self.o_proj(out), None
+
+    def _triton_decode_step(self, q, k, v, cos, sin, cache, batch, n):
+        """The triton backend's decode step in few launches (a step is bound by the host's per-op cost):
+        the decisions, the rotated query's borrowed channel and the cache update are one Triton launch
+        (``DMSCache.append_step``), the attention one more. Same result as the generic path above."""
+        config = self.config
+        alphas = decision_alphas(q, k.shape[1])  # before RoPE, and a copy: the channel is zeroed next
+        q[:, :: self.num_key_value_groups, :, -1] = 0  # q is this layer's own q_norm output
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cached = cache.append_step(
+            self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, config.dms_initial_alpha_offset
+        )
+        out = dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
         out = out.transpose(1, 2).reshape(batch, n, -1)
         return self.o_proj(out), None
 

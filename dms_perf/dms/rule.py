@@ -43,9 +43,10 @@ def dms_decisions(
 
 
 def decision_alphas(q_pre_rope: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``a`` of every decision, fp32 ``[B, Hkv, N]``: the last channel of each group's first query head."""
+    """``a`` of every decision, fp32 ``[B, Hkv, N]``: the last channel of each group's first query head.
+    Always a copy (also for fp32 input), so the caller may zero that channel afterwards."""
     group = q_pre_rope.shape[1] // num_kv_heads
-    return q_pre_rope[:, ::group, :, -1].float()
+    return q_pre_rope[:, ::group, :, -1].to(torch.float32, copy=True)
 
 
 def evict_flags(decisions: torch.Tensor) -> torch.Tensor:

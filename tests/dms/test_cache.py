@@ -172,3 +172,50 @@ def test_deferred_prefill_packing_matches_immediate(device):
     for layer in range(layers):
         assert _held_tokens(deferred, layer) == _held_tokens(immediate, layer)
     assert deferred.kv_bytes() == immediate.kv_bytes()
+
+
+@pytest.mark.parametrize(("window", "step", "p_mark"), [(0, 4, 0.5), (3, 8, 0.7), (8, 16, 0.0), (5, 4, 1.0)])
+def test_one_launch_decode_step_matches_the_torch_step(window, step, p_mark, device):
+    """``append_step`` (decisions, ring update, K/V write and the query's borrowed channel in one Triton
+    launch) leaves exactly the state of ``append`` with the same decisions, re-sizes included."""
+    from dms_perf.kernels.cache_update import decisions_from_alphas
+
+    B, H, G, D, prompt, steps, scale, offset = 2, 2, 2, 16, 12, 20, 100.0, 5.0
+    torch_cache = DMSCache(num_layers=1, window=window, capacity_step=step)
+    fused_cache = DMSCache(num_layers=1, window=window, capacity_step=step)
+    decisions = torch.rand(B, H, prompt, device=device) < p_mark
+    for cache in (torch_cache, fused_cache):
+        cache.append(0, *_tagged(B, H, prompt, D, 0, device), decisions)
+    for t in range(prompt, prompt + steps):
+        # a around the threshold offset / scale = 0.05: both sides occur
+        alphas = 0.05 + (torch.rand(B, H, 1, device=device) - (1.0 - p_mark)) * 0.1
+        k, v = _tagged(B, H, 1, D, t, device)
+        q = torch.randn(B, H * G, 1, D, device=device)
+        expected_q = q.clone()
+        expected_q[:, ::G, :, -1] = 0
+        torch_out = torch_cache.append(0, k, v, decisions_from_alphas(alphas, scale, offset))
+        fused_out = fused_cache.append_step(0, q, k, v, alphas, scale, offset)
+        assert torch.equal(q, expected_q)
+        assert torch.equal(fused_out[3], torch_out[3]) and fused_out[4] == torch_out[4]
+        assert _held_tokens(fused_cache, 0) == _held_tokens(torch_cache, 0)
+        for name in ("ring_slot", "ring_flag", "starts", "capacity"):
+            assert torch.equal(getattr(fused_cache.layers[0], name), getattr(torch_cache.layers[0], name)), name
+
+
+@pytest.mark.gpu
+def test_one_launch_decode_step_does_not_synchronize():
+    from dms_perf.kernels.decode_attention import dms_decode_attention
+
+    cache = DMSCache(num_layers=1, window=8, capacity_step=16)
+    cache.append(0, *_tagged(1, 2, 50, 32, 0, "cuda"), torch.rand(1, 2, 50, device="cuda") < 0.5)
+    q = torch.randn(1, 4, 1, 32, device="cuda")
+    alphas = torch.randn(1, 2, 1, device="cuda")
+    dms_decode_attention(q[:, :, 0], *cache.append_step(0, q, *_tagged(1, 2, 1, 32, 50, "cuda"), alphas, 100.0, 5.0))
+    torch.cuda.synchronize()  # kernels compiled
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(51, 66):  # 15 steps: within the 16 spare rows, no re-size
+            cached = cache.append_step(0, q, *_tagged(1, 2, 1, 32, t, "cuda"), alphas, 100.0, 5.0)
+            dms_decode_attention(q[:, :, 0], *cached)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,111 @@
+"""One decode step's DMS cache bookkeeping in one Triton launch (shared/DMS.md, "Cache and decode").
+
+Per (batch, KV head) and new token t: t's decision (``a * alpha_scale - alpha_offset > 0``, ``a`` the
+borrowed channel of the group's first query head before RoPE) marks token t-1; token t - window - 1
+leaves the window and frees its slot if it was marked; token t takes that slot, or the next free row
+of the head's segment; its K and V rows are written there. The step also zeroes the borrowed channel of
+the rotated query (RoPE moved channel D/2 - 1 into it), so that it takes no part in the scores.
+
+``decode_update_torch`` is the readable reference: the torch ops ``DMSCacheLayer.decode`` runs for the
+hub and flex backends (about 15 small ops). ``decode_update`` does the same in one launch, for the
+triton backend: a decode step is bound by the host's per-op cost (benchmarks/NOTES.md, "Decode host
+cost"), so ops per layer are what a step costs. Neither reads anything back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def decisions_from_alphas(alphas: torch.Tensor, alpha_scale: float, alpha_offset: float) -> torch.Tensor:
+    """bool decisions from fp32 ``a`` values (``dms_perf.dms.rule.dms_decisions`` computes the same)."""
+    return alphas * alpha_scale - alpha_offset > 0
+
+
+def decode_update_torch(
+    ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, decisions, t: int, window: int
+) -> None:
+    """Reference step: ring ``[B, Hkv, window + 1]`` (slot int64, flag bool), ``lengths`` int32 and
+    ``starts`` int64 ``[B, Hkv]``, caches ``[S, D]``, new ``keys`` / ``values`` ``[B, Hkv, 1, D]`` and
+    ``decisions`` bool ``[B, Hkv, 1]`` of token ``t``. Updates the ring, lengths and caches in place."""
+    w1 = window + 1
+    ring_flag[:, :, (t - 1) % w1] = decisions[:, :, 0]
+    leaving = t % w1
+    reuse = ring_flag[:, :, leaving]  # a view, consumed before the entry is cleared
+    slot = torch.where(reuse, ring_slot[:, :, leaving], lengths.long())
+    lengths += (~reuse).to(torch.int32)
+    ring_slot[:, :, leaving] = slot
+    ring_flag[:, :, leaving] = False
+    rows = (starts + slot).flatten()
+    k_cache.index_copy_(0, rows, keys.reshape(-1, keys.shape[-1]))
+    v_cache.index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
+
+
+@triton.jit
+def _decode_update_kernel(
+    ALPHA, stride_ab, stride_ah,
+    Q, stride_qb, stride_qh,
+    K, stride_kb, stride_kh, V, stride_vb, stride_vh,
+    KC, VC, stride_kcn, stride_vcn,
+    STARTS, LENGTHS, RING_SLOT, RING_FLAG,
+    num_kv_heads, group, w1, prev, leaving, alpha_scale, alpha_offset,
+    D: tl.constexpr,
+):
+    """Program r = b * Hkv + h performs the step of head (b, h)."""
+    r = tl.program_id(0)
+    b = (r // num_kv_heads).to(tl.int64)
+    h = (r % num_kv_heads).to(tl.int64)
+    a = tl.load(ALPHA + b * stride_ab + h * stride_ah).to(tl.float32)
+    marked = a * alpha_scale - alpha_offset > 0
+    q_borrowed = Q + b * stride_qb + (h * group) * stride_qh + (D - 1)
+    tl.store(q_borrowed, 0.0)
+
+    ring = r.to(tl.int64) * w1
+    tl.store(RING_FLAG + ring + prev, marked.to(tl.uint8))
+    if prev == leaving:  # window 0: the entry just written is the one leaving
+        reuse = marked
+    else:
+        reuse = tl.load(RING_FLAG + ring + leaving) != 0
+    length = tl.load(LENGTHS + r)
+    slot = tl.where(reuse, tl.load(RING_SLOT + ring + leaving), length.to(tl.int64))
+    tl.store(LENGTHS + r, length + tl.where(reuse, 0, 1).to(tl.int32))
+    tl.store(RING_SLOT + ring + leaving, slot)
+    tl.store(RING_FLAG + ring + leaving, 0)
+
+    row = tl.load(STARTS + r) + slot
+    d = tl.arange(0, D)
+    tl.store(KC + row * stride_kcn + d, tl.load(K + b * stride_kb + h * stride_kh + d))
+    tl.store(VC + row * stride_vcn + d, tl.load(V + b * stride_vb + h * stride_vh + d))
+
+
+def decode_update(
+    ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, alphas, q,
+    t: int, window: int, alpha_scale: float, alpha_offset: float,
+) -> None:
+    """``decode_update_torch`` with the decisions computed from ``alphas`` (fp32 ``[B, Hkv, 1]`` or a
+    view of that shape) in the same launch, which also zeroes ``q[:, h * G, 0, D - 1]`` of the rotated
+    query ``q`` ``[B, Hq, 1, D]`` in place. One Triton launch, no host synchronization.
+
+    Inputs come from the DMS cache and attention (``dms_perf.dms``), which own their shapes: only the
+    layout assumptions are checked (last dim contiguous, D a power of two, matching devices).
+    """
+    batch, num_kv_heads, w1 = ring_slot.shape
+    head_dim = k_cache.shape[1]
+    group = q.shape[1] // num_kv_heads
+    if head_dim & (head_dim - 1) or any(x.stride(-1) != 1 for x in (q, keys, values, k_cache, v_cache)):
+        raise ValueError("decode_update needs a power-of-two head_dim and stride 1 along it")
+    if keys.shape != (batch, num_kv_heads, 1, head_dim) or q.shape[2:] != (1, head_dim):
+        raise ValueError(f"expected one new token: keys {tuple(keys.shape)}, q {tuple(q.shape)}")
+    if len({x.device for x in (ring_slot, k_cache, keys, alphas, q)}) != 1:
+        raise ValueError("decode_update: all tensors must be on one device")
+    _decode_update_kernel[(batch * num_kv_heads,)](
+        alphas, alphas.stride(0), alphas.stride(1),
+        q, q.stride(0), q.stride(1),
+        keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
+        k_cache, v_cache, k_cache.stride(0), v_cache.stride(0),
+        starts, lengths, ring_slot, ring_flag.view(torch.uint8),
+        num_kv_heads, group, w1, (t - 1) % w1, t % w1, float(alpha_scale), float(alpha_offset),
+        D=head_dim,
+    )
