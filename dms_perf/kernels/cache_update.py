@@ -94,12 +94,22 @@ def decode_update(
     batch, num_kv_heads, w1 = ring_slot.shape
     head_dim = k_cache.shape[1]
     group = q.shape[1] // num_kv_heads
-    if head_dim & (head_dim - 1) or any(x.stride(-1) != 1 for x in (q, keys, values, k_cache, v_cache)):
-        raise ValueError("decode_update needs a power-of-two head_dim and stride 1 along it")
-    if keys.shape != (batch, num_kv_heads, 1, head_dim) or q.shape[2:] != (1, head_dim):
-        raise ValueError(f"expected one new token: keys {tuple(keys.shape)}, q {tuple(q.shape)}")
-    if len({x.device for x in (ring_slot, k_cache, keys, alphas, q)}) != 1:
-        raise ValueError("decode_update: all tensors must be on one device")
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"decode_update needs a power-of-two head_dim, got {head_dim}")
+    for name, x in (("q", q), ("keys", keys), ("values", values), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"decode_update needs {name} with stride 1 along head_dim, got strides {x.stride()}")
+    expected = (batch, num_kv_heads, 1, head_dim)
+    if keys.shape != expected or values.shape != expected or q.shape[2:] != (1, head_dim):
+        raise ValueError(
+            f"expected one new token per (batch, KV head), keys = values {expected} and q [B, Hq, 1, "
+            f"{head_dim}]; got keys {tuple(keys.shape)}, values {tuple(values.shape)}, q {tuple(q.shape)}"
+        )
+    if alphas.dtype != torch.float32 or alphas.shape[:2] != (batch, num_kv_heads):
+        raise TypeError(f"alphas must be fp32 [B, Hkv, 1] = {expected[:2]}, got {alphas.dtype} {tuple(alphas.shape)}")
+    devices = {x.device for x in (ring_slot, k_cache, keys, values, alphas, q)}
+    if len(devices) != 1:
+        raise ValueError(f"decode_update: all tensors must be on one device, got {sorted(map(str, devices))}")
     _decode_update_kernel[(batch * num_kv_heads,)](
         alphas, alphas.stride(0), alphas.stride(1),
         q, q.stride(0), q.stride(1),

@@ -219,3 +219,16 @@ def test_one_launch_decode_step_does_not_synchronize():
             dms_decode_attention(q[:, :, 0], *cached)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_one_launch_decode_step_rejects_bad_input(device):
+    cache = DMSCache(num_layers=1, window=4)
+    cache.append(0, *_tagged(1, 2, 10, 16, 0, device), torch.rand(1, 2, 10, device=device) < 0.5)
+    k, v = _tagged(1, 2, 1, 16, 10, device)
+    q, alphas = torch.randn(1, 4, 1, 16, device=device), torch.zeros(1, 2, 1, device=device)
+    with pytest.raises(ValueError, match="one token per"):
+        cache.append_step(0, q, *_tagged(1, 2, 2, 16, 10, device), alphas, 100.0, 5.0)
+    with pytest.raises(TypeError, match="alphas must be fp32"):
+        cache.append_step(0, q, k, v, alphas.half(), 100.0, 5.0)
+    with pytest.raises(ValueError, match="stride 1 along head_dim"):
+        cache.append_step(0, torch.randn(1, 4, 1, 32, device=device)[..., ::2], k, v, alphas, 100.0, 5.0)
