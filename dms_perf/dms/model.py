@@ -68,22 +68,27 @@ class Qwen3DMSAttention(Qwen3Attention):
         cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        config = self.config
         batch, n = hidden_states.shape[:2]
         hidden_shape = (batch, n, -1, self.head_dim)
         q = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         k = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        num_kv_heads = k.shape[1]
         cos, sin = position_embeddings
-        if (
-            self.dms_backend == "triton"
-            and isinstance(past_key_values, DMSCache)
-            and past_key_values.get_seq_length(self.layer_idx) > 0
-        ):
-            return self._triton_decode_step(q, k, v, cos, sin, past_key_values, batch, n)
-        decisions, q = dms_decisions(q, num_kv_heads, config.dms_alpha_scale, config.dms_initial_alpha_offset)
+        decoding = past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
+        if self.dms_backend == "triton" and decoding:
+            _require_cache(past_key_values, DMSCache, self.dms_backend)
+            out = self._triton_decode_step(q, k, v, cos, sin, past_key_values)
+        else:
+            out = self._attention(q, k, v, cos, sin, past_key_values, decoding)
+        out = out.transpose(1, 2).reshape(batch, n, -1)
+        return self.o_proj(out), None
+
+    def _attention(self, q, k, v, cos, sin, past_key_values, decoding):
+        """Every backend's prefill, the math backend's steps and the hub / flex decode step: decisions,
+        RoPE, then the backend's attention over this call's tokens (and the cache)."""
+        config = self.config
+        decisions, q = dms_decisions(q, k.shape[1], config.dms_alpha_scale, config.dms_initial_alpha_offset)
         # [B, Hkv, N] from a view of the [B, N, Hq, D] projection: made contiguous once for all consumers.
         decisions = decisions.contiguous()
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -97,24 +102,21 @@ class Qwen3DMSAttention(Qwen3Attention):
                 _require_cache(past_key_values, DMSReferenceCache, backend)
                 k, v, decisions = past_key_values.append(self.layer_idx, k, v, decisions)
             out, _ = math_attention(q, k, v, decisions, window, self.scaling)
-        elif past_key_values is None or past_key_values.get_seq_length(self.layer_idx) == 0:
+        elif not decoding:
             out = dms_prefill_attention(q, k, v, decisions, window, impl=backend, scale=self.scaling)
             if past_key_values is not None:
                 _require_cache(past_key_values, DMSCache, backend)
                 past_key_values.append(self.layer_idx, k, v, decisions, defer_packing=True)
-        else:
+        else:  # hub / flex: the straightforward torch decode
             _require_cache(past_key_values, DMSCache, backend)
             cached = past_key_values.append(self.layer_idx, k, v, decisions)
-            decode = dms_decode_attention if backend == "triton" else dms_decode_attention_reference
-            out = decode(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
+            out = dms_decode_attention_reference(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
+        return out
 
-        out = out.transpose(1, 2).reshape(batch, n, -1)
-        return self.o_proj(out), None
-
-    def _triton_decode_step(self, q, k, v, cos, sin, cache, batch, n):
+    def _triton_decode_step(self, q, k, v, cos, sin, cache):
         """The triton backend's decode step in few launches (a step is bound by the host's per-op cost):
         the decisions, the rotated query's borrowed channel and the cache update are one Triton launch
-        (``DMSCache.append_step``), the attention one more. Same result as the generic path above."""
+        (``DMSCache.append_step``), the attention one more. Same result as ``_attention``'s steps."""
         config = self.config
         alphas = decision_alphas(q, k.shape[1])  # before RoPE, and a copy: the channel is zeroed next
         q[:, :: self.num_key_value_groups, :, -1] = 0  # q is this layer's own q_norm output
@@ -122,9 +124,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         cached = cache.append_step(
             self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, config.dms_initial_alpha_offset
         )
-        out = dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
-        out = out.transpose(1, 2).reshape(batch, n, -1)
-        return self.o_proj(out), None
+        return dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
 
 
 def _require_cache(cache, cls, backend):
