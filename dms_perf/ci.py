@@ -224,12 +224,26 @@ def gate(
 # --- running pytest -------------------------------------------------------------------------------
 
 
-def _pytest(args: list[str], cwd: Path) -> int:
+def _pytest_env(cwd: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")])))
     env.pop("PYTEST_XDIST_WORKER", None)  # a child pytest that sees it disables pytest-benchmark
+    env.update(extra)
+    return env
+
+
+def _pytest(args: list[str], cwd: Path) -> int:
     cmd = [sys.executable, "-m", "pytest", *args]
     print("+", " ".join(cmd), f"(in {cwd})", flush=True)
-    return subprocess.call(cmd, cwd=cwd, env=env)
+    return subprocess.call(cmd, cwd=cwd, env=_pytest_env(cwd))
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
 
 
 def _shard_devices(count: int) -> list[str | None]:
@@ -238,12 +252,7 @@ def _shard_devices(count: int) -> list[str | None]:
     if visible:
         ids = [v.strip() for v in visible.split(",") if v.strip()]
     else:
-        try:
-            import torch
-
-            ids = [str(i) for i in range(torch.cuda.device_count())]
-        except ImportError:  # pragma: no cover - torch is a dependency
-            ids = []
+        ids = [str(i) for i in range(_gpu_count())]
     if ids and len(ids) < count:
         raise GateError(f"--shards {count} needs {count} GPUs, {len(ids)} visible ({','.join(ids)})")
     return [ids[i] if ids else None for i in range(count)]
@@ -251,16 +260,14 @@ def _shard_devices(count: int) -> list[str | None]:
 
 def _run_shards(args: list[str], count: int, out: Path, cwd: Path) -> tuple[int, list[Path]]:
     """Run ``pytest args --shard i/count`` in parallel, one GPU each; returns (worst exit code, JSON paths)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")])))
-    env.pop("PYTEST_XDIST_WORKER", None)
     procs, paths = [], []
     for index, device in enumerate(_shard_devices(count), start=1):
         path = out / f"shard{index}.json"
         path.unlink(missing_ok=True)
-        shard_env = dict(env) if device is None else dict(env, CUDA_VISIBLE_DEVICES=device)
+        env = _pytest_env(cwd) if device is None else _pytest_env(cwd, CUDA_VISIBLE_DEVICES=device)
         cmd = [sys.executable, "-m", "pytest", *args, f"--shard={index}/{count}", f"--benchmark-json={path}"]
         print("+", " ".join(cmd), f"(GPU {device if device is not None else '-'}, in {cwd})", flush=True)
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=shard_env))
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env))
         paths.append(path)
     codes = [p.wait() for p in procs]
     for index, code in enumerate(codes, start=1):
@@ -271,15 +278,6 @@ def _run_shards(args: list[str], count: int, out: Path, cwd: Path) -> tuple[int,
 # Long-context tests hold tens of GB each (fp64 references at 32K): 14 workers sharing one 80 GB card
 # ran out of memory (benchmarks/NOTES.md), so those run one worker per GPU.
 SHORT_CONTEXTS, LONG_CONTEXTS = (4096, 8192), (16384, 32768)
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return 0
 
 
 def run_tests(workers: int, pytest_args: list[str], repo: Path) -> int:
