@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 
 import torch
 import triton
 
 from dms_perf.dms.rule import count_visible_pairs
-from dms_perf.kernels.prefill_attention import LOG2E, _dms_prefill_kernel, dms_prep
+from dms_perf.kernels.prefill_attention import dms_prep, launch_prefill_kernel
 from dms_perf.measure import do_bench_ms
 
 CANDIDATES = [
@@ -29,14 +28,9 @@ CANDIDATES = [
 
 
 def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages):
-    n = q.shape[2]
-    _dms_prefill_kernel.fn[(triton.cdiv(n, rows // 4), 8)](
-        q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8), out, out,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        n, triton.next_power_of_2(n), 8, 512, LOG2E / math.sqrt(128),
-        HEAD_DIM=128, GROUP=4, GROUP_P2=4, ROWS=rows, BLOCK_N=block_n, RETURN_LSE=False,
-        DOT_PRECISION="tf32", num_warps=warps, num_stages=stages,
-    )
+    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    launch_prefill_kernel(q, k, v, k_kept, v_kept, kept_upto, decisions, out, out, 512, q.shape[-1] ** -0.5, False,
+                          config=config)
 
 
 def main() -> None:

@@ -274,6 +274,40 @@ def prep_reference(k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor):
     return k_rows, v_rows, torch.cumsum(keep, dim=-1, dtype=torch.int32)
 
 
+def launch_prefill_kernel(
+    q, k, v, k_kept, v_kept, kept_upto, decisions, out, lse, window: int, scale: float, return_lse: bool,
+    config: dict | None = None,
+) -> None:
+    """One launch of the attention kernel on ``dms_prep``'s output, writing ``out`` (and ``lse``).
+
+    ``config`` (``ROWS``, ``BLOCK_N``, ``num_warps``, ``num_stages``) bypasses the autotuner: the config
+    sweep of ``benchmarks/tune_prefill.py``.
+    """
+    batch, num_q_heads, n, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["ROWS"] // group_p2), batch * num_kv_heads)
+
+    kernel = _dms_prefill_kernel if config is None else _dms_prefill_kernel.fn
+    kernel[grid](
+        q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8),
+        out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E,
+        HEAD_DIM=head_dim, GROUP=group, GROUP_P2=group_p2,
+        RETURN_LSE=return_lse,
+        # fp32 inputs: three tf32 products per dot (near-fp32 accuracy, still on the tensor cores).
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        **(config or {}),
+    )
+
+
 def triton_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -288,9 +322,7 @@ def triton_prefill_attention(
     q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` (last dim contiguous), decisions bool ``[B, Hkv, N]``.
     Returns ``out`` like q, and ``lse`` fp32 ``[B, Hq, N]`` (natural log) or None.
     """
-    batch, num_q_heads, n, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
+    batch, num_q_heads, n, _ = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     decisions = decisions.contiguous()
@@ -300,24 +332,7 @@ def triton_prefill_attention(
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_q_heads, n), dtype=torch.float32, device=q.device) if return_lse else out
-    group_p2 = triton.next_power_of_2(group)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["ROWS"] // group_p2), batch * num_kv_heads)
-
-    _dms_prefill_kernel[grid](
-        q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8),
-        out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E,
-        HEAD_DIM=head_dim, GROUP=group, GROUP_P2=group_p2,
-        RETURN_LSE=return_lse,
-        # fp32 inputs: three tf32 products per dot (near-fp32 accuracy, still on the tensor cores).
-        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-    )
+    launch_prefill_kernel(q, k, v, k_kept, v_kept, kept_upto, decisions, out, lse, window, scale, return_lse)
     return out, (lse if return_lse else None)
 
 
