@@ -63,6 +63,7 @@ def test_end_to_end(benchmark, method, context_length):
     model, calibration = _model_for(m)
     workload = needle_workload(context_length, vocab_size=model.config.vocab_size)
     input_ids = workload.input_ids.to(default_device())
+    m.prepare(model)
     press = m.press_for(model, input_ids)
     runs = []
     out_of_memory = False

@@ -10,10 +10,12 @@ smoke (``--benchmark-disable``): the tiny config, each path run once.
   timed one by one disagreed with whole generations for vanilla: benchmarks/NOTES.md);
   ``decode_step_s = median / DECODE_STEPS``, ``decode_tok_s`` its inverse.
 
-The DMS model is shared by the "dms-hub" and "dms-triton" cases (``set_dms_backend``): same weights,
-same calibration. ``peak_vram_bytes`` = this model's weights + the peak allocated above what was
-allocated before the case's prefill (both models stay resident during the run, so the absolute
-device peak would count the other model too).
+The DMS model is shared by the "dms-hub", "dms-triton" and "dms-triton-eager" cases (``set_dms_backend``,
+``Method.prepare``): same weights, same calibration. "dms-triton" replays its steps from CUDA graphs
+(dms_perf.dms.graph; the first step on a cache and each re-size step run eagerly, and a capture
+follows them), "dms-triton-eager" runs them eagerly like vanilla. ``peak_vram_bytes`` = this
+model's weights + the peak allocated above what was allocated before the case's prefill (both models
+stay resident during the run, so the absolute device peak would count the other model too).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from dms_perf.dms.cache import kv_cache_bytes
 from dms_perf.dms.calibrate import calibrate_dms
 from dms_perf.dms.model import build_model, qwen3_8b_config, tiny_config
 from dms_perf.measure import bench
+from dms_perf.methods import resolve_method
 
-METHODS = {"vanilla": None, "dms-hub": "hub", "dms-triton": "triton"}
+METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager")  # names of dms_perf.methods
+PREFILL_METHODS = METHODS[:3]  # dms-triton-eager differs from dms-triton in its decode steps only
 TARGET_CR = 8
 DECODE_STEPS = 8 if HAS_CUDA else 1
 CALIBRATION_TOKENS = 4096 if HAS_CUDA else 256
@@ -47,11 +51,13 @@ def _models():
     return vanilla, dms, calibration
 
 
-def _model_for(method):
+def _model_for(name):
     vanilla, dms, calibration = _models()
-    if METHODS[method] is None:
+    method = resolve_method(name)
+    if method.backend is None:
         return vanilla, None
-    dms.set_dms_backend(METHODS[method])
+    dms.set_dms_backend(method.backend)
+    method.prepare(dms)
     return dms, calibration
 
 
@@ -102,7 +108,7 @@ def _track_peak(benchmark, model, fn, base: int | None = None):
     return result
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_prefill(benchmark, method, context_length):
     model, calibration = _model_for(method)
     ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
@@ -118,7 +124,7 @@ def test_prefill(benchmark, method, context_length):
 
 # A decode step is Python in transformers' layer loop and small launches: tens of ms of host time.
 @pytest.mark.host_bound
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_decode_steps(benchmark, method, context_length):
     model, calibration = _model_for(method)
     ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)

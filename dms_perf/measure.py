@@ -355,6 +355,7 @@ def measure_generation(
         return row
     try:
         input_ids = workload.input_ids.to(device if device is not None else next(model.parameters()).device)
+        method.prepare(model)
         press = method.press_for(model, input_ids)
         for _ in range(warmup):
             generate_once(model, input_ids, new_tokens=new_tokens, press=press)

@@ -5,7 +5,9 @@ Each family is one entry of ``FAMILIES``; adding a method is adding an entry.
 
 * ``vanilla``: transformers' Qwen3 with a dense cache.
 * ``dms-hub`` / ``dms-flex`` / ``dms-triton``: the Qwen3-DMS model (shared/DMS.md) with that prefill
-  attention; its cache keeps only the tokens the DMS rule keeps.
+  attention; its cache keeps only the tokens the DMS rule keeps. ``dms-triton`` replays its decode
+  steps from CUDA graphs; ``dms-triton-eager`` is the same without graphs (eager steps, as vanilla
+  and every other method decode), for the like-for-like comparison.
 * kvpress presses applied to the vanilla model with ``with press(model):``; the parameter is the
   fraction of the prompt's KV pairs removed (kvpress's ``compression_ratio``).
 * ``dmspress-knorm``: kvpress's ``DMSPress`` (threshold eviction outside a sliding window) over
@@ -54,6 +56,7 @@ class Family:
     make_press: Callable[[float, Any, torch.Tensor], Any] | None = None
     default_ratio: float | None = None  # families taking a parameter have a default
     min_context: int = 1  # shortest prompt the method accepts
+    cuda_graphs: bool = True  # DMS triton backend: replay decode steps from CUDA graphs (dms_perf.dms.graph)
 
     @property
     def takes_parameter(self) -> bool:
@@ -119,7 +122,10 @@ FAMILIES: dict[str, Family] = {
         Family("vanilla", "transformers Qwen3, dense KV cache (no compression)"),
         Family("dms-hub", "Qwen3-DMS, prefill as the released code (chunked SDPA masks), torch decode", "hub"),
         Family("dms-flex", "Qwen3-DMS, prefill with torch flex_attention block masks, torch decode", "flex"),
-        Family("dms-triton", "Qwen3-DMS, dms_perf's Triton prefill and decode kernels", "triton"),
+        Family("dms-triton", "Qwen3-DMS, dms_perf's Triton prefill and decode kernels, decode steps replayed "
+               "from CUDA graphs", "triton"),
+        Family("dms-triton-eager", "dms-triton with eager decode steps (no CUDA graphs), as vanilla runs",
+               "triton", cuda_graphs=False),
         # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
         Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
                0.5, min_context=65),
@@ -134,7 +140,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 DEFAULT_METHODS = (
-    "vanilla", "dms-hub", "dms-flex", "dms-triton", "snapkv:0.5", "streamingllm:0.5", "knorm:0.5",
+    "vanilla", "dms-hub", "dms-flex", "dms-triton", "dms-triton-eager", "snapkv:0.5", "streamingllm:0.5", "knorm:0.5",
     "expected-attention:0.5", "dmspress-knorm:0.5",
 )
 
@@ -177,6 +183,11 @@ class Method:
     @property
     def is_dms(self) -> bool:
         return self.family.backend is not None
+
+    def prepare(self, model) -> None:
+        """Set this method's switches on a model that methods of one backend share (CUDA-graph decode)."""
+        if self.is_dms:
+            model.dms_cuda_graphs = self.family.cuda_graphs
 
     def press_for(self, model, input_ids: torch.Tensor):
         """A fresh kvpress press for this prompt, or None (raises ImportError without kvpress)."""
@@ -257,8 +268,11 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
     from dms_perf.dms import model as api
 
     if is_model_path(model):
-        return api.load_model(model, backend=method.backend, dtype=dtype, device=device), None
+        loaded = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
+        method.prepare(loaded)
+        return loaded, None
     built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
+    method.prepare(built)
     if not (method.is_dms and target_cr):
         return built, None
     key = (model, seed, float(target_cr), dtype, str(device))

@@ -53,9 +53,13 @@ class DMSCacheLayer(CacheLayerMixin):
         self.ring_slot: torch.Tensor | None = None
         self.ring_flag: torch.Tensor | None = None
         self.seen = 0
+        self.step_index: torch.Tensor | None = None  # [B * Hkv] int64: index of the next token, on the device
         self._pending = None  # a prefill's (keys, values, keep, sizes, ready event) until packed
-        self.longest_bound = 0  # host-known upper bound of lengths
+        # Host-known upper bound of lengths until the next re-size: the longest head at the last
+        # re-size + the steps until the next (fixed in between, so a captured step stays valid).
+        self.longest_bound = 0
         self.spare_steps = 0  # decode steps every segment can still take without growing
+        self.host_frozen = False  # while a CUDA graph captures a step: device work only (decode.py)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -100,6 +104,7 @@ class DMSCacheLayer(CacheLayerMixin):
         last = torch.arange(max(0, N - w1), N, device=keys.device)
         self.ring_slot[:, :, last % w1] = rank[:, :, last]
         self.ring_flag[:, :, last % w1] = evict[:, :, last]
+        self.step_index = torch.full((B * H,), N, dtype=torch.int64, device=keys.device)
         self.seen = N
         self.is_initialized = True
 
@@ -115,7 +120,8 @@ class DMSCacheLayer(CacheLayerMixin):
         self._pending = None
         if ready is not None:
             ready.synchronize()
-        rows, kept, self.longest_bound = totals.tolist()
+        rows, kept, longest = totals.tolist()
+        self.longest_bound = longest + self.spare_steps
         B, H, _, D = keys.shape
         step = self.capacity_step
         self.row_head = torch.repeat_interleave(
@@ -138,6 +144,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self._before_step()
         decode_update_torch(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
                             keys, values, decisions, self.seen, self.window)
+        self.step_index += 1
         self._after_step()
 
     def decode_step(self, q, keys, values, alphas, alpha_scale: float, alpha_offset: float) -> None:
@@ -146,16 +153,23 @@ class DMSCacheLayer(CacheLayerMixin):
         channel in place (``dms_perf.kernels.cache_update``)."""
         self._before_step()
         decode_update(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
-                      keys, values, alphas, q, self.seen, self.window, alpha_scale, alpha_offset)
+                      keys, values, alphas, q, self.step_index, self.window, alpha_scale, alpha_offset)
         self._after_step()
 
     def _before_step(self) -> None:
+        if self.host_frozen:  # capturing: the graph's owner checked that no re-size is due
+            return
         self.finish_prefill()
         if self.spare_steps == 0:
             self._grow()
 
     def _after_step(self) -> None:
-        self.longest_bound += 1
+        if not self.host_frozen:
+            self.advance_host()
+
+    def advance_host(self) -> None:
+        """The host's share of a decode step (the device's is in the kernels): one token more, one
+        spare row less. A replayed CUDA graph runs the kernels only, so its owner calls this."""
         self.spare_steps -= 1
         self.seen += 1
 
@@ -184,7 +198,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.row_head = torch.repeat_interleave(
             torch.arange(heads, dtype=torch.int32, device=starts.device), capacity.flatten(), output_size=rows
         )
-        self.longest_bound = longest
+        self.longest_bound = longest + step
         self.spare_steps = step
 
     def get_seq_length(self) -> int:
@@ -221,6 +235,7 @@ class DMSCacheLayer(CacheLayerMixin):
             self.row_head,
             self.ring_slot,
             self.ring_flag,
+            self.step_index,
         )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotary_pos_emb
 
 from dms_perf.dms.cache import DEFAULT_CAPACITY_STEP, DMSCache, DMSReferenceCache
+from dms_perf.dms.graph import GRAPH_KWARGS, DecodeGraph
 from dms_perf.dms.prefill import dms_prefill_attention, math_attention
 from dms_perf.dms.rule import decision_alphas, dms_decisions
 from dms_perf.kernels.decode_attention import dms_decode_attention, dms_decode_attention_reference
@@ -146,6 +148,9 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         for layer in self.model.layers:
             layer.self_attn.__class__ = Qwen3DMSAttention
         self.dms_capacity_step = DEFAULT_CAPACITY_STEP
+        # Replay the triton backend's decode steps from CUDA graphs (dms_perf.dms.graph); False: eager.
+        self.dms_cuda_graphs = True
+        self._decode_graph: DecodeGraph | None = None
         self.set_dms_backend("triton")
 
     def set_dms_backend(self, backend: str) -> None:
@@ -172,12 +177,51 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
             )
         if use_cache and past_key_values is None:
             past_key_values = self.make_dms_cache()
+        if self._graph_eligible(input_ids, past_key_values, kwargs):
+            return self._graph_step(input_ids, past_key_values, kwargs)
         out = super().forward(
             input_ids=input_ids, attention_mask=None, past_key_values=past_key_values, use_cache=use_cache, **kwargs
         )
         if isinstance(past_key_values, DMSCache):
             past_key_values.finish_prefill()  # the prefill's deferred packing (a no-op when decoding)
         return out
+
+    def _graph_eligible(self, input_ids, cache, kwargs) -> bool:
+        """A plain single-token triton decode step on CUDA, which ``DecodeGraph`` may replay."""
+        return (
+            self.dms_cuda_graphs
+            and self.dms_backend == "triton"
+            and isinstance(cache, DMSCache)
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and cache.get_seq_length() > 0
+            and not torch.is_grad_enabled()
+            and all(key in GRAPH_KWARGS or value is None or value is False for key, value in kwargs.items())
+            and kwargs.get("return_dict", True)
+        )
+
+    def _graph_step(self, input_ids, cache, kwargs) -> CausalLMOutputWithPast:
+        batch = input_ids.shape[0]
+        keep = kwargs.get("logits_to_keep", 0)
+        if self._decode_graph is None or not self._decode_graph.matches(cache, batch, keep):
+            # A replay runs no Python: forward hooks (kvpress-style instrumentation, recorders) would
+            # be skipped silently, so a hooked model decodes this cache eagerly.
+            hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+            self._decode_graph = DecodeGraph(cache, batch, keep, eager_only=hooked)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.full((batch, 1), cache.get_seq_length(), device=input_ids.device)
+
+        def run_step(ids, positions):
+            out = super(Qwen3DMSForCausalLM, self).forward(
+                input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep
+            )
+            return out.logits
+
+        logits = self._decode_graph.step(run_step, input_ids, position_ids.expand(batch, 1))
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def generate(self, *args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):

@@ -49,12 +49,17 @@ def _decode_update_kernel(
     Q, stride_qb, stride_qh,
     K, stride_kb, stride_kh, V, stride_vb, stride_vh,
     KC, VC, stride_kcn, stride_vcn,
-    STARTS, LENGTHS, RING_SLOT, RING_FLAG,
-    num_kv_heads, group, w1, prev, leaving, alpha_scale, alpha_offset,
+    STARTS, LENGTHS, RING_SLOT, RING_FLAG, STEP,
+    num_kv_heads, group, w1, alpha_scale, alpha_offset,
     D: tl.constexpr,
 ):
-    """Program r = b * Hkv + h performs the step of head (b, h)."""
+    """Program r = b * Hkv + h performs the step of head (b, h); ``STEP[r]`` holds the index t of the
+    new token and is advanced to t + 1 (a device counter: a CUDA graph replays this launch unchanged)."""
     r = tl.program_id(0)
+    t = tl.load(STEP + r)
+    tl.store(STEP + r, t + 1)
+    prev = (t + w1 - 1) % w1
+    leaving = t % w1
     b = (r // num_kv_heads).to(tl.int64)
     h = (r % num_kv_heads).to(tl.int64)
     a = tl.load(ALPHA + b * stride_ab + h * stride_ah).to(tl.float32)
@@ -64,10 +69,8 @@ def _decode_update_kernel(
 
     ring = r.to(tl.int64) * w1
     tl.store(RING_FLAG + ring + prev, marked.to(tl.uint8))
-    if prev == leaving:  # window 0: the entry just written is the one leaving
-        reuse = marked
-    else:
-        reuse = tl.load(RING_FLAG + ring + leaving) != 0
+    # window 0 (w1 = 1): the entry just written is the one leaving.
+    reuse = tl.where(w1 == 1, marked, tl.load(RING_FLAG + ring + leaving) != 0)
     length = tl.load(LENGTHS + r)
     slot = tl.where(reuse, tl.load(RING_SLOT + ring + leaving), length.to(tl.int64))
     tl.store(LENGTHS + r, length + tl.where(reuse, 0, 1).to(tl.int32))
@@ -82,11 +85,15 @@ def _decode_update_kernel(
 
 def decode_update(
     ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, alphas, q,
-    t: int, window: int, alpha_scale: float, alpha_offset: float,
+    step: torch.Tensor, window: int, alpha_scale: float, alpha_offset: float,
 ) -> None:
     """``decode_update_torch`` with the decisions computed from ``alphas`` (fp32 ``[B, Hkv, 1]`` or a
     view of that shape) in the same launch, which also zeroes ``q[:, h * G, 0, D - 1]`` of the rotated
     query ``q`` ``[B, Hq, 1, D]`` in place. One Triton launch, no host synchronization.
+
+    ``step``: int64 ``[B * Hkv]`` on the device, the index t of the new token per head (the reference's
+    ``t``); the launch advances it by one. Every argument is a device tensor or fixed for the cache's
+    life, so the launch can be captured in a CUDA graph and replayed step after step.
 
     Inputs come from the DMS cache and attention (``dms_perf.dms``), which own their shapes: only the
     layout assumptions are checked (last dim contiguous, D a power of two, matching devices).
@@ -107,7 +114,10 @@ def decode_update(
         )
     if alphas.dtype != torch.float32 or alphas.shape[:2] != (batch, num_kv_heads):
         raise TypeError(f"alphas must be fp32 [B, Hkv, 1] = {expected[:2]}, got {alphas.dtype} {tuple(alphas.shape)}")
-    devices = {x.device for x in (ring_slot, k_cache, keys, values, alphas, q)}
+    if step.dtype != torch.int64 or step.shape != (batch * num_kv_heads,):
+        rows = batch * num_kv_heads
+        raise TypeError(f"step must be int64 [B * Hkv] = [{rows}], got {step.dtype} {tuple(step.shape)}")
+    devices = {x.device for x in (ring_slot, k_cache, keys, values, alphas, q, step)}
     if len(devices) != 1:
         raise ValueError(f"decode_update: all tensors must be on one device, got {sorted(map(str, devices))}")
     _decode_update_kernel[(batch * num_kv_heads,)](
@@ -115,7 +125,7 @@ def decode_update(
         q, q.stride(0), q.stride(1),
         keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
         k_cache, v_cache, k_cache.stride(0), v_cache.stride(0),
-        starts, lengths, ring_slot, ring_flag.view(torch.uint8),
-        num_kv_heads, group, w1, (t - 1) % w1, t % w1, float(alpha_scale), float(alpha_offset),
+        starts, lengths, ring_slot, ring_flag.view(torch.uint8), step,
+        num_kv_heads, group, w1, float(alpha_scale), float(alpha_offset),
         D=head_dim,
     )

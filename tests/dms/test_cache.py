@@ -198,8 +198,34 @@ def test_one_launch_decode_step_matches_the_torch_step(window, step, p_mark, dev
         assert torch.equal(q, expected_q)
         assert torch.equal(fused_out[3], torch_out[3]) and fused_out[4] == torch_out[4]
         assert _held_tokens(fused_cache, 0) == _held_tokens(torch_cache, 0)
-        for name in ("ring_slot", "ring_flag", "starts", "capacity"):
+        for name in ("ring_slot", "ring_flag", "starts", "capacity", "step_index"):
             assert torch.equal(getattr(fused_cache.layers[0], name), getattr(torch_cache.layers[0], name)), name
+        assert fused_cache.layers[0].step_index.tolist() == [t + 1] * (B * H)
+
+
+def test_frozen_host_state_leaves_the_step_to_the_device(device):
+    """What a CUDA-graph capture relies on (dms_perf.dms.graph): with ``host_frozen`` the one-launch step
+    changes only device state (the token index lives on the device), and ``advance_host`` then does the
+    host's share; the result equals a plain step."""
+    plain, frozen = DMSCache(num_layers=1, window=3, capacity_step=4), DMSCache(num_layers=1, window=3, capacity_step=4)
+    decisions = torch.rand(1, 2, 10, device=device) < 0.5
+    for cache in (plain, frozen):
+        cache.append(0, *_tagged(1, 2, 10, 16, 0, device), decisions)
+    bound = frozen.layers[0].longest_bound
+    for t in range(10, 13):  # within the 4 spare rows
+        alphas = torch.rand(1, 2, 1, device=device) * 0.1
+        k, v = _tagged(1, 2, 1, 16, t, device)
+        plain.append_step(0, torch.randn(1, 4, 1, 16, device=device), k, v, alphas, 100.0, 5.0)
+        layer = frozen.layers[0]
+        layer.host_frozen = True
+        frozen.append_step(0, torch.randn(1, 4, 1, 16, device=device), k, v, alphas, 100.0, 5.0)
+        layer.host_frozen = False
+        assert (layer.seen, layer.spare_steps) == (t, 4 - (t - 10))  # the host did not move
+        layer.advance_host()
+        assert layer.longest_bound == bound  # fixed until the next re-size
+    assert _held_tokens(frozen, 0) == _held_tokens(plain, 0)
+    assert torch.equal(frozen.layers[0].step_index, plain.layers[0].step_index)
+    assert frozen.get_seq_length() == plain.get_seq_length() == 13
 
 
 @pytest.mark.gpu

@@ -153,3 +153,57 @@ def test_logits_close_at_checkpoint_head_shape_gpu(dtype):
     reference, _ = _teacher_forced_logits(build_model(config, backend="math", dtype=dtype, device="cuda"), ids, 8)
     logits, _ = _teacher_forced_logits(build_model(config, backend="triton", dtype=dtype, device="cuda"), ids, 8)
     assert rel_error(logits, reference) < LOGIT_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity_step", [5, 128])
+def test_cuda_graph_decode_matches_eager_decode_gpu(capacity_step, dtype):
+    """Steps replayed from CUDA graphs (dms_perf.dms.graph) give the eager steps' logits and cache, also
+    across re-sizes of the cache (capacity_step 5: a re-size, an eager step and a new capture every 5)."""
+    config = tiny_config(num_attention_heads=8, num_key_value_heads=2, head_dim=128, dms_window_size=24)
+    model = build_model(config, backend="triton", dtype=dtype, device="cuda")
+    model.dms_capacity_step = capacity_step
+    ids = torch.randint(0, config.vocab_size, (2, 300), device="cuda")
+    runs = {}
+    for graphs in (False, True):
+        model.dms_cuda_graphs = graphs
+        runs[graphs] = _teacher_forced_logits(model, ids, 40)
+    (eager, eager_cache), (replayed, graph_cache) = runs[False], runs[True]
+    graph = model._decode_graph
+    assert graph is not None and graph.cache is graph_cache
+    assert graph.replays >= 40 - 40 // capacity_step - 2 and graph.captures >= max(1, 40 // capacity_step - 1)
+    # Same kernels with the same arguments: equal up to cuBLAS's choice of algorithm under capture.
+    assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
+    assert rel_error(replayed, eager) < LOGIT_TOL[dtype] / 10
+    assert graph_cache.get_seq_length() == eager_cache.get_seq_length() == 300
+    for layer in range(config.num_hidden_layers):
+        assert torch.equal(graph_cache.head_lengths(layer), eager_cache.head_lengths(layer))
+        assert torch.equal(graph_cache.layers[layer].step_index, eager_cache.layers[layer].step_index)
+
+
+@pytest.mark.gpu
+def test_generate_replays_cuda_graphs_gpu():
+    """``model.generate`` takes the graph path (greedy and sampling) with the tokens of the eager path."""
+    config = tiny_config()
+    model = build_model(config, backend="triton", dtype=torch.float16, device="cuda")
+    ids = torch.randint(0, config.vocab_size, (1, 200), device="cuda")
+    model.dms_cuda_graphs = False
+    eager = _greedy(model, ids)
+    model.dms_cuda_graphs = True
+    assert torch.equal(_greedy(model, ids), eager)
+    assert model._decode_graph.replays >= 29
+    torch.manual_seed(1)
+    with torch.no_grad():
+        sampled = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=True, top_k=20)
+    assert sampled.shape == (1, 216) and model._decode_graph.replays >= 13
+
+
+@pytest.mark.gpu
+def test_hooked_model_decodes_eagerly_gpu():
+    """A replay would skip forward hooks: a model with any hook takes the eager steps."""
+    model = build_model(tiny_config(), backend="triton", dtype=torch.float16, device="cuda")
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+    _greedy(model, torch.randint(0, 512, (1, 100), device="cuda"), new_tokens=8)
+    assert model._decode_graph.eager_only and model._decode_graph.replays == 0
+    assert len(calls) == 8  # the prefill and 7 decode steps, each seen by the hook
