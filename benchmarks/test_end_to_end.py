@@ -82,5 +82,5 @@ def test_end_to_end(benchmark, method, context_length):
     assert row["generated_tokens"] == NEW_TOKENS and row["compression"] >= 1.0
     benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("status", "runs_total_s")})
     benchmark.extra_info.update(model=MODEL, dtype=str(DTYPE).removeprefix("torch."), method=m.name)
-    if calibration is not None:
+    if calibration is not None and m.evicts:
         benchmark.extra_info["calibrated_marked_fraction"] = calibration.marked_fraction

@@ -10,12 +10,13 @@ smoke (``--benchmark-disable``): the tiny config, each path run once.
   timed one by one disagreed with whole generations for vanilla: benchmarks/NOTES.md);
   ``decode_step_s = median / DECODE_STEPS``, ``decode_tok_s`` its inverse.
 
-The DMS model is shared by the "dms-hub", "dms-triton" and "dms-triton-eager" cases (``set_dms_backend``,
-``Method.prepare``): same weights, same calibration. "dms-triton" replays its steps from CUDA graphs
-(dms_perf.dms.graph; the first step on a cache and each re-size step run eagerly, and a capture
-follows them), "dms-triton-eager" runs them eagerly like vanilla. ``peak_vram_bytes`` = this
-model's weights + the peak allocated above what was allocated before the case's prefill (both models
-stay resident during the run, so the absolute device peak would count the other model too).
+The DMS model is shared by the "dms-hub", "dms-triton", "dms-triton-eager" and "dense-triton" (no
+eviction) cases (``set_dms_backend``, ``Method.prepare``): same weights, same calibration. "dms-triton"
+and "dense-triton" replay their steps from CUDA graphs (dms_perf.dms.graph; the first step on a cache
+and each re-size step run eagerly, and a capture follows them), "dms-triton-eager" runs them eagerly
+like vanilla. ``peak_vram_bytes`` = this model's weights + the peak allocated above what was
+allocated before the case's prefill (both models stay resident during the run, so the absolute
+device peak would count the other model too).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from dms_perf.dms.model import build_model, qwen3_8b_config, tiny_config
 from dms_perf.measure import bench
 from dms_perf.methods import resolve_method
 
-METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager")  # names of dms_perf.methods
-PREFILL_METHODS = METHODS[:3]  # dms-triton-eager differs from dms-triton in its decode steps only
+METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager", "dense-triton")  # dms_perf.methods names
+PREFILL_METHODS = ("vanilla", "dms-hub", "dms-triton", "dense-triton")  # -eager: same prefill as dms-triton
 TARGET_CR = 8
 DECODE_STEPS = 8 if HAS_CUDA else 1
 CALIBRATION_TOKENS = 4096 if HAS_CUDA else 256
@@ -58,7 +59,7 @@ def _model_for(name):
         return vanilla, None
     dms.set_dms_backend(method.backend)
     method.prepare(dms)
-    return dms, calibration
+    return dms, calibration if method.evicts else None
 
 
 def _weight_bytes(model) -> int:

@@ -7,7 +7,9 @@ Each family is one entry of ``FAMILIES``; adding a method is adding an entry.
 * ``dms-hub`` / ``dms-flex`` / ``dms-triton``: the Qwen3-DMS model (shared/DMS.md) with that prefill
   attention; its cache keeps only the tokens the DMS rule keeps. ``dms-triton`` replays its decode
   steps from CUDA graphs; ``dms-triton-eager`` is the same without graphs (eager steps, as vanilla
-  and every other method decode), for the like-for-like comparison.
+  and every other method decode), for the like-for-like comparison with vanilla. ``dense-triton`` is
+  dms-triton deciding no eviction: the same kernels and graphs over a dense cache, the tuned dense
+  baseline (transformers' vanilla decode is eager).
 * kvpress presses applied to the vanilla model with ``with press(model):``; the parameter is the
   fraction of the prompt's KV pairs removed (kvpress's ``compression_ratio``).
 * ``dmspress-knorm``: kvpress's ``DMSPress`` (threshold eviction outside a sliding window) over
@@ -57,6 +59,7 @@ class Family:
     default_ratio: float | None = None  # families taking a parameter have a default
     min_context: int = 1  # shortest prompt the method accepts
     cuda_graphs: bool = True  # DMS triton backend: replay decode steps from CUDA graphs (dms_perf.dms.graph)
+    evict: bool = True  # DMS model: False decides no eviction (every token kept)
 
     @property
     def takes_parameter(self) -> bool:
@@ -126,6 +129,8 @@ FAMILIES: dict[str, Family] = {
                "from CUDA graphs", "triton"),
         Family("dms-triton-eager", "dms-triton with eager decode steps (no CUDA graphs), as vanilla runs",
                "triton", cuda_graphs=False),
+        Family("dense-triton", "dms-triton with eviction off (every token kept): dense attention on the same "
+               "kernels and CUDA-graph decode, the tuned dense baseline of dms-triton", "triton", evict=False),
         # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
         Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
                0.5, min_context=65),
@@ -140,8 +145,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 DEFAULT_METHODS = (
-    "vanilla", "dms-hub", "dms-flex", "dms-triton", "dms-triton-eager", "snapkv:0.5", "streamingllm:0.5", "knorm:0.5",
-    "expected-attention:0.5", "dmspress-knorm:0.5",
+    "vanilla", "dms-hub", "dms-flex", "dms-triton", "dms-triton-eager", "dense-triton", "snapkv:0.5",
+    "streamingllm:0.5", "knorm:0.5", "expected-attention:0.5", "dmspress-knorm:0.5",
 )
 
 
@@ -184,10 +189,17 @@ class Method:
     def is_dms(self) -> bool:
         return self.family.backend is not None
 
+    @property
+    def evicts(self) -> bool:
+        """Whether the DMS model decides evictions (``dense-triton`` runs it with none)."""
+        return self.is_dms and self.family.evict
+
     def prepare(self, model) -> None:
-        """Set this method's switches on a model that methods of one backend share (CUDA-graph decode)."""
+        """Set this method's switches on a model that methods of one backend share (CUDA-graph decode,
+        eviction on or off)."""
         if self.is_dms:
             model.dms_cuda_graphs = self.family.cuda_graphs
+            model.set_dms_eviction(self.family.evict)
 
     def press_for(self, model, input_ids: torch.Tensor):
         """A fresh kvpress press for this prompt, or None (raises ImportError without kvpress)."""

@@ -60,6 +60,12 @@ class Qwen3DMSAttention(Qwen3Attention):
     """Qwen3 attention with DMS decisions, eviction and the compacted cache (same weights as Qwen3)."""
 
     dms_backend = "triton"
+    dms_evict = True  # False: no token is ever marked (the same computation with a dense cache)
+
+    @property
+    def alpha_offset(self) -> float:
+        """The decision threshold offset; +inf marks nothing (``a * scale - inf > 0`` never holds)."""
+        return self.config.dms_initial_alpha_offset if self.dms_evict else float("inf")
 
     def forward(
         self,
@@ -90,7 +96,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         """Every backend's prefill, the math backend's steps and the hub / flex decode step: decisions,
         RoPE, then the backend's attention over this call's tokens (and the cache)."""
         config = self.config
-        decisions, q = dms_decisions(q, k.shape[1], config.dms_alpha_scale, config.dms_initial_alpha_offset)
+        decisions, q = dms_decisions(q, k.shape[1], config.dms_alpha_scale, self.alpha_offset)
         # [B, Hkv, N] from a view of the [B, N, Hq, D] projection: made contiguous once for all consumers.
         decisions = decisions.contiguous()
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -124,7 +130,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         q[:, :: self.num_key_value_groups, :, -1] = 0  # q is this layer's own q_norm output
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         cached = cache.append_step(
-            self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, config.dms_initial_alpha_offset
+            self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, self.alpha_offset
         )
         return dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
 
@@ -159,6 +165,11 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         self.dms_backend = backend
         for layer in self.model.layers:
             layer.self_attn.dms_backend = backend
+
+    def set_dms_eviction(self, evict: bool) -> None:
+        """``False``: decide no eviction at all (every token kept), the DMS computation over a dense cache."""
+        for layer in self.model.layers:
+            layer.self_attn.dms_evict = bool(evict)
 
     def make_dms_cache(self) -> DMSCache | DMSReferenceCache:
         if self.dms_backend == "math":

@@ -27,6 +27,11 @@ INTERPRET_BLOCK_S = 64
 INTERPRET_TARGET_PROGRAMS = 16
 # Chunk counts are read by every program in blocks of this many.
 COUNT_BLOCK = 1024
+# bool_gather / compact take one launch while a program counts at most this many mask bytes itself
+# (from L2, but every program of a row repeats it); past it, the count kernel's launch is cheaper.
+ONE_LAUNCH_MAX_COUNT = 32768
+# Mask bytes a program counts per step in one-launch mode: large, so that few dependent steps remain.
+MASK_SCAN_BLOCK = 16384
 # Index / length vectors up to this size are checked in Python after one copy to the host: cheaper
 # than a chain of small device reductions. Longer ones are reduced on the device, then read once.
 HOST_CHECK_MAX = 2048
@@ -181,19 +186,23 @@ def tile_mask(row_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def count_true(mask_ptr, lo, hi, BLOCK: tl.constexpr):
+    """Number of True in ``mask[lo:hi]`` (int32) of a bool mask viewed as uint8, BLOCK bytes a step."""
+    total = 0
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        total += tl.sum(tl.load(mask_ptr + idx, mask=idx < hi, other=0).to(tl.int32), axis=0)
+    return total
+
+
+@triton.jit
 def _count_chunks_kernel(mask_ptr, counts_ptr, S, CHUNK, n_chunks, COUNT_BLOCK: tl.constexpr):
     """counts[r, c] = number of True in mask[r, c*CHUNK : (c+1)*CHUNK]."""
     c = tl.program_id(0)
     r = tl.program_id(1)
     start = c * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     row = mask_ptr + r.to(tl.int64) * S
-    total = 0
-    for off in range(start, end, COUNT_BLOCK):
-        idx = off + tl.arange(0, COUNT_BLOCK)
-        m = tl.load(row + idx, mask=idx < end, other=0)
-        total += tl.sum(m.to(tl.int32), axis=0)
-    tl.store(counts_ptr + r * n_chunks + c, total)
+    tl.store(counts_ptr + r * n_chunks + c, count_true(row, start, tl.minimum(start + CHUNK, S), COUNT_BLOCK))
 
 
 def count_chunks(mask_rows: torch.Tensor, chunk: int, n_chunks: int) -> torch.Tensor:

@@ -5,6 +5,16 @@ Per (batch, KV head) the DMS cache holds only the kept tokens, so lengths differ
 ``values [T, D]``, ``offsets [B*H + 1]`` (row r = b*H + h owns ``values[offsets[r]:offsets[r+1]]``)
 and ``positions [T]`` (each kept row's original token index). ``compact_by_bool_loop`` mirrors the
 original per-head boolean indexing, ``..._torch`` is the vectorized reference.
+
+Launches: a program moves the kept rows of one chunk of one (b, h) row, starting at the number of kept
+rows before the chunk in the whole mask. With ``total`` given and ``B*H*S <= ONE_LAUNCH_MAX_COUNT``,
+each program counts that itself from the mask (1 byte a token, from L2): one launch. Otherwise a
+count kernel first writes per-chunk counts that the move kernel sums: without ``total`` they also size
+the output, and past the threshold the programs' repeated counts cost more than the launch (at
+``[1, 8, 32768]`` on an H100, 512 programs would read 128 KB each on average: ~64 MB from L2, as much
+as the ~68 MB the copy moves, and the last programs would wait for 16 count steps before moving).
+(A decoupled look-back, where programs publish running counts for later ones, would need flags zeroed
+before every call: another launch, so it is not used.)
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import triton.language as tl
 
 from dms_perf.kernels._common import (
     COUNT_BLOCK,
+    MASK_SCAN_BLOCK,
+    ONE_LAUNCH_MAX_COUNT,
     as_bits,
     block_rows,
     check_data,
@@ -24,6 +36,7 @@ from dms_perf.kernels._common import (
     check_size_argument,
     chunk_geometry,
     count_chunks,
+    count_true,
     next_power_of_2,
     tile_mask,
 )
@@ -33,17 +46,23 @@ from dms_perf.kernels._common import (
 def _compact_kernel(
     x_ptr, keep_ptr, chunk_counts_ptr, values_ptr, offsets_ptr, positions_ptr,
     H, S, T, n_rows, stride_xb, stride_xh, stride_xs, CHUNK, n_chunks, tiles,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    COUNTED: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr,
 ):
     """Program (c, r) packs the kept rows of chunk c of row r = b*H + h; its first destination is the
-    sum of the counts of all chunks before it in (row, chunk) order."""
+    number of kept rows before it in (row, chunk) order: the sum of the earlier chunks' counts
+    (``COUNTED``), else a count of the mask itself."""
     c = tl.program_id(0)
     r = tl.program_id(1)
-    flat = r * n_chunks + c
-    before = 0
-    for off in range(0, flat, COUNT_BLOCK):
-        j = off + tl.arange(0, COUNT_BLOCK)
-        before += tl.sum(tl.load(chunk_counts_ptr + j, mask=j < flat, other=0), axis=0)
+    start = c * CHUNK
+    if COUNTED:
+        flat = r * n_chunks + c
+        before = 0
+        for off in range(0, flat, COUNT_BLOCK):
+            j = off + tl.arange(0, COUNT_BLOCK)
+            before += tl.sum(tl.load(chunk_counts_ptr + j, mask=j < flat, other=0), axis=0)
+    else:
+        before = count_true(keep_ptr, 0, r.to(tl.int64) * S + start, MASK_SCAN_BLOCK)
     if c == 0:
         tl.store(offsets_ptr + r, before)
     d = tl.arange(0, BLOCK_D)
@@ -51,11 +70,14 @@ def _compact_kernel(
     h = (r % H).to(tl.int64)
     x_row = x_ptr + b * stride_xb + h * stride_xh
     keep_row = keep_ptr + r.to(tl.int64) * S
-    start = c * CHUNK
     next_dest = before
-    for t in range(0, tiles):
-        s = start + t * BLOCK_S + tl.arange(0, BLOCK_S)
-        kept = tl.load(keep_row + s, mask=s < S, other=0).to(tl.int32)
+    s = start + tl.arange(0, BLOCK_S)
+    keep_tile = tl.load(keep_row + s, mask=s < S, other=0)
+    for _ in range(0, tiles):
+        # The next tile's mask is requested before this tile's rows: its latency hides behind theirs.
+        s_next = s + BLOCK_S
+        keep_next = tl.load(keep_row + s_next, mask=s_next < S, other=0)
+        kept = keep_tile.to(tl.int32)
         dest = next_dest + tl.cumsum(kept, axis=0) - 1
         # dest < T guards against a caller-given total that is too small.
         move = (kept != 0) & (dest < T)
@@ -63,6 +85,8 @@ def _compact_kernel(
         tl.store(values_ptr + dest[:, None].to(tl.int64) * D + d[None, :], vals, mask=tile_mask(move, D, BLOCK_D))
         tl.store(positions_ptr + dest, s, mask=move)
         next_dest += tl.sum(kept, axis=0)
+        s = s_next
+        keep_tile = keep_next
     if (c == n_chunks - 1) & (r == n_rows - 1):
         tl.store(offsets_ptr + n_rows, next_dest)
 
@@ -85,7 +109,8 @@ def compact_by_bool(
         ``(values, offsets, positions)``: ``values [T, D]`` (x's dtype) holds row r = b*H + h's kept
         rows ``x[b, h][keep[b, h]]`` at ``values[offsets[r]:offsets[r + 1]]``; ``offsets [B*H + 1]``
         int32 prefix sums of the per-row counts (``offsets[0] = 0``); ``positions [T]`` int32, the
-        token index s of each kept row. Two Triton launches (per-chunk counts, then the move).
+        token index s of each kept row. One Triton launch when ``total`` is given and
+        ``B*H*S <= ONE_LAUNCH_MAX_COUNT``, else two (per-chunk counts, then the move).
     """
     check_data("x", x, ndim=4)
     batch, heads, seq_len, dim = x.shape
@@ -103,7 +128,9 @@ def compact_by_bool(
         )
     block_s = block_rows(dim, x.element_size())
     chunk, n_chunks, tiles = chunk_geometry(rows, seq_len, block_s, x.device)
-    chunk_counts = count_chunks(keep.view(rows, seq_len), chunk, n_chunks)
+    chunk_counts = None
+    if total is None or keep.numel() > ONE_LAUNCH_MAX_COUNT:
+        chunk_counts = count_chunks(keep.view(rows, seq_len), chunk, n_chunks)
     if total is None:
         total = int(chunk_counts.sum())
     values = torch.empty((total, dim), dtype=x.dtype, device=x.device)
@@ -112,7 +139,8 @@ def compact_by_bool(
     _compact_kernel[(n_chunks, rows)](
         as_bits(x), keep.view(torch.uint8), chunk_counts, as_bits(values), offsets, positions,
         heads, seq_len, total, rows, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
-        D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim), COUNT_BLOCK=COUNT_BLOCK,
+        D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
+        COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK,
     )
     return values, offsets, positions
 

@@ -36,6 +36,23 @@ def test_greedy_generate_matches_math_reference(backend, shape, device):
     assert torch.equal(tokens, reference)
 
 
+def test_eviction_off_keeps_every_token_and_matches_math(device):
+    """``set_dms_eviction(False)`` (the dense-triton method): nothing is marked, every head holds every
+    token, and greedy tokens equal the math reference's with eviction off."""
+    config = tiny_config()
+    ids = torch.randint(0, config.vocab_size, (1, 70), device=device)
+    models = [build_model(config, backend=b, device=device) for b in ("math", "triton")]
+    for model in models:
+        model.set_dms_eviction(False)
+    reference, tokens = (_greedy(model, ids, new_tokens=12) for model in models)
+    assert torch.equal(tokens, reference)
+    cache = models[1].make_dms_cache()
+    with torch.no_grad():
+        models[1](ids, past_key_values=cache)
+    for layer in range(config.num_hidden_layers):
+        assert cache.head_lengths(layer).tolist() == [[70] * config.num_key_value_heads]
+
+
 def _teacher_forced_logits(model, ids, steps):
     """Prefill ids[:, :-steps], then feed the remaining tokens one by one; logits of every step."""
     cache = model.make_dms_cache()

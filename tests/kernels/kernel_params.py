@@ -11,11 +11,7 @@ from dms_perf._runtime import HAS_CUDA
 IMPLS = ("loop", "torch", "triton")
 
 # (batch, heads, head_dim): the interpreter is slow, so CPU runs keep few rows.
-SHAPES = (
-    ((1, 2, 128), (2, 1, 64))
-    if not HAS_CUDA
-    else ((1, 2, 128), (2, 1, 64), (1, 8, 128), (2, 4, 64))
-)
+SHAPES = ((1, 2, 128), (2, 1, 64)) if not HAS_CUDA else ((1, 2, 128), (2, 1, 64), (1, 8, 128), (2, 4, 64))
 shape_params = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}d{}".format(*s))
 impl_params = pytest.mark.parametrize("impl", IMPLS)
 
@@ -33,6 +29,25 @@ WIDTH_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.float6
 property_settings = settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+
+# bool_gather / compact with the output size given: the move kernel counts the mask itself ("one-launch")
+# or the count kernel runs first ("two-launch"); each module's ONE_LAUNCH_MAX_COUNT picks, by input size.
+LAUNCH_MODES = ("one-launch", "two-launch")
+launch_mode_params = pytest.mark.parametrize("launch_mode", LAUNCH_MODES)
+
+
+def spy_count_chunks(monkeypatch, module) -> list:
+    """Record each call of ``module.count_chunks`` (the first of two launches) in the returned list."""
+    calls = []
+    count_chunks = module.count_chunks
+    monkeypatch.setattr(module, "count_chunks", lambda *args: calls.append(args) or count_chunks(*args))
+    return calls
+
+
+def set_launch_mode(monkeypatch, module, launch_mode: str) -> None:
+    """Make ``module``'s size rule choose ``launch_mode`` at any input size."""
+    monkeypatch.setattr(module, "ONE_LAUNCH_MAX_COUNT", 2**31 if launch_mode == "one-launch" else 0)
 
 
 def seq_len_for(case: str, context_length: int) -> int:

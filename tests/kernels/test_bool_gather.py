@@ -7,18 +7,23 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dms_perf.kernels import bool_gather
 from dms_perf.kernels._common import MAX_GRID_ROWS
 from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
 from tests.kernels.kernel_params import (
+    LAUNCH_MODES,
     WIDTH_DTYPES,
     assert_same,
     case_params,
     impl_params,
+    launch_mode_params,
     property_settings,
     random_data,
     random_mask,
     seq_len_for,
+    set_launch_mode,
     shape_params,
+    spy_count_chunks,
 )
 
 IMPL = {"loop": bool_gather_left_pad_loop, "torch": bool_gather_left_pad_torch, "triton": bool_gather_left_pad}
@@ -31,7 +36,7 @@ def expected_bool_gather(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     length = max(len(s) for s in selected.values())
     y = torch.zeros(batch, heads, length, dim, dtype=x.dtype, device=x.device)
     for (b, h), tokens in selected.items():
-        y[b, h, length - len(tokens):] = x[b, h, tokens]
+        y[b, h, length - len(tokens) :] = x[b, h, tokens]
     lengths = torch.tensor([[len(selected[b, h]) for h in range(heads)] for b in range(batch)], dtype=torch.int32)
     return y, lengths.to(x.device)
 
@@ -47,10 +52,13 @@ def test_bool_gather_matches_semantics(impl, case, shape, context_length, dtype,
     assert_same(IMPL[impl](x, mask), expected_bool_gather(x, mask))
 
 
+@launch_mode_params
 @pytest.mark.parametrize("extra", [0, 5])
 @case_params
-def test_bool_gather_given_max_length(extra, case, context_length, dtype, device):
+def test_bool_gather_given_max_length(launch_mode, extra, case, context_length, dtype, device, monkeypatch):
     """A caller-given L (no host sync): exactly the default result, or `extra` more zero rows in front."""
+    count_calls = spy_count_chunks(monkeypatch, bool_gather)
+    set_launch_mode(monkeypatch, bool_gather, launch_mode)
     seq_len = seq_len_for(case, context_length)
     x = random_data((1, 3, seq_len, 64), dtype, device)
     mask = random_mask(case, (1, 3, seq_len), device)
@@ -59,9 +67,42 @@ def test_bool_gather_given_max_length(extra, case, context_length, dtype, device
     y, lengths = bool_gather_left_pad(x, mask, max_length=length)
     padded = torch.cat([torch.zeros(1, 3, extra, 64, dtype=dtype, device=device), y_ref], dim=2)
     assert_same((y, lengths), (padded, lengths_ref))
+    assert len(count_calls) == LAUNCH_MODES.index(launch_mode)
 
 
-def test_bool_gather_too_small_max_length_drops_earliest(device):
+@pytest.mark.parametrize("over", [0, 1], ids=["at-threshold", "over-threshold"])
+def test_bool_gather_launches_by_sequence_length(over, device, monkeypatch):
+    """Given L: one launch while S <= ONE_LAUNCH_MAX_COUNT, two past it; no L: always two."""
+    count_calls = spy_count_chunks(monkeypatch, bool_gather)
+    x = random_data((2, 3, 50, 16), torch.float32, device)
+    mask = random_mask("random", (2, 3, 50), device)
+    monkeypatch.setattr(bool_gather, "ONE_LAUNCH_MAX_COUNT", 50 - over)
+    expected = expected_bool_gather(x, mask)
+    assert_same(bool_gather_left_pad(x, mask, max_length=expected[0].shape[2]), expected)
+    assert len(count_calls) == over
+    assert_same(bool_gather_left_pad(x, mask), expected)
+    assert len(count_calls) == over + 1
+
+
+@launch_mode_params
+@pytest.mark.parametrize("extra", [-40, 0, 5])
+def test_bool_gather_uneven_rows(launch_mode, extra, device, monkeypatch):
+    """All, few, none and one row selected: padding that spans several chunks, with L short, exact or long."""
+    set_launch_mode(monkeypatch, bool_gather, launch_mode)
+    x = random_data((1, 4, 300, 16), torch.float32, device)
+    mask = torch.zeros(1, 4, 300, dtype=torch.bool, device=device)
+    mask[0, 0] = True
+    mask[0, 1, ::50] = True
+    mask[0, 3, 7] = True
+    y_ref, lengths_ref = expected_bool_gather(x, mask)
+    padded = torch.cat([torch.zeros(1, 4, max(extra, 0), 16, device=device), y_ref], dim=2)
+    y, lengths = bool_gather_left_pad(x, mask, max_length=300 + extra)
+    assert_same((y, lengths), (padded[:, :, -(300 + extra) :], lengths_ref))
+
+
+@launch_mode_params
+def test_bool_gather_too_small_max_length_drops_earliest(launch_mode, device, monkeypatch):
+    set_launch_mode(monkeypatch, bool_gather, launch_mode)
     x = random_data((1, 2, 40, 64), torch.float32, device)
     mask = torch.ones(1, 2, 40, dtype=torch.bool, device=device)
     y, lengths = bool_gather_left_pad(x, mask, max_length=25)
@@ -97,12 +138,17 @@ def test_bool_gather_empty_sequence(device):
     dim=st.sampled_from([16, 64, 128]),
     keep_p=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]),
     seed=st.integers(0, 2**31 - 1),
+    launch_mode=st.sampled_from(LAUNCH_MODES),
 )
-def test_bool_gather_property(batch, heads, seq_len, dim, keep_p, seed, device):
+def test_bool_gather_property(batch, heads, seq_len, dim, keep_p, seed, launch_mode, device, monkeypatch):
+    """The default call and the L-given call (in the drawn launch mode) both give the semantics."""
+    set_launch_mode(monkeypatch, bool_gather, launch_mode)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, heads, seq_len, dim), generator=gen).to(device)
     mask = (torch.rand((batch, heads, seq_len), generator=gen) < keep_p).to(device)
-    assert_same(bool_gather_left_pad(x, mask), expected_bool_gather(x, mask))
+    expected = expected_bool_gather(x, mask)
+    assert_same(bool_gather_left_pad(x, mask), expected)
+    assert_same(bool_gather_left_pad(x, mask, max_length=expected[0].shape[2]), expected)
 
 
 def test_bool_gather_rejects_more_rows_than_one_launch_covers(device):

@@ -7,18 +7,23 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dms_perf.kernels import compact
 from dms_perf.kernels._common import MAX_GRID_ROWS
 from dms_perf.kernels.compact import compact_by_bool, compact_by_bool_loop, compact_by_bool_torch
 from tests.kernels.kernel_params import (
+    LAUNCH_MODES,
     WIDTH_DTYPES,
     assert_same,
     case_params,
     impl_params,
+    launch_mode_params,
     property_settings,
     random_data,
     random_mask,
     seq_len_for,
+    set_launch_mode,
     shape_params,
+    spy_count_chunks,
 )
 
 IMPL = {"loop": compact_by_bool_loop, "torch": compact_by_bool_torch, "triton": compact_by_bool}
@@ -49,17 +54,37 @@ def test_compact_matches_semantics(impl, case, shape, context_length, dtype, dev
     assert_same(IMPL[impl](x, keep), expected_compact(x, keep))
 
 
+@launch_mode_params
 @case_params
-def test_compact_given_total(case, context_length, dtype, device):
-    """A caller-given T (no host sync) gives exactly the default result."""
+def test_compact_given_total(launch_mode, case, context_length, dtype, device, monkeypatch):
+    """A caller-given T (no host sync) gives exactly the default result, in one launch or two."""
+    count_calls = spy_count_chunks(monkeypatch, compact)
+    set_launch_mode(monkeypatch, compact, launch_mode)
     seq_len = seq_len_for(case, context_length)
     x = random_data((2, 2, seq_len, 128), dtype, device)
     keep = random_mask(case, (2, 2, seq_len), device)
     expected = expected_compact(x, keep)
     assert_same(compact_by_bool(x, keep, total=expected[0].shape[0]), expected)
+    assert len(count_calls) == LAUNCH_MODES.index(launch_mode)
 
 
-def test_compact_too_small_total_drops_last_rows(device):
+@pytest.mark.parametrize("over", [0, 1], ids=["at-threshold", "over-threshold"])
+def test_compact_launches_by_mask_size(over, device, monkeypatch):
+    """Given T: one launch while B*H*S <= ONE_LAUNCH_MAX_COUNT, two past it; no T: always two."""
+    count_calls = spy_count_chunks(monkeypatch, compact)
+    x = random_data((2, 3, 50, 16), torch.float32, device)
+    keep = random_mask("random", (2, 3, 50), device)
+    monkeypatch.setattr(compact, "ONE_LAUNCH_MAX_COUNT", keep.numel() - over)
+    expected = expected_compact(x, keep)
+    assert_same(compact_by_bool(x, keep, total=expected[0].shape[0]), expected)
+    assert len(count_calls) == over
+    assert_same(compact_by_bool(x, keep), expected)
+    assert len(count_calls) == over + 1
+
+
+@launch_mode_params
+def test_compact_too_small_total_drops_last_rows(launch_mode, device, monkeypatch):
+    set_launch_mode(monkeypatch, compact, launch_mode)
     x = random_data((1, 2, 30, 64), torch.float32, device)
     keep = torch.ones(1, 2, 30, dtype=torch.bool, device=device)
     values, offsets, positions = compact_by_bool(x, keep, total=45)
@@ -96,12 +121,17 @@ def test_compact_empty_sequence(device):
     dim=st.sampled_from([16, 64, 128]),
     keep_p=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]),
     seed=st.integers(0, 2**31 - 1),
+    launch_mode=st.sampled_from(LAUNCH_MODES),
 )
-def test_compact_property(batch, heads, seq_len, dim, keep_p, seed, device):
+def test_compact_property(batch, heads, seq_len, dim, keep_p, seed, launch_mode, device, monkeypatch):
+    """The default call and the T-given call (in the drawn launch mode) both give the semantics."""
+    set_launch_mode(monkeypatch, compact, launch_mode)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, heads, seq_len, dim), generator=gen).to(device)
     keep = (torch.rand((batch, heads, seq_len), generator=gen) < keep_p).to(device)
-    assert_same(compact_by_bool(x, keep), expected_compact(x, keep))
+    expected = expected_compact(x, keep)
+    assert_same(compact_by_bool(x, keep), expected)
+    assert_same(compact_by_bool(x, keep, total=expected[0].shape[0]), expected)
 
 
 def test_compact_rejects_more_rows_than_one_launch_covers(device):
