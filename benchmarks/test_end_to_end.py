@@ -4,8 +4,9 @@ GPU: random weights of the Qwen3-8B(-DMS) shape in bf16, DMS eviction calibrated
 (as the committed ``dms-perf bench`` results; the 36 cells then fit one CI job), median of 3 rounds after
 one warm-up. CPU smoke (``--benchmark-disable``): the tiny model, 4 tokens, once.
 The pytest-benchmark figure is the whole generation (prefill + decode); the split (TTFT, decode tok/s),
-peak VRAM, KV bytes and compression are in ``extra_info``. Select with ``--context-lengths`` and
-``--methods`` (e.g. ``--methods vanilla,dms-triton,snapkv:0.5``).
+peak VRAM, KV bytes and compression are in ``extra_info``: each case's row of the ``dms-perf bench``
+tables, so ``dms-perf report <benchmark JSON>`` renders results.md and the plots from such a run.
+Select with ``--context-lengths`` and ``--methods`` (e.g. ``--methods vanilla,dms-triton,snapkv:0.5``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ MODEL = "qwen3-8b" if HAS_CUDA else "tiny"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 NEW_TOKENS = 32 if HAS_CUDA else 4
 ROUNDS = 3 if HAS_CUDA else 1
+WARMUP_ROUNDS = 1 if HAS_CUDA else 0
+NEEDLE_DEPTH = 0.5
 TARGET_CR = 8
 
 # Methods sharing a backend run one after the other, so each model is built once.
@@ -61,7 +64,7 @@ def test_end_to_end(benchmark, method, context_length):
     if context_length < m.min_context:
         pytest.skip(f"{m.name} needs a prompt of at least {m.min_context} tokens")
     model, calibration = _model_for(m)
-    workload = needle_workload(context_length, vocab_size=model.config.vocab_size)
+    workload = needle_workload(context_length, vocab_size=model.config.vocab_size, needle_depth=NEEDLE_DEPTH)
     input_ids = workload.input_ids.to(default_device())
     m.prepare(model)
     press = m.press_for(model, input_ids)
@@ -70,7 +73,7 @@ def test_end_to_end(benchmark, method, context_length):
     try:
         benchmark.pedantic(
             lambda: runs.append(generate_once(model, input_ids, new_tokens=NEW_TOKENS, press=press)),
-            rounds=ROUNDS, iterations=1, warmup_rounds=1 if HAS_CUDA else 0,
+            rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS,
         )
     except torch.cuda.OutOfMemoryError:
         out_of_memory = True
@@ -81,6 +84,8 @@ def test_end_to_end(benchmark, method, context_length):
                          retrieval=workload.retrieval(runs[-1].generated_ids, real_weights=False))
     assert row["generated_tokens"] == NEW_TOKENS and row["compression"] >= 1.0
     benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("status", "runs_total_s")})
-    benchmark.extra_info.update(model=MODEL, dtype=str(DTYPE).removeprefix("torch."), method=m.name)
+    benchmark.extra_info.update(model=MODEL, dtype=str(DTYPE).removeprefix("torch."), method=m.name,
+                                weights="random weights", target_cr=TARGET_CR, needle_depth=NEEDLE_DEPTH,
+                                warmup_runs=WARMUP_ROUNDS)
     if calibration is not None and m.evicts:
         benchmark.extra_info["calibrated_marked_fraction"] = calibration.marked_fraction

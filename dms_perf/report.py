@@ -51,10 +51,51 @@ class ResultsWriter:
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(meta, rows) of a results.json, or of the results.json inside a directory."""
+    """(meta, rows) of a results.json, or of the results.json inside a directory, or of a pytest-benchmark
+    JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``)."""
     path = Path(path)
     data = json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
+    if "benchmarks" in data and "meta" not in data:
+        return results_from_benchmarks(data, source=path.name)
     return data["meta"], data["rows"]
+
+
+def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(meta, rows) from a pytest-benchmark run: the end-to-end cases (``benchmarks/test_end_to_end.py``)
+    keep each cell's row in ``extra_info``, measured by the helpers ``dms-perf bench`` uses; other cases
+    are ignored. Cells skipped there (out of memory, prompt too short) have no row."""
+    rows = []
+    for case in data["benchmarks"]:
+        info = case.get("extra_info", {})
+        if "total_s" not in info or "method" not in info:
+            continue
+        row = {"context": case["params"]["context_length"], "method": info["method"],
+               "new_tokens": info["generated_tokens"], "status": "ok"}
+        row.update({k: v for k, v in info.items() if k not in row})
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source or 'this run'} holds no end-to-end case (benchmarks/test_end_to_end.py)")
+    first = rows[0]
+    target = first.get("target_cr")
+    weights = first.get("weights", "random weights")
+    if target and any(r.get("calibrated_marked_fraction") is not None for r in rows):
+        weights += f", eviction calibrated to {target:g}x"
+    meta = {
+        "date": data.get("datetime", "")[:16].replace("T", " ") + " UTC",
+        "device": data.get("machine_info", {}).get("dms_perf_device", {}),
+        "model": first.get("model"),
+        "dtype": first.get("dtype"),
+        "weights": weights,
+        "contexts": sorted({r["context"] for r in rows}),
+        "methods": list(dict.fromkeys(r["method"] for r in rows)),
+        "new_tokens": first["new_tokens"],
+        "repeats": first.get("repeats"),
+        "warmup": first.get("warmup_runs"),
+        "needle_depth": first.get("needle_depth"),
+        "calibration": {},
+        "command": f"pytest benchmarks/test_end_to_end.py (pytest-benchmark JSON {source})".replace(" ()", ""),
+    }
+    return meta, rows
 
 
 def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,26 @@ def test_report_of_a_missing_run_exits_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "all")])
     assert info.value.code == 2 and "cannot merge" in capsys.readouterr().err
+
+
+def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
+    """``dms-perf report`` on a pytest-benchmark JSON of benchmarks/test_end_to_end.py (a CPU smoke run
+    here, with the timing kept) gives results.md and the plots of its cells; other cases are ignored."""
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/test_end_to_end.py", "-q", "-p", "no:cacheprovider",
+           "-p", "no:xdist", "--context-lengths=96", "--methods=vanilla,dms-hub,dms-triton", f"--benchmark-json={out}"]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    meta, rows = load_results(out)
+    assert {(r["context"], r["method"]) for r in rows} == {(96, "vanilla"), (96, "dms-hub"), (96, "dms-triton")}
+    assert all(r["status"] == "ok" and r["total_s"] > 0 and r["new_tokens"] == 4 for r in rows)
+    assert meta["model"] == "tiny" and "calibrated to 8x" in meta["weights"] and meta["device"]["gpu"]
+    assert main(["report", str(out), "--out", str(tmp_path / "md")]) == 0
+    md = (tmp_path / "md" / "results.md").read_text()
+    assert "| 96 | dms-triton |" in md and "## DMS prefill speedup" in md and "hub" in md
+    assert (tmp_path / "md" / "time_vs_context.png").stat().st_size > 0
+    bad = tmp_path / "kernels.json"
+    bad.write_text(json.dumps({"benchmarks": [{"params": {}, "extra_info": {"kernel": "x"}}]}))
+    with pytest.raises(SystemExit):
+        main(["report", str(bad), "--out", str(tmp_path / "none")])
