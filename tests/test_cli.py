@@ -55,7 +55,7 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
     out = tmp_path / "results"
     methods = "vanilla,knorm:0.5,dms-hub,dms-triton"
     code = main(["bench", "--contexts", "40,0.0625k", "--methods", methods, "--model", "tiny", "--new-tokens", "3",
-                 "--repeats", "1", "--warmup", "0", "--out", str(out)])
+                 "--repeats", "1", "--warmup", "0", "--dtype", "float32", "--out", str(out)])
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]

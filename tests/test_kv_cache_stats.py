@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dms_perf._runtime import default_device
 from dms_perf.dms.model import build_model, tiny_config
 from dms_perf.dms.rule import visibility_mask
 from dms_perf.measure import kv_cache_stats
@@ -12,8 +13,9 @@ from tests.dms.test_model import _record_decisions
 
 def test_kv_cache_stats_of_a_dms_cache_counts_heads_and_kept_tokens():
     config = tiny_config(dms_window_size=8)
-    model = build_model(config, backend="hub", dtype=torch.float32, device="cpu", seed=0)
-    prompt = torch.randint(0, config.vocab_size, (1, 96))
+    device = default_device()  # Triton kernels on CPU tensors need the interpreter, which GPU hosts do not use
+    model = build_model(config, backend="hub", dtype=torch.float32, device=device, seed=0)
+    prompt = torch.randint(0, config.vocab_size, (1, 96), device=device)
     cache = model.make_dms_cache()
     recorded = _record_decisions(model)  # decisions recomputed from q_norm outputs, apart from the model
     with torch.no_grad():

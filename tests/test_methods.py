@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from dms_perf._runtime import HAS_CUDA, default_device
 from dms_perf.measure import generate_once, measure_generation
 from dms_perf.methods import DEFAULT_METHODS, FAMILIES, load_model_for, resolve_method, resolve_methods
 from dms_perf.workloads import needle_workload
@@ -23,7 +24,8 @@ def models():
 
     def get(method):
         if method.backend not in built:
-            built[method.backend] = load_model_for("tiny", method, dtype=torch.float32, device="cpu", target_cr=8)[0]
+            built[method.backend] = load_model_for("tiny", method, dtype=torch.float32, device=default_device(),
+                                                   target_cr=8)[0]
         return built[method.backend]
 
     return get
@@ -45,7 +47,10 @@ def test_method_runs_end_to_end(models, method):
     assert 0 < row["prefill_s"] <= row["total_s"]
     assert row["prefill_tok_s"] == pytest.approx(CONTEXT / row["prefill_s"])
     assert row["decode_tok_s"] > 0
-    assert row["peak_vram_bytes"] is None  # no GPU here: not measured, not faked
+    if HAS_CUDA:
+        assert row["peak_vram_bytes"] > 0
+    else:
+        assert row["peak_vram_bytes"] is None  # no GPU: not measured, not faked
     assert row["retrieval"] == "n/a (random weights)"
     cfg = model.config
     dense_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (CONTEXT + NEW_TOKENS - 1) * cfg.head_dim * 4
@@ -68,11 +73,11 @@ def test_greedy_loop_matches_model_generate(models, method):
     """The timed loop (explicit positions over a possibly shorter cache) generates what generate() does."""
     m = resolve_method(method)
     model = models(m)
-    ids = needle_workload(CONTEXT, vocab_size=model.config.vocab_size, seed=3).input_ids
+    ids = needle_workload(CONTEXT, vocab_size=model.config.vocab_size, seed=3).input_ids.to(model.device)
     press = m.press_for(model, ids)
     run = generate_once(model, ids, new_tokens=8, press=press)
     with torch.inference_mode(), press(model) if press is not None else contextlib.nullcontext():
-        ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, CONTEXT:]
+        ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, CONTEXT:].cpu()
     assert run.generated_ids.shape == (8,)
     assert torch.equal(run.generated_ids, ref)
 
@@ -80,7 +85,7 @@ def test_greedy_loop_matches_model_generate(models, method):
 def test_press_with_ratio_zero_generates_like_vanilla(models):
     vanilla, snap = resolve_method("vanilla"), resolve_method("snapkv:0")
     model = models(vanilla)
-    ids = needle_workload(CONTEXT, vocab_size=model.config.vocab_size, seed=5).input_ids
+    ids = needle_workload(CONTEXT, vocab_size=model.config.vocab_size, seed=5).input_ids.to(model.device)
     a = generate_once(model, ids, new_tokens=6)
     b = generate_once(model, ids, new_tokens=6, press=snap.press_for(model, ids))
     assert torch.equal(a.generated_ids, b.generated_ids)
@@ -91,7 +96,7 @@ def test_press_with_ratio_zero_generates_like_vanilla(models):
 def test_dmspress_threshold_reaches_the_ratio(models, ratio):
     m = resolve_method(f"dmspress-knorm:{ratio}")
     model = models(m)
-    ids = needle_workload(256, vocab_size=model.config.vocab_size, seed=1).input_ids
+    ids = needle_workload(256, vocab_size=model.config.vocab_size, seed=1).input_ids.to(model.device)
     run = generate_once(model, ids, new_tokens=1, press=m.press_for(model, ids))
     evicted = 1 - run.kept_slots / run.dense_slots
     assert evicted == pytest.approx(ratio, abs=0.03)
