@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,9 +48,18 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def _context_of(node_id: str) -> int:
+    match = re.search(r"ctx(\d+)", node_id)
+    return int(match.group(1)) if match else 0
+
+
 def shard_node_ids(node_ids: list[str], index: int, count: int) -> list[str]:
-    """Round-robin over the sorted ids, so each shard gets a similar mix of context lengths."""
-    return [nid for k, nid in enumerate(sorted(node_ids)) if k % count == index - 1]
+    """Round-robin over the ids sorted by context length, then name: each shard gets the same number of
+    cases of each context length, whose cost dominates. (Sorted by name alone, ``test_end_to_end[M-ctxN]``
+    puts the 4 lengths of a method next to each other, and with 4 shards one shard got every 16K case:
+    it ran past the call's time limit while the others finished in 5 minutes, benchmarks/NOTES.md.)"""
+    ordered = sorted(node_ids, key=lambda nid: (_context_of(nid), nid))
+    return sorted(nid for k, nid in enumerate(ordered) if k % count == index - 1)
 
 
 def gpu_for_worker(worker_id: str, device_count: int) -> int | None:

@@ -142,6 +142,18 @@ def test_shard_option_is_validated():
     assert sorted(sum(shards, [])) == sorted(ids)
 
 
+def test_shards_get_every_context_length_alike():
+    """The end-to-end ids put a method's lengths side by side; each of 4 shards must still get one case of
+    each length per 4 methods (sorted by name alone, one shard got all 16K cases)."""
+    methods = ["dense-triton", "dms-flex", "dms-hub", "dms-triton", "knorm:0.5", "vanilla", "snapkv:0.5", "x"]
+    ids = [f"benchmarks/test_end_to_end.py::test_end_to_end[{m}-ctx{n}]" for m in methods
+           for n in (4096, 8192, 16384, 32768)]
+    shards = [ci.shard_node_ids(ids, i, 4) for i in (1, 2, 3, 4)]
+    assert sorted(sum(shards, [])) == sorted(ids)
+    for shard in shards:
+        assert sorted(ci._context_of(nid) for nid in shard) == [4096, 4096, 8192, 8192, 16384, 16384, 32768, 32768]
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="actionlint's wheel is x86_64 only")
 def test_workflows_pass_actionlint():
     actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")

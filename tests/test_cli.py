@@ -165,8 +165,10 @@ def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_end_to_end.py", "-q", "-p", "no:cacheprovider",
            "-p", "no:xdist", "--context-lengths=96", "--methods=vanilla,dms-hub,dms-triton", f"--benchmark-json={out}"]
-    # Without this worker's PYTEST_* variables: under xdist they would make the inner run a worker too.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTEST_XDIST"))}
+    # Without this worker's PYTEST_* variables (under xdist they would make the inner run a worker too),
+    # and on the CPU on any host: the tiny model's smoke sizes, not the GPU's 8B model.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                             timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
