@@ -167,3 +167,18 @@ def test_kvpress_missing_gives_a_clear_error(models, monkeypatch):
     row = measure_generation(model, needle_workload(CONTEXT, vocab_size=512), resolve_method("snapkv:0.5"),
                              new_tokens=2, repeats=1, warmup=0)
     assert row["status"].startswith("error: ImportError: kvpress is not installed")
+
+
+def test_prepare_switches_a_shared_model_between_triton_methods(models):
+    """dms-triton, dms-triton-eager and dense-triton share one model (one per backend in bench and the
+    end-to-end benchmark): each method's ``prepare`` must set graphs and eviction, whatever ran before."""
+    model = models(resolve_method("dms-triton"))
+    expected = {"dense-triton": (True, False), "dms-triton-eager": (False, True), "dms-triton": (True, True)}
+    for name, (graphs, evict) in expected.items():
+        resolve_method(name).prepare(model)
+        assert model.dms_cuda_graphs is graphs
+        assert {layer.self_attn.dms_evict for layer in model.model.layers} == {evict}
+        offset = model.model.layers[0].self_attn.alpha_offset
+        assert offset == (model.config.dms_initial_alpha_offset if evict else float("inf"))
+    resolve_method("vanilla").prepare(model)  # not a DMS method: leaves the switches alone
+    assert model.dms_cuda_graphs is True
