@@ -93,7 +93,7 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
         "warmup": first.get("warmup_runs"),
         "needle_depth": first.get("needle_depth"),
         "calibration": {},
-        "command": f"pytest benchmarks/test_end_to_end.py (pytest-benchmark JSON {source})".replace(" ()", ""),
+        "command": "pytest benchmarks/test_end_to_end.py" + (f" (pytest-benchmark JSON {source})" if source else ""),
     }
     return meta, rows
 

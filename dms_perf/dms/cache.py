@@ -59,7 +59,7 @@ class DMSCacheLayer(CacheLayerMixin):
         # re-size + the steps until the next (fixed in between, so a captured step stays valid).
         self.longest_bound = 0
         self.spare_steps = 0  # decode steps every segment can still take without growing
-        self.host_frozen = False  # while a CUDA graph captures a step: device work only (decode.py)
+        self.host_frozen = False  # while a CUDA graph captures a step: device work only (dms_perf/dms/graph.py)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

@@ -76,11 +76,11 @@ class DecodeGraph:
         return self.logits.clone()
 
     def _capture(self, run_step, input_ids, position_ids) -> None:
-        with torch.inference_mode(False):  # plain tensors: copy_ works in and out of inference mode
+        # Static inputs, filled by ``step`` before each replay (a capture runs nothing, so their contents
+        # do not matter here); plain tensors, so that copy_ works in and out of inference mode.
+        with torch.inference_mode(False):
             self.input_ids = torch.empty_like(input_ids)
             self.position_ids = torch.empty_like(position_ids)
-        self.input_ids.copy_(input_ids)
-        self.position_ids.copy_(position_ids)
         graph = torch.cuda.CUDAGraph()
         for layer in self.cache.layers:
             layer.host_frozen = True  # the capture runs no kernel: the host state must not move either
