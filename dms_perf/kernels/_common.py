@@ -32,6 +32,13 @@ COUNT_BLOCK = 1024
 ONE_LAUNCH_MAX_COUNT = 32768
 # Mask bytes a program counts per step in one-launch mode: large, so that few dependent steps remain.
 MASK_SCAN_BLOCK = 16384
+# Launch geometry of the masked movers (bool_gather, compact), read at every call: tile bytes (of the
+# whole tile; only its selected rows are read), programs per SM, warps and pipeline stages per program.
+# benchmarks/tune_movement.py sweeps them on a GPU (results in benchmarks/NOTES.md).
+MASKED_TILE_BYTES = 16384
+MASKED_PROGRAMS_PER_SM = 4
+MASKED_NUM_WARPS = 4
+MASKED_NUM_STAGES = 3
 # Index / length vectors up to this size are checked in Python after one copy to the host: cheaper
 # than a chain of small device reductions. Longer ones are reduced on the device, then read once.
 HOST_CHECK_MAX = 2048
@@ -148,31 +155,43 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
+def target_programs(device: torch.device, per_sm: int = 4) -> int:
     """Programs per launch that fill the GPU (4 per SM: 132 SMs on an H100 give 528)."""
     if INTERPRET:
         return INTERPRET_TARGET_PROGRAMS
-    return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def block_rows(row_elems: int, element_size: int) -> int:
-    """Rows per [BLOCK_S, BLOCK_D] tile: about GPU_TILE_BYTES on the GPU, a power of two in [16, 256]."""
+def block_rows(row_elems: int, element_size: int, tile_bytes: int | None = None) -> int:
+    """Rows per [BLOCK_S, BLOCK_D] tile: about ``tile_bytes`` (default GPU_TILE_BYTES) on the GPU, a
+    power of two in [16, 256]."""
     if INTERPRET:
         return INTERPRET_BLOCK_S
-    rows = max(1, GPU_TILE_BYTES // (next_power_of_2(row_elems) * element_size))
+    rows = max(1, (tile_bytes or GPU_TILE_BYTES) // (next_power_of_2(row_elems) * element_size))
     return max(16, min(256, 1 << (rows.bit_length() - 1)))
 
 
-def chunk_geometry(rows: int, seq_len: int, block_s: int, device: torch.device) -> tuple[int, int, int]:
+def chunk_geometry(
+    rows: int, seq_len: int, block_s: int, device: torch.device, per_sm: int = 4
+) -> tuple[int, int, int]:
     """Split each of ``rows`` rows of ``seq_len`` tokens into chunks of whole tiles.
 
     Returns ``(chunk, n_chunks, tiles_per_chunk)``: enough chunks in all to fill the device even at
-    8 rows, few enough that each program's scan over earlier chunks' counts stays cheap.
+    8 rows (``per_sm`` programs per SM), few enough that each program's scan over earlier chunks'
+    counts stays cheap.
     """
     n_tiles = cdiv(seq_len, block_s)
-    tiles = max(1, min(n_tiles, cdiv(rows * n_tiles, target_programs(device))))
+    tiles = max(1, min(n_tiles, cdiv(rows * n_tiles, target_programs(device, per_sm))))
     chunk = tiles * block_s
     return chunk, cdiv(seq_len, chunk), tiles
+
+
+def masked_geometry(rows: int, seq_len: int, row_elems: int, element_size: int, device: torch.device):
+    """The masked movers' launch: ``(block_s, chunk, n_chunks, tiles, launch_options)`` from the
+    MASKED_* settings as they are at this call."""
+    block_s = block_rows(row_elems, element_size, MASKED_TILE_BYTES)
+    chunk, n_chunks, tiles = chunk_geometry(rows, seq_len, block_s, device, MASKED_PROGRAMS_PER_SM)
+    return block_s, chunk, n_chunks, tiles, {"num_warps": MASKED_NUM_WARPS, "num_stages": MASKED_NUM_STAGES}
 
 
 @triton.jit

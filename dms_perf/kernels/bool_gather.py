@@ -26,15 +26,14 @@ from dms_perf.kernels._common import (
     MASK_SCAN_BLOCK,
     ONE_LAUNCH_MAX_COUNT,
     as_bits,
-    block_rows,
     check_data,
     check_device_usable,
     check_grid_rows,
     check_mask,
     check_size_argument,
-    chunk_geometry,
     count_chunks,
     count_true,
+    masked_geometry,
     next_power_of_2,
     tile_mask,
 )
@@ -138,8 +137,7 @@ def bool_gather_left_pad(
             torch.zeros((batch, heads, length, dim), dtype=x.dtype, device=x.device),
             torch.zeros((batch, heads), dtype=torch.int32, device=x.device),
         )
-    block_s = block_rows(dim, x.element_size())
-    chunk, n_chunks, tiles = chunk_geometry(rows, seq_len, block_s, x.device)
+    block_s, chunk, n_chunks, tiles, launch = masked_geometry(rows, seq_len, dim, x.element_size(), x.device)
     chunk_counts = None
     if max_length is None or seq_len > ONE_LAUNCH_MAX_COUNT:
         chunk_counts = count_chunks(mask.view(rows, seq_len), chunk, n_chunks)
@@ -152,6 +150,7 @@ def bool_gather_left_pad(
         heads, seq_len, max_length, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
         D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
         COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK,
+        **launch,
     )
     return y, lengths
 

@@ -28,15 +28,14 @@ from dms_perf.kernels._common import (
     MASK_SCAN_BLOCK,
     ONE_LAUNCH_MAX_COUNT,
     as_bits,
-    block_rows,
     check_data,
     check_device_usable,
     check_grid_rows,
     check_mask,
     check_size_argument,
-    chunk_geometry,
     count_chunks,
     count_true,
+    masked_geometry,
     next_power_of_2,
     tile_mask,
 )
@@ -126,8 +125,7 @@ def compact_by_bool(
             torch.zeros(rows + 1, dtype=torch.int32, device=x.device),
             torch.zeros(0, dtype=torch.int32, device=x.device),
         )
-    block_s = block_rows(dim, x.element_size())
-    chunk, n_chunks, tiles = chunk_geometry(rows, seq_len, block_s, x.device)
+    block_s, chunk, n_chunks, tiles, launch = masked_geometry(rows, seq_len, dim, x.element_size(), x.device)
     chunk_counts = None
     if total is None or keep.numel() > ONE_LAUNCH_MAX_COUNT:
         chunk_counts = count_chunks(keep.view(rows, seq_len), chunk, n_chunks)
@@ -141,6 +139,7 @@ def compact_by_bool(
         heads, seq_len, total, rows, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
         D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
         COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK,
+        **launch,
     )
     return values, offsets, positions
 
