@@ -26,6 +26,9 @@ HUB_QUERY_CHUNK = 512
 # their softmax; "flex" holds the bool mask that create_block_mask materializes.
 MATH_CHUNK_ELEMENTS = 2**28
 FLEX_CHUNK_ELEMENTS = 2**30
+# Compiled FlexAttention finds no kernel for fewer tokens than its 128-token block (torch 2.11 on an
+# H100: NoValidChoicesError at 96 tokens, in fp32 and bf16; 200 tokens work): shorter inputs are padded.
+FLEX_MIN_TOKENS = 128
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 # The kernel stacks a KV head's query heads into one tile of at least 32 rows.
 TRITON_MAX_GROUP = 16
@@ -170,6 +173,14 @@ def flex_attention(q, k, v, decisions, window, scale, return_lse):
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
     batch, num_q_heads, n, head_dim = q.shape
+    if n < FLEX_MIN_TOKENS:
+        # Padded keys come after every real query, so the causal rule hides them (and their decisions
+        # are False, as the newest token's is); the padded query rows are dropped.
+        pad = FLEX_MIN_TOKENS - n
+        q, k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[3])], dim=2) for t in (q, k, v))
+        decisions = torch.cat([decisions, decisions.new_zeros(*decisions.shape[:2], pad)], dim=2)
+        out, lse = flex_attention(q, k, v, decisions, window, scale, return_lse)
+        return out[:, :, :n], (lse[:, :, :n] if return_lse else None)
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     # Page-batch layout, as the hub: one batch entry per (b, KV head) holding its G query heads and its

@@ -35,8 +35,8 @@ MASK_SCAN_BLOCK = 16384
 # Launch geometry of the masked movers (bool_gather, compact), read at every call: tile bytes (of the
 # whole tile; only its selected rows are read), programs per SM, warps and pipeline stages per program.
 # benchmarks/tune_movement.py sweeps them on a GPU (results in benchmarks/NOTES.md).
-MASKED_TILE_BYTES = 16384
-MASKED_PROGRAMS_PER_SM = 4
+MASKED_TILE_BYTES = 32768
+MASKED_PROGRAMS_PER_SM = 16
 MASKED_NUM_WARPS = 4
 MASKED_NUM_STAGES = 3
 # Index / length vectors up to this size are checked in Python after one copy to the host: cheaper

@@ -54,6 +54,17 @@ def _compact_kernel(
     c = tl.program_id(0)
     r = tl.program_id(1)
     start = c * CHUNK
+    chunk_end = tl.minimum(start + CHUNK, S)
+    d = tl.arange(0, BLOCK_D)
+    b = (r // H).to(tl.int64)
+    h = (r % H).to(tl.int64)
+    x_row = x_ptr + b * stride_xb + h * stride_xh
+    keep_row = keep_ptr + r.to(tl.int64) * S
+    # The first tile's mask and kept rows are requested before the count of the rows before the
+    # chunk: their loads do not need it (only the stores do), so the two latencies overlap.
+    s = start + tl.arange(0, BLOCK_S)
+    keep_tile = tl.load(keep_row + s, mask=s < chunk_end, other=0)
+    vals = tl.load(x_row + s[:, None].to(tl.int64) * stride_xs + d[None, :], mask=tile_mask(keep_tile != 0, D, BLOCK_D))
     if COUNTED:
         flat = r * n_chunks + c
         before = 0
@@ -64,26 +75,20 @@ def _compact_kernel(
         before = count_true(keep_ptr, 0, r.to(tl.int64) * S + start, MASK_SCAN_BLOCK)
     if c == 0:
         tl.store(offsets_ptr + r, before)
-    d = tl.arange(0, BLOCK_D)
-    b = (r // H).to(tl.int64)
-    h = (r % H).to(tl.int64)
-    x_row = x_ptr + b * stride_xb + h * stride_xh
-    keep_row = keep_ptr + r.to(tl.int64) * S
     next_dest = before
-    s = start + tl.arange(0, BLOCK_S)
-    keep_tile = tl.load(keep_row + s, mask=s < S, other=0)
     for _ in range(0, tiles):
-        # The next tile's mask is requested before this tile's rows: its latency hides behind theirs.
+        # The next tile's mask, then its rows, are requested before this tile's stores complete.
         s_next = s + BLOCK_S
-        keep_next = tl.load(keep_row + s_next, mask=s_next < S, other=0)
+        keep_next = tl.load(keep_row + s_next, mask=s_next < chunk_end, other=0)
         kept = keep_tile.to(tl.int32)
         dest = next_dest + tl.cumsum(kept, axis=0) - 1
         # dest < T guards against a caller-given total that is too small.
         move = (kept != 0) & (dest < T)
-        vals = tl.load(x_row + s[:, None].to(tl.int64) * stride_xs + d[None, :], mask=tile_mask(move, D, BLOCK_D))
         tl.store(values_ptr + dest[:, None].to(tl.int64) * D + d[None, :], vals, mask=tile_mask(move, D, BLOCK_D))
         tl.store(positions_ptr + dest, s, mask=move)
         next_dest += tl.sum(kept, axis=0)
+        vals = tl.load(x_row + s_next[:, None].to(tl.int64) * stride_xs + d[None, :],
+                       mask=tile_mask(keep_next != 0, D, BLOCK_D))
         s = s_next
         keep_tile = keep_next
     if (c == n_chunks - 1) & (r == n_rows - 1):

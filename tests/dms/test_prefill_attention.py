@@ -86,6 +86,14 @@ def test_context_lengths(impl, heads, context_length, dtype, device):
     check_against_math(impl, *inputs, window)
 
 
+@pytest.mark.parametrize("impl", ["hub", "flex", "triton"])
+@pytest.mark.parametrize("n", [1, 2, 96, 127, 128])
+def test_short_prompts(impl, n, device):
+    """Prompts shorter than a block: compiled flex has no kernel below 128 tokens and pads them."""
+    inputs = make_inputs(1, 4, 2, n, 32, torch.float32, device, 0.5)
+    check_against_math(impl, *inputs, 16)
+
+
 @pytest.mark.gpu
 def test_triton_at_the_checkpoint_shape(context_length):
     """Qwen3-8B shape (Hq=32, Hkv=8, D=128), bf16, window 512, 7/8 of the tokens marked."""
