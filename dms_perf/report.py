@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dms_perf.methods import DEFAULT_METHODS
+
 JSON_NAME = "results.json"
 MD_NAME = "results.md"
 TIME_PLOT = "time_vs_context.png"
@@ -75,6 +77,10 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
         rows.append(row)
     if not rows:
         raise ValueError(f"{source or 'this run'} holds no end-to-end case (benchmarks/test_end_to_end.py)")
+    # A sharded run lists its cases shard by shard: order them as dms-perf bench does, by context, then in
+    # the registry's order of the default methods (others after, by name).
+    order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
+    rows.sort(key=lambda r: (r["context"], order.get(r["method"], len(order)), r["method"]))
     first = rows[0]
     target = first.get("target_cr")
     weights = first.get("weights", "random weights")

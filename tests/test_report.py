@@ -13,6 +13,7 @@ from dms_perf.report import (
     load_results,
     merge_results,
     render_markdown,
+    results_from_benchmarks,
     speedup_rows,
 )
 
@@ -118,3 +119,20 @@ def test_merge_refuses_other_cards(tmp_path):
     b = _saved(tmp_path / "b", {"device": {"gpu": "H200"}}, _rows()[1:2])
     with pytest.raises(ValueError, match="device"):
         merge_results([a, b])
+
+
+def test_benchmark_json_rows_come_in_bench_order():
+    """A sharded pytest-benchmark run lists cases shard by shard; the report orders them by context, then
+    as the registry's default methods are ordered (a method outside them last)."""
+    cases = []
+    for context, method in [(8192, "vanilla"), (4096, "snapkv:0.5"), (4096, "my-press"), (4096, "dms-triton"),
+                            (8192, "dms-hub"), (4096, "vanilla")]:
+        info = {k: v for k, v in _row(context, method, 1.0).items() if k not in ("context", "status", "new_tokens")}
+        cases.append({"params": {"context_length": context}, "extra_info": info})
+    cases.append({"params": {"context_length": 4096}, "extra_info": {"median_ms": 1.0}})  # not end to end
+    meta, rows = results_from_benchmarks({"benchmarks": cases, "datetime": "2026-11-28T01:27:42"})
+    assert [(r["context"], r["method"]) for r in rows] == [
+        (4096, "vanilla"), (4096, "dms-triton"), (4096, "snapkv:0.5"), (4096, "my-press"),
+        (8192, "vanilla"), (8192, "dms-hub"),
+    ]
+    assert meta["contexts"] == [4096, 8192] and meta["methods"][:2] == ["vanilla", "dms-triton"]
