@@ -21,6 +21,8 @@ INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # Per-program bytes of one [BLOCK_S, D] tile on the GPU: large enough for 16-byte vector accesses
 # and many bytes in flight, small enough to keep several programs resident per SM.
 GPU_TILE_BYTES = 16384
+# Programs per SM a launch aims for (left_pad, the prefill prep; the masked movers use their own).
+GPU_PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another in Python: fewer, larger programs are faster,
 # but keep several chunks per row so that the cross-chunk prefix logic is exercised on CPU.
 INTERPRET_BLOCK_S = 64
@@ -155,8 +157,8 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device, per_sm: int = 4) -> int:
-    """Programs per launch that fill the GPU (4 per SM: 132 SMs on an H100 give 528)."""
+def target_programs(device: torch.device, per_sm: int) -> int:
+    """Programs per launch that fill the GPU: ``per_sm`` per SM (4 on an H100's 132 SMs give 528)."""
     if INTERPRET:
         return INTERPRET_TARGET_PROGRAMS
     return per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -172,7 +174,7 @@ def block_rows(row_elems: int, element_size: int, tile_bytes: int | None = None)
 
 
 def chunk_geometry(
-    rows: int, seq_len: int, block_s: int, device: torch.device, per_sm: int = 4
+    rows: int, seq_len: int, block_s: int, device: torch.device, per_sm: int = GPU_PROGRAMS_PER_SM
 ) -> tuple[int, int, int]:
     """Split each of ``rows`` rows of ``seq_len`` tokens into chunks of whole tiles.
 
