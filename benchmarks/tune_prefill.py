@@ -4,7 +4,8 @@
 
 Runs the kernel directly (bypassing the autotuner) at the Qwen3-8B shape of the prefill benchmark
 (B=1, Hq=32, Hkv=8, D=128, bf16, window 512, 7/8 marked) for each (ROWS, BLOCK_N, warps, stages) and
-prints do_bench medians; configs that do not fit the card print their error. Results: benchmarks/NOTES.md.
+prints do_bench medians and each output's largest difference from the first config's; configs that do
+not fit the card print their error. Results: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
@@ -20,15 +21,22 @@ from dms_perf.kernels.prefill_attention import dms_prep, launch_prefill_kernel
 from dms_perf.measure import do_bench_ms
 
 CANDIDATES = [
-    # (ROWS, BLOCK_N, num_warps, num_stages)
-    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
-    (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (256, 64, 16, 3), (256, 128, 16, 2),
-    (256, 128, 16, 3), (256, 64, 16, 4), (128, 32, 8, 4),
+    # (ROWS, BLOCK_N, num_warps, num_stages, TMA, WS): TMA loads the compacted prefix through tensor
+    # descriptors; WS asks the compiler to warp-specialize that loop.
+    *((*geometry, False, False) for geometry in (
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
+        (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (256, 64, 16, 3), (256, 128, 16, 2),
+        (256, 128, 16, 3), (256, 64, 16, 4), (128, 32, 8, 4),
+    )),
+    *((*geometry, True, ws) for geometry in (
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 64, 4, 3),
+        (256, 64, 8, 3), (256, 64, 16, 3), (256, 64, 16, 2), (256, 128, 16, 2), (256, 128, 8, 2),
+    ) for ws in (False, True)),
 ]
 
 
-def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages):
-    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages, tma, ws):
+    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages, TMA=tma, WS=ws)
     launch_prefill_kernel(q, k, v, k_kept, v_kept, kept_upto, decisions, out, out, 512, q.shape[-1] ** -0.5, False,
                           config=config)
 
@@ -36,7 +44,9 @@ def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context-lengths", default="8192,32768")
+    parser.add_argument("--tma-only", action="store_true", help="only the TMA candidates")
     args = parser.parse_args()
+    candidates = [c for c in CANDIDATES if c[4]] if args.tma_only else CANDIDATES
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
     for n in (int(x) for x in args.context_lengths.split(",")):
         gen = torch.Generator(device="cuda").manual_seed(n)
@@ -46,17 +56,23 @@ def main() -> None:
         flops = 4 * 128 * 4 * count_visible_pairs(decisions, 512)
         k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
         out = torch.empty_like(q)
-        for rows, block_n, warps, stages in CANDIDATES:
+        expected = None
+        for rows, block_n, warps, stages, tma, ws in candidates:
             call = functools.partial(
-                _launch, q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages
+                _launch, q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages, tma, ws
             )
+            label = f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages} TMA={tma} WS={ws}"
             try:
+                out.fill_(float("nan"))
+                call()
+                # Every config must give the first one's output (bf16 rounding apart), else its time is void.
+                expected = out.clone() if expected is None else expected
+                diff = (out.float() - expected.float()).abs().max().item()
                 ms = do_bench_ms(call)
-                print(f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages}: "
-                      f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s (visible)", flush=True)
+                print(f"{label}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s (visible), "
+                      f"max |diff| vs first config {diff:.2e}", flush=True)
             except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result here
-                print(f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages}: "
-                      f"{type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                print(f"{label}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from dms_perf.kernels._common import (
     COUNT_BLOCK,
@@ -39,6 +40,7 @@ from dms_perf.kernels._common import (
     masked_geometry,
     next_power_of_2,
     tile_mask,
+    use_pdl,
 )
 
 
@@ -47,7 +49,7 @@ def _compact_kernel(
     x_ptr, keep_ptr, chunk_counts_ptr, values_ptr, offsets_ptr, positions_ptr,
     H, S, T, n_rows, stride_xb, stride_xh, stride_xs, CHUNK, n_chunks, tiles,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    COUNTED: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr,
+    COUNTED: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (c, r) packs the kept rows of chunk c of row r = b*H + h; its first destination is the
     number of kept rows before it in (row, chunk) order: the sum of the earlier chunks' counts
@@ -67,6 +69,10 @@ def _compact_kernel(
     keep_tile = tl.load(keep_row + s, mask=s < chunk_end, other=0)
     vals = tl.load(x_row + s[:, None].to(tl.int64) * stride_xs + d[None, :], mask=tile_mask(keep_tile != 0, D, BLOCK_D))
     if COUNTED:
+        if PDL:
+            # Launched before the count kernel finished: wait for its counts (the loads above read
+            # only x and keep, which kernels before the count kernel wrote).
+            gdc_wait()
         flat = r * n_chunks + c
         before = 0
         for off in range(0, flat, COUNT_BLOCK):
@@ -133,8 +139,12 @@ def compact_by_bool(
         )
     block_s, chunk, n_chunks, tiles, launch = masked_geometry(rows, seq_len, dim, x.element_size(), x.device)
     chunk_counts = None
+    pdl = False
     if total is None or keep.numel() > ONE_LAUNCH_MAX_COUNT:
-        chunk_counts = count_chunks(keep.view(rows, seq_len), chunk, n_chunks)
+        pdl = use_pdl(x.device)
+        chunk_counts = count_chunks(keep.view(rows, seq_len), chunk, n_chunks, pdl)
+        if pdl:
+            launch = {**launch, "launch_pdl": True}
     if total is None:
         total = int(chunk_counts.sum())
     values = torch.empty((total, dim), dtype=x.dtype, device=x.device)
@@ -144,7 +154,7 @@ def compact_by_bool(
         as_bits(x), keep.view(torch.uint8), chunk_counts, as_bits(values), offsets, positions,
         heads, seq_len, total, rows, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
         D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
-        COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK,
+        COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK, PDL=pdl,
         **launch,
     )
     return values, offsets, positions
