@@ -21,22 +21,15 @@ from dms_perf.kernels.prefill_attention import dms_prep, launch_prefill_kernel
 from dms_perf.measure import do_bench_ms
 
 CANDIDATES = [
-    # (ROWS, BLOCK_N, num_warps, num_stages, TMA, WS): TMA loads the compacted prefix through tensor
-    # descriptors; WS asks the compiler to warp-specialize that loop.
-    *((*geometry, False, False) for geometry in (
-        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
-        (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (256, 64, 16, 3), (256, 128, 16, 2),
-        (256, 128, 16, 3), (256, 64, 16, 4), (128, 32, 8, 4),
-    )),
-    *((*geometry, True, ws) for geometry in (
-        (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 64, 4, 3),
-        (256, 64, 8, 3), (256, 64, 16, 3), (256, 64, 16, 2), (256, 128, 16, 2), (256, 128, 8, 2),
-    ) for ws in (False, True)),
+    # (ROWS, BLOCK_N, num_warps, num_stages)
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
+    (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (256, 64, 16, 3), (256, 128, 16, 2),
+    (256, 128, 16, 3), (256, 64, 16, 4), (128, 32, 8, 4),
 ]
 
 
-def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages, tma, ws):
-    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages, TMA=tma, WS=ws)
+def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages):
+    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     launch_prefill_kernel(q, k, v, k_kept, v_kept, kept_upto, decisions, out, out, 512, q.shape[-1] ** -0.5, False,
                           config=config)
 
@@ -44,9 +37,7 @@ def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context-lengths", default="8192,32768")
-    parser.add_argument("--tma-only", action="store_true", help="only the TMA candidates")
     args = parser.parse_args()
-    candidates = [c for c in CANDIDATES if c[4]] if args.tma_only else CANDIDATES
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
     for n in (int(x) for x in args.context_lengths.split(",")):
         gen = torch.Generator(device="cuda").manual_seed(n)
@@ -57,11 +48,11 @@ def main() -> None:
         k_kept, v_kept, kept_upto = dms_prep(k, v, decisions)
         out = torch.empty_like(q)
         expected = None
-        for rows, block_n, warps, stages, tma, ws in candidates:
+        for rows, block_n, warps, stages in CANDIDATES:
             call = functools.partial(
-                _launch, q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages, tma, ws
+                _launch, q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages
             )
-            label = f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages} TMA={tma} WS={ws}"
+            label = f"N={n} ROWS={rows} BLOCK_N={block_n} warps={warps} stages={stages}"
             try:
                 out.fill_(float("nan"))
                 call()

@@ -12,7 +12,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from dms_perf._runtime import INTERPRET
 
@@ -42,10 +41,6 @@ MASKED_TILE_BYTES = 32768
 MASKED_PROGRAMS_PER_SM = 16
 MASKED_NUM_WARPS = 4
 MASKED_NUM_STAGES = 3
-# Two-launch mode of the masked movers: the move kernel is a programmatic dependent launch of the count
-# kernel (Hopper and later): it starts while the counts are still being written, loads its first tile,
-# and only then waits for them (``gdc_wait``). False launches it after the count kernel has finished.
-MASKED_PDL = True
 # Index / length vectors up to this size are checked in Python after one copy to the host: cheaper
 # than a chain of small device reductions. Longer ones are reduced on the device, then read once.
 HOST_CHECK_MAX = 2048
@@ -201,19 +196,6 @@ def masked_geometry(rows: int, seq_len: int, row_elems: int, element_size: int, 
     return block_s, chunk, n_chunks, tiles, {"num_warps": MASKED_NUM_WARPS, "num_stages": MASKED_NUM_STAGES}
 
 
-@functools.cache
-def _compute_capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Whether a launch on ``device`` may be a programmatic dependent launch: compiled mode on a GPU of
-    compute capability 9.0 or later (``griddepcontrol``), and ``MASKED_PDL`` set."""
-    if INTERPRET or not MASKED_PDL:
-        return False
-    return _compute_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-
-
 @triton.jit
 def tile_mask(row_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """[BLOCK_S, BLOCK_D] mask from a per-row mask; the column test only when D is not a power of two
@@ -235,11 +217,8 @@ def count_true(mask_ptr, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _count_chunks_kernel(mask_ptr, counts_ptr, S, CHUNK, n_chunks, COUNT_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """counts[r, c] = number of True in mask[r, c*CHUNK : (c+1)*CHUNK]. ``PDL``: the next kernel may
-    start at once (it must ``gdc_wait`` before it reads the counts)."""
-    if PDL:
-        gdc_launch_dependents()
+def _count_chunks_kernel(mask_ptr, counts_ptr, S, CHUNK, n_chunks, COUNT_BLOCK: tl.constexpr):
+    """counts[r, c] = number of True in mask[r, c*CHUNK : (c+1)*CHUNK]."""
     c = tl.program_id(0)
     r = tl.program_id(1)
     start = c * CHUNK
@@ -247,12 +226,11 @@ def _count_chunks_kernel(mask_ptr, counts_ptr, S, CHUNK, n_chunks, COUNT_BLOCK: 
     tl.store(counts_ptr + r * n_chunks + c, count_true(row, start, tl.minimum(start + CHUNK, S), COUNT_BLOCK))
 
 
-def count_chunks(mask_rows: torch.Tensor, chunk: int, n_chunks: int, pdl: bool = False) -> torch.Tensor:
-    """Per-chunk True counts ``[rows, n_chunks]`` int32 of a contiguous bool mask ``[rows, S]`` (no host
-    sync). ``pdl``: let the next launch, a programmatic dependent one, start while this one runs."""
+def count_chunks(mask_rows: torch.Tensor, chunk: int, n_chunks: int) -> torch.Tensor:
+    """Per-chunk True counts ``[rows, n_chunks]`` int32 of a contiguous bool mask ``[rows, S]`` (no host sync)."""
     rows, seq_len = mask_rows.shape
     counts = torch.empty((rows, n_chunks), dtype=torch.int32, device=mask_rows.device)
     _count_chunks_kernel[(n_chunks, rows)](
-        mask_rows.view(torch.uint8), counts, seq_len, chunk, n_chunks, COUNT_BLOCK=COUNT_BLOCK, PDL=pdl
+        mask_rows.view(torch.uint8), counts, seq_len, chunk, n_chunks, COUNT_BLOCK=COUNT_BLOCK
     )
     return counts

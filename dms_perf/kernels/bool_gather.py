@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from dms_perf.kernels._common import (
     COUNT_BLOCK,
@@ -37,7 +36,6 @@ from dms_perf.kernels._common import (
     masked_geometry,
     next_power_of_2,
     tile_mask,
-    use_pdl,
 )
 
 
@@ -46,7 +44,7 @@ def _bool_gather_kernel(
     x_ptr, mask_ptr, chunk_counts_ptr, y_ptr, lengths_ptr,
     H, S, L, stride_xb, stride_xh, stride_xs, CHUNK, n_chunks, tiles,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    COUNTED: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    COUNTED: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr,
 ):
     """Program (c, r) moves the selected rows of chunk c of row r = b*H + h, and zero-fills the padding
     positions ``[c*CHUNK, (c+1)*CHUNK) ∩ [0, L - count)`` of that row (the last chunk: all beyond).
@@ -57,9 +55,6 @@ def _bool_gather_kernel(
     mask_row = mask_ptr + r.to(tl.int64) * S
     # before / from_here: selected rows of this row before chunk c / from chunk c on.
     if COUNTED:
-        if PDL:
-            # Launched before the count kernel finished: wait for its counts.
-            gdc_wait()
         before = 0
         from_here = 0
         for off in range(0, n_chunks, COUNT_BLOCK):
@@ -144,12 +139,8 @@ def bool_gather_left_pad(
         )
     block_s, chunk, n_chunks, tiles, launch = masked_geometry(rows, seq_len, dim, x.element_size(), x.device)
     chunk_counts = None
-    pdl = False
     if max_length is None or seq_len > ONE_LAUNCH_MAX_COUNT:
-        pdl = use_pdl(x.device)
-        chunk_counts = count_chunks(mask.view(rows, seq_len), chunk, n_chunks, pdl)
-        if pdl:
-            launch = {**launch, "launch_pdl": True}
+        chunk_counts = count_chunks(mask.view(rows, seq_len), chunk, n_chunks)
     if max_length is None:
         max_length = int(chunk_counts.sum(dim=1).max())
     y = torch.empty((batch, heads, max_length, dim), dtype=x.dtype, device=x.device)
@@ -158,7 +149,7 @@ def bool_gather_left_pad(
         as_bits(x), mask.view(torch.uint8), chunk_counts, as_bits(y), lengths,
         heads, seq_len, max_length, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
         D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
-        COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK, PDL=pdl,
+        COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK,
         **launch,
     )
     return y, lengths

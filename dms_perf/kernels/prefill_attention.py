@@ -61,21 +61,6 @@ def _prune_by_element_size(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over loaded K/V tiles; ``MASKED`` drops scores where ``visible`` is false."""
-    # Raw scores; the scale (log2 e / sqrt(D)) enters through the row max and one fused multiply-add.
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, k_ptrs, v_ptrs, col_ok, visible,
     qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -88,7 +73,16 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    return _softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED, DOT_PRECISION)
+    # Raw scores; the scale (log2 e / sqrt(D)) enters through the row max and one fused multiply-add.
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -128,11 +122,10 @@ def _dms_prefill_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    N, N_BUCKET, num_kv_heads, window, qk_scale, KC_ROWS,
+    N, N_BUCKET, num_kv_heads, window, qk_scale,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = ROWS // GROUP_P2
     # Latest query blocks have the most keys: launch them first for a better tail.
@@ -164,29 +157,14 @@ def _dms_prefill_kernel(
     n_prefix = 0
     if band_lo > 0:
         n_prefix = tl.load(KEPT_UPTO + bh.to(tl.int64) * N + band_lo - 1)
+    kc_ptrs = KC + (seg_start + cols)[:, None] * HEAD_DIM + d[None, :]
+    vc_ptrs = VC + (seg_start + cols)[:, None] * HEAD_DIM + d[None, :]
     n_full = (n_prefix // BLOCK_N) * BLOCK_N
-    if TMA:
-        # Full tiles through the tensor memory accelerator: the compacted buffers are ours, so always
-        # 16-byte aligned; the tail tile below (rows past the kept count are unwritten) stays masked.
-        kc_desc = tl.make_tensor_descriptor(KC, shape=[KC_ROWS, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM])
-        vc_desc = tl.make_tensor_descriptor(VC, shape=[KC_ROWS, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM])
-        seg32 = (bh * N).to(tl.int32)
-        for off in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
-            k = kc_desc.load([seg32 + off, 0])
-            v = vc_desc.load([seg32 + off, 0])
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, cols, qk_scale, False, DOT_PRECISION)
-        kc_ptrs = KC + (seg_start + n_full + cols)[:, None] * HEAD_DIM + d[None, :]
-        vc_ptrs = VC + (seg_start + n_full + cols)[:, None] * HEAD_DIM + d[None, :]
-    else:
-        kc_ptrs = KC + (seg_start + cols)[:, None] * HEAD_DIM + d[None, :]
-        vc_ptrs = VC + (seg_start + cols)[:, None] * HEAD_DIM + d[None, :]
-        for _ in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, cols, cols,
-                                         qk_scale, False, DOT_PRECISION)
-            kc_ptrs += BLOCK_N * HEAD_DIM
-            vc_ptrs += BLOCK_N * HEAD_DIM
+    for _ in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, cols, cols,
+                                     qk_scale, False, DOT_PRECISION)
+        kc_ptrs += BLOCK_N * HEAD_DIM
+        vc_ptrs += BLOCK_N * HEAD_DIM
     if n_full < n_prefix:
         tail_ok = n_full + cols < n_prefix
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, tail_ok,
@@ -296,10 +274,6 @@ def prep_reference(k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor):
     return k_rows, v_rows, torch.cumsum(keep, dim=-1, dtype=torch.int32)
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def launch_prefill_kernel(
     q, k, v, k_kept, v_kept, kept_upto, decisions, out, lse, window: int, scale: float, return_lse: bool,
     config: dict | None = None,
@@ -318,9 +292,6 @@ def launch_prefill_kernel(
         return (triton.cdiv(n, meta["ROWS"] // group_p2), batch * num_kv_heads)
 
     kernel = _dms_prefill_kernel if config is None else _dms_prefill_kernel.fn
-    if not INTERPRET:
-        # TMA configs build tensor descriptors on the device, in a small scratch buffer per launch.
-        triton.set_allocator(_scratch)
     kernel[grid](
         q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8),
         out, lse,
@@ -328,7 +299,7 @@ def launch_prefill_kernel(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E, k_kept.shape[0],
+        n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E,
         HEAD_DIM=head_dim, GROUP=group, GROUP_P2=group_p2,
         RETURN_LSE=return_lse,
         # fp32 inputs: three tf32 products per dot (near-fp32 accuracy, still on the tensor cores).
