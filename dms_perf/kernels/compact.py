@@ -42,7 +42,8 @@ from dms_perf.kernels._common import (
 )
 
 # Look-back workspace (int64): ticket counter, epoch, finished counter, then one word per program.
-_TICKET, _EPOCH, _FINISHED, _FLAGS = 0, 1, 2, 3
+# (Module globals a kernel reads must be constexpr.)
+_TICKET, _EPOCH, _FINISHED, _FLAGS = (tl.constexpr(i) for i in range(4))
 # Counts must fit a word's 30 value bits; larger totals use the count kernel.
 LOOKBACK_MAX_TOTAL = 2**30 - 1
 # Use the look-back (one launch) instead of the count kernel when ``total`` is given; read at every call.
@@ -58,8 +59,8 @@ def _workspace(device: torch.device, programs: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     state = _workspaces.get(key)
-    if state is None or state.numel() < _FLAGS + programs:
-        state = torch.zeros(_FLAGS + max(programs, 4096), dtype=torch.int64, device=device)
+    if state is None or state.numel() < _FLAGS.value + programs:
+        state = torch.zeros(_FLAGS.value + max(programs, 4096), dtype=torch.int64, device=device)
         _workspaces[key] = state
     return state
 
