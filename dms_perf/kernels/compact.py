@@ -41,9 +41,9 @@ from dms_perf.kernels._common import (
     tile_mask,
 )
 
-# Look-back workspace (int64): ticket counter, epoch, finished counter, then one word per program.
+# Look-back workspace (int64): the epoch (calls so far), then one word per program.
 # (Module globals a kernel reads must be constexpr.)
-_TICKET, _EPOCH, _FINISHED, _FLAGS = (tl.constexpr(i) for i in range(4))
+_EPOCH, _FLAGS = tl.constexpr(0), tl.constexpr(1)
 # Counts must fit a word's 30 value bits; larger totals use the count kernel.
 LOOKBACK_MAX_TOTAL = 2**30 - 1
 # Use the look-back (one launch) instead of the count kernel when ``total`` is given; read at every call.
@@ -54,8 +54,8 @@ _workspaces: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def _workspace(device: torch.device, programs: int) -> torch.Tensor:
-    """The look-back state of this device and stream, zeroed once at creation (each call leaves it
-    reset); one per stream, so that calls on concurrent streams do not share tickets."""
+    """The look-back state of this device and stream, zeroed once at creation (each call ends by
+    starting a new epoch); one per stream, so that calls on concurrent streams do not share epochs."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     state = _workspaces.get(key)
@@ -76,12 +76,13 @@ def _compact_kernel(
     """Program (c, r) packs the kept rows of chunk c of row r = b*H + h; its first destination is the
     number of kept rows before it in (row, chunk) order: the sum of the earlier chunks' counts
     (``COUNTED``), the look-back over earlier programs' published counts (``LOOKBACK``: then (c, r)
-    come from a ticket, in the order programs start), else a count of the mask itself."""
+    come from one flat program id), else a count of the mask itself."""
     if LOOKBACK:
-        flat = tl.atomic_add(state_ptr + _TICKET, 1)
-        epoch = tl.atomic_add(state_ptr + _EPOCH, 0)
-        c = (flat % n_chunks).to(tl.int32)
-        r = (flat // n_chunks).to(tl.int32)
+        # One grid dimension: programs start in this order (as a single-pass scan assumes), and the
+        # interpreter runs them in it.
+        flat = tl.program_id(0)
+        c = flat % n_chunks
+        r = flat // n_chunks
     else:
         c = tl.program_id(0)
         r = tl.program_id(1)
@@ -98,8 +99,13 @@ def _compact_kernel(
     keep_tile = tl.load(keep_row + s, mask=s < chunk_end, other=0)
     vals = tl.load(x_row + s[:, None].to(tl.int64) * stride_xs + d[None, :], mask=tile_mask(keep_tile != 0, D, BLOCK_D))
     if LOOKBACK:
+        epoch = tl.load(state_ptr + _EPOCH, volatile=True)
         own = count_true(keep_ptr, r.to(tl.int64) * S + start, r.to(tl.int64) * S + chunk_end, BLOCK_S)
         before = _look_back(state_ptr + _FLAGS, flat, own, epoch, WINDOW)
+        if flat == n_chunks * n_rows - 1:
+            # Every program has read the epoch (each published a word the look-back here needed, or
+            # one before an inclusive word that needed it): the next call may start a new one.
+            tl.atomic_add(state_ptr + _EPOCH, 1)
     elif COUNTED:
         flat = r * n_chunks + c
         before = 0
@@ -128,12 +134,6 @@ def _compact_kernel(
         keep_tile = keep_next
     if (c == n_chunks - 1) & (r == n_rows - 1):
         tl.store(offsets_ptr + n_rows, next_dest)
-    if LOOKBACK:
-        # The last program to finish resets the tickets and starts the next call's epoch.
-        if tl.atomic_add(state_ptr + _FINISHED, 1) == n_chunks * n_rows - 1:
-            tl.atomic_xchg(state_ptr + _TICKET, 0)
-            tl.atomic_xchg(state_ptr + _FINISHED, 0)
-            tl.atomic_add(state_ptr + _EPOCH, 1)
 
 
 @triton.jit
@@ -145,7 +145,8 @@ def _look_back(flags_ptr, flat, own, epoch, WINDOW: tl.constexpr):
     back the WINDOW words before it (one vector load, repeated until they are all published in this
     epoch), adds own counts back to the nearest inclusive one, and publishes its own inclusive count.
     Words of an older epoch (an earlier call) count as unpublished, so no reset between calls is needed.
-    Earlier tickets went to programs already running, so every wait ends.
+    A program waits only for programs of lower id, which start no later than it does (programs of a
+    one-dimensional grid start in id order), so every wait ends.
     """
     epoch = epoch.to(tl.int64) & 0x7FFFFFFF
     tag = epoch << 32
@@ -220,7 +221,7 @@ def compact_by_bool(
     values = torch.empty((total, dim), dtype=x.dtype, device=x.device)
     offsets = torch.empty(rows + 1, dtype=torch.int32, device=x.device)
     positions = torch.empty(total, dtype=torch.int32, device=x.device)
-    _compact_kernel[(n_chunks, rows)](
+    _compact_kernel[(n_chunks * rows,) if state is not None else (n_chunks, rows)](
         as_bits(x), keep.view(torch.uint8), chunk_counts, state, as_bits(values), offsets, positions,
         heads, seq_len, total, rows, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
         D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
