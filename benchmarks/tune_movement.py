@@ -3,11 +3,10 @@
     PYTHONPATH=. python3 benchmarks/tune_movement.py --context-length 32768 --batches 1,8
 
 For each setting of ``dms_perf.kernels._common``'s MASKED_* values (tile bytes, programs per SM, warps,
-stages) and each launch mode (the count kernel first; compact's one-launch look-back; or one launch
-where each program counts the mask itself), times the benchmark's own inputs
-(``benchmarks/test_kernels.py``: ``[B, 8, S, 128]`` bf16, half of the rows kept, input sets rotated past
-L2) replayed from CUDA graphs, and prints the do_bench median and the fraction of the measured copy
-bandwidth. The defaults in ``_common`` are this sweep's H100 pick
+stages) and each launch mode (the count kernel first, or one launch where each program counts the mask
+itself), times the benchmark's own inputs (``benchmarks/test_kernels.py``: ``[B, 8, S, 128]`` bf16, half
+of the rows kept, input sets rotated past L2) replayed from CUDA graphs, and prints the do_bench median
+and the fraction of the measured copy bandwidth. The defaults in ``_common`` are this sweep's H100 pick
 (benchmarks/NOTES.md).
 """
 
@@ -31,8 +30,7 @@ SETTINGS = [
     (16384, 4, 8, 3), (32768, 4, 8, 3), (32768, 8, 8, 3), (65536, 4, 8, 3), (65536, 2, 8, 3),
     (16384, 4, 4, 1), (16384, 4, 4, 4), (32768, 4, 4, 1), (32768, 8, 4, 4),
 ]
-# Launch modes: (ONE_LAUNCH_MAX_COUNT, compact's LOOKBACK); bool_gather has no look-back mode.
-MODES = {"two-launch": (0, False), "look-back": (0, True), "one-launch": (2**31, False)}
+MODES = {"two-launch": 0, "one-launch": 2**31}
 
 
 def _time(kernel: str, batch: int, seq_len: int) -> tuple[float, int]:
@@ -47,27 +45,19 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=32768)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--kernels", default=",".join(KERNELS))
-    parser.add_argument("--defaults-only", action="store_true", help="only _common's current geometry, every mode")
     args = parser.parse_args()
     copy_bw = copy_bandwidth_bytes_per_s()
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, copy bandwidth {copy_bw / 1e12:.2f} TB/s")
     saved = {name: getattr(_common, name) for name in
              ("MASKED_TILE_BYTES", "MASKED_PROGRAMS_PER_SM", "MASKED_NUM_WARPS", "MASKED_NUM_STAGES")}
-    settings = [tuple(saved.values())] if args.defaults_only else SETTINGS
     for kernel in args.kernels.split(","):
         module = KERNELS[kernel]
-        default_threshold, default_lookback = module.ONE_LAUNCH_MAX_COUNT, getattr(module, "LOOKBACK", None)
+        default_threshold = module.ONE_LAUNCH_MAX_COUNT
         for batch in (int(b) for b in args.batches.split(",")):
-            for (tile, per_sm, warps, stages), (mode, (threshold, lookback)) in itertools.product(
-                settings, MODES.items()
-            ):
-                if lookback and not hasattr(module, "LOOKBACK"):
-                    continue
+            for (tile, per_sm, warps, stages), (mode, threshold) in itertools.product(SETTINGS, MODES.items()):
                 _common.MASKED_TILE_BYTES, _common.MASKED_PROGRAMS_PER_SM = tile, per_sm
                 _common.MASKED_NUM_WARPS, _common.MASKED_NUM_STAGES = warps, stages
                 module.ONE_LAUNCH_MAX_COUNT = threshold
-                if hasattr(module, "LOOKBACK"):
-                    module.LOOKBACK = lookback
                 label = f"{kernel} B={batch} tile={tile} per_sm={per_sm} warps={warps} stages={stages} {mode}"
                 try:
                     ms, moved = _time(kernel, batch, args.context_length)
@@ -75,8 +65,6 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - a setting that does not fit is a result here
                     print(f"{label}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
             module.ONE_LAUNCH_MAX_COUNT = default_threshold
-            if hasattr(module, "LOOKBACK"):
-                module.LOOKBACK = default_lookback
     for name, value in saved.items():
         setattr(_common, name, value)
 

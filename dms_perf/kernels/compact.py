@@ -41,51 +41,19 @@ from dms_perf.kernels._common import (
     tile_mask,
 )
 
-# Look-back workspace (int64): the epoch (calls so far), then one word per program.
-# (Module globals a kernel reads must be constexpr.)
-_EPOCH, _FLAGS = tl.constexpr(0), tl.constexpr(1)
-# Counts must fit a word's 30 value bits; larger totals use the count kernel.
-LOOKBACK_MAX_TOTAL = 2**30 - 1
-# Use the look-back (one launch) instead of the count kernel when ``total`` is given; read at every call.
-LOOKBACK = True
-# Earlier programs' words read per look-back step.
-LOOKBACK_WINDOW = 32
-_workspaces: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _workspace(device: torch.device, programs: int) -> torch.Tensor:
-    """The look-back state of this device and stream, zeroed once at creation (each call ends by
-    starting a new epoch); one per stream, so that calls on concurrent streams do not share epochs."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    state = _workspaces.get(key)
-    if state is None or state.numel() < _FLAGS.value + programs:
-        state = torch.zeros(_FLAGS.value + max(programs, 4096), dtype=torch.int64, device=device)
-        _workspaces[key] = state
-    return state
-
 
 @triton.jit
 def _compact_kernel(
-    x_ptr, keep_ptr, chunk_counts_ptr, state_ptr, values_ptr, offsets_ptr, positions_ptr,
+    x_ptr, keep_ptr, chunk_counts_ptr, values_ptr, offsets_ptr, positions_ptr,
     H, S, T, n_rows, stride_xb, stride_xh, stride_xs, CHUNK, n_chunks, tiles,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    COUNTED: tl.constexpr, LOOKBACK: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr,
-    WINDOW: tl.constexpr,
+    COUNTED: tl.constexpr, COUNT_BLOCK: tl.constexpr, MASK_SCAN_BLOCK: tl.constexpr,
 ):
     """Program (c, r) packs the kept rows of chunk c of row r = b*H + h; its first destination is the
     number of kept rows before it in (row, chunk) order: the sum of the earlier chunks' counts
-    (``COUNTED``), the look-back over earlier programs' published counts (``LOOKBACK``: then (c, r)
-    come from one flat program id), else a count of the mask itself."""
-    if LOOKBACK:
-        # One grid dimension: programs start in this order (as a single-pass scan assumes), and the
-        # interpreter runs them in it.
-        flat = tl.program_id(0)
-        c = flat % n_chunks
-        r = flat // n_chunks
-    else:
-        c = tl.program_id(0)
-        r = tl.program_id(1)
+    (``COUNTED``), else a count of the mask itself."""
+    c = tl.program_id(0)
+    r = tl.program_id(1)
     start = c * CHUNK
     chunk_end = tl.minimum(start + CHUNK, S)
     d = tl.arange(0, BLOCK_D)
@@ -98,15 +66,7 @@ def _compact_kernel(
     s = start + tl.arange(0, BLOCK_S)
     keep_tile = tl.load(keep_row + s, mask=s < chunk_end, other=0)
     vals = tl.load(x_row + s[:, None].to(tl.int64) * stride_xs + d[None, :], mask=tile_mask(keep_tile != 0, D, BLOCK_D))
-    if LOOKBACK:
-        epoch = tl.load(state_ptr + _EPOCH, volatile=True)
-        own = count_true(keep_ptr, r.to(tl.int64) * S + start, r.to(tl.int64) * S + chunk_end, BLOCK_S)
-        before = _look_back(state_ptr + _FLAGS, flat, own, epoch, WINDOW)
-        if flat == n_chunks * n_rows - 1:
-            # Every program has read the epoch (each published a word the look-back here needed, or
-            # one before an inclusive word that needed it): the next call may start a new one.
-            tl.atomic_add(state_ptr + _EPOCH, 1)
-    elif COUNTED:
+    if COUNTED:
         flat = r * n_chunks + c
         before = 0
         for off in range(0, flat, COUNT_BLOCK):
@@ -134,45 +94,6 @@ def _compact_kernel(
         keep_tile = keep_next
     if (c == n_chunks - 1) & (r == n_rows - 1):
         tl.store(offsets_ptr + n_rows, next_dest)
-
-
-@triton.jit
-def _look_back(flags_ptr, flat, own, epoch, WINDOW: tl.constexpr):
-    """Kept rows before logical program ``flat``, from the words earlier programs publish in ``flags``.
-
-    A word is ``epoch << 32 | status << 30 | value``: status 1, the program's own count; status 2,
-    the inclusive count of every program up to it. A program publishes its own count at once, reads
-    back the WINDOW words before it (one vector load, repeated until they are all published in this
-    epoch), adds own counts back to the nearest inclusive one, and publishes its own inclusive count.
-    Words of an older epoch (an earlier call) count as unpublished, so no reset between calls is needed.
-    A program waits only for programs of lower id, which start no later than it does (programs of a
-    one-dimensional grid start in id order), so every wait ends.
-    """
-    epoch = epoch.to(tl.int64) & 0x7FFFFFFF
-    tag = epoch << 32
-    tl.atomic_xchg(flags_ptr + flat, tag | (1 << 30) | own.to(tl.int64))
-    before = own * 0
-    hi = flat
-    searching = 1
-    while searching == 1:
-        lo = hi - WINDOW
-        idx = lo + tl.arange(0, WINDOW)
-        word = tl.load(flags_ptr + idx, mask=idx >= 0, other=0, volatile=True)
-        status = (word >> 30) & 3
-        # Before the first program: an inclusive count of 0.
-        ready = ((word >> 32) == epoch) & (status != 0) | (idx < 0)
-        inclusive = ready & (status == 2) | (idx < 0)
-        last = tl.max(tl.where(inclusive, idx, lo - 1), axis=0)
-        pending = tl.sum(tl.where((idx > last) & ~ready, 1, 0), axis=0)
-        if pending == 0:
-            value = tl.where(idx >= 0, word & 0x3FFFFFFF, 0).to(tl.int32)
-            before += tl.sum(tl.where(idx >= last, value, 0), axis=0)
-            if last >= lo:
-                searching = 0
-            else:
-                hi = lo
-    tl.atomic_xchg(flags_ptr + flat, tag | (2 << 30) | (before + own).to(tl.int64))
-    return before
 
 
 def compact_by_bool(
@@ -211,22 +132,20 @@ def compact_by_bool(
             torch.zeros(0, dtype=torch.int32, device=x.device),
         )
     block_s, chunk, n_chunks, tiles, launch = masked_geometry(rows, seq_len, dim, x.element_size(), x.device)
-    chunk_counts = state = None
-    if total is not None and keep.numel() > ONE_LAUNCH_MAX_COUNT and LOOKBACK and total <= LOOKBACK_MAX_TOTAL:
-        state = _workspace(x.device, n_chunks * rows)
-    elif total is None or keep.numel() > ONE_LAUNCH_MAX_COUNT:
+    chunk_counts = None
+    if total is None or keep.numel() > ONE_LAUNCH_MAX_COUNT:
         chunk_counts = count_chunks(keep.view(rows, seq_len), chunk, n_chunks)
     if total is None:
         total = int(chunk_counts.sum())
     values = torch.empty((total, dim), dtype=x.dtype, device=x.device)
     offsets = torch.empty(rows + 1, dtype=torch.int32, device=x.device)
     positions = torch.empty(total, dtype=torch.int32, device=x.device)
-    _compact_kernel[(n_chunks * rows,) if state is not None else (n_chunks, rows)](
-        as_bits(x), keep.view(torch.uint8), chunk_counts, state, as_bits(values), offsets, positions,
+    _compact_kernel[(n_chunks, rows)](
+        as_bits(x), keep.view(torch.uint8), chunk_counts, as_bits(values), offsets, positions,
         heads, seq_len, total, rows, x.stride(0), x.stride(1), x.stride(2), chunk, n_chunks, tiles,
         D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
-        COUNTED=chunk_counts is not None, LOOKBACK=state is not None, COUNT_BLOCK=COUNT_BLOCK,
-        MASK_SCAN_BLOCK=MASK_SCAN_BLOCK, WINDOW=LOOKBACK_WINDOW, **launch,
+        COUNTED=chunk_counts is not None, COUNT_BLOCK=COUNT_BLOCK, MASK_SCAN_BLOCK=MASK_SCAN_BLOCK,
+        **launch,
     )
     return values, offsets, positions
 

@@ -35,11 +35,6 @@ property_settings = settings(
 # or the count kernel runs first ("two-launch"); each module's ONE_LAUNCH_MAX_COUNT picks, by input size.
 LAUNCH_MODES = ("one-launch", "two-launch")
 launch_mode_params = pytest.mark.parametrize("launch_mode", LAUNCH_MODES)
-# compact_by_bool has a third: one launch whose programs look back at earlier programs' counts.
-COMPACT_LAUNCH_MODES = (*LAUNCH_MODES, "look-back")
-compact_launch_mode_params = pytest.mark.parametrize("launch_mode", COMPACT_LAUNCH_MODES)
-# Count-kernel launches per call with a caller-given size, by mode.
-COUNT_LAUNCHES = {"one-launch": 0, "two-launch": 1, "look-back": 0}
 
 
 def spy_count_chunks(monkeypatch, module) -> list:
@@ -53,8 +48,6 @@ def spy_count_chunks(monkeypatch, module) -> list:
 def set_launch_mode(monkeypatch, module, launch_mode: str) -> None:
     """Make ``module``'s size rule choose ``launch_mode`` at any input size."""
     monkeypatch.setattr(module, "ONE_LAUNCH_MAX_COUNT", 2**31 if launch_mode == "one-launch" else 0)
-    if hasattr(module, "LOOKBACK"):
-        monkeypatch.setattr(module, "LOOKBACK", launch_mode == "look-back")
 
 
 def seq_len_for(case: str, context_length: int) -> int:

@@ -11,7 +11,6 @@ from dms_perf.kernels import bool_gather
 from dms_perf.kernels._common import MAX_GRID_ROWS
 from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
 from tests.kernels.kernel_params import (
-    COUNT_LAUNCHES,
     LAUNCH_MODES,
     WIDTH_DTYPES,
     assert_same,
@@ -68,7 +67,7 @@ def test_bool_gather_given_max_length(launch_mode, extra, case, context_length, 
     y, lengths = bool_gather_left_pad(x, mask, max_length=length)
     padded = torch.cat([torch.zeros(1, 3, extra, 64, dtype=dtype, device=device), y_ref], dim=2)
     assert_same((y, lengths), (padded, lengths_ref))
-    assert len(count_calls) == COUNT_LAUNCHES[launch_mode]
+    assert len(count_calls) == LAUNCH_MODES.index(launch_mode)
 
 
 @pytest.mark.parametrize("over", [0, 1], ids=["at-threshold", "over-threshold"])
