@@ -128,60 +128,81 @@ class TimerDisagreement(UserWarning):
     """pytest-benchmark's median and do_bench's differ by more than 10 %."""
 
 
-def graph_replays(fn: Callable[[], Any], count: int = 8) -> Callable[[], Any]:
-    """Capture ``count`` CUDA graphs of one ``fn()`` call each and return a callable replaying them in turn.
+def graph_replays(fn: Callable[[], Any], count: int = 8, calls_per_graph: int = 1) -> Callable[[], Any]:
+    """Capture ``count`` CUDA graphs of ``calls_per_graph`` back-to-back ``fn()`` calls each and return a
+    callable replaying them in turn.
 
-    Each capture consumes the next input set of a ``rotating`` ``fn``, so replays still rotate inputs.
-    Replays launch from C++ (a few microseconds), so the timing is the kernels' device time without
-    Python launch overhead. ``fn`` must not synchronize the host (capture raises if it does).
+    Each captured call consumes the next input set of a ``rotating`` ``fn``, so replays still rotate
+    inputs. Replays launch from C++ (a few microseconds), so the timing is the kernels' device time
+    without Python launch overhead. A replay also has a fixed device-side cost (about 3.7 us on an
+    H100, benchmarks/NOTES.md) that ``calls_per_graph > 1`` shares among its calls: their time per
+    call is the steady-state rate of calls issued back to back, as the copy bandwidth is measured.
+    ``fn`` must not synchronize the host (capture raises if it does).
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(count):  # warm-up off the capture: compilation, autotuning, allocator
+        for _ in range(count * calls_per_graph):  # warm-up off the capture: compilation, autotuning, allocator
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graphs = []
     for _ in range(count):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            for _ in range(calls_per_graph):
+                fn()
         graphs.append(graph)
     next_graph = itertools.cycle(graphs).__next__
     return lambda: next_graph().replay()
 
 
 def bench(
-    benchmark, fn: Callable[[], Any], *, cuda_graph: bool = False, target_round_ms: float = 5.0, rounds: int = 15
+    benchmark,
+    fn: Callable[[], Any],
+    *,
+    cuda_graph: bool = False,
+    calls_per_graph: int = 1,
+    target_round_ms: float = 5.0,
+    rounds: int = 15,
 ) -> float | None:
     """Time ``fn`` with pytest-benchmark; on CUDA also record do_bench's median in ``extra_info``.
 
     On CUDA the benchmark timer is ``cuda_sync_timer`` (set in conftest.py); each round runs enough
     back-to-back calls to last ``target_round_ms``. ``cuda_graph=True`` times replays of captured CUDA
-    graphs of ``fn`` (device time without Python launch cost; ``extra_info["timing"]`` says which).
+    graphs of ``fn`` (device time without Python launch cost; ``extra_info["timing"]`` says which);
+    ``calls_per_graph`` back-to-back calls per graph (``graph_replays``): the stored pytest-benchmark
+    statistics are then per replay, ``extra_info["median_ms"]`` and the return value per call.
     Returns the pytest-benchmark median in seconds (None when benchmarking is disabled, e.g. the CPU
     smoke run).
     """
+    if calls_per_graph > 1 and not cuda_graph:
+        raise ValueError("calls_per_graph > 1 needs cuda_graph=True (the calls are captured into one graph)")
     if not HAS_CUDA or getattr(benchmark, "disabled", False):
         benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
         return None
     if cuda_graph:
-        fn = graph_replays(fn)
+        fn = graph_replays(fn, calls_per_graph=calls_per_graph)
     fn()  # warm-up: compilation, autotuning
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     once_ms = (time.perf_counter() - start) * 1e3
-    benchmark.extra_info["timing"] = "cuda-graph replay" if cuda_graph else "eager launches"
+    benchmark.extra_info["timing"] = (
+        "eager launches" if not cuda_graph
+        else "cuda-graph replay" if calls_per_graph == 1
+        else f"cuda-graph replay of {calls_per_graph} back-to-back calls (statistics per replay)"
+    )
+    benchmark.extra_info["calls_per_replay"] = calls_per_graph
     # do_bench's estimate alone calls fn 5 times: cross-check only what is not seconds long.
     cross_check = once_ms < SLOW_CALL_MS
     ref_ms = do_bench_ms(fn) if cross_check else once_ms
     iterations = max(1, math.ceil(target_round_ms / max(ref_ms, 1e-4)))
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=2 if cross_check else 0)
     median_s = benchmark.stats.stats.median
-    # Derived figures (speedups, TFLOP/s) use this: do_bench's median, or ours where do_bench was skipped.
-    benchmark.extra_info["median_ms"] = ref_ms if cross_check else median_s * 1e3
+    # Derived figures (speedups, TFLOP/s) use this, per call: do_bench's median, or ours where do_bench
+    # was skipped.
+    benchmark.extra_info["median_ms"] = (ref_ms if cross_check else median_s * 1e3) / calls_per_graph
     if cross_check:
         agreement = (median_s * 1e3) / ref_ms
         benchmark.extra_info["do_bench_median_ms"] = ref_ms
@@ -193,7 +214,7 @@ def bench(
                 TimerDisagreement,
                 stacklevel=2,
             )
-    return median_s
+    return median_s / calls_per_graph
 
 
 # --- end-to-end generation (dms-perf bench, benchmarks/test_end_to_end.py) -----------------------

@@ -1,11 +1,20 @@
-"""measure_generation: failures become rows and the matrix goes on; medians; KV accounting."""
+"""measure_generation: failures become rows and the matrix goes on; medians; KV accounting. The timing
+helpers' graph capture."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dms_perf.measure import GenerationRun, generate_once, kv_cache_stats, measure_generation, summarize_runs
+from dms_perf.measure import (
+    GenerationRun,
+    bench,
+    generate_once,
+    graph_replays,
+    kv_cache_stats,
+    measure_generation,
+    summarize_runs,
+)
 from dms_perf.methods import load_model_for, resolve_method
 from dms_perf.workloads import needle_workload
 
@@ -110,3 +119,24 @@ def test_bad_repeats(model, kwargs, match):
 def test_bad_new_tokens(model):
     with pytest.raises(ValueError, match="new_tokens"):
         generate_once(model, torch.zeros(1, 4, dtype=torch.long), new_tokens=0)
+
+
+def test_back_to_back_calls_need_graphs():
+    with pytest.raises(ValueError, match="calls_per_graph > 1 needs cuda_graph=True"):
+        bench(object(), lambda: None, calls_per_graph=8)
+
+
+@pytest.mark.gpu
+def test_graph_replays_captures_back_to_back_calls():
+    """Each replay runs ``calls_per_graph`` captured calls, each on the next rotating input set."""
+    sets = [torch.zeros(4, device="cuda") for _ in range(6)]
+    next_set = iter(sets * 4).__next__  # 6 warm-up calls, then 6 captured
+    replay = graph_replays(lambda: next_set().add_(1), count=2, calls_per_graph=3)
+    torch.cuda.synchronize()
+    before = [t.clone() for t in sets]
+    replay()  # the first graph: the first three sets captured
+    torch.cuda.synchronize()
+    assert [int(t[0] - b[0]) for t, b in zip(sets, before, strict=True)] == [1, 1, 1, 0, 0, 0]
+    replay()  # the second graph: the next three
+    torch.cuda.synchronize()
+    assert [int(t[0] - b[0]) for t, b in zip(sets, before, strict=True)] == [1] * 6
