@@ -28,9 +28,8 @@ CANDIDATES = [
 ]
 
 
-def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages, pipe=False,
-            fast_exp=False):
-    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages, PIPE=pipe, FAST_EXP=fast_exp)
+def _launch(q, k, v, k_kept, v_kept, kept_upto, decisions, out, rows, block_n, warps, stages):
+    config = dict(ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     launch_prefill_kernel(q, k, v, k_kept, v_kept, kept_upto, decisions, out, out, 512, q.shape[-1] ** -0.5, False,
                           config=config)
 

@@ -61,37 +61,9 @@ def _prune_by_element_size(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _exp2(x, FAST_EXP: tl.constexpr):
-    """2**x in fp32, or (``FAST_EXP``, GPU only) two fp16 exponentials per instruction (``ex2.approx.f16x2``:
-    half the special-function work; the probabilities are rounded to 16 bits for the PV product anyway)."""
-    if FAST_EXP:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
-        )
-    else:
-        return tl.math.exp2(x)
-
-
-@triton.jit
-def _online_softmax(acc, m_i, l_i, s, v, visible, qk_scale, MASKED: tl.constexpr, FAST_EXP: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """One online-softmax step on raw scores ``s`` of a tile and its V rows; ``MASKED`` drops scores
-    where ``visible`` is false. The scale (log2 e / sqrt(D)) enters through the row max and one fused
-    multiply-add."""
-    if MASKED:
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = _exp2(s * qk_scale - m_new[:, None], FAST_EXP)
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, k_ptrs, v_ptrs, col_ok, visible,
-    qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr = False,
+    qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over a K/V tile. ``MASKED`` tiles load under ``col_ok`` and drop
     scores where ``visible`` is false; unmasked tiles are fully in range and fully visible."""
@@ -101,8 +73,16 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    # Raw scores; the scale (log2 e / sqrt(D)) enters through the row max and one fused multiply-add.
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    return _online_softmax(acc, m_i, l_i, s, v, visible, qk_scale, MASKED, FAST_EXP, DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -146,7 +126,6 @@ def _dms_prefill_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PIPE: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = ROWS // GROUP_P2
     # Latest query blocks have the most keys: launch them first for a better tail.
@@ -181,29 +160,11 @@ def _dms_prefill_kernel(
     kc_ptrs = KC + (seg_start + cols)[:, None] * HEAD_DIM + d[None, :]
     vc_ptrs = VC + (seg_start + cols)[:, None] * HEAD_DIM + d[None, :]
     n_full = (n_prefix // BLOCK_N) * BLOCK_N
-    if PIPE:
-        # Software-pipelined: the next tile's QK^T is issued before this tile's softmax, so the tensor
-        # cores can work while the softmax runs.
-        if n_full > 0:
-            s_cur = tl.dot(q, tl.trans(tl.load(kc_ptrs)), input_precision=DOT_PRECISION)
-            for _ in range(BLOCK_N, n_full, BLOCK_N):
-                v = tl.load(vc_ptrs)
-                kc_ptrs += BLOCK_N * HEAD_DIM
-                vc_ptrs += BLOCK_N * HEAD_DIM
-                s_next = tl.dot(q, tl.trans(tl.load(kc_ptrs)), input_precision=DOT_PRECISION)
-                acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s_cur, v, cols, qk_scale, False, FAST_EXP,
-                                                DOT_PRECISION)
-                s_cur = s_next
-            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s_cur, tl.load(vc_ptrs), cols, qk_scale, False,
-                                            FAST_EXP, DOT_PRECISION)
-            kc_ptrs += BLOCK_N * HEAD_DIM
-            vc_ptrs += BLOCK_N * HEAD_DIM
-    else:
-        for _ in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, cols, cols,
-                                         qk_scale, False, DOT_PRECISION, FAST_EXP)
-            kc_ptrs += BLOCK_N * HEAD_DIM
-            vc_ptrs += BLOCK_N * HEAD_DIM
+    for _ in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, cols, cols,
+                                     qk_scale, False, DOT_PRECISION)
+        kc_ptrs += BLOCK_N * HEAD_DIM
+        vc_ptrs += BLOCK_N * HEAD_DIM
     if n_full < n_prefix:
         tail_ok = n_full + cols < n_prefix
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptrs, vc_ptrs, tail_ok,
