@@ -171,7 +171,8 @@ def bench(
     back-to-back calls to last ``target_round_ms``. ``cuda_graph=True`` times replays of captured CUDA
     graphs of ``fn`` (device time without Python launch cost; ``extra_info["timing"]`` says which);
     ``calls_per_graph`` back-to-back calls per graph (``graph_replays``): the stored pytest-benchmark
-    statistics are then per replay, ``extra_info["median_ms"]`` and the return value per call.
+    statistics and ``extra_info["do_bench_median_ms"]`` are then per replay, ``extra_info["median_ms"]``
+    and the return value per call.
     Returns the pytest-benchmark median in seconds (None when benchmarking is disabled, e.g. the CPU
     smoke run).
     """
