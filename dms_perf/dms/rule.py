@@ -36,7 +36,7 @@ def dms_decisions(
             f"num_kv_heads must be a positive divisor of Hq={num_q_heads}, got {num_kv_heads!r}"
         )
     group = num_q_heads // num_kv_heads
-    decisions = decision_alphas(q_pre_rope, num_kv_heads) * alpha_scale - alpha_offset > 0
+    decisions = decisions_from_alphas(decision_alphas(q_pre_rope, num_kv_heads), alpha_scale, alpha_offset)
     q = q_pre_rope.clone()
     q[:, ::group, :, -1] = 0
     return decisions, q
@@ -47,6 +47,12 @@ def decision_alphas(q_pre_rope: torch.Tensor, num_kv_heads: int) -> torch.Tensor
     Always a copy (also for fp32 input), so the caller may zero that channel afterwards."""
     group = q_pre_rope.shape[1] // num_kv_heads
     return q_pre_rope[:, ::group, :, -1].to(torch.float32, copy=True)
+
+
+def decisions_from_alphas(alphas: torch.Tensor, alpha_scale: float, alpha_offset: float) -> torch.Tensor:
+    """bool decisions from fp32 ``a`` values: ``a * alpha_scale - alpha_offset > 0`` (the Triton decode
+    step, ``dms_perf.kernels.cache_update``, computes the same on the device)."""
+    return alphas * alpha_scale - alpha_offset > 0
 
 
 def evict_flags(decisions: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,6 @@ import triton
 import triton.language as tl
 
 
-def decisions_from_alphas(alphas: torch.Tensor, alpha_scale: float, alpha_offset: float) -> torch.Tensor:
-    """bool decisions from fp32 ``a`` values (``dms_perf.dms.rule.dms_decisions`` computes the same)."""
-    return alphas * alpha_scale - alpha_offset > 0
-
-
 def decode_update_torch(
     ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, decisions, t: int, window: int
 ) -> None:

@@ -178,7 +178,7 @@ def test_deferred_prefill_packing_matches_immediate(device):
 def test_one_launch_decode_step_matches_the_torch_step(window, step, p_mark, device):
     """``append_step`` (decisions, ring update, K/V write and the query's borrowed channel in one Triton
     launch) leaves exactly the state of ``append`` with the same decisions, re-sizes included."""
-    from dms_perf.kernels.cache_update import decisions_from_alphas
+    from dms_perf.dms.rule import decisions_from_alphas
 
     B, H, G, D, prompt, steps, scale, offset = 2, 2, 2, 16, 12, 20, 100.0, 5.0
     torch_cache = DMSCache(num_layers=1, window=window, capacity_step=step)
