@@ -11,8 +11,9 @@ where a chunk's rows land depends only on how many rows are selected from the ch
 (at most S bytes, 1 byte a token, from L2): one launch, no dependency between launches. Otherwise a
 count kernel first writes per-chunk counts that the move kernel sums: without ``max_length`` they also
 size the output, and for long rows every program re-reading its row would cost more than the launch.
-(A decoupled look-back, where programs publish running counts for later ones, would need flags zeroed
-before every call: another launch, so it is not used.)
+(A decoupled look-back, where programs publish running counts for later ones, was measured for
+compact: exact, but its chain of published counts made the call slower than the two launches, and a
+programmatic dependent launch of the move kernel gained nothing: benchmarks/NOTES.md, 2026-11-28.)
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ the output, and past the threshold the programs' repeated counts cost more than 
 ``[1, 8, 32768]`` a program counts up to 224 KB of earlier rows: 47 us in one launch against 33 us in
 two on an H100, benchmarks/NOTES.md). A program requests its first tile's mask and rows before
 summing the counts before it, so that wait overlaps the loads.
-(A decoupled look-back, where programs publish running counts for later ones, would need flags zeroed
-before every call: another launch, so it is not used.)
+(A decoupled look-back, where programs publish running counts for later ones, was measured for
+compact: exact, but its chain of published counts made the call slower than the two launches, and a
+programmatic dependent launch of the move kernel gained nothing: benchmarks/NOTES.md, 2026-11-28.)
 """
 
 from __future__ import annotations
