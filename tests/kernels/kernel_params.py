@@ -50,6 +50,18 @@ def set_launch_mode(monkeypatch, module, launch_mode: str) -> None:
     monkeypatch.setattr(module, "ONE_LAUNCH_MAX_COUNT", 2**31 if launch_mode == "one-launch" else 0)
 
 
+def assert_launches_by_size(monkeypatch, module, measured: int, over: int, sized, unsized, expected) -> None:
+    """``module``'s size rule with ONE_LAUNCH_MAX_COUNT set to ``measured - over`` (``measured``: the
+    size the rule compares): ``sized()`` (output size given) runs the count kernel only past the
+    threshold (``over`` = 1), ``unsized()`` always (its counts size the output); both exact."""
+    count_calls = spy_count_chunks(monkeypatch, module)
+    monkeypatch.setattr(module, "ONE_LAUNCH_MAX_COUNT", measured - over)
+    assert_same(sized(), expected)
+    assert len(count_calls) == over
+    assert_same(unsized(), expected)
+    assert len(count_calls) == over + 1
+
+
 def seq_len_for(case: str, context_length: int) -> int:
     return context_length - 3 if case == "ragged" else context_length
 

@@ -13,6 +13,7 @@ from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_
 from tests.kernels.kernel_params import (
     LAUNCH_MODES,
     WIDTH_DTYPES,
+    assert_launches_by_size,
     assert_same,
     case_params,
     impl_params,
@@ -73,15 +74,15 @@ def test_bool_gather_given_max_length(launch_mode, extra, case, context_length, 
 @pytest.mark.parametrize("over", [0, 1], ids=["at-threshold", "over-threshold"])
 def test_bool_gather_launches_by_sequence_length(over, device, monkeypatch):
     """Given L: one launch while S <= ONE_LAUNCH_MAX_COUNT, two past it; no L: always two."""
-    count_calls = spy_count_chunks(monkeypatch, bool_gather)
     x = random_data((2, 3, 50, 16), torch.float32, device)
     mask = random_mask("random", (2, 3, 50), device)
-    monkeypatch.setattr(bool_gather, "ONE_LAUNCH_MAX_COUNT", 50 - over)
     expected = expected_bool_gather(x, mask)
-    assert_same(bool_gather_left_pad(x, mask, max_length=expected[0].shape[2]), expected)
-    assert len(count_calls) == over
-    assert_same(bool_gather_left_pad(x, mask), expected)
-    assert len(count_calls) == over + 1
+    assert_launches_by_size(
+        monkeypatch, bool_gather, mask.shape[-1], over,
+        lambda: bool_gather_left_pad(x, mask, max_length=expected[0].shape[2]),
+        lambda: bool_gather_left_pad(x, mask),
+        expected,
+    )
 
 
 @launch_mode_params

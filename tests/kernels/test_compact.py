@@ -13,6 +13,7 @@ from dms_perf.kernels.compact import compact_by_bool, compact_by_bool_loop, comp
 from tests.kernels.kernel_params import (
     LAUNCH_MODES,
     WIDTH_DTYPES,
+    assert_launches_by_size,
     assert_same,
     case_params,
     impl_params,
@@ -71,15 +72,15 @@ def test_compact_given_total(launch_mode, case, context_length, dtype, device, m
 @pytest.mark.parametrize("over", [0, 1], ids=["at-threshold", "over-threshold"])
 def test_compact_launches_by_mask_size(over, device, monkeypatch):
     """Given T: one launch while B*H*S <= ONE_LAUNCH_MAX_COUNT, two past it; no T: always two."""
-    count_calls = spy_count_chunks(monkeypatch, compact)
     x = random_data((2, 3, 50, 16), torch.float32, device)
     keep = random_mask("random", (2, 3, 50), device)
-    monkeypatch.setattr(compact, "ONE_LAUNCH_MAX_COUNT", keep.numel() - over)
     expected = expected_compact(x, keep)
-    assert_same(compact_by_bool(x, keep, total=expected[0].shape[0]), expected)
-    assert len(count_calls) == over
-    assert_same(compact_by_bool(x, keep), expected)
-    assert len(count_calls) == over + 1
+    assert_launches_by_size(
+        monkeypatch, compact, keep.numel(), over,
+        lambda: compact_by_bool(x, keep, total=expected[0].shape[0]),
+        lambda: compact_by_bool(x, keep),
+        expected,
+    )
 
 
 @launch_mode_params
