@@ -18,9 +18,10 @@ import torch
 
 import dms_perf  # noqa: F401  (must precede any triton import)
 from dms_perf._runtime import HAS_CUDA, INTERPRET
-from dms_perf.ci import GateError, check_same_gpu, gpu_for_worker, parse_shard, require_baseline, shard_node_ids
-from dms_perf.measure import device_info
-from dms_perf.options import parse_context_lengths, parse_names, test_dtypes
+from dms_perf.bench.device import device_info
+from dms_perf.bench.options import parse_context_lengths, parse_names, test_dtypes
+from dms_perf.ci.baselines import GateError, check_same_gpu, require_baseline
+from dms_perf.ci.sharding import gpu_for_worker, parse_shard, shard_node_ids
 
 pytest_plugins = ["pytester"]  # tests/test_ci.py runs real pytest sessions to prove the gate trips
 
@@ -87,7 +88,7 @@ def _configure_benchmark_storage_and_timer(config):
         folder = BASELINES_DIR / device_info()["gpu_slug"]
         config.option.benchmark_storage = f"file://{folder}"
     if HAS_CUDA and config.option.benchmark_timer == DEFAULT_BENCHMARK_TIMER:
-        config.option.benchmark_timer = "dms_perf.measure.cuda_sync_timer"
+        config.option.benchmark_timer = "dms_perf.bench.timing.cuda_sync_timer"
     if config.option.benchmark_compare and not config.option.benchmark_disable:
         require_baseline(config.option.benchmark_storage, config.option.benchmark_compare)
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA, default_device
-from dms_perf.measure import generate_once, release_memory, summarize_runs
-from dms_perf.methods import DEFAULT_METHODS, DMS_BACKENDS, load_model_for, resolve_method
-from dms_perf.workloads import needle_workload
+from dms_perf.bench.generation import generate_once, release_memory, summarize_runs
+from dms_perf.bench.methods import DEFAULT_METHODS, DMS_BACKENDS, load_model_for, resolve_method
+from dms_perf.bench.workloads import needle_workload
 
 # Whole generations: mostly decode steps, whose time is Python on the host (benchmarks/NOTES.md).
 pytestmark = pytest.mark.host_bound

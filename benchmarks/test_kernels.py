@@ -24,11 +24,21 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.kernels.bool_gather import bool_gather_left_pad, bool_gather_left_pad_loop, bool_gather_left_pad_torch
-from dms_perf.kernels.compact import compact_by_bool, compact_by_bool_loop, compact_by_bool_torch
-from dms_perf.kernels.left_pad import left_pad_2d, left_pad_2d_loop, left_pad_2d_torch
-from dms_perf.kernels.scatter import scatter_by_index, scatter_by_index_loop, scatter_by_index_torch
-from dms_perf.measure import bench, copy_bandwidth_bytes_per_s, rotating
+from dms_perf.bench.timing import bench, copy_bandwidth_bytes_per_s, rotating
+from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
+from dms_perf.ops.movers.compact import compact_by_bool
+from dms_perf.ops.movers.left_pad import left_pad_2d
+from dms_perf.ops.movers.naive import (
+    bool_gather_left_pad_loop,
+    bool_gather_left_pad_torch,
+    compact_by_bool_loop,
+    compact_by_bool_torch,
+    left_pad_2d_loop,
+    left_pad_2d_torch,
+    scatter_by_index_loop,
+    scatter_by_index_torch,
+)
+from dms_perf.ops.movers.scatter import scatter_by_index
 
 HEADS, HEAD_DIM, DTYPE = (8, 128, torch.bfloat16) if HAS_CUDA else (2, 64, torch.float32)
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -12,7 +12,7 @@ smoke (``--benchmark-disable``): the tiny config, each path run once.
 
 The DMS model is shared by the "dms-hub", "dms-triton", "dms-triton-eager" and "dense-triton" (no
 eviction) cases (``set_dms_backend``, ``Method.prepare``): same weights, same calibration. "dms-triton"
-and "dense-triton" replay their steps from CUDA graphs (dms_perf.dms.graph; the first step on a cache
+and "dense-triton" replay their steps from CUDA graphs (dms_perf.model.graph; the first step on a cache
 and each re-size step run eagerly, and a capture follows them), "dms-triton-eager" runs them eagerly
 like vanilla. ``peak_vram_bytes`` = this model's weights + the peak allocated above what was
 allocated before the case's prefill (both models stay resident during the run, so the absolute
@@ -27,13 +27,13 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.dms.cache import kv_cache_bytes
-from dms_perf.dms.calibrate import calibrate_dms
-from dms_perf.dms.model import build_model, qwen3_8b_config, tiny_config
-from dms_perf.measure import bench
-from dms_perf.methods import resolve_method
+from dms_perf.bench.methods import resolve_method
+from dms_perf.bench.timing import bench
+from dms_perf.model.cache import kv_cache_bytes
+from dms_perf.model.calibrate import calibrate_dms
+from dms_perf.model.qwen3_dms import build_model, qwen3_8b_config, tiny_config
 
-METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager", "dense-triton")  # dms_perf.methods names
+METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager", "dense-triton")  # dms_perf.bench.methods names
 PREFILL_METHODS = ("vanilla", "dms-hub", "dms-triton", "dense-triton")  # -eager: same prefill as dms-triton
 TARGET_CR = 8
 DECODE_STEPS = 8 if HAS_CUDA else 1

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from dms_perf import dms_prefill_attention
 from dms_perf._runtime import HAS_CUDA, INTERPRET
-from dms_perf.dms.rule import count_visible_pairs
-from dms_perf.measure import bench, do_bench_ms, graph_replays
+from dms_perf.bench.timing import bench, do_bench_ms, graph_replays
+from dms_perf.rule import count_visible_pairs
 
 WINDOW = 512
 EVICT_RATE = 7 / 8
@@ -104,7 +104,7 @@ def test_prefill_attention(benchmark, impl, context_length):
     if median_s is None:
         return
     if impl == "triton":
-        from dms_perf.kernels.prefill_attention import _dms_prefill_kernel
+        from dms_perf.ops.prefill.fused import _dms_prefill_kernel
 
         benchmark.extra_info["triton_config"] = str(_dms_prefill_kernel.best_config)
     ms = benchmark.extra_info["median_ms"]

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/tune_movement.py --context-length 32768 --batches 1,8
 
-For each setting of ``dms_perf.kernels._common``'s MASKED_* values (tile bytes, programs per SM, warps,
+For each setting of ``dms_perf.ops._common``'s MASKED_* values (tile bytes, programs per SM, warps,
 stages) and each launch mode (the count kernel first, or one launch where each program counts the mask
 itself), times the benchmark's own inputs (``benchmarks/test_kernels.py``: ``[B, 8, S, 128]`` bf16, half
 of the rows kept, input sets rotated past L2) replayed from CUDA graphs, and prints the do_bench median
@@ -19,8 +19,9 @@ import torch
 import triton
 
 from benchmarks.test_kernels import DTYPE, HEAD_DIM, HEADS, MAKE_CASE
-from dms_perf.kernels import _common, bool_gather, compact
-from dms_perf.measure import copy_bandwidth_bytes_per_s, do_bench_ms, graph_replays, rotating
+from dms_perf.bench.timing import copy_bandwidth_bytes_per_s, do_bench_ms, graph_replays, rotating
+from dms_perf.ops import _common
+from dms_perf.ops.movers import bool_gather, compact
 
 KERNELS = {"compact_by_bool": compact, "bool_gather_left_pad": bool_gather}
 # (tile bytes, programs per SM, warps, stages): a grid over the first two at the default warps / stages,

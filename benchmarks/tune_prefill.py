@@ -16,9 +16,9 @@ import functools
 import torch
 import triton
 
-from dms_perf.dms.rule import count_visible_pairs
-from dms_perf.kernels.prefill_attention import dms_prep, launch_prefill_kernel
-from dms_perf.measure import do_bench_ms
+from dms_perf.bench.timing import do_bench_ms
+from dms_perf.ops.prefill.fused import dms_prep, launch_prefill_kernel
+from dms_perf.rule import count_visible_pairs
 
 CANDIDATES = [
     # (ROWS, BLOCK_N, num_warps, num_stages)

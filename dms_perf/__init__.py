@@ -1,6 +1,8 @@
 """dms-perf: Triton kernels, a model and a benchmark suite for Dynamic Memory Sparsification (DMS).
 
-The specification of DMS that this package implements is ``shared/DMS.md``.
+What DMS does, as this package implements it, is specified in ``docs/DMS.md``. Layers, lowest first:
+``dms_perf.rule`` (the DMS rule), ``dms_perf.ops`` (kernels and their references), ``dms_perf.model``
+(Qwen3-DMS and its cache), ``dms_perf.bench`` (methods, timing, runs, report, CLI), ``dms_perf.ci``.
 """
 
 from dms_perf import _runtime  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
@@ -9,20 +11,25 @@ __version__ = "0.1.0"
 
 # Public names, imported on first use so that importing the package stays cheap.
 _LAZY = {
-    "left_pad_2d": "dms_perf.kernels.left_pad",
-    "scatter_by_index": "dms_perf.kernels.scatter",
-    "bool_gather_left_pad": "dms_perf.kernels.bool_gather",
-    "compact_by_bool": "dms_perf.kernels.compact",
-    "dms_prefill_attention": "dms_perf.dms.prefill",
-    "dms_decisions": "dms_perf.dms.rule",
-    "dms_decode_attention": "dms_perf.kernels.decode_attention",
-    "DMSCache": "dms_perf.dms.cache",
-    "kv_cache_bytes": "dms_perf.dms.cache",
-    "Qwen3DMSForCausalLM": "dms_perf.dms.model",
-    "calibrate_dms": "dms_perf.dms.calibrate",
-    "resolve_method": "dms_perf.methods",
-    "needle_workload": "dms_perf.workloads",
-    "measure_generation": "dms_perf.measure",
+    "left_pad_2d": "dms_perf.ops",
+    "scatter_by_index": "dms_perf.ops",
+    "bool_gather_left_pad": "dms_perf.ops",
+    "compact_by_bool": "dms_perf.ops",
+    "dms_prefill_attention": "dms_perf.ops",
+    "dms_decode_attention": "dms_perf.ops",
+    "dms_decisions": "dms_perf.rule",
+    "visibility_mask": "dms_perf.rule",
+    "DMSCache": "dms_perf.model.cache",
+    "kv_cache_bytes": "dms_perf.model.cache",
+    "Qwen3DMSForCausalLM": "dms_perf.model.qwen3_dms",
+    "build_model": "dms_perf.model.qwen3_dms",
+    "load_model": "dms_perf.model.qwen3_dms",
+    "tiny_config": "dms_perf.model.qwen3_dms",
+    "qwen3_8b_config": "dms_perf.model.qwen3_dms",
+    "calibrate_dms": "dms_perf.model.calibrate",
+    "resolve_method": "dms_perf.bench.methods",
+    "needle_workload": "dms_perf.bench.workloads",
+    "measure_generation": "dms_perf.bench.generation",
 }
 
 __all__ = sorted(_LAZY)
@@ -34,3 +41,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dms_perf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -2,7 +2,7 @@
 
 import torch
 
-from dms_perf.dms.model import build_model, tiny_config
+from dms_perf.model.qwen3_dms import build_model, tiny_config
 
 
 def test_build_model_places_every_parameter_on_the_requested_device_under_poisoning():

@@ -1,0 +1,248 @@
+"""``dms-perf``: the command line. Subcommands: ``bench`` (methods x context lengths, end to end) and
+``report`` (merge bench runs made in parts).
+
+    dms-perf bench                                   # CPU: tiny random model, small contexts, < 1 min
+    dms-perf bench --contexts 4k,8k,16k,32k --methods vanilla,dms-hub,dms-triton,snapkv:0.5 \\
+                   --model qwen3-8b --new-tokens 128 --repeats 3 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from dms_perf._runtime import HAS_CUDA
+
+CPU_DEFAULTS = {"contexts": "128,256", "model": "tiny", "new_tokens": 8, "repeats": 1, "dtype": "float32"}
+GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "model": "qwen3-8b", "new_tokens": 128, "repeats": 3,
+                "dtype": "bfloat16"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults shown, and the method list kept one per line."""
+
+
+def _defaults() -> dict:
+    return GPU_DEFAULTS if HAS_CUDA else CPU_DEFAULTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dms_perf.bench.methods import DEFAULT_METHODS, describe_methods
+
+    d = _defaults()
+    parser = argparse.ArgumentParser(prog="dms-perf", description="Benchmarks for DMS KV-cache compression.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench",
+        help="time methods x context lengths end to end (prefill, decode, memory, KV bytes, retrieval)",
+        description="Greedy generation on a needle-in-a-haystack prompt for every (context, method) cell. "
+        "Writes results.json after every cell, then results.md (full comparison and DMS prefill speedup "
+        "tables) and PNG plots. A failing cell (e.g. out of memory) becomes a row saying so. Defaults "
+        f"here ({'GPU' if HAS_CUDA else 'no GPU'}): {d}.",
+        epilog="methods (R = fraction of the prompt's KV pairs removed, in [0, 1)):\n" + describe_methods(),
+        formatter_class=_HelpFormatter,
+    )
+    bench.add_argument("--contexts", default=d["contexts"],
+                       help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")
+    bench.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                       help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below)")
+    bench.add_argument("--model", default=d["model"],
+                       help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape) or a "
+                       "local checkpoint directory (e.g. nvidia/Qwen3-8B-DMS-8x or Qwen3-8B downloaded)")
+    bench.add_argument("--tokenizer", default=None,
+                       help="local tokenizer directory for the text workload (default: the checkpoint's own when "
+                       "--model is a path; none for random models: exact-length token ids)")
+    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], help="tokens generated per run")
+    bench.add_argument("--repeats", type=int, default=d["repeats"], help="timed runs per cell (median reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per cell before the timed ones")
+    bench.add_argument("--needle-depth", type=float, default=0.5,
+                       help="where the needle sits in the haystack: 0 = start, 1 = end")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], help="model weights and activations")
+    bench.add_argument("--target-cr", type=float, default=8.0,
+                       help="with random weights, calibrate DMS eviction to this compression ratio "
+                       "(shared/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+    bench.add_argument("--out", default="results", help="output directory")
+    bench.set_defaults(run=run_bench)
+
+    report = sub.add_parser(
+        "report",
+        help="merge results of several bench runs (same card and model) into one results.md and plots",
+        description="Join bench outputs made in parts, e.g. one device call per group of methods, and write "
+        "results.json, results.md and the plots for all of them. A cell present twice keeps the later row.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in order")
+    report.add_argument("--out", default="results", help="output directory")
+    report.set_defaults(run=run_report)
+
+    ci = sub.add_parser(
+        "ci",
+        add_help=False,  # `dms-perf ci --help` is answered by dms_perf.ci itself
+        help="GPU CI: tests + benchmarks gated on this GPU model's baseline, base-vs-head, shard merge "
+        "(`dms-perf ci --help`; same as .ci/gpu and python -m dms_perf.ci)",
+    )
+    ci.add_argument("ci_args", nargs=argparse.REMAINDER)  # listed in --help; main() hands these over
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ci"]:  # everything after `ci`, --help included, belongs to dms_perf.ci
+        from dms_perf.ci.runner import main as ci_main
+
+        return ci_main(argv[1:], prog="dms-perf ci")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.run(args, parser)
+
+
+def _validate(args, parser):
+    from dms_perf.bench.methods import resolve_methods
+    from dms_perf.bench.options import parse_context_lengths
+
+    try:
+        contexts = parse_context_lengths(args.contexts)
+        methods = resolve_methods(args.methods)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name in ("new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0.0 <= args.needle_depth <= 1.0:
+        parser.error(f"--needle-depth must be in [0, 1], got {args.needle_depth}")
+    if args.target_cr != 0 and args.target_cr < 1:
+        parser.error(f"--target-cr must be 0 (off) or >= 1, got {args.target_cr}")
+    return contexts, methods
+
+
+def _weights_note(args, methods, real_weights: bool) -> str:
+    if real_weights:
+        return f"real weights from {args.model}"
+    if args.target_cr and any(m.is_dms for m in methods):
+        return f"random weights, eviction calibrated to {args.target_cr:g}x"
+    return "random weights"
+
+
+def run_bench(args, parser) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dms_perf.bench.device import device_info
+    from dms_perf.bench.generation import measure_generation, release_memory
+    from dms_perf.bench.methods import is_model_path, load_model_for
+    from dms_perf.bench.report import ResultsWriter, comparison_table
+    from dms_perf.bench.workloads import needle_workload
+
+    contexts, methods = _validate(args, parser)
+    real_weights = is_model_path(args.model)
+    tokenizer = args.tokenizer or (args.model if real_weights else None)
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    dtype = DTYPES[args.dtype]
+    console = Console(stderr=True)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_info(),
+        "model": args.model,
+        "dtype": args.dtype,
+        "weights": _weights_note(args, methods, real_weights),
+        "contexts": list(contexts),
+        "methods": [m.name for m in methods],
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "needle_depth": args.needle_depth,
+        "tokenizer": tokenizer,
+        "calibration": {},
+        "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
+    }
+    writer = ResultsWriter(args.out, meta)
+    workloads: dict[int, object] = {}
+
+    # One model alive at a time: methods sharing a backend share the model built for it.
+    by_backend: dict[str | None, list] = {}
+    for m in methods:
+        by_backend.setdefault(m.backend, []).append(m)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts))
+            for backend, group in by_backend.items():
+                progress.update(task, description=f"building model ({backend or 'vanilla'})")
+                try:
+                    model, calibration = load_model_for(args.model, group[0], dtype=dtype, device=device,
+                                                        seed=args.seed,
+                                                        target_cr=None if real_weights else args.target_cr)
+                except Exception as exc:  # the other backends can still run
+                    reason = _reason("model build failed", exc)
+                    for m in group:
+                        for ctx in contexts:
+                            writer.add({"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
+                                        "status": reason})
+                            progress.advance(task)
+                    release_memory()
+                    continue
+                if calibration is not None:
+                    writer.meta["calibration"][backend] = {
+                        "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
+                        "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
+                    }
+                for m in group:
+                    for ctx in contexts:
+                        progress.update(task, description=f"{m.name} @ {ctx}")
+                        try:
+                            if ctx not in workloads:
+                                workloads[ctx] = needle_workload(
+                                    ctx, tokenizer=tokenizer, needle_depth=args.needle_depth,
+                                    vocab_size=model.config.vocab_size, seed=args.seed,
+                                )
+                        except ValueError as exc:
+                            row = {"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
+                                   "status": _reason("workload", exc)}
+                        else:
+                            row = measure_generation(model, workloads[ctx], m, new_tokens=args.new_tokens,
+                                                     repeats=args.repeats, warmup=args.warmup,
+                                                     real_weights=real_weights, device=device)
+                        writer.add(row)
+                        progress.advance(task)
+                del model
+                release_memory()
+    finally:  # an interrupted run still gets its tables and plots for the cells measured so far
+        files = writer.finish()
+    print(comparison_table(writer.rows))
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def run_report(args, parser) -> int:
+    from dms_perf.bench.report import ResultsWriter, merge_results
+
+    try:
+        meta, rows = merge_results(args.inputs)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"cannot merge {args.inputs}: {exc}")
+    writer = ResultsWriter(args.out, meta)
+    for row in rows:
+        writer.add(row)
+    print("wrote " + ", ".join(str(f) for f in writer.finish()))
+    return 0
+
+
+def _reason(what: str, exc: Exception) -> str:
+    return f"error: {what}: {type(exc).__name__}: {exc}".splitlines()[0][:240]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The one registry of KV-cache methods compared by ``dms-perf bench``, tests/ and benchmarks/.
+
+A method name is ``family`` or ``family:parameter`` (``vanilla``, ``dms-triton``, ``snapkv:0.5``).
+Each family is one entry of ``FAMILIES``; adding a method is adding an entry.
+
+* ``vanilla``: transformers' Qwen3 with a dense cache.
+* ``dms-hub`` / ``dms-flex`` / ``dms-triton``: the Qwen3-DMS model (shared/DMS.md) with that prefill
+  attention; its cache keeps only the tokens the DMS rule keeps. ``dms-triton`` replays its decode
+  steps from CUDA graphs; ``dms-triton-eager`` is the same without graphs (eager steps, as vanilla
+  and every other method decode), for the like-for-like comparison with vanilla. ``dense-triton`` is
+  dms-triton deciding no eviction: the same kernels and graphs over a dense cache, the tuned dense
+  baseline (transformers' vanilla decode is eager).
+* kvpress presses applied to the vanilla model with ``with press(model):``; the parameter is the
+  fraction of the prompt's KV pairs removed (kvpress's ``compression_ratio``).
+* ``dmspress-knorm``: kvpress's ``DMSPress`` (threshold eviction outside a sliding window) over
+  ``KnormPress`` scores, its threshold set on the measured prompt so that the parameter is the
+  fraction evicted. kvpress's DMSPress hides evicted keys from attention but keeps them in memory.
+
+kvpress is imported only when a press is built, so the package works where it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MODEL_CHOICES = ("tiny", "qwen3-8b")
+KVPRESS_VERSION = "0.5.5"
+
+# DMSPress's own default protected window; shorter prompts (the CPU smoke sizes) get a quarter of
+# their length so that eviction still happens there.
+DMSPRESS_WINDOW = 128
+
+
+def _kvpress():
+    try:
+        return importlib.import_module("kvpress")
+    except ImportError as exc:
+        raise ImportError(
+            f"kvpress is not installed, so the kvpress methods cannot run "
+            f"(pip install kvpress=={KVPRESS_VERSION}): {exc}"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registry entry: how to build the method for a given parameter."""
+
+    name: str
+    summary: str
+    backend: str | None = None  # model backend: None = vanilla transformers Qwen3
+    # (ratio, model, input_ids) -> a kvpress press; None for methods without a press
+    make_press: Callable[[float, Any, torch.Tensor], Any] | None = None
+    default_ratio: float | None = None  # families taking a parameter have a default
+    min_context: int = 1  # shortest prompt the method accepts
+    cuda_graphs: bool = True  # DMS triton backend: replay decode steps from CUDA graphs (dms_perf.model.graph)
+    evict: bool = True  # DMS model: False decides no eviction (every token kept)
+
+    @property
+    def takes_parameter(self) -> bool:
+        return self.default_ratio is not None
+
+    @property
+    def needs_kvpress(self) -> bool:
+        return self.make_press is not None
+
+
+def _scorer(class_name: str) -> Callable[[float, Any, torch.Tensor], Any]:
+    def make(ratio, model, input_ids):
+        return getattr(_kvpress(), class_name)(compression_ratio=ratio)
+
+    return make
+
+
+def _dmspress_knorm(ratio: float, model, input_ids: torch.Tensor):
+    kvpress = _kvpress()
+    scorer = kvpress.KnormPress()
+    window = min(DMSPRESS_WINDOW, input_ids.shape[-1] // 4)
+    threshold = _threshold_for_ratio(model, input_ids, scorer, ratio, window)
+    return kvpress.DMSPress(press=scorer, threshold=threshold, sliding_window_size=window)
+
+
+def _threshold_for_ratio(model, input_ids: torch.Tensor, scorer, ratio: float, window: int) -> float:
+    """Score threshold under which ``ratio`` of the prompt's (layer, head, token) slots fall.
+
+    DMSPress evicts only tokens older than its window, so the quantile is taken over those
+    candidates and scaled up to reach ``ratio`` of all tokens (capped at all candidates).
+    """
+    from kvpress.utils import extract_keys_and_values
+
+    candidates: list[torch.Tensor] = []
+
+    def record(module, args, kwargs, output):
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        scores = scorer.score(module, kwargs["hidden_states"], keys, values, None, kwargs)
+        candidates.append(scores[..., : scores.shape[-1] - window].flatten())
+
+    hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.inference_mode():
+            model.model(input_ids=input_ids, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scores = torch.cat(candidates).sort().values
+    length = input_ids.shape[-1]
+    fraction = min(1.0, ratio * length / max(length - window, 1))
+    k = round(fraction * scores.numel())
+    if k == 0:
+        return float("-inf")
+    if k >= scores.numel():
+        return float("inf")
+    # Slots strictly below the threshold are evicted; a score value is exact in the scores' dtype.
+    return float(scores[k].item())
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("vanilla", "transformers Qwen3, dense KV cache (no compression)"),
+        Family("dms-hub", "Qwen3-DMS, prefill as the released code (chunked SDPA masks), torch decode", "hub"),
+        Family("dms-hub-triton", "Qwen3-DMS, the released code's prefill structure with its loops replaced by "
+               "dms_perf's data movers and one fused kernel launch over all keys, Triton decode (eager)",
+               "hub-triton", cuda_graphs=False),
+        Family("dms-flex", "Qwen3-DMS, prefill with torch flex_attention block masks, torch decode", "flex"),
+        Family("dms-triton", "Qwen3-DMS, dms_perf's Triton prefill and decode kernels, decode steps replayed "
+               "from CUDA graphs", "triton"),
+        Family("dms-triton-eager", "dms-triton with eager decode steps (no CUDA graphs), as vanilla runs",
+               "triton", cuda_graphs=False),
+        Family("dense-triton", "dms-triton with eviction off (every token kept): dense attention on the same "
+               "kernels and CUDA-graph decode, the tuned dense baseline of dms-triton", "triton", evict=False),
+        # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
+        Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
+               0.5, min_context=65),
+        Family("streamingllm", "kvpress StreamingLLMPress (sinks + recent)", None,
+               _scorer("StreamingLLMPress"), 0.5),
+        Family("knorm", "kvpress KnormPress (key norm)", None, _scorer("KnormPress"), 0.5),
+        Family("expected-attention", "kvpress ExpectedAttentionPress", None,
+               _scorer("ExpectedAttentionPress"), 0.5),
+        Family("dmspress-knorm", "kvpress DMSPress over KnormPress, threshold set to the ratio", None,
+               _dmspress_knorm, 0.5),
+    )
+}
+
+# The model backends the registry uses, in registry order (vanilla's None excluded).
+DMS_BACKENDS = tuple(dict.fromkeys(f.backend for f in FAMILIES.values() if f.backend is not None))
+
+DEFAULT_METHODS = (
+    "vanilla", "dms-hub", "dms-hub-triton", "dms-flex", "dms-triton", "dms-triton-eager", "dense-triton", "snapkv:0.5",
+    "streamingllm:0.5", "knorm:0.5", "expected-attention:0.5", "dmspress-knorm:0.5",
+)
+
+
+def valid_names() -> str:
+    """Human-readable list of method names, for --help and error messages."""
+    parts = []
+    for f in FAMILIES.values():
+        parts.append(f"{f.name}:<ratio in [0, 1), default {f.default_ratio}>" if f.takes_parameter else f.name)
+    return ", ".join(parts)
+
+
+def describe_methods() -> str:
+    """One line per family: name (with its parameter) and what it is, for --help."""
+    return "\n".join(
+        f"  {f.name + (':R' if f.takes_parameter else ''):22} {f.summary}" for f in FAMILIES.values()
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A resolved method: family plus parameter. ``name`` is canonical (``snapkv:0.5``)."""
+
+    family: Family
+    ratio: float | None = None
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        name = self.family.name if self.ratio is None else f"{self.family.name}:{self.ratio:g}"
+        object.__setattr__(self, "name", name)
+
+    @property
+    def backend(self) -> str | None:
+        return self.family.backend
+
+    @property
+    def min_context(self) -> int:
+        return self.family.min_context
+
+    @property
+    def is_dms(self) -> bool:
+        return self.family.backend is not None
+
+    @property
+    def evicts(self) -> bool:
+        """Whether the DMS model decides evictions (``dense-triton`` runs it with none)."""
+        return self.is_dms and self.family.evict
+
+    def prepare(self, model) -> None:
+        """Set this method's switches on a model that methods of one backend share (CUDA-graph decode,
+        eviction on or off)."""
+        if self.is_dms:
+            model.dms_cuda_graphs = self.family.cuda_graphs
+            model.set_dms_eviction(self.family.evict)
+
+    def press_for(self, model, input_ids: torch.Tensor):
+        """A fresh kvpress press for this prompt, or None (raises ImportError without kvpress)."""
+        if self.family.make_press is None:
+            return None
+        return self.family.make_press(self.ratio, model, input_ids)
+
+
+def resolve_method(name: str) -> Method:
+    """``"snapkv:0.5"`` -> Method; unknown family or bad parameter -> ValueError listing valid names."""
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a str, got {type(name).__name__}")
+    family_name, sep, param = name.strip().partition(":")
+    family = FAMILIES.get(family_name)
+    if family is None:
+        raise ValueError(f"unknown method {name!r}; valid methods: {valid_names()}")
+    if not family.takes_parameter:
+        if sep:
+            raise ValueError(f"method {family.name!r} takes no parameter (got {name!r}); valid methods: "
+                             f"{valid_names()}")
+        return Method(family)
+    if not sep:
+        return Method(family, family.default_ratio)
+    try:
+        ratio = float(param)
+    except ValueError:
+        raise ValueError(f"bad parameter in {name!r}: expected a ratio in [0, 1); valid methods: "
+                         f"{valid_names()}") from None
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"bad parameter in {name!r}: ratio {ratio} not in [0, 1); valid methods: "
+                         f"{valid_names()}")
+    return Method(family, ratio)
+
+
+def resolve_methods(names) -> list[Method]:
+    """Resolve a sequence of names (or a comma-separated string), keeping order, dropping repeats."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    methods: dict[str, Method] = {}
+    for n in names:
+        m = resolve_method(n)
+        methods.setdefault(m.name, m)
+    if not methods:
+        raise ValueError(f"no methods given; valid methods: {valid_names()}")
+    return list(methods.values())
+
+
+# --- models the methods run on -----------------------------------------------------------------
+
+
+def is_model_path(model: str) -> bool:
+    return model not in MODEL_CHOICES
+
+
+def model_config(model: str):
+    """Config of a random-weight model: ``"tiny"`` or ``"qwen3-8b"`` (the Qwen3-8B-DMS shape)."""
+    from dms_perf.model import qwen3_dms as api
+
+    if model == "tiny":
+        return api.tiny_config()
+    if model == "qwen3-8b":
+        return api.qwen3_8b_config()
+    raise ValueError(f"unknown random model {model!r}: expected one of {MODEL_CHOICES} or a checkpoint path")
+
+
+_CALIBRATIONS: dict[tuple, Any] = {}
+
+
+def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, seed: int = 0,
+                   target_cr: float | None = None):
+    """The model ``method`` runs on: random ``tiny`` / ``qwen3-8b`` weights or a local checkpoint.
+
+    With random weights and a DMS backend, eviction is calibrated so that ``1 - 1/target_cr`` of the
+    tokens are marked (shared/DMS.md, "Random weights"); returns (model, calibration or None).
+    Every backend gets the same weights for a seed, so the offset is found once per process and
+    reused: all DMS backends then evict alike.
+    """
+    from dms_perf.model import qwen3_dms as api
+
+    if is_model_path(model):
+        loaded = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
+        method.prepare(loaded)
+        return loaded, None
+    built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
+    method.prepare(built)
+    if not (method.is_dms and target_cr):
+        return built, None
+    key = (model, seed, float(target_cr), dtype, str(device))
+    if key not in _CALIBRATIONS:
+        from dms_perf.model.calibrate import calibrate_dms
+
+        _CALIBRATIONS[key] = calibrate_dms(built, target_cr=target_cr)
+    calibration = _CALIBRATIONS[key]
+    built.config.dms_initial_alpha_offset = calibration.alpha_offset
+    return built, calibration

@@ -1,0 +1,289 @@
+"""Results of ``dms-perf bench``: results.json (written after every cell), results.md, PNG plots.
+
+results.md holds the two tables of the kvcompress study: the full comparison (context, method, time,
+tok/s, VRAM, TTFT, decode tok/s, KV bytes, compression, retrieval) and the DMS prefill speedup
+(hub vs triton: prefill seconds, speedup, VRAM saved).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from dms_perf.bench.methods import DEFAULT_METHODS
+
+JSON_NAME = "results.json"
+MD_NAME = "results.md"
+TIME_PLOT = "time_vs_context.png"
+MEMORY_PLOT = "vram_vs_context.png"
+DASH = "—"
+
+
+class ResultsWriter:
+    """Collects rows; every ``add`` rewrites results.json atomically, so an interrupted run loses nothing."""
+
+    def __init__(self, out_dir: str | os.PathLike, meta: dict[str, Any]):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.meta = dict(meta)
+        self.rows: list[dict[str, Any]] = []
+        self._write_json()
+
+    @property
+    def json_path(self) -> Path:
+        return self.out_dir / JSON_NAME
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+        self._write_json()
+
+    def _write_json(self) -> None:
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=2, default=str) + "\n")
+        os.replace(tmp, self.json_path)
+
+    def finish(self) -> list[Path]:
+        """Write results.md and the plots; returns every file written."""
+        md = self.out_dir / MD_NAME
+        md.write_text(render_markdown(self.meta, self.rows))
+        return [self.json_path, md, *write_plots(self.rows, self.out_dir)]
+
+
+def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(meta, rows) of a results.json, or of the results.json inside a directory, or of a pytest-benchmark
+    JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``)."""
+    path = Path(path)
+    data = json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
+    if "benchmarks" in data and "meta" not in data:
+        return results_from_benchmarks(data, source=path.name)
+    return data["meta"], data["rows"]
+
+
+def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(meta, rows) from a pytest-benchmark run: the end-to-end cases (``benchmarks/test_end_to_end.py``)
+    keep each cell's row in ``extra_info``, measured by the helpers ``dms-perf bench`` uses; other cases
+    are ignored. Cells skipped there (out of memory, prompt too short) have no row."""
+    rows = []
+    for case in data["benchmarks"]:
+        info = case.get("extra_info", {})
+        if "total_s" not in info or "method" not in info:
+            continue
+        row = {"context": case["params"]["context_length"], "method": info["method"],
+               "new_tokens": info["generated_tokens"], "status": "ok"}
+        row.update({k: v for k, v in info.items() if k not in row})
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source or 'this run'} holds no end-to-end case (benchmarks/test_end_to_end.py)")
+    # A sharded run lists its cases shard by shard: order them as dms-perf bench does, by context, then in
+    # the registry's order of the default methods (others after, by name).
+    order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
+    rows.sort(key=lambda r: (r["context"], order.get(r["method"], len(order)), r["method"]))
+    first = rows[0]
+    target = first.get("target_cr")
+    weights = first.get("weights", "random weights")
+    if target and any(r.get("calibrated_marked_fraction") is not None for r in rows):
+        weights += f", eviction calibrated to {target:g}x"
+    meta = {
+        "date": data.get("datetime", "")[:16].replace("T", " ") + " UTC",
+        "device": data.get("machine_info", {}).get("dms_perf_device", {}),
+        "model": first.get("model"),
+        "dtype": first.get("dtype"),
+        "weights": weights,
+        "contexts": sorted({r["context"] for r in rows}),
+        "methods": list(dict.fromkeys(r["method"] for r in rows)),
+        "new_tokens": first["new_tokens"],
+        "repeats": first.get("repeats"),
+        "warmup": first.get("warmup_runs"),
+        "needle_depth": first.get("needle_depth"),
+        "calibration": {},
+        "command": "pytest benchmarks/test_end_to_end.py" + (f" (pytest-benchmark JSON {source})" if source else ""),
+    }
+    return meta, rows
+
+
+def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Join runs made in parts (e.g. one device call per group of methods) on the same card.
+
+    Metadata is the first run's, with the union of contexts and methods and every command; a cell
+    measured twice keeps the later run's row. Runs from different cards, models or dtypes raise ValueError.
+    """
+    if not paths:
+        raise ValueError("merge_results needs at least one results.json")
+    meta: dict[str, Any] = {}
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for path in paths:
+        m, r = load_results(path)
+        if not meta:
+            meta = {**m, "commands": []}
+        for key in ("device", "model", "dtype", "weights"):
+            if m.get(key) != meta.get(key):
+                raise ValueError(f"cannot merge {path}: its {key} {m.get(key)!r} differs from {meta.get(key)!r}")
+        meta["commands"].append(m.get("command"))
+        meta["contexts"] = sorted(set(meta.get("contexts", [])) | set(m.get("contexts", [])))
+        meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
+        meta["calibration"] = {**meta.get("calibration", {}), **m.get("calibration", {})}
+        rows.update({(row["context"], row["method"]): row for row in r})
+    meta["command"] = " ; ".join(c for c in meta.pop("commands") if c)
+    return meta, list(rows.values())
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return DASH
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _gib(value) -> str:
+    return DASH if value is None else f"{value / 2**30:.2f}"
+
+
+def _mib(value) -> str:
+    return DASH if value is None else f"{value / 2**20:,.1f}"
+
+
+def _ok(row) -> bool:
+    return row.get("status") == "ok"
+
+
+def _tok_s(row) -> float | None:
+    """End-to-end throughput: generated tokens over total seconds (prefill included)."""
+    return row["generated_tokens"] / row["total_s"] if row.get("total_s") else None
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| Context | Method | Time (s) | tok/s | Peak VRAM (GiB) | TTFT (s) | Prefill tok/s | Decode tok/s "
+            "| KV cache (MiB) | Compression | Retrieval |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: r["context"]):
+        if not _ok(r):
+            lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8)
+            continue
+        compression = DASH if r.get("compression") is None else f"{r['compression']:.2f}x"
+        lines.append(
+            f"| {_ctx(r['context'])} | {r['method']} | {_num(r['total_s'])} | {_num(_tok_s(r))} "
+            f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
+            f"| {_num(r.get('decode_tok_s'))} | {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |"
+        )
+    return "\n".join(lines)
+
+
+def speedup_rows(rows: list[dict[str, Any]], base: str = "dms-hub", fast: str = "dms-triton") -> list[dict[str, Any]]:
+    """Per context with both methods present: prefill seconds, speedup and VRAM saved (None if n/a)."""
+    by = {(r["context"], r["method"]): r for r in rows}
+    out = []
+    for ctx in sorted({r["context"] for r in rows}):
+        b, f = by.get((ctx, base)), by.get((ctx, fast))
+        if b is None or f is None:
+            continue
+        both = _ok(b) and _ok(f)
+        vram_b, vram_f = b.get("peak_vram_bytes"), f.get("peak_vram_bytes")
+        out.append({
+            "context": ctx,
+            "base_status": b["status"], "fast_status": f["status"],
+            "base_prefill_s": b.get("prefill_s"), "fast_prefill_s": f.get("prefill_s"),
+            "speedup": b["prefill_s"] / f["prefill_s"] if both else None,
+            "base_vram_bytes": vram_b, "fast_vram_bytes": vram_f,
+            "vram_saved_bytes": vram_b - vram_f if both and vram_b is not None and vram_f is not None else None,
+        })
+    return out
+
+
+def speedup_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| Context | Hub prefill (s) | Triton prefill (s) | Speedup | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
+        "| VRAM saved (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in speedup_rows(rows):
+        hub = _num(s["base_prefill_s"]) if s["base_status"] == "ok" else s["base_status"]
+        tri = _num(s["fast_prefill_s"]) if s["fast_status"] == "ok" else s["fast_status"]
+        speedup = DASH if s["speedup"] is None else f"{s['speedup']:.2f}x"
+        lines.append(f"| {_ctx(s['context'])} | {hub} | {tri} | {speedup} | {_gib(s['base_vram_bytes'])} "
+                     f"| {_gib(s['fast_vram_bytes'])} | {_gib(s['vram_saved_bytes'])} |")
+    return "\n".join(lines)
+
+
+def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    device = meta.get("device", {})
+    parts = [
+        "# dms-perf bench results",
+        "",
+        f"- date: {meta.get('date', DASH)}",
+        f"- card: {device.get('gpu', DASH)} (torch {device.get('torch', DASH)}, triton {device.get('triton', DASH)})",
+        f"- model: {meta.get('model', DASH)}, {meta.get('dtype', DASH)}; {meta.get('weights', DASH)}",
+        f"- workload: needle in a haystack, needle at depth {meta.get('needle_depth', DASH)}, "
+        f"{meta.get('new_tokens', DASH)} new tokens, median of {meta.get('repeats', DASH)} runs after "
+        f"{meta.get('warmup', DASH)} warm-up",
+        f"- command: `{meta.get('command', DASH)}`",
+        "",
+        "Time = TTFT (prefill, first token included) + decode; tok/s = generated tokens / time; peak VRAM "
+        "includes the weights; compression = dense KV slots / slots still attended at the end.",
+        "",
+        "## Full comparison",
+        "",
+        comparison_table(rows),
+        "",
+        "## DMS prefill speedup (hub vs triton)",
+        "",
+    ]
+    if speedup_rows(rows):
+        parts.append(speedup_table(rows))
+    else:
+        parts.append("Needs both dms-hub and dms-triton in --methods.")
+    return "\n".join(parts) + "\n"
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
+    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM and KV cache) per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    ok = [r for r in rows if _ok(r)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    panels = {
+        TIME_PLOT: (("total_s", "total time (s)", 1.0), ("prefill_s", "TTFT / prefill (s)", 1.0)),
+        MEMORY_PLOT: (("peak_vram_bytes", "peak VRAM (GiB)", 2**-30), ("kv_bytes", "KV cache at end (MiB)", 2**-20)),
+    }
+    written = []
+    for filename, specs in panels.items():
+        fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4.5))
+        for ax, (key, label, scale) in zip(axes, specs, strict=True):
+            plotted = False
+            for m in methods:
+                pts = sorted((r["context"], r[key] * scale) for r in ok if r["method"] == m and r.get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+                    plotted = True
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            if plotted:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured here (no CUDA device)" if key == "peak_vram_bytes" else "no data",
+                        ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

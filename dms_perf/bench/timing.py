@@ -1,0 +1,157 @@
+"""The one timing helper used by benchmarks/, the CLI and CI.
+
+GPU timing: ``cuda_sync_timer`` synchronizes the device before reading the host clock, so a
+pytest-benchmark round of ``iterations`` back-to-back launches measures device time (launch
+latency hides behind the queue). ``do_bench_ms`` is triton.testing.do_bench's median, recorded
+beside every pytest-benchmark median as a cross-check.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dms_perf._runtime import HAS_CUDA
+
+
+def cuda_sync_timer() -> float:
+    """Host clock read after the device queue drained (pytest-benchmark ``--benchmark-timer``)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def synchronize() -> None:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def do_bench_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median device time of ``fn`` in ms (triton.testing.do_bench: CUDA events, L2 flushed per call)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+@functools.cache
+def copy_bandwidth_bytes_per_s() -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written (1 GiB copy)."""
+    if not HAS_CUDA:
+        return float("nan")
+    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = do_bench_ms(lambda: dst.copy_(src), warmup_ms=50, rep_ms=300)
+    return 2 * 2**30 / (ms * 1e-3)
+
+
+def rotating(make_inputs: Callable[[], Sequence[Any]], l2_bytes_each: int, min_total: int = 256 * 2**20):
+    """An endless cycle over enough input sets (``make_inputs()`` each) to defeat a 50 MB L2 cache.
+
+    Returns a zero-argument callable giving the next input set.
+    """
+    count = max(1, min(8, math.ceil(min_total / max(l2_bytes_each, 1))))
+    sets = [make_inputs() for _ in range(count)]
+    return itertools.cycle(sets).__next__
+
+
+SLOW_CALL_MS = 500.0
+
+
+class TimerDisagreement(UserWarning):
+    """pytest-benchmark's median and do_bench's differ by more than 10 %."""
+
+
+def graph_replays(fn: Callable[[], Any], count: int = 8, calls_per_graph: int = 1) -> Callable[[], Any]:
+    """Capture ``count`` CUDA graphs of ``calls_per_graph`` back-to-back ``fn()`` calls each and return a
+    callable replaying them in turn.
+
+    Each captured call consumes the next input set of a ``rotating`` ``fn``, so replays still rotate
+    inputs. Replays launch from C++ (a few microseconds), so the timing is the kernels' device time
+    without Python launch overhead. A replay also has a fixed device-side cost (about 3.7 us on an
+    H100, benchmarks/NOTES.md) that ``calls_per_graph > 1`` shares among its calls: their time per
+    call is the steady-state rate of calls issued back to back, as the copy bandwidth is measured.
+    ``fn`` must not synchronize the host (capture raises if it does).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(count * calls_per_graph):  # warm-up off the capture: compilation, autotuning, allocator
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for _ in range(count):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                fn()
+        graphs.append(graph)
+    next_graph = itertools.cycle(graphs).__next__
+    return lambda: next_graph().replay()
+
+
+def bench(
+    benchmark,
+    fn: Callable[[], Any],
+    *,
+    cuda_graph: bool = False,
+    calls_per_graph: int = 1,
+    target_round_ms: float = 5.0,
+    rounds: int = 15,
+) -> float | None:
+    """Time ``fn`` with pytest-benchmark; on CUDA also record do_bench's median in ``extra_info``.
+
+    On CUDA the benchmark timer is ``cuda_sync_timer`` (set in conftest.py); each round runs enough
+    back-to-back calls to last ``target_round_ms``. ``cuda_graph=True`` times replays of captured CUDA
+    graphs of ``fn`` (device time without Python launch cost; ``extra_info["timing"]`` says which);
+    ``calls_per_graph`` back-to-back calls per graph (``graph_replays``): the stored pytest-benchmark
+    statistics and ``extra_info["do_bench_median_ms"]`` are then per replay, ``extra_info["median_ms"]``
+    and the return value per call.
+    Returns the pytest-benchmark median in seconds (None when benchmarking is disabled, e.g. the CPU
+    smoke run).
+    """
+    if calls_per_graph > 1 and not cuda_graph:
+        raise ValueError("calls_per_graph > 1 needs cuda_graph=True (the calls are captured into one graph)")
+    if not HAS_CUDA or getattr(benchmark, "disabled", False):
+        benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+        return None
+    if cuda_graph:
+        fn = graph_replays(fn, calls_per_graph=calls_per_graph)
+    fn()  # warm-up: compilation, autotuning
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once_ms = (time.perf_counter() - start) * 1e3
+    benchmark.extra_info["timing"] = (
+        "eager launches" if not cuda_graph
+        else "cuda-graph replay" if calls_per_graph == 1
+        else f"cuda-graph replay of {calls_per_graph} back-to-back calls (statistics per replay)"
+    )
+    benchmark.extra_info["calls_per_replay"] = calls_per_graph
+    # do_bench's estimate alone calls fn 5 times: cross-check only what is not seconds long.
+    cross_check = once_ms < SLOW_CALL_MS
+    ref_ms = do_bench_ms(fn) if cross_check else once_ms
+    iterations = max(1, math.ceil(target_round_ms / max(ref_ms, 1e-4)))
+    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=2 if cross_check else 0)
+    median_s = benchmark.stats.stats.median
+    # Derived figures (speedups, TFLOP/s) use this, per call: do_bench's median, or ours where do_bench
+    # was skipped.
+    benchmark.extra_info["median_ms"] = (ref_ms if cross_check else median_s * 1e3) / calls_per_graph
+    if cross_check:
+        agreement = (median_s * 1e3) / ref_ms
+        benchmark.extra_info["do_bench_median_ms"] = ref_ms
+        benchmark.extra_info["timer_agreement"] = agreement
+        if not 0.9 <= agreement <= 1.1:
+            warnings.warn(
+                f"{benchmark.name}: pytest-benchmark median {median_s * 1e3:.4g} ms vs do_bench {ref_ms:.4g} ms "
+                f"(ratio {agreement:.2f}, outside 10 %): host-bound launches or a call that changes its own state",
+                TimerDisagreement,
+                stacklevel=2,
+            )
+    return median_s / calls_per_graph

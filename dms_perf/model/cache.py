@@ -1,0 +1,373 @@
+"""The compacted DMS KV cache, a transformers ``Cache`` (shared/DMS.md, "Cache and decode").
+
+Per layer and per (batch, KV head), the cache holds only the tokens the next query can still see:
+the tokens not marked for eviction plus the last ``window + 1`` tokens. Heads keep different numbers
+of tokens, so each layer stores one flat ``[S, D]`` K (and V) buffer cut into per-head segments: head
+``(b, h)`` owns rows ``starts[b, h] ..`` of which the first ``lengths[b, h]`` are occupied, followed by
+spare rows for decoding. A segment is its head's length + ``capacity_step`` rows: memory follows the
+kept tokens of each head, not the context length or the longest head. Slot order is irrelevant to
+attention because RoPE is applied before caching.
+
+Decode bookkeeping follows the released code: a ring of ``window + 1`` (slot, flag) entries per head
+remembers where the last ``window + 1`` tokens live and whether each was marked. For new token t:
+its decision becomes the flag of token t-1; the token leaving the window (t - window - 1) is looked up
+in the ring; if it was marked, its slot is reused for token t, else token t is appended. Each step
+runs on the device (no ``.item()``). A head grows by at most one row per step, so the host knows when
+the spare rows may run out (``capacity_step`` steps after the last re-size); it then reads the lengths
+back once (one host sync per ``capacity_step`` steps) and re-sizes each segment to its length +
+``capacity_step``, so memory follows the kept tokens while decoding too.
+
+``DMSReferenceCache`` is the uncompacted counterpart used by the "math" reference model: every K/V
+plus every decision, so the rule can be applied as a full mask at each step.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from dms_perf.ops.cache_update.kernel import decode_update, decode_update_torch
+from dms_perf.ops.movers.compact import compact_by_bool
+from dms_perf.rule import evict_flags
+
+DEFAULT_CAPACITY_STEP = 128
+# Prefill layers whose packing may wait (each holds its full-length K/V until packed): two layers of
+# GPU work stay queued behind the one the host waits for.
+MAX_PENDING_LAYERS = 2
+
+
+class DMSCacheLayer(CacheLayerMixin):
+    """One layer of :class:`DMSCache`: per-head segments of a flat K/V buffer, lengths and the ring."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP):
+        super().__init__()
+        self.window = window
+        self.capacity_step = capacity_step
+        self.starts: torch.Tensor | None = None  # [B, Hkv] int64, first row of each segment
+        self.capacity: torch.Tensor | None = None  # [B, Hkv] int64, rows of each segment
+        self.lengths: torch.Tensor | None = None  # [B, Hkv] int32, occupied rows
+        self.row_head: torch.Tensor | None = None  # [S] int32, flat index of the head owning each row
+        self.ring_slot: torch.Tensor | None = None
+        self.ring_flag: torch.Tensor | None = None
+        self.seen = 0
+        self.step_index: torch.Tensor | None = None  # [B * Hkv] int64: index of the next token, on the device
+        self._pending = None  # a prefill's (keys, values, keep, sizes, ready event) until packed
+        # Host-known upper bound of lengths until the next re-size: the longest head at the last
+        # re-size + the steps until the next (fixed in between, so a captured step stays valid).
+        self.longest_bound = 0
+        self.spare_steps = 0  # decode steps every segment can still take without growing
+        self.host_frozen = False  # while a CUDA graph captures a step: device work only (dms_perf/dms/graph.py)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "DMSCache needs the DMS decisions with every update: call DMSCache.append(layer_idx, k, v, decisions)"
+        )
+
+    def prefill(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
+        """Store the tokens the last prefill query sees (K/V ``[B, Hkv, N, D]``, decisions ``[B, Hkv, N]``).
+
+        Sizing the buffer needs three numbers from the device (rows, kept total, longest head). They are
+        copied back asynchronously and the packing waits in ``_pending`` until ``finish_prefill``: a
+        blocking read per layer would drain the GPU's queue 36 times a prefill and expose the host's
+        per-layer Python time (benchmarks/NOTES.md).
+        """
+        self.lazy_initialization(keys, values)
+        B, H, N, D = keys.shape
+        w1, step = self.window + 1, self.capacity_step
+        evict = evict_flags(decisions)
+        in_window = torch.arange(N, device=keys.device) >= N - w1
+        keep = in_window | ~evict
+        rank = keep.cumsum(-1) - 1
+        self.lengths = keep.sum(-1, dtype=torch.int32)
+        self.capacity = self.lengths.long() + step
+        self.starts = self.capacity.flatten().cumsum(0).view(B, H) - self.capacity
+        totals = torch.stack([self.capacity.sum(), self.lengths.sum().long(), self.lengths.max().long()])
+        ready = None
+        if totals.is_cuda:
+            totals = totals.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending = (keys, values, keep, totals, ready)
+        self.spare_steps = step
+
+        # Ring entry j % (window + 1) describes token j (slot = row within its head's segment) for
+        # the last window + 1 tokens; entries of tokens before 0 stay (slot 0, unflagged) so that
+        # they never free a slot.
+        self.ring_slot = torch.zeros((B, H, w1), dtype=torch.int64, device=keys.device)
+        self.ring_flag = torch.zeros((B, H, w1), dtype=torch.bool, device=keys.device)
+        last = torch.arange(max(0, N - w1), N, device=keys.device)
+        self.ring_slot[:, :, last % w1] = rank[:, :, last]
+        self.ring_flag[:, :, last % w1] = evict[:, :, last]
+        self.step_index = torch.full((B * H,), N, dtype=torch.int64, device=keys.device)
+        self.seen = N
+        self.is_initialized = True
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def finish_prefill(self) -> None:
+        """Pack the prefill's kept K/V into the per-head segments (waits for the sizes if needed)."""
+        if self._pending is None:
+            return
+        keys, values, keep, totals, ready = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()
+        rows, kept, longest = totals.tolist()
+        self.longest_bound = longest + self.spare_steps
+        B, H, _, D = keys.shape
+        step = self.capacity_step
+        self.row_head = torch.repeat_interleave(
+            torch.arange(B * H, dtype=torch.int32, device=keys.device), self.capacity.flatten(), output_size=rows
+        )
+        # compact_by_bool packs each head's kept rows back to back; head i's segment starts
+        # i * step rows further down (the spare rows of the heads before it).
+        packed_head = torch.repeat_interleave(
+            torch.arange(B * H, device=keys.device), self.lengths.flatten(), output_size=kept
+        )
+        dest = torch.arange(kept, device=keys.device) + packed_head * step
+        for name, src in (("keys", keys), ("values", values)):
+            packed, _, _ = compact_by_bool(src, keep, total=kept)
+            buffer = torch.empty((rows, D), dtype=src.dtype, device=src.device)
+            buffer.index_copy_(0, dest, packed)
+            setattr(self, name, buffer)
+
+    def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
+        """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
+        self._before_step()
+        decode_update_torch(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
+                            keys, values, decisions, self.seen, self.window)
+        self.step_index += 1
+        self._after_step()
+
+    def decode_step(self, q, keys, values, alphas, alpha_scale: float, alpha_offset: float) -> None:
+        """``decode`` in one Triton launch, the decisions computed from ``alphas`` (the borrowed channel
+        before RoPE, fp32 ``[B, Hkv, 1]``) on the device; also zeroes the rotated query's borrowed
+        channel in place (``dms_perf.ops.cache_update.kernel``)."""
+        self._before_step()
+        decode_update(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
+                      keys, values, alphas, q, self.step_index, self.window, alpha_scale, alpha_offset)
+        self._after_step()
+
+    def _before_step(self) -> None:
+        if self.host_frozen:  # capturing: the graph's owner checked that no re-size is due
+            return
+        self.finish_prefill()
+        if self.spare_steps == 0:
+            self._grow()
+
+    def _after_step(self) -> None:
+        if not self.host_frozen:
+            self.advance_host()
+
+    def advance_host(self) -> None:
+        """The host's share of a decode step (the device's is in the kernels): one token more, one
+        spare row less. A replayed CUDA graph runs the kernels only, so its owner calls this."""
+        self.spare_steps -= 1
+        self.seen += 1
+
+    def _grow(self) -> None:
+        """Re-size every segment to its head's length + ``capacity_step`` rows (never shrinking one).
+
+        Runs once per ``capacity_step`` decode steps and reads the lengths back (one host sync): heads
+        whose appends were absorbed by reused slots keep their size, so memory keeps following each
+        head's kept tokens during decoding instead of growing with the steps.
+        """
+        step = self.capacity_step
+        heads = self.starts.numel()
+        capacity = torch.maximum(self.capacity, self.lengths.long() + step)
+        rows, longest = torch.stack([capacity.sum(), self.lengths.max().long()]).tolist()
+        starts = capacity.flatten().cumsum(0).view_as(self.starts) - capacity
+        moved = (
+            torch.arange(self.keys.shape[0], device=self.keys.device)
+            + (starts - self.starts).flatten()[self.row_head.long()]
+        )
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = torch.empty((rows, old.shape[1]), dtype=old.dtype, device=old.device)
+            grown.index_copy_(0, moved, old)
+            setattr(self, name, grown)
+        self.capacity, self.starts = capacity, starts
+        self.row_head = torch.repeat_interleave(
+            torch.arange(heads, dtype=torch.int32, device=starts.device), capacity.flatten(), output_size=rows
+        )
+        self.longest_bound = longest + step
+        self.spare_steps = step
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # transformers 5.2 passes cache_position, later versions the query length.
+        query_length = query if isinstance(query, int) else query.shape[0]
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:  # abstract in later transformers: -1 = no maximum
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # abstract in transformers 5.2
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.window, self.capacity_step)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("DMSCache does not support beam search (reorder_cache)")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("DMSCache cannot be cropped: eviction is final (shared/DMS.md)")
+
+    def nbytes(self) -> int:
+        self.finish_prefill()
+        tensors = (
+            self.keys,
+            self.values,
+            self.starts,
+            self.capacity,
+            self.lengths,
+            self.row_head,
+            self.ring_slot,
+            self.ring_flag,
+            self.step_index,
+        )
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class DMSCache(Cache):
+    """Compacted DMS KV cache for all layers of a Qwen3-DMS model (see the module docstring).
+
+    ``append(layer_idx, keys, values, decisions)`` is the only way in: a first call with N tokens is
+    the prefill, later calls add one token each (the released code likewise supports one prefill
+    followed by decoding).
+    """
+
+    def __init__(self, num_layers: int, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP):
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        if capacity_step < 1:
+            raise ValueError(f"capacity_step must be >= 1, got {capacity_step}")
+        super().__init__(layers=[DMSCacheLayer(window, capacity_step) for _ in range(num_layers)])
+        self.window = window
+        self._pending_layers: list[DMSCacheLayer] = []
+
+    def append(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,
+        *, defer_packing: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """Add tokens to layer ``layer_idx``.
+
+        Returns ``(k_cache [S, D], v_cache [S, D], starts [B, Hkv], lengths [B, Hkv], max_length)``,
+        the arguments of ``dms_decode_attention``. ``defer_packing`` (prefill only; returns None): leave
+        the layer's packing pending, so that the model's prefill does not wait for the GPU at every
+        layer. At most ``MAX_PENDING_LAYERS`` layers stay pending (the oldest is packed first, waiting
+        for a layer the GPU finished long ago); ``finish_prefill()`` packs the rest.
+        """
+        layer = self.layers[layer_idx]
+        n = keys.shape[2]
+        if keys.shape != values.shape or decisions.shape != keys.shape[:3] or decisions.dtype != torch.bool:
+            raise ValueError(
+                f"expected keys = values [B, Hkv, N, D] and bool decisions [B, Hkv, N]; got keys "
+                f"{tuple(keys.shape)}, values {tuple(values.shape)}, decisions {tuple(decisions.shape)} "
+                f"{decisions.dtype}"
+            )
+        if not layer.is_initialized:
+            layer.prefill(keys, values, decisions)
+            if defer_packing:
+                self._pending_layers.append(layer)
+                while len(self._pending_layers) > MAX_PENDING_LAYERS:
+                    self._pending_layers.pop(0).finish_prefill()
+                return None
+            layer.finish_prefill()
+        elif n == 1:
+            if keys.shape[:2] != layer.lengths.shape:
+                raise ValueError(
+                    f"batch/heads {tuple(keys.shape[:2])} differ from the cache's {tuple(layer.lengths.shape)}"
+                )
+            layer.decode(keys, values, decisions)
+        else:
+            raise ValueError(
+                f"DMSCache takes one prefill followed by one token per step; got {n} tokens after "
+                f"{layer.seen} cached (shared/DMS.md: the released code supports only this)"
+            )
+        return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
+
+    def append_step(
+        self, layer_idx: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alphas: torch.Tensor,
+        alpha_scale: float, alpha_offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One decode token in one launch (``DMSCacheLayer.decode_step``); returns what ``append`` does.
+
+        ``q`` ``[B, Hq, 1, D]`` is the rotated query (its borrowed channels are zeroed in place),
+        ``alphas`` fp32 ``[B, Hkv, 1]`` the borrowed channel before RoPE.
+        """
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized or keys.shape[2] != 1 or keys.shape[:2] != layer.lengths.shape:
+            raise ValueError(
+                f"append_step adds one token per (batch, KV head) after a prefill; got keys {tuple(keys.shape)}"
+            )
+        layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset)
+        return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
+
+    def finish_prefill(self) -> None:
+        """Pack every layer whose prefill packing was deferred (one wait, for the newest)."""
+        for layer in self._pending_layers:
+            layer.finish_prefill()
+        self._pending_layers.clear()
+
+    def head_lengths(self, layer_idx: int) -> torch.Tensor:
+        """``[B, Hkv]`` int32: tokens held per (batch, KV head) in layer ``layer_idx``."""
+        return self.layers[layer_idx].lengths
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated by the cache (K/V buffers with their spare rows, and the bookkeeping)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kept_kv_bytes(self) -> int:
+        """Bytes of the occupied K/V slots only (synchronizes: for reporting)."""
+        self.finish_prefill()
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                per_token = 2 * layer.keys.shape[-1] * layer.keys.element_size()
+                total += int(layer.lengths.sum()) * per_token
+        return total
+
+
+class DMSReferenceCache(DynamicCache):
+    """Uncompacted cache of the "math" reference model: every K/V (DynamicCache) and every decision."""
+
+    def __init__(self):
+        super().__init__()
+        self.decisions: list[torch.Tensor] = []
+
+    def append(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store everything; returns all keys, values ``[B, Hkv, T, D]`` and decisions ``[B, Hkv, T]``."""
+        all_keys, all_values = self.update(keys, values, layer_idx)
+        if layer_idx == len(self.decisions):
+            self.decisions.append(decisions)
+        else:
+            self.decisions[layer_idx] = torch.cat([self.decisions[layer_idx], decisions], dim=-1)
+        return all_keys, all_values, self.decisions[layer_idx]
+
+
+def kv_cache_bytes(past_key_values: Cache | None) -> int:
+    """Bytes held by a KV cache: ``DMSCache.kv_bytes()``, or the K/V tensors of any layered Cache."""
+    if past_key_values is None:
+        return 0
+    if isinstance(past_key_values, DMSCache):
+        return past_key_values.kv_bytes()
+    total = 0
+    for layer in past_key_values.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,184 @@
+"""The method registry: every registered method runs end to end on a tiny model; names and errors."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+
+from dms_perf._runtime import HAS_CUDA, default_device
+from dms_perf.bench.generation import generate_once, measure_generation
+from dms_perf.bench.methods import DEFAULT_METHODS, FAMILIES, load_model_for, resolve_method, resolve_methods
+from dms_perf.bench.workloads import needle_workload
+
+CONTEXT = 96  # > SnapKV's 64-query window, > the tiny DMS window of 16
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One tiny model per backend (calibrated to 8x for DMS), shared by the tests of this module."""
+    built = {}
+
+    def get(method):
+        if method.backend not in built:
+            built[method.backend] = load_model_for("tiny", method, dtype=torch.float32, device=default_device(),
+                                                   target_cr=8)[0]
+        return built[method.backend]
+
+    return get
+
+
+def test_every_family_has_a_default_method():
+    assert {resolve_method(n).family.name for n in DEFAULT_METHODS} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("method", DEFAULT_METHODS)
+def test_method_runs_end_to_end(models, method):
+    m = resolve_method(method)
+    model = models(m)
+    workload = needle_workload(CONTEXT, vocab_size=model.config.vocab_size)
+    row = measure_generation(model, workload, m, new_tokens=NEW_TOKENS, repeats=2, warmup=1)
+    assert row["status"] == "ok", row
+    assert row["method"] == m.name and row["context"] == CONTEXT
+    assert row["generated_tokens"] == NEW_TOKENS and row["repeats"] == 2
+    assert 0 < row["prefill_s"] <= row["total_s"]
+    assert row["prefill_tok_s"] == pytest.approx(CONTEXT / row["prefill_s"])
+    assert row["decode_tok_s"] > 0
+    if HAS_CUDA:
+        assert row["peak_vram_bytes"] > 0
+    else:
+        assert row["peak_vram_bytes"] is None  # no GPU: not measured, not faked
+    assert row["retrieval"] == "n/a (random weights)"
+    cfg = model.config
+    dense_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (CONTEXT + NEW_TOKENS - 1) * cfg.head_dim * 4
+    if m.name == "vanilla":
+        assert row["compression"] == 1.0 and row["kv_bytes"] == dense_bytes
+    elif m.family.name.startswith("dmspress"):  # DMSPress hides keys but keeps them in memory
+        assert 1.5 < row["compression"] < 2.1 and row["kv_bytes"] == dense_bytes
+    elif m.is_dms and not m.evicts:  # dense-triton: every token kept
+        assert row["compression"] == 1.0
+    elif m.is_dms:  # 8x eviction outside a 16-token window: well above 2x at 96 tokens
+        assert row["compression"] > 2.5
+    else:  # half of the prompt removed, decoded tokens appended uncompressed
+        expected = (CONTEXT + NEW_TOKENS - 1) / (CONTEXT // 2 + NEW_TOKENS - 1)
+        assert row["compression"] == pytest.approx(expected, rel=0.02)
+        assert row["kv_bytes"] < dense_bytes
+
+
+@pytest.mark.parametrize("method", ["vanilla", "knorm:0.5", "dms-triton", "dms-hub"])
+def test_greedy_loop_matches_model_generate(models, method):
+    """The timed loop (explicit positions over a possibly shorter cache) generates what generate() does."""
+    m = resolve_method(method)
+    model = models(m)
+    ids = needle_workload(CONTEXT, vocab_size=model.config.vocab_size, seed=3).input_ids.to(model.device)
+    press = m.press_for(model, ids)
+    run = generate_once(model, ids, new_tokens=8, press=press)
+    with torch.inference_mode(), press(model) if press is not None else contextlib.nullcontext():
+        ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, CONTEXT:].cpu()
+    assert run.generated_ids.shape == (8,)
+    assert torch.equal(run.generated_ids, ref)
+
+
+def test_press_with_ratio_zero_generates_like_vanilla(models):
+    vanilla, snap = resolve_method("vanilla"), resolve_method("snapkv:0")
+    model = models(vanilla)
+    ids = needle_workload(CONTEXT, vocab_size=model.config.vocab_size, seed=5).input_ids.to(model.device)
+    a = generate_once(model, ids, new_tokens=6)
+    b = generate_once(model, ids, new_tokens=6, press=snap.press_for(model, ids))
+    assert torch.equal(a.generated_ids, b.generated_ids)
+    assert b.kept_slots == b.dense_slots
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_dmspress_threshold_reaches_the_ratio(models, ratio):
+    m = resolve_method(f"dmspress-knorm:{ratio}")
+    model = models(m)
+    ids = needle_workload(256, vocab_size=model.config.vocab_size, seed=1).input_ids.to(model.device)
+    run = generate_once(model, ids, new_tokens=1, press=m.press_for(model, ids))
+    evicted = 1 - run.kept_slots / run.dense_slots
+    assert evicted == pytest.approx(ratio, abs=0.03)
+
+
+def test_snapkv_too_short_prompt_is_a_skipped_row(models):
+    m = resolve_method("snapkv:0.5")
+    model = models(m)
+    row = measure_generation(model, needle_workload(64, vocab_size=512), m, new_tokens=2, repeats=1, warmup=0)
+    assert row["status"].startswith("skipped: snapkv:0.5 needs a prompt of at least 65 tokens")
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical", "backend", "ratio"),
+    [
+        ("vanilla", "vanilla", None, None),
+        ("dms-triton", "dms-triton", "triton", None),
+        ("dms-hub", "dms-hub", "hub", None),
+        ("dms-flex", "dms-flex", "flex", None),
+        ("snapkv", "snapkv:0.5", None, 0.5),
+        (" knorm:0.250 ", "knorm:0.25", None, 0.25),
+        ("expected-attention:0", "expected-attention:0", None, 0.0),
+        ("dmspress-knorm:0.875", "dmspress-knorm:0.875", None, 0.875),
+    ],
+)
+def test_resolve_method(name, canonical, backend, ratio):
+    m = resolve_method(name)
+    assert (m.name, m.backend, m.ratio) == (canonical, backend, ratio)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("snapkvv:0.5", "unknown method"),
+        ("", "unknown method"),
+        ("vanilla:0.5", "takes no parameter"),
+        ("dms-triton:8", "takes no parameter"),
+        ("snapkv:abc", "bad parameter"),
+        ("knorm:1", "not in [0, 1)"),
+        ("knorm:-0.1", "not in [0, 1)"),
+    ],
+)
+def test_bad_method_name_lists_the_valid_ones(name, problem):
+    with pytest.raises(ValueError, match="valid methods") as info:
+        resolve_method(name)
+    assert problem in str(info.value)
+    for family in FAMILIES:
+        assert family in str(info.value)
+
+
+def test_resolve_methods_keeps_order_and_drops_repeats():
+    assert [m.name for m in resolve_methods("knorm:0.5,vanilla,knorm,snapkv:0.5")] == ["knorm:0.5", "vanilla",
+                                                                                          "snapkv:0.5"]
+    with pytest.raises(ValueError, match="no methods"):
+        resolve_methods(" , ")
+    with pytest.raises(TypeError, match="str"):
+        resolve_method(0.5)
+
+
+def test_kvpress_missing_gives_a_clear_error(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvpress", None)  # import kvpress -> ImportError
+    vanilla = resolve_method("vanilla")
+    model = models(vanilla)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    assert vanilla.press_for(model, ids) is None  # methods without kvpress are unaffected
+    with pytest.raises(ImportError, match="kvpress is not installed"):
+        resolve_method("knorm:0.5").press_for(model, ids)
+    row = measure_generation(model, needle_workload(CONTEXT, vocab_size=512), resolve_method("snapkv:0.5"),
+                             new_tokens=2, repeats=1, warmup=0)
+    assert row["status"].startswith("error: ImportError: kvpress is not installed")
+
+
+def test_prepare_switches_a_shared_model_between_triton_methods(models):
+    """dms-triton, dms-triton-eager and dense-triton share one model (one per backend in bench and the
+    end-to-end benchmark): each method's ``prepare`` must set graphs and eviction, whatever ran before."""
+    model = models(resolve_method("dms-triton"))
+    expected = {"dense-triton": (True, False), "dms-triton-eager": (False, True), "dms-triton": (True, True)}
+    for name, (graphs, evict) in expected.items():
+        resolve_method(name).prepare(model)
+        assert model.dms_cuda_graphs is graphs
+        assert {layer.self_attn.dms_evict for layer in model.model.layers} == {evict}
+        offset = model.model.layers[0].self_attn.alpha_offset
+        assert offset == (model.config.dms_initial_alpha_offset if evict else float("inf"))
+    resolve_method("vanilla").prepare(model)  # not a DMS method: leaves the switches alone
+    assert model.dms_cuda_graphs is True

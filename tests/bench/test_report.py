@@ -1,0 +1,138 @@
+"""results.json written per row, results.md with both tables, PNG plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dms_perf.bench.report import (
+    MEMORY_PLOT,
+    TIME_PLOT,
+    ResultsWriter,
+    load_results,
+    merge_results,
+    render_markdown,
+    results_from_benchmarks,
+    speedup_rows,
+)
+
+GIB = 2**30
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(context, method, prefill, decode=1.0, vram=None, kv=2**20, compression=1.0, new_tokens=9):
+    return {
+        "context": context, "method": method, "new_tokens": new_tokens, "status": "ok",
+        "prefill_s": prefill, "prefill_tok_s": context / prefill, "decode_tok_s": (new_tokens - 1) / decode,
+        "total_s": prefill + decode, "generated_tokens": new_tokens, "peak_vram_bytes": vram, "kv_bytes": kv,
+        "compression": compression, "retrieval": "n/a (random weights)", "repeats": 3,
+        "runs_total_s": [prefill + decode] * 3,
+    }
+
+
+def _rows():
+    return [
+        _row(4096, "dms-hub", 2.0, vram=20 * GIB),
+        _row(4096, "dms-triton", 0.5, vram=17 * GIB, compression=7.9),
+        _row(8192, "dms-triton", 1.0, vram=18 * GIB),
+        {"context": 8192, "method": "dms-hub", "new_tokens": 9, "status": "OOM"},
+        _row(4096, "vanilla", 0.4, vram=18 * GIB),
+    ]
+
+
+def test_json_is_rewritten_after_every_row(tmp_path):
+    writer = ResultsWriter(tmp_path, {"model": "tiny"})
+    assert load_results(tmp_path / "results.json") == ({"model": "tiny"}, [])
+    rows = _rows()
+    for k, row in enumerate(rows, start=1):
+        writer.add(row)
+        meta, saved = load_results(tmp_path / "results.json")
+        assert saved == rows[:k]  # an interruption after any cell keeps every earlier one
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_finish_writes_markdown_and_plots(tmp_path):
+    writer = ResultsWriter(tmp_path, {"model": "qwen3-8b", "weights": "random weights, eviction calibrated to 8x",
+                                      "device": {"gpu": "NVIDIA H100 80GB HBM3"}, "date": "2026-11-27 22:00 UTC"})
+    for row in _rows():
+        writer.add(row)
+    files = writer.finish()
+    assert {f.name for f in files} == {"results.json", "results.md", TIME_PLOT, MEMORY_PLOT}
+    for name in (TIME_PLOT, MEMORY_PLOT):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    md = (tmp_path / "results.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "random weights, eviction calibrated to 8x" in md
+    assert "## Full comparison" in md and "## DMS prefill speedup (hub vs triton)" in md
+    assert "| 4K | dms-triton | 1.5 | 6 | 17.00 | 0.5 | 8,192 | 8 | 1.0 | 7.90x | n/a (random weights) |" in md
+    assert "| 8K | dms-hub | OOM |" in md
+    assert "| 4K | 2 | 0.5 | 4.00x | 20.00 | 17.00 | 3.00 |" in md  # speedup 2.0 / 0.5, 3 GiB saved
+    assert "| 8K | OOM | 1 | — | — | 18.00 | — |" in md
+
+
+def test_speedup_rows_need_both_methods():
+    rows = _rows()
+    assert [s["context"] for s in speedup_rows(rows)] == [4096, 8192]
+    assert speedup_rows([r for r in rows if r["method"] != "dms-hub"]) == []
+    md = render_markdown({}, [r for r in rows if r["method"] != "dms-hub"])
+    assert "Needs both dms-hub and dms-triton" in md
+
+
+def test_plots_without_vram_are_still_written(tmp_path):
+    writer = ResultsWriter(tmp_path, {})
+    writer.add(_row(64, "vanilla", 0.01))
+    writer.add(_row(128, "vanilla", 0.02))
+    writer.finish()
+    assert (tmp_path / MEMORY_PLOT).read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["context"] == 128
+
+
+def _saved(path, meta, rows):
+    writer = ResultsWriter(path, meta)
+    for row in rows:
+        writer.add(row)
+    return path
+
+
+def test_merge_joins_runs_made_in_parts(tmp_path):
+    meta = {"device": {"gpu": "H100"}, "model": "qwen3-8b", "dtype": "bfloat16", "weights": "random weights",
+            "contexts": [4096], "methods": ["dms-hub"], "command": "dms-perf bench --methods dms-hub",
+            "calibration": {"hub": {"marked_fraction": 0.875}}}
+    rows = _rows()
+    a = _saved(tmp_path / "a", meta, rows[:2])
+    b = _saved(tmp_path / "b", {**meta, "contexts": [8192, 4096], "methods": ["dms-triton", "vanilla"],
+                                 "command": "dms-perf bench --methods dms-triton,vanilla", "calibration": {}},
+               [{**rows[1], "prefill_s": 0.25}, *rows[2:]])
+    merged_meta, merged = merge_results([a, b / "results.json"])
+    assert merged_meta["contexts"] == [4096, 8192]
+    assert merged_meta["methods"] == ["dms-hub", "dms-triton", "vanilla"]
+    assert merged_meta["command"] == "dms-perf bench --methods dms-hub ; dms-perf bench --methods dms-triton,vanilla"
+    assert merged_meta["calibration"] == {"hub": {"marked_fraction": 0.875}}
+    assert len(merged) == len(rows)
+    triton_4k = [r for r in merged if (r["context"], r["method"]) == (4096, "dms-triton")]
+    assert [r["prefill_s"] for r in triton_4k] == [0.25]  # the later run wins
+
+
+def test_merge_refuses_other_cards(tmp_path):
+    a = _saved(tmp_path / "a", {"device": {"gpu": "H100"}}, _rows()[:1])
+    b = _saved(tmp_path / "b", {"device": {"gpu": "H200"}}, _rows()[1:2])
+    with pytest.raises(ValueError, match="device"):
+        merge_results([a, b])
+
+
+def test_benchmark_json_rows_come_in_bench_order():
+    """A sharded pytest-benchmark run lists cases shard by shard; the report orders them by context, then
+    as the registry's default methods are ordered (a method outside them last)."""
+    cases = []
+    for context, method in [(8192, "vanilla"), (4096, "snapkv:0.5"), (4096, "my-press"), (4096, "dms-triton"),
+                            (8192, "dms-hub"), (4096, "vanilla")]:
+        info = {k: v for k, v in _row(context, method, 1.0).items() if k not in ("context", "status", "new_tokens")}
+        cases.append({"params": {"context_length": context}, "extra_info": info})
+    cases.append({"params": {"context_length": 4096}, "extra_info": {"median_ms": 1.0}})  # not end to end
+    meta, rows = results_from_benchmarks({"benchmarks": cases, "datetime": "2026-11-28T01:27:42"})
+    assert [(r["context"], r["method"]) for r in rows] == [
+        (4096, "vanilla"), (4096, "dms-triton"), (4096, "snapkv:0.5"), (4096, "my-press"),
+        (8192, "vanilla"), (8192, "dms-hub"),
+    ]
+    assert meta["contexts"] == [4096, 8192] and meta["methods"][:2] == ["vanilla", "dms-triton"]

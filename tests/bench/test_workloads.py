@@ -1,0 +1,87 @@
+"""Needle-in-a-haystack workloads: exact lengths, the needle where it is said to be, honest scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dms_perf.bench.workloads import FILLER, NEEDLE, NOT_SCORED, QUESTION, SECRET_CODE, needle_workload
+from tests.bench.word_tokenizer import word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer()
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 100, 1000, 4096])
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_id_workload_has_exact_length_and_planted_needle(length, depth):
+    w = needle_workload(length, needle_depth=depth, vocab_size=300, seed=4)
+    assert w.input_ids.shape == (1, length) and w.input_ids.dtype == torch.long
+    assert w.context_length == length
+    assert int(w.input_ids.min()) >= 0 and int(w.input_ids.max()) < 300
+    n = len(w.needle_ids)
+    assert n == min(8, length)
+    assert w.input_ids[0, w.needle_position : w.needle_position + n].tolist() == list(w.needle_ids)
+    assert w.needle_position == round(depth * (length - n))
+    assert w.question is None and w.expected_answer is None
+
+
+def test_id_workload_is_seeded():
+    a, b, c = (needle_workload(512, vocab_size=1000, seed=s).input_ids for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("length", [60, 61, 200, 999])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_text_workload_has_exact_length_template_needle_and_question(tokenizer, length, depth):
+    w = needle_workload(length, tokenizer=tokenizer, needle_depth=depth)
+    ids = w.input_ids[0].tolist()
+    assert len(ids) == length
+    needle = tokenizer.encode(NEEDLE, add_special_tokens=False)
+    assert ids[w.needle_position : w.needle_position + len(needle)] == needle
+    assert list(w.needle_ids) == needle
+    text = tokenizer.decode(ids)
+    assert text.startswith("<| user |>") and text.endswith("<| assistant |>")
+    assert tokenizer.decode(tokenizer.encode(QUESTION, add_special_tokens=False)) in text
+    assert w.expected_answer == SECRET_CODE and w.question == QUESTION
+    # The needle sits within one filler sentence of the requested depth inside the haystack.
+    prefix = len(tokenizer.encode("<|user|> ", add_special_tokens=False))
+    suffix = len(tokenizer.encode(f"\n\n{QUESTION} <|end|><|assistant|>", add_special_tokens=False))
+    haystack = length - prefix - suffix - len(needle)
+    longest_sentence = max(len(tokenizer.encode(s, add_special_tokens=False)) for s in FILLER)
+    target = prefix + depth * haystack
+    assert target - longest_sentence <= w.needle_position <= target
+
+
+def test_text_workload_too_short_raises(tokenizer):
+    with pytest.raises(ValueError, match="too short for the text workload"):
+        needle_workload(20, tokenizer=tokenizer)
+
+
+def test_retrieval_is_scored_only_with_real_weights(tokenizer):
+    w = needle_workload(200, tokenizer=tokenizer)
+    answer = tokenizer.encode(f"The code is {SECRET_CODE}.", add_special_tokens=False)
+    wrong = tokenizer.encode("The code is other words.", add_special_tokens=False)
+    assert w.retrieval(torch.tensor(answer), real_weights=True) == "pass"
+    assert w.retrieval(wrong, real_weights=True) == "fail"
+    assert w.retrieval(torch.tensor(answer), real_weights=False) == NOT_SCORED == "n/a (random weights)"
+    ids_only = needle_workload(200, vocab_size=tokenizer.vocab_size)
+    assert ids_only.retrieval(answer, real_weights=True) == NOT_SCORED  # nothing to compare with
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(context_length=0, vocab_size=10), ValueError, "positive"),
+        (dict(context_length=10, vocab_size=10, needle_depth=1.5), ValueError, "needle_depth"),
+        (dict(context_length=10, vocab_size=10, needle_depth=-0.1), ValueError, "needle_depth"),
+        (dict(context_length=10), ValueError, "vocab_size"),
+        (dict(context_length=10.0, vocab_size=10), TypeError, "int"),
+        (dict(context_length=True, vocab_size=10), TypeError, "int"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        needle_workload(**kwargs)
