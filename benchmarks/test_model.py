@@ -1,7 +1,7 @@
-"""Qwen3-DMS prefill and decode vs vanilla Qwen3 (issue 4): seconds per prefill, decode tok/s, KV bytes.
+"""Qwen3-DMS prefill and decode vs vanilla Qwen3: seconds per prefill, decode tok/s, KV bytes.
 
 GPU: random Qwen3-8B shape in bf16; the DMS model's eviction is calibrated to 8x on a random prompt
-(shared/DMS.md, "Random weights"; the achieved marked fraction is in every case's extra_info). CPU
+(docs/DMS.md, "Random weights"; the achieved marked fraction is in every case's extra_info). CPU
 smoke (``--benchmark-disable``): the tiny config, each path run once.
 
 * prefill: ``model(prompt, fresh cache, logits_to_keep=1)``, cache construction (DMS compaction) included;

@@ -18,7 +18,7 @@ import itertools
 import torch
 import triton
 
-from benchmarks.test_kernels import DTYPE, HEAD_DIM, HEADS, MAKE_CASE
+from benchmarks.cases import DTYPE, HEAD_DIM, HEADS, MAKE_CASE
 from dms_perf.bench.timing import copy_bandwidth_bytes_per_s, do_bench_ms, graph_replays, rotating
 from dms_perf.ops import _common
 from dms_perf.ops.movers import bool_gather, compact

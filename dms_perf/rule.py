@@ -1,4 +1,4 @@
-"""The DMS decisions and visibility rule (shared/DMS.md, "Decisions" and "Who is visible").
+"""The DMS decisions and visibility rule (docs/DMS.md, "Decisions" and "Who is visible").
 
 Every prefill implementation (``dms_perf.ops.prefill``) and every reference builds its mask from
 ``visibility_mask`` here, so the rule is written exactly once.
@@ -12,7 +12,7 @@ import torch
 def dms_decisions(
     q_pre_rope: torch.Tensor, num_kv_heads: int, alpha_scale: float, alpha_offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eviction decisions read from the queries, as the released checkpoint does (shared/DMS.md).
+    """Eviction decisions read from the queries, as the released checkpoint does (docs/DMS.md).
 
     Args:
         q_pre_rope: ``[B, Hq, N, D]`` floating queries after ``q_norm``, before RoPE.
@@ -65,7 +65,7 @@ def evict_flags(decisions: torch.Tensor) -> torch.Tensor:
 def visibility_mask(
     decisions: torch.Tensor, window: int, n_queries: int, n_keys: int, query_offset: int = 0
 ) -> torch.Tensor:
-    """Which keys each query sees, bool ``[B, Hkv, n_queries, n_keys]`` (shared/DMS.md).
+    """Which keys each query sees, bool ``[B, Hkv, n_queries, n_keys]`` (docs/DMS.md).
 
     ``decisions`` is bool ``[B, Hkv, N]``, the decisions of the whole sequence (so the newest token,
     N - 1, is kept). Query row r is token ``i = query_offset + r``; key column j is token

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], help="model weights and activations")
     bench.add_argument("--target-cr", type=float, default=8.0,
                        help="with random weights, calibrate DMS eviction to this compression ratio "
-                       "(shared/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
+                       "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
     bench.add_argument("--out", default="results", help="output directory")
     bench.set_defaults(run=run_bench)

@@ -4,7 +4,7 @@ A method name is ``family`` or ``family:parameter`` (``vanilla``, ``dms-triton``
 Each family is one entry of ``FAMILIES``; adding a method is adding an entry.
 
 * ``vanilla``: transformers' Qwen3 with a dense cache.
-* ``dms-hub`` / ``dms-flex`` / ``dms-triton``: the Qwen3-DMS model (shared/DMS.md) with that prefill
+* ``dms-hub`` / ``dms-flex`` / ``dms-triton``: the Qwen3-DMS model (docs/DMS.md) with that prefill
   attention; its cache keeps only the tokens the DMS rule keeps. ``dms-triton`` replays its decode
   steps from CUDA graphs; ``dms-triton-eager`` is the same without graphs (eager steps, as vanilla
   and every other method decode), for the like-for-like comparison with vanilla. ``dense-triton`` is
@@ -278,7 +278,7 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
     """The model ``method`` runs on: random ``tiny`` / ``qwen3-8b`` weights or a local checkpoint.
 
     With random weights and a DMS backend, eviction is calibrated so that ``1 - 1/target_cr`` of the
-    tokens are marked (shared/DMS.md, "Random weights"); returns (model, calibration or None).
+    tokens are marked (docs/DMS.md, "Random weights"); returns (model, calibration or None).
     Every backend gets the same weights for a seed, so the offset is found once per process and
     reused: all DMS backends then evict alike.
     """

@@ -27,9 +27,8 @@ def _context_of(node_id: str) -> int:
 
 def shard_node_ids(node_ids: list[str], index: int, count: int) -> list[str]:
     """Round-robin over the ids sorted by context length, then name: each shard gets the same number of
-    cases of each context length, whose cost dominates. (Sorted by name alone, ``test_end_to_end[M-ctxN]``
-    puts the 4 lengths of a method next to each other, and with 4 shards one shard got every 16K case:
-    it ran past the call's time limit while the others finished in 5 minutes, benchmarks/NOTES.md.)"""
+    cases of each context length, whose cost dominates (sorted by name alone, ``test_end_to_end[M-ctxN]``
+    puts the lengths of a method next to each other, and one shard could get every 16K case)."""
     ordered = sorted(node_ids, key=lambda nid: (_context_of(nid), nid))
     return sorted(nid for k, nid in enumerate(ordered) if k % count == index - 1)
 

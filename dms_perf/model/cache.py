@@ -1,4 +1,4 @@
-"""The compacted DMS KV cache, a transformers ``Cache`` (shared/DMS.md, "Cache and decode").
+"""The compacted DMS KV cache, a transformers ``Cache`` (docs/DMS.md, "Cache and decode").
 
 Per layer and per (batch, KV head), the cache holds only the tokens the next query can still see:
 the tokens not marked for eviction plus the last ``window + 1`` tokens. Heads keep different numbers
@@ -222,7 +222,7 @@ class DMSCacheLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache does not support beam search (reorder_cache)")
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("DMSCache cannot be cropped: eviction is final (shared/DMS.md)")
+        raise NotImplementedError("DMSCache cannot be cropped: eviction is final (docs/DMS.md)")
 
     def nbytes(self) -> int:
         self.finish_prefill()
@@ -294,7 +294,7 @@ class DMSCache(Cache):
         else:
             raise ValueError(
                 f"DMSCache takes one prefill followed by one token per step; got {n} tokens after "
-                f"{layer.seen} cached (shared/DMS.md: the released code supports only this)"
+                f"{layer.seen} cached (docs/DMS.md: the released code supports only this)"
             )
         return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
 

@@ -1,4 +1,4 @@
-"""Calibrate a random-weight Qwen3-DMS to a target compression ratio (shared/DMS.md, "Random weights").
+"""Calibrate a random-weight Qwen3-DMS to a target compression ratio (docs/DMS.md, "Random weights").
 
 With random weights about half of the tokens get marked, not ``1 - 1/cr``. ``calibrate_dms`` sets the
 one global ``dms_initial_alpha_offset`` so that the fraction of marked (token, layer, KV head)

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the Qwen3-DMS decode step (issue 4's stretch: a capturable decode step).
+"""CUDA-graph replay of the Qwen3-DMS decode step.
 
 An eager decode step of an 8B model is ~40 small launches per layer, each costing more host time than
 GPU time (benchmarks/NOTES.md, "Decode host cost"), so the step is bound by Python, not by the weight

@@ -35,7 +35,7 @@ from dms_perf.rule import decision_alphas, dms_decisions
 BACKENDS = IMPLS
 TRITON_DECODE_BACKENDS = ("triton", "hub-triton")
 DMS_FIELDS = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size")
-# Checkpoint values (shared/DMS.md, "Config fields").
+# Checkpoint values (docs/DMS.md, "Config fields").
 DMS_DEFAULTS = {"dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0, "dms_window_size": 512, "dms_cr": 8}
 
 
@@ -43,7 +43,7 @@ def validate_dms_config(config: Qwen3Config) -> None:
     """Raise ``ValueError`` for a config Qwen3-DMS cannot run: missing DMS fields or sliding-window layers."""
     missing = [name for name in DMS_FIELDS if getattr(config, name, None) is None]
     if missing:
-        raise ValueError(f"config lacks the DMS fields {missing} (shared/DMS.md, 'Config fields')")
+        raise ValueError(f"config lacks the DMS fields {missing} (docs/DMS.md, 'Config fields')")
     window = config.dms_window_size
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"dms_window_size must be an int >= 0, got {window!r}")
@@ -104,7 +104,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         # [B, Hkv, N] from a view of the [B, N, Hq, D] projection: made contiguous once for all consumers.
         decisions = decisions.contiguous()
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # RoPE rotates channel D/2-1 into the borrowed channel: zero it again (shared/DMS.md).
+        # RoPE rotates channel D/2-1 into the borrowed channel: zero it again (docs/DMS.md).
         q[:, :: self.num_key_value_groups, :, -1] = 0
         window = config.dms_window_size
         backend = self.dms_backend
@@ -245,7 +245,7 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
 
 
 def qwen3_8b_config(**overrides) -> Qwen3Config:
-    """The Qwen3-8B(-DMS-8x) shape: 36 layers, hidden 4096, 32/8 heads, head_dim 128 (shared/DMS.md)."""
+    """The Qwen3-8B(-DMS-8x) shape: 36 layers, hidden 4096, 32/8 heads, head_dim 128 (docs/DMS.md)."""
     fields = dict(
         vocab_size=151936,
         hidden_size=4096,

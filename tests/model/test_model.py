@@ -74,7 +74,7 @@ def test_logits_close_to_math_reference(backend, dtype, device):
 
 
 def _record_decisions(model):
-    """Decisions of every layer recomputed from the q_norm outputs (shared/DMS.md), independently of the model."""
+    """Decisions of every layer recomputed from the q_norm outputs (docs/DMS.md), independently of the model."""
     config = model.config
     group = config.num_attention_heads // config.num_key_value_heads
     recorded = [[] for _ in model.model.layers]

@@ -1,4 +1,4 @@
-"""The launchers never synchronize with the host once output sizes are given (issue 2).
+"""The launchers never synchronize with the host once output sizes are given.
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns any synchronizing torch call (``.item()``,
 ``int(tensor)``, ``nonzero``, a blocking copy) into an error.

@@ -1,4 +1,4 @@
-"""One decode step's DMS cache bookkeeping in one Triton launch (shared/DMS.md, "Cache and decode").
+"""One decode step's DMS cache bookkeeping in one Triton launch (docs/DMS.md, "Cache and decode").
 
 Per (batch, KV head) and new token t: t's decision (``a * alpha_scale - alpha_offset > 0``, ``a`` the
 borrowed channel of the group's first query head before RoPE) marks token t-1; token t - window - 1

@@ -1,6 +1,6 @@
 """Decode attention over the compacted DMS KV cache (one query token per sequence).
 
-The cache (``dms_perf.model.cache``, shared/DMS.md "Cache and decode") holds, per (batch, KV head), the
+The cache (``dms_perf.model.cache``, docs/DMS.md "Cache and decode") holds, per (batch, KV head), the
 kept tokens plus the last ``window + 1`` tokens in one segment of a flat ``[S, D]`` buffer: head
 ``(b, h)`` occupies rows ``starts[b, h] .. starts[b, h] + lengths[b, h] - 1`` (its segment may have
 spare rows after that). Slot order is irrelevant because RoPE is applied before caching. Every occupied
@@ -175,7 +175,7 @@ def dms_decode_attention(
         num_splits: programs per (batch, KV head) along the key length; default from the SM count.
     Returns:
         ``[B, Hq, D]`` in ``q.dtype``; query head ``h * G + g`` attends to KV head ``h``
-        (G = Hq / Hkv), over exactly the occupied rows (shared/DMS.md, "Cache and decode").
+        (G = Hq / Hkv), over exactly the occupied rows (docs/DMS.md, "Cache and decode").
     Reads ``starts`` and ``lengths`` on the device only: no host synchronization.
     """
     _check_inputs(q, k_cache, v_cache, starts, lengths, max_length)

@@ -1,9 +1,8 @@
 """Boolean gather with left padding: each (b, h)'s selected rows, in order, right-aligned in ``[B, H, L, D]``.
 
-This is the hub prefill's per-head selection of kept tokens (shared/DMS.md, "The hub algorithm" and
+This is the hub prefill's per-head selection of kept tokens (docs/DMS.md, "The hub algorithm" and
 "Cache and decode": lengths differ between heads, so rows are left-padded to the longest one).
-``bool_gather_left_pad_loop`` mirrors the original per-(b, h) boolean indexing, ``..._torch`` is the
-vectorized reference and ``bool_gather_left_pad`` the Triton version.
+References (the released code's per-(b, h) boolean indexing, and a vectorized one): ``naive.py``.
 
 Launches: a program moves the selected rows of one chunk of one (b, h) row. Rows are right-aligned, so
 where a chunk's rows land depends only on how many rows are selected from the chunk on. With
@@ -11,9 +10,6 @@ where a chunk's rows land depends only on how many rows are selected from the ch
 (at most S bytes, 1 byte a token, from L2): one launch, no dependency between launches. Otherwise a
 count kernel first writes per-chunk counts that the move kernel sums: without ``max_length`` they also
 size the output, and for long rows every program re-reading its row would cost more than the launch.
-(A decoupled look-back, where programs publish running counts for later ones, was measured for
-compact: exact, but its chain of published counts made the call slower than the two launches, and a
-programmatic dependent launch of the move kernel gained nothing: benchmarks/NOTES.md, 2026-11-28.)
 """
 
 from __future__ import annotations

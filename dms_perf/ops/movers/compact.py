@@ -1,22 +1,17 @@
 """CSR compaction of kept rows: the building block of the compacted DMS cache.
 
 Per (batch, KV head) the DMS cache holds only the kept tokens, so lengths differ between heads
-(shared/DMS.md, "Cache and decode"). ``compact_by_bool`` packs every (b, h)'s kept rows back to back:
+(docs/DMS.md, "Cache and decode"). ``compact_by_bool`` packs every (b, h)'s kept rows back to back:
 ``values [T, D]``, ``offsets [B*H + 1]`` (row r = b*H + h owns ``values[offsets[r]:offsets[r+1]]``)
-and ``positions [T]`` (each kept row's original token index). ``compact_by_bool_loop`` mirrors the
-original per-head boolean indexing, ``..._torch`` is the vectorized reference.
+and ``positions [T]`` (each kept row's original token index). References: ``naive.py``.
 
 Launches: a program moves the kept rows of one chunk of one (b, h) row, starting at the number of kept
 rows before the chunk in the whole mask. With ``total`` given and ``B*H*S <= ONE_LAUNCH_MAX_COUNT``,
-each program counts that itself from the mask (1 byte a token, from L2): one launch. Otherwise a
+each program counts that itself from the mask (1 byte a token, read from L2): one launch. Otherwise a
 count kernel first writes per-chunk counts that the move kernel sums: without ``total`` they also size
-the output, and past the threshold the programs' repeated counts cost more than the launch (at
-``[1, 8, 32768]`` a program counts up to 224 KB of earlier rows: 47 us in one launch against 33 us in
-two on an H100, benchmarks/NOTES.md). A program requests its first tile's mask and rows before
-summing the counts before it, so that wait overlaps the loads.
-(A decoupled look-back, where programs publish running counts for later ones, was measured for
-compact: exact, but its chain of published counts made the call slower than the two launches, and a
-programmatic dependent launch of the move kernel gained nothing: benchmarks/NOTES.md, 2026-11-28.)
+the output, and for large masks the programs' repeated counts would cost more than a second launch.
+A program requests its first tile's mask and rows before summing the counts before it, so that wait
+overlaps the loads. Why not a one-launch look-back: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Left padding of variable-length rows: ``y[n, S - lengths[n]:] = x[n, :lengths[n]]``, zeros before.
 
-The DMS hub prefill (shared/DMS.md, "The hub algorithm") left-pads the batch with a per-row Python
+The DMS hub prefill (docs/DMS.md, "The hub algorithm") left-pads the batch with a per-row Python
 loop (``left_pad_one``); ``left_pad_2d_loop`` mirrors it, ``left_pad_2d_torch`` is the vectorized
 reference and ``left_pad_2d`` the Triton kernel (one launch, no host sync with ``check_lengths=False``).
 """
@@ -57,7 +57,7 @@ def left_pad_2d(x: torch.Tensor, lengths: torch.Tensor, *, check_lengths: bool =
             then asynchronous, and the kernel clamps lengths to ``[0, S]`` so it never reads out of bounds.
 
     Returns:
-        ``y [N, S, D]`` contiguous, x's dtype. One Triton launch (shared/DMS.md, hub left padding).
+        ``y [N, S, D]`` contiguous, x's dtype. One Triton launch (docs/DMS.md, hub left padding).
     """
     check_data("x", x, ndim=3)
     check_index_tensor("lengths", lengths, x.shape[0], "x", x)

@@ -1,6 +1,6 @@
 """Row scatter along dim 0: ``out[index[m]] = src[m]``, restoring the original order after a permutation.
 
-The DMS hub prefill (shared/DMS.md, "The hub algorithm") restores the batch order with a per-row
+The DMS hub prefill (docs/DMS.md, "The hub algorithm") restores the batch order with a per-row
 Python loop; ``scatter_by_index_loop`` mirrors it, ``scatter_by_index_torch`` is the vectorized
 reference (``index_copy_``) and ``scatter_by_index`` the Triton kernel (one launch).
 """

@@ -1,8 +1,8 @@
-"""Fused DMS prefill attention in Triton (issue 3; the rule is shared/DMS.md, "Who is visible").
+"""Fused DMS prefill attention in Triton (the rule: docs/DMS.md, "Who is visible").
 
-The readable reference is the ``"math"`` implementation, ``dms_perf.ops.prefill.math_attention``;
-the public entry point is ``dms_perf.dms_prefill_attention(..., impl="triton")``, which validates its
-inputs and calls ``triton_prefill_attention`` here.
+The readable reference is ``naive.math_attention`` (the ``"math"`` implementation); the public entry
+point is ``dms_perf.dms_prefill_attention(..., impl="triton")``, which validates its inputs and calls
+``triton_prefill_attention`` here.
 
 Why it does less work than dense causal attention: a program owns query positions
 ``[m0, m0 + BLOCK_M)`` of all G query heads of one KV head (stacked as ``ROWS = G * BLOCK_M`` rows, so
@@ -17,7 +17,8 @@ Host cost matters at short prompts (a Triton launch costs tens of microseconds o
 host): a call is two Triton launches. ``_dms_prep_kernel`` reads the decisions, compacts the kept K and
 V rows of every (batch, KV head) into segments of fixed capacity N (no global prefix sum, so no host
 sync and no second pass) and writes the running kept counts; ``_dms_prefill_kernel`` attends.
-Its readable reference is ``prep_reference`` below (``evict_flags``, boolean indexing, ``cumsum``).
+Its readable reference is ``naive.prep_reference`` (``evict_flags``, boolean indexing, ``cumsum``).
+With ``COMPACT`` off (the hub-triton structure), there is no prep launch: the band covers every key.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _band_tiles(
     DOT_PRECISION: tl.constexpr,
 ):
     """Band tiles starting in [lo, hi) over the original K/V; ``MASKED`` applies the DMS rule
-    (shared/DMS.md: ``j <= i`` and (``i - j <= window`` or key j kept)) and ``j < band_hi``."""
+    (docs/DMS.md: ``j <= i`` and (``i - j <= window`` or key j kept)) and ``j < band_hi``."""
     for start in range(lo, hi, BLOCK_N):
         j = start + cols
         col_ok = j < band_hi

@@ -11,7 +11,7 @@ HUB_QUERY_CHUNK = 512
 
 
 def hub_attention(q, k, v, decisions, window, scale):
-    """The released checkpoint's prefill, kept as its "DMS (Hub)" baseline (shared/DMS.md).
+    """The released checkpoint's prefill, kept as its "DMS (Hub)" baseline (docs/DMS.md).
 
     Left-pads the batch with Python loops, runs query chunks of 512, each with a dense boolean mask
     over all keys up to the chunk's end (one per KV head, in the released code's page-batch layout
