@@ -8,7 +8,7 @@ from dms_perf._runtime import default_device
 from dms_perf.bench.generation import kv_cache_stats
 from dms_perf.model.qwen3_dms import build_model, tiny_config
 from dms_perf.rule import visibility_mask
-from tests.model.test_model import _record_decisions
+from tests.model.recorders import record_decisions
 
 
 def test_kv_cache_stats_of_a_dms_cache_counts_heads_and_kept_tokens():
@@ -17,7 +17,7 @@ def test_kv_cache_stats_of_a_dms_cache_counts_heads_and_kept_tokens():
     model = build_model(config, backend="hub", dtype=torch.float32, device=device, seed=0)
     prompt = torch.randint(0, config.vocab_size, (1, 96), device=device)
     cache = model.make_dms_cache()
-    recorded = _record_decisions(model)  # decisions recomputed from q_norm outputs, apart from the model
+    recorded = record_decisions(model)  # decisions recomputed from q_norm outputs, apart from the model
     with torch.no_grad():
         model(prompt, past_key_values=cache, use_cache=True)
     kv_bytes, kept, dense = kv_cache_stats(model, cache, seen_tokens=96)

@@ -13,6 +13,7 @@ from dms_perf.model.cache import DMSCache, kv_cache_bytes
 from dms_perf.model.qwen3_dms import Qwen3DMSForCausalLM, build_model, load_model, tiny_config
 from dms_perf.rule import visibility_mask
 from dms_perf.testing import rel_error
+from tests.model.recorders import record_decisions
 
 LOGIT_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 CONFIGS = {"gqa2": {}, "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64}}
@@ -73,24 +74,11 @@ def test_logits_close_to_math_reference(backend, dtype, device):
     assert rel_error(logits, reference) < LOGIT_TOL[dtype]
 
 
-def _record_decisions(model):
-    """Decisions of every layer recomputed from the q_norm outputs (docs/DMS.md), independently of the model."""
-    config = model.config
-    group = config.num_attention_heads // config.num_key_value_heads
-    recorded = [[] for _ in model.model.layers]
-    for layer_idx, layer in enumerate(model.model.layers):
-        def grab(_m, _i, q, idx=layer_idx):
-            a = q[:, :, ::group, -1].float().transpose(1, 2)  # [B, Hkv, N]
-            recorded[idx].append(a * config.dms_alpha_scale - config.dms_initial_alpha_offset > 0)
-        layer.self_attn.q_norm.register_forward_hook(grab)
-    return recorded
-
-
 def test_cache_lengths_follow_the_rule_and_bytes_shrink(device):
     config = tiny_config(dms_initial_alpha_offset=-40.0)  # marks most tokens: a > -0.4
     model = build_model(config, backend="triton", device=device)
     model.dms_capacity_step = 16
-    recorded = _record_decisions(model)
+    recorded = record_decisions(model)
     ids = torch.randint(0, config.vocab_size, (1, 200), device=device)
     logits, cache = None, model.make_dms_cache()
     with torch.no_grad():
