@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache, Qwen3Config
 
 from dms_perf.model.cache import DMSCache, kv_cache_bytes
-from dms_perf.model.qwen3_dms import Qwen3DMSForCausalLM, build_model, load_model, tiny_config
+from dms_perf.model.qwen3_dms import BACKENDS, Qwen3DMSForCausalLM, build_model, load_model, tiny_config
 from dms_perf.rule import visibility_mask
 from dms_perf.testing import rel_error
 from tests.model.recorders import record_decisions
@@ -25,7 +25,7 @@ def _greedy(model, ids, new_tokens=32):
     return out[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("backend", ["triton", "hub", "flex"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "math"])
 @pytest.mark.parametrize("shape", list(CONFIGS))
 def test_greedy_generate_matches_math_reference(backend, shape, device):
     config = tiny_config(**CONFIGS[shape])
@@ -65,7 +65,7 @@ def _teacher_forced_logits(model, ids, steps):
     return torch.stack(logits, 1).float(), cache
 
 
-@pytest.mark.parametrize("backend", ["triton", "hub"])
+@pytest.mark.parametrize("backend", ["triton", "hub-triton", "hub"])
 def test_logits_close_to_math_reference(backend, dtype, device):
     config = tiny_config()
     ids = torch.randint(0, config.vocab_size, (1, 120), device=device)
