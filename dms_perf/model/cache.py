@@ -201,6 +201,39 @@ class DMSCacheLayer(CacheLayerMixin):
         self.longest_bound = longest + step
         self.spare_steps = step
 
+    @classmethod
+    def stacked(cls, layers: list[DMSCacheLayer]) -> DMSCacheLayer:
+        """One layer holding the sequences of ``layers`` (each prefilled, same tokens seen) as one batch.
+
+        Segments are copied back to back; every per-head offset (``starts``, ``row_head``) is moved by
+        the rows before it, ring slots are relative to their segment and stay as they are.
+        """
+        first = layers[0]
+        for layer in layers:
+            layer.finish_prefill()
+            if not layer.is_initialized or layer.seen != first.seen or layer.window != first.window:
+                raise ValueError(
+                    "only prefilled layers that have seen the same number of tokens (and share a window) stack "
+                    f"into one batch; got seen={[x.seen for x in layers]}, window={[x.window for x in layers]}"
+                )
+        out = cls(first.window, first.capacity_step)
+        out.lazy_initialization(first.keys, first.values)
+        rows = [layer.keys.shape[0] for layer in layers]
+        heads = [layer.starts.numel() for layer in layers]
+        row_offsets = [sum(rows[:i]) for i in range(len(layers))]
+        head_offsets = [sum(heads[:i]) for i in range(len(layers))]
+        out.keys = torch.cat([layer.keys for layer in layers])
+        out.values = torch.cat([layer.values for layer in layers])
+        out.starts = torch.cat([layer.starts + off for layer, off in zip(layers, row_offsets, strict=True)])
+        out.row_head = torch.cat([layer.row_head + off for layer, off in zip(layers, head_offsets, strict=True)])
+        for name in ("capacity", "lengths", "ring_slot", "ring_flag", "step_index"):
+            setattr(out, name, torch.cat([getattr(layer, name) for layer in layers]))
+        out.seen = first.seen
+        out.longest_bound = max(layer.longest_bound for layer in layers)
+        out.spare_steps = min(layer.spare_steps for layer in layers)
+        out.is_initialized = True
+        return out
+
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -314,6 +347,22 @@ class DMSCache(Cache):
             )
         layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset)
         return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
+
+    @classmethod
+    def stacked(cls, caches: list[DMSCache]) -> DMSCache:
+        """One batch cache from caches of single prefills with the same number of tokens seen: sequence
+        i of the result is ``caches[i]``'s batch, in order. A batch is then prefilled sequence by
+        sequence (peak memory: one sequence's activations) and decoded together."""
+        if not caches:
+            raise ValueError("stacked() needs at least one cache")
+        if len({len(c.layers) for c in caches}) != 1:
+            raise ValueError(f"caches differ in their number of layers: {[len(c.layers) for c in caches]}")
+        for cache in caches:
+            cache.finish_prefill()
+        first = caches[0]
+        out = cls(len(first.layers), first.window, first.layers[0].capacity_step)
+        out.layers = [DMSCacheLayer.stacked([c.layers[i] for c in caches]) for i in range(len(first.layers))]
+        return out
 
     def finish_prefill(self) -> None:
         """Pack every layer whose prefill packing was deferred (one wait, for the newest)."""
