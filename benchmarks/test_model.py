@@ -151,3 +151,59 @@ def test_decode_steps(benchmark, method, context_length):
     if median is not None:
         benchmark.extra_info["decode_step_s"] = median / DECODE_STEPS
         benchmark.extra_info["decode_tok_s"] = DECODE_STEPS / median
+
+
+# --- batched decode: the serving regime, where the KV cache is a large part of a step's reads ---------
+
+DECODE_BATCHES = (1, 8, 32) if HAS_CUDA else (1, 2)
+BATCH_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
+BATCH_METHODS = ("dms-triton", "dense-triton")
+
+
+@pytest.mark.parametrize("batch", DECODE_BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("method", BATCH_METHODS)
+def test_decode_batch(benchmark, method, batch, context_length):
+    """``DECODE_STEPS`` greedy steps of a batch of ``batch`` sequences of ``context_length`` tokens (CUDA
+    graphs, as dms-triton decodes). One prompt is prefilled and its cache copied into every slot
+    (``DMSCache.stacked``): each sequence holds the same cache, so every step reads the same bytes as B
+    distinct prompts of that length would. Floor: the weights plus the kept K/V, read once per step, at
+    the measured copy bandwidth."""
+    if HAS_CUDA and context_length not in BATCH_CONTEXTS:
+        pytest.skip(f"batched decode runs at {BATCH_CONTEXTS} tokens")
+    from dms_perf.bench.timing import copy_bandwidth_bytes_per_s
+    from dms_perf.model.cache import DMSCache
+
+    model, calibration = _model_for(method)
+    ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
+    try:
+        with torch.inference_mode():
+            out = _prefill(model, ids)
+            cache = DMSCache.stacked([out.past_key_values] * batch)
+            token = out.logits[:, -1:].argmax(-1).repeat(batch, 1)
+            del out
+            position = torch.full((batch, 1), context_length, device=model.device)
+
+            def steps():
+                nonlocal token
+                for _ in range(DECODE_STEPS):
+                    result = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
+                    token = result.logits[:, -1:].argmax(-1)
+                    position.add_(1)
+                return result
+
+            median = bench(benchmark, steps, rounds=10)
+    except torch.OutOfMemoryError as exc:
+        pytest.skip(f"OOM at batch {batch} x {context_length} tokens ({method}): {str(exc).splitlines()[0][:120]}")
+    _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
+    read_bytes = _weight_bytes(model) + cache.kept_kv_bytes()
+    benchmark.extra_info.update(
+        context_length=context_length, batch=batch, decode_steps_per_call=DECODE_STEPS,
+        batch_fill="one prefill copied into every slot", step_read_bytes=read_bytes,
+    )
+    if median is not None:
+        step_s = median / DECODE_STEPS
+        floor_s = read_bytes / copy_bandwidth_bytes_per_s()
+        benchmark.extra_info.update(
+            decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s, decode_tok_s_per_sequence=1 / step_s,
+            floor_ms=floor_s * 1e3, floor_fraction=floor_s / step_s,
+        )
