@@ -31,6 +31,7 @@ from dms_perf.bench.methods import resolve_method
 from dms_perf.bench.timing import bench
 from dms_perf.model.cache import kv_cache_bytes
 from dms_perf.model.calibrate import calibrate_dms
+from dms_perf.model.fused import apply_fused_kernels
 from dms_perf.model.qwen3_dms import build_model, qwen3_8b_config, tiny_config
 
 METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager", "dense-triton")  # dms_perf.bench.methods names
@@ -42,24 +43,30 @@ CALIBRATION_TOKENS = 4096 if HAS_CUDA else 256
 
 @functools.cache
 def _models():
-    """(vanilla model, DMS model, calibration), built once per session on the benchmark device."""
+    """(vanilla model, DMS model, DMS model with Liger's fused kernels, calibration), built once per
+    session on the benchmark device, with the same weights."""
     config = qwen3_8b_config() if HAS_CUDA else tiny_config()
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     device = "cuda" if HAS_CUDA else "cpu"
     vanilla = build_model(config, backend=None, dtype=dtype, device=device)
     dms = build_model(config, backend="triton", dtype=dtype, device=device)
     calibration = calibrate_dms(dms, target_cr=TARGET_CR, num_tokens=CALIBRATION_TOKENS)
-    return vanilla, dms, calibration
+    fused = build_model(config, backend="triton", dtype=dtype, device=device)
+    fused.config.dms_initial_alpha_offset = calibration.alpha_offset
+    apply_fused_kernels(fused)
+    return vanilla, dms, fused, calibration
 
 
 def _model_for(name):
-    vanilla, dms, calibration = _models()
+    """The model of method ``name`` (the registry's ``fused`` flag picks the Liger-patched one)."""
+    vanilla, dms, fused, calibration = _models()
     method = resolve_method(name)
     if method.backend is None:
         return vanilla, None
-    dms.set_dms_backend(method.backend)
-    method.prepare(dms)
-    return dms, calibration if method.evicts else None
+    model = fused if method.family.fused else dms
+    model.set_dms_backend(method.backend)
+    method.prepare(model)
+    return model, calibration if method.evicts else None
 
 
 def _weight_bytes(model) -> int:
@@ -79,6 +86,7 @@ def _describe(benchmark, model, method, tokens, calibration, cache):
     dense *= next(model.parameters()).element_size()
     info = benchmark.extra_info
     info.update(method=method, model="qwen3-8b" if HAS_CUDA else "tiny")
+    info["fused_kernels"] = getattr(model, "dms_fused_kernels", False)
     info["kv_cache_bytes"] = kv_cache_bytes(cache)
     info["kv_bytes_vs_dense"] = info["kv_cache_bytes"] / dense
     if calibration is not None:

@@ -59,6 +59,9 @@ class Family:
     min_context: int = 1  # shortest prompt the method accepts
     cuda_graphs: bool = True  # DMS triton backend: replay decode steps from CUDA graphs (dms_perf.model.graph)
     evict: bool = True  # DMS model: False decides no eviction (every token kept)
+    # Liger-Kernel's fused RMSNorm / SwiGLU / RoPE (dms_perf.model.fused), where they can run; the methods
+    # of one backend share a model, so they must agree on this.
+    fused: bool = False
 
     @property
     def takes_parameter(self) -> bool:
@@ -128,11 +131,12 @@ FAMILIES: dict[str, Family] = {
                "hub-triton", cuda_graphs=False),
         Family("dms-flex", "Qwen3-DMS, prefill with torch flex_attention block masks, torch decode", "flex"),
         Family("dms-triton", "Qwen3-DMS, dms_perf's Triton prefill and decode kernels, decode steps replayed "
-               "from CUDA graphs", "triton"),
+               "from CUDA graphs", "triton", fused=True),
         Family("dms-triton-eager", "dms-triton with eager decode steps (no CUDA graphs), as vanilla runs",
-               "triton", cuda_graphs=False),
+               "triton", cuda_graphs=False, fused=True),
         Family("dense-triton", "dms-triton with eviction off (every token kept): dense attention on the same "
-               "kernels and CUDA-graph decode, the tuned dense baseline of dms-triton", "triton", evict=False),
+               "kernels and CUDA-graph decode, the tuned dense baseline of dms-triton", "triton", evict=False,
+               fused=True),
         # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
         Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
                0.5, min_context=65),
@@ -280,16 +284,22 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
     With random weights and a DMS backend, eviction is calibrated so that ``1 - 1/target_cr`` of the
     tokens are marked (docs/DMS.md, "Random weights"); returns (model, calibration or None).
     Every backend gets the same weights for a seed, so the offset is found once per process and
-    reused: all DMS backends then evict alike.
+    reused: all DMS backends then evict alike. Families with ``fused`` get Liger's kernels where they
+    run (``model.dms_fused_kernels`` says whether they did).
     """
     from dms_perf.model import qwen3_dms as api
+    from dms_perf.model.fused import apply_fused_kernels
 
     if is_model_path(model):
         loaded = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
         method.prepare(loaded)
+        if method.family.fused:
+            apply_fused_kernels(loaded)
         return loaded, None
     built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
     method.prepare(built)
+    if method.family.fused:
+        apply_fused_kernels(built)
     if not (method.is_dms and target_cr):
         return built, None
     key = (model, seed, float(target_cr), dtype, str(device))

@@ -64,6 +64,8 @@ class Qwen3DMSAttention(Qwen3Attention):
     """Qwen3 attention with DMS decisions, eviction and the compacted cache (same weights as Qwen3)."""
 
     dms_backend = "triton"
+    # RoPE; dms_perf.model.fused puts Liger's fused kernel here (a plain function on the instance).
+    rotary_fn = staticmethod(apply_rotary_pos_emb)
     dms_evict = True  # False: no token is ever marked (the same computation with a dense cache)
 
     @property
@@ -103,7 +105,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         decisions, q = dms_decisions(q, k.shape[1], config.dms_alpha_scale, self.alpha_offset)
         # [B, Hkv, N] from a view of the [B, N, Hq, D] projection: made contiguous once for all consumers.
         decisions = decisions.contiguous()
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.rotary_fn(q, k, cos, sin)
         # RoPE rotates channel D/2-1 into the borrowed channel: zero it again (docs/DMS.md).
         q[:, :: self.num_key_value_groups, :, -1] = 0
         window = config.dms_window_size
@@ -132,7 +134,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         config = self.config
         alphas = decision_alphas(q, k.shape[1])  # before RoPE, and a copy: the channel is zeroed next
         q[:, :: self.num_key_value_groups, :, -1] = 0  # q is this layer's own q_norm output
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.rotary_fn(q, k, cos, sin)
         cached = cache.append_step(
             self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, self.alpha_offset
         )
