@@ -101,14 +101,21 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
         "calibration": {},
         "command": "pytest benchmarks/test_end_to_end.py" + (f" (pytest-benchmark JSON {source})" if source else ""),
     }
+    for row in rows:  # the run's text on every row, as merge_results keeps it (extra_info has the model's only)
+        row["weights"] = weights
     return meta, rows
 
 
 def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Join runs made in parts (e.g. one device call per group of methods) on the same card.
+    """Join runs made in parts (e.g. one device call per group of methods, or a ``--methods vanilla`` run
+    with a default one) on the same card.
 
-    Metadata is the first run's, with the union of contexts and methods and every command; a cell
-    measured twice keeps the later run's row. Runs from different cards, models or dtypes raise ValueError.
+    Runs join when their card (``device["gpu"]``), model, dtype and seed agree (a seed a run does not
+    record agrees with any); other runs raise ValueError. Each row keeps the weights text of the run it
+    came from (``row["weights"]``: "random weights", "random weights, eviction calibrated to 8x", ...), so
+    runs calibrated differently can be joined and still be told apart. Metadata is the first run's, with
+    the union of contexts and methods (in the order the runs list them) and every command; a cell
+    measured twice keeps the later run's row.
     """
     if not paths:
         raise ValueError("merge_results needs at least one results.json")
@@ -118,16 +125,38 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
         m, r = load_results(path)
         if not meta:
             meta = {**m, "commands": []}
-        for key in ("device", "model", "dtype", "weights"):
-            if m.get(key) != meta.get(key):
-                raise ValueError(f"cannot merge {path}: its {key} {m.get(key)!r} differs from {meta.get(key)!r}")
+        for what, mine, first in (
+            ("device gpu", m.get("device", {}).get("gpu"), meta.get("device", {}).get("gpu")),
+            ("model", m.get("model"), meta.get("model")),
+            ("dtype", m.get("dtype"), meta.get("dtype")),
+        ):
+            if mine != first:
+                raise ValueError(f"cannot merge {path}: its {what} {mine!r} differs from {first!r}")
+        if m.get("seed") is not None:
+            if meta.get("seed") is None:
+                meta["seed"] = m["seed"]
+            elif m["seed"] != meta["seed"]:
+                raise ValueError(f"cannot merge {path}: its seed {m['seed']!r} differs from {meta['seed']!r}")
         meta["commands"].append(m.get("command"))
         meta["contexts"] = sorted(set(meta.get("contexts", [])) | set(m.get("contexts", [])))
         meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
         meta["calibration"] = {**meta.get("calibration", {}), **m.get("calibration", {})}
-        rows.update({(row["context"], row["method"]): row for row in r})
+        for row in r:
+            row = dict(row)
+            if not m.get("weights_by_row") and m.get("weights") is not None:
+                row["weights"] = m["weights"]  # the run's own text (a row of an older file may hold less)
+            rows.pop((row["context"], row["method"]), None)
+            rows[(row["context"], row["method"])] = row
     meta["command"] = " ; ".join(c for c in meta.pop("commands") if c)
-    return meta, list(rows.values())
+    merged = list(rows.values())
+    texts = list(dict.fromkeys(r["weights"] for r in merged if r.get("weights") is not None))
+    meta.pop("weights_by_row", None)
+    if len(texts) > 1:
+        meta["weights"] = "per row: " + " | ".join(texts)
+        meta["weights_by_row"] = True
+    elif texts:
+        meta["weights"] = texts[0]
+    return meta, merged
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -162,19 +191,26 @@ def _ctx(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def _weights_differ(rows: list[dict[str, Any]]) -> bool:
+    return len({r["weights"] for r in rows if r.get("weights") is not None}) > 1
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """The full comparison; a Weights column (each row's run's weights text) where joined runs differ."""
+    weights = _weights_differ(rows)
     head = ("| Context | Method | Time (s) | tok/s | Peak VRAM (GiB) | TTFT (s) | Prefill tok/s | Decode tok/s "
-            "| KV cache (MiB) | Compression | Retrieval |")
+            "| KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: r["context"]):
+        tail = f" {r.get('weights') or DASH} |" if weights else ""
         if not _ok(r):
-            lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8)
+            lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8 + tail)
             continue
         compression = DASH if r.get("compression") is None else f"{r['compression']:.2f}x"
         lines.append(
             f"| {_ctx(r['context'])} | {r['method']} | {_num(r['total_s'])} | {_num(_tok_s(r))} "
             f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
-            f"| {_num(r.get('decode_tok_s'))} | {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |"
+            f"| {_num(r.get('decode_tok_s'))} | {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |" + tail
         )
     return "\n".join(lines)
 
@@ -217,12 +253,19 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
 
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     device = meta.get("device", {})
+    if not meta.get("weights_by_row"):  # one run: its text on every row that has none of its own
+        rows = [r if r.get("weights") or meta.get("weights") is None else {**r, "weights": meta["weights"]}
+                for r in rows]
+    weights = meta.get("weights", DASH)
+    if _weights_differ(rows):
+        weights = "weights differ between the joined runs (Weights column): " + ", ".join(
+            f'"{text}"' for text in dict.fromkeys(r["weights"] for r in rows if r.get("weights")))
     parts = [
         "# dms-perf bench results",
         "",
         f"- date: {meta.get('date', DASH)}",
         f"- card: {device.get('gpu', DASH)} (torch {device.get('torch', DASH)}, triton {device.get('triton', DASH)})",
-        f"- model: {meta.get('model', DASH)}, {meta.get('dtype', DASH)}; {meta.get('weights', DASH)}",
+        f"- model: {meta.get('model', DASH)}, {meta.get('dtype', DASH)}; {weights}",
         f"- workload: needle in a haystack, needle at depth {meta.get('needle_depth', DASH)}, "
         f"{meta.get('new_tokens', DASH)} new tokens, median of {meta.get('repeats', DASH)} runs after "
         f"{meta.get('warmup', DASH)} warm-up",

@@ -136,3 +136,61 @@ def test_benchmark_json_rows_come_in_bench_order():
         (8192, "vanilla"), (8192, "dms-hub"),
     ]
     assert meta["contexts"] == [4096, 8192] and meta["methods"][:2] == ["vanilla", "dms-triton"]
+
+
+_DEFAULT_RUN = {"device": {"gpu": "H100", "torch": "2.11"}, "model": "qwen3-8b", "dtype": "bfloat16", "seed": 0,
+                "weights": "random weights, eviction calibrated to 8x", "contexts": [4096],
+                "methods": ["vanilla", "dms-hub", "dms-triton"], "command": "dms-perf bench"}
+
+
+def test_merge_joins_a_vanilla_run_with_a_calibrated_one(tmp_path):
+    """``--methods vanilla`` has no DMS method to calibrate, so its weights text differs from a default
+    run's: the runs still join (same card, model, dtype, seed) and each row keeps its run's text."""
+    rows = _rows()
+    vanilla = _saved(tmp_path / "vanilla", {**_DEFAULT_RUN, "weights": "random weights", "methods": ["vanilla"],
+                                             "device": {"gpu": "H100", "torch": "2.12"},
+                                             "command": "dms-perf bench --methods vanilla"},
+                     [{**rows[4], "context": 8192}])
+    dms = _saved(tmp_path / "dms", _DEFAULT_RUN, rows[:4])
+    meta, merged = merge_results([vanilla, dms])
+    weights = {(r["context"], r["method"]): r["weights"] for r in merged}
+    assert weights == {(8192, "vanilla"): "random weights",
+                       (4096, "dms-hub"): "random weights, eviction calibrated to 8x",
+                       (4096, "dms-triton"): "random weights, eviction calibrated to 8x",
+                       (8192, "dms-triton"): "random weights, eviction calibrated to 8x",
+                       (8192, "dms-hub"): "random weights, eviction calibrated to 8x"}
+    assert meta["weights_by_row"] and meta["seed"] == 0
+    md = render_markdown(meta, merged)
+    assert "| Retrieval | Weights |" in md
+    assert "| 8K | vanilla | 1.4 | 6.43 | 18.00 | 0.4 |" in md and "| random weights |" in md
+    assert "| 4K | dms-triton | 1.5 |" in md and "| random weights, eviction calibrated to 8x |" in md
+    assert "| 8K | dms-hub | OOM |" + " — |" * 8 + " random weights, eviction calibrated to 8x |" in md
+    assert 'weights differ between the joined runs' in md
+    # Joined again (re-rendering a joined directory), every row keeps its own text.
+    joined = _saved(tmp_path / "joined", meta, merged)
+    again_meta, again = merge_results([joined])
+    assert {(r["context"], r["method"]): r["weights"] for r in again} == weights
+    assert again_meta["weights"] == meta["weights"]
+
+
+def test_one_run_renders_without_a_weights_column(tmp_path):
+    md = render_markdown(_DEFAULT_RUN, _rows())
+    assert "Weights |" not in md and "random weights, eviction calibrated to 8x" in md
+    meta, merged = merge_results([_saved(tmp_path / "a", _DEFAULT_RUN, _rows())])
+    assert "weights_by_row" not in meta and "Weights |" not in render_markdown(meta, merged)
+    assert {r["weights"] for r in merged} == {"random weights, eviction calibrated to 8x"}
+
+
+@pytest.mark.parametrize(("key", "value"), [("model", "tiny"), ("dtype", "float32"), ("seed", 1)])
+def test_merge_refuses_another_model_dtype_or_seed(tmp_path, key, value):
+    a = _saved(tmp_path / "a", _DEFAULT_RUN, _rows()[:1])
+    b = _saved(tmp_path / "b", {**_DEFAULT_RUN, key: value}, _rows()[1:2])
+    with pytest.raises(ValueError, match=key):
+        merge_results([a, b])
+
+
+def test_benchmark_json_rows_carry_the_runs_weights_text():
+    info = {k: v for k, v in _row(4096, "dms-hub", 1.0).items() if k not in ("context", "status", "new_tokens")}
+    info.update(method="dms-hub", weights="random weights", target_cr=8, calibrated_marked_fraction=0.875)
+    meta, rows = results_from_benchmarks({"benchmarks": [{"params": {"context_length": 4096}, "extra_info": info}]})
+    assert meta["weights"] == rows[0]["weights"] == "random weights, eviction calibrated to 8x"
