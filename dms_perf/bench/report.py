@@ -115,7 +115,7 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
     came from (``row["weights"]``: "random weights", "random weights, eviction calibrated to 8x", ...), so
     runs calibrated differently can be joined and still be told apart. Metadata is the first run's, with
     the union of contexts and methods (in the order the runs list them) and every command; a cell
-    measured twice keeps the later run's row.
+    measured twice keeps the later run's row. Rows come in method order, then by context.
     """
     if not paths:
         raise ValueError("merge_results needs at least one results.json")
@@ -145,10 +145,9 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
             row = dict(row)
             if not m.get("weights_by_row") and m.get("weights") is not None:
                 row["weights"] = m["weights"]  # the run's own text (a row of an older file may hold less)
-            rows.pop((row["context"], row["method"]), None)
             rows[(row["context"], row["method"])] = row
     meta["command"] = " ; ".join(c for c in meta.pop("commands") if c)
-    merged = list(rows.values())
+    merged = ordered_rows(list(rows.values()), meta["methods"])
     texts = list(dict.fromkeys(r["weights"] for r in merged if r.get("weights") is not None))
     meta.pop("weights_by_row", None)
     if len(texts) > 1:
@@ -157,6 +156,27 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
     elif texts:
         meta["weights"] = texts[0]
     return meta, merged
+
+
+def method_order(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[str]:
+    """Methods of ``rows`` in the order ``methods`` (a run's ``--methods``, its meta) lists them, repeats
+    dropped; methods it does not list (or all, without it) follow in the registry's default order, then
+    in the order of the rows."""
+    present = set(r["method"] for r in rows)
+    listed = [m for m in dict.fromkeys(methods or []) if m in present]
+    rest = [m for m in DEFAULT_METHODS if m in present and m not in listed]
+    rest += [m for m in dict.fromkeys(r["method"] for r in rows) if m not in listed and m not in rest]
+    return listed + rest
+
+
+def ordered_rows(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (context, method) cell, a cell listed twice keeping its later row, in method order
+    (``method_order``), then by context."""
+    cells: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in rows:
+        cells[(r["context"], r["method"])] = r
+    order = {m: i for i, m in enumerate(method_order(rows, methods))}
+    return sorted(cells.values(), key=lambda r: (order[r["method"]], r["context"]))
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -195,13 +215,15 @@ def _weights_differ(rows: list[dict[str, Any]]) -> bool:
     return len({r["weights"] for r in rows if r.get("weights") is not None}) > 1
 
 
-def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """The full comparison; a Weights column (each row's run's weights text) where joined runs differ."""
+def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
+    """The full comparison, one row per cell in ``methods`` order, then by context (``ordered_rows``); a
+    Weights column (each row's run's weights text) where joined runs differ."""
+    rows = ordered_rows(rows, methods)
     weights = _weights_differ(rows)
     head = ("| Context | Method | Time (s) | tok/s | Peak VRAM (GiB) | TTFT (s) | Prefill tok/s | Decode tok/s "
             "| KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(rows, key=lambda r: r["context"]):
+    for r in rows:
         tail = f" {r.get('weights') or DASH} |" if weights else ""
         if not _ok(r):
             lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8 + tail)
@@ -276,7 +298,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         "## Full comparison",
         "",
-        comparison_table(rows),
+        comparison_table(rows, meta.get("methods")),
         "",
         "## DMS prefill speedup (hub vs triton)",
         "",
@@ -299,6 +321,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> list[
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
+    rows = ordered_rows(rows)
     ok = [r for r in rows if _ok(r)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     panels = {

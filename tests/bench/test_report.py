@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from dms_perf.bench.methods import resolve_methods
 from dms_perf.bench.report import (
     MEMORY_PLOT,
     TIME_PLOT,
     ResultsWriter,
+    comparison_table,
     load_results,
     merge_results,
     render_markdown,
@@ -194,3 +196,40 @@ def test_benchmark_json_rows_carry_the_runs_weights_text():
     info.update(method="dms-hub", weights="random weights", target_cr=8, calibrated_marked_fraction=0.875)
     meta, rows = results_from_benchmarks({"benchmarks": [{"params": {"context_length": 4096}, "extra_info": info}]})
     assert meta["weights"] == rows[0]["weights"] == "random weights, eviction calibrated to 8x"
+
+
+def _table_cells(md):
+    """(context, method) of each row of the full comparison table, in order."""
+    table = md.split("## Full comparison")[1].split("##")[0]
+    return [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| Context")]
+
+
+def test_rows_come_in_methods_order_then_by_context():
+    rows = [_row(8192, "vanilla", 1.0), *_rows()]
+    meta = {"methods": ["dms-triton", "vanilla", "dms-hub"]}
+    assert _table_cells(render_markdown(meta, rows)) == [
+        ("4K", "dms-triton"), ("8K", "dms-triton"), ("4K", "vanilla"), ("8K", "vanilla"),
+        ("4K", "dms-hub"), ("8K", "dms-hub"),
+    ]
+    # Without a method list (the table dms-perf bench prints): the registry's default order.
+    assert [m for _, m in _table_cells("## Full comparison\n" + comparison_table(rows))] == [
+        "vanilla", "vanilla", "dms-hub", "dms-hub", "dms-triton", "dms-triton"]
+
+
+def test_repeated_methods_and_cells_give_one_row_per_context(tmp_path):
+    """``--methods vanilla,vanilla`` resolves to one method; rows of one cell listed twice (e.g.
+    ``--contexts 4k,4096``, or a hand-joined file) render once, the later row winning, in the table,
+    the speedup table and the merged rows."""
+    assert [m.name for m in resolve_methods("vanilla,vanilla")] == ["vanilla"]
+    rows = [_row(4096, "vanilla", 0.5), _row(8192, "vanilla", 1.0), _row(4096, "vanilla", 0.25),
+            _row(4096, "dms-hub", 2.0), _row(4096, "dms-triton", 0.5), _row(4096, "dms-hub", 1.0)]
+    meta = {"methods": ["vanilla", "vanilla", "dms-hub", "dms-triton"]}
+    md = render_markdown(meta, rows)
+    assert _table_cells(md) == [("4K", "vanilla"), ("8K", "vanilla"), ("4K", "dms-hub"), ("4K", "dms-triton")]
+    assert "| 4K | vanilla | 1.25 |" in md and "| 4K | dms-hub | 2 |" in md
+    assert [s["speedup"] for s in speedup_rows(rows)] == [2.0]
+    merged_meta, merged = merge_results([_saved(tmp_path / "a", meta, rows)])
+    assert [(r["context"], r["method"], r["prefill_s"]) for r in merged] == [
+        (4096, "vanilla", 0.25), (8192, "vanilla", 1.0), (4096, "dms-hub", 1.0), (4096, "dms-triton", 0.5)]
+    assert merged_meta["methods"] == ["vanilla", "dms-hub", "dms-triton"]
