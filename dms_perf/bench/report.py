@@ -2,7 +2,7 @@
 
 results.md holds the two tables of the kvcompress study: the full comparison (context, method, time,
 tok/s, VRAM, TTFT, decode tok/s, KV bytes, compression, retrieval) and the DMS prefill speedup
-(hub vs triton: prefill seconds, speedup, VRAM saved).
+(hub vs hub-triton vs triton: prefill seconds, speedups, VRAM saved).
 """
 
 from __future__ import annotations
@@ -237,39 +237,60 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
     return "\n".join(lines)
 
 
-def speedup_rows(rows: list[dict[str, Any]], base: str = "dms-hub", fast: str = "dms-triton") -> list[dict[str, Any]]:
-    """Per context with both methods present: prefill seconds, speedup and VRAM saved (None if n/a)."""
+def speedup_rows(rows: list[dict[str, Any]], base: str = "dms-hub", fast: str = "dms-triton",
+                 mid: str = "dms-hub-triton") -> list[dict[str, Any]]:
+    """Per context with ``base`` and ``fast`` or ``mid`` present: prefill seconds of the three (None where
+    a method is absent or failed, its status then in ``*_status``), the speedups of ``mid`` and ``fast``
+    over ``base`` and of ``fast`` over ``mid``, and the VRAM ``fast`` saves over ``base`` (None if n/a)."""
     by = {(r["context"], r["method"]): r for r in rows}
     out = []
     for ctx in sorted({r["context"] for r in rows}):
-        b, f = by.get((ctx, base)), by.get((ctx, fast))
-        if b is None or f is None:
+        b, m, f = by.get((ctx, base)), by.get((ctx, mid)), by.get((ctx, fast))
+        if b is None or (f is None and m is None):
             continue
-        both = _ok(b) and _ok(f)
-        vram_b, vram_f = b.get("peak_vram_bytes"), f.get("peak_vram_bytes")
+        prefill = {k: r["prefill_s"] if r is not None and _ok(r) else None for k, r in (("b", b), ("m", m), ("f", f))}
+        vram_b = b.get("peak_vram_bytes") if _ok(b) else None
+        vram_f = f.get("peak_vram_bytes") if f is not None and _ok(f) else None
         out.append({
             "context": ctx,
-            "base_status": b["status"], "fast_status": f["status"],
-            "base_prefill_s": b.get("prefill_s"), "fast_prefill_s": f.get("prefill_s"),
-            "speedup": b["prefill_s"] / f["prefill_s"] if both else None,
+            "base_status": b["status"], "mid_status": m and m["status"], "fast_status": f and f["status"],
+            "base_prefill_s": prefill["b"], "mid_prefill_s": prefill["m"], "fast_prefill_s": prefill["f"],
+            "speedup": _ratio(prefill["b"], prefill["f"]),
+            "mid_speedup": _ratio(prefill["b"], prefill["m"]),
+            "fast_over_mid": _ratio(prefill["m"], prefill["f"]),
             "base_vram_bytes": vram_b, "fast_vram_bytes": vram_f,
-            "vram_saved_bytes": vram_b - vram_f if both and vram_b is not None and vram_f is not None else None,
+            "vram_saved_bytes": vram_b - vram_f if vram_b is not None and vram_f is not None else None,
         })
     return out
 
 
+def _ratio(slow: float | None, fast: float | None) -> float | None:
+    return slow / fast if slow is not None and fast else None
+
+
 def speedup_table(rows: list[dict[str, Any]]) -> str:
+    """dms-hub vs dms-hub-triton vs dms-triton prefill; a method absent from the run shows a dash, a
+    failed one its status."""
     lines = [
-        "| Context | Hub prefill (s) | Triton prefill (s) | Speedup | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
+        "| Context | Hub prefill (s) | Hub-triton prefill (s) | Triton prefill (s) | Hub-triton speedup over hub "
+        "| Triton speedup over hub | Triton over hub-triton | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
         "| VRAM saved (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def prefill(status, seconds):
+        return DASH if status is None else _num(seconds) if status == "ok" else status
+
+    def times(value):
+        return DASH if value is None else f"{value:.2f}x"
+
     for s in speedup_rows(rows):
-        hub = _num(s["base_prefill_s"]) if s["base_status"] == "ok" else s["base_status"]
-        tri = _num(s["fast_prefill_s"]) if s["fast_status"] == "ok" else s["fast_status"]
-        speedup = DASH if s["speedup"] is None else f"{s['speedup']:.2f}x"
-        lines.append(f"| {_ctx(s['context'])} | {hub} | {tri} | {speedup} | {_gib(s['base_vram_bytes'])} "
-                     f"| {_gib(s['fast_vram_bytes'])} | {_gib(s['vram_saved_bytes'])} |")
+        lines.append(
+            f"| {_ctx(s['context'])} | {prefill(s['base_status'], s['base_prefill_s'])} "
+            f"| {prefill(s['mid_status'], s['mid_prefill_s'])} | {prefill(s['fast_status'], s['fast_prefill_s'])} "
+            f"| {times(s['mid_speedup'])} | {times(s['speedup'])} | {times(s['fast_over_mid'])} "
+            f"| {_gib(s['base_vram_bytes'])} | {_gib(s['fast_vram_bytes'])} | {_gib(s['vram_saved_bytes'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -300,13 +321,13 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         comparison_table(rows, meta.get("methods")),
         "",
-        "## DMS prefill speedup (hub vs triton)",
+        "## DMS prefill speedup (hub vs hub-triton vs triton)",
         "",
     ]
     if speedup_rows(rows):
         parts.append(speedup_table(rows))
     else:
-        parts.append("Needs both dms-hub and dms-triton in --methods.")
+        parts.append("Needs both dms-hub and dms-triton (or dms-hub-triton) in --methods.")
     return "\n".join(parts) + "\n"
 
 

@@ -66,11 +66,12 @@ def test_finish_writes_markdown_and_plots(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
     md = (tmp_path / "results.md").read_text()
     assert "NVIDIA H100 80GB HBM3" in md and "random weights, eviction calibrated to 8x" in md
-    assert "## Full comparison" in md and "## DMS prefill speedup (hub vs triton)" in md
+    assert "## Full comparison" in md and "## DMS prefill speedup (hub vs hub-triton vs triton)" in md
     assert "| 4K | dms-triton | 1.5 | 6 | 17.00 | 0.5 | 8,192 | 8 | 1.0 | 7.90x | n/a (random weights) |" in md
     assert "| 8K | dms-hub | OOM |" in md
-    assert "| 4K | 2 | 0.5 | 4.00x | 20.00 | 17.00 | 3.00 |" in md  # speedup 2.0 / 0.5, 3 GiB saved
-    assert "| 8K | OOM | 1 | — | — | 18.00 | — |" in md
+    # speedup 2.0 / 0.5, 3 GiB saved; no dms-hub-triton in this run: dashes
+    assert "| 4K | 2 | — | 0.5 | — | 4.00x | — | 20.00 | 17.00 | 3.00 |" in md
+    assert "| 8K | OOM | — | 1 | — | — | — | — | 18.00 | — |" in md
 
 
 def test_speedup_rows_need_both_methods():
@@ -233,3 +234,20 @@ def test_repeated_methods_and_cells_give_one_row_per_context(tmp_path):
     assert [(r["context"], r["method"], r["prefill_s"]) for r in merged] == [
         (4096, "vanilla", 0.25), (8192, "vanilla", 1.0), (4096, "dms-hub", 1.0), (4096, "dms-triton", 0.5)]
     assert merged_meta["methods"] == ["vanilla", "dms-hub", "dms-triton"]
+
+
+def test_speedup_table_compares_hub_hub_triton_and_triton():
+    rows = [*_rows(), _row(4096, "dms-hub-triton", 1.0, vram=19 * GIB), _row(8192, "dms-hub-triton", 2.0)]
+    s4k, s8k = speedup_rows(rows)
+    assert (s4k["mid_prefill_s"], s4k["mid_speedup"], s4k["speedup"], s4k["fast_over_mid"]) == (1.0, 2.0, 4.0, 2.0)
+    assert (s8k["base_status"], s8k["mid_speedup"], s8k["fast_over_mid"]) == ("OOM", None, 2.0)
+    md = render_markdown({}, rows)
+    assert ("| Context | Hub prefill (s) | Hub-triton prefill (s) | Triton prefill (s) | Hub-triton speedup over hub "
+            "| Triton speedup over hub | Triton over hub-triton | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
+            "| VRAM saved (GiB) |") in md
+    assert "| 4K | 2 | 1 | 0.5 | 2.00x | 4.00x | 2.00x | 20.00 | 17.00 | 3.00 |" in md
+    assert "| 8K | OOM | 2 | 1 | — | — | 2.00x | — | 18.00 | — |" in md
+    # hub and hub-triton only: still a row per context, triton's cells dashed
+    only = [r for r in rows if r["method"] != "dms-triton"]
+    assert "| 4K | 2 | 1 | — | 2.00x | — | — | 20.00 | — | — |" in render_markdown({}, only)
+    assert speedup_rows([r for r in rows if r["method"] != "dms-hub"]) == []
