@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from dms_perf.bench.methods import DEFAULT_METHODS
+from dms_perf.bench.methods import DEFAULT_METHODS, FAMILIES, model_config
 
 JSON_NAME = "results.json"
 MD_NAME = "results.md"
@@ -294,6 +295,67 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _no_gpu(meta: dict[str, Any]) -> bool:
+    device = meta.get("device") or {}
+    return device.get("gpu") in (None, "none") or device.get("gpu_slug") == "cpu"
+
+
+def _family(method: str):
+    return FAMILIES.get(method.partition(":")[0])
+
+
+def _dms_window(model: str | None) -> int | None:
+    """The DMS sliding window of a random model (``tiny``, ``qwen3-8b``); None for a checkpoint."""
+    try:
+        return int(model_config(model).dms_window_size)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What in these tables looks wrong and is not, each only where it applies: DMS compression below its
+    calibration (the window), Triton in the interpreter, VRAM not measured, single-repeat CPU figures."""
+    rows = ordered_rows(rows, meta.get("methods"))
+    ok = [r for r in rows if _ok(r)]
+    notes = []
+
+    below: dict[float, list[dict[str, Any]]] = {}  # calibrated target -> its evicting DMS rows below it
+    for r in ok:
+        found = re.search(r"calibrated to ([0-9.]+)x", r.get("weights") or meta.get("weights") or "")
+        family = _family(r["method"])
+        if found and family and family.backend and family.evict and r.get("compression") is not None:
+            target = float(found.group(1))
+            if r["compression"] < 0.9 * target:
+                below.setdefault(target, []).append(r)
+    for target, low in below.items():
+        example = [r for r in low if r["method"] == low[0]["method"]]
+        seen = f"{example[0]['method']}: {example[0]['compression']:.2f}x at {_ctx(example[0]['context'])}"
+        if len(example) > 1:
+            seen += f", {example[-1]['compression']:.2f}x at {_ctx(example[-1]['context'])}"
+        window = _dms_window(meta.get("model"))
+        what = f"the {window}-token window" if window else "the DMS window"
+        last = f"the last {window} tokens" if window else "the tokens of its sliding window"
+        notes.append(f"At short contexts {what} dominates: DMS never evicts {last}, so eviction calibrated to "
+                     f"{target:g}x shows less compression ({seen}), nearing {target:g}x as the prompt grows.")
+
+    if _no_gpu(meta):
+        triton = list(dict.fromkeys(r["method"] for r in ok if "triton" in r["method"].partition(":")[0]))
+        if triton:
+            speedups = [v for s in speedup_rows(rows) for v in (s["speedup"], s["mid_speedup"]) if v is not None]
+            example = f" (e.g. the {speedups[0]:.2f}x below)" if speedups else ""
+            notes.append(f"No GPU: the Triton rows ({', '.join(triton)}) ran in Triton's interpreter "
+                         f"(TRITON_INTERPRET=1, each kernel program stepped through in NumPy), so their times are "
+                         f"not speeds, and a speedup computed from them{example} is not a speedup.")
+    if any(r.get("peak_vram_bytes") is None for r in ok):
+        notes.append(f"{DASH} under Peak VRAM means not measured"
+                     + (": there is no GPU here (peak VRAM is CUDA's allocator peak)." if _no_gpu(meta) else "."))
+    if _no_gpu(meta) and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
+        notes.append("CPU figures from one timed run per cell (--repeats 1"
+                     + (", tiny random model" if meta.get("model") == "tiny" else "")
+                     + ") are smoke figures: they show that every method runs end to end, not how fast it is.")
+    return notes
+
+
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     device = meta.get("device", {})
     if not meta.get("weights_by_row"):  # one run: its text on every row that has none of its own
@@ -303,11 +365,12 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if _weights_differ(rows):
         weights = "weights differ between the joined runs (Weights column): " + ", ".join(
             f'"{text}"' for text in dict.fromkeys(r["weights"] for r in rows if r.get("weights")))
+    card = "no GPU (CPU)" if device.get("gpu") == "none" else device.get("gpu", DASH)
     parts = [
         "# dms-perf bench results",
         "",
         f"- date: {meta.get('date', DASH)}",
-        f"- card: {device.get('gpu', DASH)} (torch {device.get('torch', DASH)}, triton {device.get('triton', DASH)})",
+        f"- card: {card} (torch {device.get('torch', DASH)}, triton {device.get('triton', DASH)})",
         f"- model: {meta.get('model', DASH)}, {meta.get('dtype', DASH)}; {weights}",
         f"- workload: needle in a haystack, needle at depth {meta.get('needle_depth', DASH)}, "
         f"{meta.get('new_tokens', DASH)} new tokens, median of {meta.get('repeats', DASH)} runs after "
@@ -317,6 +380,11 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Time = TTFT (prefill, first token included) + decode; tok/s = generated tokens / time; peak VRAM "
         "includes the weights; compression = dense KV slots / slots still attended at the end.",
         "",
+    ]
+    notes = reading_notes(meta, rows)
+    if notes:
+        parts += ["**Reading this table**", "", *(f"- {n}" for n in notes), ""]
+    parts += [
         "## Full comparison",
         "",
         comparison_table(rows, meta.get("methods")),

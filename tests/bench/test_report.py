@@ -251,3 +251,51 @@ def test_speedup_table_compares_hub_hub_triton_and_triton():
     only = [r for r in rows if r["method"] != "dms-triton"]
     assert "| 4K | 2 | 1 | — | 2.00x | — | — | 20.00 | — | — |" in render_markdown({}, only)
     assert speedup_rows([r for r in rows if r["method"] != "dms-hub"]) == []
+
+
+_CPU_RUN = {"device": {"gpu": "none", "gpu_slug": "cpu"}, "model": "tiny", "dtype": "float32", "repeats": 1,
+            "weights": "random weights, eviction calibrated to 8x", "methods": ["vanilla", "dms-hub", "dms-triton"]}
+
+
+def _cpu_rows():
+    return [{**_row(128, "vanilla", 0.2), "repeats": 1},
+            {**_row(128, "dms-hub", 0.3, compression=5.09), "repeats": 1},
+            {**_row(256, "dms-hub", 1.1, compression=5.45), "repeats": 1},
+            {**_row(128, "dms-triton", 1.2, compression=5.09), "repeats": 1}]
+
+
+def _notes(md):
+    if "**Reading this table**" not in md:
+        return None
+    return md.split("**Reading this table**")[1].split("## Full comparison")[0]
+
+
+def test_reading_notes_on_a_cpu_smoke_run():
+    notes = _notes(render_markdown(_CPU_RUN, _cpu_rows()))
+    assert "16-token window dominates" in notes and "calibrated to 8x shows less compression" in notes
+    assert "dms-hub: 5.09x at 128, 5.45x at 256" in notes
+    assert "the Triton rows (dms-triton) ran in Triton's interpreter" in notes
+    assert "e.g. the 0.25x below" in notes  # dms-hub 0.3 s / dms-triton 1.2 s
+    assert "— under Peak VRAM means not measured: there is no GPU here" in notes
+    assert "one timed run per cell (--repeats 1, tiny random model) are smoke figures" in notes
+    assert "- card: no GPU (CPU)" in render_markdown(_CPU_RUN, _cpu_rows())
+
+
+def test_reading_notes_only_where_they_apply():
+    h100 = {**_DEFAULT_RUN, "device": {"gpu": "NVIDIA H100 80GB HBM3"}, "repeats": 3}
+    rows = [_row(4096, "vanilla", 0.4, vram=18 * GIB), _row(4096, "dms-triton", 0.5, vram=17 * GIB, compression=7.9),
+            _row(4096, "dense-triton", 0.5, vram=17 * GIB), _row(4096, "snapkv:0.5", 0.5, vram=17 * GIB, compression=2)]
+    assert _notes(render_markdown(h100, rows)) is None  # 7.9x of 8x, a GPU, VRAM measured, three repeats
+    short = [*rows, _row(8192, "dms-hub", 1.0, vram=17 * GIB, compression=4.27)]
+    notes = _notes(render_markdown(h100, short))
+    assert "512-token window dominates" in notes and "(dms-hub: 4.27x at 8K)" in notes
+    assert "interpreter" not in notes and "Peak VRAM" not in notes and "smoke" not in notes
+    # Uncalibrated weights (a --methods vanilla run, or DMS with --target-cr 0): nothing to explain.
+    assert _notes(render_markdown({**h100, "weights": "random weights"}, short)) is None
+    # A GPU run missing one row's VRAM: the dash is explained without blaming the machine.
+    notes = _notes(render_markdown(h100, [*rows, _row(8192, "vanilla", 1.0)]))
+    assert notes.strip() == "- — under Peak VRAM means not measured."
+    # CPU, three repeats, no Triton rows: only VRAM.
+    cpu = [{**r, "repeats": 3} for r in _cpu_rows() if r["method"] == "vanilla"]
+    assert _notes(render_markdown({**_CPU_RUN, "repeats": 3}, cpu)).strip() == (
+        "- — under Peak VRAM means not measured: there is no GPU here (peak VRAM is CUDA's allocator peak).")
