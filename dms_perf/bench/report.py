@@ -50,7 +50,7 @@ class ResultsWriter:
         """Write results.md and the plots; returns every file written."""
         md = self.out_dir / MD_NAME
         md.write_text(render_markdown(self.meta, self.rows))
-        return [self.json_path, md, *write_plots(self.rows, self.out_dir)]
+        return [self.json_path, md, *write_plots(self.rows, self.out_dir, self.meta)]
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -401,44 +401,182 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 # --- plots -------------------------------------------------------------------------------------------
 
+# One colour and one marker per method, fixed by the method's place in the registry's default list (the
+# same method looks the same in every plot and every run); methods outside it take the places after.
+# 16 colours and 15 markers: 16 methods differ in both, and (colour, marker) pairs stay distinct for 240.
+COLOURS = (
+    "#000000", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#8c564b", "#2ca02c",
+    "#bcbd22", "#e377c2", "#7f7f7f", "#393b79", "#f7b6d2", "#98df8a", "#c49c94", "#ffbb78",
+)
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H")
+SAME = 0.005  # series within this relative difference at every context: "same as" in the legend
+NEAR = 0.03  # within this: "≈"; both kinds are drawn side by side (DODGE log2 units apart along x)
+DODGE = 0.06
 
-def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
-    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM and KV cache) per method."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def method_styles(methods: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of each method."""
+    places = list(DEFAULT_METHODS) + [m for m in dict.fromkeys(methods) if m not in DEFAULT_METHODS]
+    index = {m: i for i, m in enumerate(places)}
+    return {m: (COLOURS[index[m] % len(COLOURS)], MARKERS[index[m] % len(MARKERS)]) for m in methods}
 
-    out_dir = Path(out_dir)
-    rows = ordered_rows(rows)
+
+def _coincide(a: dict[int, float], b: dict[int, float], tolerance: float) -> bool:
+    return a.keys() == b.keys() and all(abs(a[c] - b[c]) <= tolerance * max(abs(a[c]), abs(b[c])) for c in a)
+
+
+def _groups(data: dict[str, dict[int, float]]) -> dict[str, str]:
+    """Method -> the earlier method its series coincides with (within NEAR), itself if none."""
+    leader: dict[str, str] = {}
+    for m in data:
+        leader[m] = next((lead for lead in dict.fromkeys(leader.values()) if _coincide(data[lead], data[m], NEAR)), m)
+    return leader
+
+
+def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]]) -> str:
+    """``what``, model, card and date; under it what the figures are (weights, interpreter, smoke)."""
+    device = meta.get("device") or {}
+    no_gpu = bool(device) and _no_gpu(meta)
+    card = "CPU (no GPU)" if no_gpu else device.get("gpu", "unknown card")
+    model = " ".join(str(x) for x in (meta.get("model"), meta.get("dtype")) if x) or "unknown model"
+    title = f"{what}: {model} on {card}" + (f", {meta['date']}" if meta.get("date") else "")
     ok = [r for r in rows if _ok(r)]
+    caveats = []
+    if meta.get("weights_by_row"):
+        caveats.append("weights differ between the joined runs (results.md)")
+    elif meta.get("weights"):
+        caveats.append(meta["weights"])
+    if no_gpu and any("triton" in r["method"].partition(":")[0] for r in ok):
+        caveats.append("Triton rows ran in Triton's interpreter (not speeds)")
+    if no_gpu and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
+        caveats.append("one repeat: smoke figures")
+    lines = [title]
+    for k, caveat in enumerate(caveats):  # caveats under the title, lines broken between them only
+        if k and len(lines[-1]) + len(caveat) < 100:
+            lines[-1] += f"; {caveat}"
+        else:
+            lines.append(caveat)
+    return "\n".join(lines)
+
+
+_PANELS = {  # file -> (what, panels: (row key, axis label, panel title, unit))
+    TIME_PLOT: ("Time vs context", (
+        ("total_s", "total time", "Total time: prefill + decode", "s"),
+        ("prefill_s", "TTFT / prefill", "Time to first token (prefill)", "s"),
+    )),
+    MEMORY_PLOT: ("Memory vs context", (
+        ("peak_vram_bytes", "peak VRAM", "Peak VRAM (weights included)", "GiB"),
+        ("kv_bytes", "KV cache at end", "KV cache held at the end of generation", "bytes"),
+    )),
+}
+LOG_SPAN = 8  # a panel whose values span more than this factor gets a log y axis
+
+
+def _unit(unit: str, largest: float) -> tuple[str, float]:
+    """(unit shown, scale) of a panel: seconds as they are, VRAM in GiB, KV bytes in MiB (KiB below 1 MiB)."""
+    if unit == "GiB":
+        return "GiB", 2**-30
+    if unit == "bytes":
+        return ("MiB", 2**-20) if largest >= 2**20 else ("KiB", 2**-10)
+    return unit, 1.0
+
+
+def _failures(rows: list[dict[str, Any]]) -> str:
+    """'OOM at 16K, 32K; skipped at 64' for a legend."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        by.setdefault(r["status"].split(":")[0], []).append(_ctx(r["context"]))
+    return "; ".join(f"{status} at {', '.join(contexts)}" for status, contexts in by.items())
+
+
+def _tick(value, _pos=None) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:g}"
+
+
+def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures of ``write_plots`` (file name -> matplotlib Figure), not saved: one panel per measured
+    figure (a figure no row measured, e.g. peak VRAM without a GPU, gets none), each with its legend
+    right of its axes; coinciding methods are drawn side by side and named "same as" in the legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    meta = meta or {}
+    rows = ordered_rows(rows, meta.get("methods"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    panels = {
-        TIME_PLOT: (("total_s", "total time (s)", 1.0), ("prefill_s", "TTFT / prefill (s)", 1.0)),
-        MEMORY_PLOT: (("peak_vram_bytes", "peak VRAM (GiB)", 2**-30), ("kv_bytes", "KV cache at end (MiB)", 2**-20)),
-    }
-    written = []
-    for filename, specs in panels.items():
-        fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4.5))
-        for ax, (key, label, scale) in zip(axes, specs, strict=True):
-            plotted = False
-            for m in methods:
-                pts = sorted((r["context"], r[key] * scale) for r in ok if r["method"] == m and r.get(key) is not None)
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-                    plotted = True
+    styles = method_styles(methods)
+    failed = {m: [r for r in rows if r["method"] == m and not _ok(r)] for m in methods}
+    figures = {}
+    for filename, (what, specs) in _PANELS.items():
+        series = []  # per panel: method -> {context: value}
+        for key, *_ in specs:
+            values = {m: {r["context"]: r[key] for r in rows if r["method"] == m and _ok(r) and r.get(key) is not None}
+                      for m in methods}
+            series.append({m: v for m, v in values.items() if v})
+        panels = [(spec, data) for spec, data in zip(specs, series, strict=True) if data]
+        fig = Figure(figsize=(11, 0.9 + 4.1 * max(len(panels), 1)), layout="constrained")
+        FigureCanvasAgg(fig)
+        fig.suptitle(_plot_title(meta, what, rows), fontsize=11)
+        if not panels:
+            fig.text(0.5, 0.5, "no measured cells", ha="center", va="center")
+        notes = set()
+        axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0] if panels else []
+        for ax, ((_key, label, title, unit), data) in zip(axes, panels, strict=True):
+            leader = _groups(data)
+            values = [v for d in data.values() for v in d.values()]
+            unit, scale = _unit(unit, max(values))
+            log = min(values) > 0 and max(values) / min(values) > LOG_SPAN
+            for m in methods:  # legend in method order; a coinciding group's markers side by side
+                if m not in data:
+                    if failed[m]:  # every cell failed: named in the legend, nothing to draw
+                        colour, marker = styles[m]
+                        ax.plot([], [], color=colour, marker=marker, linestyle="none",
+                                label=f"{m} ({_failures(failed[m])})")
+                    continue
+                group = [n for n in data if leader[n] == leader[m]]
+                shift = 2 ** ((group.index(m) - (len(group) - 1) / 2) * DODGE)
+                name = m
+                if leader[m] != m:
+                    same = _coincide(data[leader[m]], data[m], SAME)
+                    name += f" (same as {leader[m]})" if same else f" (≈ {leader[m]})"
+                    notes.add("same" if same else "near")
+                if failed[m]:
+                    name += f" ({_failures(failed[m])})"
+                xs = sorted(data[m])
+                colour, marker = styles[m]
+                ax.plot([x * shift for x in xs], [data[m][x] * scale for x in xs], color=colour, marker=marker,
+                        markersize=6, linewidth=1.4, alpha=0.9, label=name)
+            contexts = sorted({c for v in data.values() for c in v})
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel(label)
+            ax.set_xticks(contexts, [_ctx(c) for c in contexts])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlim(contexts[0] / 2**0.3, contexts[-1] * 2**0.3)
+            if log:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(_tick))
+                ax.yaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("context (prompt tokens)")
+            ax.set_ylabel(f"{label} ({unit})" + (", log scale" if log else ""))
+            ax.set_title(title, fontsize=10, loc="left")
             ax.grid(True, alpha=0.3)
-            if plotted:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "not measured here (no CUDA device)" if key == "peak_vram_bytes" else "no data",
-                        ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+        if notes:
+            kinds = [f"'same as': within {SAME:.1%}"] * ("same" in notes)
+            kinds += [f"'≈': within {NEAR:.0%}"] * ("near" in notes)
+            fig.supxlabel("Methods whose values coincide at every context are drawn side by side (offset along x); "
+                          + ", ".join(kinds) + ".", fontsize=8, x=0.01, ha="left")
+        figures[filename] = fig
+    return figures
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike,
+                meta: dict[str, Any] | None = None) -> list[Path]:
+    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM, KV cache) per method."""
+    out_dir = Path(out_dir)
+    written = []
+    for filename, fig in build_figures(rows, meta).items():
         path = out_dir / filename
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         written.append(path)
     return written

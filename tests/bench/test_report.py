@@ -6,14 +6,16 @@ import json
 
 import pytest
 
-from dms_perf.bench.methods import resolve_methods
+from dms_perf.bench.methods import DEFAULT_METHODS, resolve_methods
 from dms_perf.bench.report import (
     MEMORY_PLOT,
     TIME_PLOT,
     ResultsWriter,
+    build_figures,
     comparison_table,
     load_results,
     merge_results,
+    method_styles,
     render_markdown,
     results_from_benchmarks,
     speedup_rows,
@@ -299,3 +301,101 @@ def test_reading_notes_only_where_they_apply():
     cpu = [{**r, "repeats": 3} for r in _cpu_rows() if r["method"] == "vanilla"]
     assert _notes(render_markdown({**_CPU_RUN, "repeats": 3}, cpu)).strip() == (
         "- — under Peak VRAM means not measured: there is no GPU here (peak VRAM is CUDA's allocator peak).")
+
+
+def _twelve_methods(vram=True):
+    """The 12 default methods at 4K, 8K and 32K: KV bytes alike within the kvpress presses and within the
+    evicting DMS methods, as measured; times all different."""
+    kv = {"vanilla": 8, "dense-triton": 8.3, "dmspress-knorm:0.5": 8, "snapkv:0.5": 4, "streamingllm:0.5": 4,
+          "knorm:0.5": 4, "expected-attention:0.5": 4}
+    rows = []
+    for i, method in enumerate(DEFAULT_METHODS):
+        for context in (4096, 8192, 32768):
+            vram_bytes = (16 + i / 10) * GIB if vram else None
+            rows.append(_row(context, method, 0.1 * (i + 1) * context / 4096, vram=vram_bytes,
+                             kv=int(kv.get(method, 1) * context * 2**10)))
+    return rows
+
+
+_H100_META = {"device": {"gpu": "NVIDIA H100 80GB HBM3"}, "model": "qwen3-8b", "dtype": "bfloat16",
+              "date": "2026-11-28 01:27 UTC", "weights": "random weights, eviction calibrated to 8x",
+              "methods": list(DEFAULT_METHODS), "repeats": 3}
+
+
+def _lines(ax):
+    return [line for line in ax.get_lines() if len(line.get_xdata())]
+
+
+def test_plots_name_model_card_and_date_and_read_4k_8k_32k():
+    figures = build_figures(_twelve_methods(), _H100_META)
+    assert set(figures) == {TIME_PLOT, MEMORY_PLOT}
+    for fig in figures.values():
+        title = fig.get_suptitle()
+        assert "qwen3-8b" in title and "NVIDIA H100 80GB HBM3" in title and "2026-11-28 01:27 UTC" in title
+        assert len(fig.axes) == 2
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["4K", "8K", "32K"]
+            assert list(ax.xaxis.get_minorticklocs()) == []  # no 2^13-style ticks in between
+
+
+def test_plots_give_each_method_its_own_colour_and_marker_and_keep_legends_outside():
+    extra = [_row(c, m, 0.05, vram=GIB) for m in ("snapkv:0.25", "my-press") for c in (4096, 8192, 32768)]
+    for rows, count in ((_twelve_methods(), 12), (_twelve_methods() + extra, 14)):
+        for fig in build_figures(rows, _H100_META).values():
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            for ax in fig.axes:
+                lines = _lines(ax)
+                assert lines, f"empty panel {ax.get_title()}"
+                assert len({line.get_color() for line in lines}) == count
+                assert len({line.get_marker() for line in lines}) == count
+                assert len({(line.get_color(), line.get_marker()) for line in lines}) == count
+                legend = ax.get_legend()
+                assert legend is not None and len(legend.get_texts()) == count
+                assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    # The same method looks the same in every figure and every run.
+    assert method_styles(["knorm:0.5"]) == {"knorm:0.5": method_styles(list(DEFAULT_METHODS))["knorm:0.5"]}
+
+
+def test_plots_show_methods_that_coincide():
+    memory = build_figures(_twelve_methods(), _H100_META)[MEMORY_PLOT]
+    kv = next(ax for ax in memory.axes if "KV cache" in ax.get_ylabel())
+    labels = [t.get_text() for t in kv.get_legend().get_texts()]
+    assert "streamingllm:0.5 (same as snapkv:0.5)" in labels and "expected-attention:0.5 (same as snapkv:0.5)" in labels
+    assert "dms-triton (same as dms-hub)" in labels and "dmspress-knorm:0.5 (same as vanilla)" in labels
+    assert "snapkv:0.5" in labels and "vanilla" in labels
+    assert "dense-triton" in labels  # 4% more: drawn where it is, not called the same
+    by_label = {line.get_label(): line for line in _lines(kv)}
+    presses = [by_label[n] for n in labels if n.startswith(("snapkv", "streamingllm", "knorm", "expected"))]
+    assert all(list(p.get_ydata()) == list(presses[0].get_ydata()) for p in presses)
+    firsts = [p.get_xdata()[0] for p in presses]
+    assert len(set(firsts)) == 4 and min(firsts) < 4096 < max(firsts)  # side by side around the context
+    assert "drawn side by side" in memory.get_supxlabel()
+    time = build_figures(_twelve_methods(), _H100_META)[TIME_PLOT]
+    assert not any("same as" in t.get_text() for ax in time.axes for t in ax.get_legend().get_texts())
+    assert all(line.get_xdata()[0] == 4096 for ax in time.axes for line in _lines(ax))
+
+
+def test_plots_without_a_gpu_have_no_empty_panel():
+    rows = [{**r, "repeats": 1} for r in _twelve_methods(vram=False)]
+    figures = build_figures(rows, {**_H100_META, "device": {"gpu": "none", "gpu_slug": "cpu"}, "model": "tiny",
+                                   "dtype": "float32", "repeats": 1})
+    memory = figures[MEMORY_PLOT]
+    assert [ax.get_ylabel() for ax in memory.axes] == ["KV cache at end (MiB), log scale"]
+    title = memory.get_suptitle()
+    assert "CPU (no GPU)" in title and "interpreter" in title and "smoke" in title
+    assert all(_lines(ax) for fig in figures.values() for ax in fig.axes)
+
+
+def test_plots_draw_one_point_per_cell_and_name_failures():
+    rows = [*_rows(), _row(4096, "vanilla", 0.1, vram=18 * GIB), _row(8192, "vanilla", 0.8, vram=18 * GIB),
+            {"context": 4096, "method": "snapkv:0.5", "new_tokens": 9, "status": "OOM"},
+            {"context": 8192, "method": "snapkv:0.5", "new_tokens": 9, "status": "OOM"},
+            {"context": 2048, "method": "snapkv:0.5", "new_tokens": 9, "status": "skipped: too short"}]
+    fig = build_figures(rows, {})[TIME_PLOT]
+    total = fig.axes[0]
+    by_label = {line.get_label(): line for line in total.get_lines()}
+    assert list(by_label["vanilla"].get_ydata()) == [1.1, 1.8]  # the later 4K row, once
+    assert list(by_label["dms-hub (OOM at 8K)"].get_xdata()) == [4096]
+    assert "snapkv:0.5 (skipped at 2K; OOM at 4K, 8K)" in by_label  # named in the legend, nothing to draw
+    assert [t.get_text() for t in total.get_xticklabels()] == ["4K", "8K"]
