@@ -399,3 +399,16 @@ def test_plots_draw_one_point_per_cell_and_name_failures():
     assert list(by_label["dms-hub (OOM at 8K)"].get_xdata()) == [4096]
     assert "snapkv:0.5 (skipped at 2K; OOM at 4K, 8K)" in by_label  # named in the legend, nothing to draw
     assert [t.get_text() for t in total.get_xticklabels()] == ["4K", "8K"]
+
+
+def test_bench_runs_record_their_seed_and_join_only_on_the_same_one(tmp_path):
+    from dms_perf.bench.cli import main
+
+    common = ["bench", "--model", "tiny", "--contexts", "32", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"]
+    for name, seed, methods in (("a", "0", "vanilla"), ("b", "0", "knorm:0.5"), ("c", "1", "knorm:0.5")):
+        assert main([*common, "--methods", methods, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    assert load_results(tmp_path / "c")[0]["seed"] == 1
+    meta, rows = merge_results([tmp_path / "a", tmp_path / "b"])
+    assert meta["seed"] == 0 and [r["method"] for r in rows] == ["vanilla", "knorm:0.5"]
+    with pytest.raises(ValueError, match="seed"):
+        merge_results([tmp_path / "a", tmp_path / "c"])
