@@ -365,7 +365,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if _weights_differ(rows):
         weights = "weights differ between the joined runs (Weights column): " + ", ".join(
             f'"{text}"' for text in dict.fromkeys(r["weights"] for r in rows if r.get("weights")))
-    card = "no GPU (CPU)" if device.get("gpu") == "none" else device.get("gpu", DASH)
+    card = "no GPU, CPU only" if device.get("gpu") == "none" else device.get("gpu", DASH)
     parts = [
         "# dms-perf bench results",
         "",

@@ -280,7 +280,7 @@ def test_reading_notes_on_a_cpu_smoke_run():
     assert "e.g. the 0.25x below" in notes  # dms-hub 0.3 s / dms-triton 1.2 s
     assert "— under Peak VRAM means not measured: there is no GPU here" in notes
     assert "one timed run per cell (--repeats 1, tiny random model) are smoke figures" in notes
-    assert "- card: no GPU (CPU)" in render_markdown(_CPU_RUN, _cpu_rows())
+    assert "- card: no GPU, CPU only (torch" in render_markdown(_CPU_RUN, _cpu_rows())
 
 
 def test_reading_notes_only_where_they_apply():
