@@ -163,6 +163,7 @@ def run_bench(args, parser) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "needle_depth": args.needle_depth,
+        "seed": args.seed,
         "tokenizer": tokenizer,
         "calibration": {},
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),

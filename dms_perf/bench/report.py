@@ -2,7 +2,7 @@
 
 results.md holds the two tables of the kvcompress study: the full comparison (context, method, time,
 tok/s, VRAM, TTFT, decode tok/s, KV bytes, compression, retrieval) and the DMS prefill speedup
-(hub vs triton: prefill seconds, speedup, VRAM saved).
+(hub vs hub-triton vs triton: prefill seconds, speedups, VRAM saved).
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from dms_perf.bench.methods import DEFAULT_METHODS
+from dms_perf.bench.methods import DEFAULT_METHODS, FAMILIES, model_config
 
 JSON_NAME = "results.json"
 MD_NAME = "results.md"
@@ -49,7 +50,7 @@ class ResultsWriter:
         """Write results.md and the plots; returns every file written."""
         md = self.out_dir / MD_NAME
         md.write_text(render_markdown(self.meta, self.rows))
-        return [self.json_path, md, *write_plots(self.rows, self.out_dir)]
+        return [self.json_path, md, *write_plots(self.rows, self.out_dir, self.meta)]
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -101,14 +102,21 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
         "calibration": {},
         "command": "pytest benchmarks/test_end_to_end.py" + (f" (pytest-benchmark JSON {source})" if source else ""),
     }
+    for row in rows:  # the run's text on every row, as merge_results keeps it (extra_info has the model's only)
+        row["weights"] = weights
     return meta, rows
 
 
 def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Join runs made in parts (e.g. one device call per group of methods) on the same card.
+    """Join runs made in parts (e.g. one device call per group of methods, or a ``--methods vanilla`` run
+    with a default one) on the same card.
 
-    Metadata is the first run's, with the union of contexts and methods and every command; a cell
-    measured twice keeps the later run's row. Runs from different cards, models or dtypes raise ValueError.
+    Runs join when their card (``device["gpu"]``), model, dtype and seed agree (a seed a run does not
+    record agrees with any); other runs raise ValueError. Each row keeps the weights text of the run it
+    came from (``row["weights"]``: "random weights", "random weights, eviction calibrated to 8x", ...), so
+    runs calibrated differently can be joined and still be told apart. Metadata is the first run's, with
+    the union of contexts and methods (in the order the runs list them) and every command; a cell
+    measured twice keeps the later run's row. Rows come in method order, then by context.
     """
     if not paths:
         raise ValueError("merge_results needs at least one results.json")
@@ -118,16 +126,58 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
         m, r = load_results(path)
         if not meta:
             meta = {**m, "commands": []}
-        for key in ("device", "model", "dtype", "weights"):
-            if m.get(key) != meta.get(key):
-                raise ValueError(f"cannot merge {path}: its {key} {m.get(key)!r} differs from {meta.get(key)!r}")
+        for what, mine, first in (
+            ("device gpu", m.get("device", {}).get("gpu"), meta.get("device", {}).get("gpu")),
+            ("model", m.get("model"), meta.get("model")),
+            ("dtype", m.get("dtype"), meta.get("dtype")),
+        ):
+            if mine != first:
+                raise ValueError(f"cannot merge {path}: its {what} {mine!r} differs from {first!r}")
+        if m.get("seed") is not None:
+            if meta.get("seed") is None:
+                meta["seed"] = m["seed"]
+            elif m["seed"] != meta["seed"]:
+                raise ValueError(f"cannot merge {path}: its seed {m['seed']!r} differs from {meta['seed']!r}")
         meta["commands"].append(m.get("command"))
         meta["contexts"] = sorted(set(meta.get("contexts", [])) | set(m.get("contexts", [])))
         meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
         meta["calibration"] = {**meta.get("calibration", {}), **m.get("calibration", {})}
-        rows.update({(row["context"], row["method"]): row for row in r})
+        for row in r:
+            row = dict(row)
+            if not m.get("weights_by_row") and m.get("weights") is not None:
+                row["weights"] = m["weights"]  # the run's own text (a row of an older file may hold less)
+            rows[(row["context"], row["method"])] = row
     meta["command"] = " ; ".join(c for c in meta.pop("commands") if c)
-    return meta, list(rows.values())
+    merged = ordered_rows(list(rows.values()), meta["methods"])
+    texts = list(dict.fromkeys(r["weights"] for r in merged if r.get("weights") is not None))
+    meta.pop("weights_by_row", None)
+    if len(texts) > 1:
+        meta["weights"] = "per row: " + " | ".join(texts)
+        meta["weights_by_row"] = True
+    elif texts:
+        meta["weights"] = texts[0]
+    return meta, merged
+
+
+def method_order(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[str]:
+    """Methods of ``rows`` in the order ``methods`` (a run's ``--methods``, its meta) lists them, repeats
+    dropped; methods it does not list (or all, without it) follow in the registry's default order, then
+    in the order of the rows."""
+    present = set(r["method"] for r in rows)
+    listed = [m for m in dict.fromkeys(methods or []) if m in present]
+    rest = [m for m in DEFAULT_METHODS if m in present and m not in listed]
+    rest += [m for m in dict.fromkeys(r["method"] for r in rows) if m not in listed and m not in rest]
+    return listed + rest
+
+
+def ordered_rows(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (context, method) cell, a cell listed twice keeping its later row, in method order
+    (``method_order``), then by context."""
+    cells: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in rows:
+        cells[(r["context"], r["method"])] = r
+    order = {m: i for i, m in enumerate(method_order(rows, methods))}
+    return sorted(cells.values(), key=lambda r: (order[r["method"]], r["context"]))
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -162,67 +212,166 @@ def _ctx(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def comparison_table(rows: list[dict[str, Any]]) -> str:
+def _weights_differ(rows: list[dict[str, Any]]) -> bool:
+    return len({r["weights"] for r in rows if r.get("weights") is not None}) > 1
+
+
+def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
+    """The full comparison, one row per cell in ``methods`` order, then by context (``ordered_rows``); a
+    Weights column (each row's run's weights text) where joined runs differ."""
+    rows = ordered_rows(rows, methods)
+    weights = _weights_differ(rows)
     head = ("| Context | Method | Time (s) | tok/s | Peak VRAM (GiB) | TTFT (s) | Prefill tok/s | Decode tok/s "
-            "| KV cache (MiB) | Compression | Retrieval |")
+            "| KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(rows, key=lambda r: r["context"]):
+    for r in rows:
+        tail = f" {r.get('weights') or DASH} |" if weights else ""
         if not _ok(r):
-            lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8)
+            lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8 + tail)
             continue
         compression = DASH if r.get("compression") is None else f"{r['compression']:.2f}x"
         lines.append(
             f"| {_ctx(r['context'])} | {r['method']} | {_num(r['total_s'])} | {_num(_tok_s(r))} "
             f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
-            f"| {_num(r.get('decode_tok_s'))} | {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |"
+            f"| {_num(r.get('decode_tok_s'))} | {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |" + tail
         )
     return "\n".join(lines)
 
 
-def speedup_rows(rows: list[dict[str, Any]], base: str = "dms-hub", fast: str = "dms-triton") -> list[dict[str, Any]]:
-    """Per context with both methods present: prefill seconds, speedup and VRAM saved (None if n/a)."""
+def speedup_rows(rows: list[dict[str, Any]], base: str = "dms-hub", fast: str = "dms-triton",
+                 mid: str = "dms-hub-triton") -> list[dict[str, Any]]:
+    """Per context with ``base`` and ``fast`` or ``mid`` present: prefill seconds of the three (None where
+    a method is absent or failed, its status then in ``*_status``), the speedups of ``mid`` and ``fast``
+    over ``base`` and of ``fast`` over ``mid``, and the VRAM ``fast`` saves over ``base`` (None if n/a)."""
     by = {(r["context"], r["method"]): r for r in rows}
     out = []
     for ctx in sorted({r["context"] for r in rows}):
-        b, f = by.get((ctx, base)), by.get((ctx, fast))
-        if b is None or f is None:
+        b, m, f = by.get((ctx, base)), by.get((ctx, mid)), by.get((ctx, fast))
+        if b is None or (f is None and m is None):
             continue
-        both = _ok(b) and _ok(f)
-        vram_b, vram_f = b.get("peak_vram_bytes"), f.get("peak_vram_bytes")
+        prefill = {k: r["prefill_s"] if r is not None and _ok(r) else None for k, r in (("b", b), ("m", m), ("f", f))}
+        vram_b = b.get("peak_vram_bytes") if _ok(b) else None
+        vram_f = f.get("peak_vram_bytes") if f is not None and _ok(f) else None
         out.append({
             "context": ctx,
-            "base_status": b["status"], "fast_status": f["status"],
-            "base_prefill_s": b.get("prefill_s"), "fast_prefill_s": f.get("prefill_s"),
-            "speedup": b["prefill_s"] / f["prefill_s"] if both else None,
+            "base_status": b["status"], "mid_status": m and m["status"], "fast_status": f and f["status"],
+            "base_prefill_s": prefill["b"], "mid_prefill_s": prefill["m"], "fast_prefill_s": prefill["f"],
+            "speedup": _ratio(prefill["b"], prefill["f"]),
+            "mid_speedup": _ratio(prefill["b"], prefill["m"]),
+            "fast_over_mid": _ratio(prefill["m"], prefill["f"]),
             "base_vram_bytes": vram_b, "fast_vram_bytes": vram_f,
-            "vram_saved_bytes": vram_b - vram_f if both and vram_b is not None and vram_f is not None else None,
+            "vram_saved_bytes": vram_b - vram_f if vram_b is not None and vram_f is not None else None,
         })
     return out
 
 
+def _ratio(slow: float | None, fast: float | None) -> float | None:
+    return slow / fast if slow is not None and fast else None
+
+
 def speedup_table(rows: list[dict[str, Any]]) -> str:
+    """dms-hub vs dms-hub-triton vs dms-triton prefill; a method absent from the run shows a dash, a
+    failed one its status."""
     lines = [
-        "| Context | Hub prefill (s) | Triton prefill (s) | Speedup | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
+        "| Context | Hub prefill (s) | Hub-triton prefill (s) | Triton prefill (s) | Hub-triton speedup over hub "
+        "| Triton speedup over hub | Triton over hub-triton | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
         "| VRAM saved (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def prefill(status, seconds):
+        return DASH if status is None else _num(seconds) if status == "ok" else status
+
+    def times(value):
+        return DASH if value is None else f"{value:.2f}x"
+
     for s in speedup_rows(rows):
-        hub = _num(s["base_prefill_s"]) if s["base_status"] == "ok" else s["base_status"]
-        tri = _num(s["fast_prefill_s"]) if s["fast_status"] == "ok" else s["fast_status"]
-        speedup = DASH if s["speedup"] is None else f"{s['speedup']:.2f}x"
-        lines.append(f"| {_ctx(s['context'])} | {hub} | {tri} | {speedup} | {_gib(s['base_vram_bytes'])} "
-                     f"| {_gib(s['fast_vram_bytes'])} | {_gib(s['vram_saved_bytes'])} |")
+        lines.append(
+            f"| {_ctx(s['context'])} | {prefill(s['base_status'], s['base_prefill_s'])} "
+            f"| {prefill(s['mid_status'], s['mid_prefill_s'])} | {prefill(s['fast_status'], s['fast_prefill_s'])} "
+            f"| {times(s['mid_speedup'])} | {times(s['speedup'])} | {times(s['fast_over_mid'])} "
+            f"| {_gib(s['base_vram_bytes'])} | {_gib(s['fast_vram_bytes'])} | {_gib(s['vram_saved_bytes'])} |"
+        )
     return "\n".join(lines)
+
+
+def _no_gpu(meta: dict[str, Any]) -> bool:
+    device = meta.get("device") or {}
+    return device.get("gpu") in (None, "none") or device.get("gpu_slug") == "cpu"
+
+
+def _family(method: str):
+    return FAMILIES.get(method.partition(":")[0])
+
+
+def _dms_window(model: str | None) -> int | None:
+    """The DMS sliding window of a random model (``tiny``, ``qwen3-8b``); None for a checkpoint."""
+    try:
+        return int(model_config(model).dms_window_size)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What in these tables looks wrong and is not, each only where it applies: DMS compression below its
+    calibration (the window), Triton in the interpreter, VRAM not measured, single-repeat CPU figures."""
+    rows = ordered_rows(rows, meta.get("methods"))
+    ok = [r for r in rows if _ok(r)]
+    notes = []
+
+    below: dict[float, list[dict[str, Any]]] = {}  # calibrated target -> its evicting DMS rows below it
+    for r in ok:
+        found = re.search(r"calibrated to ([0-9.]+)x", r.get("weights") or meta.get("weights") or "")
+        family = _family(r["method"])
+        if found and family and family.backend and family.evict and r.get("compression") is not None:
+            target = float(found.group(1))
+            if r["compression"] < 0.9 * target:
+                below.setdefault(target, []).append(r)
+    for target, low in below.items():
+        example = [r for r in low if r["method"] == low[0]["method"]]
+        seen = f"{example[0]['method']}: {example[0]['compression']:.2f}x at {_ctx(example[0]['context'])}"
+        if len(example) > 1:
+            seen += f", {example[-1]['compression']:.2f}x at {_ctx(example[-1]['context'])}"
+        window = _dms_window(meta.get("model"))
+        what = f"the {window}-token window" if window else "the DMS window"
+        last = f"the last {window} tokens" if window else "the tokens of its sliding window"
+        notes.append(f"At short contexts {what} dominates: DMS never evicts {last}, so eviction calibrated to "
+                     f"{target:g}x shows less compression ({seen}), nearing {target:g}x as the prompt grows.")
+
+    if _no_gpu(meta):
+        triton = list(dict.fromkeys(r["method"] for r in ok if "triton" in r["method"].partition(":")[0]))
+        if triton:
+            speedups = [v for s in speedup_rows(rows) for v in (s["speedup"], s["mid_speedup"]) if v is not None]
+            example = f" (e.g. the {speedups[0]:.2f}x below)" if speedups else ""
+            notes.append(f"No GPU: the Triton rows ({', '.join(triton)}) ran in Triton's interpreter "
+                         f"(TRITON_INTERPRET=1, each kernel program stepped through in NumPy), so their times are "
+                         f"not speeds, and a speedup computed from them{example} is not a speedup.")
+    if any(r.get("peak_vram_bytes") is None for r in ok):
+        notes.append(f"{DASH} under Peak VRAM means not measured"
+                     + (": there is no GPU here (peak VRAM is CUDA's allocator peak)." if _no_gpu(meta) else "."))
+    if _no_gpu(meta) and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
+        notes.append("CPU figures from one timed run per cell (--repeats 1"
+                     + (", tiny random model" if meta.get("model") == "tiny" else "")
+                     + ") are smoke figures: they show that every method runs end to end, not how fast it is.")
+    return notes
 
 
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     device = meta.get("device", {})
+    if not meta.get("weights_by_row"):  # one run: its text on every row that has none of its own
+        rows = [r if r.get("weights") or meta.get("weights") is None else {**r, "weights": meta["weights"]}
+                for r in rows]
+    weights = meta.get("weights", DASH)
+    if _weights_differ(rows):
+        weights = "weights differ between the joined runs (Weights column): " + ", ".join(
+            f'"{text}"' for text in dict.fromkeys(r["weights"] for r in rows if r.get("weights")))
+    card = "no GPU, CPU only" if device.get("gpu") == "none" else device.get("gpu", DASH)
     parts = [
         "# dms-perf bench results",
         "",
         f"- date: {meta.get('date', DASH)}",
-        f"- card: {device.get('gpu', DASH)} (torch {device.get('torch', DASH)}, triton {device.get('triton', DASH)})",
-        f"- model: {meta.get('model', DASH)}, {meta.get('dtype', DASH)}; {meta.get('weights', DASH)}",
+        f"- card: {card} (torch {device.get('torch', DASH)}, triton {device.get('triton', DASH)})",
+        f"- model: {meta.get('model', DASH)}, {meta.get('dtype', DASH)}; {weights}",
         f"- workload: needle in a haystack, needle at depth {meta.get('needle_depth', DASH)}, "
         f"{meta.get('new_tokens', DASH)} new tokens, median of {meta.get('repeats', DASH)} runs after "
         f"{meta.get('warmup', DASH)} warm-up",
@@ -231,59 +380,203 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Time = TTFT (prefill, first token included) + decode; tok/s = generated tokens / time; peak VRAM "
         "includes the weights; compression = dense KV slots / slots still attended at the end.",
         "",
+    ]
+    notes = reading_notes(meta, rows)
+    if notes:
+        parts += ["**Reading this table**", "", *(f"- {n}" for n in notes), ""]
+    parts += [
         "## Full comparison",
         "",
-        comparison_table(rows),
+        comparison_table(rows, meta.get("methods")),
         "",
-        "## DMS prefill speedup (hub vs triton)",
+        "## DMS prefill speedup (hub vs hub-triton vs triton)",
         "",
     ]
     if speedup_rows(rows):
         parts.append(speedup_table(rows))
     else:
-        parts.append("Needs both dms-hub and dms-triton in --methods.")
+        parts.append("Needs both dms-hub and dms-triton (or dms-hub-triton) in --methods.")
     return "\n".join(parts) + "\n"
 
 
 # --- plots -------------------------------------------------------------------------------------------
 
+# One colour and one marker per method, fixed by the method's place in the registry's default list (the
+# same method looks the same in every plot and every run); methods outside it take the places after.
+# 16 colours and 15 markers: 16 methods differ in both, and (colour, marker) pairs stay distinct for 240.
+COLOURS = (
+    "#000000", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#8c564b", "#2ca02c",
+    "#bcbd22", "#e377c2", "#7f7f7f", "#393b79", "#f7b6d2", "#98df8a", "#c49c94", "#ffbb78",
+)
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H")
+SAME = 0.005  # series within this relative difference at every context: "same as" in the legend
+NEAR = 0.03  # within this: "≈"; both kinds are drawn side by side (DODGE log2 units apart along x)
+DODGE = 0.06
 
-def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
-    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM and KV cache) per method."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def method_styles(methods: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of each method."""
+    places = list(DEFAULT_METHODS) + [m for m in dict.fromkeys(methods) if m not in DEFAULT_METHODS]
+    index = {m: i for i, m in enumerate(places)}
+    return {m: (COLOURS[index[m] % len(COLOURS)], MARKERS[index[m] % len(MARKERS)]) for m in methods}
 
-    out_dir = Path(out_dir)
+
+def _coincide(a: dict[int, float], b: dict[int, float], tolerance: float) -> bool:
+    return a.keys() == b.keys() and all(abs(a[c] - b[c]) <= tolerance * max(abs(a[c]), abs(b[c])) for c in a)
+
+
+def _groups(data: dict[str, dict[int, float]]) -> dict[str, str]:
+    """Method -> the earlier method its series coincides with (within NEAR), itself if none."""
+    leader: dict[str, str] = {}
+    for m in data:
+        leader[m] = next((lead for lead in dict.fromkeys(leader.values()) if _coincide(data[lead], data[m], NEAR)), m)
+    return leader
+
+
+def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]]) -> str:
+    """``what``, model, card and date; under it what the figures are (weights, interpreter, smoke)."""
+    device = meta.get("device") or {}
+    no_gpu = bool(device) and _no_gpu(meta)
+    card = "CPU (no GPU)" if no_gpu else device.get("gpu", "unknown card")
+    model = " ".join(str(x) for x in (meta.get("model"), meta.get("dtype")) if x) or "unknown model"
+    title = f"{what}: {model} on {card}" + (f", {meta['date']}" if meta.get("date") else "")
     ok = [r for r in rows if _ok(r)]
+    caveats = []
+    if meta.get("weights_by_row"):
+        caveats.append("weights differ between the joined runs (results.md)")
+    elif meta.get("weights"):
+        caveats.append(meta["weights"])
+    if no_gpu and any("triton" in r["method"].partition(":")[0] for r in ok):
+        caveats.append("Triton rows ran in Triton's interpreter (not speeds)")
+    if no_gpu and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
+        caveats.append("one repeat: smoke figures")
+    lines = [title]
+    for k, caveat in enumerate(caveats):  # caveats under the title, lines broken between them only
+        if k and len(lines[-1]) + len(caveat) < 100:
+            lines[-1] += f"; {caveat}"
+        else:
+            lines.append(caveat)
+    return "\n".join(lines)
+
+
+_PANELS = {  # file -> (what, panels: (row key, axis label, panel title, unit))
+    TIME_PLOT: ("Time vs context", (
+        ("total_s", "total time", "Total time: prefill + decode", "s"),
+        ("prefill_s", "TTFT / prefill", "Time to first token (prefill)", "s"),
+    )),
+    MEMORY_PLOT: ("Memory vs context", (
+        ("peak_vram_bytes", "peak VRAM", "Peak VRAM (weights included)", "GiB"),
+        ("kv_bytes", "KV cache at end", "KV cache held at the end of generation", "bytes"),
+    )),
+}
+LOG_SPAN = 8  # a panel whose values span more than this factor gets a log y axis
+
+
+def _unit(unit: str, largest: float) -> tuple[str, float]:
+    """(unit shown, scale) of a panel: seconds as they are, VRAM in GiB, KV bytes in MiB (KiB below 1 MiB)."""
+    if unit == "GiB":
+        return "GiB", 2**-30
+    if unit == "bytes":
+        return ("MiB", 2**-20) if largest >= 2**20 else ("KiB", 2**-10)
+    return unit, 1.0
+
+
+def _failures(rows: list[dict[str, Any]]) -> str:
+    """'OOM at 16K, 32K; skipped at 64' for a legend."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        by.setdefault(r["status"].split(":")[0], []).append(_ctx(r["context"]))
+    return "; ".join(f"{status} at {', '.join(contexts)}" for status, contexts in by.items())
+
+
+def _tick(value, _pos=None) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:g}"
+
+
+def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures of ``write_plots`` (file name -> matplotlib Figure), not saved: one panel per measured
+    figure (a figure no row measured, e.g. peak VRAM without a GPU, gets none), each with its legend
+    right of its axes; coinciding methods are drawn side by side and named "same as" in the legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    meta = meta or {}
+    rows = ordered_rows(rows, meta.get("methods"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    panels = {
-        TIME_PLOT: (("total_s", "total time (s)", 1.0), ("prefill_s", "TTFT / prefill (s)", 1.0)),
-        MEMORY_PLOT: (("peak_vram_bytes", "peak VRAM (GiB)", 2**-30), ("kv_bytes", "KV cache at end (MiB)", 2**-20)),
-    }
-    written = []
-    for filename, specs in panels.items():
-        fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4.5))
-        for ax, (key, label, scale) in zip(axes, specs, strict=True):
-            plotted = False
-            for m in methods:
-                pts = sorted((r["context"], r[key] * scale) for r in ok if r["method"] == m and r.get(key) is not None)
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-                    plotted = True
+    styles = method_styles(methods)
+    failed = {m: [r for r in rows if r["method"] == m and not _ok(r)] for m in methods}
+    figures = {}
+    for filename, (what, specs) in _PANELS.items():
+        series = []  # per panel: method -> {context: value}
+        for key, *_ in specs:
+            values = {m: {r["context"]: r[key] for r in rows if r["method"] == m and _ok(r) and r.get(key) is not None}
+                      for m in methods}
+            series.append({m: v for m, v in values.items() if v})
+        panels = [(spec, data) for spec, data in zip(specs, series, strict=True) if data]
+        fig = Figure(figsize=(11, 0.9 + 4.1 * max(len(panels), 1)), layout="constrained")
+        FigureCanvasAgg(fig)
+        fig.suptitle(_plot_title(meta, what, rows), fontsize=11)
+        if not panels:
+            fig.text(0.5, 0.5, "no measured cells", ha="center", va="center")
+        notes = set()
+        axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0] if panels else []
+        for ax, ((_key, label, title, unit), data) in zip(axes, panels, strict=True):
+            leader = _groups(data)
+            values = [v for d in data.values() for v in d.values()]
+            unit, scale = _unit(unit, max(values))
+            log = min(values) > 0 and max(values) / min(values) > LOG_SPAN
+            for m in methods:  # legend in method order; a coinciding group's markers side by side
+                if m not in data:
+                    if failed[m]:  # every cell failed: named in the legend, nothing to draw
+                        colour, marker = styles[m]
+                        ax.plot([], [], color=colour, marker=marker, linestyle="none",
+                                label=f"{m} ({_failures(failed[m])})")
+                    continue
+                group = [n for n in data if leader[n] == leader[m]]
+                shift = 2 ** ((group.index(m) - (len(group) - 1) / 2) * DODGE)
+                name = m
+                if leader[m] != m:
+                    same = _coincide(data[leader[m]], data[m], SAME)
+                    name += f" (same as {leader[m]})" if same else f" (≈ {leader[m]})"
+                    notes.add("same" if same else "near")
+                if failed[m]:
+                    name += f" ({_failures(failed[m])})"
+                xs = sorted(data[m])
+                colour, marker = styles[m]
+                ax.plot([x * shift for x in xs], [data[m][x] * scale for x in xs], color=colour, marker=marker,
+                        markersize=6, linewidth=1.4, alpha=0.9, label=name)
+            contexts = sorted({c for v in data.values() for c in v})
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel(label)
+            ax.set_xticks(contexts, [_ctx(c) for c in contexts])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlim(contexts[0] / 2**0.3, contexts[-1] * 2**0.3)
+            if log:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(_tick))
+                ax.yaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("context (prompt tokens)")
+            ax.set_ylabel(f"{label} ({unit})" + (", log scale" if log else ""))
+            ax.set_title(title, fontsize=10, loc="left")
             ax.grid(True, alpha=0.3)
-            if plotted:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "not measured here (no CUDA device)" if key == "peak_vram_bytes" else "no data",
-                        ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+        if notes:
+            kinds = [f"'same as': within {SAME:.1%}"] * ("same" in notes)
+            kinds += [f"'≈': within {NEAR:.0%}"] * ("near" in notes)
+            fig.supxlabel("Methods whose values coincide at every context are drawn side by side (offset along x); "
+                          + ", ".join(kinds) + ".", fontsize=8, x=0.01, ha="left")
+        figures[filename] = fig
+    return figures
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike,
+                meta: dict[str, Any] | None = None) -> list[Path]:
+    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM, KV cache) per method."""
+    out_dir = Path(out_dir)
+    written = []
+    for filename, fig in build_figures(rows, meta).items():
         path = out_dir / filename
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         written.append(path)
     return written

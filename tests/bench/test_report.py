@@ -6,12 +6,16 @@ import json
 
 import pytest
 
+from dms_perf.bench.methods import DEFAULT_METHODS, resolve_methods
 from dms_perf.bench.report import (
     MEMORY_PLOT,
     TIME_PLOT,
     ResultsWriter,
+    build_figures,
+    comparison_table,
     load_results,
     merge_results,
+    method_styles,
     render_markdown,
     results_from_benchmarks,
     speedup_rows,
@@ -64,11 +68,12 @@ def test_finish_writes_markdown_and_plots(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
     md = (tmp_path / "results.md").read_text()
     assert "NVIDIA H100 80GB HBM3" in md and "random weights, eviction calibrated to 8x" in md
-    assert "## Full comparison" in md and "## DMS prefill speedup (hub vs triton)" in md
+    assert "## Full comparison" in md and "## DMS prefill speedup (hub vs hub-triton vs triton)" in md
     assert "| 4K | dms-triton | 1.5 | 6 | 17.00 | 0.5 | 8,192 | 8 | 1.0 | 7.90x | n/a (random weights) |" in md
     assert "| 8K | dms-hub | OOM |" in md
-    assert "| 4K | 2 | 0.5 | 4.00x | 20.00 | 17.00 | 3.00 |" in md  # speedup 2.0 / 0.5, 3 GiB saved
-    assert "| 8K | OOM | 1 | — | — | 18.00 | — |" in md
+    # speedup 2.0 / 0.5, 3 GiB saved; no dms-hub-triton in this run: dashes
+    assert "| 4K | 2 | — | 0.5 | — | 4.00x | — | 20.00 | 17.00 | 3.00 |" in md
+    assert "| 8K | OOM | — | 1 | — | — | — | — | 18.00 | — |" in md
 
 
 def test_speedup_rows_need_both_methods():
@@ -136,3 +141,274 @@ def test_benchmark_json_rows_come_in_bench_order():
         (8192, "vanilla"), (8192, "dms-hub"),
     ]
     assert meta["contexts"] == [4096, 8192] and meta["methods"][:2] == ["vanilla", "dms-triton"]
+
+
+_DEFAULT_RUN = {"device": {"gpu": "H100", "torch": "2.11"}, "model": "qwen3-8b", "dtype": "bfloat16", "seed": 0,
+                "weights": "random weights, eviction calibrated to 8x", "contexts": [4096],
+                "methods": ["vanilla", "dms-hub", "dms-triton"], "command": "dms-perf bench"}
+
+
+def test_merge_joins_a_vanilla_run_with_a_calibrated_one(tmp_path):
+    """``--methods vanilla`` has no DMS method to calibrate, so its weights text differs from a default
+    run's: the runs still join (same card, model, dtype, seed) and each row keeps its run's text."""
+    rows = _rows()
+    vanilla = _saved(tmp_path / "vanilla", {**_DEFAULT_RUN, "weights": "random weights", "methods": ["vanilla"],
+                                             "device": {"gpu": "H100", "torch": "2.12"},
+                                             "command": "dms-perf bench --methods vanilla"},
+                     [{**rows[4], "context": 8192}])
+    dms = _saved(tmp_path / "dms", _DEFAULT_RUN, rows[:4])
+    meta, merged = merge_results([vanilla, dms])
+    weights = {(r["context"], r["method"]): r["weights"] for r in merged}
+    assert weights == {(8192, "vanilla"): "random weights",
+                       (4096, "dms-hub"): "random weights, eviction calibrated to 8x",
+                       (4096, "dms-triton"): "random weights, eviction calibrated to 8x",
+                       (8192, "dms-triton"): "random weights, eviction calibrated to 8x",
+                       (8192, "dms-hub"): "random weights, eviction calibrated to 8x"}
+    assert meta["weights_by_row"] and meta["seed"] == 0
+    md = render_markdown(meta, merged)
+    assert "| Retrieval | Weights |" in md
+    assert "| 8K | vanilla | 1.4 | 6.43 | 18.00 | 0.4 |" in md and "| random weights |" in md
+    assert "| 4K | dms-triton | 1.5 |" in md and "| random weights, eviction calibrated to 8x |" in md
+    assert "| 8K | dms-hub | OOM |" + " — |" * 8 + " random weights, eviction calibrated to 8x |" in md
+    assert 'weights differ between the joined runs' in md
+    # Joined again (re-rendering a joined directory), every row keeps its own text.
+    joined = _saved(tmp_path / "joined", meta, merged)
+    again_meta, again = merge_results([joined])
+    assert {(r["context"], r["method"]): r["weights"] for r in again} == weights
+    assert again_meta["weights"] == meta["weights"]
+
+
+def test_one_run_renders_without_a_weights_column(tmp_path):
+    md = render_markdown(_DEFAULT_RUN, _rows())
+    assert "Weights |" not in md and "random weights, eviction calibrated to 8x" in md
+    meta, merged = merge_results([_saved(tmp_path / "a", _DEFAULT_RUN, _rows())])
+    assert "weights_by_row" not in meta and "Weights |" not in render_markdown(meta, merged)
+    assert {r["weights"] for r in merged} == {"random weights, eviction calibrated to 8x"}
+
+
+@pytest.mark.parametrize(("key", "value"), [("model", "tiny"), ("dtype", "float32"), ("seed", 1)])
+def test_merge_refuses_another_model_dtype_or_seed(tmp_path, key, value):
+    a = _saved(tmp_path / "a", _DEFAULT_RUN, _rows()[:1])
+    b = _saved(tmp_path / "b", {**_DEFAULT_RUN, key: value}, _rows()[1:2])
+    with pytest.raises(ValueError, match=key):
+        merge_results([a, b])
+
+
+def test_benchmark_json_rows_carry_the_runs_weights_text():
+    info = {k: v for k, v in _row(4096, "dms-hub", 1.0).items() if k not in ("context", "status", "new_tokens")}
+    info.update(method="dms-hub", weights="random weights", target_cr=8, calibrated_marked_fraction=0.875)
+    meta, rows = results_from_benchmarks({"benchmarks": [{"params": {"context_length": 4096}, "extra_info": info}]})
+    assert meta["weights"] == rows[0]["weights"] == "random weights, eviction calibrated to 8x"
+
+
+def _table_cells(md):
+    """(context, method) of each row of the full comparison table, in order."""
+    table = md.split("## Full comparison")[1].split("##")[0]
+    return [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| Context")]
+
+
+def test_rows_come_in_methods_order_then_by_context():
+    rows = [_row(8192, "vanilla", 1.0), *_rows()]
+    meta = {"methods": ["dms-triton", "vanilla", "dms-hub"]}
+    assert _table_cells(render_markdown(meta, rows)) == [
+        ("4K", "dms-triton"), ("8K", "dms-triton"), ("4K", "vanilla"), ("8K", "vanilla"),
+        ("4K", "dms-hub"), ("8K", "dms-hub"),
+    ]
+    # Without a method list (the table dms-perf bench prints): the registry's default order.
+    assert [m for _, m in _table_cells("## Full comparison\n" + comparison_table(rows))] == [
+        "vanilla", "vanilla", "dms-hub", "dms-hub", "dms-triton", "dms-triton"]
+
+
+def test_repeated_methods_and_cells_give_one_row_per_context(tmp_path):
+    """``--methods vanilla,vanilla`` resolves to one method; rows of one cell listed twice (e.g.
+    ``--contexts 4k,4096``, or a hand-joined file) render once, the later row winning, in the table,
+    the speedup table and the merged rows."""
+    assert [m.name for m in resolve_methods("vanilla,vanilla")] == ["vanilla"]
+    rows = [_row(4096, "vanilla", 0.5), _row(8192, "vanilla", 1.0), _row(4096, "vanilla", 0.25),
+            _row(4096, "dms-hub", 2.0), _row(4096, "dms-triton", 0.5), _row(4096, "dms-hub", 1.0)]
+    meta = {"methods": ["vanilla", "vanilla", "dms-hub", "dms-triton"]}
+    md = render_markdown(meta, rows)
+    assert _table_cells(md) == [("4K", "vanilla"), ("8K", "vanilla"), ("4K", "dms-hub"), ("4K", "dms-triton")]
+    assert "| 4K | vanilla | 1.25 |" in md and "| 4K | dms-hub | 2 |" in md
+    assert [s["speedup"] for s in speedup_rows(rows)] == [2.0]
+    merged_meta, merged = merge_results([_saved(tmp_path / "a", meta, rows)])
+    assert [(r["context"], r["method"], r["prefill_s"]) for r in merged] == [
+        (4096, "vanilla", 0.25), (8192, "vanilla", 1.0), (4096, "dms-hub", 1.0), (4096, "dms-triton", 0.5)]
+    assert merged_meta["methods"] == ["vanilla", "dms-hub", "dms-triton"]
+
+
+def test_speedup_table_compares_hub_hub_triton_and_triton():
+    rows = [*_rows(), _row(4096, "dms-hub-triton", 1.0, vram=19 * GIB), _row(8192, "dms-hub-triton", 2.0)]
+    s4k, s8k = speedup_rows(rows)
+    assert (s4k["mid_prefill_s"], s4k["mid_speedup"], s4k["speedup"], s4k["fast_over_mid"]) == (1.0, 2.0, 4.0, 2.0)
+    assert (s8k["base_status"], s8k["mid_speedup"], s8k["fast_over_mid"]) == ("OOM", None, 2.0)
+    md = render_markdown({}, rows)
+    assert ("| Context | Hub prefill (s) | Hub-triton prefill (s) | Triton prefill (s) | Hub-triton speedup over hub "
+            "| Triton speedup over hub | Triton over hub-triton | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
+            "| VRAM saved (GiB) |") in md
+    assert "| 4K | 2 | 1 | 0.5 | 2.00x | 4.00x | 2.00x | 20.00 | 17.00 | 3.00 |" in md
+    assert "| 8K | OOM | 2 | 1 | — | — | 2.00x | — | 18.00 | — |" in md
+    # hub and hub-triton only: still a row per context, triton's cells dashed
+    only = [r for r in rows if r["method"] != "dms-triton"]
+    assert "| 4K | 2 | 1 | — | 2.00x | — | — | 20.00 | — | — |" in render_markdown({}, only)
+    assert speedup_rows([r for r in rows if r["method"] != "dms-hub"]) == []
+
+
+_CPU_RUN = {"device": {"gpu": "none", "gpu_slug": "cpu"}, "model": "tiny", "dtype": "float32", "repeats": 1,
+            "weights": "random weights, eviction calibrated to 8x", "methods": ["vanilla", "dms-hub", "dms-triton"]}
+
+
+def _cpu_rows():
+    return [{**_row(128, "vanilla", 0.2), "repeats": 1},
+            {**_row(128, "dms-hub", 0.3, compression=5.09), "repeats": 1},
+            {**_row(256, "dms-hub", 1.1, compression=5.45), "repeats": 1},
+            {**_row(128, "dms-triton", 1.2, compression=5.09), "repeats": 1}]
+
+
+def _notes(md):
+    if "**Reading this table**" not in md:
+        return None
+    return md.split("**Reading this table**")[1].split("## Full comparison")[0]
+
+
+def test_reading_notes_on_a_cpu_smoke_run():
+    notes = _notes(render_markdown(_CPU_RUN, _cpu_rows()))
+    assert "16-token window dominates" in notes and "calibrated to 8x shows less compression" in notes
+    assert "dms-hub: 5.09x at 128, 5.45x at 256" in notes
+    assert "the Triton rows (dms-triton) ran in Triton's interpreter" in notes
+    assert "e.g. the 0.25x below" in notes  # dms-hub 0.3 s / dms-triton 1.2 s
+    assert "— under Peak VRAM means not measured: there is no GPU here" in notes
+    assert "one timed run per cell (--repeats 1, tiny random model) are smoke figures" in notes
+    assert "- card: no GPU, CPU only (torch" in render_markdown(_CPU_RUN, _cpu_rows())
+
+
+def test_reading_notes_only_where_they_apply():
+    h100 = {**_DEFAULT_RUN, "device": {"gpu": "NVIDIA H100 80GB HBM3"}, "repeats": 3}
+    rows = [_row(4096, "vanilla", 0.4, vram=18 * GIB), _row(4096, "dms-triton", 0.5, vram=17 * GIB, compression=7.9),
+            _row(4096, "dense-triton", 0.5, vram=17 * GIB), _row(4096, "snapkv:0.5", 0.5, vram=17 * GIB, compression=2)]
+    assert _notes(render_markdown(h100, rows)) is None  # 7.9x of 8x, a GPU, VRAM measured, three repeats
+    short = [*rows, _row(8192, "dms-hub", 1.0, vram=17 * GIB, compression=4.27)]
+    notes = _notes(render_markdown(h100, short))
+    assert "512-token window dominates" in notes and "(dms-hub: 4.27x at 8K)" in notes
+    assert "interpreter" not in notes and "Peak VRAM" not in notes and "smoke" not in notes
+    # Uncalibrated weights (a --methods vanilla run, or DMS with --target-cr 0): nothing to explain.
+    assert _notes(render_markdown({**h100, "weights": "random weights"}, short)) is None
+    # A GPU run missing one row's VRAM: the dash is explained without blaming the machine.
+    notes = _notes(render_markdown(h100, [*rows, _row(8192, "vanilla", 1.0)]))
+    assert notes.strip() == "- — under Peak VRAM means not measured."
+    # CPU, three repeats, no Triton rows: only VRAM.
+    cpu = [{**r, "repeats": 3} for r in _cpu_rows() if r["method"] == "vanilla"]
+    assert _notes(render_markdown({**_CPU_RUN, "repeats": 3}, cpu)).strip() == (
+        "- — under Peak VRAM means not measured: there is no GPU here (peak VRAM is CUDA's allocator peak).")
+
+
+def _twelve_methods(vram=True):
+    """The 12 default methods at 4K, 8K and 32K: KV bytes alike within the kvpress presses and within the
+    evicting DMS methods, as measured; times all different."""
+    kv = {"vanilla": 8, "dense-triton": 8.3, "dmspress-knorm:0.5": 8, "snapkv:0.5": 4, "streamingllm:0.5": 4,
+          "knorm:0.5": 4, "expected-attention:0.5": 4}
+    rows = []
+    for i, method in enumerate(DEFAULT_METHODS):
+        for context in (4096, 8192, 32768):
+            vram_bytes = (16 + i / 10) * GIB if vram else None
+            rows.append(_row(context, method, 0.1 * (i + 1) * context / 4096, vram=vram_bytes,
+                             kv=int(kv.get(method, 1) * context * 2**10)))
+    return rows
+
+
+_H100_META = {"device": {"gpu": "NVIDIA H100 80GB HBM3"}, "model": "qwen3-8b", "dtype": "bfloat16",
+              "date": "2026-11-28 01:27 UTC", "weights": "random weights, eviction calibrated to 8x",
+              "methods": list(DEFAULT_METHODS), "repeats": 3}
+
+
+def _lines(ax):
+    return [line for line in ax.get_lines() if len(line.get_xdata())]
+
+
+def test_plots_name_model_card_and_date_and_read_4k_8k_32k():
+    figures = build_figures(_twelve_methods(), _H100_META)
+    assert set(figures) == {TIME_PLOT, MEMORY_PLOT}
+    for fig in figures.values():
+        title = fig.get_suptitle()
+        assert "qwen3-8b" in title and "NVIDIA H100 80GB HBM3" in title and "2026-11-28 01:27 UTC" in title
+        assert len(fig.axes) == 2
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["4K", "8K", "32K"]
+            assert list(ax.xaxis.get_minorticklocs()) == []  # no 2^13-style ticks in between
+
+
+def test_plots_give_each_method_its_own_colour_and_marker_and_keep_legends_outside():
+    extra = [_row(c, m, 0.05, vram=GIB) for m in ("snapkv:0.25", "my-press") for c in (4096, 8192, 32768)]
+    for rows, count in ((_twelve_methods(), 12), (_twelve_methods() + extra, 14)):
+        for fig in build_figures(rows, _H100_META).values():
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            for ax in fig.axes:
+                lines = _lines(ax)
+                assert lines, f"empty panel {ax.get_title()}"
+                assert len({line.get_color() for line in lines}) == count
+                assert len({line.get_marker() for line in lines}) == count
+                assert len({(line.get_color(), line.get_marker()) for line in lines}) == count
+                legend = ax.get_legend()
+                assert legend is not None and len(legend.get_texts()) == count
+                assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    # The same method looks the same in every figure and every run.
+    assert method_styles(["knorm:0.5"]) == {"knorm:0.5": method_styles(list(DEFAULT_METHODS))["knorm:0.5"]}
+
+
+def test_plots_show_methods_that_coincide():
+    memory = build_figures(_twelve_methods(), _H100_META)[MEMORY_PLOT]
+    kv = next(ax for ax in memory.axes if "KV cache" in ax.get_ylabel())
+    labels = [t.get_text() for t in kv.get_legend().get_texts()]
+    assert "streamingllm:0.5 (same as snapkv:0.5)" in labels and "expected-attention:0.5 (same as snapkv:0.5)" in labels
+    assert "dms-triton (same as dms-hub)" in labels and "dmspress-knorm:0.5 (same as vanilla)" in labels
+    assert "snapkv:0.5" in labels and "vanilla" in labels
+    assert "dense-triton" in labels  # 4% more: drawn where it is, not called the same
+    by_label = {line.get_label(): line for line in _lines(kv)}
+    presses = [by_label[n] for n in labels if n.startswith(("snapkv", "streamingllm", "knorm", "expected"))]
+    assert all(list(p.get_ydata()) == list(presses[0].get_ydata()) for p in presses)
+    firsts = [p.get_xdata()[0] for p in presses]
+    assert len(set(firsts)) == 4 and min(firsts) < 4096 < max(firsts)  # side by side around the context
+    assert "drawn side by side" in memory.get_supxlabel()
+    time = build_figures(_twelve_methods(), _H100_META)[TIME_PLOT]
+    assert not any("same as" in t.get_text() for ax in time.axes for t in ax.get_legend().get_texts())
+    assert all(line.get_xdata()[0] == 4096 for ax in time.axes for line in _lines(ax))
+
+
+def test_plots_without_a_gpu_have_no_empty_panel():
+    rows = [{**r, "repeats": 1} for r in _twelve_methods(vram=False)]
+    figures = build_figures(rows, {**_H100_META, "device": {"gpu": "none", "gpu_slug": "cpu"}, "model": "tiny",
+                                   "dtype": "float32", "repeats": 1})
+    memory = figures[MEMORY_PLOT]
+    assert [ax.get_ylabel() for ax in memory.axes] == ["KV cache at end (MiB), log scale"]
+    title = memory.get_suptitle()
+    assert "CPU (no GPU)" in title and "interpreter" in title and "smoke" in title
+    assert all(_lines(ax) for fig in figures.values() for ax in fig.axes)
+
+
+def test_plots_draw_one_point_per_cell_and_name_failures():
+    rows = [*_rows(), _row(4096, "vanilla", 0.1, vram=18 * GIB), _row(8192, "vanilla", 0.8, vram=18 * GIB),
+            {"context": 4096, "method": "snapkv:0.5", "new_tokens": 9, "status": "OOM"},
+            {"context": 8192, "method": "snapkv:0.5", "new_tokens": 9, "status": "OOM"},
+            {"context": 2048, "method": "snapkv:0.5", "new_tokens": 9, "status": "skipped: too short"}]
+    fig = build_figures(rows, {})[TIME_PLOT]
+    total = fig.axes[0]
+    by_label = {line.get_label(): line for line in total.get_lines()}
+    assert list(by_label["vanilla"].get_ydata()) == [1.1, 1.8]  # the later 4K row, once
+    assert list(by_label["dms-hub (OOM at 8K)"].get_xdata()) == [4096]
+    assert "snapkv:0.5 (skipped at 2K; OOM at 4K, 8K)" in by_label  # named in the legend, nothing to draw
+    assert [t.get_text() for t in total.get_xticklabels()] == ["4K", "8K"]
+
+
+def test_bench_runs_record_their_seed_and_join_only_on_the_same_one(tmp_path):
+    from dms_perf.bench.cli import main
+
+    common = ["bench", "--model", "tiny", "--contexts", "32", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"]
+    for name, seed, methods in (("a", "0", "vanilla"), ("b", "0", "knorm:0.5"), ("c", "1", "knorm:0.5")):
+        assert main([*common, "--methods", methods, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    assert load_results(tmp_path / "c")[0]["seed"] == 1
+    meta, rows = merge_results([tmp_path / "a", tmp_path / "b"])
+    assert meta["seed"] == 0 and [r["method"] for r in rows] == ["vanilla", "knorm:0.5"]
+    with pytest.raises(ValueError, match="seed"):
+        merge_results([tmp_path / "a", tmp_path / "c"])
