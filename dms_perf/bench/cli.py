@@ -1,7 +1,7 @@
-"""``dms-perf``: the command line. Subcommands: ``bench`` (methods x context lengths, end to end) and
-``report`` (merge bench runs made in parts).
+"""``dms-perf``: the command line. Subcommands: ``bench`` (methods x context lengths, end to end),
+``report`` (merge bench runs made in parts), ``methods`` (the method registry) and ``ci``.
 
-    dms-perf bench                                   # CPU: tiny random model, small contexts, < 1 min
+    dms-perf bench                                   # CPU: tiny random model, small contexts, 5 methods
     dms-perf bench --contexts 4k,8k,16k,32k --methods vanilla,dms-hub,dms-triton,snapkv:0.5 \\
                    --model qwen3-8b --new-tokens 128 --repeats 3 --out results/
 """
@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 
 import torch
 
 from dms_perf._runtime import HAS_CUDA
 
-CPU_DEFAULTS = {"contexts": "128,256", "model": "tiny", "new_tokens": 8, "repeats": 1, "dtype": "float32"}
-GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "model": "qwen3-8b", "new_tokens": 128, "repeats": 3,
-                "dtype": "bfloat16"}
+# The CPU run is a smoke run (Triton's interpreter, a tiny model): the dense baseline, the two DMS
+# prefills of the speedup table and two kvpress presses, so that it takes well under a minute.
+CPU_METHODS = ("vanilla", "dms-hub", "dms-triton", "snapkv:0.5", "knorm:0.5")
+CPU_DEFAULTS = {"contexts": "128,256", "methods": ",".join(CPU_METHODS), "model": "tiny", "new_tokens": 8,
+                "repeats": 1, "dtype": "float32"}
+GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "methods": "all of them (the list below)", "model": "qwen3-8b",
+                "new_tokens": 128, "repeats": 3, "dtype": "bfloat16"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -29,7 +35,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def _defaults() -> dict:
-    return GPU_DEFAULTS if HAS_CUDA else CPU_DEFAULTS
+    from dms_perf.bench.methods import DEFAULT_METHODS
+
+    d = dict(GPU_DEFAULTS if HAS_CUDA else CPU_DEFAULTS)
+    if HAS_CUDA:
+        d["methods"] = ",".join(DEFAULT_METHODS)
+    return d
+
+
+def _defaults_text() -> str:
+    """The CPU and GPU defaults as option lines, and which of them this machine uses."""
+    lines = [f"defaults (this machine {'has a CUDA GPU: the GPU' if HAS_CUDA else 'has no CUDA GPU: the CPU'} ones):"]
+    for label, d in (("CPU", CPU_DEFAULTS), ("GPU", GPU_DEFAULTS)):
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items() if k != "methods")
+        lines.append(f"  {label} default: {options}")
+        lines.append(f"  {' ' * len(label)}          --methods {d['methods']}")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from dms_perf import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,24 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _defaults()
     parser = argparse.ArgumentParser(prog="dms-perf", description="Benchmarks for DMS KV-cache compression.")
+    parser.add_argument("--version", action="version", version=f"dms-perf {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser(
         "bench",
         help="time methods x context lengths end to end (prefill, decode, memory, KV bytes, retrieval)",
-        description="Greedy generation on a needle-in-a-haystack prompt for every (context, method) cell. "
-        "Writes results.json after every cell, then results.md (full comparison and DMS prefill speedup "
-        "tables) and PNG plots. A failing cell (e.g. out of memory) becomes a row saying so. Defaults "
-        f"here ({'GPU' if HAS_CUDA else 'no GPU'}): {d}.",
-        epilog="methods (R = fraction of the prompt's KV pairs removed, in [0, 1)):\n" + describe_methods(),
+        description=textwrap.fill(
+            "Greedy generation on a needle-in-a-haystack prompt for every (context, method) cell. Writes "
+            "results.json after every cell, then results.md (full comparison and DMS prefill speedup tables) and "
+            "PNG plots. A failing cell (e.g. out of memory) becomes a row saying so. Exit status: 0, or 1 when a "
+            "cell ended in an error (OOM and skipped cells are results, not errors), 2 for a bad option, "
+            "--model or --out, 130 when interrupted (the rows measured so far are kept).", 100)
+        + "\n\n" + _defaults_text(),
+        epilog="methods (R = fraction of the prompt's KV pairs removed, in [0, 1)); `dms-perf methods` "
+        "prints them as a table:\n" + describe_methods(),
         formatter_class=_HelpFormatter,
     )
     bench.add_argument("--contexts", default=d["contexts"],
                        help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")
-    bench.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                       help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below)")
+    bench.add_argument("--methods", default=d["methods"],
+                       help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below; "
+                       f"all {len(DEFAULT_METHODS)} are the GPU default)")
     bench.add_argument("--model", default=d["model"],
-                       help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape) or a "
-                       "local checkpoint directory (e.g. nvidia/Qwen3-8B-DMS-8x or Qwen3-8B downloaded)")
+                       help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape), a local "
+                       "checkpoint directory (holding config.json and the weights, e.g. Qwen3-8B-DMS-8x "
+                       "downloaded) or a hub id such as nvidia/Qwen3-8B-DMS-8x (needs the hub or its local cache)")
     bench.add_argument("--tokenizer", default=None,
                        help="local tokenizer directory for the text workload (default: the checkpoint's own when "
                        "--model is a path; none for random models: exact-length token ids)")
@@ -69,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
     bench.add_argument("--out", default="results", help="output directory")
-    bench.set_defaults(run=run_bench)
+    bench.set_defaults(run=run_bench, command_parser=bench)
 
     report = sub.add_parser(
         "report",
@@ -80,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in order")
     report.add_argument("--out", default="results", help="output directory")
-    report.set_defaults(run=run_report)
+    report.set_defaults(run=run_report, command_parser=report)
+
+    methods = sub.add_parser(
+        "methods",
+        help="list the methods bench can run: name, parameter and default, model backend, what it is",
+        description="The method registry (dms_perf.bench.methods.FAMILIES) as a table. A family taking a "
+        "parameter is written family:R, R the fraction of the prompt's KV pairs removed, in [0, 1).",
+    )
+    methods.set_defaults(run=run_methods, command_parser=methods)
 
     ci = sub.add_parser(
         "ci",
@@ -103,7 +145,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args, parser)
+    try:  # the sub-command's own parser, so that its errors show `usage: dms-perf bench ...`
+        return args.run(args, args.command_parser)
+    except KeyboardInterrupt:  # before any row (bench handles it once rows are being written)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _error(parser, message: str, status: int = 2) -> int:
+    """One line on stderr, ``dms-perf bench: error: ...``, and the exit status to return."""
+    print(f"{parser.prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
+
+
+def _prepare_out(out) -> str | None:
+    """Create the output directory; None if it is usable, else why not (one line)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"--out {out}: is a file, not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--out {out}: cannot create the output directory: {exc.strerror or exc}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"--out {out}: the output directory is not writable"
+    return None
 
 
 def _validate(args, parser):
@@ -137,23 +205,33 @@ def _weights_note(args, methods, real_weights: bool) -> str:
 
 def run_bench(args, parser) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dms_perf.bench.device import device_info
-    from dms_perf.bench.generation import measure_generation, release_memory
-    from dms_perf.bench.methods import is_model_path, load_model_for
-    from dms_perf.bench.report import ResultsWriter, comparison_table
-    from dms_perf.bench.workloads import needle_workload
+    from dms_perf.bench.methods import check_model, is_model_path
+    from dms_perf.bench.report import ResultsWriter
+    from dms_perf.bench.workloads import load_tokenizer
 
     contexts, methods = _validate(args, parser)
+    # Everything a cell needs from outside is checked once, before the first cell: a bad --model,
+    # --tokenizer or --out is one line here rather than a row of errors per cell.
+    try:
+        check_model(args.model)
+    except ValueError as exc:
+        return _error(parser, exc)
     real_weights = is_model_path(args.model)
     tokenizer = args.tokenizer or (args.model if real_weights else None)
-    device = torch.device("cuda" if HAS_CUDA else "cpu")
-    dtype = DTYPES[args.dtype]
-    console = Console(stderr=True)
+    loaded_tokenizer = None
+    if tokenizer is not None:
+        try:
+            loaded_tokenizer = load_tokenizer(tokenizer)
+        except ValueError as exc:  # names the tokenizer
+            return _error(parser, exc)
+        except OSError as exc:  # transformers found no tokenizer there
+            return _error(parser, f"cannot load the tokenizer {tokenizer!r}: {exc}")
+    if (problem := _prepare_out(args.out)) is not None:
+        return _error(parser, problem)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_info(),
+        "device": _device_info(),
         "model": args.model,
         "dtype": args.dtype,
         "weights": _weights_note(args, methods, real_weights),
@@ -168,7 +246,49 @@ def run_bench(args, parser) -> int:
         "calibration": {},
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
-    writer = ResultsWriter(args.out, meta)
+    try:
+        writer = ResultsWriter(args.out, meta)
+    except OSError as exc:
+        return _error(parser, f"--out {args.out}: cannot write results.json: {exc.strerror or exc}")
+    console = Console(stderr=True)
+    interrupted = False
+    try:
+        _run_cells(args, contexts, methods, writer, console, tokenizer=loaded_tokenizer, real_weights=real_weights)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:  # an interrupted run still gets its tables and plots for the cells measured so far
+        files = writer.finish()
+    if interrupted:
+        n = len(writer.rows)
+        print(f"interrupted: {n} row{'' if n == 1 else 's'} kept in {writer.json_path}, results.md and plots written",
+              file=sys.stderr)
+        return 130
+    from dms_perf.bench.report import comparison_table
+
+    print(comparison_table(writer.rows))
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    failed = [r for r in writer.rows if str(r.get("status", "")).startswith("error")]
+    if failed:
+        return _error(parser, _failure_summary(failed, len(writer.rows)), status=1)
+    return 0
+
+
+def _device_info() -> dict:
+    from dms_perf.bench.device import device_info
+
+    return device_info()
+
+
+def _run_cells(args, contexts, methods, writer, console, *, tokenizer, real_weights: bool) -> None:
+    """Every (method, context) cell, one model alive at a time, each row written as it is measured."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dms_perf.bench.generation import measure_generation, release_memory
+    from dms_perf.bench.methods import load_model_for
+    from dms_perf.bench.workloads import needle_workload
+
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    dtype = DTYPES[args.dtype]
     workloads: dict[int, object] = {}
 
     # One model alive at a time: methods sharing a backend share the model built for it.
@@ -177,54 +297,60 @@ def run_bench(args, parser) -> int:
         by_backend.setdefault(m.backend, []).append(m)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts))
-            for backend, group in by_backend.items():
-                progress.update(task, description=f"building model ({backend or 'vanilla'})")
-                try:
-                    model, calibration = load_model_for(args.model, group[0], dtype=dtype, device=device,
-                                                        seed=args.seed,
-                                                        target_cr=None if real_weights else args.target_cr)
-                except Exception as exc:  # the other backends can still run
-                    reason = _reason("model build failed", exc)
-                    for m in group:
-                        for ctx in contexts:
-                            writer.add({"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
-                                        "status": reason})
-                            progress.advance(task)
-                    release_memory()
-                    continue
-                if calibration is not None:
-                    writer.meta["calibration"][backend] = {
-                        "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
-                        "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
-                    }
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts))
+        for backend, group in by_backend.items():
+            progress.update(task, description=f"building model ({backend or 'vanilla'})")
+            try:
+                model, calibration = load_model_for(args.model, group[0], dtype=dtype, device=device,
+                                                    seed=args.seed,
+                                                    target_cr=None if real_weights else args.target_cr)
+            except Exception as exc:  # the other backends can still run
+                reason = _reason("model build failed", exc)
                 for m in group:
                     for ctx in contexts:
-                        progress.update(task, description=f"{m.name} @ {ctx}")
-                        try:
-                            if ctx not in workloads:
-                                workloads[ctx] = needle_workload(
-                                    ctx, tokenizer=tokenizer, needle_depth=args.needle_depth,
-                                    vocab_size=model.config.vocab_size, seed=args.seed,
-                                )
-                        except ValueError as exc:
-                            row = {"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
-                                   "status": _reason("workload", exc)}
-                        else:
-                            row = measure_generation(model, workloads[ctx], m, new_tokens=args.new_tokens,
-                                                     repeats=args.repeats, warmup=args.warmup,
-                                                     real_weights=real_weights, device=device)
-                        writer.add(row)
+                        writer.add({"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
+                                    "status": reason})
                         progress.advance(task)
-                del model
                 release_memory()
-    finally:  # an interrupted run still gets its tables and plots for the cells measured so far
-        files = writer.finish()
-    print(comparison_table(writer.rows))
-    console.print("wrote " + ", ".join(str(f) for f in files))
-    return 0
+                continue
+            if calibration is not None:
+                writer.meta["calibration"][backend] = {
+                    "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
+                    "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
+                }
+            for m in group:
+                for ctx in contexts:
+                    progress.update(task, description=f"{m.name} @ {ctx}")
+                    try:
+                        if ctx not in workloads:
+                            workloads[ctx] = needle_workload(
+                                ctx, tokenizer=tokenizer, needle_depth=args.needle_depth,
+                                vocab_size=model.config.vocab_size, seed=args.seed,
+                            )
+                    except ValueError as exc:
+                        row = {"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
+                               "status": _reason("workload", exc)}
+                    else:
+                        row = measure_generation(model, workloads[ctx], m, new_tokens=args.new_tokens,
+                                                 repeats=args.repeats, warmup=args.warmup,
+                                                 real_weights=real_weights, device=device)
+                    writer.add(row)
+                    progress.advance(task)
+            del model
+            release_memory()
+
+
+def _failure_summary(failed: list[dict], total: int) -> str:
+    """``2 of 8 cells ended in an error: <status> (method @ context, ...); ...`` on one line."""
+    by_status: dict[str, list[str]] = {}
+    for r in failed:
+        by_status.setdefault(str(r["status"]), []).append(f"{r['method']} @ {r['context']}")
+    parts = []
+    for status, cells in by_status.items():
+        shown = ", ".join(cells[:4]) + (f" and {len(cells) - 4} more" if len(cells) > 4 else "")
+        parts.append(f"{status.removeprefix('error: ')[:200]} ({shown})")
+    return f"{len(failed)} of {total} cells ended in an error: " + "; ".join(parts)
 
 
 def run_report(args, parser) -> int:
@@ -234,10 +360,25 @@ def run_report(args, parser) -> int:
         meta, rows = merge_results(args.inputs)
     except (OSError, ValueError, KeyError) as exc:
         parser.error(f"cannot merge {args.inputs}: {exc}")
-    writer = ResultsWriter(args.out, meta)
+    if (problem := _prepare_out(args.out)) is not None:
+        return _error(parser, problem)
+    try:
+        writer = ResultsWriter(args.out, meta)
+    except OSError as exc:
+        return _error(parser, f"--out {args.out}: cannot write results.json: {exc.strerror or exc}")
     for row in rows:
         writer.add(row)
     print("wrote " + ", ".join(str(f) for f in writer.finish()))
+    return 0
+
+
+def run_methods(args, parser) -> int:
+    from dms_perf.bench.methods import format_methods_table
+
+    print(format_methods_table())
+    print("\nR: the fraction of the prompt's KV pairs removed, in [0, 1); write e.g. snapkv:0.25 (family alone = "
+          "its default).")
+    print(f"bench --methods default here ({'GPU' if HAS_CUDA else 'CPU'}): {_defaults()['methods']}")
     return 0
 
 

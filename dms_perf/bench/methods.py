@@ -22,6 +22,7 @@ kvpress is imported only when a press is built, so the package works where it is
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,6 +175,33 @@ def describe_methods() -> str:
     )
 
 
+def family_backend(family: Family) -> str:
+    """The model a family runs on: ``vanilla`` (transformers Qwen3), ``vanilla+kvpress`` or the DMS backend."""
+    if family.backend is not None:
+        return family.backend
+    return "vanilla+kvpress" if family.needs_kvpress else "vanilla"
+
+
+def format_methods_table(width: int = 110) -> str:
+    """The registry as a plain-text table (``dms-perf methods``): name, parameter and its default, backend,
+    summary (wrapped to ``width`` columns)."""
+    import textwrap
+
+    rows = [("name", "parameter (default)", "backend", "summary")]
+    for f in FAMILIES.values():
+        parameter = f"R (default {f.default_ratio:g})" if f.takes_parameter else "-"
+        rows.append((f.name, parameter, family_backend(f), f.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    indent = sum(widths) + 2 * len(widths)
+    lines = []
+    for r in rows:
+        head = "".join(f"{cell:{w}}  " for cell, w in zip(r[:3], widths, strict=True))
+        wrapped = textwrap.wrap(r[3], max(40, width - indent)) or [""]
+        lines.append(head + wrapped[0])
+        lines += [" " * indent + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Method:
     """A resolved method: family plus parameter. ``name`` is canonical (``snapkv:0.5``)."""
@@ -261,6 +289,66 @@ def resolve_methods(names) -> list[Method]:
 
 def is_model_path(model: str) -> bool:
     return model not in MODEL_CHOICES
+
+
+HUB_TIMEOUT_S = 5.0  # seconds the hub may take to answer whether a --model hub id exists
+# namespace/name, as a hub id is written (a path that does not exist but reads so is checked on the hub too)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_model(model: str) -> None:
+    """Raise ValueError, in seconds and in words, when ``model`` cannot be loaded: a random model's name,
+    a checkpoint directory (with config.json) or a hub id that is cached or that the hub knows.
+
+    ``dms-perf bench`` calls it once before any cell, so that a wrong ``--model`` is one error rather
+    than a row of errors per cell (and not minutes of transformers retrying an unreachable hub).
+    """
+    if model in MODEL_CHOICES:
+        return
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"--model {model} is a file, not a checkpoint directory (config.json and the weights)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {model} holds no checkpoint: there is no config.json in that directory")
+        return
+    if not _HUB_ID.fullmatch(model):
+        raise ValueError(f"--model {model}: no such directory (expected {', '.join(map(repr, MODEL_CHOICES))}, "
+                         "a checkpoint directory or a hub id such as nvidia/Qwen3-8B-DMS-8x)")
+    _check_hub_model(model)
+
+
+def _check_hub_model(repo: str) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    where = f"--model {repo}: no such directory, and as a hub id"
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(repo, "config.json")
+    except HFValidationError as exc:
+        raise ValueError(f"{where} it is not valid: {exc}") from None
+    if isinstance(cached, str):  # in the local cache: transformers loads it from there
+        return
+    fetch = f"download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass --model DIR"
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{where} it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                         f"HF_HUB_OFFLINE is set, so it cannot be downloaded; {fetch}")
+    try:
+        huggingface_hub.model_info(repo, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ValueError(f"{where} it is gated: log in with an account that has access (`hf auth login`) or "
+                         f"{fetch}") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{where} the hub ({constants.ENDPOINT}) has no model {repo!r} (or it is private)") from None
+    except HFValidationError as exc:
+        raise ValueError(f"{where} it is not valid: {exc}") from None
+    except Exception as exc:  # DNS, refused or timed-out connection, proxy, hub error: not reachable now
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ValueError(f"{where} it cannot be downloaded: the Hugging Face hub ({constants.ENDPOINT}) did not "
+                         f"answer within {HUB_TIMEOUT_S:g} s ({detail}); {fetch}") from None
 
 
 def model_config(model: str):

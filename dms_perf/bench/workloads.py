@@ -13,6 +13,7 @@ Retrieval is scored only for a model with real weights; otherwise the result is 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -101,11 +102,31 @@ def needle_workload(context_length: int, *, tokenizer=None, needle_depth: float 
         if vocab_size is None:
             raise ValueError("the id-only workload (no tokenizer) needs vocab_size")
         return _id_workload(context_length, needle_depth, vocab_size, seed)
+    return _text_workload(context_length, needle_depth, load_tokenizer(tokenizer))
+
+
+def load_tokenizer(tokenizer):
+    """A tokenizer object from a local path (or the object itself), checked to turn text into tokens.
+
+    A checkpoint folder without tokenizer files gives transformers an empty tokenizer that encodes
+    every text to no ids; the workload could never reach its length with it, so this raises
+    ValueError naming the tokenizer instead.
+    """
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
+        name = tokenizer
+        if tokenizer.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(tokenizer)):
+            raise ValueError(f"tokenizer {name!r}: no such directory")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return _text_workload(context_length, needle_depth, tokenizer)
+    else:
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    if not _encode(tokenizer, NEEDLE) or not any(_encode(tokenizer, s) for s in FILLER):
+        raise ValueError(
+            f"tokenizer {name!r} ({type(tokenizer).__name__}) encodes the workload's text to no tokens: it has no "
+            f"vocabulary (a checkpoint folder without tokenizer files?). Pass --tokenizer DIR with a real tokenizer"
+        )
+    return tokenizer
 
 
 def _id_workload(context_length: int, needle_depth: float, vocab_size: int, seed: int) -> Workload:

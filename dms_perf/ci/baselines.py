@@ -45,10 +45,26 @@ def storage_folder(storage_uri: str) -> Path:
     return Path(storage_uri.removeprefix("file://"))
 
 
-def require_baseline(storage_uri: str, compare) -> None:
-    """``--benchmark-compare`` with no saved run is an error that says how to create one."""
+def require_baseline(storage_uri: str, compare, *, on_gpu: bool | None = None) -> None:
+    """``--benchmark-compare`` with no saved run is an error that says how to create one.
+
+    ``on_gpu`` (default: whether this process sees a CUDA device): without a GPU the error says that
+    baselines are kept only for GPU models and which CPU run to make instead.
+    """
     folder = storage_folder(storage_uri)
     if compare is True and not any(folder.rglob("*.json")):
+        if on_gpu is None:
+            from dms_perf._runtime import HAS_CUDA
+
+            on_gpu = HAS_CUDA
+        if not on_gpu:
+            raise GateError(
+                f"no benchmark baseline in {folder}: baselines are kept only for GPU models "
+                f"(benchmarks/baselines/<gpu-slug>/, each made on its card with `python -m dms_perf.ci run "
+                f"--save-baseline`), and this machine has no CUDA GPU; CPU timings (Triton's interpreter) "
+                f"are not compared. On a CPU run the benchmarks as a smoke test instead: "
+                f"`pytest benchmarks --benchmark-disable`."
+            )
         raise GateError(
             f"no benchmark baseline for this GPU model in {folder}. Create one on this card with "
             f"`python -m dms_perf.ci run --save-baseline` (or `pytest benchmarks --benchmark-save=baseline`) "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from dms_perf.bench.cli import build_parser, main
 from dms_perf.bench.methods import FAMILIES
 from dms_perf.bench.report import load_results
 from tests.bench.word_tokenizer import word_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 BENCH_OPTIONS = ("--contexts", "--methods", "--model", "--tokenizer", "--new-tokens", "--repeats", "--warmup",
                  "--needle-depth", "--dtype", "--target-cr", "--seed", "--out")
@@ -104,11 +108,15 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_checkpoint_run_uses_its_tokenizer_and_scores_retrieval(tmp_path, checkpoint):
+def test_checkpoint_run_uses_its_tokenizer_and_scores_retrieval(tmp_path, checkpoint, capsys):
     out = tmp_path / "out"
     code = main(["bench", "--model", str(checkpoint), "--contexts", "20,80", "--methods", "vanilla,dms-triton",
                  "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
-    assert code == 0
+    assert code == 1  # the 20-token cells below ended in an error
+    (summary,) = [line for line in capsys.readouterr().err.splitlines() if "ended in an error" in line]
+    assert summary.startswith("dms-perf bench: error: 2 of 4 cells ended in an error: workload: ValueError: "
+                              "context_length 20 is too short")
+    assert "(vanilla @ 20, dms-triton @ 20)" in summary
     meta, rows = load_results(out / "results.json")
     assert meta["weights"] == f"real weights from {checkpoint}" and meta["calibration"] == {}
     assert meta["tokenizer"] == str(checkpoint)
@@ -120,7 +128,7 @@ def test_checkpoint_run_uses_its_tokenizer_and_scores_retrieval(tmp_path, checkp
         assert by[method, 80]["retrieval"] in ("pass", "fail")  # scored: these weights count as real
 
 
-def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch):
+def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     import dms_perf.bench.generation
 
     real = dms_perf.bench.generation.measure_generation
@@ -133,9 +141,11 @@ def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dms_perf.bench.generation, "measure_generation", measure)
-    with pytest.raises(KeyboardInterrupt):
-        main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "2",
-              "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "2",
+                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 130
+    assert f"interrupted: 1 row kept in {tmp_path / 'results.json'}, results.md and plots written" in (
+        capsys.readouterr().err)
     _, rows = load_results(tmp_path / "results.json")
     assert [(r["context"], r["status"]) for r in rows] == [(32, "ok")]
     assert "| 32 | vanilla |" in (tmp_path / "results.md").read_text()
@@ -214,3 +224,230 @@ def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
     bad.write_text(json.dumps({"benchmarks": [{"params": {}, "extra_info": {"kernel": "x"}}]}))
     with pytest.raises(SystemExit):
         main(["report", str(bad), "--out", str(tmp_path / "none")])
+
+
+# --- the real entry point in a child process: exit status, one-line errors, never a traceback -------------
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``dms-perf ARGS`` through ``python -m dms_perf.bench.cli``; asserts no traceback was printed."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, "-m", "dms_perf.bench.cli", *args], capture_output=True, text=True,
+                            timeout=timeout, env=full_env, cwd=REPO)
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The stderr of a run refused before any cell: one line."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+TINY_RUN = ("--contexts", "32", "--methods", "vanilla", "--new-tokens", "2", "--repeats", "1", "--warmup", "0")
+
+
+@pytest.fixture(scope="module")
+def bare_checkpoint(tmp_path_factory):
+    """config.json and weights, no tokenizer files (transformers then builds a tokenizer that encodes nothing)."""
+    from dms_perf.model.qwen3_dms import build_model, tiny_config
+
+    path = tmp_path_factory.mktemp("bare-checkpoint")
+    build_model(tiny_config(), backend=None, dtype=torch.float32, device="cpu").save_pretrained(path)
+    return path
+
+
+def test_checkpoint_without_tokenizer_is_one_clear_error(tmp_path, bare_checkpoint):
+    try:
+        result = cli("bench", "--model", str(bare_checkpoint), *TINY_RUN, "--out", str(tmp_path / "out"),
+                     timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("dms-perf bench hangs on a checkpoint without tokenizer files")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith(f"dms-perf bench: error: tokenizer '{bare_checkpoint}'")
+    assert "encodes the workload's text to no tokens" in line and "--tokenizer" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty-dir", "file"])
+def test_model_path_without_a_checkpoint_is_one_error_before_any_cell(tmp_path, kind):
+    model = tmp_path / "model"
+    if kind == "empty-dir":
+        model.mkdir()
+    elif kind == "file":
+        model.write_text("not a checkpoint")
+    result = cli("bench", "--model", str(model), *TINY_RUN, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    line = error_line(result)
+    expected = {"missing": f"--model {model}: no such directory",
+                "empty-dir": f"--model {model} holds no checkpoint: there is no config.json",
+                "file": f"--model {model} is a file, not a checkpoint directory"}[kind]
+    assert line.startswith(f"dms-perf bench: error: {expected}")
+    assert "repo id" not in line.lower()
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_hub_id_without_the_hub_fails_in_seconds(tmp_path):
+    """The help's example id on a machine that cannot reach the hub (HF_HUB_OFFLINE) and has no cached copy."""
+    start = time.monotonic()
+    result = cli("bench", "--model", "nvidia/Qwen3-8B-DMS-8x", *TINY_RUN, "--out", str(tmp_path / "out"),
+                 env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}, timeout=120)
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith("dms-perf bench: error: --model nvidia/Qwen3-8B-DMS-8x: no such directory, and as a "
+                           "hub id it is not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE is set" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_ending_in_an_error_makes_the_exit_status_1(tmp_path, checkpoint):
+    """Weights that cannot be loaded: every cell's row says so, results are written, the run exits 1 with one
+    summary line."""
+    from dms_perf.model.qwen3_dms import tiny_config
+
+    broken = tmp_path / "broken"
+    tiny_config().save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    result = cli("bench", "--model", str(broken), "--tokenizer", str(checkpoint), "--contexts", "80,96",
+                 "--methods", "vanilla,dms-triton", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+                 "--out", str(out))
+    assert result.returncode == 1
+    _, rows = load_results(out)
+    assert len(rows) == 4 and all(r["status"].startswith("error: model build failed") for r in rows)
+    (summary,) = [line for line in result.stderr.splitlines() if "ended in an error" in line]
+    assert summary.startswith("dms-perf bench: error: 4 of 4 cells ended in an error: model build failed: ")
+    assert "vanilla @ 80, vanilla @ 96" in summary and "dms-triton @ 80, dms-triton @ 96" in summary
+    assert (out / "results.md").exists()
+
+
+@pytest.mark.parametrize("status", ["OOM", "skipped: needs a longer prompt"])
+def test_oom_and_skipped_cells_are_results_not_errors(tmp_path, monkeypatch, capsys, status):
+    import dms_perf.bench.generation
+
+    def measure(model, workload, method, **kwargs):
+        return {"context": workload.context_length, "method": method.name, "new_tokens": 2, "status": status}
+
+    monkeypatch.setattr(dms_perf.bench.generation, "measure_generation", measure)
+    assert main(["bench", "--model", "tiny", *TINY_RUN, "--out", str(tmp_path)]) == 0
+    assert "ended in an error" not in capsys.readouterr().err
+
+
+def test_error_rows_give_status_1_with_a_one_line_summary(tmp_path, monkeypatch, capsys):
+    import dms_perf.bench.generation
+
+    def measure(model, workload, method, **kwargs):
+        status = "error: RuntimeError: boom" if workload.context_length == 48 else "OOM"
+        return {"context": workload.context_length, "method": method.name, "new_tokens": 2, "status": status}
+
+    monkeypatch.setattr(dms_perf.bench.generation, "measure_generation", measure)
+    code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla,knorm", "--new-tokens",
+                 "2", "--out", str(tmp_path)])
+    assert code == 1
+    (summary,) = [line for line in capsys.readouterr().err.splitlines() if "ended in an error" in line]
+    assert summary == ("dms-perf bench: error: 2 of 4 cells ended in an error: RuntimeError: boom "
+                       "(vanilla @ 48, knorm:0.5 @ 48)")
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_out_that_cannot_be_a_directory_is_one_error(tmp_path, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out = blocker if kind == "file" else blocker / "results"
+    result = cli("bench", "--model", "tiny", *TINY_RUN, "--out", str(out))
+    assert result.returncode == 2
+    line = error_line(result)
+    expected = "is a file, not a directory" if kind == "file" else "cannot create the output directory: Not a directory"
+    assert line == f"dms-perf bench: error: --out {out}: {expected}"
+    assert blocker.read_text() == "a file"
+
+
+def test_report_out_that_is_a_file_is_one_error(tmp_path):
+    assert main(["bench", "--model", "tiny", *TINY_RUN, "--out", str(tmp_path / "a")]) == 0
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    result = cli("report", str(tmp_path / "a"), "--out", str(blocker))
+    assert result.returncode == 2
+    assert error_line(result) == f"dms-perf report: error: --out {blocker}: is a file, not a directory"
+
+
+def test_ctrl_c_keeps_the_rows_and_exits_130_without_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "dms_perf.bench.cli", "bench", "--model", "tiny", "--contexts", "32,48,64,80,96,112",
+           "--methods", "vanilla,dms-hub", "--new-tokens", "16", "--repeats", "2", "--warmup", "0", "--out", str(out)]
+    # SIGINT as a terminal's Ctrl-C delivers it (the default handler: a test runner may ignore the signal).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "results.json").exists() and json.loads((out / "results.json").read_text())["rows"]:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    _, rows = load_results(out)
+    assert 1 <= len(rows) < 12 and all(r["status"] == "ok" for r in rows)
+    noun = "row" if len(rows) == 1 else "rows"
+    assert f"interrupted: {len(rows)} {noun} kept in {out / 'results.json'}, results.md and plots written" in stderr
+    assert (out / "results.md").exists() and (out / "time_vs_context.png").exists()
+
+
+def test_methods_lists_the_registry_as_a_table():
+    result = cli("methods")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "parameter", "(default)", "backend", "summary"]
+    flat = " ".join(result.stdout.split())
+    for f in FAMILIES.values():
+        parameter = f"R (default {f.default_ratio:g})" if f.takes_parameter else "-"
+        backend = f.backend or ("vanilla+kvpress" if f.needs_kvpress else "vanilla")
+        assert f"{f.name} {parameter} {backend} {f.summary}" in flat
+
+
+def test_version_prints_the_package_version():
+    import dms_perf
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"dms-perf {dms_perf.__version__}"
+
+
+def test_bench_help_states_the_defaults_as_options():
+    from dms_perf.bench.cli import CPU_DEFAULTS, GPU_DEFAULTS
+
+    out = cli("bench", "--help").stdout
+    description = out.split("\n\n", 1)[1].split("options:")[0]
+    assert "{" not in description and "}" not in description  # no Python dict
+    cpu = [line.strip() for line in out.splitlines() if line.strip().startswith("CPU default:")]
+    gpu = [line.strip() for line in out.splitlines() if line.strip().startswith("GPU default:")]
+    assert cpu == [f"CPU default: --contexts {CPU_DEFAULTS['contexts']} --model tiny --new-tokens "
+                   f"{CPU_DEFAULTS['new_tokens']} --repeats {CPU_DEFAULTS['repeats']} --dtype float32"]
+    assert gpu == ["GPU default: --contexts 4k,8k,16k,32k --model qwen3-8b --new-tokens 128 --repeats 3 "
+                   "--dtype bfloat16"]
+    assert f"--methods {CPU_DEFAULTS['methods']}" in out and f"--methods {GPU_DEFAULTS['methods']}" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["bench", "--contexts", "x"], "dms-perf bench: error: not a token count: 'x'"),
+    (["bench", "--new-tokens", "two"], "dms-perf bench: error: argument --new-tokens: invalid int value: 'two'"),
+    (["report"], "dms-perf report: error: the following arguments are required: inputs"),
+])
+def test_argument_errors_show_the_subcommands_usage(args, message):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"usage: dms-perf {args[0]} ")
+    assert result.stderr.strip().splitlines()[-1].startswith(message)

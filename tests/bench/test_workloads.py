@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +90,38 @@ def test_retrieval_is_scored_only_with_real_weights(tokenizer):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         needle_workload(**kwargs)
+
+
+class _EmptyTokenizer:
+    """What transformers builds for a checkpoint folder without tokenizer files: every text -> no ids."""
+
+    name_or_path = "ckpt-without-tokenizer"
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return []
+
+
+def test_tokenizer_that_yields_no_tokens_is_refused_at_once():
+    from dms_perf.bench.workloads import load_tokenizer
+
+    with pytest.raises(ValueError, match="'ckpt-without-tokenizer'.*encodes the workload's text to no tokens"):
+        load_tokenizer(_EmptyTokenizer())
+
+
+def test_checkpoint_folder_without_tokenizer_files_raises_instead_of_hanging(tmp_path):
+    """The haystack filler used to loop forever on such a tokenizer; a child process bounds the wait."""
+    from dms_perf.model.qwen3_dms import tiny_config
+
+    tiny_config().save_pretrained(tmp_path)  # config.json only: transformers' empty Qwen2 tokenizer
+    code = f"from dms_perf.bench.workloads import needle_workload; needle_workload(100, tokenizer={str(tmp_path)!r})"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("needle_workload hangs on a tokenizer that encodes nothing")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: tokenizer ") and "encodes the workload's text to no tokens" in last
+    assert str(tmp_path) in last

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dms_perf.bench.device import device_info
 from dms_perf.ci import baselines, runner, sharding
@@ -76,6 +77,26 @@ def test_missing_baseline_says_how_to_create_one(bench_project):
     assert result.ret != 0
     err = result.stderr.str()
     assert "no benchmark baseline" in err and "--save-baseline" in err
+
+
+def test_missing_baseline_message_on_a_cpu_says_what_to_run_instead(tmp_path):
+    with pytest.raises(baselines.GateError) as info:
+        baselines.require_baseline(f"file://{tmp_path}", True, on_gpu=False)
+    message = str(info.value)
+    assert "baselines are kept only for GPU models" in message and "this machine has no CUDA GPU" in message
+    assert message.endswith("On a CPU run the benchmarks as a smoke test instead: "
+                            "`pytest benchmarks --benchmark-disable`.")
+    with pytest.raises(baselines.GateError) as info:
+        baselines.require_baseline(f"file://{tmp_path}", True, on_gpu=True)
+    assert "no benchmark baseline for this GPU model" in str(info.value) and "only for GPU" not in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's message; a GPU host gets the GPU one")
+def test_compare_on_a_cpu_says_baselines_are_for_gpus(bench_project):
+    result = run(bench_project, FAST, "--benchmark-compare")
+    assert result.ret != 0
+    err = result.stderr.str()
+    assert "baselines are kept only for GPU models" in err and "`pytest benchmarks --benchmark-disable`" in err
 
 
 def test_baseline_from_another_gpu_is_refused(bench_project):
