@@ -22,7 +22,7 @@ from dms_perf._runtime import HAS_CUDA
 
 # The CPU run is a smoke run (Triton's interpreter, a tiny model): the dense baseline, the two DMS
 # prefills of the speedup table and two kvpress presses, so that it takes well under a minute.
-CPU_METHODS = ("vanilla", "dms-hub", "dms-triton", "snapkv:0.5", "knorm:0.5")
+CPU_METHODS = ("vanilla", "dms-hub", "dms-hub-triton", "dms-triton", "snapkv:0.5")
 CPU_DEFAULTS = {"contexts": "128,256", "methods": ",".join(CPU_METHODS), "model": "tiny", "new_tokens": 8,
                 "repeats": 1, "dtype": "float32"}
 GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "methods": "all of them (the list below)", "model": "qwen3-8b",
