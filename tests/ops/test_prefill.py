@@ -16,6 +16,7 @@ from dms_perf._runtime import INTERPRET
 from dms_perf.ops.prefill import IMPLS, TRITON_IMPLS
 from dms_perf.ops.prefill.naive import math_attention
 from dms_perf.testing import rel_error
+from tests.ops.sync_check import plant_sync, sync_checked
 
 # On CPU, flex_attention runs eagerly on purpose (the compiled path is for the GPU).
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -105,17 +106,17 @@ def test_triton_at_the_checkpoint_shape(context_length):
 
 
 @pytest.mark.gpu
-def test_triton_does_not_synchronize():
-    """A host sync per call left the GPU idle while the rest launched (benchmarks/NOTES.md)."""
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
+def test_triton_does_not_synchronize(planted):
+    """A host sync per call left the GPU idle while the rest launched (benchmarks/NOTES.md).
+    planted-sync: the same region with a sync planted after the call must be caught (the check is live)."""
     warm = make_inputs(1, 8, 2, 1000, 128, torch.bfloat16, "cuda", 0.875)
     dms_prefill_attention(*warm, 64)  # compile and autotune first: those may query the device
-    torch.cuda.synchronize()
     inputs = make_inputs(1, 8, 2, 900, 128, torch.bfloat16, "cuda", 0.875)  # another length, same bucket
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        dms_prefill_attention(*inputs, 64)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with sync_checked(planted):
+        out = dms_prefill_attention(*inputs, 64)
+        if planted:
+            plant_sync(out)
 
 
 @pytest.mark.parametrize("impl", ["math", "flex", *TRITON_IMPLS])
@@ -241,3 +242,4 @@ def test_launch_with_an_explicit_config():
                           config=config)
     ref, _ = math_attention(q.double(), k.double(), v.double(), decisions, window, scale)
     assert (out.double() - ref).abs().max().item() < tolerance
+
