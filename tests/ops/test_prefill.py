@@ -16,6 +16,7 @@ from dms_perf._runtime import INTERPRET
 from dms_perf.ops.prefill import IMPLS, TRITON_IMPLS
 from dms_perf.ops.prefill.naive import math_attention
 from dms_perf.testing import rel_error
+from tests.ops.launch_spy import assert_grid_fits_cuda, spy_launches
 from tests.ops.sync_check import plant_sync, sync_checked
 
 # On CPU, flex_attention runs eagerly on purpose (the compiled path is for the GPU).
@@ -243,3 +244,44 @@ def test_launch_with_an_explicit_config():
     ref, _ = math_attention(q.double(), k.double(), v.double(), decisions, window, scale)
     assert (out.double() - ref).abs().max().item() < tolerance
 
+
+# Rows B * Hkv one past CUDA's 65535 on a grid's second axis (which the prefill launches once used).
+MANY_ROWS = 65536
+
+
+def test_triton_launch_grids_fit_any_batch(monkeypatch, device):
+    """B * Hkv = 65536 rows: both launches of the triton impl keep their grids within CUDA's limits,
+    with one program per (row, query block) and per (row, chunk). Recorded, not run: the interpreter
+    would take many minutes; every other test here runs the folded index math, and
+    test_triton_takes_any_batch_gpu a real batch this large."""
+    from dms_perf.ops.prefill import fused
+
+    prep = spy_launches(monkeypatch, fused, "_dms_prep_kernel", run=False)
+    attend = spy_launches(monkeypatch, fused, "_dms_prefill_kernel", run=False)
+    n = 70
+    q, k, v, decisions = make_inputs(MANY_ROWS // 2, 4, 2, n, 16, torch.float32, device, 0.5)
+    dms_prefill_attention(q, k, v, decisions, 8)
+
+    assert len(prep.launches) == len(attend.launches) == 1
+    for grid in prep.grids() + attend.grids():
+        assert_grid_fits_cuda(grid)
+    (prep_grid,) = prep.grids()
+    assert prep_grid[0] % MANY_ROWS == 0 and prep_grid[0] >= MANY_ROWS
+    for config, (programs, *rest) in zip(attend.configs, attend.grids(), strict=True):
+        block_m = config.kwargs["ROWS"] // 2  # G = GROUP_P2 = 2
+        assert (programs, *rest) == (-(-n // block_m) * MANY_ROWS,)
+
+
+@pytest.mark.gpu
+def test_triton_takes_any_batch_gpu(dtype):
+    """B * Hkv = 65538 rows (past the 65535 of a grid's second axis): "invalid argument" before."""
+    inputs = make_inputs(MANY_ROWS // 2 + 1, 4, 2, 5, 16, dtype, "cuda", 0.5)
+    check_against_math("triton", *inputs, 2)
+
+
+def test_hub_triton_names_the_row_limit(device):
+    """hub-triton moves q with the data movers, one grid row per (b, query head): past 65535 rows it
+    raises before any launch, naming the limit."""
+    q, k, v, decisions = make_inputs(MANY_ROWS // 2, 2, 1, 3, 16, torch.float32, device, 0.5)
+    with pytest.raises(ValueError, match="hub-triton.*65535"):
+        dms_prefill_attention(q, k, v, decisions, 1, impl="hub-triton")
