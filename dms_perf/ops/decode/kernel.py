@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.ops._common import check_grid_rows, sm_count
+from dms_perf.ops._common import attention_dot_precision, check_grid_rows, sm_count
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,7 +32,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_kn, stride_vn,
     num_kv_heads, num_splits, split_size, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -63,20 +63,14 @@ def _decode_split_kernel(
         n = n0 + offs_n
         n_mask = n < end
         k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # An empty split (start >= length) reports out = 0, lse = -inf and contributes nothing to the merge.
@@ -212,7 +206,7 @@ def dms_decode_attention(
         q, k_cache, v_cache, starts, lengths, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
         Hkv, num_splits, split_size, scale * math.log2(math.e),
-        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, FP32_DOT=q.dtype == torch.float32,
+        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
         num_warps=4,
     )
     _decode_merge_kernel[(B * Hkv, G)](

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import INTERPRET
-from dms_perf.ops._common import COUNT_BLOCK, block_rows, cdiv, chunk_geometry
+from dms_perf.ops._common import COUNT_BLOCK, attention_dot_precision, block_rows, cdiv, chunk_geometry
 
 LOG2E = 1.4426950408889634
 # Running max before any key: finite, so that rows whose first tiles are all masked give
@@ -46,6 +46,7 @@ def _configs():
         triton.Config({"ROWS": 256, "BLOCK_N": 64}, num_warps=16, num_stages=3),
         triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         # fp32 inputs: tiles of twice the bytes; these fit Hopper's 227 KB of shared memory at D=128.
+        # Their dots run in full fp32 on the FMA units (_common.FP32_DOT_PRECISION, as in decode).
         triton.Config({"ROWS": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"ROWS": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ]
@@ -313,8 +314,7 @@ def launch_prefill_kernel(
         n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E,
         HEAD_DIM=head_dim, GROUP=group, GROUP_P2=group_p2,
         RETURN_LSE=return_lse, COMPACT=compact,
-        # fp32 inputs: three tf32 products per dot (near-fp32 accuracy, still on the tensor cores).
-        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=attention_dot_precision(q.dtype),
         **(config or {}),
     )
 
