@@ -1,6 +1,6 @@
-"""Shared pieces of the data-movement kernels: input checks, launch geometry, the mask-counting kernel.
+"""Shared pieces of the kernels: input checks, launch geometry, the mask-counting kernel, the fp32 dot policy.
 
-The kernels move raw bits: a tensor of any 1/2/4/8-byte dtype (fp32, fp16, bf16, fp8, integers) is
+The data movers move raw bits: a tensor of any 1/2/4/8-byte dtype (fp32, fp16, bf16, fp8, integers) is
 viewed as the integer type of its width, so one compiled kernel serves every dtype of that width and
 zero padding is the all-zero bit pattern (+0.0 for floats).
 """
@@ -44,6 +44,20 @@ MASKED_NUM_STAGES = 3
 # Index / length vectors up to this size are checked in Python after one copy to the host: cheaper
 # than a chain of small device reductions. Longer ones are reduced on the device, then read once.
 HOST_CHECK_MAX = 2048
+
+
+# The one fp32 precision policy of the attention kernels (prefill ``fused.py`` and decode
+# ``decode/kernel.py``), passed to every ``tl.dot`` as ``input_precision``: fp32 inputs multiply in full
+# fp32 ("ieee", on the FMA units rather than the tensor cores). The fp32 path serves the tests, which hold
+# it to fp32 accuracy against fp64 references; speed is the 16-bit inputs' concern, and for fp16 / bf16
+# operands the precision setting has no effect, so they get Triton's default unchanged.
+FP32_DOT_PRECISION = "ieee"
+TRITON_DEFAULT_DOT_PRECISION = "tf32"
+
+
+def attention_dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the attention kernels' dots for inputs of ``dtype``."""
+    return FP32_DOT_PRECISION if dtype == torch.float32 else TRITON_DEFAULT_DOT_PRECISION
 
 
 def cdiv(a: int, b: int) -> int:

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from dms_perf.model.cache import DMSCache, DMSReferenceCache, kv_cache_bytes
 from dms_perf.rule import visibility_mask
+from tests.ops.sync_check import plant_sync, sync_checked
 
 
 def _tagged(B, H, n, D, first, device):
@@ -133,9 +134,11 @@ def test_cache_rejects_bad_use(device):
 
 
 @pytest.mark.gpu
-def test_decode_update_and_attention_do_not_synchronize():
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
+def test_decode_update_and_attention_do_not_synchronize(planted):
     """The per-step path (cache update + Triton decode attention) does not wait for the device between
-    re-sizes (one sync per capacity_step steps, checked apart)."""
+    re-sizes (one sync per capacity_step steps, checked apart). planted-sync: the same region with a
+    sync planted after the steps must be caught (the check is live)."""
     from dms_perf.ops.decode.kernel import dms_decode_attention
 
     cache = DMSCache(num_layers=1, window=8, capacity_step=16)
@@ -144,13 +147,11 @@ def test_decode_update_and_attention_do_not_synchronize():
     steps = [(_tagged(1, 2, 1, 32, t, "cuda"), torch.rand(1, 2, 1, device="cuda") < 0.5) for t in range(50, 66)]
     q = torch.randn(1, 4, 32, device="cuda")
     dms_decode_attention(q, *cache.append(0, *steps[0][0], steps[0][1]))  # compiles the kernels
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_checked(planted):
         for (k, v), d in steps[1:]:  # 15 steps: within the 16 spare rows, no re-size
-            dms_decode_attention(q, *cache.append(0, k, v, d))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+            out = dms_decode_attention(q, *cache.append(0, k, v, d))
+        if planted:
+            plant_sync(out)
 
 
 def test_deferred_prefill_packing_matches_immediate(device):
@@ -229,7 +230,9 @@ def test_frozen_host_state_leaves_the_step_to_the_device(device):
 
 
 @pytest.mark.gpu
-def test_one_launch_decode_step_does_not_synchronize():
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
+def test_one_launch_decode_step_does_not_synchronize(planted):
+    """planted-sync: the same region with a sync planted after the steps must be caught (the check is live)."""
     from dms_perf.ops.decode.kernel import dms_decode_attention
 
     cache = DMSCache(num_layers=1, window=8, capacity_step=16)
@@ -237,14 +240,12 @@ def test_one_launch_decode_step_does_not_synchronize():
     q = torch.randn(1, 4, 1, 32, device="cuda")
     alphas = torch.randn(1, 2, 1, device="cuda")
     dms_decode_attention(q[:, :, 0], *cache.append_step(0, q, *_tagged(1, 2, 1, 32, 50, "cuda"), alphas, 100.0, 5.0))
-    torch.cuda.synchronize()  # kernels compiled
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_checked(planted):  # kernels compiled
         for t in range(51, 66):  # 15 steps: within the 16 spare rows, no re-size
             cached = cache.append_step(0, q, *_tagged(1, 2, 1, 32, t, "cuda"), alphas, 100.0, 5.0)
-            dms_decode_attention(q[:, :, 0], *cached)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+            out = dms_decode_attention(q[:, :, 0], *cached)
+        if planted:
+            plant_sync(out)
 
 
 def test_one_launch_decode_step_rejects_bad_input(device):

@@ -1,7 +1,7 @@
 """The launchers never synchronize with the host once output sizes are given.
 
-``torch.cuda.set_sync_debug_mode("error")`` turns any synchronizing torch call (``.item()``,
-``int(tensor)``, ``nonzero``, a blocking copy) into an error.
+``tests.ops.sync_check.sync_checked`` turns any synchronizing torch call (``.item()``, ``int(tensor)``,
+``nonzero``, a blocking copy) into an error; each check has a planted-sync companion.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
 from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.ops.movers.left_pad import left_pad_2d
 from dms_perf.ops.movers.scatter import scatter_by_index
+from tests.ops.sync_check import plant_sync, sync_checked
 
 
 def _calls(device):
@@ -32,16 +33,16 @@ def _calls(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
 @pytest.mark.parametrize("kernel", ["left_pad_2d", "scatter_by_index", "bool_gather_left_pad", "compact_by_bool"])
-def test_launcher_does_not_synchronize(kernel, device):
+def test_launcher_does_not_synchronize(kernel, planted, device):
+    """planted-sync: the same region with a sync planted after the call must be caught (the check is live)."""
     call = _calls(device)[kernel]
     call()  # compile first: the JIT may legitimately query the device
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        call()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    with sync_checked(planted):
+        result = call()
+        if planted:
+            plant_sync(result[0] if isinstance(result, tuple) else result)
     torch.cuda.synchronize()
 
 
@@ -51,9 +52,5 @@ def test_sync_checking_catches_a_sync(device):
     x = torch.randn(1, 2, 256, 64, device=device)
     mask = torch.rand(1, 2, 256, device=device) < 0.5
     compact_by_bool(x, mask)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with pytest.raises(RuntimeError, match="synchroniz"):
-            compact_by_bool(x, mask)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    with sync_checked(planted=True):
+        compact_by_bool(x, mask)

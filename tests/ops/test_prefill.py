@@ -1,7 +1,8 @@
 """DMS prefill attention: every implementation against the readable "math" impl in fp64.
 
-Tolerance, flash-attention style: an implementation's error against the fp64 reference may be at
-most twice the error of the same dense math done by torch at the input dtype, plus a small floor.
+Tolerance, flash-attention style (tests/ops/accuracy.py, shared with the decode tests): an
+implementation's error against the fp64 reference may be at most twice the error of the same dense
+math done by torch at the input dtype, plus a small floor.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from dms_perf._runtime import INTERPRET
 from dms_perf.ops.prefill import IMPLS, TRITON_IMPLS
 from dms_perf.ops.prefill.naive import math_attention
 from dms_perf.testing import rel_error
+from tests.ops.accuracy import FLOOR, LSE_FLOOR, ROW_FLOOR, assert_as_accurate_as_torch, max_abs_error, worst_row_error
+from tests.ops.launch_spy import assert_grid_fits_cuda, spy_launches
+from tests.ops.sync_check import plant_sync, sync_checked
 
 # On CPU, flex_attention runs eagerly on purpose (the compiled path is for the GPU).
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
-# Per query row (one norm over the whole output would hide a wrong tile at 32K).
-ROW_FLOOR = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-LSE_FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # The interpreter runs each program in Python: longer CPU contexts are left to the GPU run.
 INTERPRETER_MAX_TOKENS = 256
 RULE_GRID_TOKENS = 157  # a multiple of no block size
@@ -39,12 +39,6 @@ def make_inputs(batch, num_q_heads, num_kv_heads, n, head_dim, dtype, device, ev
     return q, k, v, decisions
 
 
-def worst_row_error(out, ref):
-    """max over (batch, head, query) of ||out_row - ref_row|| / ||ref_row||, in fp64."""
-    ref = ref.double()
-    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
-
-
 def check_against_math(impl, q, k, v, decisions, window):
     """Run ``impl`` and assert it is as close to fp64 math as torch's own math at q's dtype."""
     scale = q.shape[-1] ** -0.5
@@ -56,15 +50,13 @@ def check_against_math(impl, q, k, v, decisions, window):
 
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not out.isnan().any(), "NaN in the output"
-    err, base = rel_error(out, ref), rel_error(same_dtype, ref)
-    assert err <= 2 * base + FLOOR[q.dtype], f"{impl}: error {err:.3g}, torch at {q.dtype}: {base:.3g}"
-    row_err, row_base = worst_row_error(out, ref), worst_row_error(same_dtype, ref)
-    assert row_err <= 2 * row_base + ROW_FLOOR[q.dtype], f"{impl}: worst row {row_err:.3g} vs torch {row_base:.3g}"
+    assert_as_accurate_as_torch(impl, out, same_dtype, ref, FLOOR[q.dtype])
+    assert_as_accurate_as_torch(f"{impl}, worst row", out, same_dtype, ref, ROW_FLOOR[q.dtype],
+                                metric=worst_row_error)
     if lse is not None:
         assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
-        lse_err = (lse.double() - ref_lse).abs().max().item()
-        lse_base = (same_dtype_lse.double() - ref_lse).abs().max().item()
-        assert lse_err <= 2 * lse_base + LSE_FLOOR[q.dtype], f"{impl}: LSE error {lse_err:.3g}"
+        assert_as_accurate_as_torch(f"{impl}, LSE", lse, same_dtype_lse, ref_lse, LSE_FLOOR[q.dtype],
+                                    metric=max_abs_error)
 
 
 @pytest.mark.parametrize("impl", UNDER_TEST)
@@ -105,17 +97,17 @@ def test_triton_at_the_checkpoint_shape(context_length):
 
 
 @pytest.mark.gpu
-def test_triton_does_not_synchronize():
-    """A host sync per call left the GPU idle while the rest launched (benchmarks/NOTES.md)."""
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
+def test_triton_does_not_synchronize(planted):
+    """A host sync per call left the GPU idle while the rest launched (benchmarks/NOTES.md).
+    planted-sync: the same region with a sync planted after the call must be caught (the check is live)."""
     warm = make_inputs(1, 8, 2, 1000, 128, torch.bfloat16, "cuda", 0.875)
     dms_prefill_attention(*warm, 64)  # compile and autotune first: those may query the device
-    torch.cuda.synchronize()
     inputs = make_inputs(1, 8, 2, 900, 128, torch.bfloat16, "cuda", 0.875)  # another length, same bucket
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        dms_prefill_attention(*inputs, 64)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with sync_checked(planted):
+        out = dms_prefill_attention(*inputs, 64)
+        if planted:
+            plant_sync(out)
 
 
 @pytest.mark.parametrize("impl", ["math", "flex", *TRITON_IMPLS])
@@ -241,3 +233,45 @@ def test_launch_with_an_explicit_config():
                           config=config)
     ref, _ = math_attention(q.double(), k.double(), v.double(), decisions, window, scale)
     assert (out.double() - ref).abs().max().item() < tolerance
+
+
+# Rows B * Hkv one past CUDA's 65535 on a grid's second axis (which the prefill launches once used).
+MANY_ROWS = 65536
+
+
+def test_triton_launch_grids_fit_any_batch(monkeypatch, device):
+    """B * Hkv = 65536 rows: both launches of the triton impl keep their grids within CUDA's limits,
+    with one program per (row, query block) and per (row, chunk). Recorded, not run: the interpreter
+    would take many minutes; every other test here runs the folded index math, and
+    test_triton_takes_any_batch_gpu a real batch this large."""
+    from dms_perf.ops.prefill import fused
+
+    prep = spy_launches(monkeypatch, fused, "_dms_prep_kernel", run=False)
+    attend = spy_launches(monkeypatch, fused, "_dms_prefill_kernel", run=False)
+    n = 70
+    q, k, v, decisions = make_inputs(MANY_ROWS // 2, 4, 2, n, 16, torch.float32, device, 0.5)
+    dms_prefill_attention(q, k, v, decisions, 8)
+
+    assert len(prep.launches) == len(attend.launches) == 1
+    for grid in prep.grids() + attend.grids():
+        assert_grid_fits_cuda(grid)
+    (prep_grid,) = prep.grids()
+    assert prep_grid[0] % MANY_ROWS == 0 and prep_grid[0] >= MANY_ROWS
+    for config, (programs, *rest) in zip(attend.configs, attend.grids(), strict=True):
+        block_m = config.kwargs["ROWS"] // 2  # G = GROUP_P2 = 2
+        assert (programs, *rest) == (-(-n // block_m) * MANY_ROWS,)
+
+
+@pytest.mark.gpu
+def test_triton_takes_any_batch_gpu(dtype):
+    """B * Hkv = 65538 rows (past the 65535 of a grid's second axis): "invalid argument" before."""
+    inputs = make_inputs(MANY_ROWS // 2 + 1, 4, 2, 5, 16, dtype, "cuda", 0.5)
+    check_against_math("triton", *inputs, 2)
+
+
+def test_hub_triton_names_the_row_limit(device):
+    """hub-triton moves q with the data movers, one grid row per (b, query head): past 65535 rows it
+    raises before any launch, naming the limit."""
+    q, k, v, decisions = make_inputs(MANY_ROWS // 2, 2, 1, 3, 16, torch.float32, device, 0.5)
+    with pytest.raises(ValueError, match="hub-triton.*65535"):
+        dms_prefill_attention(q, k, v, decisions, 1, impl="hub-triton")

@@ -58,7 +58,9 @@ def _decode_update_kernel(
     b = (r // num_kv_heads).to(tl.int64)
     h = (r % num_kv_heads).to(tl.int64)
     a = tl.load(ALPHA + b * stride_ab + h * stride_ah).to(tl.float32)
-    marked = a * alpha_scale - alpha_offset > 0
+    # Written as a comparison, not a subtraction: the compiler may fuse `a * scale - offset` into one
+    # multiply-add, which rounds differently from torch's two steps (x - y > 0 iff x > y when rounded).
+    marked = a * alpha_scale > alpha_offset
     q_borrowed = Q + b * stride_qb + (h * group) * stride_qh + (D - 1)
     tl.store(q_borrowed, 0.0)
 

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 def hub_decode_attention(q, k_cache, v_cache, starts, lengths, max_length: int, *, scale: float) -> torch.Tensor:
     """Arguments as ``dms_decode_attention`` (q ``[B, Hq, D]``, flat caches ``[S, D]``, starts/lengths
-    ``[B, Hkv]``, ``max_length`` >= every length); returns ``[B, Hq, D]`` in q's dtype."""
+    ``[B, Hkv]``); returns ``[B, Hq, D]`` in q's dtype. A head of length 0 gives zeros, as there: its
+    key mask is all False, and SDPA returns zeros for a fully masked row since torch 2.5 (pytorch#131060;
+    tests/ops/test_decode.py::test_hub_decode_matches_reference pins it), so no extra op is spent on it.
+
+    Unlike ``dms_decode_attention``, ``max_length`` must be an upper bound of every length: it is the
+    width of the gathered page batch, so a head's rows past it are not read (the result would be that
+    of a truncated head). Finding the true maximum would cost a host sync per step; the model passes the
+    cache's ``longest_bound``, which is such a bound.
+    """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = starts.shape[1]
     pages = batch * num_kv_heads

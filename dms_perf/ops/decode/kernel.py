@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.ops._common import sm_count
+from dms_perf.ops._common import attention_dot_precision, check_grid_rows, sm_count
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,11 +32,11 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_kn, stride_vn,
     num_kv_heads, num_splits, split_size, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // num_kv_heads
+    b = (pid_bh // num_kv_heads).to(tl.int64)
     h = pid_bh % num_kv_heads
 
     offs_g = tl.arange(0, G_PAD)
@@ -44,12 +44,14 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < G
 
-    q_rows = q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :]
+    q_rows = q_ptr + b * stride_qb + (h * G + offs_g).to(tl.int64)[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)
 
+    # Splits of split_size keys; the last one runs to the head's own length, so that every occupied row
+    # is read whatever max_length (which only sized the splits) said.
     length = tl.load(len_ptr + pid_bh)
     start = pid_s * split_size
-    end = tl.minimum(start + split_size, length)
+    end = tl.where(pid_s == num_splits - 1, length, tl.minimum(start + split_size, length))
 
     first = tl.load(start_ptr + pid_bh).to(tl.int64)
     k_base = k_ptr + first * stride_kn
@@ -60,28 +62,22 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < end
-        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # An empty split (start >= length) reports lse = -inf and contributes nothing to the merge.
+    # An empty split (start >= length) reports out = 0, lse = -inf and contributes nothing to the merge.
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    row = (pid_bh * G_PAD + offs_g) * num_splits + pid_s
+    row = (pid_bh.to(tl.int64) * G_PAD + offs_g) * num_splits + pid_s
     tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out)
     tl.store(part_lse_ptr + row, lse2)
 
@@ -94,18 +90,22 @@ def _decode_merge_kernel(
 ):
     pid_bh = tl.program_id(0)
     g = tl.program_id(1)
-    b = pid_bh // num_kv_heads
+    b = (pid_bh // num_kv_heads).to(tl.int64)
     h = pid_bh % num_kv_heads
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
     s_mask = offs_s < num_splits
-    row = (pid_bh * G_PAD + g) * num_splits + offs_s
+    row = (pid_bh.to(tl.int64) * G_PAD + g) * num_splits + offs_s
     lse2 = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
     m = tl.max(lse2, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # no split with keys: exp2(-inf - 0) = 0, not exp2(NaN)
     w = tl.where(s_mask & (lse2 > float("-inf")), tl.exp2(lse2 - m), 0.0)
     part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    # A head of length 0 has no split with keys: its output is defined as zeros (not 0 / 0).
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_row = b * stride_ob + (h * G + g).to(tl.int64) * stride_oh
+    tl.store(out_ptr + o_row + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
@@ -134,8 +134,8 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
         raise ValueError(f"lengths must be [B, Hkv] = {tuple(starts.shape)}, got {tuple(lengths.shape)}")
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
-    if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive int (an upper bound of lengths), got {max_length!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int (the expected longest head), got {max_length!r}")
     devices = {q.device, k_cache.device, v_cache.device, starts.device, lengths.device}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
@@ -169,13 +169,18 @@ def dms_decode_attention(
         q: ``[B, Hq, D]`` query of the new token (RoPE applied, borrowed channel zeroed).
         k_cache, v_cache: ``[S, D]``, same dtype as ``q``, stride 1 along ``D``: all heads' segments.
         starts: ``[B, Hkv]`` int64, first row of each head's segment.
-        lengths: ``[B, Hkv]`` int32, occupied rows per head (``>= 1``); rows past them are never read.
-        max_length: a host-known upper bound of ``lengths`` (sizes the split over the key length).
+        lengths: ``[B, Hkv]`` int32, occupied rows per head (``>= 0``); rows past them are never read.
+        max_length: a host-known estimate of the longest head, ``>= 1``. It only tunes the launch (the
+            number and size of the splits over the key length), never the result: every head is read to
+            its own length, also past ``max_length`` (then the last split does the extra work). An upper
+            bound of ``lengths`` (the cache's ``longest_bound``) is the fast choice.
         scale: softmax scale, default ``D ** -0.5``.
-        num_splits: programs per (batch, KV head) along the key length; default from the SM count.
+        num_splits: programs per (batch, KV head) along the key length, ``<= 65535`` (a grid axis);
+            default from the SM count.
     Returns:
         ``[B, Hq, D]`` in ``q.dtype``; query head ``h * G + g`` attends to KV head ``h``
-        (G = Hq / Hkv), over exactly the occupied rows (docs/DMS.md, "Cache and decode").
+        (G = Hq / Hkv), over exactly the occupied rows (docs/DMS.md, "Cache and decode"). A head of
+        length 0 has nothing to attend to: its query heads' outputs are zeros.
     Reads ``starts`` and ``lengths`` on the device only: no host synchronization.
     """
     _check_inputs(q, k_cache, v_cache, starts, lengths, max_length)
@@ -187,8 +192,10 @@ def dms_decode_attention(
     scale = D**-0.5 if scale is None else float(scale)
     if num_splits is None:
         num_splits = default_num_splits(B * Hkv, max_length, block_n)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    # The splits are the grid's second axis; its first, B * Hkv, may take up to 2**31 - 1.
+    check_grid_rows("num_splits", num_splits)
     split_size = block_n * max(1, math.ceil(max_length / (num_splits * block_n)))
     starts, lengths = starts.contiguous(), lengths.contiguous()
     g_pad = max(16, triton.next_power_of_2(G))
@@ -199,7 +206,7 @@ def dms_decode_attention(
         q, k_cache, v_cache, starts, lengths, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
         Hkv, num_splits, split_size, scale * math.log2(math.e),
-        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, FP32_DOT=q.dtype == torch.float32,
+        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
         num_warps=4,
     )
     _decode_merge_kernel[(B * Hkv, G)](

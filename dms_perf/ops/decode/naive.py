@@ -11,27 +11,30 @@ def dms_decode_attention_reference(
     v_cache: torch.Tensor,
     starts: torch.Tensor,
     lengths: torch.Tensor,
-    max_length: int,
     *,
     scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Readable torch version of :func:`dms_decode_attention` (fp32 math, same arguments and result).
+    """What :func:`dms_decode_attention` computes, written as literally as possible: for every query
+    head ``h * G + g`` of every sequence b, softmax attention over exactly the ``lengths[b, h]`` rows of
+    the caches from ``starts[b, h]`` (read on the host, one head at a time; no length bound at all, so
+    nothing is cut short). A head of length 0 gives zeros.
 
-    Gathers rows ``starts .. starts + max_length - 1`` of every head and masks those past ``lengths``;
-    query head ``h * G + g`` uses KV head ``h``. Tests only.
+    Computed and returned in ``compute_dtype``: fp64 for the truth; the input dtype measures what
+    plain torch loses at that precision (the tests' tolerance rule, ``tests/ops/accuracy.py``).
     """
-    B, Hq, D = q.shape
-    Hkv = starts.shape[1]
-    G = Hq // Hkv
-    scale = D**-0.5 if scale is None else float(scale)
-    offsets = torch.arange(max_length, device=q.device)
-    occupied = offsets[None, None, :] < lengths[:, :, None]
-    rows = (starts[:, :, None] + offsets).clamp(max=k_cache.shape[0] - 1)
-    keys, values = k_cache[rows].float(), v_cache[rows].float()  # [B, Hkv, max_length, D]
-    scores = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, Hkv, G, D), keys) * scale
-    scores = scores.masked_fill(~occupied[:, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # Free rows may hold anything (even NaN): zero them so that 0 * garbage cannot leak in.
-    values = torch.where(occupied[..., None], values, 0.0)
-    out = torch.einsum("bhgn,bhnd->bhgd", probs, values)
-    return out.reshape(B, Hq, D).to(q.dtype)
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // starts.shape[1]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    firsts, counts = starts.tolist(), lengths.tolist()
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=compute_dtype, device=q.device)
+    for b in range(batch):
+        for hq in range(num_q_heads):
+            first, n = firsts[b][hq // group], counts[b][hq // group]
+            if n <= 0:
+                continue
+            keys = k_cache[first : first + n].to(compute_dtype)
+            values = v_cache[first : first + n].to(compute_dtype)
+            probs = torch.softmax((keys @ q[b, hq].to(compute_dtype)) * scale, dim=0)
+            out[b, hq] = probs @ values
+    return out

@@ -18,6 +18,7 @@ import math
 import torch
 
 from dms_perf._runtime import INTERPRET
+from dms_perf.ops._common import MAX_GRID_ROWS
 from dms_perf.ops.prefill.flex import flex_attention
 from dms_perf.ops.prefill.fused import triton_prefill_attention
 from dms_perf.ops.prefill.hub import hub_attention
@@ -126,3 +127,10 @@ def _check_inputs(q, k, v, decisions, window, impl, scale, return_lse):
             )
         if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
             raise ValueError(f"impl {impl!r} needs CUDA tensors (or the interpreter), got {q.device}")
+    if impl == "hub-triton" and batch * num_q_heads > MAX_GRID_ROWS:
+        # Its data movers launch one row of the grid's second axis per (b, query head); "triton" folds
+        # its rows into the first axis and takes any batch.
+        raise ValueError(
+            f"impl 'hub-triton' moves B*Hq = {batch * num_q_heads} rows, more than the {MAX_GRID_ROWS} its "
+            "data movers cover in one launch; use impl='triton' or a smaller batch"
+        )

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import INTERPRET
-from dms_perf.ops._common import COUNT_BLOCK, block_rows, chunk_geometry
+from dms_perf.ops._common import COUNT_BLOCK, attention_dot_precision, block_rows, cdiv, chunk_geometry
 
 LOG2E = 1.4426950408889634
 # Running max before any key: finite, so that rows whose first tiles are all masked give
@@ -47,6 +47,7 @@ def _configs():
         triton.Config({"ROWS": 256, "BLOCK_N": 64}, num_warps=16, num_stages=3),
         triton.Config({"ROWS": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         # fp32 inputs: tiles of twice the bytes; these fit Hopper's 227 KB of shared memory at D=128.
+        # Their dots run in full fp32 on the FMA units (_common.FP32_DOT_PRECISION, as in decode).
         triton.Config({"ROWS": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"ROWS": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ]
@@ -128,10 +129,13 @@ def _dms_prefill_kernel(
     RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = ROWS // GROUP_P2
-    # Latest query blocks have the most keys: launch them first for a better tail.
+    # One grid axis over (row, query block), query blocks fastest: the order of a [blocks, rows] grid,
+    # without its second axis's limit of 65535 rows (see ``prefill_grid``).
     num_m_blocks = tl.cdiv(N, BLOCK_M)
-    m_block = num_m_blocks - 1 - tl.program_id(0)
-    bh = tl.program_id(1)  # b * Hkv + kv head
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks  # b * Hkv + kv head
+    # Latest query blocks have the most keys: launch them first for a better tail.
+    m_block = num_m_blocks - 1 - pid % num_m_blocks
     b = bh // num_kv_heads
     h = bh % num_kv_heads
     m0 = m_block * BLOCK_M
@@ -209,14 +213,16 @@ def _dms_prefill_kernel(
 def _dms_prep_kernel(
     DEC, K, V, KC, VC, KEPT_UPTO,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, num_kv_heads, CHUNK, tiles,
+    N, num_kv_heads, CHUNK, n_chunks, tiles,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, COUNT_BLOCK: tl.constexpr,
 ):
-    """Program (c, r) handles tokens [c * CHUNK, (c + 1) * CHUNK) of row r = b * Hkv + h: writes
-    ``KEPT_UPTO[r, s]`` (kept tokens among 0..s) and copies each kept token's K and V row to
-    ``KC / VC[r * N + its rank among the row's kept tokens]``. Token s is kept unless ``DEC[r, s + 1]``."""
-    c = tl.program_id(0)
-    r = tl.program_id(1)
+    """Program ``r * n_chunks + c`` handles tokens [c * CHUNK, (c + 1) * CHUNK) of row r = b * Hkv + h:
+    writes ``KEPT_UPTO[r, s]`` (kept tokens among 0..s) and copies each kept token's K and V row to
+    ``KC / VC[r * N + its rank among the row's kept tokens]``. Token s is kept unless ``DEC[r, s + 1]``.
+    One grid axis, chunks fastest (a [chunks, rows] grid would stop at 65535 rows)."""
+    pid = tl.program_id(0)
+    c = pid % n_chunks
+    r = pid // n_chunks
     b = (r // num_kv_heads).to(tl.int64)
     h = (r % num_kv_heads).to(tl.int64)
     row = r.to(tl.int64) * N
@@ -259,13 +265,25 @@ def dms_prep(k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor):
     kept_upto = torch.empty((batch, num_kv_heads, n), dtype=torch.int32, device=k.device)
     block_s = block_rows(head_dim, k.element_size())
     chunk, n_chunks, tiles = chunk_geometry(rows, n, block_s, k.device)
-    _dms_prep_kernel[(n_chunks, rows)](
+    # One grid axis: n_chunks * rows <= 2**31 - 1 while k holds fewer than 2**31 tiles of >= 16 rows.
+    _dms_prep_kernel[(n_chunks * rows,)](
         decisions.view(torch.uint8), k, v, k_kept, v_kept, kept_upto,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        n, num_kv_heads, chunk, tiles,
+        n, num_kv_heads, chunk, n_chunks, tiles,
         HEAD_DIM=head_dim, BLOCK_S=block_s, COUNT_BLOCK=COUNT_BLOCK,
     )
     return k_kept, v_kept, kept_upto
+
+
+def prefill_grid(n: int, rows: int, group_p2: int):
+    """The attention kernel's grid for a config (``meta``): one program per (row, query block), all on
+    axis 0. CUDA's axes 1 and 2 stop at 65535, which ``B * Hkv`` passes (a [blocks, rows] grid failed
+    with "invalid argument"); axis 0 goes to 2**31 - 1, which would take a q of terabytes to pass."""
+
+    def grid(meta):
+        return (cdiv(n, meta["ROWS"] // group_p2) * rows,)
+
+    return grid
 
 
 def launch_prefill_kernel(
@@ -286,11 +304,8 @@ def launch_prefill_kernel(
     group = num_q_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["ROWS"] // group_p2), batch * num_kv_heads)
-
     kernel = _dms_prefill_kernel if config is None else _dms_prefill_kernel.fn
-    kernel[grid](
+    kernel[prefill_grid(n, batch * num_kv_heads, group_p2)](
         q, k, v, k_kept, v_kept, kept_upto, decisions.view(torch.uint8),
         out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -300,8 +315,7 @@ def launch_prefill_kernel(
         n, triton.next_power_of_2(n), num_kv_heads, window, scale * LOG2E,
         HEAD_DIM=head_dim, GROUP=group, GROUP_P2=group_p2,
         RETURN_LSE=return_lse, COMPACT=compact,
-        # fp32 inputs: three tf32 products per dot (near-fp32 accuracy, still on the tensor cores).
-        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=attention_dot_precision(q.dtype),
         **(config or {}),
     )
 
