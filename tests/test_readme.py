@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+from tests.interpreter import skip_if_cpu_path_cannot_run_here
 
 REPO = Path(__file__).resolve().parents[1]
 # The team-internal spec path, assembled so that a grep for it finds no test file either.
@@ -39,22 +38,6 @@ def test_first_python_block_is_found():
     assert first_python_block(text) == "x = 1\nprint(x)\n"
 
 
-# A kernel whose loop bound depends on the program id, as the movers' prefix counts do. Triton 3.6's
-# interpreter cannot run it with NumPy >= 2.4; only a GPU host pairs such a Triton with a CPU run.
-_INTERPRETER_CHECK = """
-import torch, triton, triton.language as tl
-@triton.jit
-def count_up(out):
-    n = 0
-    for _ in range(0, tl.program_id(0) + 1):
-        n += 1
-    tl.store(out + tl.program_id(0), n)
-out = torch.zeros(2, dtype=torch.int32)
-count_up[(2,)](out)
-assert out.tolist() == [1, 2], out.tolist()
-"""
-
-
 def _cpu_env() -> dict[str, str]:
     """This process's environment with every GPU hidden, as on a CPU-only machine."""
     env = dict(os.environ)
@@ -67,17 +50,7 @@ def _cpu_env() -> dict[str, str]:
 
 def test_readme_example_runs():
     code = first_python_block(README.read_text(encoding="utf-8"))
-    if torch.cuda.is_available():
-        check = subprocess.run(
-            [sys.executable, "-c", _INTERPRETER_CHECK],
-            env={**_cpu_env(), "TRITON_INTERPRET": "1"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if check.returncode != 0:
-            last = (check.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"this host's Triton interpreter cannot run the kernels on the CPU ({last}); CPU CI runs it")
+    skip_if_cpu_path_cannot_run_here()
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=600
     )

@@ -17,6 +17,7 @@ from dms_perf.bench.cli import build_parser, main
 from dms_perf.bench.methods import FAMILIES
 from dms_perf.bench.report import load_results
 from tests.bench.word_tokenizer import word_tokenizer
+from tests.interpreter import skip_if_cpu_path_cannot_run_here
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,30 +173,6 @@ def test_report_of_a_missing_run_exits_with_a_message(tmp_path, capsys):
 # A loop whose bound derives from a program id, as the DMS kernels' prefix counts have: Triton 3.6's
 # interpreter turns such a 1-element bound into an int with int(array), which NumPy >= 2.4 refuses
 # (newer Triton squeezes it first). Only a GPU host can pair a CPU interpreter run with such a Triton.
-_INTERPRETER_PROBE = """
-import triton, triton.language as tl, torch
-@triton.jit
-def k(out):
-    total = 0
-    for i in range(0, tl.program_id(0) + 1):
-        total += 1
-    tl.store(out + tl.program_id(0), total)
-out = torch.zeros(2, dtype=torch.int32)
-k[(2,)](out)
-assert out.tolist() == [1, 2], out
-"""
-
-
-def _interpreter_problem() -> str | None:
-    """Why this host's Triton interpreter cannot run the kernels on the CPU, or None if it can."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    probe = subprocess.run([sys.executable, "-c", _INTERPRETER_PROBE], capture_output=True, text=True, env=env,
-                           timeout=300)
-    if probe.returncode == 0:
-        return None
-    return probe.stderr.strip().splitlines()[-1]
-
-
 def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
     """``dms-perf report`` on a pytest-benchmark JSON of benchmarks/test_end_to_end.py (a CPU smoke run
     here, with the timing kept) gives results.md and the plots of its cells; other cases are ignored."""
@@ -206,9 +183,7 @@ def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
     # and on the CPU on any host: the tiny model's smoke sizes, not the GPU's 8B model.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    if torch.cuda.is_available() and (problem := _interpreter_problem()):
-        pytest.skip(f"this host's Triton interpreter cannot run the kernels on the CPU ({problem}); "
-                    "the CPU test run covers this test")
+    skip_if_cpu_path_cannot_run_here()
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                             timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
