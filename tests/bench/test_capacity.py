@@ -1,0 +1,199 @@
+"""``dms-perf capacity``: the batch search on its own, the batch fill, and tiny CPU runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dms_perf.bench import capacity
+from dms_perf.bench.capacity import Try, search_largest_batch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fits_up_to(limit: int, failure: str = "over budget: fake"):
+    def try_batch(batch: int) -> Try:
+        return Try(batch, batch <= limit, "ok" if batch <= limit else failure)
+
+    return try_batch
+
+
+def _batches(search) -> list[int]:
+    return [t.batch for t in search.tries]
+
+
+def test_search_doubles_then_bisects_to_the_largest_fitting_batch():
+    search = search_largest_batch(_fits_up_to(37), max_batch=1024)
+    assert search.largest == 37 and search.best.batch == 37
+    # doubling up to the first failure (64), then bisection between 32 and 64
+    assert _batches(search) == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
+    failed = [(t.batch, t.reason) for t in search.tries if not t.fits]
+    assert failed == [(64, "over budget: fake"), (48, "over budget: fake"), (40, "over budget: fake"),
+                      (38, "over budget: fake")]
+    assert not search.ceiling_reached and search.stopped is None
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 31, 32, 33, 100])
+def test_search_answer_is_exact(limit):
+    search = search_largest_batch(_fits_up_to(limit, "OOM"), max_batch=1024)
+    assert search.largest == limit
+    assert len(search.tries) == len(set(_batches(search)))  # no batch tried twice
+
+
+def test_search_stops_at_the_ceiling():
+    search = search_largest_batch(_fits_up_to(10**6), max_batch=20)
+    assert _batches(search) == [1, 2, 4, 8, 16, 20]
+    assert search.largest == 20 and search.ceiling_reached
+    assert search_largest_batch(_fits_up_to(10**6), max_batch=1).largest == 1
+
+
+def test_search_reports_zero_when_batch_one_does_not_fit():
+    search = search_largest_batch(_fits_up_to(0), max_batch=64)
+    assert _batches(search) == [1] and search.largest == 0 and search.best is None
+
+
+def test_search_stops_at_an_error():
+    def try_batch(batch):
+        if batch >= 8:
+            return Try(batch, False, "error: RuntimeError: boom")
+        return Try(batch, True, "ok")
+
+    search = search_largest_batch(try_batch, max_batch=64)
+    assert _batches(search) == [1, 2, 4, 8]  # no bisection around a failure that is not about memory
+    assert search.largest == 4 and search.stopped == "batch 8: error: RuntimeError: boom"
+
+
+def test_search_rejects_a_non_positive_ceiling():
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        search_largest_batch(_fits_up_to(3), max_batch=0)
+
+
+def test_over_budget_reason_shows_differing_numbers():
+    assert capacity.over_budget(3 * 2**30, 2 * 2**30) == "over budget: 3 GiB > 2 GiB"
+    reason = capacity.over_budget(2**30 + 1000, 2**30)
+    left, right = reason.removeprefix("over budget: ").split(" > ")
+    assert left != right
+
+
+def test_consuming_fill_batch_matches_stacked_and_empties_the_template():
+    from dms_perf.bench.methods import load_model_for, resolve_method
+    from dms_perf.model.cache import DMSCache
+
+    model, _ = load_model_for("tiny", resolve_method("dms-triton"), dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        template, reference = (model(input_ids=ids, past_key_values=model.make_dms_cache(), use_cache=True,
+                                     logits_to_keep=1).past_key_values for _ in range(2))
+        expected = DMSCache.stacked([reference] * 3)
+        filled = capacity.fill_batch(template, 3, consume=True)
+    assert filled.kv_bytes() == expected.kv_bytes() == 3 * reference.kv_bytes()
+    for got, want in zip(filled.layers, expected.layers, strict=True):
+        for name in ("keys", "values", "starts", "capacity", "lengths", "row_head", "ring_slot", "ring_flag",
+                     "step_index"):
+            # spare rows are never written (poisoned by the conftest fixture): NaN in both
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, equal_nan=True,
+                                       msg=name)
+        assert (got.seen, got.longest_bound, got.spare_steps) == (want.seen, want.longest_bound, want.spare_steps)
+    assert all(not layer.is_initialized for layer in template.layers)
+
+
+COMMON = ["--contexts", "64", "--methods", "dms-triton,dense-triton", "--model", "tiny", "--dtype", "float32",
+          "--target-cr", "0", "--steps", "1"]
+
+
+def test_dms_fits_more_sequences_than_dense(tmp_path, capsys):
+    # First: one sequence per method under the CPU default budget, for the measured bytes of one sequence.
+    probe = tmp_path / "probe"
+    assert capacity.main([*COMMON, "--max-batch", "1", "--out", str(probe)]) == 0
+    data = json.loads((probe / "capacity.json").read_text())
+    assert "CPU default" in data["meta"]["memory_budget_source"]
+    assert "CPU default" in capsys.readouterr().out  # the console says where the budget came from
+    one = {r["method"]: r for r in data["results"]}
+    assert all(r["largest_batch"] == 1 and r["ceiling_reached"] for r in one.values())
+    weights = one["dense-triton"]["weights_bytes"]
+    dense, dms = one["dense-triton"]["sequence_kv_bytes"], one["dms-triton"]["sequence_kv_bytes"]
+    assert dms < dense
+    # Half-way between 4 DMS and 4 dense sequences: dense fits 3, DMS 4 (the CPU estimate is weights + KV bytes).
+    kv_budget = 4 * (dms + dense) / 2
+    assert 3 * dense <= kv_budget < 4 * dense and 4 * dms <= kv_budget < 5 * dms
+
+    out = tmp_path / "out"
+    budget = repr((weights + kv_budget) / 2**30)
+    assert capacity.main([*COMMON, "--max-batch", "8", "--memory-budget", budget, "--out", str(out)]) == 0
+    for name in ("capacity.json", "capacity.md", "throughput_vs_batch.png"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "capacity.json").read_text())
+    assert data["meta"]["batch_fill"] == "one prefilled sequence copied into every slot"
+    assert data["meta"]["memory_budget_source"] == "--memory-budget"
+    by = {r["method"]: r for r in data["results"]}
+    assert by["dms-triton"]["largest_batch"] == 4 and by["dense-triton"]["largest_batch"] == 3
+    # every tried batch is recorded, in the order tried, with its verdict
+    tries = {m: [(t["batch"], t["fits"]) for t in r["tries"]] for m, r in by.items()}
+    assert tries["dms-triton"] == [(1, True), (2, True), (4, True), (8, False), (6, False), (5, False)]
+    assert tries["dense-triton"] == [(1, True), (2, True), (4, False), (3, True)]
+    for r in by.values():
+        for t in r["tries"]:
+            assert t["fits"] == (t["reason"] == "ok")
+            assert t["reason"] == "ok" or t["reason"].startswith("over budget: ")
+            assert t["peak_bytes"] == weights + t["batch"] * r["sequence_kv_bytes"]
+            if t["fits"]:
+                assert t["tok_s"] > 0 and t["tok_s"] == pytest.approx(t["batch"] / (t["step_ms"] * 1e-3))
+        assert r["tok_s"] == next(t["tok_s"] for t in r["tries"] if t["batch"] == r["largest_batch"])
+    md = (out / "capacity.md").read_text()
+    assert "| 64 | dms-triton | 4 |" in md and "| 64 | dense-triton | 3 |" in md
+    assert "| 4 | 8 | no | over budget: " in md  # the dms-triton tries are listed
+    printed = capsys.readouterr().out
+    assert "| 64 | dms-triton | 4 |" in printed and f"wrote {out / 'capacity.json'}" in printed
+
+
+def test_method_whose_batch_one_does_not_fit_gets_a_row(tmp_path):
+    # 0.001 GiB is less than the tiny model's weights (1.6 MiB): nothing fits, the run still succeeds.
+    out = tmp_path / "out"
+    code = capacity.main(["--contexts", "64", "--methods", "dense-triton", "--model", "tiny", "--target-cr", "0",
+                          "--memory-budget", "0.001", "--steps", "1", "--out", str(out)])
+    assert code == 0
+    (result,) = json.loads((out / "capacity.json").read_text())["results"]
+    assert result["largest_batch"] == 0 and result["tok_s"] is None
+    assert [t["batch"] for t in result["tries"]] == [1]
+    assert result["tries"][0]["reason"].startswith("over budget: ")
+    assert "| 64 | dense-triton | 0 (batch 1 does not fit: over budget: " in (out / "capacity.md").read_text()
+    assert (out / "throughput_vs_batch.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "dms-triton,vanilla,snapkv:0.5"],
+         "capacity measures methods whose model keeps a DMSCache; vanilla, snapkv:0.5 do not"),
+        (["--methods", "nope"], "unknown method 'nope'; valid methods:"),
+        (["--memory-budget", "0"], "--memory-budget must be a positive number of GiB, got 0.0"),
+        (["--memory-budget", "-2"], "--memory-budget must be a positive number of GiB, got -2.0"),
+        (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "dms_perf.bench.capacity", *args, "--out", str(out)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        capacity.main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--contexts", "--methods", "--memory-budget", "--max-batch", "--steps", "--warmup-steps",
+                   "--model", "--dtype", "--seed", "--target-cr", "--out"):
+        assert option in text
