@@ -338,7 +338,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="with random weights, calibrate DMS eviction to this compression ratio "
                         "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
     parser.add_argument("--out", default="results-capacity", help="output directory")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, command_parser=parser)
     return parser
 
 

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     methods.set_defaults(run=run_methods, command_parser=methods)
 
+    from dms_perf.bench import capacity
+
+    capacity.add_parser(sub)
+
     ci = sub.add_parser(
         "ci",
         add_help=False,  # `dms-perf ci --help` is answered by dms_perf.ci itself

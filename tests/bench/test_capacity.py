@@ -197,3 +197,12 @@ def test_help_explains_every_option(capsys):
     for option in ("--contexts", "--methods", "--memory-budget", "--max-batch", "--steps", "--warmup-steps",
                    "--model", "--dtype", "--seed", "--target-cr", "--out"):
         assert option in text
+
+
+def test_capacity_is_a_dms_perf_subcommand(capsys):
+    """``dms-perf capacity`` reaches the same command (and its bad input is one line, exit 2)."""
+    from dms_perf.bench.cli import main as cli_main
+
+    assert cli_main(["capacity", "--memory-budget", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dms-perf capacity: error:") and "--memory-budget" in err and "Traceback" not in err
