@@ -117,6 +117,22 @@ def _track_peak(benchmark, model, fn, base: int | None = None):
     return result
 
 
+def _greedy_steps(model, cache, token, context_length):
+    """A call running ``DECODE_STEPS`` greedy steps on ``cache`` from ``token`` ``[B, 1]``, each fed the
+    previous step's argmax at the next position, launched back to back as ``generate_once`` does."""
+    position = torch.full((token.shape[0], 1), context_length, device=token.device)
+
+    def steps():
+        nonlocal token
+        for _ in range(DECODE_STEPS):
+            result = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
+            token = result.logits[:, -1:].argmax(-1)
+            position.add_(1)
+        return result
+
+    return steps
+
+
 @pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_prefill(benchmark, method, context_length):
     model, calibration = _model_for(method)
@@ -140,17 +156,8 @@ def test_decode_steps(benchmark, method, context_length):
     base = torch.cuda.memory_allocated() if HAS_CUDA else None
     with torch.inference_mode():
         out = _prefill(model, ids)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        position = torch.full((1, 1), context_length, device=model.device)
-
-        def steps():
-            nonlocal token
-            for _ in range(DECODE_STEPS):
-                result = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
-                token = result.logits[:, -1:].argmax(-1)
-                position.add_(1)
-            return result
-
+        cache = out.past_key_values
+        steps = _greedy_steps(model, cache, out.logits[:, -1:].argmax(-1), context_length)
         median = bench(benchmark, steps, rounds=10)
         _track_peak(benchmark, model, steps, base)
     _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
@@ -187,18 +194,8 @@ def test_decode_batch(benchmark, method, batch, context_length):
         with torch.inference_mode():
             out = _prefill(model, ids)
             cache = DMSCache.stacked([out.past_key_values] * batch)
-            token = out.logits[:, -1:].argmax(-1).repeat(batch, 1)
+            steps = _greedy_steps(model, cache, out.logits[:, -1:].argmax(-1).repeat(batch, 1), context_length)
             del out
-            position = torch.full((batch, 1), context_length, device=model.device)
-
-            def steps():
-                nonlocal token
-                for _ in range(DECODE_STEPS):
-                    result = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
-                    token = result.logits[:, -1:].argmax(-1)
-                    position.add_(1)
-                return result
-
             median = bench(benchmark, steps, rounds=10)
     except torch.OutOfMemoryError as exc:
         pytest.skip(f"OOM at batch {batch} x {context_length} tokens ({method}): {str(exc).splitlines()[0][:120]}")
