@@ -73,3 +73,18 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     names = imported_modules(planted)
     assert "dms_perf.model.cache" in names and "dms_perf.bench.cli" in names
     assert any(n.startswith(FORBIDDEN["ops"]) for n in names)
+
+
+def test_public_names_import_from_the_package_and_where_they_live():
+    import importlib
+
+    import dms_perf
+    import dms_perf.ops as ops
+
+    for name in dms_perf.__all__:
+        assert getattr(dms_perf, name) is getattr(importlib.import_module(dms_perf._LAZY[name]), name)
+    for name in ops.__all__:
+        assert callable(getattr(ops, name))
+    assert dms_perf.compact_by_bool is ops.compact_by_bool
+    with pytest.raises(AttributeError, match="no attribute"):
+        dms_perf.not_a_name  # noqa: B018
