@@ -218,13 +218,6 @@ def over_budget(peak: int, budget: int, when: str = "") -> str:
     return f"over budget: {_gib(peak, digits)} GiB > {_gib(budget, digits)} GiB{when}"
 
 
-def _drop_decode_graph(model) -> None:
-    # The model keeps the CUDA graph of its last decode batch (and the graph's memory pool): drop it, so
-    # that the next batch's peak does not count the previous batch's graph.
-    if getattr(model, "_decode_graph", None) is not None:
-        model._decode_graph = None
-
-
 def _peak_bytes(model, cache) -> int:
     if HAS_CUDA:
         torch.cuda.synchronize()
@@ -273,13 +266,13 @@ def measure_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, 
     never raises for a failing batch, and frees what it allocated either way."""
     from dms_perf.bench.generation import _failure, release_memory
 
-    _drop_decode_graph(prompt.model)
+    prompt.model.release_decode_graph()  # the last batch's graph pool must not count
     release_memory()
     try:
         result = _run_batch(prompt, batch, steps=steps, warmup_steps=warmup_steps, budget=budget)
     except Exception as exc:  # OOM or an error: a verdict, the search goes on
         result = Try(batch, False, _failure(exc))
-    _drop_decode_graph(prompt.model)
+    prompt.model.release_decode_graph()  # and this batch's is freed before the next try
     release_memory()
     return result
 

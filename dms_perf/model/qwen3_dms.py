@@ -172,6 +172,10 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         for layer in self.model.layers:
             layer.self_attn.dms_backend = backend
 
+    def release_decode_graph(self) -> None:
+        """Drop the captured decode step (its graph pool and static buffers), e.g. before a larger batch."""
+        self._decode_graph = None
+
     def set_dms_eviction(self, evict: bool) -> None:
         """``False``: decide no eviction at all (every token kept), the DMS computation over a dense cache."""
         for layer in self.model.layers:
