@@ -72,7 +72,8 @@ def test_end_to_end(benchmark, method, context_length):
     out_of_memory = False
     try:
         benchmark.pedantic(
-            lambda: runs.append(generate_once(model, input_ids, new_tokens=NEW_TOKENS, press=press)),
+            lambda: runs.append(generate_once(model, input_ids, new_tokens=NEW_TOKENS, press=press,
+                                              press_on_engine=m.family.press_on_engine)),
             rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS,
         )
     except torch.cuda.OutOfMemoryError:

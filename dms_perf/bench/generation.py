@@ -32,11 +32,15 @@ class GenerationRun:
     dense_slots: int  # the same count for an uncompressed cache
 
 
-def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None) -> GenerationRun:
+def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None,
+                  press_on_engine: bool = False) -> GenerationRun:
     """Greedy generation with explicit positions (a compressed cache is shorter than the prompt).
 
     ``press``: a kvpress press active during the whole generation (None for vanilla and DMS models,
-    whose cache is created by the model). Synchronizes the device around each timed phase.
+    whose cache is created by the model). ``press_on_engine``: the press is active during the prefill
+    only, run by a Qwen3-DMS model in passthrough (transformers' attention); its compressed cache is then
+    handed to the DMS engine (``DMSCache.from_dense``, the conversion timed with the prefill) and decoded
+    there with eviction off. Synchronizes the device around each timed phase.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
@@ -46,14 +50,18 @@ def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
     tokens = []
-    with torch.inference_mode(), press(model) if press is not None else contextlib.nullcontext():
+    whole_run_press = press if press is not None and not press_on_engine else None
+    with torch.inference_mode(), whole_run_press(model) if whole_run_press is not None else contextlib.nullcontext():
         synchronize()
         start = time.perf_counter()
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        if press_on_engine:
+            out, cache = _prefill_for_the_engine(model, input_ids, press)
+        else:
+            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
         synchronize()
         prefilled = time.perf_counter()
-        cache = out.past_key_values
         tokens.append(token)
         for step in range(new_tokens - 1):
             pos = positions[:, step : step + 1]
@@ -74,6 +82,18 @@ def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None
         kept_slots=kept,
         dense_slots=dense,
     )
+
+
+def _prefill_for_the_engine(model, input_ids, press):
+    """The press's prefill in transformers' attention, its cache converted for the DMS engine."""
+    from transformers.cache_utils import DynamicCache
+
+    from dms_perf.model.cache import DMSCache
+
+    with model.passthrough(), press(model) if press is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    cache = DMSCache.from_dense(out.past_key_values, model.config.dms_window_size, model.dms_capacity_step)
+    return out, cache
 
 
 def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
@@ -174,12 +194,13 @@ def measure_generation(
         input_ids = workload.input_ids.to(device if device is not None else next(model.parameters()).device)
         method.prepare(model)
         press = method.press_for(model, input_ids)
+        on_engine = method.family.press_on_engine
         for _ in range(warmup):
-            generate_once(model, input_ids, new_tokens=new_tokens, press=press)
+            generate_once(model, input_ids, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
             release_memory()
         runs = []
         for _ in range(repeats):
-            runs.append(generate_once(model, input_ids, new_tokens=new_tokens, press=press))
+            runs.append(generate_once(model, input_ids, new_tokens=new_tokens, press=press, press_on_engine=on_engine))
             release_memory()
         retrieval = workload.retrieval(runs[-1].generated_ids, real_weights=real_weights)
         row.update(summarize_runs(runs, context_length=workload.context_length, retrieval=retrieval))

@@ -63,6 +63,9 @@ class Family:
     # Liger-Kernel's fused RMSNorm / SwiGLU / RoPE (dms_perf.model.fused), where they can run; the methods
     # of one backend share a model, so they must agree on this.
     fused: bool = False
+    # A press (make_press) prefilling in transformers' attention, its compressed cache then decoded on the
+    # dense-triton engine (dms_perf.bench.generation.generate_once): presses on our kernels and graphs.
+    press_on_engine: bool = False
 
     @property
     def takes_parameter(self) -> bool:
@@ -148,6 +151,17 @@ FAMILIES: dict[str, Family] = {
                _scorer("ExpectedAttentionPress"), 0.5),
         Family("dmspress-knorm", "kvpress DMSPress over KnormPress, threshold set to the ratio", None,
                _dmspress_knorm, 0.5),
+        # The same presses decoded on the dense-triton engine (eviction off, fused kernels, CUDA graphs).
+        # DMSPress is left out: it hides keys in attention instead of removing them from the cache.
+        *(
+            Family(f"{press}-triton", f"kvpress {cls}'s compressed prefill cache decoded on dense-triton's "
+                   "engine (Triton kernels, CUDA graphs)", "triton", _scorer(cls), 0.5, min_context=floor,
+                   evict=False, fused=True, press_on_engine=True)
+            for press, cls, floor in (
+                ("snapkv", "SnapKVPress", 65), ("streamingllm", "StreamingLLMPress", 1),
+                ("knorm", "KnormPress", 1), ("expected-attention", "ExpectedAttentionPress", 1),
+            )
+        ),
     )
 }
 
@@ -156,7 +170,8 @@ DMS_BACKENDS = tuple(dict.fromkeys(f.backend for f in FAMILIES.values() if f.bac
 
 DEFAULT_METHODS = (
     "vanilla", "dms-hub", "dms-hub-triton", "dms-flex", "dms-triton", "dms-triton-eager", "dense-triton", "snapkv:0.5",
-    "streamingllm:0.5", "knorm:0.5", "expected-attention:0.5", "dmspress-knorm:0.5",
+    "streamingllm:0.5", "knorm:0.5", "expected-attention:0.5", "dmspress-knorm:0.5", "snapkv-triton:0.5",
+    "streamingllm-triton:0.5", "knorm-triton:0.5", "expected-attention-triton:0.5",
 )
 
 
@@ -237,6 +252,7 @@ class Method:
         if self.is_dms:
             model.dms_cuda_graphs = self.family.cuda_graphs
             model.set_dms_eviction(self.family.evict)
+            model.set_dms_borrowed_channel(not self.family.press_on_engine)
 
     def press_for(self, model, input_ids: torch.Tensor):
         """A fresh kvpress press for this prompt, or None (raises ImportError without kvpress)."""

@@ -147,13 +147,15 @@ class DMSCacheLayer(CacheLayerMixin):
         self.step_index += 1
         self._after_step()
 
-    def decode_step(self, q, keys, values, alphas, alpha_scale: float, alpha_offset: float) -> None:
+    def decode_step(self, q, keys, values, alphas, alpha_scale: float, alpha_offset: float,
+                    zero_borrowed: bool = True) -> None:
         """``decode`` in one Triton launch, the decisions computed from ``alphas`` (the borrowed channel
         before RoPE, fp32 ``[B, Hkv, 1]``) on the device; also zeroes the rotated query's borrowed
         channel in place (``dms_perf.ops.cache_update.kernel``)."""
         self._before_step()
         decode_update(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
-                      keys, values, alphas, q, self.step_index, self.window, alpha_scale, alpha_offset)
+                      keys, values, alphas, q, self.step_index, self.window, alpha_scale, alpha_offset,
+                      zero_borrowed=zero_borrowed)
         self._after_step()
 
     def _before_step(self) -> None:
@@ -333,7 +335,7 @@ class DMSCache(Cache):
 
     def append_step(
         self, layer_idx: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alphas: torch.Tensor,
-        alpha_scale: float, alpha_offset: float,
+        alpha_scale: float, alpha_offset: float, zero_borrowed: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """One decode token in one launch (``DMSCacheLayer.decode_step``); returns what ``append`` does.
 
@@ -345,7 +347,7 @@ class DMSCache(Cache):
             raise ValueError(
                 f"append_step adds one token per (batch, KV head) after a prefill; got keys {tuple(keys.shape)}"
             )
-        layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset)
+        layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset, zero_borrowed)
         return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
 
     @classmethod
@@ -362,6 +364,20 @@ class DMSCache(Cache):
         first = caches[0]
         out = cls(len(first.layers), first.window, first.layers[0].capacity_step)
         out.layers = [DMSCacheLayer.stacked([c.layers[i] for c in caches]) for i in range(len(first.layers))]
+        return out
+
+    @classmethod
+    def from_dense(cls, cache: Cache, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP) -> DMSCache:
+        """A DMSCache holding every K/V of a transformers cache (``[B, H, L, D]`` per layer, e.g. a kvpress
+        press's compressed prefill), none marked: decoded by a model with eviction off, it attends to
+        exactly those tokens plus the new ones, on the DMS engine's kernels and graphs."""
+        out = cls(len(cache.layers), window, capacity_step)
+        for index, layer in enumerate(cache.layers):
+            keys, values = layer.keys, layer.values
+            if keys is None or keys.dim() != 4:
+                raise ValueError(f"layer {index} of the cache holds no [B, H, L, D] keys")
+            unmarked = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device)
+            out.append(index, keys, values, unmarked)
         return out
 
     def finish_prefill(self) -> None:

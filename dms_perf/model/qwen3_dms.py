@@ -18,6 +18,8 @@ Attention backends (``model.set_dms_backend``), named after their prefill (``dms
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -67,6 +69,10 @@ class Qwen3DMSAttention(Qwen3Attention):
     # RoPE; dms_perf.model.fused puts Liger's fused kernel here (a plain function on the instance).
     rotary_fn = staticmethod(apply_rotary_pos_emb)
     dms_evict = True  # False: no token is ever marked (the same computation with a dense cache)
+    # False: the query channel DMS borrows for decisions stays in the scores (a press's plain-Qwen3 cache
+    # decoded with eviction off); True zeroes it, as DMS does.
+    dms_borrow_channel = True
+    dms_passthrough = False  # True: plain Qwen3Attention (transformers' cache), see Qwen3DMSForCausalLM.passthrough
 
     @property
     def alpha_offset(self) -> float:
@@ -82,6 +88,9 @@ class Qwen3DMSAttention(Qwen3Attention):
         cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        if self.dms_passthrough:  # transformers' own attention and cache (a kvpress press prefilling)
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values,
+                                   cache_position, **kwargs)
         batch, n = hidden_states.shape[:2]
         hidden_shape = (batch, n, -1, self.head_dim)
         q = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
@@ -133,10 +142,11 @@ class Qwen3DMSAttention(Qwen3Attention):
         (``DMSCache.append_step``), the attention one more. Same result as ``_attention``'s steps."""
         config = self.config
         alphas = decision_alphas(q, k.shape[1])  # before RoPE, and a copy: the channel is zeroed next
-        q[:, :: self.num_key_value_groups, :, -1] = 0  # q is this layer's own q_norm output
+        if self.dms_borrow_channel:
+            q[:, :: self.num_key_value_groups, :, -1] = 0  # q is this layer's own q_norm output
         q, k = self.rotary_fn(q, k, cos, sin)
         cached = cache.append_step(
-            self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, self.alpha_offset
+            self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, self.alpha_offset, self.dms_borrow_channel
         )
         return dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
 
@@ -172,9 +182,29 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         for layer in self.model.layers:
             layer.self_attn.dms_backend = backend
 
+    @contextlib.contextmanager
+    def passthrough(self):
+        """Inside: the model is plain transformers Qwen3 (its attention, a transformers cache, no DMS), so
+        that a kvpress press can prefill with its hooks; the press's compressed cache can then be handed
+        to the DMS engine with ``DMSCache.from_dense`` and decoded there."""
+        layers = [layer.self_attn for layer in self.model.layers]
+        for attention in layers:
+            attention.dms_passthrough = True
+        try:
+            yield self
+        finally:
+            for attention in layers:
+                attention.dms_passthrough = False
+
     def release_decode_graph(self) -> None:
         """Drop the captured decode step (its graph pool and static buffers), e.g. before a larger batch."""
         self._decode_graph = None
+
+    def set_dms_borrowed_channel(self, borrowed: bool) -> None:
+        """``False``: decode steps keep the query channel DMS reads its decisions from (plain Qwen3 scores;
+        for a non-DMS cache decoded with eviction off). Prefill and the hub backends always borrow it."""
+        for layer in self.model.layers:
+            layer.self_attn.dms_borrow_channel = bool(borrowed)
 
     def set_dms_eviction(self, evict: bool) -> None:
         """``False``: decide no eviction at all (every token kept), the DMS computation over a dense cache."""

@@ -58,6 +58,9 @@ def test_method_runs_end_to_end(models, method):
         assert row["compression"] == 1.0 and row["kv_bytes"] == dense_bytes
     elif m.family.name.startswith("dmspress"):  # DMSPress hides keys but keeps them in memory
         assert 1.5 < row["compression"] < 2.1 and row["kv_bytes"] == dense_bytes
+    elif m.family.press_on_engine:  # the press's slots, held in DMSCache segments (with their spare rows)
+        expected = (CONTEXT + NEW_TOKENS - 1) / (CONTEXT // 2 + NEW_TOKENS - 1)
+        assert row["compression"] == pytest.approx(expected, rel=0.02)
     elif m.is_dms and not m.evicts:  # dense-triton: every token kept
         assert row["compression"] == 1.0
     elif m.is_dms:  # 8x eviction outside a 16-token window: well above 2x at 96 tokens
@@ -80,6 +83,33 @@ def test_greedy_loop_matches_model_generate(models, method):
         ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, CONTEXT:].cpu()
     assert run.generated_ids.shape == (8,)
     assert torch.equal(run.generated_ids, ref)
+
+
+@pytest.mark.parametrize("press", ["knorm", "snapkv", "streamingllm", "expected-attention"])
+def test_press_on_the_engine_decodes_as_the_press_on_transformers(models, press):
+    """A press's compressed prefill handed to dense-triton's engine (DMSCache.from_dense, eviction off)
+    generates the tokens the press gives on transformers' own decode, over the same kept slots."""
+    eager, engine = resolve_method(f"{press}:0.5"), resolve_method(f"{press}-triton:0.5")
+    vanilla, dms = models(eager), models(engine)
+    engine.prepare(dms)
+    ids = needle_workload(CONTEXT, vocab_size=vanilla.config.vocab_size, seed=7).input_ids.to(vanilla.device)
+    a = generate_once(vanilla, ids, new_tokens=6, press=eager.press_for(vanilla, ids))
+    b = generate_once(dms, ids, new_tokens=6, press=engine.press_for(dms, ids), press_on_engine=True)
+    assert torch.equal(a.generated_ids, b.generated_ids)
+    assert a.kept_slots == b.kept_slots < a.dense_slots == b.dense_slots
+
+
+def test_dms_cache_from_a_cache_without_keys_is_refused():
+    from transformers.cache_utils import DynamicCache
+
+    from dms_perf.model.cache import DMSCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    assert DMSCache.from_dense(cache, window=2).head_lengths(0).tolist() == [[3, 3]]
+    cache.layers[0].keys = None
+    with pytest.raises(ValueError, match="no \\[B, H, L, D\\] keys"):
+        DMSCache.from_dense(cache, window=2)
 
 
 def test_press_with_ratio_zero_generates_like_vanilla(models):

@@ -46,7 +46,7 @@ def _decode_update_kernel(
     KC, VC, stride_kcn, stride_vcn,
     STARTS, LENGTHS, RING_SLOT, RING_FLAG, STEP,
     num_kv_heads, group, w1, alpha_scale, alpha_offset,
-    D: tl.constexpr,
+    D: tl.constexpr, ZERO_BORROWED: tl.constexpr,
 ):
     """Program r = b * Hkv + h performs the step of head (b, h); ``STEP[r]`` holds the index t of the
     new token and is advanced to t + 1 (a device counter: a CUDA graph replays this launch unchanged)."""
@@ -61,8 +61,9 @@ def _decode_update_kernel(
     # Written as a comparison, not a subtraction: the compiler may fuse `a * scale - offset` into one
     # multiply-add, which rounds differently from torch's two steps (x - y > 0 iff x > y when rounded).
     marked = a * alpha_scale > alpha_offset
-    q_borrowed = Q + b * stride_qb + (h * group) * stride_qh + (D - 1)
-    tl.store(q_borrowed, 0.0)
+    if ZERO_BORROWED:
+        q_borrowed = Q + b * stride_qb + (h * group) * stride_qh + (D - 1)
+        tl.store(q_borrowed, 0.0)
 
     ring = r.to(tl.int64) * w1
     tl.store(RING_FLAG + ring + prev, marked.to(tl.uint8))
@@ -82,11 +83,12 @@ def _decode_update_kernel(
 
 def decode_update(
     ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, alphas, q,
-    step: torch.Tensor, window: int, alpha_scale: float, alpha_offset: float,
+    step: torch.Tensor, window: int, alpha_scale: float, alpha_offset: float, *, zero_borrowed: bool = True,
 ) -> None:
     """``decode_update_torch`` with the decisions computed from ``alphas`` (fp32 ``[B, Hkv, 1]`` or a
     view of that shape) in the same launch, which also zeroes ``q[:, h * G, 0, D - 1]`` of the rotated
-    query ``q`` ``[B, Hq, 1, D]`` in place. One Triton launch, no host synchronization.
+    query ``q`` ``[B, Hq, 1, D]`` in place (``zero_borrowed=False``: leaves q as it is, for a model
+    decoding a non-DMS cache with eviction off). One Triton launch, no host synchronization.
 
     ``step``: int64 ``[B * Hkv]`` on the device, the index t of the new token per head (the reference's
     ``t``); the launch advances it by one. Every argument is a device tensor or fixed for the cache's
@@ -124,5 +126,5 @@ def decode_update(
         k_cache, v_cache, k_cache.stride(0), v_cache.stride(0),
         starts, lengths, ring_slot, ring_flag.view(torch.uint8), step,
         num_kv_heads, group, w1, float(alpha_scale), float(alpha_offset),
-        D=head_dim,
+        D=head_dim, ZERO_BORROWED=zero_borrowed,
     )
