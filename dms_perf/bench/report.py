@@ -407,8 +407,9 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 COLOURS = (
     "#000000", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#8c564b", "#2ca02c",
     "#bcbd22", "#e377c2", "#7f7f7f", "#393b79", "#f7b6d2", "#98df8a", "#c49c94", "#ffbb78",
+    "#843c39", "#9edae5", "#c5b0d5", "#dbdb8d", "#ff9896", "#aec7e8",
 )
-MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H", "+", "x", "1", "2", "3")
 SAME = 0.005  # series within this relative difference at every context: "same as" in the legend
 NEAR = 0.03  # within this: "≈"; both kinds are drawn side by side (DODGE log2 units apart along x)
 DODGE = 0.06

@@ -303,13 +303,19 @@ def test_reading_notes_only_where_they_apply():
         "- — under Peak VRAM means not measured: there is no GPU here (peak VRAM is CUDA's allocator peak).")
 
 
+TWELVE_METHODS = (
+    "vanilla", "dms-hub", "dms-hub-triton", "dms-flex", "dms-triton", "dms-triton-eager", "dense-triton",
+    "snapkv:0.5", "streamingllm:0.5", "knorm:0.5", "expected-attention:0.5", "dmspress-knorm:0.5",
+)
+
+
 def _twelve_methods(vram=True):
-    """The 12 default methods at 4K, 8K and 32K: KV bytes alike within the kvpress presses and within the
-    evicting DMS methods, as measured; times all different."""
+    """12 methods at 4K, 8K and 32K: KV bytes alike within the kvpress presses and within the evicting DMS
+    methods, as measured; times all different."""
     kv = {"vanilla": 8, "dense-triton": 8.3, "dmspress-knorm:0.5": 8, "snapkv:0.5": 4, "streamingllm:0.5": 4,
           "knorm:0.5": 4, "expected-attention:0.5": 4}
     rows = []
-    for i, method in enumerate(DEFAULT_METHODS):
+    for i, method in enumerate(TWELVE_METHODS):
         for context in (4096, 8192, 32768):
             vram_bytes = (16 + i / 10) * GIB if vram else None
             rows.append(_row(context, method, 0.1 * (i + 1) * context / 4096, vram=vram_bytes,
@@ -319,7 +325,7 @@ def _twelve_methods(vram=True):
 
 _H100_META = {"device": {"gpu": "NVIDIA H100 80GB HBM3"}, "model": "qwen3-8b", "dtype": "bfloat16",
               "date": "2026-11-28 01:27 UTC", "weights": "random weights, eviction calibrated to 8x",
-              "methods": list(DEFAULT_METHODS), "repeats": 3}
+              "methods": list(TWELVE_METHODS), "repeats": 3}
 
 
 def _lines(ax):
@@ -353,6 +359,9 @@ def test_plots_give_each_method_its_own_colour_and_marker_and_keep_legends_outsi
                 legend = ax.get_legend()
                 assert legend is not None and len(legend.get_texts()) == count
                 assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    # Every registered default method has a colour and a marker of its own.
+    styles = method_styles(list(DEFAULT_METHODS))
+    assert len({c for c, _ in styles.values()}) == len({m for _, m in styles.values()}) == len(DEFAULT_METHODS)
     # The same method looks the same in every figure and every run.
     assert method_styles(["knorm:0.5"]) == {"knorm:0.5": method_styles(list(DEFAULT_METHODS))["knorm:0.5"]}
 
