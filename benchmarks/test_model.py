@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
+from dms_perf.bench.capacity import weight_bytes
 from dms_perf.bench.methods import resolve_method
 from dms_perf.bench.timing import bench
 from dms_perf.model.cache import kv_cache_bytes
@@ -69,10 +70,6 @@ def _model_for(name):
     return model, calibration if method.evicts else None
 
 
-def _weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _prefill(model, ids):
     cache = model.make_dms_cache() if hasattr(model, "make_dms_cache") else None
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -113,7 +110,7 @@ def _track_peak(benchmark, model, fn, base: int | None = None):
     torch.cuda.reset_peak_memory_stats()
     result = fn()
     torch.cuda.synchronize()
-    benchmark.extra_info["peak_vram_bytes"] = _weight_bytes(model) + torch.cuda.max_memory_allocated() - base
+    benchmark.extra_info["peak_vram_bytes"] = weight_bytes(model) + torch.cuda.max_memory_allocated() - base
     return result
 
 
@@ -200,7 +197,7 @@ def test_decode_batch(benchmark, method, batch, context_length):
     except torch.OutOfMemoryError as exc:
         pytest.skip(f"OOM at batch {batch} x {context_length} tokens ({method}): {str(exc).splitlines()[0][:120]}")
     _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
-    read_bytes = _weight_bytes(model) + cache.kept_kv_bytes()
+    read_bytes = weight_bytes(model) + cache.kept_kv_bytes()
     benchmark.extra_info.update(
         context_length=context_length, batch=batch, decode_steps_per_call=DECODE_STEPS,
         batch_fill="one prefill copied into every slot", step_read_bytes=read_bytes,

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 
 from dms_perf._runtime import HAS_CUDA
+from dms_perf.bench.options import HelpFormatter
+from dms_perf.bench.report import no_gpu
 
 JSON_NAME = "capacity.json"
 MD_NAME = "capacity.md"
@@ -264,14 +266,14 @@ def _run_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, bud
 def measure_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, budget: int) -> Try:
     """Whether ``batch`` sequences of ``prompt`` decode within ``budget`` bytes (see the module docstring);
     never raises for a failing batch, and frees what it allocated either way."""
-    from dms_perf.bench.generation import _failure, release_memory
+    from dms_perf.bench.generation import failure_status, release_memory
 
     prompt.model.release_decode_graph()  # the last batch's graph pool must not count
     release_memory()
     try:
         result = _run_batch(prompt, batch, steps=steps, warmup_steps=warmup_steps, budget=budget)
     except Exception as exc:  # OOM or an error: a verdict, the search goes on
-        result = Try(batch, False, _failure(exc))
+        result = Try(batch, False, failure_status(exc))
     prompt.model.release_decode_graph()  # and this batch's is freed before the next try
     release_memory()
     return result
@@ -309,7 +311,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         f"{JSON_NAME}, {MD_NAME} and {PLOT_NAME}. Defaults here ({'GPU' if HAS_CUDA else 'no GPU'}): {d}.",
         epilog="methods with a DMS cache (R = fraction of the prompt's KV pairs removed; the kvpress and "
         "vanilla methods keep no DMSCache and are refused):\n" + describe_methods(),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--contexts", default=d["contexts"],
                         help="comma-separated prompt lengths in tokens, e.g. 32k or 8k,32k")
@@ -335,8 +337,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults shown, and the method list kept one per line."""
 
 
 @dataclass
@@ -463,7 +463,7 @@ def run(args, parser=None) -> int:
 
     ``parser`` is accepted, unused, so that the CLI's ``args.run(args, parser)`` dispatch works too."""
     from dms_perf.bench.device import device_info
-    from dms_perf.bench.generation import _failure, release_memory
+    from dms_perf.bench.generation import failure_status, release_memory
     from dms_perf.bench.methods import is_model_path, load_model_for
 
     try:
@@ -516,7 +516,7 @@ def run(args, parser=None) -> int:
                 model, calibration = load_model_for(args.model, group[0], dtype=dtype, device=device, seed=args.seed,
                                                     target_cr=None if real_weights else args.target_cr)
             except Exception as exc:  # the other backends can still run
-                reason = f"error: model build failed: {_failure(exc).removeprefix('error: ')}"
+                reason = f"error: model build failed: {failure_status(exc).removeprefix('error: ')}"
                 for m in group:
                     for ctx in settings.contexts:
                         writer.add(_result(ctx, m.name, Search(stopped=reason), {}))
@@ -536,7 +536,7 @@ def run(args, parser=None) -> int:
                         extra = {"weights_bytes": weights, **sequence_bytes(prompt)}
                     except Exception as exc:
                         extra = {"weights_bytes": weights}
-                        _progress(f"{m.name} @ {ctx}: one sequence failed: {_failure(exc)}")
+                        _progress(f"{m.name} @ {ctx}: one sequence failed: {failure_status(exc)}")
                         release_memory()
 
                     def attempt(batch, prompt=prompt, m=m, ctx=ctx):
@@ -581,12 +581,8 @@ def _largest(result: dict[str, Any]) -> str:
     return text
 
 
-def _no_gpu(meta: dict[str, Any]) -> bool:
-    return (meta.get("device") or {}).get("gpu") == "none"
-
-
 def _card(meta: dict[str, Any]) -> str:
-    return "CPU (no GPU)" if _no_gpu(meta) else (meta.get("device") or {}).get("gpu", "unknown card")
+    return "CPU (no GPU)" if no_gpu(meta) else (meta.get("device") or {}).get("gpu", "unknown card")
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
@@ -600,7 +596,7 @@ def summary_table(results: list[dict[str, Any]]) -> str:
 
 def _caveats(meta: dict[str, Any]) -> list[str]:
     notes = [meta["weights"]]
-    if _no_gpu(meta) and any("triton" in m for m in meta["methods"]):
+    if no_gpu(meta) and any("triton" in m for m in meta["methods"]):
         notes.append("Triton kernels ran in Triton's interpreter on the CPU: the times are not speeds")
     return notes
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from dms_perf._runtime import HAS_CUDA
+from dms_perf.bench.options import HelpFormatter
 
 # The CPU run is a smoke run (Triton's interpreter, a tiny model): the dense baseline, the two DMS
 # prefills of the speedup table and two kvpress presses, so that it takes well under a minute.
@@ -30,8 +31,6 @@ GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "methods": "all of them (the list b
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults shown, and the method list kept one per line."""
 
 
 def _defaults() -> dict:
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\n" + _defaults_text(),
         epilog="methods (R = fraction of the prompt's KV pairs removed, in [0, 1)); `dms-perf methods` "
         "prints them as a table:\n" + describe_methods(),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bench.add_argument("--contexts", default=d["contexts"],
                        help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")

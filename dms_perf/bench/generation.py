@@ -124,7 +124,7 @@ def _median(values):
     return statistics.median(values) if values else NOT_MEASURED
 
 
-def _failure(exc: BaseException) -> str:
+def failure_status(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "OOM"
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
@@ -205,6 +205,6 @@ def measure_generation(
         retrieval = workload.retrieval(runs[-1].generated_ids, real_weights=real_weights)
         row.update(summarize_runs(runs, context_length=workload.context_length, retrieval=retrieval))
     except Exception as exc:  # one failing cell must not stop the matrix
-        row["status"] = _failure(exc)
+        row["status"] = failure_status(exc)
     release_memory()
     return row

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from dms_perf._runtime import HAS_CUDA
 
 CPU_CONTEXT_LENGTHS = (64, 256, 1024)
 GPU_CONTEXT_LENGTHS = (4096, 8192, 16384, 32768)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults shown, and the method list kept one per line (the CLI's sub-command parsers)."""
 
 
 def default_context_lengths() -> tuple[int, ...]:

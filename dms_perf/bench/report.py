@@ -295,7 +295,7 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _no_gpu(meta: dict[str, Any]) -> bool:
+def no_gpu(meta: dict[str, Any]) -> bool:
     device = meta.get("device") or {}
     return device.get("gpu") in (None, "none") or device.get("gpu_slug") == "cpu"
 
@@ -338,7 +338,7 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
         notes.append(f"At short contexts {what} dominates: DMS never evicts {last}, so eviction calibrated to "
                      f"{target:g}x shows less compression ({seen}), nearing {target:g}x as the prompt grows.")
 
-    if _no_gpu(meta):
+    if no_gpu(meta):
         triton = list(dict.fromkeys(r["method"] for r in ok if "triton" in r["method"].partition(":")[0]))
         if triton:
             speedups = [v for s in speedup_rows(rows) for v in (s["speedup"], s["mid_speedup"]) if v is not None]
@@ -348,8 +348,8 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
                          f"not speeds, and a speedup computed from them{example} is not a speedup.")
     if any(r.get("peak_vram_bytes") is None for r in ok):
         notes.append(f"{DASH} under Peak VRAM means not measured"
-                     + (": there is no GPU here (peak VRAM is CUDA's allocator peak)." if _no_gpu(meta) else "."))
-    if _no_gpu(meta) and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
+                     + (": there is no GPU here (peak VRAM is CUDA's allocator peak)." if no_gpu(meta) else "."))
+    if no_gpu(meta) and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
         notes.append("CPU figures from one timed run per cell (--repeats 1"
                      + (", tiny random model" if meta.get("model") == "tiny" else "")
                      + ") are smoke figures: they show that every method runs end to end, not how fast it is.")
@@ -437,8 +437,8 @@ def _groups(data: dict[str, dict[int, float]]) -> dict[str, str]:
 def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]]) -> str:
     """``what``, model, card and date; under it what the figures are (weights, interpreter, smoke)."""
     device = meta.get("device") or {}
-    no_gpu = bool(device) and _no_gpu(meta)
-    card = "CPU (no GPU)" if no_gpu else device.get("gpu", "unknown card")
+    cpu_only = bool(device) and no_gpu(meta)
+    card = "CPU (no GPU)" if cpu_only else device.get("gpu", "unknown card")
     model = " ".join(str(x) for x in (meta.get("model"), meta.get("dtype")) if x) or "unknown model"
     title = f"{what}: {model} on {card}" + (f", {meta['date']}" if meta.get("date") else "")
     ok = [r for r in rows if _ok(r)]
@@ -447,9 +447,9 @@ def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]]) -> 
         caveats.append("weights differ between the joined runs (results.md)")
     elif meta.get("weights"):
         caveats.append(meta["weights"])
-    if no_gpu and any("triton" in r["method"].partition(":")[0] for r in ok):
+    if cpu_only and any("triton" in r["method"].partition(":")[0] for r in ok):
         caveats.append("Triton rows ran in Triton's interpreter (not speeds)")
-    if no_gpu and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
+    if cpu_only and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
         caveats.append("one repeat: smoke figures")
     lines = [title]
     for k, caveat in enumerate(caveats):  # caveats under the title, lines broken between them only
