@@ -43,10 +43,9 @@ def hub_triton_attention(q, k, v, decisions, window, scale, return_lse):
         q_pad, k_pad, v_pad, None, None, None, decisions_pad, out_pad, lse_pad, window, scale, return_lse
     )
 
-    # Left-padded row s of a sequence with `length` tokens is its token s - (n - length).
-    length = n
-    rows = torch.arange(batch * num_q_heads * n, device=q.device).view(batch * num_q_heads, n)
-    restore = (rows - (n - length)).flatten()
+    # restore_order's index: left-padded row s of a sequence of length L is its token s - (N - L); every
+    # sequence has L = N here, so each row goes back to where it is.
+    restore = torch.arange(batch * num_q_heads * n, device=q.device)
     out = scatter_by_index(out_pad.view(-1, head_dim), restore, check_index=False).view(q.shape)
     if not return_lse:
         return out, None
