@@ -17,6 +17,10 @@ the spare rows may run out (``capacity_step`` steps after the last re-size); it 
 back once (one host sync per ``capacity_step`` steps) and re-sizes each segment to its length +
 ``capacity_step``, so memory follows the kept tokens while decoding too.
 
+On a :class:`~dms_perf.model.pool.KVPool` (``DMSCache(..., pool=pool)``) the segments are rows of the
+pool's buffers and the bookkeeping lives in tensors the pool keeps per batch size, so that the decode
+engine's CUDA graphs outlive the cache (``dms_perf.model.pool``).
+
 ``DMSReferenceCache`` is the uncompacted counterpart used by the "math" reference model: every K/V
 plus every decision, so the rule can be applied as a full mask at each step.
 """
@@ -24,9 +28,14 @@ plus every decision, so the rule can be applied as a full mask at each step.
 from __future__ import annotations
 
 import torch
+from collections.abc import Iterable
+
+import triton
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from dms_perf.ops.cache_update.fused_step import fused_decode_step
 from dms_perf.ops.cache_update.kernel import decode_update, decode_update_torch
+from dms_perf.model.pool import KVPool
 from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.rule import evict_flags
 
@@ -34,6 +43,8 @@ DEFAULT_CAPACITY_STEP = 128
 # Prefill layers whose packing may wait (each holds its full-length K/V until packed): two layers of
 # GPU work stay queued behind the one the host waits for.
 MAX_PENDING_LAYERS = 2
+# Bookkeeping a captured decode step reads; on a pool they live in the pool's per-batch tensors.
+STATIC_STATE = ("starts", "lengths", "ring_slot", "ring_flag", "step_index")
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -42,14 +53,17 @@ class DMSCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP):
+    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *,
+                 pool: KVPool | None = None, layer_idx: int = 0, epoch: int = 0):
         super().__init__()
         self.window = window
         self.capacity_step = capacity_step
+        # On a pool: keys/values are the pool's buffers, starts absolute rows of them; the epoch is the
+        # pool's when this cache began (a later cache on the pool closes this one).
+        self.pool, self.layer_idx, self.epoch = pool, layer_idx, epoch
         self.starts: torch.Tensor | None = None  # [B, Hkv] int64, first row of each segment
         self.capacity: torch.Tensor | None = None  # [B, Hkv] int64, rows of each segment
         self.lengths: torch.Tensor | None = None  # [B, Hkv] int32, occupied rows
-        self.row_head: torch.Tensor | None = None  # [S] int32, flat index of the head owning each row
         self.ring_slot: torch.Tensor | None = None
         self.ring_flag: torch.Tensor | None = None
         self.seen = 0
@@ -116,6 +130,7 @@ class DMSCacheLayer(CacheLayerMixin):
         """Pack the prefill's kept K/V into the per-head segments (waits for the sizes if needed)."""
         if self._pending is None:
             return
+        self.check_open()
         keys, values, keep, totals, ready = self._pending
         self._pending = None
         if ready is not None:
@@ -124,20 +139,41 @@ class DMSCacheLayer(CacheLayerMixin):
         self.longest_bound = longest + self.spare_steps
         B, H, _, D = keys.shape
         step = self.capacity_step
-        self.row_head = torch.repeat_interleave(
-            torch.arange(B * H, dtype=torch.int32, device=keys.device), self.capacity.flatten(), output_size=rows
-        )
+        base = self.pool.allocate(rows) if self.pool is not None else 0
         # compact_by_bool packs each head's kept rows back to back; head i's segment starts
         # i * step rows further down (the spare rows of the heads before it).
         packed_head = torch.repeat_interleave(
             torch.arange(B * H, device=keys.device), self.lengths.flatten(), output_size=kept
         )
-        dest = torch.arange(kept, device=keys.device) + packed_head * step
+        dest = torch.arange(kept, device=keys.device) + packed_head * step + base
         for name, src in (("keys", keys), ("values", values)):
             packed, _, _ = compact_by_bool(src, keep, total=kept)
-            buffer = torch.empty((rows, D), dtype=src.dtype, device=src.device)
+            if self.pool is None:
+                buffer = torch.empty((rows, D), dtype=src.dtype, device=src.device)
+            else:
+                buffer = getattr(self.pool, name)
             buffer.index_copy_(0, dest, packed)
             setattr(self, name, buffer)
+        if self.pool is not None:
+            self.starts += base
+            self._bind_state()
+
+    def _bind_state(self) -> None:
+        """Move the bookkeeping into the pool's tensors for this batch size (the same every time)."""
+        B, H = self.lengths.shape
+        state = self.pool.state(self.layer_idx, B, H, self.window)
+        for name in STATIC_STATE:
+            value = getattr(self, name)
+            if value is not state[name]:
+                state[name].copy_(value)
+                setattr(self, name, state[name])
+
+    def check_open(self) -> None:
+        if self.pool is not None and self.pool.epoch != self.epoch:
+            raise RuntimeError(
+                "this DMSCache was closed: a newer cache on its KV pool holds the rows (one cache per pool "
+                "at a time; docs/DMS.md, 'Cache and decode')"
+            )
 
     def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
         """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
@@ -158,9 +194,21 @@ class DMSCacheLayer(CacheLayerMixin):
                       zero_borrowed=zero_borrowed)
         self._after_step()
 
+    def fused_step(self, qkv, q_norm_weight, k_norm_weight, eps, cos, sin, alpha_scale: float,
+                   alpha_offset: float, zero_borrowed: bool = True) -> torch.Tensor:
+        """``decode_step`` with the q/k norms and RoPE folded in, from the fused projection's row
+        (``dms_perf.ops.cache_update.fused_step``); returns the rotated query ``[B, Hq, D]``."""
+        self._before_step()
+        q = fused_decode_step(qkv, q_norm_weight, k_norm_weight, eps, cos, sin, self.ring_slot, self.ring_flag,
+                              self.lengths, self.starts, self.keys, self.values, self.step_index,
+                              alpha_scale, alpha_offset, zero_borrowed=zero_borrowed)
+        self._after_step()
+        return q
+
     def _before_step(self) -> None:
         if self.host_frozen:  # capturing: the graph's owner checked that no re-size is due
             return
+        self.check_open()
         self.finish_prefill()
         if self.spare_steps == 0:
             self._grow()
@@ -180,35 +228,48 @@ class DMSCacheLayer(CacheLayerMixin):
 
         Runs once per ``capacity_step`` decode steps and reads the lengths back (one host sync): heads
         whose appends were absorbed by reused slots keep their size, so memory keeps following each
-        head's kept tokens during decoding instead of growing with the steps.
+        head's kept tokens during decoding instead of growing with the steps. Only occupied rows move.
+        On a pool the segments move to fresh rows of the pool (the old ones return to it with the next
+        cache) and the buffers keep their addresses.
         """
         step = self.capacity_step
-        heads = self.starts.numel()
+        lengths = self.lengths.flatten().long()
         capacity = torch.maximum(self.capacity, self.lengths.long() + step)
-        rows, longest = torch.stack([capacity.sum(), self.lengths.max().long()]).tolist()
-        starts = capacity.flatten().cumsum(0).view_as(self.starts) - capacity
-        moved = (
-            torch.arange(self.keys.shape[0], device=self.keys.device)
-            + (starts - self.starts).flatten()[self.row_head.long()]
-        )
+        rows, longest, occupied = torch.stack([capacity.sum(), lengths.max(), lengths.sum()]).tolist()
+        device = lengths.device
+        head = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=occupied)
+        offset = torch.arange(occupied, device=device) - (lengths.cumsum(0) - lengths)[head]
+        source = self.starts.flatten()[head] + offset
+        base = self.pool.allocate(rows) if self.pool is not None else 0
+        starts = base + capacity.flatten().cumsum(0).view_as(self.starts) - capacity
+        dest = starts.flatten()[head] + offset
         for name in ("keys", "values"):
             old = getattr(self, name)
-            grown = torch.empty((rows, old.shape[1]), dtype=old.dtype, device=old.device)
-            grown.index_copy_(0, moved, old)
-            setattr(self, name, grown)
-        self.capacity, self.starts = capacity, starts
-        self.row_head = torch.repeat_interleave(
-            torch.arange(heads, dtype=torch.int32, device=starts.device), capacity.flatten(), output_size=rows
-        )
+            moved = old.index_select(0, source)
+            if self.pool is None:
+                old = torch.empty((rows, old.shape[1]), dtype=old.dtype, device=old.device)
+                setattr(self, name, old)
+            old.index_copy_(0, dest, moved)
+        self.capacity = capacity
+        if self.pool is None:
+            self.starts = starts
+        else:
+            self.starts.copy_(starts)
         self.longest_bound = longest + step
         self.spare_steps = step
+
+    @property
+    def launch_length(self) -> int:
+        """The ``max_length`` decode attention is launched with: the power of two at or above the longest
+        head's bound (it only caps the number of splits), so that a captured launch fits many layouts."""
+        return triton.next_power_of_2(max(1, self.longest_bound))
 
     @classmethod
     def stacked(cls, layers: list[DMSCacheLayer]) -> DMSCacheLayer:
         """One layer holding the sequences of ``layers`` (each prefilled, same tokens seen) as one batch.
 
-        Segments are copied back to back; every per-head offset (``starts``, ``row_head``) is moved by
-        the rows before it, ring slots are relative to their segment and stay as they are.
+        Segments are copied back to back; ``starts`` are moved by the rows before them, ring slots are
+        relative to their segment and stay as they are.
         """
         first = layers[0]
         for layer in layers:
@@ -221,13 +282,10 @@ class DMSCacheLayer(CacheLayerMixin):
         out = cls(first.window, first.capacity_step)
         out.lazy_initialization(first.keys, first.values)
         rows = [layer.keys.shape[0] for layer in layers]
-        heads = [layer.starts.numel() for layer in layers]
         row_offsets = [sum(rows[:i]) for i in range(len(layers))]
-        head_offsets = [sum(heads[:i]) for i in range(len(layers))]
         out.keys = torch.cat([layer.keys for layer in layers])
         out.values = torch.cat([layer.values for layer in layers])
         out.starts = torch.cat([layer.starts + off for layer, off in zip(layers, row_offsets, strict=True)])
-        out.row_head = torch.cat([layer.row_head + off for layer, off in zip(layers, head_offsets, strict=True)])
         for name in ("capacity", "lengths", "ring_slot", "ring_flag", "step_index"):
             setattr(out, name, torch.cat([getattr(layer, name) for layer in layers]))
         out.seen = first.seen
@@ -235,6 +293,41 @@ class DMSCacheLayer(CacheLayerMixin):
         out.spare_steps = min(layer.spare_steps for layer in layers)
         out.is_initialized = True
         return out
+
+    def copy_into_pool(self, layer: DMSCacheLayer) -> dict:
+        """Copy the prefilled single cache ``layer``'s segments into fresh rows of this layer's pool;
+        returns its bookkeeping (starts moved to those rows) for ``adopt``."""
+        self.check_open()
+        layer.finish_prefill()
+        if not layer.is_initialized:
+            raise ValueError("only prefilled caches can be stacked")
+        rows = layer.keys.shape[0]
+        base = self.pool.allocate(rows)
+        self.pool.keys[base : base + rows].copy_(layer.keys)
+        self.pool.values[base : base + rows].copy_(layer.values)
+        part = {name: getattr(layer, name) for name in ("lengths", "capacity", "ring_slot", "ring_flag", "step_index")}
+        part.update(starts=layer.starts + base, seen=layer.seen, window=layer.window,
+                    longest_bound=layer.longest_bound, spare_steps=layer.spare_steps,
+                    dtype=layer.dtype, device=layer.device)
+        return part
+
+    def adopt(self, parts: list[dict]) -> None:
+        """Become the batch of the sequences ``copy_into_pool`` copied, in order."""
+        first = parts[0]
+        if any(p["seen"] != first["seen"] or p["window"] != self.window for p in parts):
+            raise ValueError(
+                "only prefilled layers that have seen the same number of tokens (and share a window) stack "
+                f"into one batch; got seen={[p['seen'] for p in parts]}, window={[p['window'] for p in parts]}"
+            )
+        self.dtype, self.device = first["dtype"], first["device"]
+        self.keys, self.values = self.pool.keys, self.pool.values
+        for name in ("starts", "lengths", "capacity", "ring_slot", "ring_flag", "step_index"):
+            setattr(self, name, torch.cat([p[name] for p in parts]))
+        self.seen = first["seen"]
+        self.longest_bound = max(p["longest_bound"] for p in parts)
+        self.spare_steps = min(p["spare_steps"] for p in parts)
+        self.is_initialized = True
+        self._bind_state()
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -251,7 +344,7 @@ class DMSCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.window, self.capacity_step)
+        self.__init__(self.window, self.capacity_step, pool=self.pool, layer_idx=self.layer_idx, epoch=self.epoch)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("DMSCache does not support beam search (reorder_cache)")
@@ -260,19 +353,20 @@ class DMSCacheLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache cannot be cropped: eviction is final (docs/DMS.md)")
 
     def nbytes(self) -> int:
+        """Bytes this layer holds: its K/V rows (on a pool: its segments' rows, synchronizes) and bookkeeping."""
         self.finish_prefill()
+        if self.keys is None:
+            return 0
+        rows = self.keys.shape[0] if self.pool is None else int(self.capacity.sum())
         tensors = (
-            self.keys,
-            self.values,
             self.starts,
             self.capacity,
             self.lengths,
-            self.row_head,
             self.ring_slot,
             self.ring_flag,
             self.step_index,
         )
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return 2 * rows * self.keys[0].nbytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class DMSCache(Cache):
@@ -283,13 +377,18 @@ class DMSCache(Cache):
     followed by decoding).
     """
 
-    def __init__(self, num_layers: int, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP):
+    def __init__(self, num_layers: int, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *,
+                 pool: KVPool | None = None):
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
         if capacity_step < 1:
             raise ValueError(f"capacity_step must be >= 1, got {capacity_step}")
-        super().__init__(layers=[DMSCacheLayer(window, capacity_step) for _ in range(num_layers)])
-        self.window = window
+        # A cache on a pool takes all its rows: the pool's previous cache is closed from here on.
+        epoch = pool.begin() if pool is not None else 0
+        super().__init__(layers=[
+            DMSCacheLayer(window, capacity_step, pool=pool, layer_idx=i, epoch=epoch) for i in range(num_layers)
+        ])
+        self.window, self.pool = window, pool
         self._pending_layers: list[DMSCacheLayer] = []
 
     def append(
@@ -331,7 +430,7 @@ class DMSCache(Cache):
                 f"DMSCache takes one prefill followed by one token per step; got {n} tokens after "
                 f"{layer.seen} cached (docs/DMS.md: the released code supports only this)"
             )
-        return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
+        return layer.keys, layer.values, layer.starts, layer.lengths, layer.launch_length
 
     def append_step(
         self, layer_idx: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alphas: torch.Tensor,
@@ -348,22 +447,64 @@ class DMSCache(Cache):
                 f"append_step adds one token per (batch, KV head) after a prefill; got keys {tuple(keys.shape)}"
             )
         layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset, zero_borrowed)
-        return layer.keys, layer.values, layer.starts, layer.lengths, layer.longest_bound
+        return layer.keys, layer.values, layer.starts, layer.lengths, layer.launch_length
+
+    def append_fused_step(
+        self, layer_idx: int, qkv, q_norm_weight, k_norm_weight, eps: float, cos, sin, alpha_scale: float,
+        alpha_offset: float, zero_borrowed: bool = True,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """One decode token from the fused q/k/v projection ``qkv`` ``[B, 1, (Hq + 2 Hkv) * D]`` in one
+        launch (``DMSCacheLayer.fused_step``); returns the rotated query ``[B, Hq, D]`` and what
+        ``append`` returns."""
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized or qkv.shape[0] != layer.lengths.shape[0] or qkv.numel() // qkv.shape[0] != qkv.shape[-1]:
+            raise ValueError(f"append_fused_step adds one token per sequence after a prefill; got qkv {tuple(qkv.shape)}")
+        q = layer.fused_step(qkv, q_norm_weight, k_norm_weight, eps, cos, sin, alpha_scale, alpha_offset, zero_borrowed)
+        return q, (layer.keys, layer.values, layer.starts, layer.lengths, layer.launch_length)
+
+    def prepare_step(self) -> None:
+        """The host's work before a decode step (packing a deferred prefill, a re-size when due), done
+        ahead so that a replayed graph step needs none; a step on a closed cache raises here."""
+        for layer in self.layers:
+            layer._before_step()
 
     @classmethod
-    def stacked(cls, caches: list[DMSCache]) -> DMSCache:
+    def stacked(cls, caches: Iterable[DMSCache], *, pool: KVPool | None = None) -> DMSCache:
         """One batch cache from caches of single prefills with the same number of tokens seen: sequence
         i of the result is ``caches[i]``'s batch, in order. A batch is then prefilled sequence by
-        sequence (peak memory: one sequence's activations) and decoded together."""
-        if not caches:
-            raise ValueError("stacked() needs at least one cache")
-        if len({len(c.layers) for c in caches}) != 1:
-            raise ValueError(f"caches differ in their number of layers: {[len(c.layers) for c in caches]}")
+        sequence (peak memory: one sequence's activations) and decoded together.
+
+        ``pool``: the result lives on this pool. ``caches`` may then be an iterator that prefills each
+        cache when asked: each is copied into the pool and emptied before the next is taken, so that
+        the peak is the pool plus one sequence (the caches must not be on ``pool`` themselves).
+        """
+        if pool is None:
+            caches = list(caches)
+            if not caches:
+                raise ValueError("stacked() needs at least one cache")
+            _check_stackable(caches)
+            first = caches[0]
+            out = cls(len(first.layers), first.window, first.layers[0].capacity_step)
+            out.layers = [DMSCacheLayer.stacked([c.layers[i] for c in caches]) for i in range(len(first.layers))]
+            return out
+        out = None
+        pieces: list[list[dict[str, torch.Tensor]]] = []
         for cache in caches:
+            if cache.pool is pool:
+                raise ValueError("stacked(pool=...) copies caches into the pool: they must not already be on it")
             cache.finish_prefill()
-        first = caches[0]
-        out = cls(len(first.layers), first.window, first.layers[0].capacity_step)
-        out.layers = [DMSCacheLayer.stacked([c.layers[i] for c in caches]) for i in range(len(first.layers))]
+            if out is None:
+                out = cls(len(cache.layers), cache.window, cache.layers[0].capacity_step, pool=pool)
+                pieces = [[] for _ in cache.layers]
+            if len(cache.layers) != len(out.layers) or cache.window != out.window:
+                raise ValueError("caches differ in their number of layers or window")
+            for i, layer in enumerate(cache.layers):
+                pieces[i].append(out.layers[i].copy_into_pool(layer))
+                cache.layers[i] = DMSCacheLayer(cache.window, layer.capacity_step)  # freed now
+        if out is None:
+            raise ValueError("stacked() needs at least one cache")
+        for layer, parts in zip(out.layers, pieces, strict=True):
+            layer.adopt(parts)
         return out
 
     @classmethod
@@ -403,6 +544,13 @@ class DMSCache(Cache):
                 per_token = 2 * layer.keys.shape[-1] * layer.keys.element_size()
                 total += int(layer.lengths.sum()) * per_token
         return total
+
+
+def _check_stackable(caches: list[DMSCache]) -> None:
+    if len({len(c.layers) for c in caches}) != 1:
+        raise ValueError(f"caches differ in their number of layers: {[len(c.layers) for c in caches]}")
+    for cache in caches:
+        cache.finish_prefill()
 
 
 class DMSReferenceCache(DynamicCache):

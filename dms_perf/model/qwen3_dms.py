@@ -26,7 +26,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotary_pos_emb
 
 from dms_perf.model.cache import DEFAULT_CAPACITY_STEP, DMSCache, DMSReferenceCache
-from dms_perf.model.graph import GRAPH_KWARGS, DecodeGraph
+from dms_perf.model.graph import GRAPH_KWARGS, DecodeGraph, PoolGraphs
+from dms_perf.model.pool import KVPool
 from dms_perf.ops.decode import dms_decode_attention, hub_decode_attention
 from dms_perf.ops.prefill import IMPLS, dms_prefill_attention
 from dms_perf.ops.prefill.naive import math_attention
@@ -173,6 +174,10 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         # Replay the triton backend's decode steps from CUDA graphs (dms_perf.model.graph); False: eager.
         self.dms_cuda_graphs = True
         self._decode_graph: DecodeGraph | None = None
+        # The decode engine's KV pool (use_kv_pool): caches made by the model live on it, and their
+        # decode graphs (PoolGraphs) are captured once per batch size and reused by later generations.
+        self.dms_pool: KVPool | None = None
+        self._pool_graphs: PoolGraphs | None = None
         self.set_dms_backend("triton")
 
     def set_dms_backend(self, backend: str) -> None:
@@ -197,8 +202,28 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
                 attention.dms_passthrough = False
 
     def release_decode_graph(self) -> None:
-        """Drop the captured decode step (its graph pool and static buffers), e.g. before a larger batch."""
+        """Drop the captured decode steps (their graph pools and static buffers), e.g. before a larger batch."""
         self._decode_graph = None
+        self._pool_graphs = None
+
+    def use_kv_pool(self, pool: KVPool | None) -> None:
+        """Make the model's caches on ``pool`` (None: caches own their buffers, as by default).
+
+        The decode engine: with a pool, a batch size's decode graph is captured once and replayed by
+        every later generation (``dms_perf.model.graph.PoolGraphs``). Each new cache takes the whole pool,
+        closing the previous one. ``generate`` reserves ``max_new_tokens`` decode rows per head, so a
+        generation on a pool never re-sizes.
+        """
+        if pool is not None:
+            if pool.head_dim != self.config.head_dim or pool.dtype != self.dtype:
+                raise ValueError(
+                    f"the pool holds head_dim {pool.head_dim} {pool.dtype}; the model needs "
+                    f"{self.config.head_dim} {self.dtype}"
+                )
+            if self.dms_backend == "math":
+                raise ValueError("the math reference backend keeps every K/V (DMSReferenceCache), not a pool")
+        self.dms_pool = pool
+        self._pool_graphs = None
 
     def set_dms_borrowed_channel(self, borrowed: bool) -> None:
         """``False``: decode steps keep the query channel DMS reads its decisions from (plain Qwen3 scores;
@@ -211,10 +236,14 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         for layer in self.model.layers:
             layer.self_attn.dms_evict = bool(evict)
 
-    def make_dms_cache(self) -> DMSCache | DMSReferenceCache:
+    def make_dms_cache(self, *, pooled: bool = True, capacity_step: int | None = None) -> DMSCache | DMSReferenceCache:
+        """A new cache for this model's backend; on the model's pool (``use_kv_pool``) unless ``pooled``
+        is False. ``capacity_step``: spare decode rows per head (default ``dms_capacity_step``)."""
         if self.dms_backend == "math":
             return DMSReferenceCache()
-        return DMSCache(self.config.num_hidden_layers, self.config.dms_window_size, self.dms_capacity_step)
+        pool = self.dms_pool if pooled else None
+        step = self.dms_capacity_step if capacity_step is None else capacity_step
+        return DMSCache(self.config.num_hidden_layers, self.config.dms_window_size, step, pool=pool)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if use_cache is None:
@@ -256,14 +285,10 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
     def _graph_step(self, input_ids, cache, kwargs) -> CausalLMOutputWithPast:
         batch = input_ids.shape[0]
         keep = kwargs.get("logits_to_keep", 0)
-        if self._decode_graph is None or not self._decode_graph.matches(cache, batch, keep):
-            # A replay runs no Python: forward hooks (kvpress-style instrumentation, recorders) would
-            # be skipped silently, so a hooked model decodes this cache eagerly.
-            hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
-            self._decode_graph = DecodeGraph(cache, batch, keep, eager_only=hooked)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.full((batch, 1), cache.get_seq_length(), device=input_ids.device)
+        position_ids = position_ids.expand(batch, 1)
 
         def run_step(ids, positions):
             out = super(Qwen3DMSForCausalLM, self).forward(
@@ -271,12 +296,30 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
             )
             return out.logits
 
-        logits = self._decode_graph.step(run_step, input_ids, position_ids.expand(batch, 1))
+        if cache.pool is not None:
+            if self._pool_graphs is None or self._pool_graphs.pool is not cache.pool:
+                self._pool_graphs = PoolGraphs(cache.pool)
+            logits = self._pool_graphs.step(cache, run_step, input_ids, position_ids, logits_to_keep=keep,
+                                            eager_only=self._hooked)
+        else:
+            logits = self._decode_graph_for(cache, batch, keep).step(run_step, input_ids, position_ids)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _hooked(self) -> bool:
+        # A replay runs no Python: forward hooks (kvpress-style instrumentation, recorders) would be
+        # skipped silently, so a hooked model decodes eagerly.
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
+    def _decode_graph_for(self, cache, batch, keep) -> DecodeGraph:
+        if self._decode_graph is None or not self._decode_graph.matches(cache, batch, keep):
+            self._decode_graph = DecodeGraph(cache, batch, keep, eager_only=self._hooked())
+        return self._decode_graph
 
     def generate(self, *args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = self.make_dms_cache()
+            reserve = kwargs.get("max_new_tokens") if self.dms_pool is not None else None
+            step = max(self.dms_capacity_step, reserve) if isinstance(reserve, int) else None
+            kwargs["past_key_values"] = self.make_dms_cache(capacity_step=step)
         return super().generate(*args, **kwargs)
 
 

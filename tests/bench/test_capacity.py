@@ -94,7 +94,7 @@ def test_consuming_fill_batch_matches_stacked_and_empties_the_template():
         filled = capacity.fill_batch(template, 3, consume=True)
     assert filled.kv_bytes() == expected.kv_bytes() == 3 * reference.kv_bytes()
     for got, want in zip(filled.layers, expected.layers, strict=True):
-        for name in ("keys", "values", "starts", "capacity", "lengths", "row_head", "ring_slot", "ring_flag",
+        for name in ("keys", "values", "starts", "capacity", "lengths", "ring_slot", "ring_flag",
                      "step_index"):
             # spare rows are never written (poisoned by the conftest fixture): NaN in both
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, equal_nan=True,

@@ -91,8 +91,10 @@ def test_decoding_memory_follows_kept_tokens(device):
     for t in range(prompt, prompt + steps):
         d = torch.rand(B, H, 1, device=device) < 0.875
         decisions = torch.cat([decisions, d], dim=-1)
-        _, _, _, lengths, longest = cache.append(0, *_tagged(B, H, 1, D, t, device), d)
+        _, _, _, lengths, launch = cache.append(0, *_tagged(B, H, 1, D, t, device), d)
+        longest = cache.layers[0].longest_bound
         assert int(lengths.max()) <= longest <= int(lengths.max()) + step
+        assert launch >= longest and launch & (launch - 1) == 0 and launch < 2 * longest  # the power of two
     layer = cache.layers[0]
     held = int(layer.lengths.sum())
     assert _held_tokens(cache, 0) == _visible_tokens(decisions, window)

@@ -30,7 +30,7 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_kn, stride_vn,
-    num_kv_heads, num_splits, split_size, scale_log2,
+    num_kv_heads, num_splits, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -47,11 +47,13 @@ def _decode_split_kernel(
     q_rows = q_ptr + b * stride_qb + (h * G + offs_g).to(tl.int64)[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)
 
-    # Splits of split_size keys; the last one runs to the head's own length, so that every occupied row
-    # is read whatever max_length (which only sized the splits) said.
+    # Each head's own length is cut into num_splits splits of whole key blocks: the work of a head is
+    # spread over all its programs whatever its length, and no host-known length enters the launch
+    # but the number of splits (so a captured launch stays right as the heads grow).
     length = tl.load(len_ptr + pid_bh)
+    split_size = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = pid_s * split_size
-    end = tl.where(pid_s == num_splits - 1, length, tl.minimum(start + split_size, length))
+    end = tl.minimum(start + split_size, length)
 
     first = tl.load(start_ptr + pid_bh).to(tl.int64)
     k_base = k_ptr + first * stride_kn
@@ -170,10 +172,10 @@ def dms_decode_attention(
         k_cache, v_cache: ``[S, D]``, same dtype as ``q``, stride 1 along ``D``: all heads' segments.
         starts: ``[B, Hkv]`` int64, first row of each head's segment.
         lengths: ``[B, Hkv]`` int32, occupied rows per head (``>= 0``); rows past them are never read.
-        max_length: a host-known estimate of the longest head, ``>= 1``. It only tunes the launch (the
-            number and size of the splits over the key length), never the result: every head is read to
-            its own length, also past ``max_length`` (then the last split does the extra work). An upper
-            bound of ``lengths`` (the cache's ``longest_bound``) is the fast choice.
+        max_length: a host-known estimate of the longest head, ``>= 1``. It only caps the number of
+            splits over the key length (never more than its key blocks), never the result: each head's
+            own length is cut into the splits on the device, also past ``max_length``. An upper bound of
+            ``lengths`` (the cache's ``longest_bound``, or a power of two above it) is the fast choice.
         scale: softmax scale, default ``D ** -0.5``.
         num_splits: programs per (batch, KV head) along the key length, ``<= 65535`` (a grid axis);
             default from the SM count.
@@ -196,7 +198,6 @@ def dms_decode_attention(
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     # The splits are the grid's second axis; its first, B * Hkv, may take up to 2**31 - 1.
     check_grid_rows("num_splits", num_splits)
-    split_size = block_n * max(1, math.ceil(max_length / (num_splits * block_n)))
     starts, lengths = starts.contiguous(), lengths.contiguous()
     g_pad = max(16, triton.next_power_of_2(G))
     part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
@@ -205,7 +206,7 @@ def dms_decode_attention(
     _decode_split_kernel[(B * Hkv, num_splits)](
         q, k_cache, v_cache, starts, lengths, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
-        Hkv, num_splits, split_size, scale * math.log2(math.e),
+        Hkv, num_splits, scale * math.log2(math.e),
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
         num_warps=4,
     )
