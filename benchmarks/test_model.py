@@ -32,7 +32,8 @@ from dms_perf.bench.methods import resolve_method
 from dms_perf.bench.timing import bench
 from dms_perf.model.cache import kv_cache_bytes
 from dms_perf.model.calibrate import calibrate_dms
-from dms_perf.model.fused import apply_fused_kernels
+from dms_perf.model.fused import apply_engine_fusions
+from dms_perf.model.pool import KVPool
 from dms_perf.model.qwen3_dms import build_model, qwen3_8b_config, tiny_config
 
 METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager", "dense-triton")  # dms_perf.bench.methods names
@@ -54,12 +55,12 @@ def _models():
     calibration = calibrate_dms(dms, target_cr=TARGET_CR, num_tokens=CALIBRATION_TOKENS)
     fused = build_model(config, backend="triton", dtype=dtype, device=device)
     fused.config.dms_initial_alpha_offset = calibration.alpha_offset
-    apply_fused_kernels(fused)
+    apply_engine_fusions(fused)
     return vanilla, dms, fused, calibration
 
 
 def _model_for(name):
-    """The model of method ``name`` (the registry's ``fused`` flag picks the Liger-patched one)."""
+    """The model of method ``name`` (the registry's ``fused`` flag picks the one with the engine's fusions)."""
     vanilla, dms, fused, calibration = _models()
     method = resolve_method(name)
     if method.backend is None:
@@ -84,6 +85,8 @@ def _describe(benchmark, model, method, tokens, calibration, cache):
     info = benchmark.extra_info
     info.update(method=method, model="qwen3-8b" if HAS_CUDA else "tiny")
     info["fused_kernels"] = getattr(model, "dms_fused_kernels", False)
+    info["fused_projections"] = getattr(model, "dms_fused_projections", False)
+    info["kv_pool"] = getattr(cache, "pool", None) is not None
     info["kv_cache_bytes"] = kv_cache_bytes(cache)
     info["kv_bytes_vs_dense"] = info["kv_cache_bytes"] / dense
     if calibration is not None:
@@ -172,14 +175,26 @@ BATCH_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
 BATCH_METHODS = ("dms-triton", "dense-triton")
 
 
+def _pool_for(model, caches_rows: int):
+    """The engine's KV pool for a case, of the rows its caches need: measured on a prefill of the same
+    prompt with buffers of its own and the same decode reserve, so the pool is exactly full."""
+    model.use_kv_pool(KVPool.for_model(model, rows=caches_rows))
+    return model.dms_pool
+
+
+def _cache_rows(cache) -> int:
+    cache.finish_prefill()
+    return sum(layer.keys.shape[0] for layer in cache.layers)
+
+
 @pytest.mark.parametrize("batch", DECODE_BATCHES, ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("method", BATCH_METHODS)
 def test_decode_batch(benchmark, method, batch, context_length):
-    """``DECODE_STEPS`` greedy steps of a batch of ``batch`` sequences of ``context_length`` tokens (CUDA
-    graphs, as dms-triton decodes). One prompt is prefilled and its cache copied into every slot
-    (``DMSCache.stacked``): each sequence holds the same cache, so every step reads the same bytes as B
-    distinct prompts of that length would. Floor: the weights plus the kept K/V, read once per step, at
-    the measured copy bandwidth."""
+    """``DECODE_STEPS`` greedy steps of a batch of ``batch`` sequences of ``context_length`` tokens on the
+    decode engine (a KV pool sized for the batch, its CUDA graph captured once and replayed). One prompt
+    is prefilled and its cache copied into every slot (``DMSCache.stacked``): each sequence holds the same
+    cache, so every step reads the same bytes as B distinct prompts of that length would. Floor: the
+    weights plus the kept K/V, read once per step, at the measured copy bandwidth."""
     if HAS_CUDA and context_length not in BATCH_CONTEXTS:
         pytest.skip(f"batched decode runs at {BATCH_CONTEXTS} tokens")
     from dms_perf.bench.timing import copy_bandwidth_bytes_per_s
@@ -187,25 +202,90 @@ def test_decode_batch(benchmark, method, batch, context_length):
 
     model, calibration = _model_for(method)
     ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
+    rounds = 10
     try:
         with torch.inference_mode():
-            out = _prefill(model, ids)
-            cache = DMSCache.stacked([out.past_key_values] * batch)
+            # Reserve every step the case takes (warm-ups, the cross-check, the rounds): no re-size.
+            reserve = DECODE_STEPS * (rounds + 60) if HAS_CUDA else DECODE_STEPS * 4
+            out = model(input_ids=ids, past_key_values=model.make_dms_cache(pooled=False, capacity_step=reserve),
+                        use_cache=True, logits_to_keep=1)
+            _pool_for(model, batch * _cache_rows(out.past_key_values))
+            cache = DMSCache.stacked([out.past_key_values] * batch, pool=model.dms_pool)
             steps = _greedy_steps(model, cache, out.logits[:, -1:].argmax(-1).repeat(batch, 1), context_length)
             del out
-            median = bench(benchmark, steps, rounds=10)
+            median = bench(benchmark, steps, rounds=rounds)
     except torch.OutOfMemoryError as exc:
+        model.use_kv_pool(None)
         pytest.skip(f"OOM at batch {batch} x {context_length} tokens ({method}): {str(exc).splitlines()[0][:120]}")
     _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
     read_bytes = weight_bytes(model) + cache.kept_kv_bytes()
     benchmark.extra_info.update(
         context_length=context_length, batch=batch, decode_steps_per_call=DECODE_STEPS,
         batch_fill="one prefill copied into every slot", step_read_bytes=read_bytes,
+        graph_captures=model._pool_graphs.captures if model._pool_graphs else 0,
     )
+    model.use_kv_pool(None)
     if median is not None:
         step_s = median / DECODE_STEPS
         floor_s = read_bytes / copy_bandwidth_bytes_per_s()
         benchmark.extra_info.update(
             decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s, decode_tok_s_per_sequence=1 / step_s,
             floor_ms=floor_s * 1e3, floor_fraction=floor_s / step_s,
+        )
+
+
+GENERATION_TOKENS = 128 if HAS_CUDA else 6
+REUSE_CONTEXT = 32768  # on the GPU; every CPU smoke context
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
+def test_generation_on_the_engine(benchmark, method, context_length):
+    """Whole greedy generations of ``GENERATION_TOKENS`` tokens (prefill, then the decode steps) on one KV
+    pool, each a new cache: the first captures the decode graph, every later one replays it from its
+    first step. Records each generation's decode tok/s and the steady rate inside it (steps 32 to the
+    end, graph replays on a warm cache), so that a generation's rate is compared with the steady one."""
+    if HAS_CUDA and context_length != REUSE_CONTEXT:
+        pytest.skip(f"generations on the engine run at {REUSE_CONTEXT} tokens")
+    model, calibration = _model_for(method)
+    steps = GENERATION_TOKENS - 1
+    ids = torch.randint(0, model.config.vocab_size, (1, context_length), device=model.device)
+    records = []
+
+    def generation():
+        cache = model.make_dms_cache(capacity_step=GENERATION_TOKENS)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        position = torch.full((1, 1), context_length, device=token.device)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if HAS_CUDA else []
+        for i in range(steps):
+            if marks and i in (0, 32):
+                marks[0 if i == 0 else 1].record()
+            token = model(input_ids=token, past_key_values=cache, position_ids=position,
+                          use_cache=True).logits[:, -1:].argmax(-1)
+            position.add_(1)
+        if marks:
+            marks[2].record()
+            torch.cuda.synchronize()
+            records.append((marks[0].elapsed_time(marks[2]) / 1e3, marks[1].elapsed_time(marks[2]) / 1e3 / (steps - 32)))
+        return cache
+
+    with torch.inference_mode():
+        sizing = model(input_ids=ids, past_key_values=model.make_dms_cache(pooled=False, capacity_step=GENERATION_TOKENS),
+                       use_cache=True, logits_to_keep=1).past_key_values
+        _pool_for(model, _cache_rows(sizing))
+        del sizing
+        bench(benchmark, generation, rounds=3)
+        cache = generation()
+    _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
+    benchmark.extra_info.update(context_length=context_length, batch=1, generated_tokens=GENERATION_TOKENS,
+                                graph_captures=model._pool_graphs.captures if model._pool_graphs else 0)
+    model.use_kv_pool(None)
+    if records:
+        decode_tok_s = [steps / decode_s for decode_s, _ in records]
+        steady_tok_s = [1 / step_s for _, step_s in records]
+        benchmark.extra_info.update(
+            first_generation_decode_tok_s=decode_tok_s[0],
+            later_generations_decode_tok_s=decode_tok_s[1:],
+            steady_decode_tok_s=steady_tok_s[1:],
+            later_vs_steady=[a / b for a, b in zip(decode_tok_s[1:], steady_tok_s[1:], strict=True)],
         )

@@ -389,21 +389,22 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
     tokens are marked (docs/DMS.md, "Random weights"); returns (model, calibration or None).
     Every backend gets the same weights for a seed, so the offset is found once per process and
     reused: all DMS backends then evict alike. Families with ``fused`` get Liger's kernels where they
-    run (``model.dms_fused_kernels`` says whether they did).
+    run (``model.dms_fused_kernels`` says whether they did) and fused projections
+    (``dms_perf.model.fused.apply_engine_fusions``).
     """
     from dms_perf.model import qwen3_dms as api
-    from dms_perf.model.fused import apply_fused_kernels
+    from dms_perf.model.fused import apply_engine_fusions
 
     if is_model_path(model):
         loaded = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
         method.prepare(loaded)
         if method.family.fused:
-            apply_fused_kernels(loaded)
+            apply_engine_fusions(loaded)
         return loaded, None
     built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
     method.prepare(built)
     if method.family.fused:
-        apply_fused_kernels(built)
+        apply_engine_fusions(built)
     if not (method.is_dms and target_cr):
         return built, None
     key = (model, seed, float(target_cr), dtype, str(device))

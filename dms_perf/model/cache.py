@@ -469,14 +469,15 @@ class DMSCache(Cache):
             layer._before_step()
 
     @classmethod
-    def stacked(cls, caches: Iterable[DMSCache], *, pool: KVPool | None = None) -> DMSCache:
+    def stacked(cls, caches: Iterable[DMSCache], *, pool: KVPool | None = None, consume: bool = False) -> DMSCache:
         """One batch cache from caches of single prefills with the same number of tokens seen: sequence
         i of the result is ``caches[i]``'s batch, in order. A batch is then prefilled sequence by
         sequence (peak memory: one sequence's activations) and decoded together.
 
-        ``pool``: the result lives on this pool. ``caches`` may then be an iterator that prefills each
-        cache when asked: each is copied into the pool and emptied before the next is taken, so that
-        the peak is the pool plus one sequence (the caches must not be on ``pool`` themselves).
+        ``pool``: the result lives on this pool (the caches must not be on it themselves). ``caches`` may
+        then be an iterator that prefills each cache when asked, so that the peak is the pool plus one
+        sequence; ``consume``: empty each cache once copied (for caches the caller still references).
+        One cache may be given several times (``[template] * B``) unless ``consume``.
         """
         if pool is None:
             caches = list(caches)
@@ -500,7 +501,8 @@ class DMSCache(Cache):
                 raise ValueError("caches differ in their number of layers or window")
             for i, layer in enumerate(cache.layers):
                 pieces[i].append(out.layers[i].copy_into_pool(layer))
-                cache.layers[i] = DMSCacheLayer(cache.window, layer.capacity_step)  # freed now
+                if consume:
+                    cache.layers[i] = DMSCacheLayer(cache.window, layer.capacity_step)  # freed now
         if out is None:
             raise ValueError("stacked() needs at least one cache")
         for layer, parts in zip(out.layers, pieces, strict=True):

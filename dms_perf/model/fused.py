@@ -1,4 +1,5 @@
-"""Liger-Kernel's fused Triton RMSNorm, SwiGLU and RoPE on one Qwen3-DMS model instance.
+"""Fewer kernels per decode step: Liger-Kernel's fused Triton RMSNorm, SwiGLU and RoPE on one Qwen3-DMS
+model instance, and fused q/k/v and gate/up projections (``fuse_projections``).
 
 A decode step of the 8B model is thousands of small launches (norms, RoPE, SiLU, casts) besides its
 GEMVs; Liger-Kernel fuses exactly these for transformers' Qwen3. Only the given model is patched:
@@ -8,6 +9,9 @@ or Liger is not installed, the model keeps transformers' modules, which compute 
 """
 
 from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
 
 from dms_perf._runtime import HAS_CUDA, INTERPRET
 
@@ -47,3 +51,62 @@ def apply_fused_kernels(model) -> bool:
         layer.self_attn.rotary_fn = liger_rotary_pos_emb
     model.dms_fused_kernels = True
     return True
+
+
+class GateUpMLP(torch.nn.Module):
+    """A Qwen3 MLP whose gate and up projections are one GEMM (``fuse_projections`` swaps an MLP instance
+    to this class; its parameters stay, ``gate_proj`` / ``up_proj`` being views of the fused weight)."""
+
+    dms_gate_up_weight: torch.Tensor
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.dms_gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fused_weight(linears) -> torch.Tensor | None:
+    """One weight matrix holding ``linears``' rows in order; each linear's weight becomes a view of it."""
+    if any(linear.bias is not None for linear in linears):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+    first = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = torch.nn.Parameter(weight[first : first + rows], requires_grad=linear.weight.requires_grad)
+        first += rows
+    return weight
+
+
+def fuse_projections(model, *, mlp: bool = True) -> bool:
+    """Concatenate every layer's q/k/v weights and gate/up weights once, so that each is one GEMM (on a
+    decode step, one GEMV reading the three matrices back to back instead of three launches).
+
+    ``q_proj`` / ``k_proj`` / ``v_proj`` / ``gate_proj`` / ``up_proj`` become views of the fused weights:
+    no extra memory, the same ``state_dict``, and transformers' own attention (a press's passthrough
+    prefill) still works. Call after the model is on its device and in its dtype (the fused weights are
+    not parameters, so ``.to()`` would not move them). Projections with a bias are left as they are;
+    ``mlp=False`` fuses the attention's only (the MLP keeps Liger's SwiGLU, if applied).
+    Returns whether any layer was fused (``model.dms_fused_projections`` says so too).
+    """
+    fused = False
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        weight = _fused_weight([attention.q_proj, attention.k_proj, attention.v_proj])
+        if weight is not None:
+            attention.dms_qkv_weight = weight
+            fused = True
+        if mlp and getattr(model.config, "hidden_act", "silu") in ("silu", "swish"):
+            weight = _fused_weight([layer.mlp.gate_proj, layer.mlp.up_proj])
+            if weight is not None:
+                layer.mlp.dms_gate_up_weight = weight
+                layer.mlp.__class__ = GateUpMLP
+                fused = True
+    model.dms_fused_projections = fused
+    return fused
+
+
+def apply_engine_fusions(model) -> None:
+    """Everything the decode engine fuses: Liger's kernels where they run, then fused projections."""
+    apply_fused_kernels(model)
+    fuse_projections(model)

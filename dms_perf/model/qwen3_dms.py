@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotary_pos_emb
@@ -74,6 +75,9 @@ class Qwen3DMSAttention(Qwen3Attention):
     # decoded with eviction off); True zeroes it, as DMS does.
     dms_borrow_channel = True
     dms_passthrough = False  # True: plain Qwen3Attention (transformers' cache), see Qwen3DMSForCausalLM.passthrough
+    # The q/k/v weights as one matrix (dms_perf.model.fused.fuse_projections): one GEMM, and the triton
+    # decode step's norms, decision, RoPE and cache update in one launch (fused_decode_step).
+    dms_qkv_weight: torch.Tensor | None = None
 
     @property
     def alpha_offset(self) -> float:
@@ -94,13 +98,24 @@ class Qwen3DMSAttention(Qwen3Attention):
                                    cache_position, **kwargs)
         batch, n = hidden_states.shape[:2]
         hidden_shape = (batch, n, -1, self.head_dim)
-        q = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
         cos, sin = position_embeddings
         decoding = past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
-        if self.dms_backend in TRITON_DECODE_BACKENDS and decoding:
+        triton_step = self.dms_backend in TRITON_DECODE_BACKENDS and decoding
+        if self.dms_qkv_weight is not None:
+            qkv = F.linear(hidden_states, self.dms_qkv_weight)
+            if triton_step and self._fused_step_norms() is not None:
+                _require_cache(past_key_values, DMSCache, self.dms_backend)
+                out = self._fused_decode_step(qkv, cos, sin, past_key_values)
+                return self.o_proj(out.reshape(batch, n, -1)), None
+            q_lin, k_lin, v_lin = qkv.split([self.q_proj.out_features, self.k_proj.out_features,
+                                             self.v_proj.out_features], dim=-1)
+        else:
+            q_lin, k_lin, v_lin = (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_norm(q_lin.view(hidden_shape)).transpose(1, 2)
+        k = self.k_norm(k_lin.view(hidden_shape)).transpose(1, 2)
+        v = v_lin.view(hidden_shape).transpose(1, 2)
+
+        if triton_step:
             _require_cache(past_key_values, DMSCache, self.dms_backend)
             out = self._triton_decode_step(q, k, v, cos, sin, past_key_values)
         else:
@@ -150,6 +165,25 @@ class Qwen3DMSAttention(Qwen3Attention):
             self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, self.alpha_offset, self.dms_borrow_channel
         )
         return dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
+
+
+    def _fused_step_norms(self) -> float | None:
+        """The q/k norms' shared epsilon when the fused step can stand in for them (plain RMSNorms:
+        transformers' or Liger's without offset), else None."""
+        eps = [getattr(norm, "variance_epsilon", None) for norm in (self.q_norm, self.k_norm)]
+        if eps[0] is None or eps[0] != eps[1] or any(getattr(n, "offset", 0.0) for n in (self.q_norm, self.k_norm)):
+            return None
+        return eps[0]
+
+    def _fused_decode_step(self, qkv, cos, sin, cache):
+        """The triton decode step from the fused projection: one launch for the norms, decision, RoPE and
+        cache update (``DMSCache.append_fused_step``), one for attention. Same result as
+        ``_triton_decode_step`` up to rounding (the fused kernel rounds RoPE once, in fp32)."""
+        q, cached = cache.append_fused_step(
+            self.layer_idx, qkv, self.q_norm.weight, self.k_norm.weight, self._fused_step_norms(), cos, sin,
+            self.config.dms_alpha_scale, self.alpha_offset, self.dms_borrow_channel,
+        )
+        return dms_decode_attention(q, *cached, scale=self.scaling)
 
 
 def _require_cache(cache, cls, backend):

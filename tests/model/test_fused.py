@@ -8,7 +8,7 @@ import torch
 from transformers.models.qwen3 import modeling_qwen3
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.model.fused import apply_fused_kernels, fused_kernels_unavailable
+from dms_perf.model.fused import GateUpMLP, apply_fused_kernels, fuse_projections, fused_kernels_unavailable
 from dms_perf.model.qwen3_dms import Qwen3DMSAttention, build_model, tiny_config
 from dms_perf.testing import rel_error
 
@@ -48,3 +48,45 @@ def test_fused_model_matches_unfused_gpu(backend):
         got = fused(ids).logits
     assert rel_error(got, want) < 1e-4
     assert torch.equal(_greedy(fused, ids, STEPS), _greedy(plain, ids, STEPS))
+
+
+@pytest.mark.parametrize("mlp", [True, False], ids=["qkv+gate-up", "qkv"])
+@pytest.mark.parametrize("evict", [True, False], ids=["dms", "dense"])
+def test_fused_projections_match_separate_ones(mlp, evict, device):
+    """One GEMM for q/k/v (and gate/up), and the triton decode step from it in one fused launch: the same
+    greedy tokens and close logits as the separate projections; no extra parameter bytes, same state_dict."""
+    config = tiny_config(dms_initial_alpha_offset=-40.0)  # marks most tokens: eviction is exercised
+    plain, fused = (build_model(config, backend="triton", device=device) for _ in range(2))
+    for model in (plain, fused):
+        model.set_dms_eviction(evict)
+    before = {name: p.clone() for name, p in fused.state_dict().items()}
+    weight_bytes = sum(p.numel() for p in fused.parameters())
+    assert fuse_projections(fused, mlp=mlp) is True and fused.dms_fused_projections
+    assert sum(p.numel() for p in fused.parameters()) == weight_bytes
+    after = fused.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    attention = fused.model.layers[0].self_attn
+    assert attention.q_proj.weight.data_ptr() == attention.dms_qkv_weight.data_ptr()
+    assert (type(fused.model.layers[0].mlp) is GateUpMLP) == mlp
+    ids = torch.randint(0, config.vocab_size, (2, 60), device=device)
+    want, got = _greedy(plain, ids, STEPS), _greedy(fused, ids, STEPS)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        caches = [model.make_dms_cache() for model in (plain, fused)]
+        logits = [model(ids, past_key_values=cache).logits for model, cache in zip((plain, fused), caches)]
+        step = [model(want[:, :1], past_key_values=cache).logits for model, cache in zip((plain, fused), caches)]
+    assert rel_error(logits[1], logits[0]) < 1e-5 and rel_error(step[1], step[0]) < 1e-5
+    for layer in range(config.num_hidden_layers):
+        assert torch.equal(caches[1].head_lengths(layer), caches[0].head_lengths(layer))
+
+
+def test_fused_projections_keep_the_passthrough_attention(device):
+    """transformers' own attention (a press's passthrough prefill) reads q_proj/k_proj/v_proj: views of the
+    fused weight give the unfused model's logits."""
+    config = tiny_config()
+    plain, fused = (build_model(config, backend="triton", device=device) for _ in range(2))
+    fuse_projections(fused)
+    ids = torch.randint(0, config.vocab_size, (1, 40), device=device)
+    with torch.no_grad(), plain.passthrough(), fused.passthrough():
+        want, got = plain(ids, use_cache=False).logits, fused(ids, use_cache=False).logits
+    assert rel_error(got, want) < 1e-5

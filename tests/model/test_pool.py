@@ -168,7 +168,7 @@ def test_stacked_into_a_pool_from_an_iterator_equals_stacked(device):
                 consumed.append(cache)
                 yield cache
 
-        batch = DMSCache.stacked(one_by_one(), pool=pool)
+        batch = DMSCache.stacked(one_by_one(), pool=pool, consume=True)
         assert pool.used == rows
         assert all(layer.keys is None for cache in consumed for layer in cache.layers)  # emptied once copied
         _owners(batch, pool.rows)

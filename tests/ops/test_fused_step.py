@@ -72,7 +72,7 @@ def test_fused_step_rejects_bad_shapes(device):
     state = (layer.ring_slot, layer.ring_flag, layer.lengths, layer.starts, layer.keys, layer.values, layer.step_index)
     with pytest.raises(ValueError, match="qkv"):
         fused_decode_step(torch.randn(1, 1, 16 * 5, device=device), w, w, 1e-6, cos, sin, *state, 1.0, 0.0)
-    with pytest.raises(ValueError, match="cos and sin"):
+    with pytest.raises(ValueError, match="cos and sin must be"):
         fused_decode_step(torch.randn(1, 1, 16 * 8, device=device), w, w, 1e-6, cos[..., :8], sin, *state, 1.0, 0.0)
     with pytest.raises(ValueError, match="norm weights"):
         fused_decode_step(torch.randn(1, 1, 16 * 8, device=device), w[:8], w, 1e-6, cos, sin, *state, 1.0, 0.0)

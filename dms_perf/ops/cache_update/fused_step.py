@@ -110,7 +110,7 @@ def fused_decode_step(
 
     ``qkv``: ``[B, (Hq + 2 Hkv) * D]`` (or ``[B, 1, ...]``), the fused q/k/v projection of the new tokens,
     rows contiguous; ``q_norm_weight`` / ``k_norm_weight``: ``[D]``; ``cos`` / ``sin``: ``[B, D]`` (or
-    ``[B, 1, D]``) of the new positions, from the model's rotary embedding. The cache arguments are those
+    ``[B, 1, D]``; a batch of 1 serves every sequence) of the new positions, from the model's rotary embedding. The cache arguments are those
     of ``decode_update`` (``DMSCacheLayer``'s ring, lengths, starts, K/V buffers and step counter). One
     Triton launch, no host synchronization, every argument fixed for the cache's life but the data: the
     launch can be captured in a CUDA graph.
@@ -120,7 +120,7 @@ def fused_decode_step(
     if head_dim & (head_dim - 1) or head_dim < 2:
         raise ValueError(f"fused_decode_step needs a power-of-two head_dim, got {head_dim}")
     qkv = qkv.reshape(batch, -1)
-    cos, sin = cos.reshape(batch, -1), sin.reshape(batch, -1)
+    cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
     heads = qkv.shape[1] // head_dim
     num_q_heads = heads - 2 * num_kv_heads
     if qkv.shape[1] % head_dim or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads:
@@ -130,8 +130,12 @@ def fused_decode_step(
     for name, x in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.stride(-1) != 1:
             raise ValueError(f"fused_decode_step needs {name} with stride 1 along its last dim")
-    if cos.shape != (batch, head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride():
-        raise ValueError(f"cos and sin must be [B, D] = [{batch}, {head_dim}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != head_dim or sin.shape != cos.shape or cos.stride() != sin.stride():
+        raise ValueError(
+            f"cos and sin must be [B, D] or [1, D] (one position for all), B={batch}, D={head_dim}; got "
+            f"{tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
+    cos_stride = cos.stride(0) if cos.shape[0] == batch else 0
     if q_norm_weight.shape != (head_dim,) or k_norm_weight.shape != (head_dim,):
         raise ValueError(f"norm weights must be [{head_dim}]")
     if step.dtype != torch.int64 or step.shape != (batch * num_kv_heads,):
@@ -139,7 +143,7 @@ def fused_decode_step(
     group = num_q_heads // num_kv_heads
     q = torch.empty((batch, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _fused_step_kernel[(batch * num_kv_heads,)](
-        qkv, qkv.stride(0), q, q.stride(0), q.stride(1), q_norm_weight, k_norm_weight, cos, sin, cos.stride(0),
+        qkv, qkv.stride(0), q, q.stride(0), q.stride(1), q_norm_weight, k_norm_weight, cos, sin, cos_stride,
         k_cache, v_cache, k_cache.stride(0), v_cache.stride(0),
         starts, lengths, ring_slot, ring_flag.view(torch.uint8), step,
         num_kv_heads, w1, float(alpha_scale), float(alpha_offset), float(eps),
