@@ -68,7 +68,8 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     prompts = list(prompts)
     if not prompts or any(p.dim() != 2 or p.shape[0] != 1 for p in prompts):
-        raise ValueError(f"prompts must be one or more [1, L] id tensors, got shapes {[tuple(p.shape) for p in prompts]}")
+        shapes = [tuple(p.shape) for p in prompts]
+        raise ValueError(f"prompts must be one or more [1, L] id tensors, got shapes {shapes}")
     if len({p.shape[1] for p in prompts}) != 1:
         raise ValueError(f"the prompts of a batch must have one length, got {[p.shape[1] for p in prompts]}")
     batch, length = len(prompts), prompts[0].shape[1]
@@ -187,8 +188,8 @@ class HiddenKeys(ValueError):
 def _refuse_hidden_keys(model) -> None:
     layers = getattr(getattr(model, "model", None), "layers", [])
     if any(getattr(layer.self_attn, "masked_key_indices", None) is not None for layer in layers):
-        raise HiddenKeys("the press hides evicted keys per sequence (kvpress masked_key_indices) instead of removing "
-                         "them, so the sequences' caches cannot be joined into one batch")
+        raise HiddenKeys("the press hides keys (kvpress masked_key_indices) instead of removing them: per-sequence "
+                         "caches cannot be joined")
 
 
 def _prefill_for_the_engine(model, input_ids, press):
