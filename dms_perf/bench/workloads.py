@@ -121,7 +121,9 @@ class NeedleBatch:
         """Each sequence scored on its own answer (``Workload.retrieval``) from its row of ``generated_ids``
         [B, T] ([T] for one prompt): one prompt gives that result, a batch ``"k/B pass"``, NOT_SCORED if
         unscored."""
-        rows = generated_ids.reshape(self.batch, -1) if torch.is_tensor(generated_ids) else list(generated_ids)
+        if torch.is_tensor(generated_ids) and generated_ids.dim() == 1:
+            generated_ids = generated_ids[None]
+        rows = list(generated_ids)
         if len(rows) != self.batch:
             raise ValueError(f"expected generated ids for {self.batch} sequences, got {len(rows)}")
         results = [w.retrieval(ids, real_weights=real_weights) for w, ids in zip(self.sequences, rows, strict=True)]
