@@ -538,7 +538,8 @@ def _tick(value, _pos=None) -> str:
 def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The figures of ``write_plots`` (file name -> matplotlib Figure), not saved: one panel per measured
     figure (a figure no row measured, e.g. peak VRAM without a GPU, gets none), each with its legend
-    right of its axes; coinciding methods are drawn side by side and named "same as" in the legend."""
+    right of its axes; coinciding methods are drawn side by side and named "same as" in the legend.
+    Against context, the rows of the smallest batch; with more than one batch, also ``BATCH_PLOT``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
