@@ -208,9 +208,8 @@ def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     """(bytes held, slots attended to, slots of a dense cache) for a DMSCache or a transformers cache.
 
     Slots count (layer, batch, KV head, token): a batch cache's figures are those of all its sequences
-    together. A DMSCache holds per-head lengths (synchronizes);
-    kvpress presses that shrink the cache shorten the tensors; DMSPress instead hides keys, listed per
-    layer in ``self_attn.masked_key_indices``.
+    together. A DMSCache holds per-head lengths (synchronizes); kvpress presses that shrink the cache
+    shorten the tensors; DMSPress instead hides keys, listed per layer in ``self_attn.masked_key_indices``.
     """
     from dms_perf.model.cache import DMSCache, kv_cache_bytes
 
