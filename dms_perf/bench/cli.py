@@ -4,6 +4,7 @@
     dms-perf bench                                   # CPU: tiny random model, small contexts, 5 methods
     dms-perf bench --contexts 4k,8k,16k,32k --methods vanilla,dms-hub,dms-triton,snapkv:0.5 \\
                    --model qwen3-8b --new-tokens 128 --repeats 3 --out results/
+    dms-perf bench --batch 1,8,32     # every (context, method) cell also at batch 8 and 32
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time methods x context lengths end to end (prefill, decode, memory, KV bytes, retrieval)",
         description=textwrap.fill(
-            "Greedy generation on a needle-in-a-haystack prompt for every (context, method) cell. Writes "
+            "Greedy generation on needle-in-a-haystack prompts for every (context, method, batch) cell. Writes "
             "results.json after every cell, then results.md (full comparison and DMS prefill speedup tables) and "
             "PNG plots. A failing cell (e.g. out of memory) becomes a row saying so. Exit status: 0, or 1 when a "
             "cell ended in an error (OOM and skipped cells are results, not errors), 2 for a bad option, "
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--contexts", default=d["contexts"],
                        help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")
+    bench.add_argument("--batch", default="1",
+                       help="comma-separated batch sizes, e.g. 1,8,32: a batch-B cell prefills B distinct prompts of "
+                       "the context length one by one, joins their caches and decodes them together (Decode tok/s "
+                       "counts all B sequences; batch 1 is the single prompt of earlier runs)")
     bench.add_argument("--methods", default=d["methods"],
                        help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below; "
                        f"all {len(DEFAULT_METHODS)} are the GPU default)")
@@ -210,10 +215,15 @@ def run_bench(args, parser) -> int:
     from rich.console import Console
 
     from dms_perf.bench.methods import check_model, is_model_path
+    from dms_perf.bench.options import parse_batch_sizes
     from dms_perf.bench.report import ResultsWriter
     from dms_perf.bench.workloads import load_tokenizer
 
     contexts, methods = _validate(args, parser)
+    try:
+        batches = parse_batch_sizes(args.batch)
+    except ValueError as exc:
+        return _error(parser, exc)
     # Everything a cell needs from outside is checked once, before the first cell: a bad --model,
     # --tokenizer or --out is one line here rather than a row of errors per cell.
     try:
@@ -240,6 +250,7 @@ def run_bench(args, parser) -> int:
         "weights": _weights_note(args, methods, real_weights),
         "contexts": list(contexts),
         "methods": [m.name for m in methods],
+        "batches": list(batches),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -256,7 +267,8 @@ def run_bench(args, parser) -> int:
     console = Console(stderr=True)
     interrupted = False
     try:
-        _run_cells(args, contexts, methods, writer, console, tokenizer=loaded_tokenizer, real_weights=real_weights)
+        _run_cells(args, contexts, methods, batches, writer, console, tokenizer=loaded_tokenizer,
+                   real_weights=real_weights)
     except KeyboardInterrupt:
         interrupted = True
     finally:  # an interrupted run still gets its tables and plots for the cells measured so far
@@ -282,17 +294,17 @@ def _device_info() -> dict:
     return device_info()
 
 
-def _run_cells(args, contexts, methods, writer, console, *, tokenizer, real_weights: bool) -> None:
-    """Every (method, context) cell, one model alive at a time, each row written as it is measured."""
+def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, real_weights: bool) -> None:
+    """Every (method, context, batch) cell, one model alive at a time, each row written as it is measured."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dms_perf.bench.generation import measure_generation, release_memory
     from dms_perf.bench.methods import load_model_for
-    from dms_perf.bench.workloads import needle_workload
+    from dms_perf.bench.workloads import needle_batch
 
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     dtype = DTYPES[args.dtype]
-    workloads: dict[int, object] = {}
+    workloads: dict[int, object] = {}  # context -> the prompts of the largest batch (smaller ones: the first B)
 
     # One model alive at a time: methods sharing a backend share the model built for it.
     by_backend: dict[str | None, list] = {}
@@ -301,7 +313,7 @@ def _run_cells(args, contexts, methods, writer, console, *, tokenizer, real_weig
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts))
+        task = progress.add_task("dms-perf bench", total=len(methods) * len(contexts) * len(batches))
         for backend, group in by_backend.items():
             progress.update(task, description=f"building model ({backend or 'vanilla'})")
             try:
@@ -312,9 +324,10 @@ def _run_cells(args, contexts, methods, writer, console, *, tokenizer, real_weig
                 reason = _reason("model build failed", exc)
                 for m in group:
                     for ctx in contexts:
-                        writer.add({"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
-                                    "status": reason})
-                        progress.advance(task)
+                        for batch in batches:
+                            writer.add({"context": ctx, "method": m.name, "batch": batch,
+                                        "new_tokens": args.new_tokens, "status": reason})
+                            progress.advance(task)
                 release_memory()
                 continue
             if calibration is not None:
@@ -324,31 +337,40 @@ def _run_cells(args, contexts, methods, writer, console, *, tokenizer, real_weig
                 }
             for m in group:
                 for ctx in contexts:
-                    progress.update(task, description=f"{m.name} @ {ctx}")
-                    try:
-                        if ctx not in workloads:
-                            workloads[ctx] = needle_workload(
-                                ctx, tokenizer=tokenizer, needle_depth=args.needle_depth,
-                                vocab_size=model.config.vocab_size, seed=args.seed,
-                            )
-                    except ValueError as exc:
-                        row = {"context": ctx, "method": m.name, "new_tokens": args.new_tokens,
-                               "status": _reason("workload", exc)}
-                    else:
-                        row = measure_generation(model, workloads[ctx], m, new_tokens=args.new_tokens,
-                                                 repeats=args.repeats, warmup=args.warmup,
-                                                 real_weights=real_weights, device=device)
-                    writer.add(row)
-                    progress.advance(task)
+                    for batch in batches:
+                        progress.update(task, description=f"{m.name} @ {_cell_name(ctx, batch)}")
+                        try:
+                            if ctx not in workloads:
+                                workloads[ctx] = needle_batch(
+                                    ctx, max(batches), tokenizer=tokenizer, needle_depth=args.needle_depth,
+                                    vocab_size=model.config.vocab_size, seed=args.seed,
+                                )
+                        except ValueError as exc:
+                            row = {"context": ctx, "method": m.name, "batch": batch, "new_tokens": args.new_tokens,
+                                   "status": _reason("workload", exc)}
+                        else:
+                            row = measure_generation(model, workloads[ctx].first(batch), m,
+                                                     new_tokens=args.new_tokens, repeats=args.repeats,
+                                                     warmup=args.warmup, real_weights=real_weights, device=device)
+                        writer.add(row)
+                        progress.advance(task)
             del model
             release_memory()
 
 
+def _cell_name(context, batch) -> str:
+    """``4096`` for a batch-1 cell, ``4096 batch 8`` for another."""
+    return f"{context}" if batch == 1 else f"{context} batch {batch}"
+
+
 def _failure_summary(failed: list[dict], total: int) -> str:
-    """``2 of 8 cells ended in an error: <status> (method @ context, ...); ...`` on one line."""
+    """``2 of 8 cells ended in an error: <status> (method @ context[ batch B], ...); ...`` on one line."""
+    from dms_perf.bench.report import row_batch
+
     by_status: dict[str, list[str]] = {}
     for r in failed:
-        by_status.setdefault(str(r["status"]), []).append(f"{r['method']} @ {r['context']}")
+        cell = f"{r['method']} @ {_cell_name(r['context'], row_batch(r))}"
+        by_status.setdefault(str(r["status"]), []).append(cell)
     parts = []
     for status, cells in by_status.items():
         shown = ", ".join(cells[:4]) + (f" and {len(cells) - 4} more" if len(cells) > 4 else "")

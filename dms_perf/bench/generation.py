@@ -1,5 +1,6 @@
 """End-to-end generation runs (``dms-perf bench``, ``benchmarks/test_end_to_end.py``): timed greedy
-generations, KV-cache accounting, and one row per (context, method) cell with failures classified."""
+generations of one prompt or of a batch of prompts, KV-cache accounting, and one row per (context,
+method, batch) cell with failures classified."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import contextlib
 import gc
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,32 +22,58 @@ NOT_MEASURED = None  # a figure that does not apply (no GPU for VRAM, one token 
 
 @dataclass
 class GenerationRun:
-    """One timed greedy generation: prefill (first token included), then ``new_tokens - 1`` decode steps."""
+    """One timed greedy generation of ``batch`` sequences: prefill (first tokens included), then
+    ``new_tokens - 1`` decode steps, each giving one token per sequence."""
 
     prefill_s: float
     decode_s: float
-    new_tokens: int
-    generated_ids: torch.Tensor  # [new_tokens] int64 on CPU
+    new_tokens: int  # per sequence
+    generated_ids: torch.Tensor  # int64 on CPU: [new_tokens] (generate_once), [batch, new_tokens] (generate_batch)
     peak_vram_bytes: int | None
-    kv_bytes: int
+    kv_bytes: int  # the whole batch's cache
     kept_slots: int  # (layer, batch, KV head, token) slots the cache still attends to at the end
     dense_slots: int  # the same count for an uncompressed cache
+    batch: int = 1
 
 
 def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None,
                   press_on_engine: bool = False) -> GenerationRun:
-    """Greedy generation with explicit positions (a compressed cache is shorter than the prompt).
+    """Greedy generation of one prompt ``input_ids`` [1, L]: ``generate_batch`` of one, its
+    ``generated_ids`` [new_tokens]."""
+    run = generate_batch(model, [input_ids], new_tokens=new_tokens, press=press, press_on_engine=press_on_engine)
+    return replace(run, generated_ids=run.generated_ids[0])
+
+
+def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, press=None,
+                   press_on_engine: bool = False) -> GenerationRun:
+    """Greedy generation of B prompts of one length, prefilled sequence by sequence, decoded together.
+
+    ``prompts``: B tensors of ids [1, L]. Each is prefilled on its own (the activations of one sequence,
+    not of B at once) and gives its first token; the B caches are then joined into one batch cache
+    (``join_caches``; one cache is used as it is) and decoded together: each step feeds the B last tokens
+    [B, 1] with explicit positions (a compressed cache is shorter than the prompt), greedy.
 
     ``press``: a kvpress press active during the whole generation (None for vanilla and DMS models,
     whose cache is created by the model). ``press_on_engine``: the press is active during the prefill
     only, run by a Qwen3-DMS model in passthrough (transformers' attention); its compressed cache is then
     handed to the DMS engine (``DMSCache.from_dense``, the conversion timed with the prefill) and decoded
-    there with eviction off. Synchronizes the device around each timed phase.
+    there with eviction off.
+
+    Timed (the device synchronized around each phase): ``prefill_s`` = every prefill, first token and the
+    join; ``decode_s`` = the ``new_tokens - 1`` batched steps. Peak VRAM is that of the whole run (the join
+    holds the B sequence caches and the batch cache at once). KV figures are the batch cache's. A batch
+    whose press hides keys instead of removing them (kvpress DMSPress) raises ``HiddenKeys``.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
-    device = input_ids.device
-    length = input_ids.shape[-1]
+    prompts = list(prompts)
+    if not prompts or any(p.dim() != 2 or p.shape[0] != 1 for p in prompts):
+        shapes = [tuple(p.shape) for p in prompts]
+        raise ValueError(f"prompts must be one or more [1, L] id tensors, got shapes {shapes}")
+    if len({p.shape[1] for p in prompts}) != 1:
+        raise ValueError(f"the prompts of a batch must have one length, got {[p.shape[1] for p in prompts]}")
+    batch, length = len(prompts), prompts[0].shape[1]
+    device = prompts[0].device
     positions = torch.arange(length, length + new_tokens, device=device).view(1, -1)
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -54,17 +82,26 @@ def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None
     with torch.inference_mode(), whole_run_press(model) if whole_run_press is not None else contextlib.nullcontext():
         synchronize()
         start = time.perf_counter()
-        if press_on_engine:
-            out, cache = _prefill_for_the_engine(model, input_ids, press)
-        else:
-            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
+        caches, firsts = [], []
+        for input_ids in prompts:
+            if press_on_engine:
+                out, cache = _prefill_for_the_engine(model, input_ids, press)
+            else:
+                out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+            if batch > 1:
+                _refuse_hidden_keys(model)
+            caches.append(cache)
+            firsts.append(out.logits[:, -1:].argmax(-1))
+            del out, cache
+        cache = join_caches(caches)
+        del caches
+        token = torch.cat(firsts)  # [B, 1]
         synchronize()
         prefilled = time.perf_counter()
         tokens.append(token)
         for step in range(new_tokens - 1):
-            pos = positions[:, step : step + 1]
+            pos = positions[:, step : step + 1].expand(batch, 1)
             # Positions only: transformers >= 5.4 dropped ``cache_position`` (5.2 derives it from the cache).
             out = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
@@ -76,12 +113,83 @@ def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None
         prefill_s=prefilled - start,
         decode_s=done - prefilled,
         new_tokens=new_tokens,
-        generated_ids=torch.cat(tokens, dim=-1)[0].cpu(),
+        generated_ids=torch.cat(tokens, dim=-1).cpu(),
         peak_vram_bytes=torch.cuda.max_memory_allocated() if HAS_CUDA else NOT_MEASURED,
         kv_bytes=kv_bytes,
         kept_slots=kept,
         dense_slots=dense,
+        batch=batch,
     )
+
+
+def join_caches(caches: list):
+    """One batch cache from single-sequence caches that have seen the same tokens: sequence i of the
+    result is ``caches[i]``. One cache is returned as it is; DMSCaches join with ``join_dms_caches``,
+    transformers' DynamicCaches with ``join_dense_caches``."""
+    from dms_perf.model.cache import DMSCache
+
+    if len(caches) == 1:
+        return caches[0]
+    if all(isinstance(c, DMSCache) for c in caches):
+        return join_dms_caches(caches)
+    return join_dense_caches(caches)
+
+
+def join_dms_caches(caches: list):
+    """DMSCaches of single prefills joined into one batch (``DMSCache.stacked``: segments copied back to
+    back); the one place a batch's DMS cache is assembled."""
+    from dms_perf.model.cache import DMSCache
+
+    return DMSCache.stacked(caches)
+
+
+def join_dense_caches(caches: list):
+    """A DynamicCache whose layer i holds every cache's layer-i keys and values concatenated along the batch
+    dimension, in order.
+
+    For transformers' DynamicCache, plain or shortened by a kvpress press (every head of a layer keeps
+    as many tokens). Raises ValueError when the caches are of another kind (sliding-window layers, a
+    subclass with state of its own) or differ in layers, heads, tokens, head size, dtype or device.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    kinds = {type(c).__name__ for c in caches if type(c) is not DynamicCache}
+    kinds |= {type(layer).__name__ for c in caches if type(c) is DynamicCache for layer in c.layers
+              if type(layer) is not DynamicLayer}
+    if kinds:
+        raise ValueError(f"only transformers DynamicCaches of DynamicLayers join along the batch; got {sorted(kinds)}")
+    if len({len(c.layers) for c in caches}) != 1:
+        raise ValueError(f"the caches differ in their number of layers: {[len(c.layers) for c in caches]}")
+    out = DynamicCache()
+    for index in range(len(caches[0].layers)):
+        parts = {"keys": [c.layers[index].keys for c in caches], "values": [c.layers[index].values for c in caches]}
+        for name, tensors in parts.items():
+            if any(t is None or t.dim() != 4 for t in tensors):
+                raise ValueError(f"layer {index}: every cache must hold [B, H, L, D] {name}")
+            if len({(t.shape[1:], t.dtype, t.device) for t in tensors}) != 1:
+                raise ValueError(
+                    f"layer {index}: the caches' {name} differ in heads, tokens, head size, dtype or device "
+                    f"({[(tuple(t.shape), str(t.dtype).removeprefix('torch.'), str(t.device)) for t in tensors]}); "
+                    "only caches holding as many tokens join into one batch")
+        layer = DynamicLayer()
+        keys, values = torch.cat(parts["keys"]), torch.cat(parts["values"])
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values  # set, not update(): update() would copy them once more
+        out.layers.append(layer)
+    return out
+
+
+class HiddenKeys(ValueError):
+    """A press hid keys of one sequence's prefill (kvpress ``masked_key_indices``) instead of removing them:
+    that list names batch 0 and is replaced by the next sequence's prefill, so a joined batch cache would
+    attend to keys it should not."""
+
+
+def _refuse_hidden_keys(model) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    if any(getattr(layer.self_attn, "masked_key_indices", None) is not None for layer in layers):
+        raise HiddenKeys("the press hides keys (kvpress masked_key_indices) instead of removing them: per-sequence "
+                         "caches cannot be joined")
 
 
 def _prefill_for_the_engine(model, input_ids, press):
@@ -99,9 +207,9 @@ def _prefill_for_the_engine(model, input_ids, press):
 def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     """(bytes held, slots attended to, slots of a dense cache) for a DMSCache or a transformers cache.
 
-    Slots count (layer, batch, KV head, token). A DMSCache holds per-head lengths (synchronizes);
-    kvpress presses that shrink the cache shorten the tensors; DMSPress instead hides keys, listed per
-    layer in ``self_attn.masked_key_indices``.
+    Slots count (layer, batch, KV head, token): a batch cache's figures are those of all its sequences
+    together. A DMSCache holds per-head lengths (synchronizes); kvpress presses that shrink the cache
+    shorten the tensors; DMSPress instead hides keys, listed per layer in ``self_attn.masked_key_indices``.
     """
     from dms_perf.model.cache import DMSCache, kv_cache_bytes
 
@@ -139,17 +247,24 @@ def release_memory() -> None:
 
 
 def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval: str) -> dict[str, Any]:
-    """Median figures over timed runs (one row of the results table)."""
+    """Median figures over timed runs (one row of the results table), for a batch of B sequences:
+    ``prefill_tok_s`` = B * context / prefill seconds; ``decode_tok_s`` = B * steps / decode seconds (all
+    sequences), ``decode_tok_s_per_seq`` = steps / decode seconds, ``ms_per_step`` = decode ms / steps, with
+    steps = ``new_tokens - 1`` (None without a decode step). ``generated_tokens`` counts one sequence's."""
     prefill = _median([r.prefill_s for r in runs])
     decode = _median([r.decode_s for r in runs])
     total = _median([r.prefill_s + r.decode_s for r in runs])
     last = runs[-1]
-    decode_steps = last.new_tokens - 1
+    steps = last.new_tokens - 1
+    decoded = bool(steps and decode > 0)
     return {
         "status": "ok",
+        "batch": last.batch,
         "prefill_s": prefill,
-        "prefill_tok_s": context_length / prefill,
-        "decode_tok_s": decode_steps / decode if decode_steps and decode > 0 else NOT_MEASURED,
+        "prefill_tok_s": last.batch * context_length / prefill,
+        "decode_tok_s": last.batch * steps / decode if decoded else NOT_MEASURED,
+        "decode_tok_s_per_seq": steps / decode if decoded else NOT_MEASURED,
+        "ms_per_step": 1e3 * decode / steps if decoded else NOT_MEASURED,
         "total_s": total,
         "generated_tokens": last.new_tokens,
         "peak_vram_bytes": _median([r.peak_vram_bytes for r in runs]),
@@ -172,38 +287,47 @@ def measure_generation(
     real_weights: bool = False,
     device=None,
 ) -> dict[str, Any]:
-    """End-to-end figures for one (context, method) cell; never raises for a failing cell.
+    """End-to-end figures for one (context, method, batch) cell; never raises for a failing cell.
 
-    ``workload``: a ``dms_perf.bench.workloads.Workload``; ``method``: a ``dms_perf.bench.methods.Method`` (its
-    press, if any, is built once on this prompt, outside the timing). ``warmup`` untimed generations
-    precede ``repeats`` timed ones; figures are medians. ``real_weights``: score retrieval (else
-    "n/a (random weights)"); ``device``: where the prompt goes (default: the model's). Returns a dict
-    with ``status`` "ok", "OOM",
-    "error: ..." or "skipped: ..." (then without figures); memory is released either way.
+    ``workload``: a ``dms_perf.bench.workloads.Workload`` (one prompt, batch 1) or ``NeedleBatch`` (B prompts
+    of one length, generated together by ``generate_batch``); ``method``: a
+    ``dms_perf.bench.methods.Method`` (its press, if any, is built once on the first prompt, outside the
+    timing). ``warmup`` untimed generations precede ``repeats`` timed ones; figures are medians
+    (``summarize_runs``). ``real_weights``: score retrieval, each sequence on its own answer (else
+    "n/a (random weights)"); ``device``: where the prompts go (default: the model's). Returns a dict with
+    ``status`` "ok", "OOM", "error: ..." or "skipped: ..." (then without figures; a batch whose press hides
+    keys is skipped); memory is released either way.
     """
+    from dms_perf.bench.workloads import NeedleBatch
+
     if repeats < 1 or warmup < 0 or new_tokens < 1:
         raise ValueError(
             f"need repeats >= 1, warmup >= 0 and new_tokens >= 1, got repeats={repeats}, "
             f"warmup={warmup}, new_tokens={new_tokens}"
         )
-    row: dict[str, Any] = {"context": workload.context_length, "method": method.name, "new_tokens": new_tokens}
-    if workload.context_length < method.min_context:
+    batch = workload if isinstance(workload, NeedleBatch) else NeedleBatch((workload,))
+    row: dict[str, Any] = {"context": batch.context_length, "method": method.name, "batch": batch.batch,
+                           "new_tokens": new_tokens}
+    if batch.context_length < method.min_context:
         row["status"] = f"skipped: {method.name} needs a prompt of at least {method.min_context} tokens"
         return row
     try:
-        input_ids = workload.input_ids.to(device if device is not None else next(model.parameters()).device)
+        where = device if device is not None else next(model.parameters()).device
+        prompts = [ids.to(where) for ids in batch.prompts]
         method.prepare(model)
-        press = method.press_for(model, input_ids)
+        press = method.press_for(model, prompts[0])
         on_engine = method.family.press_on_engine
         for _ in range(warmup):
-            generate_once(model, input_ids, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
+            generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
             release_memory()
         runs = []
         for _ in range(repeats):
-            runs.append(generate_once(model, input_ids, new_tokens=new_tokens, press=press, press_on_engine=on_engine))
+            runs.append(generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine))
             release_memory()
-        retrieval = workload.retrieval(runs[-1].generated_ids, real_weights=real_weights)
-        row.update(summarize_runs(runs, context_length=workload.context_length, retrieval=retrieval))
+        retrieval = batch.retrieval(runs[-1].generated_ids, real_weights=real_weights)
+        row.update(summarize_runs(runs, context_length=batch.context_length, retrieval=retrieval))
+    except HiddenKeys as exc:
+        row["status"] = f"skipped: batch {batch.batch}: {exc}"
     except Exception as exc:  # one failing cell must not stop the matrix
         row["status"] = failure_status(exc)
     release_memory()

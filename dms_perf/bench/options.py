@@ -41,6 +41,17 @@ def parse_context_lengths(text: str | None) -> tuple[int, ...]:
     return tuple(parse_token_count(t) for t in text.split(",") if t.strip())
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> (1, 8, 32), repeats dropped; ValueError naming the value for anything but positive
+    whole numbers."""
+    sizes: dict[int, None] = {}
+    for part in (t.strip() for t in text.split(",")):
+        if not part.isdecimal() or int(part) < 1:
+            raise ValueError(f"--batch: not a batch size: {part!r} (expected positive whole numbers, e.g. 1,8,32)")
+        sizes[int(part)] = None
+    return tuple(sizes)
+
+
 def parse_names(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None

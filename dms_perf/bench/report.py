@@ -3,6 +3,9 @@
 results.md holds the two tables of the kvcompress study: the full comparison (context, method, time,
 tok/s, VRAM, TTFT, decode tok/s, KV bytes, compression, retrieval) and the DMS prefill speedup
 (hub vs hub-triton vs triton: prefill seconds, speedups, VRAM saved).
+
+A cell is (context, method, batch); a row without ``batch`` (results written before batches existed)
+is a batch-1 row (``row_batch``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ JSON_NAME = "results.json"
 MD_NAME = "results.md"
 TIME_PLOT = "time_vs_context.png"
 MEMORY_PLOT = "vram_vs_context.png"
+BATCH_PLOT = "throughput_vs_batch.png"  # written when the results hold more than one batch size
 DASH = "—"
 
 
@@ -53,6 +57,16 @@ class ResultsWriter:
         return [self.json_path, md, *write_plots(self.rows, self.out_dir, self.meta)]
 
 
+def row_batch(row: dict[str, Any]) -> int:
+    """The batch of a row; 1 for a row of a results file older than batches."""
+    return int(row.get("batch", 1))
+
+
+def cell_key(row: dict[str, Any]) -> tuple[int, str, int]:
+    """What makes a row one cell: (context, method, batch)."""
+    return row["context"], row["method"], row_batch(row)
+
+
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(meta, rows) of a results.json, or of the results.json inside a directory, or of a pytest-benchmark
     JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``)."""
@@ -81,7 +95,7 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
     # A sharded run lists its cases shard by shard: order them as dms-perf bench does, by context, then in
     # the registry's order of the default methods (others after, by name).
     order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
-    rows.sort(key=lambda r: (r["context"], order.get(r["method"], len(order)), r["method"]))
+    rows.sort(key=lambda r: (r["context"], order.get(r["method"], len(order)), r["method"], row_batch(r)))
     first = rows[0]
     target = first.get("target_cr")
     weights = first.get("weights", "random weights")
@@ -95,6 +109,7 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
         "weights": weights,
         "contexts": sorted({r["context"] for r in rows}),
         "methods": list(dict.fromkeys(r["method"] for r in rows)),
+        "batches": sorted({row_batch(r) for r in rows}),
         "new_tokens": first["new_tokens"],
         "repeats": first.get("repeats"),
         "warmup": first.get("warmup_runs"),
@@ -115,13 +130,14 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
     record agrees with any); other runs raise ValueError. Each row keeps the weights text of the run it
     came from (``row["weights"]``: "random weights", "random weights, eviction calibrated to 8x", ...), so
     runs calibrated differently can be joined and still be told apart. Metadata is the first run's, with
-    the union of contexts and methods (in the order the runs list them) and every command; a cell
-    measured twice keeps the later run's row. Rows come in method order, then by context.
+    the union of contexts, methods (in the order the runs list them) and batches, and every command; a
+    cell (context, method, batch) measured twice keeps the later run's row. Rows come in method order,
+    then by context, then by batch.
     """
     if not paths:
         raise ValueError("merge_results needs at least one results.json")
     meta: dict[str, Any] = {}
-    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    rows: dict[tuple[int, str, int], dict[str, Any]] = {}
     for path in paths:
         m, r = load_results(path)
         if not meta:
@@ -141,12 +157,13 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
         meta["commands"].append(m.get("command"))
         meta["contexts"] = sorted(set(meta.get("contexts", [])) | set(m.get("contexts", [])))
         meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
+        meta["batches"] = sorted(set(meta.get("batches", [1])) | set(m.get("batches", [1])))
         meta["calibration"] = {**meta.get("calibration", {}), **m.get("calibration", {})}
         for row in r:
             row = dict(row)
             if not m.get("weights_by_row") and m.get("weights") is not None:
                 row["weights"] = m["weights"]  # the run's own text (a row of an older file may hold less)
-            rows[(row["context"], row["method"])] = row
+            rows[cell_key(row)] = row
     meta["command"] = " ; ".join(c for c in meta.pop("commands") if c)
     merged = ordered_rows(list(rows.values()), meta["methods"])
     texts = list(dict.fromkeys(r["weights"] for r in merged if r.get("weights") is not None))
@@ -171,13 +188,13 @@ def method_order(rows: list[dict[str, Any]], methods: list[str] | None = None) -
 
 
 def ordered_rows(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per (context, method) cell, a cell listed twice keeping its later row, in method order
-    (``method_order``), then by context."""
-    cells: dict[tuple[int, str], dict[str, Any]] = {}
+    """One row per (context, method, batch) cell, a cell listed twice keeping its later row, in method
+    order (``method_order``), then by context, then by batch."""
+    cells: dict[tuple[int, str, int], dict[str, Any]] = {}
     for r in rows:
-        cells[(r["context"], r["method"])] = r
+        cells[cell_key(r)] = r
     order = {m: i for i, m in enumerate(method_order(rows, methods))}
-    return sorted(cells.values(), key=lambda r: (order[r["method"]], r["context"]))
+    return sorted(cells.values(), key=lambda r: (order[r["method"]], r["context"], row_batch(r)))
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -204,12 +221,18 @@ def _ok(row) -> bool:
 
 
 def _tok_s(row) -> float | None:
-    """End-to-end throughput: generated tokens over total seconds (prefill included)."""
-    return row["generated_tokens"] / row["total_s"] if row.get("total_s") else None
+    """End-to-end throughput: generated tokens of all the batch's sequences over total seconds (prefill
+    included)."""
+    return row_batch(row) * row["generated_tokens"] / row["total_s"] if row.get("total_s") else None
 
 
 def _ctx(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def batched(rows: list[dict[str, Any]]) -> bool:
+    """Whether any row is of a batch other than 1 (tables then show the batch columns)."""
+    return any(row_batch(r) != 1 for r in rows)
 
 
 def _weights_differ(rows: list[dict[str, Any]]) -> bool:
@@ -217,43 +240,51 @@ def _weights_differ(rows: list[dict[str, Any]]) -> bool:
 
 
 def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
-    """The full comparison, one row per cell in ``methods`` order, then by context (``ordered_rows``); a
-    Weights column (each row's run's weights text) where joined runs differ."""
+    """The full comparison, one row per cell in ``methods`` order, then by context and batch
+    (``ordered_rows``); a Batch column, per-sequence decode tok/s and ms per step where a batch other than 1
+    is present; a Weights column (each row's run's weights text) where joined runs differ."""
     rows = ordered_rows(rows, methods)
     weights = _weights_differ(rows)
-    head = ("| Context | Method | Time (s) | tok/s | Peak VRAM (GiB) | TTFT (s) | Prefill tok/s | Decode tok/s "
-            "| KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
+    batches = batched(rows)
+    head = ("| Context | Method |" + (" Batch |" if batches else "") + " Time (s) | tok/s | Peak VRAM (GiB) "
+            "| TTFT (s) | Prefill tok/s | Decode tok/s |" + (" Decode tok/s per seq | ms/step |" if batches else "")
+            + " KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    figures = 10 if batches else 8  # columns after the status of a failed row
     for r in rows:
+        cell = f"| {_ctx(r['context'])} | {r['method']} |" + (f" {row_batch(r)} |" if batches else "")
         tail = f" {r.get('weights') or DASH} |" if weights else ""
         if not _ok(r):
-            lines.append(f"| {_ctx(r['context'])} | {r['method']} | {r['status']} |" + f" {DASH} |" * 8 + tail)
+            lines.append(f"{cell} {r['status']} |" + f" {DASH} |" * figures + tail)
             continue
         compression = DASH if r.get("compression") is None else f"{r['compression']:.2f}x"
+        per_seq = f" {_num(r.get('decode_tok_s_per_seq'))} | {_num(r.get('ms_per_step'))} |" if batches else ""
         lines.append(
-            f"| {_ctx(r['context'])} | {r['method']} | {_num(r['total_s'])} | {_num(_tok_s(r))} "
+            f"{cell} {_num(r['total_s'])} | {_num(_tok_s(r))} "
             f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
-            f"| {_num(r.get('decode_tok_s'))} | {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |" + tail
+            f"| {_num(r.get('decode_tok_s'))} |{per_seq} {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |"
+            + tail
         )
     return "\n".join(lines)
 
 
 def speedup_rows(rows: list[dict[str, Any]], base: str = "dms-hub", fast: str = "dms-triton",
                  mid: str = "dms-hub-triton") -> list[dict[str, Any]]:
-    """Per context with ``base`` and ``fast`` or ``mid`` present: prefill seconds of the three (None where
-    a method is absent or failed, its status then in ``*_status``), the speedups of ``mid`` and ``fast``
-    over ``base`` and of ``fast`` over ``mid``, and the VRAM ``fast`` saves over ``base`` (None if n/a)."""
-    by = {(r["context"], r["method"]): r for r in rows}
+    """Per (context, batch) with ``base`` and ``fast`` or ``mid`` present: prefill seconds of the three (None
+    where a method is absent or failed, its status then in ``*_status``), the speedups of ``mid`` and
+    ``fast`` over ``base`` and of ``fast`` over ``mid``, and the VRAM ``fast`` saves over ``base`` (None if
+    n/a)."""
+    by = {cell_key(r): r for r in rows}
     out = []
-    for ctx in sorted({r["context"] for r in rows}):
-        b, m, f = by.get((ctx, base)), by.get((ctx, mid)), by.get((ctx, fast))
+    for ctx, batch in sorted({(r["context"], row_batch(r)) for r in rows}):
+        b, m, f = by.get((ctx, base, batch)), by.get((ctx, mid, batch)), by.get((ctx, fast, batch))
         if b is None or (f is None and m is None):
             continue
         prefill = {k: r["prefill_s"] if r is not None and _ok(r) else None for k, r in (("b", b), ("m", m), ("f", f))}
         vram_b = b.get("peak_vram_bytes") if _ok(b) else None
         vram_f = f.get("peak_vram_bytes") if f is not None and _ok(f) else None
         out.append({
-            "context": ctx,
+            "context": ctx, "batch": batch,
             "base_status": b["status"], "mid_status": m and m["status"], "fast_status": f and f["status"],
             "base_prefill_s": prefill["b"], "mid_prefill_s": prefill["m"], "fast_prefill_s": prefill["f"],
             "speedup": _ratio(prefill["b"], prefill["f"]),
@@ -270,14 +301,13 @@ def _ratio(slow: float | None, fast: float | None) -> float | None:
 
 
 def speedup_table(rows: list[dict[str, Any]]) -> str:
-    """dms-hub vs dms-hub-triton vs dms-triton prefill; a method absent from the run shows a dash, a
-    failed one its status."""
-    lines = [
-        "| Context | Hub prefill (s) | Hub-triton prefill (s) | Triton prefill (s) | Hub-triton speedup over hub "
-        "| Triton speedup over hub | Triton over hub-triton | Hub peak VRAM (GiB) | Triton peak VRAM (GiB) "
-        "| VRAM saved (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """dms-hub vs dms-hub-triton vs dms-triton prefill (a batch's: its sequences one by one); a method absent
+    from the run shows a dash, a failed one its status. A Batch column where a batch other than 1 is."""
+    batches = batched(rows)
+    head = ("| Context |" + (" Batch |" if batches else "") + " Hub prefill (s) | Hub-triton prefill (s) "
+            "| Triton prefill (s) | Hub-triton speedup over hub | Triton speedup over hub | Triton over hub-triton "
+            "| Hub peak VRAM (GiB) | Triton peak VRAM (GiB) | VRAM saved (GiB) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def prefill(status, seconds):
         return DASH if status is None else _num(seconds) if status == "ok" else status
@@ -287,7 +317,8 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
 
     for s in speedup_rows(rows):
         lines.append(
-            f"| {_ctx(s['context'])} | {prefill(s['base_status'], s['base_prefill_s'])} "
+            f"| {_ctx(s['context'])} |" + (f" {s['batch']} |" if batches else "")
+            + f" {prefill(s['base_status'], s['base_prefill_s'])} "
             f"| {prefill(s['mid_status'], s['mid_prefill_s'])} | {prefill(s['fast_status'], s['fast_prefill_s'])} "
             f"| {times(s['mid_speedup'])} | {times(s['speedup'])} | {times(s['fast_over_mid'])} "
             f"| {_gib(s['base_vram_bytes'])} | {_gib(s['fast_vram_bytes'])} | {_gib(s['vram_saved_bytes'])} |"
@@ -328,7 +359,7 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
             if r["compression"] < 0.9 * target:
                 below.setdefault(target, []).append(r)
     for target, low in below.items():
-        example = [r for r in low if r["method"] == low[0]["method"]]
+        example = [r for r in low if r["method"] == low[0]["method"] and row_batch(r) == row_batch(low[0])]
         seen = f"{example[0]['method']}: {example[0]['compression']:.2f}x at {_ctx(example[0]['context'])}"
         if len(example) > 1:
             seen += f", {example[-1]['compression']:.2f}x at {_ctx(example[-1]['context'])}"
@@ -381,6 +412,16 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "includes the weights; compression = dense KV slots / slots still attended at the end.",
         "",
     ]
+    if batched(rows):
+        sizes = ", ".join(str(b) for b in sorted({row_batch(r) for r in rows}))
+        parts[-1:-1] = [
+            "",
+            f"Batch B (here {sizes}): B distinct prompts of the context length, prefilled one by one, their caches "
+            "joined and decoded together. Time, TTFT and KV cache are the whole batch's; tok/s, prefill tok/s and "
+            "decode tok/s count the tokens of all B sequences; decode tok/s per seq = decode tok/s / B; ms/step = "
+            "decode time / decode steps (one token per sequence a step); retrieval counts the sequences that "
+            "found their own code.",
+        ]
     notes = reading_notes(meta, rows)
     if notes:
         parts += ["**Reading this table**", "", *(f"- {n}" for n in notes), ""]
@@ -497,18 +538,24 @@ def _tick(value, _pos=None) -> str:
 def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The figures of ``write_plots`` (file name -> matplotlib Figure), not saved: one panel per measured
     figure (a figure no row measured, e.g. peak VRAM without a GPU, gets none), each with its legend
-    right of its axes; coinciding methods are drawn side by side and named "same as" in the legend."""
+    right of its axes; coinciding methods are drawn side by side and named "same as" in the legend.
+    Against context, the rows of the smallest batch; with more than one batch, also ``BATCH_PLOT``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     meta = meta or {}
-    rows = ordered_rows(rows, meta.get("methods"))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    all_rows = ordered_rows(rows, meta.get("methods"))
+    methods = list(dict.fromkeys(r["method"] for r in all_rows))
     styles = method_styles(methods)
+    batches = sorted({row_batch(r) for r in all_rows})
+    # Against context: one batch (the smallest), so that a method is one series; the batches get their figure.
+    rows = [r for r in all_rows if row_batch(r) == batches[0]] if batches else all_rows
     failed = {m: [r for r in rows if r["method"] == m and not _ok(r)] for m in methods}
     figures = {}
     for filename, (what, specs) in _PANELS.items():
+        if batched(all_rows):
+            what += f" (batch {batches[0]})"
         series = []  # per panel: method -> {context: value}
         for key, *_ in specs:
             values = {m: {r["context"]: r[key] for r in rows if r["method"] == m and _ok(r) and r.get(key) is not None}
@@ -568,12 +615,70 @@ def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None
             fig.supxlabel("Methods whose values coincide at every context are drawn side by side (offset along x); "
                           + ", ".join(kinds) + ".", fontsize=8, x=0.01, ha="left")
         figures[filename] = fig
+    if len(batches) > 1:
+        figures[BATCH_PLOT] = _batch_figure(all_rows, meta, styles)
     return figures
+
+
+def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict[str, tuple[str, str]]):
+    """Aggregate decode tok/s (all sequences) against batch, log-2 batch axis: one panel per context, one
+    line per method; a method's failed batches named in its legend entry."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    contexts = sorted({r["context"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig = Figure(figsize=(11, 0.9 + 4.1 * len(contexts)), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(_plot_title(meta, "Decode throughput vs batch", rows), fontsize=11)
+    axes = fig.subplots(len(contexts), 1, squeeze=False)[:, 0]
+    for ax, ctx in zip(axes, contexts, strict=True):
+        here = [r for r in rows if r["context"] == ctx]
+        values = []
+        for m in methods:
+            mine = [r for r in here if r["method"] == m]
+            data = {row_batch(r): r["decode_tok_s"] for r in mine if _ok(r) and r.get("decode_tok_s") is not None}
+            by_status: dict[str, list[str]] = {}
+            for r in mine:
+                if not _ok(r):
+                    by_status.setdefault(r["status"].split(":")[0], []).append(str(row_batch(r)))
+            failures = "; ".join(f"{status} at batch {', '.join(b)}" for status, b in by_status.items())
+            if not (data or failures):  # the method has no cell at this context
+                continue
+            colour, marker = styles[m]
+            label = m + (f" ({failures})" if failures else "")
+            xs = sorted(data)
+            ax.plot(xs, [data[x] for x in xs], color=colour, marker=marker, markersize=6, linewidth=1.4, alpha=0.9,
+                    label=label, linestyle="-" if xs else "none")
+            values += data.values()
+        present = sorted({row_batch(r) for r in here})  # and every power of two between: log-2 ticks
+        ticks = sorted(set(present) | {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(ticks[0] / 2**0.3, ticks[-1] * 2**0.3)
+        log = bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SPAN
+        if log:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(_tick))
+            ax.yaxis.set_minor_locator(NullLocator())
+        if not values:
+            ax.text(0.5, 0.5, "no measured cells", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("batch (distinct prompts decoded together)")
+        ax.set_ylabel("decode tok/s, all sequences" + (", log scale" if log else ""))
+        ax.set_title(f"Decode throughput at {_ctx(ctx)} tokens of context", fontsize=10, loc="left")
+        ax.grid(True, alpha=0.3)
+        if ax.get_lines():
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    return fig
 
 
 def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike,
                 meta: dict[str, Any] | None = None) -> list[Path]:
-    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM, KV cache) per method."""
+    """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM, KV cache) per method; with more
+    than one batch size, those at the smallest batch and throughput_vs_batch.png."""
     out_dir = Path(out_dir)
     written = []
     for filename, fig in build_figures(rows, meta).items():

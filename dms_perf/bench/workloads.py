@@ -7,6 +7,12 @@
 * Without one: seeded random token ids of exactly ``context_length`` with the needle's ids planted at
   the same depth, so that timing matches the text workload.
 
+A batch (``needle_batch``) is B distinct prompts of one length: sequence 0 is the single prompt above
+(so batch-1 results stay comparable with earlier runs), sequence i > 0 has its own haystack (the next
+draw of the seeded ids, or the filler started at another sentence) and, in the text workload, its own
+secret code, so that each sequence is scored on its own answer. Batch B's prompts are the first B of
+any larger batch.
+
 Retrieval is scored only for a model with real weights; otherwise the result is the literal
 ``"n/a (random weights)"``, never a score.
 """
@@ -24,6 +30,10 @@ NOT_SCORED = "n/a (random weights)"
 
 SECRET_CODE = "7391-ORCHID"
 NEEDLE = f" The secret code for the blue door is {SECRET_CODE}."
+# Sequence i > 0 of a batch: digits 7391 + CODE_STRIDE * i (mod 10^4, a stride coprime with 10^4, so
+# distinct for 10^4 sequences) and the i-th flower of the cycle.
+CODE_STRIDE = 2351
+CODE_WORDS = ("ORCHID", "TULIP", "LILAC", "ASTER", "DAHLIA", "IRIS", "LOTUS", "POPPY", "JASMINE", "PEONY")
 QUESTION = "What is the secret code for the blue door? Reply with the code only."
 
 # Original filler prose (written for this project), cycled to any length. Sentences start with a
@@ -75,6 +85,53 @@ class Workload:
         return "pass" if _squash(self.expected_answer) in _squash(text) else "fail"
 
 
+@dataclass(frozen=True)
+class NeedleBatch:
+    """B prompts of one length (``needle_batch``), decoded together as one batch cell."""
+
+    sequences: tuple[Workload, ...]
+
+    def __post_init__(self):
+        if not self.sequences:
+            raise ValueError("a NeedleBatch needs at least one prompt")
+        lengths = {w.context_length for w in self.sequences}
+        if len(lengths) != 1:
+            raise ValueError(f"the prompts of a batch must have one length, got {sorted(lengths)}")
+
+    @property
+    def batch(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def context_length(self) -> int:
+        return self.sequences[0].context_length
+
+    @property
+    def prompts(self) -> list[torch.Tensor]:
+        """Each sequence's ``input_ids`` [1, context_length]."""
+        return [w.input_ids for w in self.sequences]
+
+    def first(self, batch: int) -> NeedleBatch:
+        """The batch of the first ``batch`` prompts."""
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"batch must be in [1, {self.batch}], got {batch}")
+        return NeedleBatch(self.sequences[:batch])
+
+    def retrieval(self, generated_ids, *, real_weights: bool) -> str:
+        """Each sequence scored on its own answer (``Workload.retrieval``) from its row of ``generated_ids``
+        [B, T] ([T] for one prompt): one prompt gives that result, a batch ``"k/B pass"``, NOT_SCORED if
+        unscored."""
+        if torch.is_tensor(generated_ids) and generated_ids.dim() == 1:
+            generated_ids = generated_ids[None]
+        rows = list(generated_ids)
+        if len(rows) != self.batch:
+            raise ValueError(f"expected generated ids for {self.batch} sequences, got {len(rows)}")
+        results = [w.retrieval(ids, real_weights=real_weights) for w, ids in zip(self.sequences, rows, strict=True)]
+        if self.batch == 1 or NOT_SCORED in results:
+            return results[0]
+        return f"{results.count('pass')}/{self.batch} pass"
+
+
 def _squash(text: str) -> str:
     """Letters and digits only, lower case: tokenizers differ in how they space '7391-ORCHID'."""
     return re.sub(r"[^0-9a-z]", "", text.lower())
@@ -97,12 +154,32 @@ def needle_workload(context_length: int, *, tokenizer=None, needle_depth: float 
     id-only workload, which needs ``vocab_size``. ``needle_depth`` in [0, 1]: 0 = start, 1 = end of the
     haystack.
     """
+    return needle_batch(context_length, 1, tokenizer=tokenizer, needle_depth=needle_depth, vocab_size=vocab_size,
+                        seed=seed).sequences[0]
+
+
+def needle_batch(context_length: int, batch: int, *, tokenizer=None, needle_depth: float = 0.5,
+                 vocab_size: int | None = None, seed: int = 0) -> NeedleBatch:
+    """``batch`` distinct needle-in-a-haystack prompts of exactly ``context_length`` tokens each (the module
+    docstring says how they differ); the first is ``needle_workload``'s. Arguments as ``needle_workload``."""
     _check(context_length, needle_depth)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
     if tokenizer is None:
         if vocab_size is None:
             raise ValueError("the id-only workload (no tokenizer) needs vocab_size")
-        return _id_workload(context_length, needle_depth, vocab_size, seed)
-    return _text_workload(context_length, needle_depth, load_tokenizer(tokenizer))
+        gen = torch.Generator().manual_seed(seed)  # one stream: sequence i is the i-th draw
+        return NeedleBatch(tuple(_id_workload(context_length, needle_depth, vocab_size, gen) for _ in range(batch)))
+    tokenizer = load_tokenizer(tokenizer)
+    return NeedleBatch(tuple(_text_workload(context_length, needle_depth, tokenizer, i) for i in range(batch)))
+
+
+def secret_code(sequence: int) -> str:
+    """The code sequence ``sequence`` of a batch must retrieve (``SECRET_CODE`` for the first)."""
+    if sequence == 0:
+        return SECRET_CODE
+    digits = (7391 + CODE_STRIDE * sequence) % 10_000
+    return f"{digits:04d}-{CODE_WORDS[sequence % len(CODE_WORDS)]}"
 
 
 def load_tokenizer(tokenizer):
@@ -129,9 +206,8 @@ def load_tokenizer(tokenizer):
     return tokenizer
 
 
-def _id_workload(context_length: int, needle_depth: float, vocab_size: int, seed: int) -> Workload:
+def _id_workload(context_length: int, needle_depth: float, vocab_size: int, gen: torch.Generator) -> Workload:
     needle = tuple(i % vocab_size for i in NEEDLE_IDS_RANDOM)[:context_length]
-    gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (1, context_length), generator=gen)
     at = round(needle_depth * (context_length - len(needle)))
     ids[0, at : at + len(needle)] = torch.tensor(needle)
@@ -157,9 +233,11 @@ def _template_around(tokenizer) -> tuple[list[int], list[int]]:
     return _encode(tokenizer, before), _encode(tokenizer, after)
 
 
-def _text_workload(context_length: int, needle_depth: float, tokenizer) -> Workload:
+def _text_workload(context_length: int, needle_depth: float, tokenizer, sequence: int = 0) -> Workload:
+    """Sequence ``sequence`` of a batch: its own code, its filler started at sentence ``sequence``."""
     prefix, suffix = _template_around(tokenizer)
-    needle = _encode(tokenizer, NEEDLE)
+    code = secret_code(sequence)
+    needle = _encode(tokenizer, NEEDLE.replace(SECRET_CODE, code))
     budget = context_length - len(prefix) - len(suffix) - len(needle)
     if budget < 0:
         raise ValueError(
@@ -169,7 +247,7 @@ def _text_workload(context_length: int, needle_depth: float, tokenizer) -> Workl
     sentences = [_encode(tokenizer, s) for s in FILLER]
     target = round(needle_depth * budget)
     haystack: list[int] = []
-    k = 0
+    k = sequence % len(sentences)
     # Whole sentences before the needle (it starts on a sentence boundary at or before the target).
     while len(haystack) + len(sentences[k % len(sentences)]) <= target:
         haystack += sentences[k % len(sentences)]
@@ -181,4 +259,4 @@ def _text_workload(context_length: int, needle_depth: float, tokenizer) -> Workl
         k += 1
     haystack = haystack[: budget + len(needle)]
     ids = torch.tensor([prefix + haystack + suffix], dtype=torch.long)
-    return Workload(ids, needle_position, tuple(needle), QUESTION, SECRET_CODE, tokenizer)
+    return Workload(ids, needle_position, tuple(needle), QUESTION, code, tokenizer)

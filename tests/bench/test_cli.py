@@ -21,8 +21,8 @@ from tests.interpreter import skip_if_cpu_path_cannot_run_here
 
 REPO = Path(__file__).resolve().parents[2]
 
-BENCH_OPTIONS = ("--contexts", "--methods", "--model", "--tokenizer", "--new-tokens", "--repeats", "--warmup",
-                 "--needle-depth", "--dtype", "--target-cr", "--seed", "--out")
+BENCH_OPTIONS = ("--contexts", "--batch", "--methods", "--model", "--tokenizer", "--new-tokens", "--repeats",
+                 "--warmup", "--needle-depth", "--dtype", "--target-cr", "--seed", "--out")
 
 
 def test_help_lists_subcommands(capsys):
@@ -96,6 +96,27 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_batch_cells_are_rows_of_their_own(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["bench", "--contexts", "40", "--methods", "vanilla,dms-hub", "--batch", "1,2,2", "--model", "tiny",
+                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert code == 0
+    meta, rows = load_results(out)
+    assert meta["batches"] == [1, 2]  # repeats dropped
+    assert [(r["method"], r["context"], r["batch"]) for r in rows] == [
+        ("vanilla", 40, 1), ("vanilla", 40, 2), ("dms-hub", 40, 1), ("dms-hub", 40, 2)]
+    for r in rows:
+        assert r["status"] == "ok" and r["generated_tokens"] == 3, r
+        assert r["decode_tok_s"] == pytest.approx(r["batch"] * r["decode_tok_s_per_seq"])
+        assert r["ms_per_step"] > 0 and r["prefill_tok_s"] == pytest.approx(r["batch"] * 40 / r["prefill_s"])
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert by["vanilla", 2]["kv_bytes"] == 2 * by["vanilla", 1]["kv_bytes"]  # two sequences' dense caches
+    md = (out / "results.md").read_text()
+    assert "| Context | Method | Batch |" in md and "| 40 | dms-hub | 2 |" in md
+    assert (out / "throughput_vs_batch.png").stat().st_size > 0
+    assert "| 40 | vanilla | 2 |" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +301,22 @@ def test_hub_id_without_the_hub_fails_in_seconds(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "x", "8,0", "1,,2", "", "2k"])
+def test_bad_batch_is_one_line_and_exit_2(tmp_path, capsys, value):
+    assert main(["bench", "--model", "tiny", *TINY_RUN, "--batch", value, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dms-perf bench: error: --batch: not a batch size: "), err
+    assert "expected positive whole numbers, e.g. 1,8,32" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_bad_batch_from_the_command_line_has_no_traceback(tmp_path):
+    result = cli("bench", "--model", "tiny", *TINY_RUN, "--batch", "1,-8", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert error_line(result) == ("dms-perf bench: error: --batch: not a batch size: '-8' (expected positive whole "
+                                  "numbers, e.g. 1,8,32)")
+
+
 def test_a_cell_ending_in_an_error_makes_the_exit_status_1(tmp_path, checkpoint):
     """Weights that cannot be loaded: every cell's row says so, results are written, the run exits 1 with one
     summary line."""
@@ -318,7 +355,8 @@ def test_error_rows_give_status_1_with_a_one_line_summary(tmp_path, monkeypatch,
 
     def measure(model, workload, method, **kwargs):
         status = "error: RuntimeError: boom" if workload.context_length == 48 else "OOM"
-        return {"context": workload.context_length, "method": method.name, "new_tokens": 2, "status": status}
+        return {"context": workload.context_length, "method": method.name, "batch": workload.batch, "new_tokens": 2,
+                "status": status}
 
     monkeypatch.setattr(dms_perf.bench.generation, "measure_generation", measure)
     code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla,knorm", "--new-tokens",
@@ -327,6 +365,12 @@ def test_error_rows_give_status_1_with_a_one_line_summary(tmp_path, monkeypatch,
     (summary,) = [line for line in capsys.readouterr().err.splitlines() if "ended in an error" in line]
     assert summary == ("dms-perf bench: error: 2 of 4 cells ended in an error: RuntimeError: boom "
                        "(vanilla @ 48, knorm:0.5 @ 48)")
+    # a cell of another batch is named with its batch
+    code = main(["bench", "--model", "tiny", "--contexts", "48", "--methods", "vanilla", "--batch", "1,4",
+                 "--new-tokens", "2", "--out", str(tmp_path)])
+    (summary,) = [line for line in capsys.readouterr().err.splitlines() if "ended in an error" in line]
+    assert code == 1 and summary.endswith("2 of 2 cells ended in an error: RuntimeError: boom "
+                                          "(vanilla @ 48, vanilla @ 48 batch 4)")
 
 
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])

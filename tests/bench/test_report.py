@@ -1,4 +1,5 @@
-"""results.json written per row, results.md with both tables, PNG plots."""
+"""results.json written per row, results.md with both tables, PNG plots; cells of different batches kept apart,
+old rows without a batch read as batch 1, the throughput-vs-batch plot."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from dms_perf.bench.methods import DEFAULT_METHODS, resolve_methods
 from dms_perf.bench.report import (
+    BATCH_PLOT,
     MEMORY_PLOT,
     TIME_PLOT,
     ResultsWriter,
@@ -16,6 +18,7 @@ from dms_perf.bench.report import (
     load_results,
     merge_results,
     method_styles,
+    ordered_rows,
     render_markdown,
     results_from_benchmarks,
     speedup_rows,
@@ -421,3 +424,100 @@ def test_bench_runs_record_their_seed_and_join_only_on_the_same_one(tmp_path):
     assert meta["seed"] == 0 and [r["method"] for r in rows] == ["vanilla", "knorm:0.5"]
     with pytest.raises(ValueError, match="seed"):
         merge_results([tmp_path / "a", tmp_path / "c"])
+
+
+# --- batches: (context, method, batch) is the cell --------------------------------------------------------
+
+
+def _batch_row(context, method, batch, decode_tok_s, prefill=1.0):
+    """A ``_row`` (total time prefill + 1 s, 9 tokens per sequence) of ``batch`` sequences."""
+    return {**_row(context, method, prefill), "batch": batch, "decode_tok_s": decode_tok_s,
+            "decode_tok_s_per_seq": decode_tok_s / batch, "ms_per_step": 1e3 * batch / decode_tok_s,
+            "prefill_tok_s": batch * context / prefill}
+
+
+def test_rows_of_different_batches_are_different_cells(tmp_path):
+    rows = [_row(4096, "vanilla", 0.5), _batch_row(4096, "vanilla", 8, 400.0), _batch_row(4096, "vanilla", 8, 500.0),
+            _batch_row(4096, "dms-hub", 8, 300.0, prefill=4.0), _batch_row(4096, "dms-triton", 8, 900.0),
+            _row(4096, "dms-hub", 2.0), _row(4096, "dms-triton", 0.5)]
+    ordered = ordered_rows(rows)
+    assert [(r["method"], r.get("batch", 1), r["decode_tok_s"]) for r in ordered] == [
+        ("vanilla", 1, 8.0), ("vanilla", 8, 500.0), ("dms-hub", 1, 8.0), ("dms-hub", 8, 300.0),
+        ("dms-triton", 1, 8.0), ("dms-triton", 8, 900.0)]  # the later batch-8 vanilla row wins
+    meta, merged = merge_results([_saved(tmp_path / "a", {"methods": ["vanilla"]}, rows)])
+    assert [(r["method"], r.get("batch", 1)) for r in merged] == [(r["method"], r.get("batch", 1)) for r in ordered]
+    assert meta["batches"] == [1]  # the run's meta did not list batches: an old run, batch 1
+    speedups = speedup_rows(rows)
+    assert [(s["batch"], s["speedup"]) for s in speedups] == [(1, 4.0), (8, 4.0)]
+    table = comparison_table(rows)
+    assert "| Context | Method | Batch | Time (s) |" in table and "| Decode tok/s per seq | ms/step |" in table
+    assert "| 4K | vanilla | 8 | 2 | 36 |" in table  # 2 s; tok/s: 8 sequences x 9 tokens / 2 s
+    assert "| 500 | 62.5 | 16 |" in table
+    assert "| 4K | 8 | 4 | — | 1 | — | 4.00x |" in render_markdown({}, rows)
+
+
+def test_old_rows_without_batch_load_and_merge_as_batch_1(tmp_path):
+    """A results.json from before batches (no ``batch`` in rows or meta) joins a new run: its rows are the
+    batch-1 cells, replaced by a new batch-1 row of the same cell, kept apart from batch-8 rows."""
+    old_rows = [_row(4096, "vanilla", 0.5), _row(8192, "vanilla", 1.0)]
+    assert all("batch" not in r for r in old_rows)
+    old = _saved(tmp_path / "old", {"methods": ["vanilla"], "contexts": [4096, 8192]}, old_rows)
+    new = _saved(tmp_path / "new", {"methods": ["vanilla"], "contexts": [4096], "batches": [1, 8]},
+                 [{**_row(4096, "vanilla", 0.25), "batch": 1}, _batch_row(4096, "vanilla", 8, 400.0)])
+    meta, merged = merge_results([old, new])
+    assert meta["batches"] == [1, 8]
+    assert [(r["context"], r.get("batch", 1), r["prefill_s"]) for r in merged] == [
+        (4096, 1, 0.25), (4096, 8, 1.0), (8192, 1, 1.0)]
+    md = render_markdown(meta, merged)
+    assert "| 8K | vanilla | 1 |" in md and "Batch B (here 1, 8): B distinct prompts" in md
+    # old results alone render as before: no batch column, no batch plot
+    alone_meta, alone = merge_results([old])
+    assert "Batch |" not in render_markdown(alone_meta, alone)
+    assert set(build_figures(alone, alone_meta)) == {TIME_PLOT, MEMORY_PLOT}
+
+
+def _batch_rows():
+    rows = []
+    for i, method in enumerate(("vanilla", "dms-triton", "dense-triton")):
+        for context in (4096, 32768):
+            for batch in (1, 8, 32):
+                rows.append(_batch_row(context, method, batch, (i + 1) * 10.0 * batch ** 0.8 * 4096 / context))
+    rows.append({"context": 32768, "method": "vanilla", "batch": 64, "new_tokens": 9, "status": "OOM"})
+    return rows
+
+
+def test_throughput_vs_batch_plot():
+    figures = build_figures(_batch_rows(), _H100_META)
+    assert set(figures) == {TIME_PLOT, MEMORY_PLOT, BATCH_PLOT}
+    fig = figures[BATCH_PLOT]
+    title = fig.get_suptitle()
+    assert title.startswith("Decode throughput vs batch: qwen3-8b bfloat16 on NVIDIA H100 80GB HBM3, 2026-11-28")
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["Decode throughput at 4K tokens of context",
+                                                   "Decode throughput at 32K tokens of context"]
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log" and ax.get_xaxis().get_transform().base == 2
+        assert ax.get_ylabel().startswith("decode tok/s, all sequences")
+    small, large = fig.axes
+    assert [t.get_text() for t in small.get_xticklabels()] == ["1", "2", "4", "8", "16", "32"]
+    assert [t.get_text() for t in large.get_xticklabels()][-1] == "64"
+    lines = {line.get_label(): line for line in _lines(large)}
+    assert set(lines) == {"vanilla (OOM at batch 64)", "dms-triton", "dense-triton"}
+    assert list(lines["dms-triton"].get_xdata()) == [1, 8, 32]
+    expected = [r["decode_tok_s"] for r in _batch_rows() if (r["method"], r["context"]) == ("dms-triton", 32768)]
+    assert list(lines["dms-triton"].get_ydata()) == expected
+    assert lines["dms-triton"].get_color() == method_styles(["dms-triton"])["dms-triton"][0]
+    # against context: the smallest batch only, one series per method, and said so
+    time = figures[TIME_PLOT]
+    assert "Time vs context (batch 1)" in time.get_suptitle()
+    total = time.axes[0]
+    assert len(_lines(total)) == 3 and all(len(line.get_xdata()) == 2 for line in _lines(total))
+    # one batch size: no throughput figure
+    assert BATCH_PLOT not in build_figures([r for r in _batch_rows() if r.get("batch") == 8], _H100_META)
+
+
+def test_throughput_vs_batch_plot_is_written(tmp_path):
+    writer = ResultsWriter(tmp_path, _H100_META)
+    for row in _batch_rows():
+        writer.add(row)
+    assert {f.name for f in writer.finish()} == {"results.json", "results.md", TIME_PLOT, MEMORY_PLOT, BATCH_PLOT}
+    assert (tmp_path / BATCH_PLOT).read_bytes().startswith(PNG_MAGIC)

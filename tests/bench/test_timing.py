@@ -47,7 +47,7 @@ def test_failure_becomes_a_row_and_the_next_cell_runs(model, monkeypatch, exc, s
     calls = _fail_on_call(model, monkeypatch, call=3, exc=exc)  # inside the warm-up's decode
     row = measure_generation(model, workload, VANILLA, new_tokens=4, repeats=2, warmup=1)
     assert calls["n"] == 3
-    assert row == {"context": 64, "method": "vanilla", "new_tokens": 4, "status": status}
+    assert row == {"context": 64, "method": "vanilla", "batch": 1, "new_tokens": 4, "status": status}
     monkeypatch.undo()
     again = measure_generation(model, workload, VANILLA, new_tokens=4, repeats=1, warmup=0)
     assert again["status"] == "ok" and again["generated_tokens"] == 4

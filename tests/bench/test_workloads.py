@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack workloads: exact lengths, the needle where it is said to be, honest scoring."""
+"""Needle-in-a-haystack workloads: exact lengths, the needle where it is said to be, honest scoring; batches
+of distinct prompts, each scored on its own code."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dms_perf.bench.workloads import FILLER, NEEDLE, NOT_SCORED, QUESTION, SECRET_CODE, needle_workload
+from dms_perf.bench.workloads import (
+    FILLER,
+    NEEDLE,
+    NOT_SCORED,
+    QUESTION,
+    SECRET_CODE,
+    NeedleBatch,
+    needle_batch,
+    needle_workload,
+    secret_code,
+)
 from tests.bench.word_tokenizer import word_tokenizer
 
 
@@ -125,3 +136,77 @@ def test_checkpoint_folder_without_tokenizer_files_raises_instead_of_hanging(tmp
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: tokenizer ") and "encodes the workload's text to no tokens" in last
     assert str(tmp_path) in last
+
+
+# --- batches of distinct prompts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_a_batch_is_distinct_prompts_of_one_length_and_starts_with_the_single_prompt(tokenizer, text):
+    kwargs = {"tokenizer": tokenizer} if text else {"vocab_size": 300, "seed": 4}
+    batch = needle_batch(200, 5, needle_depth=0.4, **kwargs)
+    assert batch.batch == 5 and batch.context_length == 200
+    assert [p.shape for p in batch.prompts] == [(1, 200)] * 5
+    assert len({tuple(p[0].tolist()) for p in batch.prompts}) == 5
+    single = needle_workload(200, needle_depth=0.4, **kwargs)  # batch 1 is the prompt of earlier results
+    first = batch.sequences[0]
+    assert torch.equal(first.input_ids, single.input_ids)
+    assert (first.needle_position, first.expected_answer) == (single.needle_position, single.expected_answer)
+    # a smaller batch is the first prompts of a larger one
+    smaller = needle_batch(200, 2, needle_depth=0.4, **kwargs)
+    for head in (smaller, batch.first(2)):
+        assert head.batch == 2 and all(torch.equal(a, b) for a, b in zip(head.prompts, batch.prompts[:2], strict=True))
+    for w in batch.sequences:  # each prompt holds its own needle where it says
+        n = len(w.needle_ids)
+        assert w.input_ids[0, w.needle_position : w.needle_position + n].tolist() == list(w.needle_ids)
+
+
+def test_each_sequence_of_a_text_batch_has_its_own_code(tokenizer):
+    batch = needle_batch(200, 12, tokenizer=tokenizer)
+    codes = [w.expected_answer for w in batch.sequences]
+    assert codes[0] == SECRET_CODE == secret_code(0) and codes == [secret_code(i) for i in range(12)]
+    assert len(set(codes)) == 12
+    assert len({secret_code(i).split("-")[0] for i in range(10_000)}) == 10_000  # digits alone distinct
+
+
+class _LetterTokenizer:
+    """Every character its own id: encodes any code, so that each sequence's answer can be written."""
+
+    name_or_path = "letters"
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_batch_retrieval_scores_each_sequence_on_its_own_code():
+    batch = needle_batch(400, 3, tokenizer=_LetterTokenizer())
+    answers = [f"It is {secret_code(0)}.", f"It is {secret_code(0)}.", f"It is {secret_code(2)}."]
+    longest = max(len(a) for a in answers)
+    ids = torch.tensor([[ord(c) for c in a.ljust(longest)] for a in answers])
+    # sequence 1 answered sequence 0's code: a fail
+    assert batch.retrieval(ids, real_weights=True) == "2/3 pass"
+    assert batch.retrieval(ids, real_weights=False) == NOT_SCORED
+    assert batch.first(2).retrieval(ids[:2], real_weights=True) == "1/2 pass"
+    assert batch.first(1).retrieval(ids[0], real_weights=True) == "pass"  # batch 1 as before
+    assert NeedleBatch(batch.sequences[1:2]).retrieval(ids[1], real_weights=True) == "fail"
+    with pytest.raises(ValueError, match="for 3 sequences, got 2"):
+        batch.retrieval(ids[:2], real_weights=True)
+
+
+@pytest.mark.parametrize("batch", [0, -1, 1.5, True])
+def test_bad_batch(batch):
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        needle_batch(10, batch, vocab_size=10)
+
+
+def test_a_batch_needs_prompts_of_one_length():
+    with pytest.raises(ValueError, match=r"one length, got \[10, 12\]"):
+        NeedleBatch((needle_workload(10, vocab_size=10), needle_workload(12, vocab_size=10)))
+    with pytest.raises(ValueError, match="at least one prompt"):
+        NeedleBatch(())
+    with pytest.raises(ValueError, match=r"batch must be in \[1, 2\], got 3"):
+        needle_batch(10, 2, vocab_size=10).first(3)
