@@ -34,6 +34,7 @@ class GenerationRun:
     kept_slots: int  # (layer, batch, KV head, token) slots the cache still attends to at the end
     dense_slots: int  # the same count for an uncompressed cache
     batch: int = 1
+    kv_rows: int | None = None  # rows of a DMSCache's segments (what a KV pool must hold), else None
 
 
 def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None,
@@ -59,10 +60,15 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     handed to the DMS engine (``DMSCache.from_dense``, the conversion timed with the prefill) and decoded
     there with eviction off.
 
+    A Qwen3-DMS model on a KV pool (``model.use_kv_pool``, the decode engine) decodes on the pool: one
+    prompt is prefilled into it, a batch's sequences are copied into it one by one as they are prefilled
+    (``join_dms_caches``), so that the peak holds the pool and one sequence. A DMS cache reserves
+    ``max(dms_capacity_step, new_tokens)`` decode rows per head: no re-size during the generation.
+
     Timed (the device synchronized around each phase): ``prefill_s`` = every prefill, first token and the
-    join; ``decode_s`` = the ``new_tokens - 1`` batched steps. Peak VRAM is that of the whole run (the join
-    holds the B sequence caches and the batch cache at once). KV figures are the batch cache's. A batch
-    whose press hides keys instead of removing them (kvpress DMSPress) raises ``HiddenKeys``.
+    join; ``decode_s`` = the ``new_tokens - 1`` batched steps. Peak VRAM is that of the whole run (without a
+    pool, the join holds the B sequence caches and the batch cache at once). KV figures are the batch
+    cache's. A batch whose press hides keys instead of removing them (kvpress DMSPress) raises ``HiddenKeys``.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
@@ -74,6 +80,9 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         raise ValueError(f"the prompts of a batch must have one length, got {[p.shape[1] for p in prompts]}")
     batch, length = len(prompts), prompts[0].shape[1]
     device = prompts[0].device
+    pool = getattr(model, "dms_pool", None)
+    dms = hasattr(model, "make_dms_cache")
+    reserve = max(model.dms_capacity_step, new_tokens) if dms else None
     positions = torch.arange(length, length + new_tokens, device=device).view(1, -1)
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -82,20 +91,26 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     with torch.inference_mode(), whole_run_press(model) if whole_run_press is not None else contextlib.nullcontext():
         synchronize()
         start = time.perf_counter()
-        caches, firsts = [], []
-        for input_ids in prompts:
+        firsts = []
+
+        def prefill(input_ids, pooled=False):
             if press_on_engine:
-                out, cache = _prefill_for_the_engine(model, input_ids, press)
+                out, cache = _prefill_for_the_engine(model, input_ids, press, capacity_step=reserve)
             else:
-                out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+                cache = model.make_dms_cache(pooled=pooled, capacity_step=reserve) if reserve else None
+                out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
             if batch > 1:
                 _refuse_hidden_keys(model)
-            caches.append(cache)
             firsts.append(out.logits[:, -1:].argmax(-1))
-            del out, cache
-        cache = join_caches(caches)
-        del caches
+            return cache
+
+        if pool is not None and batch == 1 and not press_on_engine:
+            cache = prefill(prompts[0], pooled=True)
+        elif pool is not None:
+            cache = join_dms_caches((prefill(input_ids) for input_ids in prompts), pool=pool)
+        else:
+            cache = join_caches([prefill(input_ids) for input_ids in prompts])
         token = torch.cat(firsts)  # [B, 1]
         synchronize()
         prefilled = time.perf_counter()
@@ -109,6 +124,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         synchronize()
         done = time.perf_counter()
     kv_bytes, kept, dense = kv_cache_stats(model, cache, seen_tokens=length + new_tokens - 1)
+    rows = cache.segment_rows() if hasattr(cache, "segment_rows") else None
     return GenerationRun(
         prefill_s=prefilled - start,
         decode_s=done - prefilled,
@@ -119,6 +135,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         kept_slots=kept,
         dense_slots=dense,
         batch=batch,
+        kv_rows=rows,
     )
 
 
@@ -135,12 +152,13 @@ def join_caches(caches: list):
     return join_dense_caches(caches)
 
 
-def join_dms_caches(caches: list):
+def join_dms_caches(caches, *, pool=None):
     """DMSCaches of single prefills joined into one batch (``DMSCache.stacked``: segments copied back to
-    back); the one place a batch's DMS cache is assembled."""
+    back); the one place a batch's DMS cache is assembled. ``pool``: into that KV pool, ``caches`` an
+    iterable prefilling each when asked (each copied in and emptied before the next)."""
     from dms_perf.model.cache import DMSCache
 
-    return DMSCache.stacked(caches)
+    return DMSCache.stacked(caches, pool=pool, consume=pool is not None)
 
 
 def join_dense_caches(caches: list):
@@ -192,7 +210,7 @@ def _refuse_hidden_keys(model) -> None:
                          "caches cannot be joined")
 
 
-def _prefill_for_the_engine(model, input_ids, press):
+def _prefill_for_the_engine(model, input_ids, press, *, capacity_step=None):
     """The press's prefill in transformers' attention, its cache converted for the DMS engine."""
     from transformers.cache_utils import DynamicCache
 
@@ -200,7 +218,8 @@ def _prefill_for_the_engine(model, input_ids, press):
 
     with model.passthrough(), press(model) if press is not None else contextlib.nullcontext():
         out = model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-    cache = DMSCache.from_dense(out.past_key_values, model.config.dms_window_size, model.dms_capacity_step)
+    step = model.dms_capacity_step if capacity_step is None else capacity_step
+    cache = DMSCache.from_dense(out.past_key_values, model.config.dms_window_size, step)
     return out, cache
 
 
@@ -297,6 +316,11 @@ def measure_generation(
     "n/a (random weights)"); ``device``: where the prompts go (default: the model's). Returns a dict with
     ``status`` "ok", "OOM", "error: ..." or "skipped: ..." (then without figures; a batch whose press hides
     keys is skipped); memory is released either way.
+
+    Families with ``fused`` run on the decode engine: the first untimed run (an extra one when ``warmup``
+    is 0) sizes a KV pool (``engine_pool``) on which the other runs generate; the row adds
+    ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
+    decode graph that the later ones replay).
     """
     from dms_perf.bench.workloads import NeedleBatch
 
@@ -317,18 +341,43 @@ def measure_generation(
         method.prepare(model)
         press = method.press_for(model, prompts[0])
         on_engine = method.family.press_on_engine
+
+        def generate():
+            run = generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
+            release_memory()
+            return run
+
+        if method.family.fused:  # the decode engine: a KV pool sized by an untimed run of this cell
+            model.use_kv_pool(None)
+            pool = engine_pool(model, generate().kv_rows)
+            warmup -= 1
         for _ in range(warmup):
-            generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
-            release_memory()
-        runs = []
-        for _ in range(repeats):
-            runs.append(generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine))
-            release_memory()
+            generate()
+        runs = [generate() for _ in range(repeats)]
         retrieval = batch.retrieval(runs[-1].generated_ids, real_weights=real_weights)
         row.update(summarize_runs(runs, context_length=batch.context_length, retrieval=retrieval))
+        if method.family.fused:
+            row["kv_pool_bytes"] = pool.nbytes
+            steps = new_tokens - 1
+            # The first generation on a fresh pool captures the decode graph; later ones replay it.
+            first = runs[0].decode_s
+            row["decode_tok_s_first"] = batch.batch * steps / first if steps and first > 0 else NOT_MEASURED
     except HiddenKeys as exc:
         row["status"] = f"skipped: batch {batch.batch}: {exc}"
     except Exception as exc:  # one failing cell must not stop the matrix
         row["status"] = failure_status(exc)
+    finally:
+        if method.family.fused and hasattr(model, "use_kv_pool"):
+            model.use_kv_pool(None)
     release_memory()
     return row
+
+
+def engine_pool(model, rows: int):
+    """Give ``model`` a KV pool of ``rows`` rows (those an untimed run of the cell's generation held) plus
+    1 %, for the cell's timed generations: the pool is the cell's KV memory, sized as a server with
+    this workload would size it."""
+    from dms_perf.model.pool import KVPool
+
+    model.use_kv_pool(KVPool.for_model(model, rows=max(1, rows + rows // 100)))
+    return model.dms_pool

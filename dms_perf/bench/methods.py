@@ -60,8 +60,10 @@ class Family:
     min_context: int = 1  # shortest prompt the method accepts
     cuda_graphs: bool = True  # DMS triton backend: replay decode steps from CUDA graphs (dms_perf.model.graph)
     evict: bool = True  # DMS model: False decides no eviction (every token kept)
-    # Liger-Kernel's fused RMSNorm / SwiGLU / RoPE (dms_perf.model.fused), where they can run; the methods
-    # of one backend share a model, so they must agree on this.
+    # The decode engine: Liger-Kernel's fused RMSNorm / SwiGLU / RoPE where they can run, fused q/k/v and
+    # gate/up projections (dms_perf.model.fused.apply_engine_fusions), and in ``dms-perf bench`` a KV pool
+    # (dms_perf.bench.generation.engine_pool); the methods of one backend share a model, so they must
+    # agree on this.
     fused: bool = False
     # A press (make_press) prefilling in transformers' attention, its compressed cache then decoded on the
     # dense-triton engine (dms_perf.bench.generation.generate_once): presses on our kernels and graphs.

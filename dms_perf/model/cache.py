@@ -533,6 +533,11 @@ class DMSCache(Cache):
         """``[B, Hkv]`` int32: tokens held per (batch, KV head) in layer ``layer_idx``."""
         return self.layers[layer_idx].lengths
 
+    def segment_rows(self) -> int:
+        """K/V rows the heads' segments hold (occupied and spare): what a KV pool needs for this cache."""
+        self.finish_prefill()
+        return sum(int(layer.capacity.sum()) for layer in self.layers if layer.is_initialized)
+
     def kv_bytes(self) -> int:
         """Bytes allocated by the cache (K/V buffers with their spare rows, and the bookkeeping)."""
         return sum(layer.nbytes() for layer in self.layers)

@@ -101,6 +101,7 @@ def fuse_projections(model, *, mlp: bool = True) -> bool:
             if weight is not None:
                 layer.mlp.dms_gate_up_weight = weight
                 layer.mlp.__class__ = GateUpMLP
+                layer.mlp.__dict__.pop("forward", None)  # Liger binds its forward on the instance
                 fused = True
     model.dms_fused_projections = fused
     return fused

@@ -94,8 +94,9 @@ class Qwen3DMSAttention(Qwen3Attention):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         if self.dms_passthrough:  # transformers' own attention and cache (a kvpress press prefilling)
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values,
-                                   cache_position, **kwargs)
+            if cache_position is not None:  # transformers >= 5.4 takes no cache_position
+                kwargs["cache_position"] = cache_position
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         batch, n = hidden_states.shape[:2]
         hidden_shape = (batch, n, -1, self.head_dim)
         cos, sin = position_embeddings
