@@ -27,15 +27,15 @@ plus every decision, so the rule can be applied as a full mask at each step.
 
 from __future__ import annotations
 
-import torch
 from collections.abc import Iterable
 
+import torch
 import triton
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from dms_perf.model.pool import KVPool
 from dms_perf.ops.cache_update.fused_step import fused_decode_step
 from dms_perf.ops.cache_update.kernel import decode_update, decode_update_torch
-from dms_perf.model.pool import KVPool
 from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.rule import evict_flags
 
@@ -457,8 +457,11 @@ class DMSCache(Cache):
         launch (``DMSCacheLayer.fused_step``); returns the rotated query ``[B, Hq, D]`` and what
         ``append`` returns."""
         layer = self.layers[layer_idx]
-        if not layer.is_initialized or qkv.shape[0] != layer.lengths.shape[0] or qkv.numel() // qkv.shape[0] != qkv.shape[-1]:
-            raise ValueError(f"append_fused_step adds one token per sequence after a prefill; got qkv {tuple(qkv.shape)}")
+        one_token = qkv.numel() // max(qkv.shape[0], 1) == qkv.shape[-1]
+        if not layer.is_initialized or qkv.shape[0] != layer.lengths.shape[0] or not one_token:
+            raise ValueError(
+                f"append_fused_step adds one token per sequence after a prefill; got qkv {tuple(qkv.shape)}"
+            )
         q = layer.fused_step(qkv, q_norm_weight, k_norm_weight, eps, cos, sin, alpha_scale, alpha_offset, zero_borrowed)
         return q, (layer.keys, layer.values, layer.starts, layer.lengths, layer.launch_length)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dms_perf._runtime import HAS_CUDA, INTERPRET
+from dms_perf.ops.activation import silu_mul
 
 
 def fused_kernels_unavailable() -> str | None:
@@ -60,7 +61,10 @@ class GateUpMLP(torch.nn.Module):
     dms_gate_up_weight: torch.Tensor
 
     def forward(self, x):
-        gate, up = F.linear(x, self.dms_gate_up_weight).chunk(2, dim=-1)
+        gate_up = F.linear(x, self.dms_gate_up_weight)
+        if gate_up.is_cuda:  # one launch on the fused layout (dms_perf.ops.activation)
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # the same arithmetic in torch (the interpreter is slow)
         return self.down_proj(F.silu(gate) * up)
 
 

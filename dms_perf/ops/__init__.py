@@ -5,10 +5,13 @@ each (``<op>/naive.py``, used by tests only). Ops import nothing from ``dms_perf
 ``movers``: ``left_pad_2d``, ``scatter_by_index``, ``bool_gather_left_pad``, ``compact_by_bool``.
 ``prefill``: ``dms_prefill_attention`` (triton, hub-triton, hub, flex, math).
 ``decode``: ``dms_decode_attention``, ``hub_decode_attention``.
-``cache_update``: ``decode_update`` (one decode step's cache bookkeeping).
+``cache_update``: ``decode_update`` (one decode step's cache bookkeeping), ``fused_decode_step`` (the
+step's norms, decision and RoPE folded in).
+``activation``: ``silu_mul`` (SwiGLU's activation on the fused gate/up projection).
 """
 
-from dms_perf.ops.cache_update import decode_update
+from dms_perf.ops.activation import silu_mul
+from dms_perf.ops.cache_update import decode_update, fused_decode_step
 from dms_perf.ops.decode import dms_decode_attention, hub_decode_attention
 from dms_perf.ops.movers import bool_gather_left_pad, compact_by_bool, left_pad_2d, scatter_by_index
 from dms_perf.ops.prefill import dms_prefill_attention
@@ -17,9 +20,11 @@ __all__ = [
     "bool_gather_left_pad",
     "compact_by_bool",
     "decode_update",
+    "fused_decode_step",
     "dms_decode_attention",
     "dms_prefill_attention",
     "hub_decode_attention",
     "left_pad_2d",
     "scatter_by_index",
+    "silu_mul",
 ]

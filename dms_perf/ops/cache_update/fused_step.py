@@ -108,11 +108,12 @@ def fused_decode_step(
 ) -> torch.Tensor:
     """One decode token per sequence: returns the rotated query ``[B, Hq, D]`` and updates the cache.
 
-    ``qkv``: ``[B, (Hq + 2 Hkv) * D]`` (or ``[B, 1, ...]``), the fused q/k/v projection of the new tokens,
-    rows contiguous; ``q_norm_weight`` / ``k_norm_weight``: ``[D]``; ``cos`` / ``sin``: ``[B, D]`` (or
-    ``[B, 1, D]``; a batch of 1 serves every sequence) of the new positions, from the model's rotary embedding. The cache arguments are those
-    of ``decode_update`` (``DMSCacheLayer``'s ring, lengths, starts, K/V buffers and step counter). One
-    Triton launch, no host synchronization, every argument fixed for the cache's life but the data: the
+    ``qkv``: ``[B, (Hq + 2 Hkv) * D]`` (or ``[B, 1, ...]``), the fused q/k/v projection of the new
+    tokens, rows contiguous; ``q_norm_weight`` / ``k_norm_weight``: ``[D]``; ``cos`` / ``sin``: ``[B, D]``
+    (or ``[B, 1, D]``; a batch of 1 serves every sequence) of the new positions, from the model's rotary
+    embedding. The cache arguments are those of ``decode_update`` (``DMSCacheLayer``'s ring, lengths,
+    starts, K/V buffers and step counter). One Triton launch, no host synchronization, every argument
+    fixed for the cache's life but the data: the
     launch can be captured in a CUDA graph.
     """
     batch, num_kv_heads, w1 = ring_slot.shape
@@ -130,7 +131,8 @@ def fused_decode_step(
     for name, x in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.stride(-1) != 1:
             raise ValueError(f"fused_decode_step needs {name} with stride 1 along its last dim")
-    if cos.shape[0] not in (1, batch) or cos.shape[1] != head_dim or sin.shape != cos.shape or cos.stride() != sin.stride():
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != head_dim or sin.shape != cos.shape or \
+            cos.stride() != sin.stride():
         raise ValueError(
             f"cos and sin must be [B, D] or [1, D] (one position for all), B={batch}, D={head_dim}; got "
             f"{tuple(cos.shape)}, {tuple(sin.shape)}"
@@ -139,7 +141,8 @@ def fused_decode_step(
     if q_norm_weight.shape != (head_dim,) or k_norm_weight.shape != (head_dim,):
         raise ValueError(f"norm weights must be [{head_dim}]")
     if step.dtype != torch.int64 or step.shape != (batch * num_kv_heads,):
-        raise TypeError(f"step must be int64 [B * Hkv] = [{batch * num_kv_heads}], got {step.dtype} {tuple(step.shape)}")
+        rows = batch * num_kv_heads
+        raise TypeError(f"step must be int64 [B * Hkv] = [{rows}], got {step.dtype} {tuple(step.shape)}")
     group = num_q_heads // num_kv_heads
     q = torch.empty((batch, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _fused_step_kernel[(batch * num_kv_heads,)](

@@ -24,6 +24,11 @@ from dms_perf._runtime import HAS_CUDA
 from dms_perf.ops._common import attention_dot_precision, check_grid_rows, sm_count
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Launch geometry, read at every call: programs per SM the splits aim for, keys per block, warps per
+# split program (benchmarks/NOTES.md, "Session of 2026-12-01 (2)", has the sweep).
+PROGRAMS_PER_SM = 2
+BLOCK_N = 64
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -144,10 +149,10 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
 
 
 def default_num_splits(batch_kv_heads: int, max_length: int, block_n: int) -> int:
-    """Enough splits for about two programs per SM, never more than the longest head has key blocks."""
+    """Enough splits for ``PROGRAMS_PER_SM`` programs per SM, never more than the longest head has key blocks."""
     blocks = max(1, math.ceil(max_length / block_n))
     if HAS_CUDA:
-        wanted = math.ceil(2 * sm_count(torch.cuda.current_device()) / max(batch_kv_heads, 1))
+        wanted = math.ceil(PROGRAMS_PER_SM * sm_count(torch.cuda.current_device()) / max(batch_kv_heads, 1))
     else:
         wanted = 4
     return max(1, min(wanted, blocks))
@@ -163,7 +168,7 @@ def dms_decode_attention(
     *,
     scale: float | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the compacted DMS cache (Triton).
 
@@ -192,6 +197,7 @@ def dms_decode_attention(
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need stride 1 along head_dim")
     scale = D**-0.5 if scale is None else float(scale)
+    block_n = BLOCK_N if block_n is None else block_n
     if num_splits is None:
         num_splits = default_num_splits(B * Hkv, max_length, block_n)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
@@ -208,7 +214,7 @@ def dms_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
         Hkv, num_splits, scale * math.log2(math.e),
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     _decode_merge_kernel[(B * Hkv, G)](
         part_out, part_lse, out, out.stride(0), out.stride(1),
