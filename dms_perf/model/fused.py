@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3 import modeling_qwen3
 
 from dms_perf._runtime import HAS_CUDA, INTERPRET
 from dms_perf.ops.activation import silu_mul
@@ -30,13 +31,13 @@ def fused_kernels_unavailable() -> str | None:
 
 def apply_fused_kernels(model) -> bool:
     """Patch ``model``'s RMSNorms (incl. q/k norm), MLPs (SwiGLU) and its attention's RoPE with Liger's
-    kernels; returns whether it did (``model.dms_fused_kernels`` says so too)."""
+    kernels, and fuse each layer's residual add into its post-attention norm (``AddNormDecoderLayer``);
+    returns whether it did (``model.dms_fused_kernels`` says so too)."""
     model.dms_fused_kernels = False
     if fused_kernels_unavailable() is not None:
         return False
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    from transformers.models.qwen3 import modeling_qwen3
 
     names = ("Qwen3RMSNorm", "Qwen3MLP", "apply_rotary_pos_emb")
     saved = {name: getattr(modeling_qwen3, name) for name in names}
@@ -50,8 +51,30 @@ def apply_fused_kernels(model) -> bool:
             setattr(modeling_qwen3, name, value)
     for layer in model.model.layers:
         layer.self_attn.rotary_fn = liger_rotary_pos_emb
+        layer.__class__ = AddNormDecoderLayer
     model.dms_fused_kernels = True
     return True
+
+
+class AddNormDecoderLayer(modeling_qwen3.Qwen3DecoderLayer):
+    """transformers' Qwen3 decoder layer with the residual add after attention and the post-attention
+    RMSNorm in one launch (Liger's fused add + RMSNorm, over the layer's own norm weight)."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
+        from liger_kernel.ops import LigerFusedAddRMSNormFunction
+
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+            cache_position=cache_position, position_embeddings=position_embeddings, **kwargs,
+        )
+        norm = self.post_attention_layernorm
+        hidden_states, residual = LigerFusedAddRMSNormFunction.apply(
+            hidden_states, residual, norm.weight, norm.variance_epsilon, 0.0, "llama", False
+        )
+        return residual + self.mlp(hidden_states)
 
 
 class GateUpMLP(torch.nn.Module):
