@@ -122,7 +122,10 @@ def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
     replayed by a second generation) against the model before it (Liger's kernels, separate projections,
     its own cache buffers and graphs) at the Qwen3-8B shape in bf16, eviction calibrated to 8x: over 32
     teacher-forced steps, the argmax agrees wherever the plain model's top two logits are not tied (a gap
-    of more than 2 % of the top logit, about 3 bf16 steps at these logits' size)."""
+    of more than 2 % of the top logit, about 3 bf16 steps at these logits' size), and the logits differ
+    from the plain model's by no more than twice what two correct implementations of that model differ
+    by: the same model on transformers' modules and on Liger's kernels (bf16 rounding, and the DMS
+    decisions it flips at the threshold)."""
     if (why := fused_kernels_unavailable()) is not None:
         pytest.skip(why)
     from dms_perf.model.calibrate import calibrate_dms
@@ -133,11 +136,13 @@ def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
     plain = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda")
     offset = calibrate_dms(plain, target_cr=8, num_tokens=2048).alpha_offset
     plain.config.dms_initial_alpha_offset = offset
-    assert apply_fused_kernels(plain)
     ids = torch.randint(0, config.vocab_size, (1, 4096), device="cuda")
     with torch.inference_mode():
         tokens = plain.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
+    unfused = _teacher_forced(plain, ids, tokens, plain.make_dms_cache())
+    assert apply_fused_kernels(plain)
     want = _teacher_forced(plain, ids, tokens, plain.make_dms_cache())
+    noise = rel_error(want, unfused)
     del plain
     torch.cuda.empty_cache()
     engine = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda")
@@ -157,4 +162,5 @@ def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
         f"argmax differs at steps {differ.nonzero().flatten().tolist()} with relative top-2 gaps "
         f"{[round(float(g), 4) for g in gap[differ]]}; logits rel. error {rel_error(got, want):.3g}"
     )
-    assert rel_error(got, want) < 5e-2
+    assert 0 < noise < 0.1  # the two implementations differ, but not by a broken model
+    assert rel_error(got, want) <= 2 * noise, f"engine {rel_error(got, want):.4g} vs implementations {noise:.4g}"
