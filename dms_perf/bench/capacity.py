@@ -154,16 +154,19 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def fill_batch(template, batch: int, *, consume: bool = False):
+def fill_batch(template, batch: int, *, consume: bool = False, pool=None):
     """A ``batch``-sequence DMSCache whose every slot is a copy of the single prefilled ``template``.
 
     ``DMSCache.stacked([template] * batch)``, built layer by layer; ``consume``: empty each of the
     template's layers once copied, so that the template does not count as one more sequence in the peak.
+    ``pool``: the batch lives on that KV pool (the decode engine; ``DMSCache.repeated``).
     """
     from dms_perf.model.cache import DMSCache, DMSCacheLayer
 
     if not isinstance(template, DMSCache):
         raise TypeError(f"the model made a {type(template).__name__}, not a DMSCache")
+    if pool is not None:
+        return DMSCache.repeated(template, batch, pool=pool, consume=consume)
     if not consume:
         return DMSCache.stacked([template] * batch)
     template.finish_prefill()
@@ -184,8 +187,12 @@ class Prompt:
     estimated from the batch's cache alone): prefilled once, the template is copied for every try.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, *, reuse: bool = not HAS_CUDA):
+    def __init__(self, model, input_ids: torch.Tensor, *, reuse: bool = not HAS_CUDA, method=None):
         self.model, self.input_ids, self.reuse = model, input_ids, reuse
+        # A press on the engine prefills with its press (transformers' attention), then hands over its
+        # cache; the engine families decode their batch on a KV pool sized for it.
+        self.method = method
+        self.engine = method is not None and method.family.fused
         self._kept = None
 
     @property
@@ -197,9 +204,16 @@ class Prompt:
         if self._kept is not None:
             return self._kept
         with torch.inference_mode():
-            out = self.model(input_ids=self.input_ids, past_key_values=self.model.make_dms_cache(), use_cache=True,
-                             logits_to_keep=1)
-            result = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if self.method is not None and self.method.family.press_on_engine:
+                from dms_perf.bench.generation import _prefill_for_the_engine
+
+                press = self.method.press_for(self.model, self.input_ids)
+                out, cache = _prefill_for_the_engine(self.model, self.input_ids, press)
+            else:
+                cache = self.model.make_dms_cache(pooled=False)
+                out = self.model(input_ids=self.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+            result = cache, out.logits[:, -1:].argmax(-1)
         if self.reuse:
             self._kept = result
         return result
@@ -243,7 +257,13 @@ def _run_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, bud
         if HAS_CUDA:  # the peak of this batch: from here (weights and the one prefilled sequence allocated)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        cache = fill_batch(template, batch, consume=not prompt.reuse)
+        pool = None
+        if prompt.engine:  # the decode engine: a KV pool of exactly the batch's rows, allocated first
+            from dms_perf.model.pool import KVPool
+
+            pool = KVPool.for_model(model, rows=batch * template.segment_rows())
+            model.use_kv_pool(pool)
+        cache = fill_batch(template, batch, consume=not prompt.reuse, pool=pool)
         del template
         position = torch.full((batch, 1), prompt.context, device=token.device)
         peak = _peak_bytes(model, cache)
@@ -275,6 +295,8 @@ def measure_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, 
     except Exception as exc:  # OOM or an error: a verdict, the search goes on
         result = Try(batch, False, failure_status(exc))
     prompt.model.release_decode_graph()  # and this batch's is freed before the next try
+    if prompt.engine:
+        prompt.model.use_kv_pool(None)
     release_memory()
     return result
 
@@ -531,7 +553,7 @@ def run(args, parser=None) -> int:
             for m in group:
                 m.prepare(model)
                 for ctx in settings.contexts:
-                    prompt = Prompt(model, (prompts[ctx] % model.config.vocab_size).to(device))
+                    prompt = Prompt(model, (prompts[ctx] % model.config.vocab_size).to(device), method=m)
                     try:
                         extra = {"weights_bytes": weights, **sequence_bytes(prompt)}
                     except Exception as exc:

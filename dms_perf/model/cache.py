@@ -513,6 +513,24 @@ class DMSCache(Cache):
         return out
 
     @classmethod
+    def repeated(cls, template: DMSCache, batch: int, *, pool: KVPool, consume: bool = False) -> DMSCache:
+        """A batch of ``batch`` copies of the single prefilled ``template`` on ``pool``, copied layer by
+        layer; ``consume``: empty each template layer once copied (the peak holds the pool and one layer
+        of the template, not a whole extra sequence)."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if template.pool is pool:
+            raise ValueError("repeated() copies a cache into the pool: it must not already be on it")
+        template.finish_prefill()
+        out = cls(len(template.layers), template.window, template.layers[0].capacity_step, pool=pool)
+        for i, layer in enumerate(template.layers):
+            parts = [out.layers[i].copy_into_pool(layer) for _ in range(batch)]
+            if consume:
+                template.layers[i] = DMSCacheLayer(template.window, layer.capacity_step)
+            out.layers[i].adopt(parts)
+        return out
+
+    @classmethod
     def from_dense(cls, cache: Cache, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP) -> DMSCache:
         """A DMSCache holding every K/V of a transformers cache (``[B, H, L, D]`` per layer, e.g. a kvpress
         press's compressed prefill), none marked: decoded by a model with eviction off, it attends to

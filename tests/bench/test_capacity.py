@@ -103,6 +103,48 @@ def test_consuming_fill_batch_matches_stacked_and_empties_the_template():
     assert all(not layer.is_initialized for layer in template.layers)
 
 
+def test_fill_batch_on_a_pool_decodes_as_stacked():
+    """The engine's fill: the batch copied layer by layer into a pool of exactly its rows decodes token for
+    token as the stacked batch with buffers of its own."""
+    from dms_perf.bench.methods import load_model_for, resolve_method
+    from dms_perf.model.cache import DMSCache
+    from dms_perf.model.pool import KVPool
+
+    model, _ = load_model_for("tiny", resolve_method("dms-triton"), dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        out = [model(input_ids=ids, past_key_values=model.make_dms_cache(), use_cache=True, logits_to_keep=1)
+               for _ in range(2)]
+        template, reference = (o.past_key_values for o in out)
+        pool = KVPool.for_model(model, rows=3 * template.segment_rows())
+        filled = capacity.fill_batch(template, 3, consume=True, pool=pool)
+        expected = DMSCache.stacked([reference] * 3)
+        assert pool.used == pool.rows and filled.layers[0].keys is pool.keys
+        assert all(not layer.is_initialized for layer in template.layers)
+        runs = []
+        for cache in (filled, expected):
+            token, tokens = out[0].logits[:, -1:].argmax(-1).repeat(3, 1), []
+            for step in range(4):
+                position = torch.full((3, 1), 40 + step)
+                token = model(input_ids=token, past_key_values=cache, position_ids=position,
+                              use_cache=True).logits[:, -1:].argmax(-1)
+                tokens.append(token)
+            runs.append(torch.cat(tokens, 1))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_press_on_the_engine_is_filled_with_its_compressed_cache(tmp_path):
+    """knorm-triton:0.5 prefills with its press: one sequence keeps about half of dense-triton's KV."""
+    pytest.importorskip("kvpress")
+    out = tmp_path / "press"
+    args = ["--contexts", "64", "--methods", "knorm-triton:0.5,dense-triton", "--model", "tiny", "--dtype",
+            "float32", "--target-cr", "0", "--steps", "1", "--max-batch", "1", "--out", str(out)]
+    assert capacity.main(args) == 0
+    by = {r["method"]: r for r in json.loads((out / "capacity.json").read_text())["results"]}
+    kept = {m: r["sequence_kept_kv_bytes"] for m, r in by.items()}
+    assert kept["knorm-triton:0.5"] == pytest.approx(kept["dense-triton"] / 2, rel=0.05)
+
+
 COMMON = ["--contexts", "64", "--methods", "dms-triton,dense-triton", "--model", "tiny", "--dtype", "float32",
           "--target-cr", "0", "--steps", "1"]
 
