@@ -9,7 +9,10 @@ first that did not) where each tried batch B is measured, not predicted (``measu
 
 * one prompt of the context length is prefilled and its cache copied into all B slots
   (``fill_batch``, ``DMSCache.stacked``): prefilling B long prompts would take minutes, and every slot
-  then holds as many bytes as a distinct prompt of that length would;
+  then holds as many bytes as a distinct prompt of that length would. The engine families (``fused``)
+  fill a KV pool of exactly the batch's rows (``DMSCache.repeated``; on a GPU the template waits on the
+  host meanwhile, so that it is not one more sequence in the peak) and decode with the pool's graphs;
+  a press on the engine fills with its compressed prefill cache;
 * ``--warmup-steps`` untimed and ``--steps`` timed greedy decode steps run on the batch;
 * peak memory: on a GPU ``torch.cuda.max_memory_allocated()`` from just before the batch is filled to
   the end of the timed steps (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an
@@ -258,9 +261,11 @@ def _run_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, bud
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         pool = None
-        if prompt.engine:  # the decode engine: a KV pool of exactly the batch's rows, allocated first
+        if prompt.engine:  # the decode engine: a KV pool of exactly the batch's rows
             from dms_perf.model.pool import KVPool
 
+            if not prompt.reuse:  # parked on the host meanwhile: the template is not one more sequence
+                template.to("cpu")
             pool = KVPool.for_model(model, rows=batch * template.segment_rows())
             model.use_kv_pool(pool)
         cache = fill_batch(template, batch, consume=not prompt.reuse, pool=pool)

@@ -321,8 +321,9 @@ class DMSCacheLayer(CacheLayerMixin):
             )
         self.dtype, self.device = first["dtype"], first["device"]
         self.keys, self.values = self.pool.keys, self.pool.values
+        self.device = self.pool.device  # the parts may come from a cache on another device (the host)
         for name in ("starts", "lengths", "capacity", "ring_slot", "ring_flag", "step_index"):
-            setattr(self, name, torch.cat([p[name] for p in parts]))
+            setattr(self, name, torch.cat([p[name] for p in parts]).to(self.device))
         self.seen = first["seen"]
         self.longest_bound = max(p["longest_bound"] for p in parts)
         self.spare_steps = min(p["spare_steps"] for p in parts)
@@ -543,6 +544,19 @@ class DMSCache(Cache):
             unmarked = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device)
             out.append(index, keys, values, unmarked)
         return out
+
+    def to(self, device) -> DMSCache:
+        """Move a cache that owns its buffers to ``device`` (e.g. a template parked on the host while a KV
+        pool is allocated); returns self."""
+        if self.pool is not None:
+            raise ValueError("a cache on a KV pool lives in the pool's buffers: it cannot move")
+        self.finish_prefill()
+        for layer in self.layers:
+            if layer.is_initialized:
+                for name in ("keys", "values", "starts", "capacity", "lengths", *STATIC_STATE[2:]):
+                    setattr(layer, name, getattr(layer, name).to(device))
+                layer.device = layer.keys.device
+        return self
 
     def finish_prefill(self) -> None:
         """Pack every layer whose prefill packing was deferred (one wait, for the newest)."""

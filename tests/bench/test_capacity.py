@@ -117,7 +117,10 @@ def test_fill_batch_on_a_pool_decodes_as_stacked():
                for _ in range(2)]
         template, reference = (o.past_key_values for o in out)
         pool = KVPool.for_model(model, rows=3 * template.segment_rows())
+        assert template.to("cpu") is template  # where a GPU run parks it while the pool is allocated
         filled = capacity.fill_batch(template, 3, consume=True, pool=pool)
+        with pytest.raises(ValueError, match="cannot move"):
+            filled.to("cpu")
         expected = DMSCache.stacked([reference] * 3)
         assert pool.used == pool.rows and filled.layers[0].keys is pool.keys
         assert all(not layer.is_initialized for layer in template.layers)
