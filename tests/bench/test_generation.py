@@ -16,7 +16,7 @@ from dms_perf.bench.generation import (
     measure_generation,
     summarize_runs,
 )
-from dms_perf.bench.methods import load_model_for, resolve_method
+from dms_perf.bench.methods import resolve_method
 from dms_perf.bench.workloads import needle_batch
 from dms_perf.model.qwen3_dms import build_model, tiny_config
 from dms_perf.rule import visibility_mask
@@ -47,15 +47,11 @@ BATCH_CONTEXT = 40  # > the tiny DMS window of 16; every press below accepts it
 
 
 @pytest.fixture(scope="module")
-def models():
-    """One tiny model per backend (DMS calibrated to 8x), shared by this module's batch tests."""
-    built = {}
+def models(tiny_models):
+    """The shared tiny models, with the method's switches set (``Method.prepare``)."""
 
     def get(method):
-        if method.backend not in built:
-            built[method.backend] = load_model_for("tiny", method, dtype=torch.float32, device=default_device(),
-                                                   target_cr=8)[0]
-        model = built[method.backend]
+        model = tiny_models(method)
         method.prepare(model)
         return model
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from dms_perf._runtime import HAS_CUDA, default_device
+from dms_perf._runtime import HAS_CUDA
 from dms_perf.bench.generation import generate_once, measure_generation
-from dms_perf.bench.methods import DEFAULT_METHODS, FAMILIES, load_model_for, resolve_method, resolve_methods
+from dms_perf.bench.methods import DEFAULT_METHODS, FAMILIES, resolve_method, resolve_methods
 from dms_perf.bench.workloads import needle_workload
 
 CONTEXT = 96  # > SnapKV's 64-query window, > the tiny DMS window of 16
@@ -18,17 +18,8 @@ NEW_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
-def models():
-    """One tiny model per backend (calibrated to 8x for DMS), shared by the tests of this module."""
-    built = {}
-
-    def get(method):
-        if method.backend not in built:
-            built[method.backend] = load_model_for("tiny", method, dtype=torch.float32, device=default_device(),
-                                                   target_cr=8)[0]
-        return built[method.backend]
-
-    return get
+def models(tiny_models):
+    return tiny_models
 
 
 def test_every_family_has_a_default_method():

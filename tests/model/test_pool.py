@@ -38,6 +38,13 @@ def _prefill(model, ids, cache):
     return out.logits[:, -1:].argmax(-1)
 
 
+def _owned_rows(model, ids):
+    """Prefill ``ids`` into a cache that owns its buffers; returns (that cache, the rows a pool needs)."""
+    owned = model.make_dms_cache(pooled=False)
+    _prefill(model, ids, owned)
+    return owned, sum(layer.keys.shape[0] for layer in owned.layers)
+
+
 def _segments(cache, layer_idx):
     layer = cache.layers[layer_idx]
     return [(int(s), int(c), int(n)) for s, c, n in
@@ -82,9 +89,7 @@ def test_pool_filled_to_its_last_row_gives_each_row_one_owner_and_each_head_its_
     model = _model(device)
     ids = torch.randint(0, model.config.vocab_size, (3, 50), device=device)
     with torch.no_grad():
-        owned = model.make_dms_cache()
-        _prefill(model, ids, owned)
-        needed = sum(layer.keys.shape[0] for layer in owned.layers)
+        owned, needed = _owned_rows(model, ids)
         model.use_kv_pool(KVPool.for_model(model, rows=needed))
         pooled = model.make_dms_cache()
         _prefill(model, ids, pooled)
@@ -104,9 +109,7 @@ def test_running_out_of_pool_is_an_oom_error_and_writes_nothing(device):
     model = _model(device)
     ids = torch.randint(0, model.config.vocab_size, (2, 50), device=device)
     with torch.no_grad():
-        owned = model.make_dms_cache()
-        _prefill(model, ids, owned)
-        needed = sum(layer.keys.shape[0] for layer in owned.layers)
+        owned, needed = _owned_rows(model, ids)
         pool = KVPool.for_model(model, rows=needed - 1)
         pool.keys.fill_(float("nan"))
         model.use_kv_pool(pool)

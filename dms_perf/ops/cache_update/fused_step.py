@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dms_perf.ops.cache_update.kernel import ring_step
+
 
 @triton.jit
 def _fused_step_kernel(
@@ -80,20 +82,8 @@ def _fused_step_kernel(
     tl.store(out_rows + offs[None, :], q_rot1.to(dtype), mask=g_mask[:, None])
     tl.store(out_rows + HALF + offs[None, :], q_rot2.to(dtype), mask=g_mask[:, None])
 
-    # The cache update (as dms_perf.ops.cache_update.kernel): STEP[r] is the new token's index t.
-    t = tl.load(STEP + r)
-    tl.store(STEP + r, t + 1)
-    prev = (t + w1 - 1) % w1
-    leaving = t % w1
-    ring = r.to(tl.int64) * w1
-    tl.store(RING_FLAG + ring + prev, marked.to(tl.uint8))
-    reuse = tl.where(w1 == 1, marked, tl.load(RING_FLAG + ring + leaving) != 0)
-    length = tl.load(LENGTHS + r)
-    slot = tl.where(reuse, tl.load(RING_SLOT + ring + leaving), length.to(tl.int64))
-    tl.store(LENGTHS + r, length + tl.where(reuse, 0, 1).to(tl.int32))
-    tl.store(RING_SLOT + ring + leaving, slot)
-    tl.store(RING_FLAG + ring + leaving, 0)
-    cache_row = tl.load(STARTS + r) + slot
+    # The cache update (dms_perf.ops.cache_update.kernel.ring_step): STEP[r] is the new token's index.
+    cache_row = ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1)
     tl.store(KC + cache_row * stride_kcn + offs, k_rot1)
     tl.store(KC + cache_row * stride_kcn + HALF + offs, k_rot2)
     d = tl.arange(0, D)

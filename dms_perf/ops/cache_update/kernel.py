@@ -39,6 +39,28 @@ def decode_update_torch(
 
 
 @triton.jit
+def ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1):
+    """Head ``r``'s bookkeeping for its new token t = ``STEP[r]`` (advanced to t + 1): ``marked`` becomes
+    the flag of token t - 1, the token leaving the window frees its slot if it was marked, and t takes
+    that slot or the next free row. Returns the cache row for t's K and V. Shared by this file's kernel
+    and ``fused_step.py``'s."""
+    t = tl.load(STEP + r)
+    tl.store(STEP + r, t + 1)
+    prev = (t + w1 - 1) % w1
+    leaving = t % w1
+    ring = r.to(tl.int64) * w1
+    tl.store(RING_FLAG + ring + prev, marked.to(tl.uint8))
+    # window 0 (w1 = 1): the entry just written is the one leaving.
+    reuse = tl.where(w1 == 1, marked, tl.load(RING_FLAG + ring + leaving) != 0)
+    length = tl.load(LENGTHS + r)
+    slot = tl.where(reuse, tl.load(RING_SLOT + ring + leaving), length.to(tl.int64))
+    tl.store(LENGTHS + r, length + tl.where(reuse, 0, 1).to(tl.int32))
+    tl.store(RING_SLOT + ring + leaving, slot)
+    tl.store(RING_FLAG + ring + leaving, 0)
+    return tl.load(STARTS + r) + slot
+
+
+@triton.jit
 def _decode_update_kernel(
     ALPHA, stride_ab, stride_ah,
     Q, stride_qb, stride_qh,
@@ -51,10 +73,6 @@ def _decode_update_kernel(
     """Program r = b * Hkv + h performs the step of head (b, h); ``STEP[r]`` holds the index t of the
     new token and is advanced to t + 1 (a device counter: a CUDA graph replays this launch unchanged)."""
     r = tl.program_id(0)
-    t = tl.load(STEP + r)
-    tl.store(STEP + r, t + 1)
-    prev = (t + w1 - 1) % w1
-    leaving = t % w1
     b = (r // num_kv_heads).to(tl.int64)
     h = (r % num_kv_heads).to(tl.int64)
     a = tl.load(ALPHA + b * stride_ab + h * stride_ah).to(tl.float32)
@@ -65,17 +83,7 @@ def _decode_update_kernel(
         q_borrowed = Q + b * stride_qb + (h * group) * stride_qh + (D - 1)
         tl.store(q_borrowed, 0.0)
 
-    ring = r.to(tl.int64) * w1
-    tl.store(RING_FLAG + ring + prev, marked.to(tl.uint8))
-    # window 0 (w1 = 1): the entry just written is the one leaving.
-    reuse = tl.where(w1 == 1, marked, tl.load(RING_FLAG + ring + leaving) != 0)
-    length = tl.load(LENGTHS + r)
-    slot = tl.where(reuse, tl.load(RING_SLOT + ring + leaving), length.to(tl.int64))
-    tl.store(LENGTHS + r, length + tl.where(reuse, 0, 1).to(tl.int32))
-    tl.store(RING_SLOT + ring + leaving, slot)
-    tl.store(RING_FLAG + ring + leaving, 0)
-
-    row = tl.load(STARTS + r) + slot
+    row = ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1)
     d = tl.arange(0, D)
     tl.store(KC + row * stride_kcn + d, tl.load(K + b * stride_kb + h * stride_kh + d))
     tl.store(VC + row * stride_vcn + d, tl.load(V + b * stride_vb + h * stride_vh + d))
