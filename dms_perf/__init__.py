@@ -21,6 +21,8 @@ _LAZY = {
     "visibility_mask": "dms_perf.rule",
     "DMSCache": "dms_perf.model.cache",
     "kv_cache_bytes": "dms_perf.model.cache",
+    "KVPool": "dms_perf.model.pool",
+    "apply_engine_fusions": "dms_perf.model.fused",
     "Qwen3DMSForCausalLM": "dms_perf.model.qwen3_dms",
     "build_model": "dms_perf.model.qwen3_dms",
     "load_model": "dms_perf.model.qwen3_dms",

@@ -223,3 +223,32 @@ def test_pool_graphs_are_captured_once_and_reused_by_later_generations_gpu(dtype
             eager_tokens, eager_logits = _decode(model, cache, _prefill(model, ids, cache), 300, 20)
             assert torch.equal(tokens, eager_tokens)
             assert rel_error(logits, eager_logits) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
+def test_a_later_generation_decodes_without_a_host_sync_gpu(planted):
+    """From the second generation on a pool, decode steps replay captured graphs with no host sync (the
+    planted-sync twin must be caught, so the check is live)."""
+    from tests.ops.sync_check import plant_sync, sync_checked
+
+    model = _model("cuda", torch.float16)
+    model.dms_capacity_step = 32
+    model.use_kv_pool(KVPool.for_model(model, rows=100_000))
+    ids = torch.randint(0, model.config.vocab_size, (2, 80), device="cuda")
+    with torch.no_grad():
+        for generation in range(2):
+            cache = model.make_dms_cache()
+            token = _prefill(model, ids, cache)
+            if generation == 1:
+                with sync_checked(planted):
+                    for step in range(12):
+                        position = torch.full((2, 1), 80 + step, device="cuda")
+                        logits = model(input_ids=token, past_key_values=cache, position_ids=position,
+                                       use_cache=True).logits
+                        token = logits[:, -1:].argmax(-1)
+                    if planted:
+                        plant_sync(logits)
+            else:
+                _decode(model, cache, token, 80, 12)
+    assert model._pool_graphs.captures == 1
