@@ -63,10 +63,13 @@ def _owners(cache, rows):
     return owner
 
 
+@pytest.mark.parametrize("backend", ["triton", "hub"])
 @pytest.mark.parametrize("capacity_step", [3, 64], ids=["re-sizes", "no-re-size"])
-def test_pooled_generation_equals_owned_buffers(capacity_step, device):
-    """Same tokens and logits, same per-head lengths, with or without re-sizes inside the pool."""
+def test_pooled_generation_equals_owned_buffers(capacity_step, backend, device):
+    """Same tokens and logits, same per-head lengths, with or without re-sizes inside the pool, for the
+    Triton decode step and the torch one (hub)."""
     model = _model(device)
+    model.set_dms_backend(backend)
     model.dms_capacity_step = capacity_step
     ids = torch.randint(0, model.config.vocab_size, (2, 70), device=device)
     with torch.no_grad():
