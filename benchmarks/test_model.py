@@ -182,11 +182,6 @@ def _pool_for(model, caches_rows: int):
     return model.dms_pool
 
 
-def _cache_rows(cache) -> int:
-    cache.finish_prefill()
-    return sum(layer.keys.shape[0] for layer in cache.layers)
-
-
 @pytest.mark.parametrize("batch", DECODE_BATCHES, ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("method", BATCH_METHODS)
 def test_decode_batch(benchmark, method, batch, context_length):
@@ -209,7 +204,7 @@ def test_decode_batch(benchmark, method, batch, context_length):
             reserve = DECODE_STEPS * (rounds + 60) if HAS_CUDA else DECODE_STEPS * 4
             out = model(input_ids=ids, past_key_values=model.make_dms_cache(pooled=False, capacity_step=reserve),
                         use_cache=True, logits_to_keep=1)
-            _pool_for(model, batch * _cache_rows(out.past_key_values))
+            _pool_for(model, batch * out.past_key_values.segment_rows())
             cache = DMSCache.stacked([out.past_key_values] * batch, pool=model.dms_pool)
             steps = _greedy_steps(model, cache, out.logits[:, -1:].argmax(-1).repeat(batch, 1), context_length)
             del out
@@ -273,7 +268,7 @@ def test_generation_on_the_engine(benchmark, method, context_length):
     with torch.inference_mode():
         owned = model.make_dms_cache(pooled=False, capacity_step=GENERATION_TOKENS)
         sizing = model(input_ids=ids, past_key_values=owned, use_cache=True, logits_to_keep=1).past_key_values
-        _pool_for(model, _cache_rows(sizing))
+        _pool_for(model, sizing.segment_rows())
         del sizing
         bench(benchmark, generation, rounds=3)
         cache = generation()

@@ -208,10 +208,10 @@ class Prompt:
             return self._kept
         with torch.inference_mode():
             if self.method is not None and self.method.family.press_on_engine:
-                from dms_perf.bench.generation import _prefill_for_the_engine
+                from dms_perf.bench.generation import prefill_for_the_engine
 
                 press = self.method.press_for(self.model, self.input_ids)
-                out, cache = _prefill_for_the_engine(self.model, self.input_ids, press)
+                out, cache = prefill_for_the_engine(self.model, self.input_ids, press)
             else:
                 cache = self.model.make_dms_cache(pooled=False)
                 out = self.model(input_ids=self.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

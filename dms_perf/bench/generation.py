@@ -95,7 +95,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
 
         def prefill(input_ids, pooled=False):
             if press_on_engine:
-                out, cache = _prefill_for_the_engine(model, input_ids, press, capacity_step=reserve)
+                out, cache = prefill_for_the_engine(model, input_ids, press, capacity_step=reserve)
             else:
                 cache = model.make_dms_cache(pooled=pooled, capacity_step=reserve) if reserve else None
                 out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -210,7 +210,7 @@ def _refuse_hidden_keys(model) -> None:
                          "caches cannot be joined")
 
 
-def _prefill_for_the_engine(model, input_ids, press, *, capacity_step=None):
+def prefill_for_the_engine(model, input_ids, press, *, capacity_step=None):
     """The press's prefill in transformers' attention, its cache converted for the DMS engine."""
     from transformers.cache_utils import DynamicCache
 

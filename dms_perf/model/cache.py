@@ -45,6 +45,8 @@ DEFAULT_CAPACITY_STEP = 128
 MAX_PENDING_LAYERS = 2
 # Bookkeeping a captured decode step reads; on a pool they live in the pool's per-batch tensors.
 STATIC_STATE = ("starts", "lengths", "ring_slot", "ring_flag", "step_index")
+# Every per-head tensor of a layer besides K/V (joined along the batch when caches stack).
+BOOKKEEPING = (*STATIC_STATE, "capacity")
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -271,64 +273,59 @@ class DMSCacheLayer(CacheLayerMixin):
         Segments are copied back to back; ``starts`` are moved by the rows before them, ring slots are
         relative to their segment and stay as they are.
         """
-        first = layers[0]
+        out = cls(layers[0].window, layers[0].capacity_step)
+        parts, rows = [], 0
         for layer in layers:
-            layer.finish_prefill()
-            if not layer.is_initialized or layer.seen != first.seen or layer.window != first.window:
-                raise ValueError(
-                    "only prefilled layers that have seen the same number of tokens (and share a window) stack "
-                    f"into one batch; got seen={[x.seen for x in layers]}, window={[x.window for x in layers]}"
-                )
-        out = cls(first.window, first.capacity_step)
-        out.lazy_initialization(first.keys, first.values)
-        rows = [layer.keys.shape[0] for layer in layers]
-        row_offsets = [sum(rows[:i]) for i in range(len(layers))]
-        out.keys = torch.cat([layer.keys for layer in layers])
-        out.values = torch.cat([layer.values for layer in layers])
-        out.starts = torch.cat([layer.starts + off for layer, off in zip(layers, row_offsets, strict=True)])
-        for name in ("capacity", "lengths", "ring_slot", "ring_flag", "step_index"):
-            setattr(out, name, torch.cat([getattr(layer, name) for layer in layers]))
-        out.seen = first.seen
-        out.longest_bound = max(layer.longest_bound for layer in layers)
-        out.spare_steps = min(layer.spare_steps for layer in layers)
-        out.is_initialized = True
+            parts.append(layer._prefilled()._part(rows))
+            rows += layer.keys.shape[0]
+        out._join(parts, torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]))
         return out
 
     def copy_into_pool(self, layer: DMSCacheLayer) -> dict:
         """Copy the prefilled single cache ``layer``'s segments into fresh rows of this layer's pool;
         returns its bookkeeping (starts moved to those rows) for ``adopt``."""
         self.check_open()
-        layer.finish_prefill()
-        if not layer.is_initialized:
-            raise ValueError("only prefilled caches can be stacked")
-        rows = layer.keys.shape[0]
+        rows = layer._prefilled().keys.shape[0]
         base = self.pool.allocate(rows)
         self.pool.keys[base : base + rows].copy_(layer.keys)
         self.pool.values[base : base + rows].copy_(layer.values)
-        part = {name: getattr(layer, name) for name in ("lengths", "capacity", "ring_slot", "ring_flag", "step_index")}
-        part.update(starts=layer.starts + base, seen=layer.seen, window=layer.window,
-                    longest_bound=layer.longest_bound, spare_steps=layer.spare_steps,
-                    dtype=layer.dtype, device=layer.device)
-        return part
+        return layer._part(base)
 
     def adopt(self, parts: list[dict]) -> None:
         """Become the batch of the sequences ``copy_into_pool`` copied, in order."""
+        self._join(parts, self.pool.keys, self.pool.values)
+        self._bind_state()
+
+    def _prefilled(self) -> DMSCacheLayer:
+        self.finish_prefill()
+        if not self.is_initialized:
+            raise ValueError("only prefilled layers stack into one batch")
+        return self
+
+    def _part(self, first_row: int) -> dict:
+        """This layer's bookkeeping for a batch whose K/V rows hold its segments from ``first_row`` on."""
+        part = {name: getattr(self, name) for name in BOOKKEEPING}
+        part.update(starts=self.starts + first_row, seen=self.seen, window=self.window,
+                    longest_bound=self.longest_bound, spare_steps=self.spare_steps)
+        return part
+
+    def _join(self, parts: list[dict], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Become the batch of ``parts`` (``_part``, in order) over the K/V buffers ``keys`` / ``values``;
+        the bookkeeping goes to their device (the parts may come from a cache on the host)."""
         first = parts[0]
         if any(p["seen"] != first["seen"] or p["window"] != self.window for p in parts):
             raise ValueError(
                 "only prefilled layers that have seen the same number of tokens (and share a window) stack "
                 f"into one batch; got seen={[p['seen'] for p in parts]}, window={[p['window'] for p in parts]}"
             )
-        self.dtype, self.device = first["dtype"], first["device"]
-        self.keys, self.values = self.pool.keys, self.pool.values
-        self.device = self.pool.device  # the parts may come from a cache on another device (the host)
-        for name in ("starts", "lengths", "capacity", "ring_slot", "ring_flag", "step_index"):
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        for name in BOOKKEEPING:
             setattr(self, name, torch.cat([p[name] for p in parts]).to(self.device))
         self.seen = first["seen"]
         self.longest_bound = max(p["longest_bound"] for p in parts)
         self.spare_steps = min(p["spare_steps"] for p in parts)
         self.is_initialized = True
-        self._bind_state()
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -359,14 +356,7 @@ class DMSCacheLayer(CacheLayerMixin):
         if self.keys is None:
             return 0
         rows = self.keys.shape[0] if self.pool is None else int(self.capacity.sum())
-        tensors = (
-            self.starts,
-            self.capacity,
-            self.lengths,
-            self.ring_slot,
-            self.ring_flag,
-            self.step_index,
-        )
+        tensors = [getattr(self, name) for name in BOOKKEEPING]
         return 2 * rows * self.keys[0].nbytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -487,7 +477,10 @@ class DMSCache(Cache):
             caches = list(caches)
             if not caches:
                 raise ValueError("stacked() needs at least one cache")
-            _check_stackable(caches)
+            if len({len(c.layers) for c in caches}) != 1:
+                raise ValueError(f"caches differ in their number of layers: {[len(c.layers) for c in caches]}")
+            for cache in caches:
+                cache.finish_prefill()
             first = caches[0]
             out = cls(len(first.layers), first.window, first.layers[0].capacity_step)
             out.layers = [DMSCacheLayer.stacked([c.layers[i] for c in caches]) for i in range(len(first.layers))]
@@ -553,7 +546,7 @@ class DMSCache(Cache):
         self.finish_prefill()
         for layer in self.layers:
             if layer.is_initialized:
-                for name in ("keys", "values", "starts", "capacity", "lengths", *STATIC_STATE[2:]):
+                for name in ("keys", "values", *BOOKKEEPING):
                     setattr(layer, name, getattr(layer, name).to(device))
                 layer.device = layer.keys.device
         return self
@@ -571,7 +564,8 @@ class DMSCache(Cache):
     def segment_rows(self) -> int:
         """K/V rows the heads' segments hold (occupied and spare): what a KV pool needs for this cache."""
         self.finish_prefill()
-        return sum(int(layer.capacity.sum()) for layer in self.layers if layer.is_initialized)
+        held = [layer.capacity.sum() for layer in self.layers if layer.is_initialized]
+        return int(torch.stack(held).sum()) if held else 0  # one read back, not one per layer
 
     def kv_bytes(self) -> int:
         """Bytes allocated by the cache (K/V buffers with their spare rows, and the bookkeeping)."""
@@ -586,13 +580,6 @@ class DMSCache(Cache):
                 per_token = 2 * layer.keys.shape[-1] * layer.keys.element_size()
                 total += int(layer.lengths.sum()) * per_token
         return total
-
-
-def _check_stackable(caches: list[DMSCache]) -> None:
-    if len({len(c.layers) for c in caches}) != 1:
-        raise ValueError(f"caches differ in their number of layers: {[len(c.layers) for c in caches]}")
-    for cache in caches:
-        cache.finish_prefill()
 
 
 class DMSReferenceCache(DynamicCache):

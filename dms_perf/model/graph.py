@@ -118,7 +118,8 @@ class PoolGraphs:
     launch lengths), kept for the pool's lifetime and shared by its generations.
 
     A key's first step runs eagerly (compiles and warms), its second captures, every later one replays:
-    from the second generation of a batch size on, no decode step captures or allocates. All graphs draw
+    from the second generation of a batch size on, no decode step captures (a replay's only allocation is
+    the copy of its logits, from PyTorch's caching allocator). All graphs draw
     on one memory pool; that is safe because they replay one at a time and each replay's logits are
     copied out before the next.
     """

@@ -104,9 +104,10 @@ class Qwen3DMSAttention(Qwen3Attention):
         triton_step = self.dms_backend in TRITON_DECODE_BACKENDS and decoding
         if self.dms_qkv_weight is not None:
             qkv = F.linear(hidden_states, self.dms_qkv_weight)
-            if triton_step and self._fused_step_norms() is not None:
+            eps = self._fused_step_norms() if triton_step else None
+            if eps is not None:
                 _require_cache(past_key_values, DMSCache, self.dms_backend)
-                out = self._fused_decode_step(qkv, cos, sin, past_key_values)
+                out = self._fused_decode_step(qkv, cos, sin, past_key_values, eps)
                 return self.o_proj(out.reshape(batch, n, -1)), None
             q_lin, k_lin, v_lin = qkv.split([self.q_proj.out_features, self.k_proj.out_features,
                                              self.v_proj.out_features], dim=-1)
@@ -176,12 +177,12 @@ class Qwen3DMSAttention(Qwen3Attention):
             return None
         return eps[0]
 
-    def _fused_decode_step(self, qkv, cos, sin, cache):
-        """The triton decode step from the fused projection: one launch for the norms, decision, RoPE and
-        cache update (``DMSCache.append_fused_step``), one for attention. Same result as
+    def _fused_decode_step(self, qkv, cos, sin, cache, eps: float):
+        """The triton decode step from the fused projection: one launch for the norms (epsilon ``eps``),
+        decision, RoPE and cache update (``DMSCache.append_fused_step``), one for attention. Same result as
         ``_triton_decode_step`` up to rounding (the fused kernel rounds RoPE once, in fp32)."""
         q, cached = cache.append_fused_step(
-            self.layer_idx, qkv, self.q_norm.weight, self.k_norm.weight, self._fused_step_norms(), cos, sin,
+            self.layer_idx, qkv, self.q_norm.weight, self.k_norm.weight, eps, cos, sin,
             self.config.dms_alpha_scale, self.alpha_offset, self.dms_borrow_channel,
         )
         return dms_decode_attention(q, *cached, scale=self.scaling)
