@@ -154,7 +154,20 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int) -> Sea
 
 
 def weight_bytes(model) -> int:
+    """Bytes of the model's parameters: what its weights occupy on the device."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_read_bytes(model, batch: int) -> int:
+    """Weight bytes one decode step of ``batch`` sequences reads: every parameter once, except the input
+    embedding table, of which the step reads only its ``batch`` tokens' rows (unless the table is also the
+    output projection, which reads all of it). The weight part of a decode step's memory floor."""
+    table = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() == table.data_ptr():
+        return weight_bytes(model)
+    rows = min(batch, table.shape[0])
+    return weight_bytes(model) - (table.shape[0] - rows) * table.shape[1] * table.element_size()
 
 
 def fill_batch(template, batch: int, *, consume: bool = False, pool=None):

@@ -56,9 +56,14 @@ def apply_fused_kernels(model) -> bool:
     return True
 
 
+# The MLP's residual add inside its down projection's GEMM (GateUpMLP.add_into); read at every call.
+RESIDUAL_IN_GEMM = True
+
+
 class AddNormDecoderLayer(modeling_qwen3.Qwen3DecoderLayer):
     """transformers' Qwen3 decoder layer with the residual add after attention and the post-attention
-    RMSNorm in one launch (Liger's fused add + RMSNorm, over the layer's own norm weight)."""
+    RMSNorm in one launch (Liger's fused add + RMSNorm, over the layer's own norm weight), and the residual
+    add after a fused MLP inside its down projection (``GateUpMLP.add_into``)."""
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
@@ -74,6 +79,8 @@ class AddNormDecoderLayer(modeling_qwen3.Qwen3DecoderLayer):
         hidden_states, residual = LigerFusedAddRMSNormFunction.apply(
             hidden_states, residual, norm.weight, norm.variance_epsilon, 0.0, "llama", False
         )
+        if RESIDUAL_IN_GEMM and isinstance(self.mlp, GateUpMLP):
+            return self.mlp.add_into(residual, hidden_states)  # ``residual`` is Liger's new tensor: ours
         return residual + self.mlp(hidden_states)
 
 
@@ -83,12 +90,26 @@ class GateUpMLP(torch.nn.Module):
 
     dms_gate_up_weight: torch.Tensor
 
-    def forward(self, x):
+    def _activation(self, x):
         gate_up = F.linear(x, self.dms_gate_up_weight)
         if gate_up.is_cuda:  # one launch on the fused layout (dms_perf.ops.activation)
-            return self.down_proj(silu_mul(gate_up))
+            return silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)  # the same arithmetic in torch (the interpreter is slow)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
+
+    def forward(self, x):
+        return self.down_proj(self._activation(x))
+
+    def add_into(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``, written into ``residual``: the down projection's GEMM adds its product
+        to it (``addmm_``, beta = 1), so the residual add is no launch of its own. The sum is rounded
+        once, from the GEMM's fp32 accumulator, instead of twice. ``residual`` must be the caller's own."""
+        down = self.down_proj
+        if down.bias is not None or not residual.is_contiguous():
+            return residual + down(self._activation(x))
+        act = self._activation(x)
+        residual.view(-1, residual.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
+        return residual
 
 
 def _fused_weight(linears) -> torch.Tensor | None:

@@ -251,3 +251,22 @@ def test_capacity_is_a_dms_perf_subcommand(capsys):
     assert cli_main(["capacity", "--memory-budget", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dms-perf capacity: error:") and "--memory-budget" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_decode_step_reads_the_embedding_rows_of_its_tokens_only(tied):
+    """The floor's weight bytes, counted by hand from the config: the layers, the final norm and the output
+    projection in full; of an untied input embedding table only one row per sequence."""
+    from dms_perf.model.qwen3_dms import build_model, tiny_config
+
+    config = tiny_config(tie_word_embeddings=tied)
+    model = build_model(config, backend="triton")
+    hidden, vocab, inter = config.hidden_size, config.vocab_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden + 2 * config.head_dim
+    output = vocab * hidden
+    for batch in (1, 3):
+        table = 0 if tied else batch * hidden
+        expected = (config.num_hidden_layers * layer + hidden + output + table) * 4  # fp32
+        assert capacity.decode_read_bytes(model, batch) == expected
+    assert capacity.weight_bytes(model) == (config.num_hidden_layers * layer + hidden + output * (1 if tied else 2)) * 4

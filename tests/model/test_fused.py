@@ -93,6 +93,29 @@ def test_fused_projections_match_separate_ones(mlp, evict, device):
         assert torch.equal(caches[1].head_lengths(layer), caches[0].head_lengths(layer))
 
 
+def test_gate_up_mlp_adds_into_the_residual_in_its_down_projection(device):
+    """``GateUpMLP.add_into``: residual + MLP(x) written into the residual by the down projection's GEMM,
+    equal to the separate add in fp32 (the MLP computed from transformers' own modules before the fusion);
+    a residual that is not contiguous is not written, and still gets the sum."""
+    config = tiny_config()
+    model = build_model(config, backend="triton", device=device)
+    plain_mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, config.hidden_size, device=device)
+    residual = torch.randn(2, 5, config.hidden_size, device=device)
+    with torch.no_grad():
+        want = residual + plain_mlp(x)
+        fuse_projections(model)
+        mlp = model.model.layers[0].mlp
+        assert type(mlp) is GateUpMLP
+        into = residual.clone()
+        got = mlp.add_into(into, x)
+        assert got.data_ptr() == into.data_ptr() and torch.equal(got, into)
+        assert rel_error(got, want) < 1e-5
+        strided = residual.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, not contiguous
+        kept = strided.clone()
+        assert rel_error(mlp.add_into(strided, x), want) < 1e-5 and torch.equal(strided, kept)
+
+
 def test_fused_projections_keep_the_passthrough_attention(device):
     """transformers' own attention (a press's passthrough prefill) reads q_proj/k_proj/v_proj: views of the
     fused weight give the unfused model's logits."""

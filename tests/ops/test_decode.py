@@ -56,11 +56,29 @@ def _inputs(B, Hq, Hkv, C, D, dtype, device):
     "B,Hq,Hkv,C,D,num_splits",
     [(1, 4, 2, 40, 32, 1), (2, 8, 2, 200, 64, 3), (1, 4, 1, 130, 32, 8), (2, 2, 2, 17, 16, None)],
 )
-def test_decode_matches_reference(B, Hq, Hkv, C, D, num_splits, dtype, device):
+@pytest.mark.parametrize("merge_in_splits", [True, False], ids=["merge-in-splits", "merge-launch"])
+def test_decode_matches_reference(B, Hq, Hkv, C, D, num_splits, merge_in_splits, dtype, device, monkeypatch):
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "MERGE_IN_SPLITS", merge_in_splits)
     q, k, v, starts, lengths = _inputs(B, Hq, Hkv, C, D, dtype, device)
     out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits, block_n=16)
     assert out.shape == q.shape and out.dtype == dtype
     check_against_reference("triton decode", out, q, k, v, starts, lengths)
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_merge_in_splits_leaves_its_tickets_at_zero(num_splits, device):
+    """The per-head tickets of the in-launch merge are zero after a launch, so that the next launch (new
+    inputs, fewer heads, more heads) merges every head again; each call checked against the reference."""
+    from dms_perf.ops.decode import kernel
+
+    assert kernel.MERGE_IN_SPLITS
+    for B, Hkv in ((2, 2), (1, 2), (3, 1)):
+        q, k, v, starts, lengths = _inputs(B, 2 * Hkv, Hkv, 90, 32, torch.float32, device)
+        out = dms_decode_attention(q, k, v, starts, lengths, 90, num_splits=num_splits, block_n=16)
+        assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
+        assert int(kernel._tickets[q.device].abs().sum()) == 0
 
 
 @pytest.mark.gpu
@@ -178,6 +196,7 @@ def test_decode_launch_grids_fit_any_batch(monkeypatch, device):
     Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it."""
     from dms_perf.ops.decode import kernel
 
+    monkeypatch.setattr(kernel, "MERGE_IN_SPLITS", False)  # both launches
     split = spy_launches(monkeypatch, kernel, "_decode_split_kernel", run=False)
     merge = spy_launches(monkeypatch, kernel, "_decode_merge_kernel", run=False)
     B, Hq, Hkv, D = MANY_HEADS // 2, 6, 2, 16

@@ -9,7 +9,8 @@ attention is plain softmax attention over each head's occupied rows.
 
 Kernel layout: one program per (batch, KV head, split). The ``G`` query heads of a KV head are
 processed together (one K/V read serves all of them) and the key range is split across programs so
-that a long cache still fills the GPU; a second small kernel merges the splits by log-sum-exp.
+that a long cache still fills the GPU. The splits are merged by log-sum-exp: by the last program of each
+KV head to finish (a ticket counter per head), or by a second small launch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PROGRAMS_PER_SM = 2
 BLOCK_N = 64
 NUM_WARPS = 4
+# The merge in the split launch (its last program per KV head merges) instead of a launch of its own;
+# read at every call.
+MERGE_IN_SPLITS = True
+_tickets: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket_counters(device: torch.device, count: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per (batch, KV head), kept per device (every launch leaves them zero);
+    None while a CUDA graph is being captured and the kept ones are too few (allocated in the capture's
+    pool, they would die with the graph): that launch then merges in a launch of its own."""
+    counters = _tickets.get(device)
+    if counters is None or counters.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _tickets[device] = counters
+    return counters
 
 
 @triton.jit
@@ -36,8 +54,9 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_kn, stride_vn,
     num_kv_heads, num_splits, scale_log2,
+    ticket_ptr, out_ptr, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr, S_PAD: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,6 +106,37 @@ def _decode_split_kernel(
     row = (pid_bh.to(tl.int64) * G_PAD + offs_g) * num_splits + pid_s
     tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out)
     tl.store(part_lse_ptr + row, lse2)
+    if MERGE:
+        # The head's last program to finish merges its splits: every program's parts are stored before
+        # it takes a ticket (the barrier, then a release), and the last reads them after its acquire,
+        # from L2. It resets the ticket, so the next launch (a graph replay) starts from zero.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:
+            for g in tl.static_range(G):
+                _merge_head_row(part_out_ptr, part_lse_ptr, out_ptr + b * stride_ob + (h * G + g).to(tl.int64) * stride_oh,
+                                (pid_bh.to(tl.int64) * G_PAD + g) * num_splits, num_splits, D, S_PAD, ".cg")
+            tl.atomic_xchg(ticket_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_head_row(part_out_ptr, part_lse_ptr, o_ptr, first_row, num_splits,
+                    D: tl.constexpr, S_PAD: tl.constexpr, CACHE: tl.constexpr):
+    """One query head's output from its ``num_splits`` parts (rows ``first_row ..``), by log-sum-exp."""
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D)
+    s_mask = offs_s < num_splits
+    row = first_row + offs_s
+    lse2 = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=CACHE)
+    m = tl.max(lse2, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # no split with keys: exp2(-inf - 0) = 0, not exp2(NaN)
+    w = tl.where(s_mask & (lse2 > float("-inf")), tl.exp2(lse2 - m), 0.0)
+    part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0,
+                   cache_modifier=CACHE)
+    # A head of length 0 has no split with keys: its output is defined as zeros (not 0 / 0).
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -99,20 +149,8 @@ def _decode_merge_kernel(
     g = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = pid_bh % num_kv_heads
-    offs_s = tl.arange(0, S_PAD)
-    offs_d = tl.arange(0, D)
-    s_mask = offs_s < num_splits
-    row = (pid_bh.to(tl.int64) * G_PAD + g) * num_splits + offs_s
-    lse2 = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse2, 0)
-    m = tl.where(m > float("-inf"), m, 0.0)  # no split with keys: exp2(-inf - 0) = 0, not exp2(NaN)
-    w = tl.where(s_mask & (lse2 > float("-inf")), tl.exp2(lse2 - m), 0.0)
-    part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    # A head of length 0 has no split with keys: its output is defined as zeros (not 0 / 0).
-    total = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    o_row = b * stride_ob + (h * G + g).to(tl.int64) * stride_oh
-    tl.store(out_ptr + o_row + offs_d, out.to(out_ptr.dtype.element_ty))
+    _merge_head_row(part_out_ptr, part_lse_ptr, out_ptr + b * stride_ob + (h * G + g).to(tl.int64) * stride_oh,
+                    (pid_bh.to(tl.int64) * G_PAD + g) * num_splits, num_splits, D, S_PAD, "")
 
 
 def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
@@ -209,17 +247,21 @@ def dms_decode_attention(
     part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
+    s_pad = triton.next_power_of_2(num_splits)
+    tickets = _ticket_counters(q.device, B * Hkv) if MERGE_IN_SPLITS else None
     _decode_split_kernel[(B * Hkv, num_splits)](
         q, k_cache, v_cache, starts, lengths, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
         Hkv, num_splits, scale * math.log2(math.e),
+        part_lse if tickets is None else tickets, out, out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
-        num_warps=NUM_WARPS,
+        MERGE=tickets is not None, S_PAD=s_pad, num_warps=NUM_WARPS,
     )
-    _decode_merge_kernel[(B * Hkv, G)](
-        part_out, part_lse, out, out.stride(0), out.stride(1),
-        Hkv, num_splits,
-        G=G, G_PAD=g_pad, D=D, S_PAD=triton.next_power_of_2(num_splits),
-        num_warps=4,
-    )
+    if tickets is None:
+        _decode_merge_kernel[(B * Hkv, G)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            Hkv, num_splits,
+            G=G, G_PAD=g_pad, D=D, S_PAD=s_pad,
+            num_warps=4,
+        )
     return out
