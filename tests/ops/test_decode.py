@@ -56,31 +56,11 @@ def _inputs(B, Hq, Hkv, C, D, dtype, device):
     "B,Hq,Hkv,C,D,num_splits",
     [(1, 4, 2, 40, 32, 1), (2, 8, 2, 200, 64, 3), (1, 4, 1, 130, 32, 8), (2, 2, 2, 17, 16, None)],
 )
-@pytest.mark.parametrize("spread", [2, 0], ids=["balanced", "per-head"])
-@pytest.mark.parametrize("merge_in_splits", [0.0, None], ids=["merge-in-splits", "merge-launch"])
-def test_decode_matches_reference(B, Hq, Hkv, C, D, num_splits, merge_in_splits, spread, dtype, device, monkeypatch):
-    from dms_perf.ops.decode import kernel
-
-    monkeypatch.setattr(kernel, "MERGE_IN_SPLITS_HEADS_PER_SM", merge_in_splits)
-    monkeypatch.setattr(kernel, "BALANCE_SPREAD", spread)
+def test_decode_matches_reference(B, Hq, Hkv, C, D, num_splits, dtype, device):
     q, k, v, starts, lengths = _inputs(B, Hq, Hkv, C, D, dtype, device)
     out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits, block_n=16)
     assert out.shape == q.shape and out.dtype == dtype
     check_against_reference("triton decode", out, q, k, v, starts, lengths)
-
-
-@pytest.mark.parametrize("num_splits", [1, 5])
-def test_merge_in_splits_leaves_its_tickets_at_zero(num_splits, device, monkeypatch):
-    """The per-head tickets of the in-launch merge are zero after a launch, so that the next launch (new
-    inputs, fewer heads, more heads) merges every head again; each call checked against the reference."""
-    from dms_perf.ops.decode import kernel
-
-    monkeypatch.setattr(kernel, "MERGE_IN_SPLITS_HEADS_PER_SM", 0.0)
-    for B, Hkv in ((2, 2), (1, 2), (3, 1)):
-        q, k, v, starts, lengths = _inputs(B, 2 * Hkv, Hkv, 90, 32, torch.float32, device)
-        out = dms_decode_attention(q, k, v, starts, lengths, 90, num_splits=num_splits, block_n=16)
-        assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
-        assert int(kernel._tickets[q.device].abs().sum()) == 0
 
 
 @pytest.mark.gpu
@@ -89,26 +69,6 @@ def test_decode_long_cache_gpu(C, num_splits, dtype):
     q, k, v, starts, lengths = _inputs(1, 32, 8, C, 128, dtype, "cuda")
     out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits)
     check_against_reference("triton decode", out, q, k, v, starts, lengths)
-
-
-@pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_balanced_splits_read_every_head_whatever_its_share(num_splits, device, monkeypatch):
-    """Balanced splits: heads far longer and far shorter than the mean (one head holds most of the rows,
-    others one row or none) are still read to their last row; against the fp64 reference."""
-    from dms_perf.ops.decode import kernel
-
-    monkeypatch.setattr(kernel, "BALANCE_SPREAD", 2)
-    q, k, v, starts, lengths = _inputs(3, 4, 2, 400, 32, torch.float32, device)
-    for (b, h), keep in {(0, 1): 7, (1, 0): 30, (2, 0): 1, (2, 1): 64}.items():
-        first, n = int(starts[b, h]), int(lengths[b, h])
-        keep = min(keep, n)
-        poison(k[first + keep : first + n])  # rows past the new length: a read shows
-        poison(v[first + keep : first + n])
-        lengths[b, h] = keep
-    q, k, v, starts, lengths = _with_empty_heads(q, k, v, starts, lengths, [(1, 1)])
-    assert int(lengths[0, 0]) == 400 and 400 > 3 * float(lengths.float().mean())
-    out = dms_decode_attention(q, k, v, starts, lengths, 400, num_splits=num_splits, block_n=16)
-    assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
 
 
 def test_decode_max_length_above_lengths(device):
@@ -218,7 +178,6 @@ def test_decode_launch_grids_fit_any_batch(monkeypatch, device):
     Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it."""
     from dms_perf.ops.decode import kernel
 
-    monkeypatch.setattr(kernel, "MERGE_IN_SPLITS_HEADS_PER_SM", None)  # both launches
     split = spy_launches(monkeypatch, kernel, "_decode_split_kernel", run=False)
     merge = spy_launches(monkeypatch, kernel, "_decode_merge_kernel", run=False)
     B, Hq, Hkv, D = MANY_HEADS // 2, 6, 2, 16

@@ -9,8 +9,7 @@ attention is plain softmax attention over each head's occupied rows.
 
 Kernel layout: one program per (batch, KV head, split). The ``G`` query heads of a KV head are
 processed together (one K/V read serves all of them) and the key range is split across programs so
-that a long cache still fills the GPU. The splits are merged by log-sum-exp: by the last program of each
-KV head to finish (a ticket counter per head), or by a second small launch.
+that a long cache still fills the GPU; a second small kernel merges the splits by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -30,30 +29,6 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PROGRAMS_PER_SM = 2
 BLOCK_N = 64
 NUM_WARPS = 4
-# The merge in the split launch (its last program per KV head merges) instead of a launch of its own,
-# for launches of at least this many (batch, KV head) pairs per SM: the last program's merge is serial,
-# and with few heads it ends the launch (benchmarks/NOTES.md, "Session of 2026-12-02"); read at every
-# call. None: never.
-MERGE_IN_SPLITS_HEADS_PER_SM: float | None = 1.0
-# Balanced splits (one split size for all heads, from their total length) over this many times the
-# programs per head that the splits aim for, up to BALANCE_MAX_HEADS (batch, KV head) pairs (every
-# program reads all their lengths); read at every call. 0: each head cut into its own equal splits.
-BALANCE_SPREAD = 2
-BALANCE_MAX_HEADS = 4096
-_tickets: dict[torch.device, torch.Tensor] = {}
-
-
-def _ticket_counters(device: torch.device, count: int) -> torch.Tensor | None:
-    """Zeroed int32 counters, one per (batch, KV head), kept per device (every launch leaves them zero);
-    None while a CUDA graph is being captured and the kept ones are too few (allocated in the capture's
-    pool, they would die with the graph): that launch then merges in a launch of its own."""
-    counters = _tickets.get(device)
-    if counters is None or counters.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _tickets[device] = counters
-    return counters
 
 
 @triton.jit
@@ -61,10 +36,8 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_kn, stride_vn,
     num_kv_heads, num_splits, scale_log2,
-    ticket_ptr, out_ptr, stride_ob, stride_oh, num_heads, busy_programs,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MERGE: tl.constexpr, S_PAD: tl.constexpr,
-    BALANCE: tl.constexpr, HEADS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -79,19 +52,11 @@ def _decode_split_kernel(
     q_rows = q_ptr + b * stride_qb + (h * G + offs_g).to(tl.int64)[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)
 
-    # No host-known length enters the launch but the number of splits (so a captured launch stays right
-    # as the heads grow). Unbalanced: each head's own length is cut into num_splits splits of whole key
-    # blocks. Balanced: every head is cut into splits of one size, the heads' total over busy_programs
-    # (at least the longest head over num_splits), so that a long head gets more of its num_splits
-    # programs than a short one and no program reads much more than the mean (DMS heads differ).
+    # Each head's own length is cut into num_splits splits of whole key blocks: the work of a head is
+    # spread over all its programs whatever its length, and no host-known length enters the launch
+    # but the number of splits (so a captured launch stays right as the heads grow).
     length = tl.load(len_ptr + pid_bh)
-    if BALANCE:
-        offs_heads = tl.arange(0, HEADS_PAD)
-        every = tl.load(len_ptr + offs_heads, mask=offs_heads < num_heads, other=0)
-        split_size = tl.maximum(tl.cdiv(tl.sum(every, 0), busy_programs), tl.cdiv(tl.max(every, 0), num_splits))
-    else:
-        split_size = tl.cdiv(length, num_splits)
-    split_size = tl.maximum(tl.cdiv(split_size, BLOCK_N), 1) * BLOCK_N
+    split_size = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = pid_s * split_size
     end = tl.minimum(start + split_size, length)
 
@@ -122,37 +87,6 @@ def _decode_split_kernel(
     row = (pid_bh.to(tl.int64) * G_PAD + offs_g) * num_splits + pid_s
     tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out)
     tl.store(part_lse_ptr + row, lse2)
-    if MERGE:
-        # The head's last program to finish merges its splits: every program's parts are stored before
-        # it takes a ticket (the barrier, then a release), and the last reads them after its acquire,
-        # from L2. It resets the ticket, so the next launch (a graph replay) starts from zero.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            for g in tl.static_range(G):
-                _merge_head_row(part_out_ptr, part_lse_ptr, out_ptr + b * stride_ob + (h * G + g).to(tl.int64) * stride_oh,
-                                (pid_bh.to(tl.int64) * G_PAD + g) * num_splits, num_splits, D, S_PAD, ".cg")
-            tl.atomic_xchg(ticket_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _merge_head_row(part_out_ptr, part_lse_ptr, o_ptr, first_row, num_splits,
-                    D: tl.constexpr, S_PAD: tl.constexpr, CACHE: tl.constexpr):
-    """One query head's output from its ``num_splits`` parts (rows ``first_row ..``), by log-sum-exp."""
-    offs_s = tl.arange(0, S_PAD)
-    offs_d = tl.arange(0, D)
-    s_mask = offs_s < num_splits
-    row = first_row + offs_s
-    lse2 = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=CACHE)
-    m = tl.max(lse2, 0)
-    m = tl.where(m > float("-inf"), m, 0.0)  # no split with keys: exp2(-inf - 0) = 0, not exp2(NaN)
-    w = tl.where(s_mask & (lse2 > float("-inf")), tl.exp2(lse2 - m), 0.0)
-    part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0,
-                   cache_modifier=CACHE)
-    # A head of length 0 has no split with keys: its output is defined as zeros (not 0 / 0).
-    total = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(o_ptr + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -165,8 +99,20 @@ def _decode_merge_kernel(
     g = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = pid_bh % num_kv_heads
-    _merge_head_row(part_out_ptr, part_lse_ptr, out_ptr + b * stride_ob + (h * G + g).to(tl.int64) * stride_oh,
-                    (pid_bh.to(tl.int64) * G_PAD + g) * num_splits, num_splits, D, S_PAD, "")
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D)
+    s_mask = offs_s < num_splits
+    row = (pid_bh.to(tl.int64) * G_PAD + g) * num_splits + offs_s
+    lse2 = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # no split with keys: exp2(-inf - 0) = 0, not exp2(NaN)
+    w = tl.where(s_mask & (lse2 > float("-inf")), tl.exp2(lse2 - m), 0.0)
+    part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    # A head of length 0 has no split with keys: its output is defined as zeros (not 0 / 0).
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_row = b * stride_ob + (h * G + g).to(tl.int64) * stride_oh
+    tl.store(out_ptr + o_row + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
@@ -200,13 +146,6 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
     devices = {q.device, k_cache.device, v_cache.device, starts.device, lengths.device}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-
-
-def _merge_in_splits(heads: int, device: torch.device) -> bool:
-    if MERGE_IN_SPLITS_HEADS_PER_SM is None:
-        return False
-    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
-    return heads >= MERGE_IN_SPLITS_HEADS_PER_SM * sms
 
 
 def default_num_splits(batch_kv_heads: int, max_length: int, block_n: int) -> int:
@@ -243,9 +182,8 @@ def dms_decode_attention(
             own length is cut into the splits on the device, also past ``max_length``. An upper bound of
             ``lengths`` (the cache's ``longest_bound``, or a power of two above it) is the fast choice.
         scale: softmax scale, default ``D ** -0.5``.
-        num_splits: programs per (batch, KV head) along the key length on average, default from the SM
-            count. Balanced splits (``BALANCE_SPREAD``) launch that many times more per head, and the
-            heads' lengths decide which of them read keys; each head's count is ``<= 65535`` (a grid axis).
+        num_splits: programs per (batch, KV head) along the key length, ``<= 65535`` (a grid axis);
+            default from the SM count.
     Returns:
         ``[B, Hq, D]`` in ``q.dtype``; query head ``h * G + g`` attends to KV head ``h``
         (G = Hq / Hkv), over exactly the occupied rows (docs/DMS.md, "Cache and decode"). A head of
@@ -268,30 +206,20 @@ def dms_decode_attention(
     check_grid_rows("num_splits", num_splits)
     starts, lengths = starts.contiguous(), lengths.contiguous()
     g_pad = max(16, triton.next_power_of_2(G))
-    out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
-    busy = B * Hkv * num_splits
-    balance = BALANCE_SPREAD > 0 and B * Hkv <= BALANCE_MAX_HEADS
-    if balance:
-        num_splits *= BALANCE_SPREAD
-        check_grid_rows("num_splits", num_splits)
-    s_pad = triton.next_power_of_2(num_splits)
-    tickets = _ticket_counters(q.device, B * Hkv) if _merge_in_splits(B * Hkv, q.device) else None
     part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
+    out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     _decode_split_kernel[(B * Hkv, num_splits)](
         q, k_cache, v_cache, starts, lengths, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
         Hkv, num_splits, scale * math.log2(math.e),
-        part_lse if tickets is None else tickets, out, out.stride(0), out.stride(1), B * Hkv, busy,
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
-        MERGE=tickets is not None, S_PAD=s_pad, BALANCE=balance,
-        HEADS_PAD=triton.next_power_of_2(B * Hkv) if balance else 1, num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
-    if tickets is None:
-        _decode_merge_kernel[(B * Hkv, G)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            Hkv, num_splits,
-            G=G, G_PAD=g_pad, D=D, S_PAD=s_pad,
-            num_warps=4,
-        )
+    _decode_merge_kernel[(B * Hkv, G)](
+        part_out, part_lse, out, out.stride(0), out.stride(1),
+        Hkv, num_splits,
+        G=G, G_PAD=g_pad, D=D, S_PAD=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )
     return out
