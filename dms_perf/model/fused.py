@@ -11,11 +11,10 @@ or Liger is not installed, the model keeps transformers' modules, which compute 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.models.qwen3 import modeling_qwen3
 
 from dms_perf._runtime import HAS_CUDA, INTERPRET
-from dms_perf.ops.activation import silu_mul
+from dms_perf.ops.linear import decode_linear
 
 
 def fused_kernels_unavailable() -> str | None:
@@ -91,25 +90,23 @@ class GateUpMLP(torch.nn.Module):
     dms_gate_up_weight: torch.Tensor
 
     def _activation(self, x):
-        gate_up = F.linear(x, self.dms_gate_up_weight)
-        if gate_up.is_cuda:  # one launch on the fused layout (dms_perf.ops.activation)
-            return silu_mul(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)  # the same arithmetic in torch (the interpreter is slow)
-        return F.silu(gate) * up
+        # A decode step's few rows: one launch for the GEMM and the activation (dms_perf.ops.linear);
+        # else the GEMM, then silu_mul on its fused layout (dms_perf.ops.activation) or torch on CPU.
+        return decode_linear(x, self.dms_gate_up_weight, silu_mul=True)
 
     def forward(self, x):
         return self.down_proj(self._activation(x))
 
     def add_into(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``, written into ``residual``: the down projection's GEMM adds its product
-        to it (``addmm_``, beta = 1), so the residual add is no launch of its own. The sum is rounded
-        once, from the GEMM's fp32 accumulator, instead of twice. ``residual`` must be the caller's own."""
+        """``residual + self(x)`` with the residual add inside the down projection: in the epilogue of
+        ``skinny_linear`` on a decode step, else in cuBLAS's GEMM (``addmm_``, beta = 1, written into
+        ``residual``, which must be the caller's own). Either way no launch of its own, and the sum is
+        rounded once, from the fp32 accumulator, instead of twice."""
         down = self.down_proj
-        if down.bias is not None or not residual.is_contiguous():
-            return residual + down(self._activation(x))
         act = self._activation(x)
-        residual.view(-1, residual.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
-        return residual
+        if down.bias is not None:
+            return residual + down(act)
+        return decode_linear(act, down.weight, residual=residual, residual_in_place=True)
 
 
 def _fused_weight(linears) -> torch.Tensor | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotary_pos_emb
@@ -30,6 +29,7 @@ from dms_perf.model.cache import DEFAULT_CAPACITY_STEP, DMSCache, DMSReferenceCa
 from dms_perf.model.graph import GRAPH_KWARGS, DecodeGraph, PoolGraphs
 from dms_perf.model.pool import KVPool
 from dms_perf.ops.decode import dms_decode_attention, hub_decode_attention
+from dms_perf.ops.linear import decode_linear
 from dms_perf.ops.prefill import IMPLS, dms_prefill_attention
 from dms_perf.ops.prefill.naive import math_attention
 from dms_perf.rule import decision_alphas, dms_decisions
@@ -103,12 +103,15 @@ class Qwen3DMSAttention(Qwen3Attention):
         decoding = past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
         triton_step = self.dms_backend in TRITON_DECODE_BACKENDS and decoding
         if self.dms_qkv_weight is not None:
-            qkv = F.linear(hidden_states, self.dms_qkv_weight)
+            # The engine's projections: skinny_linear on a decode step's few rows, else cuBLAS.
+            qkv = decode_linear(hidden_states, self.dms_qkv_weight)
             eps = self._fused_step_norms() if triton_step else None
             if eps is not None:
                 _require_cache(past_key_values, DMSCache, self.dms_backend)
-                out = self._fused_decode_step(qkv, cos, sin, past_key_values, eps)
-                return self.o_proj(out.reshape(batch, n, -1)), None
+                out = self._fused_decode_step(qkv, cos, sin, past_key_values, eps).reshape(batch, n, -1)
+                if self.o_proj.bias is None:
+                    return decode_linear(out, self.o_proj.weight), None
+                return self.o_proj(out), None
             q_lin, k_lin, v_lin = qkv.split([self.q_proj.out_features, self.k_proj.out_features,
                                              self.v_proj.out_features], dim=-1)
         else:
