@@ -24,7 +24,7 @@ def _case(rows, n, k, dtype, device, lead=()):
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, MAX_ROWS])
 @pytest.mark.parametrize("epilogue", ["plain", "residual", "silu_mul", "silu_mul+residual"])
 def test_skinny_linear_matches_reference(rows, epilogue, dtype, device):
-    n, k = 2 * 72, 100  # not a multiple of any block
+    n, k = 2 * 72, 700  # not a multiple of any block; more than one step along K
     x, weight = _case(rows, n, k, dtype, device)
     silu = epilogue.startswith("silu_mul")
     width = n // 2 if silu else n

@@ -31,9 +31,11 @@ SKINNY_LINEAR = True
 def _configs():
     if INTERPRET:  # the interpreter runs each config in Python: one small one
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    # The winners of a sweep over BLOCK_N {16, 32, 64} x BLOCK_K {256, 512} x stages {3, 4} on the 8B
+    # model's projections at 1, 8 and 32 rows (H200, benchmarks/NOTES.md); few, as each is compiled.
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
-        for n in (16, 32, 64) for k in (256, 512) for s in (3, 4)
+        for n, k, s in ((32, 256, 4), (32, 512, 4), (32, 512, 3), (64, 256, 3), (64, 256, 4))
     ]
 
 
