@@ -23,7 +23,9 @@ from dms_perf.ops._common import attention_dot_precision
 # Rows (tokens) up to which the kernel serves: one tile of rows; more go to cuBLAS (F.linear), where a
 # GEMM is no longer a plain stream of the weights.
 MAX_ROWS = 32
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The engine's GPU dtypes. fp32 goes to cuBLAS: its tiles of the configs below would need more shared
+# memory than an SM has (fp32 models serve tests only).
+_DTYPES = (torch.float16, torch.bfloat16)
 # decode_linear takes this kernel on CUDA where it applies (False: cuBLAS always); read at every call.
 SKINNY_LINEAR = True
 
@@ -75,7 +77,7 @@ def _skinny_linear_kernel(
 
 def skinny_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``skinny_linear`` serves this product: at most ``MAX_ROWS`` rows, a weight with stride 1
-    along K, one floating dtype."""
+    along K, one 16-bit floating dtype for both."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     return (
         0 < rows <= MAX_ROWS and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.dim() == 2
@@ -90,7 +92,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tens
     ``silu_mul``: ``weight`` is the fused gate/up projection (gate rows first); returns
     ``silu(gate) * up`` ``[..., N / 2]``. ``residual``: added to the result (same shape). ``out``: a
     contiguous ``[rows, width]`` tensor of ``x.dtype`` to write (default: a new one). fp32 accumulation
-    (the products of fp32 inputs in full fp32), one rounding to ``x.dtype``.
+    of the 16-bit products, one rounding to ``x.dtype``.
     """
     if not skinny_linear_applies(x, weight):
         raise ValueError(
