@@ -8,17 +8,21 @@ each (``<op>/naive.py``, used by tests only). Ops import nothing from ``dms_perf
 ``cache_update``: ``decode_update`` (one decode step's cache bookkeeping), ``fused_decode_step`` (the
 step's norms, decision and RoPE folded in).
 ``activation``: ``silu_mul`` (SwiGLU's activation on the fused gate/up projection).
+``linear``: ``skinny_linear`` (a decode step's projections for up to 32 rows, with a residual or SwiGLU's
+activation in the epilogue) and ``decode_linear`` (it, or cuBLAS where it does not apply).
 """
 
 from dms_perf.ops.activation import silu_mul
 from dms_perf.ops.cache_update import decode_update, fused_decode_step
 from dms_perf.ops.decode import dms_decode_attention, hub_decode_attention
+from dms_perf.ops.linear import decode_linear, skinny_linear
 from dms_perf.ops.movers import bool_gather_left_pad, compact_by_bool, left_pad_2d, scatter_by_index
 from dms_perf.ops.prefill import dms_prefill_attention
 
 __all__ = [
     "bool_gather_left_pad",
     "compact_by_bool",
+    "decode_linear",
     "decode_update",
     "fused_decode_step",
     "dms_decode_attention",
@@ -27,4 +31,5 @@ __all__ = [
     "left_pad_2d",
     "scatter_by_index",
     "silu_mul",
+    "skinny_linear",
 ]
