@@ -55,10 +55,6 @@ def apply_fused_kernels(model) -> bool:
     return True
 
 
-# The MLP's residual add inside its down projection's GEMM (GateUpMLP.add_into); read at every call.
-RESIDUAL_IN_GEMM = True
-
-
 class AddNormDecoderLayer(modeling_qwen3.Qwen3DecoderLayer):
     """transformers' Qwen3 decoder layer with the residual add after attention and the post-attention
     RMSNorm in one launch (Liger's fused add + RMSNorm, over the layer's own norm weight), and the residual
@@ -78,7 +74,7 @@ class AddNormDecoderLayer(modeling_qwen3.Qwen3DecoderLayer):
         hidden_states, residual = LigerFusedAddRMSNormFunction.apply(
             hidden_states, residual, norm.weight, norm.variance_epsilon, 0.0, "llama", False
         )
-        if RESIDUAL_IN_GEMM and isinstance(self.mlp, GateUpMLP):
+        if isinstance(self.mlp, GateUpMLP):
             return self.mlp.add_into(residual, hidden_states)  # ``residual`` is Liger's new tensor: ours
         return residual + self.mlp(hidden_states)
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import INTERPRET
+from dms_perf.ops.activation import silu_mul as silu_mul_launch
 
 # Rows (tokens) up to which the kernel serves: one tile of rows; more go to cuBLAS (F.linear), where a
 # GEMM is no longer a plain stream of the weights.
@@ -145,9 +146,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tens
     out = torch.nn.functional.linear(x, weight)
     if silu_mul:
         if out.is_cuda:
-            from dms_perf.ops.activation import silu_mul as silu_mul_op
-
-            out = silu_mul_op(out)
+            out = silu_mul_launch(out)
         else:  # the same arithmetic in torch (the interpreter is slow)
             gate, up = out.chunk(2, dim=-1)
             out = torch.nn.functional.silu(gate) * up
