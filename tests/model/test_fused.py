@@ -139,16 +139,32 @@ def _teacher_forced(model, ids, tokens, cache):
     return torch.cat(logits)
 
 
+# How much further from the fp32 model the engine's logits may be than the plain bf16 model's. Measured on
+# an H100 (benchmarks/NOTES.md, "The engine against an fp32 model"): 0.90-1.00 over six engine variants
+# (CUDA graphs or eager, each projection on skinny_linear or cuBLAS), eviction on and off, two seeds.
+ENGINE_VS_FP32 = 1.1
+
+
+def _doubled_mlp_residual(layer):
+    """A planted fault: the layer adds its MLP's output twice, as an epilogue replayed by an autotuner would."""
+    once = layer.mlp.add_into
+    layer.mlp.add_into = lambda residual, x: once(once(residual, x), x)
+
+
 @pytest.mark.gpu
-def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
-    """The decode engine (fused projections and decode step, Liger's fused add + norm, a KV pool, graphs
-    replayed by a second generation) against the model before it (Liger's kernels, separate projections,
-    its own cache buffers and graphs) at the Qwen3-8B shape in bf16, eviction calibrated to 8x: over 32
-    teacher-forced steps, the argmax agrees wherever the plain model's top two logits are not tied (a gap
-    of more than 2 % of the top logit, about 3 bf16 steps at these logits' size), and the logits differ
-    from the plain model's by no more than twice what two correct implementations of that model differ
-    by: the same model on transformers' modules and on Liger's kernels (bf16 rounding, and the DMS
-    decisions it flips at the threshold)."""
+@pytest.mark.parametrize("evict", [True, False], ids=["eviction", "dense"])
+def test_engine_matches_the_plain_model_at_the_8b_shape_gpu(evict):
+    """The decode engine (fused projections and decode step, skinny_linear, Liger's fused add + norm, a KV
+    pool, graphs replayed by a second generation) against the model before it (Liger's kernels, separate
+    projections, its own cache buffers and graphs) at the Qwen3-8B shape in bf16, eviction calibrated to 8x
+    or off, over 32 teacher-forced steps. Both are compared with the same weights run in fp32: the engine's
+    logits may be no further from fp32's than the plain model's (x ``ENGINE_VS_FP32``), and no further from
+    the plain model's than twice what two correct bf16 implementations differ by (transformers' modules and
+    Liger's kernels). A planted fault (one layer's MLP added twice) must fail the first bound.
+
+    No argmax is compared: with random weights, bf16 rounding flips DMS decisions at the threshold and two
+    correct bf16 implementations disagree at steps whose top-2 gap is several percent (measured: 2.96 % with
+    eviction off, 19 % against fp32 with it on; NOTES)."""
     if (why := fused_kernels_unavailable()) is not None:
         pytest.skip(why)
     from dms_perf.model.calibrate import calibrate_dms
@@ -159,6 +175,7 @@ def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
     plain = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda")
     offset = calibrate_dms(plain, target_cr=8, num_tokens=2048).alpha_offset
     plain.config.dms_initial_alpha_offset = offset
+    plain.set_dms_eviction(evict)
     ids = torch.randint(0, config.vocab_size, (1, 4096), device="cuda")
     with torch.inference_mode():
         tokens = plain.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
@@ -168,22 +185,32 @@ def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
     noise = rel_error(want, unfused)
     del plain
     torch.cuda.empty_cache()
+    exact = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda").float()  # same weights
+    exact.config.dms_initial_alpha_offset = offset
+    exact.set_dms_eviction(evict)
+    reference = _teacher_forced(exact, ids, tokens, exact.make_dms_cache())
+    del exact
+    torch.cuda.empty_cache()
     engine = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda")
     engine.config.dms_initial_alpha_offset = offset
+    engine.set_dms_eviction(evict)
     apply_engine_fusions(engine)
     assert engine.dms_fused_kernels and engine.dms_fused_projections
     engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000))
     for _ in range(2):  # the second generation replays the graphs the first captured
         got = _teacher_forced(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
     assert engine._pool_graphs.replays >= 29 and engine._pool_graphs.captures >= 1
-    top = want.topk(2, dim=-1).values
-    gap = (top[:, 0] - top[:, 1]) / top[:, 0].abs()
-    clear = gap > 0.02
-    assert int(clear.sum()) >= 16, f"only {int(clear.sum())} of 32 steps have an untied top logit"
-    differ = got.argmax(-1) != want.argmax(-1)
-    assert not (differ & clear).any(), (
-        f"argmax differs at steps {differ.nonzero().flatten().tolist()} with relative top-2 gaps "
-        f"{[round(float(g), 4) for g in gap[differ]]}; logits rel. error {rel_error(got, want):.3g}"
-    )
+    plain_error = rel_error(want, reference)
     assert 0 < noise < 0.1  # the two implementations differ, but not by a broken model
+    assert rel_error(got, reference) <= ENGINE_VS_FP32 * plain_error, (
+        f"engine {rel_error(got, reference):.4g} from fp32, the plain bf16 model {plain_error:.4g}"
+    )
     assert rel_error(got, want) <= 2 * noise, f"engine {rel_error(got, want):.4g} vs implementations {noise:.4g}"
+    _doubled_mlp_residual(engine.model.layers[-1])
+    engine.use_kv_pool(None)
+    torch.cuda.empty_cache()
+    engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000))  # graphs captured anew, with the fault
+    faulty = _teacher_forced(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
+    assert rel_error(faulty, reference) > ENGINE_VS_FP32 * plain_error, (
+        f"the planted fault went unnoticed: {rel_error(faulty, reference):.4g} vs {plain_error:.4g}"
+    )
