@@ -151,22 +151,8 @@ def _doubled_mlp_residual(layer):
     layer.mlp.add_into = lambda residual, x: once(once(residual, x), x)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("evict", [True, False], ids=["eviction", "dense"])
-def test_engine_matches_the_plain_model_at_the_8b_shape_gpu(evict):
-    """The decode engine (fused projections and decode step, skinny_linear, Liger's fused add + norm, a KV
-    pool, graphs replayed by a second generation) against the model before it (Liger's kernels, separate
-    projections, its own cache buffers and graphs) at the Qwen3-8B shape in bf16, eviction calibrated to 8x
-    or off, over 32 teacher-forced steps. Both are compared with the same weights run in fp32: the engine's
-    logits may be no further from fp32's than the plain model's (x ``ENGINE_VS_FP32``), and no further from
-    the plain model's than twice what two correct bf16 implementations differ by (transformers' modules and
-    Liger's kernels). A planted fault (one layer's MLP added twice) must fail the first bound.
-
-    No argmax is compared: with random weights, bf16 rounding flips DMS decisions at the threshold and two
-    correct bf16 implementations disagree at steps whose top-2 gap is several percent (measured: 2.96 % with
-    eviction off, 19 % against fp32 with it on; NOTES)."""
-    if (why := fused_kernels_unavailable()) is not None:
-        pytest.skip(why)
+def _engine_against_fp32(evict: bool) -> None:
+    """One mode of the test below (eviction calibrated to 8x, or off)."""
     from dms_perf.model.calibrate import calibrate_dms
     from dms_perf.model.pool import KVPool
     from dms_perf.model.qwen3_dms import qwen3_8b_config
@@ -214,3 +200,25 @@ def test_engine_matches_the_plain_model_at_the_8b_shape_gpu(evict):
     assert rel_error(faulty, reference) > ENGINE_VS_FP32 * plain_error, (
         f"the planted fault went unnoticed: {rel_error(faulty, reference):.4g} vs {plain_error:.4g}"
     )
+
+
+@pytest.mark.gpu
+def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
+    """The decode engine (fused projections and decode step, skinny_linear, Liger's fused add + norm, a KV
+    pool, graphs replayed by a second generation) against the model before it (Liger's kernels, separate
+    projections, its own cache buffers and graphs) at the Qwen3-8B shape in bf16, over 32 teacher-forced
+    steps, with eviction calibrated to 8x and then off (one mode after the other: each holds ~50 GB).
+
+    Both are compared with the same weights run in fp32: the engine's logits may be no further from fp32's
+    than the plain model's (x ``ENGINE_VS_FP32``), and no further from the plain model's than twice what two
+    correct bf16 implementations differ by (transformers' modules and Liger's kernels). A planted fault (one
+    layer's MLP added twice) must fail the first bound.
+
+    No argmax is compared: with random weights, bf16 rounding flips DMS decisions at the threshold, and two
+    correct bf16 implementations disagree at steps whose top-2 gap is several percent (measured: 2.96 % with
+    eviction off, 19 % against fp32 with it on; NOTES)."""
+    if (why := fused_kernels_unavailable()) is not None:
+        pytest.skip(why)
+    for evict in (True, False):
+        _engine_against_fp32(evict)
+        torch.cuda.empty_cache()
