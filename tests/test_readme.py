@@ -76,3 +76,26 @@ def test_dms_spec_keeps_the_cited_sections():
     headings = re.findall(r"^## (.+?)\s*$", (REPO / "docs" / "DMS.md").read_text(encoding="utf-8"), flags=re.M)
     missing = [name for name in DMS_SECTIONS if name not in headings]
     assert not missing, f"docs/DMS.md lacks the sections {missing}"
+
+
+def test_readme_installs_the_cpu_build_of_torch_first():
+    """On a CPU Linux machine a torch requirement from the public index is the CUDA build: the README's first
+    install command takes torch from PyTorch's CPU index, before the package (which requires torch)."""
+    readme = README.read_text(encoding="utf-8")
+    block = re.search(r"^## Install\n.*?^```bash\n(.*?)^```", readme, flags=re.S | re.M)
+    assert block, "README.md has no bash block under '## Install'"
+    commands = [line.split("#")[0].split() for line in block.group(1).splitlines() if line.strip()]
+    assert commands[0][:3] == ["pip", "install", "torch==2.13.0"], commands[0]
+    assert "--index-url" in commands[0]
+    assert commands[0][commands[0].index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert any(c[:3] == ["pip", "install", "-e"] for c in commands[1:]), "the package is installed after torch"
+
+
+def test_no_issue_numbers_in_the_tree():
+    """Code, tests, benchmarks and docs say what and why, not which ticket asked for it."""
+    pattern = re.compile(r"[Ii]ssue" + r" [0-9]")
+    files = [README, *(p for d in ("dms_perf", "tests", "benchmarks", "docs") for p in (REPO / d).rglob("*")
+                       if p.suffix in (".py", ".md") and p.is_file())]
+    hits = [f"{p.relative_to(REPO)}:{n}" for p in files
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not hits, f"issue numbers cited at {hits}"
