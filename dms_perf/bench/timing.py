@@ -116,16 +116,18 @@ def _calls_per_round(fn: Callable[[], Any], target_round_ms: float) -> tuple[int
         burst *= 10
 
 
-def median_call_ms(fn: Callable[[], Any], *, cuda_graph: bool = False, rounds: int = 15,
-                   target_round_ms: float = 5.0) -> float:
+def median_call_ms(fn: Callable[[], Any], *, cuda_graph: bool = False, calls_per_graph: int = 1,
+                   rounds: int = 15, target_round_ms: float = 5.0) -> float:
     """Median time of one ``fn()`` call in ms, measured as ``bench`` measures a case: rounds of
     back-to-back calls between device syncs, two warm-up rounds where a call is under ``SLOW_CALL_MS``,
     the median over ``rounds``; outside pytest-benchmark. For the references a case compares itself with
-    (speedups), so that both sides of a ratio are the same statistic. ``cuda_graph``: time replays of
-    CUDA graphs of ``fn`` (``graph_replays``).
+    (speedups), so that both sides of a ratio are the same statistic. ``cuda_graph``, ``calls_per_graph``:
+    time replays of CUDA graphs of ``fn`` as ``bench`` does (``graph_replays``), per call.
     """
+    if calls_per_graph > 1 and not cuda_graph:
+        raise ValueError("calls_per_graph > 1 needs cuda_graph=True (the calls are captured into one graph)")
     if cuda_graph:
-        fn = graph_replays(fn)
+        fn = graph_replays(fn, calls_per_graph=calls_per_graph)
     iterations, once_ms = _calls_per_round(fn, target_round_ms)
     warmup_rounds = 2 if once_ms < SLOW_CALL_MS else 0
     times = []
@@ -137,7 +139,7 @@ def median_call_ms(fn: Callable[[], Any], *, cuda_graph: bool = False, rounds: i
         synchronize()
         if round_index >= warmup_rounds:
             times.append((time.perf_counter() - start) / iterations)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3 / calls_per_graph
 
 
 def bench(

@@ -122,6 +122,8 @@ def test_bad_new_tokens(model):
 def test_back_to_back_calls_need_graphs():
     with pytest.raises(ValueError, match="calls_per_graph > 1 needs cuda_graph=True"):
         bench(object(), lambda: None, calls_per_graph=8)
+    with pytest.raises(ValueError, match="calls_per_graph > 1 needs cuda_graph=True"):
+        median_call_ms(lambda: None, calls_per_graph=8)
 
 
 class _FakeBenchmark:
@@ -183,6 +185,8 @@ def test_references_are_timed_as_a_case_is(as_if_on_cuda, monkeypatch):
     assert median_call_ms(call, rounds=5) == pytest.approx(1.0)
     clock["calls"] = 0
     assert median_call_ms(call, rounds=5, cuda_graph=True) == pytest.approx(1.0)
+    clock["calls"] = 0  # a replay of 4 calls (the replay here is one call of 1 ms)
+    assert median_call_ms(call, rounds=5, cuda_graph=True, calls_per_graph=4) == pytest.approx(0.25)
 
 
 @pytest.mark.gpu
