@@ -59,7 +59,7 @@ RING_STEP_BYTES = 8 + 8 + 4 + 4 + 8 + 8 + 8 + 3
 
 # name: (N, K, epilogue) of each projection as decode_linear issues it (o_proj's residual add is
 # Liger's fused add + RMSNorm, not the GEMM's); the LM head for comparison.
-PROJECTIONS = {
+PROJECTION_SHAPES = {
     "qkv": ((HQ + 2 * HKV) * D, HIDDEN, "plain"),
     "o": (HIDDEN, HQ * D, "plain"),
     "gate_up": (2 * INTERMEDIATE, HIDDEN, "silu_mul"),
@@ -165,11 +165,11 @@ def _projection_inputs(impl: str, rows: int, n: int, k: int, epilogue: str) -> C
 
 @pytest.mark.parametrize("impl", ["skinny", "cublas"])
 @pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
-@pytest.mark.parametrize("projection", list(PROJECTIONS))
+@pytest.mark.parametrize("projection", list(PROJECTION_SHAPES))
 def test_projection(benchmark, projection, rows, impl):
     """Floor: the weight, the input rows, the output rows written (``N / 2`` wide after SiLU), and the
     residual read: ``N K e + rows K e + rows N_out e (+ rows N e)`` bytes."""
-    n, k, epilogue = PROJECTIONS[projection]
+    n, k, epilogue = PROJECTION_SHAPES[projection]
     e = LINEAR_DTYPE.itemsize
     width = n // 2 if epilogue == "silu_mul" else n
     moved = n * k * e + rows * k * e + rows * width * e + (rows * n * e if epilogue == "residual" else 0)
