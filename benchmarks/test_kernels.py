@@ -9,7 +9,8 @@ lengths).
 
 ``extra_info``: ``bytes`` (each needed input byte read once, each output byte written once), ``gbps``,
 ``copy_fraction`` (of ``copy_bandwidth_bytes_per_s()``), and on Triton cases ``speedup_vs_loop`` /
-``speedup_vs_torch``: do_bench medians of the references on the same input, measured by the case itself.
+``speedup_vs_torch``: the references' medians on the same input (``median_call_ms``, the statistic of the
+case's own median), measured by the case itself.
 Compare within one size: ``--benchmark-group-by=group,param:context_length,param:batch``.
 
 CPU smoke mode (``--benchmark-disable``): ``[1, 2, S, 64]`` fp32 at the given context lengths, one call each.
@@ -21,7 +22,7 @@ import pytest
 
 from benchmarks.cases import DTYPE, HEAD_DIM, HEADS, KEEP_FRACTION, MAKE_CASE
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.timing import bench, copy_bandwidth_bytes_per_s, do_bench_ms, rotating
+from dms_perf.bench.timing import bench, copy_bandwidth_bytes_per_s, median_call_ms, rotating
 
 # "triton-graph": the "triton" call replayed from CUDA graphs, i.e. the kernels' device time without
 # Python's per-launch cost (about 30 us a launch on the H100 host, more than the kernel itself at B=1).
@@ -67,12 +68,12 @@ def test_kernel(benchmark, kernel, impl, batch, context_length, request):
     )
     if median_s is None:
         return
-    ms = benchmark.extra_info["median_ms"]
+    ms = median_s * 1e3
     benchmark.extra_info["gbps"] = first.bytes / median_s / 1e9
     benchmark.extra_info["copy_fraction"] = first.bytes / median_s / copy_bandwidth_bytes_per_s()
     if impl.startswith("triton") and HAS_CUDA:
         # Each case times its own references (no state shared between cases: -k and --shard change nothing).
         for ref in ("loop", "torch"):
-            ref_ms = do_bench_ms(lambda ref=ref: next_case().calls[ref]())
+            ref_ms = median_call_ms(lambda ref=ref: next_case().calls[ref]())
             benchmark.extra_info[f"{ref}_ms"] = ref_ms
             benchmark.extra_info[f"speedup_vs_{ref}"] = ref_ms / ms

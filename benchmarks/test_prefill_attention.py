@@ -3,7 +3,8 @@
 B=1, Hq=32, Hkv=8, D=128, bf16, window 512, decisions marking 7/8 of the tokens at random (the
 DMS-8x rate; random decisions, not the checkpoint's). ``extra_info``: visible pairs, TFLOP/s over the
 visible pairs only, the ratio to the floor (visible-pair FLOPs at MATMUL_TFLOPS), and speedups against
-dense causal cuDNN SDPA, the hub algorithm and hub-triton, each measured by the case itself with do_bench.
+dense causal cuDNN SDPA, the hub algorithm and hub-triton, each measured by the case itself
+(``median_call_ms``: the statistic of the case's own median).
 
 CPU smoke mode (``--benchmark-disable``): tiny heads, fp32, DMS impls only, one call each.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from dms_perf import dms_prefill_attention
 from dms_perf._runtime import HAS_CUDA, INTERPRET
-from dms_perf.bench.timing import bench, do_bench_ms, graph_replays
+from dms_perf.bench.timing import bench, median_call_ms
 from dms_perf.rule import count_visible_pairs
 
 WINDOW = 512
@@ -77,11 +78,10 @@ def _make_call(impl: str, n: int):
 
 
 def _reference_ms(impl: str, n: int) -> float:
-    """do_bench median of a speedup reference on the same inputs, measured by the calling case."""
+    """Median of a speedup reference on the same inputs, measured by the calling case as it measures itself."""
     call, _ = _make_call(impl.removesuffix("-graph"), n)
-    call = graph_replays(call) if impl.endswith("-graph") else call
-    call()
-    return do_bench_ms(call)
+    rounds = HUB_ROUNDS if impl == "hub" else 15
+    return median_call_ms(call, cuda_graph=impl.endswith("-graph"), rounds=rounds)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -104,7 +104,7 @@ def test_prefill_attention(benchmark, impl, context_length):
         from dms_perf.ops.prefill.fused import _dms_prefill_kernel
 
         benchmark.extra_info["triton_config"] = str(_dms_prefill_kernel.best_config)
-    ms = benchmark.extra_info["median_ms"]
+    ms = median_s * 1e3
     floor_ms = flops / (MATMUL_TFLOPS * 1e12) * 1e3
     benchmark.extra_info.update(
         visible_tflops=flops / (ms * 1e-3) / 1e12,

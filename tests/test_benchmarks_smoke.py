@@ -8,14 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Every benchmark file, one smoke run each (``-k test_decode_step`` runs one file's).
+BENCHMARK_FILES = sorted(path.name for path in (REPO / "benchmarks").glob("test_*.py"))
 
 
-def test_benchmarks_run_in_smoke_mode():
+@pytest.mark.parametrize("name", BENCHMARK_FILES, ids=lambda name: name.removesuffix(".py"))
+def test_benchmarks_run_in_smoke_mode(name):
     contexts = "64,256" if not torch.cuda.is_available() else "4096"
-    cmd = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    cmd = [sys.executable, "-m", "pytest", f"benchmarks/{name}", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
     cmd += ["--benchmark-disable", f"--context-lengths={contexts}"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     tail = result.stdout[-4000:] + result.stderr[-2000:]

@@ -86,23 +86,23 @@ class GateUpMLP(torch.nn.Module):
     dms_gate_up_weight: torch.Tensor
 
     def _activation(self, x):
-        # A decode step's few rows: one launch for the GEMM and the activation (dms_perf.ops.linear);
-        # else the GEMM, then silu_mul on its fused layout (dms_perf.ops.activation) or torch on CPU.
-        return decode_linear(x, self.dms_gate_up_weight, silu_mul=True)
+        # A decode step's few rows: one launch for the GEMM and the activation where decode_linear routes
+        # gate/up to skinny_linear; else the GEMM, then silu_mul on its fused layout or torch on CPU.
+        return decode_linear(x, self.dms_gate_up_weight, projection="gate_up", silu_mul=True)
 
     def forward(self, x):
         return self.down_proj(self._activation(x))
 
     def add_into(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)`` with the residual add inside the down projection: in the epilogue of
-        ``skinny_linear`` on a decode step, else in cuBLAS's GEMM (``addmm_``, beta = 1, written into
-        ``residual``, which must be the caller's own). Either way no launch of its own, and the sum is
-        rounded once, from the fp32 accumulator, instead of twice."""
+        ``skinny_linear`` where ``decode_linear`` routes the down projection to it, else in cuBLAS's GEMM
+        (``addmm_``, beta = 1, written into ``residual``, which must be the caller's own). Either way no
+        launch of its own, and the sum is rounded once, from the fp32 accumulator, instead of twice."""
         down = self.down_proj
         act = self._activation(x)
         if down.bias is not None:
             return residual + down(act)
-        return decode_linear(act, down.weight, residual=residual, residual_in_place=True)
+        return decode_linear(act, down.weight, projection="down", residual=residual, residual_in_place=True)
 
 
 def _fused_weight(linears) -> torch.Tensor | None:

@@ -103,14 +103,14 @@ class Qwen3DMSAttention(Qwen3Attention):
         decoding = past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
         triton_step = self.dms_backend in TRITON_DECODE_BACKENDS and decoding
         if self.dms_qkv_weight is not None:
-            # The engine's projections: skinny_linear on a decode step's few rows, else cuBLAS.
-            qkv = decode_linear(hidden_states, self.dms_qkv_weight)
+            # The engine's projections: skinny_linear or cuBLAS on a decode step's few rows (per projection).
+            qkv = decode_linear(hidden_states, self.dms_qkv_weight, projection="qkv")
             eps = self._fused_step_norms() if triton_step else None
             if eps is not None:
                 _require_cache(past_key_values, DMSCache, self.dms_backend)
                 out = self._fused_decode_step(qkv, cos, sin, past_key_values, eps).reshape(batch, n, -1)
                 if self.o_proj.bias is None:
-                    return decode_linear(out, self.o_proj.weight), None
+                    return decode_linear(out, self.o_proj.weight, projection="o"), None
                 return self.o_proj(out), None
             q_lin, k_lin, v_lin = qkv.split([self.q_proj.out_features, self.k_proj.out_features,
                                              self.v_proj.out_features], dim=-1)

@@ -9,7 +9,7 @@ each (``<op>/naive.py``, used by tests only). Ops import nothing from ``dms_perf
 step's norms, decision and RoPE folded in).
 ``activation``: ``silu_mul`` (SwiGLU's activation on the fused gate/up projection).
 ``linear``: ``skinny_linear`` (a decode step's projections for up to 32 rows, with a residual or SwiGLU's
-activation in the epilogue) and ``decode_linear`` (it, or cuBLAS where it does not apply).
+activation in the epilogue) and ``decode_linear`` (it or cuBLAS, chosen per projection).
 """
 
 from dms_perf.ops.activation import silu_mul

@@ -1,14 +1,19 @@
 """measure_generation: failures become rows and the matrix goes on; medians; KV accounting. The timing
-helpers' graph capture."""
+helpers: one median (pytest-benchmark's, per call) for every figure, do_bench's as a cross-check only;
+the graph capture."""
 
 from __future__ import annotations
+
+import types
+import warnings
 
 import pytest
 import torch
 
+from dms_perf.bench import timing
 from dms_perf.bench.generation import GenerationRun, generate_once, kv_cache_stats, measure_generation, summarize_runs
 from dms_perf.bench.methods import load_model_for, resolve_method
-from dms_perf.bench.timing import bench, graph_replays
+from dms_perf.bench.timing import TimerDisagreement, bench, graph_replays, median_call_ms
 from dms_perf.bench.workloads import needle_workload
 
 VANILLA = resolve_method("vanilla")
@@ -117,6 +122,71 @@ def test_bad_new_tokens(model):
 def test_back_to_back_calls_need_graphs():
     with pytest.raises(ValueError, match="calls_per_graph > 1 needs cuda_graph=True"):
         bench(object(), lambda: None, calls_per_graph=8)
+    with pytest.raises(ValueError, match="calls_per_graph > 1 needs cuda_graph=True"):
+        median_call_ms(lambda: None, calls_per_graph=8)
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's fixture as ``bench`` uses it: ``pedantic`` runs the rounds and stores ``median``."""
+
+    disabled = False
+    name = "fake"
+
+    def __init__(self, median_s: float):
+        self.extra_info, self.calls = {}, 0
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=median_s))
+
+    def pedantic(self, fn, rounds, iterations, warmup_rounds):
+        for _ in range((rounds + warmup_rounds) * iterations):
+            fn()
+        self.calls += (rounds + warmup_rounds) * iterations
+
+
+@pytest.fixture
+def as_if_on_cuda(monkeypatch):
+    """``bench``'s GPU path on the CPU: no device to synchronize, graphs replaced by the plain call."""
+    monkeypatch.setattr(timing, "HAS_CUDA", True)
+    monkeypatch.setattr(timing, "synchronize", lambda: None)
+    monkeypatch.setattr(timing, "graph_replays", lambda fn, calls_per_graph=1: fn)
+
+
+@pytest.mark.parametrize("calls_per_graph", [1, 8])
+def test_the_figure_is_pytest_benchmarks_median_per_call(as_if_on_cuda, monkeypatch, calls_per_graph):
+    """Return value and ``median_ms`` are the stored median (per call); do_bench's, here twice as long, is
+    recorded as the cross-check and its disagreement warned about, never used as the figure."""
+    replay_s = 2e-3 * calls_per_graph  # 2 ms a call
+    monkeypatch.setattr(timing, "do_bench_ms", lambda fn: 2 * replay_s * 1e3)
+    benchmark = _FakeBenchmark(replay_s)
+    with pytest.warns(TimerDisagreement, match="ratio 0.50"):
+        call_s = bench(benchmark, lambda: None, cuda_graph=True, calls_per_graph=calls_per_graph)
+    assert call_s == pytest.approx(2e-3)
+    info = benchmark.extra_info
+    assert info["median_ms"] == pytest.approx(2.0) and info["calls_per_replay"] == calls_per_graph
+    assert info["do_bench_median_ms"] == pytest.approx(4.0) and info["timer_agreement"] == pytest.approx(0.5)
+
+
+def test_timers_that_agree_raise_no_warning(as_if_on_cuda, monkeypatch):
+    monkeypatch.setattr(timing, "do_bench_ms", lambda fn: 1.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TimerDisagreement)
+        assert bench(_FakeBenchmark(1e-3), lambda: None) == pytest.approx(1e-3)
+
+
+def test_references_are_timed_as_a_case_is(as_if_on_cuda, monkeypatch):
+    """``median_call_ms``: rounds of back-to-back calls, warm-ups left out, the median per call (a slow
+    warm-up and one slow round do not move it)."""
+    clock = {"s": 0.0, "calls": 0}
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock["s"]))
+
+    def call():
+        clock["calls"] += 1
+        clock["s"] += 0.1 if clock["calls"] <= 3 or clock["calls"] == 10 else 1e-3  # compilation, then 1 ms
+
+    assert median_call_ms(call, rounds=5) == pytest.approx(1.0)
+    clock["calls"] = 0
+    assert median_call_ms(call, rounds=5, cuda_graph=True) == pytest.approx(1.0)
+    clock["calls"] = 0  # a replay of 4 calls (the replay here is one call of 1 ms)
+    assert median_call_ms(call, rounds=5, cuda_graph=True, calls_per_graph=4) == pytest.approx(0.25)
 
 
 @pytest.mark.gpu

@@ -74,22 +74,59 @@ def test_skinny_linear_rejects_bad_input(change, match):
         skinny_linear(x, weight, **args)
 
 
+# The projection of the engine that each epilogue stands for.
+EPILOGUE_PROJECTION = {"plain": "qkv", "residual": "down", "silu_mul": "gate_up"}
+
+
 @pytest.mark.parametrize("skinny", [True, False], ids=["skinny", "cublas"])
 @pytest.mark.parametrize("epilogue", ["plain", "residual", "silu_mul"])
 def test_decode_linear_is_the_same_arithmetic_either_way(skinny, epilogue, device, monkeypatch):
-    """The engine's dispatcher: the kernel on CUDA (``SKINNY_LINEAR``), else cuBLAS and torch; both give
-    the reference, and off the kernel ``residual_in_place`` adds the product into the residual itself."""
-    from dms_perf.ops.linear import decode_linear, kernel
+    """The engine's dispatcher: the kernel on CUDA for the projections in ``SKINNY_PROJECTIONS``, else
+    cuBLAS and torch; both give the reference, and off the kernel ``residual_in_place`` adds the product
+    into the residual itself."""
+    from dms_perf.ops.linear import PROJECTIONS, decode_linear, kernel
 
-    monkeypatch.setattr(kernel, "SKINNY_LINEAR", skinny)
+    monkeypatch.setattr(kernel, "SKINNY_PROJECTIONS", frozenset(PROJECTIONS if skinny else ()))
     x, weight = _case(4, 64, 48, torch.float16, device, lead=(1,))
     silu = epilogue == "silu_mul"
     residual = torch.randn(1, 4, 64, device=device).half() if epilogue == "residual" else None
     want = skinny_linear_reference(x, weight, residual=residual, silu_mul=silu)
     kept = None if residual is None else residual.clone()
-    got = decode_linear(x, weight, residual=residual, silu_mul=silu, residual_in_place=True)
+    got = decode_linear(x, weight, projection=EPILOGUE_PROJECTION[epilogue], residual=residual, silu_mul=silu,
+                        residual_in_place=True)
     assert got.shape == want.shape and rel_error(got, want) < TOL[torch.float16]
     if residual is not None:
         on_kernel = skinny and device.type == "cuda"
         assert (got.data_ptr() == residual.data_ptr()) != on_kernel
         assert torch.equal(residual, kept) == on_kernel  # the kernel writes a new tensor
+
+
+@pytest.mark.parametrize("projection", ["qkv", "o", "gate_up", "down"])
+def test_each_projection_goes_where_the_table_says(projection, device, monkeypatch):
+    """``uses_skinny_linear`` follows ``SKINNY_PROJECTIONS`` projection by projection (and only where the
+    kernel applies); ``decode_linear`` then runs the kernel on CUDA and cuBLAS / torch elsewhere."""
+    from dms_perf.ops.linear import PROJECTIONS, decode_linear, kernel, uses_skinny_linear
+
+    x, weight = _case(2, 32, 16, torch.float16, device)
+    others = frozenset(PROJECTIONS) - {projection}
+    ran = []
+    for name, path in (("skinny_linear", "skinny"), ("torch_linear", "torch")):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, real=real, path=path, **k: ran.append(path) or real(*a, **k))
+    for table, chosen in ((frozenset({projection}), True), (others, False)):
+        monkeypatch.setattr(kernel, "SKINNY_PROJECTIONS", table)
+        assert uses_skinny_linear(x, weight, projection) is chosen
+        assert not uses_skinny_linear(x.float(), weight.float(), projection)  # fp32: the kernel never applies
+        ran.clear()
+        decode_linear(x, weight, projection=projection)
+        assert ran == ["skinny" if chosen and device.type == "cuda" else "torch"]
+
+
+def test_unknown_projection_is_an_error():
+    from dms_perf.ops.linear import decode_linear, uses_skinny_linear
+
+    x, weight = _case(1, 8, 16, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="projection must be one of .*'lm'"):
+        uses_skinny_linear(x, weight, "lm")
+    with pytest.raises(ValueError, match="'q_proj'"):
+        decode_linear(x, weight, projection="q_proj")

@@ -9,7 +9,8 @@ epilogue adds a residual (the layer's skip connection) or applies ``silu(gate) *
 projection, whose gate rows come first: the program reads the gate and the up rows of its columns and
 writes the activation, never the projection, so neither is a launch of its own. Measured there: the whole
 decode step is faster with the kernel on all four projections, at every batch and context; GEMM by
-GEMM it wins on the wide gate/up and down projections and loses on the narrower q/k/v and o_proj.
+GEMM it wins on the wide gate/up and down projections and loses on the narrower q/k/v and o_proj, so
+``decode_linear`` routes each projection by ``SKINNY_PROJECTIONS``.
 Accumulation is fp32, rounded once at the store. ``naive.py`` holds the fp64 reference.
 """
 
@@ -28,8 +29,12 @@ MAX_ROWS = 32
 # The engine's GPU dtypes. fp32 goes to cuBLAS: its tiles of the configs below would need more shared
 # memory than an SM has (fp32 models serve tests only).
 _DTYPES = (torch.float16, torch.bfloat16)
-# decode_linear takes this kernel on CUDA where it applies (False: cuBLAS always); read at every call.
-SKINNY_LINEAR = True
+# The engine's projections, as decode_linear's callers name them.
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+# The projections decode_linear sends to this kernel (on CUDA, where it applies); the others go to cuBLAS.
+# Per GEMM the kernel wins on the wide gate/up and down projections and takes ~3x cuBLAS's time on q/k/v
+# and o_proj (benchmarks/NOTES.md, run 3; benchmarks/test_decode_step.py measures each). Read at every call.
+SKINNY_PROJECTIONS = frozenset({"gate_up", "down"})
 
 
 def _configs():
@@ -132,14 +137,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tens
     return out.view(*x.shape[:-1], width)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None,
-                  silu_mul: bool = False, residual_in_place: bool = False) -> torch.Tensor:
-    """``x @ weight.T`` (then ``silu(gate) * up`` over its halves, then ``+ residual``) on ``skinny_linear``
-    where it applies on CUDA, else on cuBLAS / torch with the same arithmetic: the decode engine's
-    projections, for every method that runs on the engine. ``residual_in_place``: off the kernel, cuBLAS
-    adds the product into ``residual`` (``addmm_``, no launch of its own; the caller must own it)."""
-    if SKINNY_LINEAR and x.is_cuda and skinny_linear_applies(x, weight):
-        return skinny_linear(x, weight, residual=residual, silu_mul=silu_mul)
+def uses_skinny_linear(x: torch.Tensor, weight: torch.Tensor, projection: str) -> bool:
+    """Whether ``decode_linear`` gives projection ``projection`` (one of ``PROJECTIONS``) to ``skinny_linear``
+    on CUDA: it is in ``SKINNY_PROJECTIONS`` and the kernel applies to ``x`` and ``weight``."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    return projection in SKINNY_PROJECTIONS and skinny_linear_applies(x, weight)
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None,
+                 silu_mul: bool = False, residual_in_place: bool = False) -> torch.Tensor:
+    """``decode_linear``'s path off the kernel, the same arithmetic on cuBLAS (``F.linear``, then
+    ``silu_mul``'s launch on CUDA) or torch: ``residual_in_place`` adds the product into ``residual`` in
+    cuBLAS's GEMM (``addmm_``, no launch of its own; the caller must own it)."""
     if residual is not None and residual_in_place and not silu_mul and residual.is_contiguous():
         residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
         return residual
@@ -151,3 +161,15 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tens
             gate, up = out.chunk(2, dim=-1)
             out = torch.nn.functional.silu(gate) * up
     return out if residual is None else residual + out
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, projection: str,
+                  residual: torch.Tensor | None = None, silu_mul: bool = False,
+                  residual_in_place: bool = False) -> torch.Tensor:
+    """``x @ weight.T`` (then ``silu(gate) * up`` over its halves, then ``+ residual``) for the engine's
+    projection ``projection`` (``PROJECTIONS``): on ``skinny_linear`` on CUDA where ``uses_skinny_linear``
+    says so, else ``torch_linear`` (cuBLAS / torch, the same arithmetic; ``residual_in_place`` applies to
+    it only, the kernel writes a new tensor). For every method that runs on the engine."""
+    if uses_skinny_linear(x, weight, projection) and x.is_cuda:
+        return skinny_linear(x, weight, residual=residual, silu_mul=silu_mul)
+    return torch_linear(x, weight, residual=residual, silu_mul=silu_mul, residual_in_place=residual_in_place)

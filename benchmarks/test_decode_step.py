@@ -1,0 +1,207 @@
+"""The decode step's kernels one at a time, at the Qwen3-8B shape, each against its floor.
+
+GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 4096, intermediate 12288).
+
+* ``test_decode_attention``: ``dms_decode_attention`` over a compacted cache holding ``context_length``
+  rows in every head (8K and 32K of ``--context-lengths``), batch 1 / 8 / 32.
+* ``test_fused_decode_step``: ``fused_decode_step`` (norms, decision, RoPE, cache update), batch 1 / 8 / 32.
+  Every decision marks its token, so each step reuses the slot its window frees and the cache keeps its
+  length whatever the number of calls; a step's work does not depend on the cache length.
+* ``test_projection``: each projection as ``decode_linear`` issues it, at 1 / 8 / 32 rows, ``impl``
+  ``skinny`` (``skinny_linear``) or ``cublas`` (``torch_linear``, ``decode_linear``'s other path:
+  ``F.linear``; ``addmm_`` into the residual for down; ``F.linear`` then ``silu_mul`` for gate/up); plus
+  the LM head, which the model runs on cuBLAS. Skinny cases also record ``cublas_ms`` and
+  ``speedup_vs_cublas``, the cuBLAS call on the same shape timed by the case itself.
+* ``test_silu_mul``: ``silu_mul`` (``triton``) and ``silu(gate) * up`` in torch (``torch``), 1 / 8 / 32 rows.
+
+Timing: ``bench`` replaying CUDA graphs of ``CALLS_PER_GRAPH`` back-to-back calls, timed per call (the
+engine replays its steps from graphs, and these kernels take a few microseconds: an eager launch or a
+replay's fixed cost would be most of the figure); input sets rotated past L2 (``rotating``).
+``extra_info``: ``bytes`` (what the call must read and write, each once), ``floor_ms`` (``bytes`` at
+``copy_bandwidth_bytes_per_s()``), ``floor_fraction`` (floor over the measured time) and ``gbps``.
+Compare within a shape: ``--benchmark-group-by=group``.
+
+CPU smoke mode (``--benchmark-disable``): ``tiny_config()`` shapes, one call each; fp32 for attention and
+the fused step, fp16 for the projections and ``silu_mul`` (``skinny_linear`` serves 16-bit dtypes, and the
+interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from dms_perf._runtime import HAS_CUDA
+from dms_perf.bench.timing import bench, copy_bandwidth_bytes_per_s, median_call_ms, rotating
+from dms_perf.model.cache import DMSCache
+from dms_perf.model.qwen3_dms import qwen3_8b_config, tiny_config
+from dms_perf.ops.activation import silu_mul
+from dms_perf.ops.cache_update import fused_decode_step
+from dms_perf.ops.decode import dms_decode_attention
+from dms_perf.ops.linear import skinny_linear, torch_linear
+
+CONFIG = qwen3_8b_config() if HAS_CUDA else tiny_config()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+LINEAR_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
+HQ, HKV, D = CONFIG.num_attention_heads, CONFIG.num_key_value_heads, CONFIG.head_dim
+HIDDEN, INTERMEDIATE, VOCAB = CONFIG.hidden_size, CONFIG.intermediate_size, CONFIG.vocab_size
+WINDOW = CONFIG.dms_window_size
+CALLS_PER_GRAPH = 8
+BATCHES = (1, 8, 32) if HAS_CUDA else (1, 2)
+ROWS = (1, 8, 32)
+ATTENTION_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
+# Bytes of one head's cache bookkeeping in a step: step counter and length read and written, start read,
+# the leaving ring slot read and written, three ring flags (the previous token's, the leaving one's twice).
+RING_STEP_BYTES = 8 + 8 + 4 + 4 + 8 + 8 + 8 + 3
+
+# name: (N, K, epilogue) of each projection as decode_linear issues it (o_proj's residual add is
+# Liger's fused add + RMSNorm, not the GEMM's); the LM head for comparison.
+PROJECTION_SHAPES = {
+    "qkv": ((HQ + 2 * HKV) * D, HIDDEN, "plain"),
+    "o": (HIDDEN, HQ * D, "plain"),
+    "gate_up": (2 * INTERMEDIATE, HIDDEN, "silu_mul"),
+    "down": (HIDDEN, INTERMEDIATE, "residual"),
+    "lm_head": (VOCAB, HIDDEN, "plain"),
+}
+
+
+def _floor(benchmark, moved: int, call_s: float | None) -> None:
+    """``bytes``, and from this case's own median: ``floor_ms``, ``floor_fraction``, ``gbps``."""
+    benchmark.extra_info["bytes"] = moved
+    if call_s is None:
+        return
+    floor_s = moved / copy_bandwidth_bytes_per_s()
+    benchmark.extra_info.update(floor_ms=floor_s * 1e3, floor_fraction=floor_s / call_s, gbps=moved / call_s / 1e9)
+
+
+def _timed(benchmark, next_call: Callable[[], Callable[[], object]]) -> float | None:
+    """``bench`` of the call of the next input set, replayed from graphs of ``CALLS_PER_GRAPH`` calls."""
+    return bench(benchmark, lambda: next_call()(), cuda_graph=True, calls_per_graph=CALLS_PER_GRAPH)
+
+
+# --- decode attention -------------------------------------------------------------------------------
+
+
+def _attention_inputs(batch: int, kept: int) -> Callable[[], object]:
+    """A compacted cache of ``kept`` rows per head, segments back to back in one ``[S, D]`` buffer."""
+    heads = batch * HKV
+    k_cache = torch.randn(heads * kept, D, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn(heads * kept, D, device=DEVICE, dtype=DTYPE)
+    starts = (torch.arange(heads, device=DEVICE, dtype=torch.int64) * kept).view(batch, HKV)
+    lengths = torch.full((batch, HKV), kept, device=DEVICE, dtype=torch.int32)
+    q = torch.randn(batch, HQ, D, device=DEVICE, dtype=DTYPE)
+    return lambda: dms_decode_attention(q, k_cache, v_cache, starts, lengths, kept)
+
+
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_decode_attention(benchmark, batch, context_length):
+    """Floor: K and V of every kept row, the query read and the output written, starts and lengths:
+    ``2 B Hkv L D e + 2 B Hq D e + 12 B Hkv`` bytes (``e`` bytes an element)."""
+    if HAS_CUDA and context_length not in ATTENTION_CONTEXTS:
+        pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
+    e = DTYPE.itemsize
+    kv_bytes = 2 * batch * HKV * context_length * D * e
+    moved = kv_bytes + 2 * batch * HQ * D * e + 12 * batch * HKV
+    benchmark.group = f"decode-attention-ctx{context_length}-b{batch}"
+    benchmark.extra_info.update(batch=batch, kept_per_head=context_length, num_q_heads=HQ, num_kv_heads=HKV,
+                                head_dim=D, dtype=str(DTYPE))
+    try:
+        call_s = _timed(benchmark, rotating(lambda: _attention_inputs(batch, context_length), kv_bytes))
+    except torch.OutOfMemoryError as exc:
+        pytest.skip(f"OOM at batch {batch} x {context_length} rows: {str(exc).splitlines()[0][:120]}")
+    _floor(benchmark, moved, call_s)
+
+
+# --- the fused step between the q/k/v projection and attention --------------------------------------
+
+
+def _fused_step_inputs(batch: int) -> Callable[[], object]:
+    """A cache of one window of tokens, all marked, and the new token's projection row, norm weights and
+    RoPE tables; the call always marks its token (``0 * a > -1``), so every step reuses a freed slot."""
+    cache = DMSCache(num_layers=1, window=WINDOW)
+    keys = torch.randn(batch, HKV, WINDOW + 1, D, device=DEVICE, dtype=DTYPE)
+    cache.append(0, keys, torch.randn_like(keys), torch.ones(keys.shape[:3], dtype=torch.bool, device=DEVICE))
+    layer = cache.layers[0]
+    state = (layer.ring_slot, layer.ring_flag, layer.lengths, layer.starts, layer.keys, layer.values,
+             layer.step_index)
+    qkv = torch.randn(batch, (HQ + 2 * HKV) * D, device=DEVICE, dtype=DTYPE)
+    q_weight, k_weight = (1 + 0.1 * torch.randn(2, D, device=DEVICE)).to(DTYPE)
+    angles = torch.rand(batch, D, device=DEVICE) * 6.3
+    cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
+    eps = CONFIG.rms_norm_eps
+    return lambda: fused_decode_step(qkv, q_weight, k_weight, eps, cos, sin, *state, 0.0, -1.0)
+
+
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_fused_decode_step(benchmark, batch):
+    """Floor: the projection row read, cos and sin, the norm weights, the rotated query written, K and V
+    written, and each head's ring bookkeeping: ``B (Hq + 2 Hkv) D e + 2 B D e + 2 D e + B Hq D e +
+    2 B Hkv D e + 51 B Hkv`` bytes."""
+    e = DTYPE.itemsize
+    moved = (batch * (HQ + 2 * HKV) * D * e + 2 * batch * D * e + 2 * D * e + batch * HQ * D * e
+             + 2 * batch * HKV * D * e + RING_STEP_BYTES * batch * HKV)
+    benchmark.group = f"fused-decode-step-b{batch}"
+    benchmark.extra_info.update(batch=batch, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, window=WINDOW,
+                                dtype=str(DTYPE))
+    _floor(benchmark, moved, _timed(benchmark, rotating(lambda: _fused_step_inputs(batch), moved)))
+
+
+# --- the projections: skinny_linear beside cuBLAS ----------------------------------------------------
+
+
+def _projection_inputs(impl: str, rows: int, n: int, k: int, epilogue: str) -> Callable[[], object]:
+    """The projection of ``rows`` tokens (``[rows, 1, K]``, as the model's hidden states) by impl."""
+    x = torch.randn(rows, 1, k, device=DEVICE).to(LINEAR_DTYPE)
+    weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(LINEAR_DTYPE)
+    silu = epilogue == "silu_mul"
+    residual = torch.randn(rows, 1, n, device=DEVICE).to(LINEAR_DTYPE) if epilogue == "residual" else None
+    if impl == "skinny":
+        return lambda: skinny_linear(x, weight, residual=residual, silu_mul=silu)
+    return lambda: torch_linear(x, weight, residual=residual, silu_mul=silu, residual_in_place=True)
+
+
+@pytest.mark.parametrize("impl", ["skinny", "cublas"])
+@pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("projection", list(PROJECTION_SHAPES))
+def test_projection(benchmark, projection, rows, impl):
+    """Floor: the weight, the input rows, the output rows written (``N / 2`` wide after SiLU), and the
+    residual read: ``N K e + rows K e + rows N_out e (+ rows N e)`` bytes."""
+    n, k, epilogue = PROJECTION_SHAPES[projection]
+    e = LINEAR_DTYPE.itemsize
+    width = n // 2 if epilogue == "silu_mul" else n
+    moved = n * k * e + rows * k * e + rows * width * e + (rows * n * e if epilogue == "residual" else 0)
+    benchmark.group = f"linear-{projection}-{rows}rows"
+    benchmark.extra_info.update(projection=projection, rows=rows, n=n, k=k, epilogue=epilogue,
+                                dtype=str(LINEAR_DTYPE))
+    call_s = _timed(benchmark, rotating(lambda: _projection_inputs(impl, rows, n, k, epilogue), n * k * e))
+    _floor(benchmark, moved, call_s)
+    if call_s is not None and impl == "skinny":
+        # cuBLAS on the same shape, timed by this case as bench times a case (-k and --shard change nothing).
+        next_cublas = rotating(lambda: _projection_inputs("cublas", rows, n, k, epilogue), n * k * e)
+        cublas_ms = median_call_ms(lambda: next_cublas()(), cuda_graph=True, calls_per_graph=CALLS_PER_GRAPH)
+        benchmark.extra_info.update(cublas_ms=cublas_ms, speedup_vs_cublas=cublas_ms / (call_s * 1e3))
+
+
+# --- SwiGLU's activation on its own (the cuBLAS path's second launch) ---------------------------------
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
+def test_silu_mul(benchmark, rows, impl):
+    """Floor: the gate/up rows read, the activation written: ``3 rows I e`` bytes."""
+    e = LINEAR_DTYPE.itemsize
+    moved = 3 * rows * INTERMEDIATE * e
+    benchmark.group = f"silu-mul-{rows}rows"
+    benchmark.extra_info.update(rows=rows, intermediate=INTERMEDIATE, dtype=str(LINEAR_DTYPE))
+
+    def make():
+        gate_up = torch.randn(rows, 1, 2 * INTERMEDIATE, device=DEVICE).to(LINEAR_DTYPE)
+        if impl == "triton":
+            return lambda: silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return lambda: torch.nn.functional.silu(gate) * up
+
+    _floor(benchmark, moved, _timed(benchmark, rotating(make, moved)))
