@@ -42,27 +42,14 @@ def teacher_forced(model, ids, tokens, cache):
 
 @contextlib.contextmanager
 def skinny_on(projections: set[str]):
-    """decode_linear takes skinny_linear only for the named projections (the rest: cuBLAS)."""
-    from dms_perf.model import fused, qwen3_dms
-
-    def route(name):
-        def call(*args, **kwargs):
-            saved = linear.SKINNY_LINEAR
-            linear.SKINNY_LINEAR = name in projections
-            try:
-                return linear.decode_linear(*args, **kwargs)
-            finally:
-                linear.SKINNY_LINEAR = saved
-        return call
-
-    saved = qwen3_dms.decode_linear, fused.decode_linear
-    # qwen3_dms calls decode_linear for q/k/v and o_proj; fused for gate/up and down (the MLP).
-    qwen3_dms.decode_linear = route("attention")
-    fused.decode_linear = route("mlp")
+    """decode_linear takes skinny_linear only for the named projections (``linear.PROJECTIONS``; the rest:
+    cuBLAS)."""
+    saved = linear.SKINNY_PROJECTIONS
+    linear.SKINNY_PROJECTIONS = frozenset(projections)
     try:
         yield
     finally:
-        qwen3_dms.decode_linear, fused.decode_linear = saved
+        linear.SKINNY_PROJECTIONS = saved
 
 
 def main() -> None:
@@ -106,12 +93,12 @@ def main() -> None:
     engine.set_dms_eviction(evict)
     apply_engine_fusions(engine)
     variants = {
-        "engine, graphs, skinny on all four": (True, {"attention", "mlp"}),
-        "engine, eager, skinny on all four": (False, {"attention", "mlp"}),
+        "engine, graphs, skinny on all four": (True, {"qkv", "o", "gate_up", "down"}),
+        "engine, eager, skinny on all four": (False, {"qkv", "o", "gate_up", "down"}),
         "engine, graphs, cuBLAS on all four": (True, set()),
         "engine, eager, cuBLAS on all four": (False, set()),
-        "engine, graphs, skinny on gate/up + down": (True, {"mlp"}),
-        "engine, graphs, skinny on q/k/v + o": (True, {"attention"}),
+        "engine, graphs, skinny on gate/up + down": (True, {"gate_up", "down"}),
+        "engine, graphs, skinny on q/k/v + o": (True, {"qkv", "o"}),
     }
     for name, (graphs, projections) in variants.items():
         engine.dms_cuda_graphs = graphs
