@@ -23,6 +23,7 @@ def device_info() -> dict[str, Any]:
     import triton
 
     info: dict[str, Any] = {
+        "commit": source_commit(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "transformers": transformers.__version__,
@@ -65,3 +66,24 @@ def _driver_version() -> str | None:
         return out.stdout.strip().splitlines()[0]
     except Exception:
         return None
+
+
+def source_commit() -> str | None:
+    """The commit of the code that runs: ``DMS_PERF_COMMIT`` where the tree was copied without its git
+    metadata (a GPU host given a working tree), else ``git rev-parse --short HEAD`` of the package's
+    checkout, with ``-dirty`` when tracked files differ from it; None outside a checkout."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if os.environ.get("DMS_PERF_COMMIT"):
+        return os.environ["DMS_PERF_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except Exception:
+        return None
+    return f"{head}-dirty" if dirty else head

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,19 @@ def test_graph_replays_captures_back_to_back_calls():
     replay()  # the second graph: the next three
     torch.cuda.synchronize()
     assert [int(t[0] - b[0]) for t, b in zip(sets, before, strict=True)] == [1] * 6
+
+
+def test_device_info_names_the_commit_that_runs(monkeypatch):
+    """Every figure's machine record names its commit: the environment's where a tree was copied without
+    git metadata, else the checkout's HEAD (a short hash, with -dirty when tracked files changed)."""
+    import re
+
+    from dms_perf.bench.device import source_commit
+
+    monkeypatch.setenv("DMS_PERF_COMMIT", "abc1234")
+    assert source_commit() == "abc1234"
+    monkeypatch.delenv("DMS_PERF_COMMIT")
+    commit = source_commit()
+    if not (Path(__file__).resolve().parents[2] / ".git").exists():
+        pytest.skip("this tree is no git checkout")
+    assert commit is not None and re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", commit), commit
