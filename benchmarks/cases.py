@@ -12,7 +12,7 @@ from dms_perf._runtime import HAS_CUDA
 from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
 from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.ops.movers.left_pad import left_pad_2d
-from dms_perf.ops.movers.naive import (
+from dms_perf.ops.movers.baseline import (
     bool_gather_left_pad_loop,
     bool_gather_left_pad_torch,
     compact_by_bool_loop,

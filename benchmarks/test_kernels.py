@@ -1,7 +1,8 @@
-"""The four DMS data-movement kernels against their loop ("hub") and torch references.
+"""The four DMS data-movement kernels against their loop ("hub") and torch baselines
+(``dms_perf/ops/movers/baseline.py``).
 
 GPU: the Qwen3-8B KV shape ``[B=1, H=8, S, D=128]`` bf16 at every context length, plus B=8 at the
-largest one. Implementations: ``loop`` and ``torch`` references; ``triton`` with the sizes / checks
+largest one. Implementations: ``loop`` and ``torch`` baselines; ``triton`` with the sizes / checks
 given by the caller (asynchronous: the kernel's own speed), eager, replayed from CUDA graphs one call a
 replay (``triton-graph``) and eight back-to-back calls a replay (``triton-graph-x8``, timed per call);
 ``triton-default`` with default keywords (one host sync to size the output or validate the index /
@@ -9,7 +10,7 @@ lengths).
 
 ``extra_info``: ``bytes`` (each needed input byte read once, each output byte written once), ``gbps``,
 ``copy_fraction`` (of ``copy_bandwidth_bytes_per_s()``), and on Triton cases ``speedup_vs_loop`` /
-``speedup_vs_torch``: do_bench medians of the references on the same input, measured by the case itself.
+``speedup_vs_torch``: do_bench medians of the baselines on the same input, measured by the case itself.
 Compare within one size: ``--benchmark-group-by=group,param:context_length,param:batch``.
 
 CPU smoke mode (``--benchmark-disable``): ``[1, 2, S, 64]`` fp32 at the given context lengths, one call each.
@@ -33,7 +34,7 @@ KERNELS = ("left_pad_2d", "scatter_by_index", "bool_gather_left_pad", "compact_b
 
 
 def host_bound(params: dict) -> bool:
-    """The loop references (a host sync per row) and every eager batch-1 call: at B=1 a launch's Python
+    """The loop baselines (a host sync per row) and every eager batch-1 call: at B=1 a launch's Python
     costs about as much as the copy (triton vs triton-graph in benchmarks/NOTES.md)."""
     return params.get("impl") == "loop" or (params.get("batch") == 1 and "-graph" not in str(params.get("impl")))
 
@@ -71,7 +72,7 @@ def test_kernel(benchmark, kernel, impl, batch, context_length, request):
     benchmark.extra_info["gbps"] = first.bytes / median_s / 1e9
     benchmark.extra_info["copy_fraction"] = first.bytes / median_s / copy_bandwidth_bytes_per_s()
     if impl.startswith("triton") and HAS_CUDA:
-        # Each case times its own references (no state shared between cases: -k and --shard change nothing).
+        # Each case times its own baselines (no state shared between cases: -k and --shard change nothing).
         for ref in ("loop", "torch"):
             ref_ms = do_bench_ms(lambda ref=ref: next_case().calls[ref]())
             benchmark.extra_info[f"{ref}_ms"] = ref_ms
