@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dms_perf.ops._common import HOST_CHECK_MAX, MAX_GRID_ROWS
-from dms_perf.ops.movers.left_pad import left_pad_2d
 from dms_perf.ops.movers.baseline import left_pad_2d_loop, left_pad_2d_torch
+from dms_perf.ops.movers.left_pad import left_pad_2d
 from dms_perf.ops.movers.naive import left_pad_2d_reference
 from tests.ops.kernel_params import (
     WIDTH_DTYPES,

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from dms_perf.ops._common import MAX_GRID_ROWS
 from dms_perf.ops.movers import bool_gather, compact
-from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
-from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.ops.movers.baseline import (
     bool_gather_left_pad_loop,
     bool_gather_left_pad_torch,
     compact_by_bool_loop,
     compact_by_bool_torch,
 )
+from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
+from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.ops.movers.naive import bool_gather_left_pad_reference, compact_by_bool_reference
 from tests.ops.kernel_params import (
     LAUNCH_MODES,

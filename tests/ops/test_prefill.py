@@ -163,8 +163,7 @@ def test_bad_inputs_raise(case):
 @pytest.mark.parametrize("impl", ["flex", "math"])
 def test_query_chunks_match_math(impl, device, monkeypatch):
     """Force several query chunks (flex: one block mask per chunk, offset read from a device tensor)."""
-    from dms_perf.ops.prefill import flex
-    from dms_perf.ops.prefill import math_impl
+    from dms_perf.ops.prefill import flex, math_impl
 
     q, k, v, decisions = make_inputs(1, 4, 2, 300, 64, torch.float32, device, 0.875)
     ref, _ = math_attention(q.double(), k.double(), v.double(), decisions, 40, 0.125)  # one chunk
