@@ -2,8 +2,11 @@
 
 * Without CUDA, Triton kernels run in the interpreter on CPU tensors (``import dms_perf`` sets
   ``TRITON_INTERPRET=1`` before triton is imported).
-* ``--context-lengths`` / ``--methods`` select the parametrization of any test that takes the
-  ``context_length`` fixture or has an ``impl`` / ``method`` parameter.
+* ``--context-lengths`` selects the parametrization of any test that takes the ``context_length`` fixture.
+* Two vocabularies, two options: ``--methods`` keeps the cases of a ``method`` parameter by method name
+  (the registry's, as ``dms-perf bench --methods`` takes them: ``vanilla,dms-triton,snapkv:0.5``);
+  ``--impls`` keeps the cases of an ``impl`` parameter by implementation name (a kernel's or the
+  prefill's: ``triton,hub,torch,loop,math``). An unknown name is a usage error that lists the valid ones.
 * ``@pytest.mark.gpu`` tests are skipped, with the reason printed, where there is no CUDA device.
 """
 
@@ -47,7 +50,14 @@ def pytest_addoption(parser):
     group.addoption(
         "--methods",
         default=None,
-        help="comma-separated implementation / method names to keep (default: all)",
+        help="comma-separated method names of the registry (`dms-perf methods`), e.g. vanilla,dms-triton: keep "
+        "only those cases of tests parametrized over `method` (default: all)",
+    )
+    group.addoption(
+        "--impls",
+        default=None,
+        help="comma-separated implementation names, e.g. triton,hub,torch,loop,math: keep only those cases of "
+        "tests parametrized over `impl`; a name no collected test takes is an error (default: all)",
     )
 
 
@@ -61,13 +71,58 @@ HOST_BOUND_MARKER = (
 def pytest_configure(config):
     config.addinivalue_line("markers", HOST_BOUND_MARKER)
     config.dms_context_lengths = parse_context_lengths(config.getoption("--context-lengths"))
-    config.dms_methods = parse_names(config.getoption("--methods"))
+    config.dms_methods = _registry_names(config.getoption("--methods"))
+    config.dms_impls = parse_names(config.getoption("--impls"))
     try:
         config.dms_shard = parse_shard(config.getoption("--shard"))
         _configure_benchmark_storage_and_timer(config)
     except GateError as e:
         raise pytest.UsageError(str(e)) from None
     _one_gpu_per_xdist_worker()
+
+
+def _registry_names(text: str | None) -> set[str] | None:
+    """``--methods``: the canonical names (``snapkv`` -> ``snapkv:0.5``) of the listed registry methods."""
+    names = parse_names(text)
+    if names is None:
+        return None
+    from dms_perf.bench.methods import resolve_methods
+
+    try:
+        return {method.name for method in resolve_methods(names)}
+    except ValueError as e:
+        raise pytest.UsageError(f"--methods: {e}") from None
+
+
+def _canonical_method(name) -> str:
+    from dms_perf.bench.methods import resolve_method
+
+    try:
+        return resolve_method(str(name)).name
+    except ValueError:
+        return str(name)
+
+
+def _check_impls(wanted: tuple[str, ...] | None, items) -> None:
+    """``--impls``: every name must be an implementation some collected test is parametrized over."""
+    if wanted is None:
+        return
+    taken = {str(params["impl"]) for item in items if "impl" in (params := _params(item))}
+    unknown = [name for name in wanted if name not in taken]
+    if unknown:
+        valid = ", ".join(sorted(taken)) or "none (no collected test has an `impl` parameter)"
+        raise pytest.UsageError(f"--impls: unknown implementation(s) {', '.join(unknown)}; valid here: {valid}")
+
+
+def _kept(params: dict, impls, methods) -> bool:
+    """Whether ``--impls`` and ``--methods`` keep a case with these parameters."""
+    if impls is not None and "impl" in params and str(params["impl"]) not in impls:
+        return False
+    return methods is None or "method" not in params or _canonical_method(params["method"]) in methods
+
+
+def _params(item) -> dict:
+    return getattr(getattr(item, "callspec", None), "params", {})
 
 
 def _one_gpu_per_xdist_worker():
@@ -122,21 +177,18 @@ def pytest_generate_tests(metafunc):
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selection, which must see the host_bound marks
 def pytest_collection_modifyitems(config, items):
-    keep_methods = config.dms_methods
+    keep_methods, keep_impls = config.dms_methods, config.dms_impls
+    _check_impls(keep_impls, items)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none on this machine (ran CPU/interpreter tests only)")
     selected, deselected = [], []
     for item in items:
         if not HAS_CUDA and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-        params = getattr(getattr(item, "callspec", None), "params", {})
+        params = _params(item)
         host_bound = getattr(getattr(item, "module", None), "host_bound", None)
         if callable(host_bound) and host_bound(params):
             item.add_marker("host_bound")
-        name = params.get("impl", params.get("method"))
-        if keep_methods is not None and name is not None and str(name) not in keep_methods:
-            deselected.append(item)
-        else:
-            selected.append(item)
+        (selected if _kept(params, keep_impls, keep_methods) else deselected).append(item)
     if config.dms_shard is not None:
         index, count = config.dms_shard
         mine = set(shard_node_ids([item.nodeid for item in selected], index, count))

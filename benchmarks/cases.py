@@ -9,10 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
-from dms_perf.ops.movers.compact import compact_by_bool
-from dms_perf.ops.movers.left_pad import left_pad_2d
-from dms_perf.ops.movers.naive import (
+from dms_perf.ops.movers.baseline import (
     bool_gather_left_pad_loop,
     bool_gather_left_pad_torch,
     compact_by_bool_loop,
@@ -22,6 +19,9 @@ from dms_perf.ops.movers.naive import (
     scatter_by_index_loop,
     scatter_by_index_torch,
 )
+from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
+from dms_perf.ops.movers.compact import compact_by_bool
+from dms_perf.ops.movers.left_pad import left_pad_2d
 from dms_perf.ops.movers.scatter import scatter_by_index
 
 HEADS, HEAD_DIM, DTYPE = (8, 128, torch.bfloat16) if HAS_CUDA else (2, 64, torch.float32)

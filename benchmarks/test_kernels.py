@@ -1,7 +1,8 @@
-"""The four DMS data-movement kernels against their loop ("hub") and torch references.
+"""The four DMS data-movement kernels against their loop ("hub") and torch baselines
+(``dms_perf/ops/movers/baseline.py``).
 
 GPU: the Qwen3-8B KV shape ``[B=1, H=8, S, D=128]`` bf16 at every context length, plus B=8 at the
-largest one. Implementations: ``loop`` and ``torch`` references; ``triton`` with the sizes / checks
+largest one. Implementations: ``loop`` and ``torch`` baselines; ``triton`` with the sizes / checks
 given by the caller (asynchronous: the kernel's own speed), eager, replayed from CUDA graphs one call a
 replay (``triton-graph``) and eight back-to-back calls a replay (``triton-graph-x8``, timed per call);
 ``triton-default`` with default keywords (one host sync to size the output or validate the index /
@@ -9,7 +10,7 @@ lengths).
 
 ``extra_info``: ``bytes`` (each needed input byte read once, each output byte written once), ``gbps``,
 ``copy_fraction`` (of ``copy_bandwidth_bytes_per_s()``), and on Triton cases ``speedup_vs_loop`` /
-``speedup_vs_torch``: the references' medians on the same input (``median_call_ms``, the statistic of the
+``speedup_vs_torch``: the baselines' medians on the same input (``median_call_ms``, the statistic of the
 case's own median), measured by the case itself.
 Compare within one size: ``--benchmark-group-by=group,param:context_length,param:batch``.
 
@@ -34,7 +35,7 @@ KERNELS = ("left_pad_2d", "scatter_by_index", "bool_gather_left_pad", "compact_b
 
 
 def host_bound(params: dict) -> bool:
-    """The loop references (a host sync per row) and every eager batch-1 call: at B=1 a launch's Python
+    """The loop baselines (a host sync per row) and every eager batch-1 call: at B=1 a launch's Python
     costs about as much as the copy (triton vs triton-graph in benchmarks/NOTES.md)."""
     return params.get("impl") == "loop" or (params.get("batch") == 1 and "-graph" not in str(params.get("impl")))
 
@@ -72,7 +73,7 @@ def test_kernel(benchmark, kernel, impl, batch, context_length, request):
     benchmark.extra_info["gbps"] = first.bytes / median_s / 1e9
     benchmark.extra_info["copy_fraction"] = first.bytes / median_s / copy_bandwidth_bytes_per_s()
     if impl.startswith("triton") and HAS_CUDA:
-        # Each case times its own references (no state shared between cases: -k and --shard change nothing).
+        # Each case times its own baselines (no state shared between cases: -k and --shard change nothing).
         for ref in ("loop", "torch"):
             ref_ms = median_call_ms(lambda ref=ref: next_case().calls[ref]())
             benchmark.extra_info[f"{ref}_ms"] = ref_ms

@@ -1,5 +1,8 @@
-"""The package's layers import downward only: ops know nothing of the model, the model nothing of the
-benchmark harness, and no production module imports a test reference (``naive.py``)."""
+"""The package's layers import downward only (ops know nothing of the model, the model nothing of the
+benchmark harness), and the readable references are the tests' alone: no module in dms_perf/ or
+benchmarks/ imports a ``naive`` module (an op's ``naive.py``), nor a ``*_reference`` function.
+Production baselines (``ops/prefill/math_impl.py``, ``ops/movers/baseline.py``,
+``ops/cache_update/torch_ops.py``, the ``hub.py`` modules) are production code and live outside them."""
 
 from __future__ import annotations
 
@@ -8,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dms_perf"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dms_perf"
+# Everything that runs outside the tests: the package and the benchmark cases.
+PRODUCTION = (PACKAGE, ROOT / "benchmarks")
 # What each layer must not import (module prefixes).
 FORBIDDEN = {
     "ops": ("dms_perf.model", "dms_perf.bench", "dms_perf.ci"),
@@ -17,23 +23,35 @@ FORBIDDEN = {
 }
 # The command line is the one entry point above every layer (``dms-perf ci`` runs the CI runner).
 ENTRY_POINTS = {"bench/cli.py"}
-# The only modules that may use a readable reference: the prefill dispatcher offers it as impl="math",
-# and the model's "math" backend is the reference model of the tests.
-REFERENCE_USERS = {
-    "ops/prefill/__init__.py": ("dms_perf.ops.prefill.naive",),
-    "model/qwen3_dms.py": ("dms_perf.ops.prefill.naive",),
-}
+
+
+def imported_names(source: str) -> set[str]:
+    """Every module an import statement names, and every ``module.name`` a from-import binds (relative
+    imports keep their dots: ``from . import naive`` gives ``.naive``)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            if node.module:
+                names.add(module)
+            prefix = f"{module}." if node.module else module
+            names.update(prefix + alias.name for alias in node.names)
+    return names
 
 
 def imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+    return imported_names(path.read_text())
+
+
+def reference_imports(source: str) -> list[str]:
+    """The imports of ``source`` that reach a test reference: a module named ``naive`` at any depth, or a
+    name ending in ``_reference``."""
+    return sorted(
+        name for name in imported_names(source)
+        if "naive" in name.split(".") or name.rsplit(".", 1)[-1].endswith("_reference")
+    )
 
 
 def modules_of(layer: str) -> list[Path]:
@@ -52,18 +70,44 @@ def test_layers_import_downward_only(layer):
     assert not offending, sorted(offending)
 
 
-def test_production_code_calls_no_reference():
-    offending = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = str(path.relative_to(PACKAGE))
-        if path.name == "naive.py" or rel == "testing.py":
-            continue
-        allowed = REFERENCE_USERS.get(rel, ())
-        for name in imported_modules(path):
-            is_reference = ".naive" in name or name.endswith("_reference")
-            if is_reference and not name.startswith(allowed):
-                offending.append(f"{rel} imports {name}")
+def test_production_code_imports_no_reference():
+    """No module in dms_perf/ or benchmarks/ imports a ``naive`` module or a ``*_reference`` function:
+    no exceptions, the op's own ``naive.py`` included."""
+    offending = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for top in PRODUCTION
+        for path in sorted(top.rglob("*.py"))
+        for name in reference_imports(path.read_text())
+    ]
     assert not offending, offending
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from dms_perf.ops.prefill.naive import prep_reference\n",
+        "import dms_perf.ops.movers.naive\n",
+        "from dms_perf.ops.movers import naive\n",
+        "from dms_perf.ops.movers.naive import left_pad_2d_reference as expected\n",
+        "from .naive import prep_reference\n",
+        "from . import naive\n",
+        "def f():\n    from dms_perf.ops.decode.naive import dms_decode_attention_reference\n",
+        "from tests.somewhere import silu_mul_reference\n",
+    ],
+)
+def test_the_checker_sees_a_reference_import(source):
+    """The rule can fail: a planted import of a reference, in any spelling, is caught."""
+    assert reference_imports(source)
+
+
+def test_the_checker_passes_production_baselines():
+    source = (
+        "from dms_perf.ops.prefill.math_impl import math_attention\n"
+        "from dms_perf.ops.movers.baseline import left_pad_2d_loop, left_pad_2d_torch\n"
+        "from dms_perf.ops.cache_update.torch_ops import decode_update_torch\n"
+        "import naivety\n"
+    )
+    assert reference_imports(source) == []
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

@@ -35,7 +35,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from dms_perf.model.pool import KVPool
 from dms_perf.ops.cache_update.fused_step import fused_decode_step
-from dms_perf.ops.cache_update.kernel import decode_update, decode_update_torch
+from dms_perf.ops.cache_update.kernel import decode_update
+from dms_perf.ops.cache_update.torch_ops import decode_update_torch
 from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.rule import evict_flags
 

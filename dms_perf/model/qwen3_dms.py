@@ -31,7 +31,7 @@ from dms_perf.model.pool import KVPool
 from dms_perf.ops.decode import dms_decode_attention, hub_decode_attention
 from dms_perf.ops.linear import decode_linear
 from dms_perf.ops.prefill import IMPLS, dms_prefill_attention
-from dms_perf.ops.prefill.naive import math_attention
+from dms_perf.ops.prefill.math_impl import math_attention
 from dms_perf.rule import decision_alphas, dms_decisions
 
 # A backend is a prefill implementation (dms_perf.ops.prefill.IMPLS); these decode with the Triton

@@ -1,12 +1,14 @@
-"""The ops: Triton kernels with launchers that validate their input, and a readable reference beside
-each (``<op>/naive.py``, used by tests only). Ops import nothing from ``dms_perf.model`` or
-``dms_perf.bench``.
+"""The ops: Triton kernels with launchers that validate their input, the torch baselines production and
+the benchmarks run (``prefill/hub.py``, ``prefill/math_impl.py``, ``decode/hub.py``,
+``cache_update/torch_ops.py``, ``movers/baseline.py``), and the readable references of the tests
+(``<op>/naive.py``: tests only, imported by nothing in dms_perf/ or benchmarks/, as tests/test_layers.py
+checks). Ops import nothing from ``dms_perf.model`` or ``dms_perf.bench``.
 
 ``movers``: ``left_pad_2d``, ``scatter_by_index``, ``bool_gather_left_pad``, ``compact_by_bool``.
 ``prefill``: ``dms_prefill_attention`` (triton, hub-triton, hub, flex, math).
 ``decode``: ``dms_decode_attention``, ``hub_decode_attention``.
-``cache_update``: ``decode_update`` (one decode step's cache bookkeeping), ``fused_decode_step`` (the
-step's norms, decision and RoPE folded in).
+``cache_update``: ``decode_update`` (one decode step's cache bookkeeping; ``decode_update_torch`` in torch
+ops), ``fused_decode_step`` (the step's norms, decision and RoPE folded in).
 ``activation``: ``silu_mul`` (SwiGLU's activation on the fused gate/up projection).
 ``linear``: ``skinny_linear`` (a decode step's projections for up to 32 rows, with a residual or SwiGLU's
 activation in the epilogue) and ``decode_linear`` (it or cuBLAS, chosen per projection).

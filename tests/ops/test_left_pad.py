@@ -1,4 +1,4 @@
-"""left_pad_2d (Triton) and its loop / torch references vs the issue-2 semantics, exactly."""
+"""left_pad_2d (Triton) and its loop / torch baselines vs the issue-2 semantics, exactly."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dms_perf.ops._common import HOST_CHECK_MAX, MAX_GRID_ROWS
+from dms_perf.ops.movers.baseline import left_pad_2d_loop, left_pad_2d_torch
 from dms_perf.ops.movers.left_pad import left_pad_2d
-from dms_perf.ops.movers.naive import left_pad_2d_loop, left_pad_2d_torch
+from dms_perf.ops.movers.naive import left_pad_2d_reference
 from tests.ops.kernel_params import (
     WIDTH_DTYPES,
     case_params,
@@ -21,15 +22,6 @@ from tests.ops.kernel_params import (
 )
 
 IMPL = {"loop": left_pad_2d_loop, "torch": left_pad_2d_torch, "triton": left_pad_2d}
-
-
-def expected_left_pad(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Row n: S - lengths[n] zeros, then x[n, :lengths[n]]."""
-    n_rows, seq_len, dim = x.shape
-    rows = []
-    for n, length in enumerate(lengths.tolist()):
-        rows.append(torch.cat([torch.zeros(seq_len - length, dim, dtype=x.dtype, device=x.device), x[n, :length]]))
-    return torch.stack(rows)
 
 
 def case_lengths(case: str, n_rows: int, seq_len: int, device) -> torch.Tensor:
@@ -51,7 +43,7 @@ def test_left_pad_matches_semantics(impl, case, shape, context_length, dtype, de
     seq_len = seq_len_for(case, context_length)
     x = random_data((batch * heads, seq_len, dim), dtype, device)
     lengths = case_lengths(case, batch * heads, seq_len, device)
-    assert torch.equal(IMPL[impl](x, lengths), expected_left_pad(x, lengths))
+    assert torch.equal(IMPL[impl](x, lengths), left_pad_2d_reference(x, lengths))
 
 
 @pytest.mark.parametrize("lengths_dtype", [torch.int32, torch.int64])
@@ -59,20 +51,20 @@ def test_left_pad_strided_input_and_int32_lengths(lengths_dtype, dtype, device):
     base = random_data((3, 77, 4, 64), dtype, device)
     x = base[:, :, 1]  # [3, 77, 64] with a row stride of 4 * 64
     lengths = torch.tensor([0, 40, 77], dtype=lengths_dtype, device=device)
-    assert torch.equal(left_pad_2d(x, lengths), expected_left_pad(x, lengths))
+    assert torch.equal(left_pad_2d(x, lengths), left_pad_2d_reference(x, lengths))
 
 
 @pytest.mark.parametrize("width_dtype", WIDTH_DTYPES, ids=str)
 def test_left_pad_moves_any_width(width_dtype, device):
     x = random_data((2, 70, 24), width_dtype, device)  # head_dim 24: not a power of two either
     lengths = torch.tensor([13, 70], device=device)
-    assert torch.equal(left_pad_2d(x, lengths), expected_left_pad(x, lengths))
+    assert torch.equal(left_pad_2d(x, lengths), left_pad_2d_reference(x, lengths))
 
 
 def test_left_pad_unchecked_clamps_lengths(device):
     x = random_data((2, 50, 64), torch.float32, device)
     y = left_pad_2d(x, torch.tensor([-5, 80], device=device), check_lengths=False)
-    assert torch.equal(y, expected_left_pad(x, torch.tensor([0, 50], device=device)))
+    assert torch.equal(y, left_pad_2d_reference(x, torch.tensor([0, 50], device=device)))
 
 
 @property_settings
@@ -86,7 +78,7 @@ def test_left_pad_property(n_rows, seq_len, dim, seed, device):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n_rows, seq_len, dim), generator=gen).to(device)
     lengths = torch.randint(0, seq_len + 1, (n_rows,), generator=gen).to(device)
-    assert torch.equal(left_pad_2d(x, lengths), expected_left_pad(x, lengths))
+    assert torch.equal(left_pad_2d(x, lengths), left_pad_2d_reference(x, lengths))
 
 
 @pytest.mark.parametrize("rows", [10, HOST_CHECK_MAX + 10], ids=["host-checked", "device-checked"])

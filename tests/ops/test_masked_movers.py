@@ -1,5 +1,5 @@
 """The two masked movers, ``bool_gather_left_pad`` and ``compact_by_bool``, and their loop / torch
-references against the exact semantics, one parametrized module for both (each mover's own size
+baselines against the exact semantics, one parametrized module for both (each mover's own size
 argument, launch rule and expected result are its ``Mover`` entry)."""
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from hypothesis import strategies as st
 
 from dms_perf.ops._common import MAX_GRID_ROWS
 from dms_perf.ops.movers import bool_gather, compact
-from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
-from dms_perf.ops.movers.compact import compact_by_bool
-from dms_perf.ops.movers.naive import (
+from dms_perf.ops.movers.baseline import (
     bool_gather_left_pad_loop,
     bool_gather_left_pad_torch,
     compact_by_bool_loop,
     compact_by_bool_torch,
 )
+from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
+from dms_perf.ops.movers.compact import compact_by_bool
+from dms_perf.ops.movers.naive import bool_gather_left_pad_reference, compact_by_bool_reference
 from tests.ops.kernel_params import (
     LAUNCH_MODES,
     WIDTH_DTYPES,
@@ -39,32 +40,6 @@ from tests.ops.kernel_params import (
     shape_params,
     spy_count_chunks,
 )
-
-
-def expected_compact(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows r = b*H + h in order; within each, kept token indices ascending; offsets = running counts."""
-    batch, heads, seq_len, dim = x.shape
-    values, positions, offsets = [x.new_zeros(0, dim)], [], [0]
-    for b in range(batch):
-        for h in range(heads):
-            kept = [s for s, k in zip(range(seq_len), keep[b, h].tolist(), strict=True) if k]
-            values.append(x[b, h, torch.tensor(kept, dtype=torch.long, device=x.device)])
-            positions += kept
-            offsets.append(offsets[-1] + len(kept))
-    as_int32 = lambda v: torch.tensor(v, dtype=torch.int32, device=x.device)
-    return torch.cat(values), as_int32(offsets), as_int32(positions)
-
-
-def expected_bool_gather(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (b, h): the rows at the selected token indices, in order, after L - count zero rows."""
-    batch, heads, _, dim = x.shape
-    selected = {(b, h): mask[b, h].nonzero()[:, 0] for b in range(batch) for h in range(heads)}
-    length = max(len(s) for s in selected.values())
-    y = torch.zeros(batch, heads, length, dim, dtype=x.dtype, device=x.device)
-    for (b, h), tokens in selected.items():
-        y[b, h, length - len(tokens) :] = x[b, h, tokens]
-    lengths = torch.tensor([[len(selected[b, h]) for h in range(heads)] for b in range(batch)], dtype=torch.int32)
-    return y, lengths.to(x.device)
 
 
 @dataclass(frozen=True)
@@ -88,7 +63,7 @@ MOVERS = {
     "bool_gather_left_pad": Mover(
         bool_gather,
         {"loop": bool_gather_left_pad_loop, "torch": bool_gather_left_pad_torch, "triton": bool_gather_left_pad},
-        expected_bool_gather,
+        bool_gather_left_pad_reference,
         "max_length",
         lambda expected: expected[0].shape[2],
         lambda mask: mask.shape[-1],  # S: a program counts within its own row
@@ -96,7 +71,7 @@ MOVERS = {
     "compact_by_bool": Mover(
         compact,
         {"loop": compact_by_bool_loop, "torch": compact_by_bool_torch, "triton": compact_by_bool},
-        expected_compact,
+        compact_by_bool_reference,
         "total",
         lambda expected: expected[0].shape[0],
         lambda mask: mask.numel(),  # B*H*S: a program counts every earlier row too
@@ -256,7 +231,7 @@ def test_bool_gather_longer_max_length_pads_in_front(launch_mode, extra, case, c
     seq_len = seq_len_for(case, context_length)
     x = random_data((1, 3, seq_len, 64), dtype, device)
     mask = random_mask(case, (1, 3, seq_len), device)
-    y_ref, lengths_ref = expected_bool_gather(x, mask)
+    y_ref, lengths_ref = bool_gather_left_pad_reference(x, mask)
     y, lengths = bool_gather_left_pad(x, mask, max_length=y_ref.shape[2] + extra)
     padded = torch.cat([torch.zeros(1, 3, extra, 64, dtype=dtype, device=device), y_ref], dim=2)
     assert_same((y, lengths), (padded, lengths_ref))
@@ -273,7 +248,7 @@ def test_bool_gather_uneven_rows(launch_mode, extra, device, monkeypatch):
     mask[0, 0] = True
     mask[0, 1, ::50] = True
     mask[0, 3, 7] = True
-    y_ref, lengths_ref = expected_bool_gather(x, mask)
+    y_ref, lengths_ref = bool_gather_left_pad_reference(x, mask)
     padded = torch.cat([torch.zeros(1, 4, max(extra, 0), 16, device=device), y_ref], dim=2)
     y, lengths = bool_gather_left_pad(x, mask, max_length=300 + extra)
     assert_same((y, lengths), (padded[:, :, -(300 + extra) :], lengths_ref))

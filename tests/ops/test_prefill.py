@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dms_perf import dms_prefill_attention
 from dms_perf._runtime import INTERPRET
 from dms_perf.ops.prefill import IMPLS, TRITON_IMPLS
-from dms_perf.ops.prefill.naive import math_attention
+from dms_perf.ops.prefill.math_impl import math_attention
 from dms_perf.testing import rel_error
 from tests.ops.accuracy import FLOOR, LSE_FLOOR, ROW_FLOOR, assert_as_accurate_as_torch, max_abs_error, worst_row_error
 from tests.ops.launch_spy import assert_grid_fits_cuda, spy_launches
@@ -163,12 +163,12 @@ def test_bad_inputs_raise(case):
 @pytest.mark.parametrize("impl", ["flex", "math"])
 def test_query_chunks_match_math(impl, device, monkeypatch):
     """Force several query chunks (flex: one block mask per chunk, offset read from a device tensor)."""
-    from dms_perf.ops.prefill import flex, naive
+    from dms_perf.ops.prefill import flex, math_impl
 
     q, k, v, decisions = make_inputs(1, 4, 2, 300, 64, torch.float32, device, 0.875)
     ref, _ = math_attention(q.double(), k.double(), v.double(), decisions, 40, 0.125)  # one chunk
     monkeypatch.setattr(flex, "FLEX_CHUNK_ELEMENTS", 1)  # 128-row chunks
-    monkeypatch.setattr(naive, "MATH_CHUNK_ELEMENTS", 1)  # 1-row chunks
+    monkeypatch.setattr(math_impl, "MATH_CHUNK_ELEMENTS", 1)  # 1-row chunks
     out = dms_prefill_attention(q, k, v, decisions, 40, impl=impl, scale=0.125)
     assert rel_error(out, ref) < 1e-5 and worst_row_error(out, ref) < 1e-4
 

@@ -1,4 +1,4 @@
-"""scatter_by_index (Triton) and its loop / torch references vs the issue-2 semantics, exactly."""
+"""scatter_by_index (Triton) and its loop / torch baselines vs the issue-2 semantics, exactly."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dms_perf.ops._common import HOST_CHECK_MAX
-from dms_perf.ops.movers.naive import scatter_by_index_loop, scatter_by_index_torch
+from dms_perf.ops.movers.baseline import scatter_by_index_loop, scatter_by_index_torch
+from dms_perf.ops.movers.naive import scatter_by_index_reference
 from dms_perf.ops.movers.scatter import scatter_by_index
 from tests.ops.kernel_params import WIDTH_DTYPES, impl_params, property_settings, random_data, shape_params
 
 IMPL = {"loop": scatter_by_index_loop, "torch": scatter_by_index_torch, "triton": scatter_by_index}
-# The loop reference syncs once per row: token-order permutations only up to this many rows.
+# The loop baseline syncs once per row: token-order permutations only up to this many rows.
 LOOP_MAX_ROWS = 4096
-
-
-def expected_scatter(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """For a permutation, out[j] = src[m] where index[m] = j, i.e. src gathered by index's inverse."""
-    return src[torch.argsort(index)]
 
 
 def make_index(order: str, n: int, device) -> torch.Tensor:
@@ -41,10 +37,10 @@ def test_scatter_matches_semantics(impl, order, layout, shape, context_length, d
         src = random_data((batch * heads, context_length, dim), dtype, device)
     else:
         if impl == "loop" and context_length > LOOP_MAX_ROWS:
-            pytest.skip(f"loop reference syncs per row: {context_length} rows is too slow")
+            pytest.skip(f"loop baseline syncs per row: {context_length} rows is too slow")
         src = random_data((context_length - 3, dim), dtype, device)
     index = make_index(order, src.shape[0], device)
-    assert torch.equal(IMPL[impl](src, index), expected_scatter(src, index))
+    assert torch.equal(IMPL[impl](src, index), scatter_by_index_reference(src, index))
 
 
 @impl_params
@@ -65,7 +61,7 @@ def test_scatter_into_larger_out_keeps_other_rows(impl, dtype, device):
 def test_scatter_moves_any_width(width_dtype, index_dtype, device):
     src = random_data((37, 5, 3), width_dtype, device)  # 15 elements per row: not a power of two
     index = torch.randperm(37, device=device).to(index_dtype)
-    assert torch.equal(scatter_by_index(src, index), expected_scatter(src, index))
+    assert torch.equal(scatter_by_index(src, index), scatter_by_index_reference(src, index))
 
 
 def test_scatter_empty_src(device):
@@ -76,7 +72,7 @@ def test_scatter_empty_src(device):
 def test_scatter_unchecked_permutation(device):
     src = random_data((300, 64), torch.float16, device)
     index = torch.randperm(300, device=device)
-    assert torch.equal(scatter_by_index(src, index, check_index=False), expected_scatter(src, index))
+    assert torch.equal(scatter_by_index(src, index, check_index=False), scatter_by_index_reference(src, index))
 
 
 @property_settings
@@ -89,7 +85,7 @@ def test_scatter_property(rows, row_shape, seed, device):
     gen = torch.Generator().manual_seed(seed)
     src = torch.randn((rows, *row_shape), generator=gen).to(device)
     index = torch.randperm(rows, generator=gen).to(device)
-    assert torch.equal(scatter_by_index(src, index), expected_scatter(src, index))
+    assert torch.equal(scatter_by_index(src, index), scatter_by_index_reference(src, index))
 
 
 BAD_CALLS = {

@@ -6,10 +6,10 @@ leaves the window and frees its slot if it was marked; token t takes that slot, 
 of the head's segment; its K and V rows are written there. The step also zeroes the borrowed channel of
 the rotated query (RoPE moved channel D/2 - 1 into it), so that it takes no part in the scores.
 
-``decode_update_torch`` is the readable reference: the torch ops ``DMSCacheLayer.decode`` runs for the
-hub and flex backends (about 15 small ops). ``decode_update`` does the same in one launch, for the
-triton backend: a decode step is bound by the host's per-op cost (benchmarks/NOTES.md, "Decode host
-cost"), so ops per layer are what a step costs. Neither reads anything back to the host.
+``decode_update`` does in one launch, for the triton backend, what ``torch_ops.decode_update_torch``
+does in about 15 small torch ops for the hub and flex backends: a decode step is bound by the host's
+per-op cost (benchmarks/NOTES.md, "Decode host cost"), so ops per layer are what a step costs. Neither
+reads anything back to the host.
 """
 
 from __future__ import annotations
@@ -17,25 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-def decode_update_torch(
-    ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, decisions, t: int, window: int
-) -> None:
-    """Reference step: ring ``[B, Hkv, window + 1]`` (slot int64, flag bool), ``lengths`` int32 and
-    ``starts`` int64 ``[B, Hkv]``, caches ``[S, D]``, new ``keys`` / ``values`` ``[B, Hkv, 1, D]`` and
-    ``decisions`` bool ``[B, Hkv, 1]`` of token ``t``. Updates the ring, lengths and caches in place."""
-    w1 = window + 1
-    ring_flag[:, :, (t - 1) % w1] = decisions[:, :, 0]
-    leaving = t % w1
-    reuse = ring_flag[:, :, leaving]  # a view, consumed before the entry is cleared
-    slot = torch.where(reuse, ring_slot[:, :, leaving], lengths.long())
-    lengths += (~reuse).to(torch.int32)
-    ring_slot[:, :, leaving] = slot
-    ring_flag[:, :, leaving] = False
-    rows = (starts + slot).flatten()
-    k_cache.index_copy_(0, rows, keys.reshape(-1, keys.shape[-1]))
-    v_cache.index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
 
 
 @triton.jit
@@ -93,12 +74,12 @@ def decode_update(
     ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, alphas, q,
     step: torch.Tensor, window: int, alpha_scale: float, alpha_offset: float, *, zero_borrowed: bool = True,
 ) -> None:
-    """``decode_update_torch`` with the decisions computed from ``alphas`` (fp32 ``[B, Hkv, 1]`` or a
+    """``torch_ops.decode_update_torch`` with the decisions computed from ``alphas`` (fp32 ``[B, Hkv, 1]`` or a
     view of that shape) in the same launch, which also zeroes ``q[:, h * G, 0, D - 1]`` of the rotated
     query ``q`` ``[B, Hq, 1, D]`` in place (``zero_borrowed=False``: leaves q as it is, for a model
     decoding a non-DMS cache with eviction off). One Triton launch, no host synchronization.
 
-    ``step``: int64 ``[B * Hkv]`` on the device, the index t of the new token per head (the reference's
+    ``step``: int64 ``[B * Hkv]`` on the device, the index t of the new token per head (the torch step's
     ``t``); the launch advances it by one. Every argument is a device tensor or fixed for the cache's
     life, so the launch can be captured in a CUDA graph and replayed step after step.
 

@@ -1,5 +1,6 @@
 """The four data movers of the DMS cache and the hub prefill, each one Triton kernel family with a
-launcher that validates its input; ``naive.py`` holds their readable and loop references."""
+launcher that validates its input. ``baseline.py`` holds the loop (hub) and vectorized torch baselines the
+benchmarks time them against; ``naive.py`` holds the readable references of the tests (tests only)."""
 
 from dms_perf.ops.movers.bool_gather import bool_gather_left_pad
 from dms_perf.ops.movers.compact import compact_by_bool

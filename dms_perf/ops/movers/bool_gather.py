@@ -2,7 +2,7 @@
 
 This is the hub prefill's per-head selection of kept tokens (docs/DMS.md, "The hub algorithm" and
 "Cache and decode": lengths differ between heads, so rows are left-padded to the longest one).
-References (the released code's per-(b, h) boolean indexing, and a vectorized one): ``naive.py``.
+Baselines (the released code's per-(b, h) boolean indexing, and a vectorized one): ``baseline.py``.
 
 Launches: a program moves the selected rows of one chunk of one (b, h) row. Rows are right-aligned, so
 where a chunk's rows land depends only on how many rows are selected from the chunk on. With

@@ -3,7 +3,7 @@
 Per (batch, KV head) the DMS cache holds only the kept tokens, so lengths differ between heads
 (docs/DMS.md, "Cache and decode"). ``compact_by_bool`` packs every (b, h)'s kept rows back to back:
 ``values [T, D]``, ``offsets [B*H + 1]`` (row r = b*H + h owns ``values[offsets[r]:offsets[r+1]]``)
-and ``positions [T]`` (each kept row's original token index). References: ``naive.py``.
+and ``positions [T]`` (each kept row's original token index). Baselines: ``baseline.py``.
 
 Launches: a program moves the kept rows of one chunk of one (b, h) row, starting at the number of kept
 rows before the chunk in the whole mask. With ``total`` given and ``B*H*S <= ONE_LAUNCH_MAX_COUNT``,

@@ -2,7 +2,8 @@
 
 The DMS hub prefill (docs/DMS.md, "The hub algorithm") left-pads the batch with a per-row Python
 loop (``left_pad_one``); ``left_pad_2d_loop`` mirrors it, ``left_pad_2d_torch`` is the vectorized
-reference and ``left_pad_2d`` the Triton kernel (one launch, no host sync with ``check_lengths=False``).
+baseline (both in ``baseline.py``) and ``left_pad_2d`` the Triton kernel (one launch, no host sync
+with ``check_lengths=False``).
 """
 
 from __future__ import annotations

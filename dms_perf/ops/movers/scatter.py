@@ -2,7 +2,7 @@
 
 The DMS hub prefill (docs/DMS.md, "The hub algorithm") restores the batch order with a per-row
 Python loop; ``scatter_by_index_loop`` mirrors it, ``scatter_by_index_torch`` is the vectorized
-reference (``index_copy_``) and ``scatter_by_index`` the Triton kernel (one launch).
+baseline (``index_copy_``; both in ``baseline.py``) and ``scatter_by_index`` the Triton kernel (one launch).
 """
 
 from __future__ import annotations

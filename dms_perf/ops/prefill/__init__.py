@@ -6,7 +6,7 @@
                   chunked SDPA by one fused launch over all keys under the DMS mask (``hub_triton.py``).
 ``"hub"``         the released checkpoint's algorithm, reproduced faithfully (``hub.py``).
 ``"flex"``        PyTorch FlexAttention with a DMS ``mask_mod`` (``flex.py``).
-``"math"``        the readable fp32/fp64 reference (``naive.py``), the ground truth of the tests.
+``"math"``        a dense masked softmax in fp32/fp64 (``math_impl.py``), also the ground truth of the tests.
 
 All of them follow docs/DMS.md, "Who is visible".
 """
@@ -23,7 +23,7 @@ from dms_perf.ops.prefill.flex import flex_attention
 from dms_perf.ops.prefill.fused import triton_prefill_attention
 from dms_perf.ops.prefill.hub import hub_attention
 from dms_perf.ops.prefill.hub_triton import hub_triton_attention
-from dms_perf.ops.prefill.naive import math_attention
+from dms_perf.ops.prefill.math_impl import math_attention
 
 # The one list of prefill implementations; the model's backends and the registry's DMS methods use these names.
 IMPLS = ("triton", "hub-triton", "hub", "flex", "math")

@@ -1,6 +1,6 @@
 """Fused DMS prefill attention in Triton (the rule: docs/DMS.md, "Who is visible").
 
-The readable reference is ``naive.math_attention`` (the ``"math"`` implementation); the public entry
+The tests check it against ``math_impl.math_attention`` (the ``"math"`` implementation); the public entry
 point is ``dms_perf.dms_prefill_attention(..., impl="triton")``, which validates its inputs and calls
 ``triton_prefill_attention`` here.
 
@@ -17,7 +17,7 @@ Host cost matters at short prompts (a Triton launch costs tens of microseconds o
 host): a call is two Triton launches. ``_dms_prep_kernel`` reads the decisions, compacts the kept K and
 V rows of every (batch, KV head) into segments of fixed capacity N (no global prefix sum, so no host
 sync and no second pass) and writes the running kept counts; ``_dms_prefill_kernel`` attends.
-Its readable reference is ``naive.prep_reference`` (``evict_flags``, boolean indexing, ``cumsum``).
+Its readable reference (tests only) is ``naive.prep_reference`` (``evict_flags``, boolean indexing, ``cumsum``).
 With ``COMPACT`` off (the hub-triton structure), there is no prep launch: the band covers every key.
 """
 
