@@ -99,3 +99,27 @@ def test_no_issue_numbers_in_the_tree():
     hits = [f"{p.relative_to(REPO)}:{n}" for p in files
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert not hits, f"issue numbers cited at {hits}"
+
+
+def _selection_examples() -> list[tuple[str, list[str]]]:
+    """Every ``pytest`` command in the README and docs/ that selects with --methods or --impls."""
+    examples = []
+    for path in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            command = line.split("#")[0].strip().strip("`")
+            if command.startswith("pytest ") and ("--methods" in command or "--impls" in command):
+                examples.append((f"{path.name}: {command}", command.split()[1:]))
+    return examples
+
+
+def test_docs_selection_examples_select_cases():
+    """Each documented --methods / --impls example collects at least one case (an option that selected
+    nothing once passed silently)."""
+    examples = _selection_examples()
+    assert examples, "no documented pytest command selects with --methods or --impls"
+    for where, args in examples:
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 *args], cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=300)
+        collected = re.search(r"(\d+) tests? collected", result.stdout)
+        assert result.returncode == 0 and collected and int(collected.group(1)) > 0, (
+            f"{where} selects nothing:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
