@@ -198,9 +198,46 @@ def _validate(args, parser):
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not 0.0 <= args.needle_depth <= 1.0:
         parser.error(f"--needle-depth must be in [0, 1], got {args.needle_depth}")
-    if args.target_cr != 0 and args.target_cr < 1:
-        parser.error(f"--target-cr must be 0 (off) or >= 1, got {args.target_cr}")
+    if args.target_cr != 0 and not args.target_cr > 1:  # 1x is no eviction: the calibration cannot aim at it
+        parser.error(f"--target-cr must be 0 (off) or > 1, got {args.target_cr:g}")
     return contexts, methods
+
+
+def _position_limit(model: str) -> int | None:
+    """``max_position_embeddings`` of a random model's config, of a checkpoint's config.json or of a hub
+    id's cached config.json; None where it is not known here (the model's own load then decides)."""
+    import json
+    from pathlib import Path
+
+    from dms_perf.bench.methods import is_model_path, model_config
+
+    if not is_model_path(model):
+        return int(model_config(model).max_position_embeddings)
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def _positions_problem(model: str, contexts, new_tokens: int) -> str | None:
+    """Why a context of ``contexts`` does not fit the model's positions with ``new_tokens`` generated after
+    it (one line), or None."""
+    limit = _position_limit(model)
+    too_long = [c for c in contexts if c + new_tokens > limit] if limit else []
+    if not too_long:
+        return None
+    values = ", ".join(str(c) for c in too_long)
+    return (f"--contexts {values}: a prompt and its --new-tokens {new_tokens} must fit the model's positions, but "
+            f"--model {model} has {limit} (max_position_embeddings): contexts up to {limit - new_tokens} tokens")
 
 
 def _weights_note(args, methods, real_weights: bool) -> str:
@@ -230,6 +267,8 @@ def run_bench(args, parser) -> int:
         check_model(args.model)
     except ValueError as exc:
         return _error(parser, exc)
+    if (problem := _positions_problem(args.model, contexts, args.new_tokens)) is not None:
+        return _error(parser, problem)
     real_weights = is_model_path(args.model)
     tokenizer = args.tokenizer or (args.model if real_weights else None)
     loaded_tokenizer = None

@@ -36,9 +36,11 @@ def parse_token_count(text: str) -> int:
 
 
 def parse_context_lengths(text: str | None) -> tuple[int, ...]:
+    """``"4k,8k,4096"`` -> (4096, 8192): a length written twice (in any form) is one length, kept where it
+    first appears; the defaults for an empty text."""
     if not text:
         return default_context_lengths()
-    return tuple(parse_token_count(t) for t in text.split(",") if t.strip())
+    return tuple(dict.fromkeys(parse_token_count(t) for t in text.split(",") if t.strip()))
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

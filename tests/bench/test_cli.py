@@ -87,7 +87,8 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
         (["--contexts", "4q"], "not a token count"),
         (["--new-tokens", "0"], "--new-tokens must be >= 1"),
         (["--needle-depth", "2"], "--needle-depth must be in [0, 1]"),
-        (["--target-cr", "0.5"], "--target-cr must be 0 (off) or >= 1"),
+        (["--target-cr", "0.5"], "--target-cr must be 0 (off) or > 1, got 0.5"),
+        (["--target-cr", "1"], "--target-cr must be 0 (off) or > 1, got 1"),  # no eviction to calibrate to
     ],
 )
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
@@ -96,6 +97,44 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_target_cr_1_is_one_line_before_any_cell(tmp_path):
+    result = cli("bench", "--model", "tiny", *TINY_RUN, "--methods", "dms-hub", "--target-cr", "1",
+                 "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: dms-perf bench ")  # an option error: argparse's usage, then the line
+    assert result.stderr.strip().splitlines()[-1] == "dms-perf bench: error: --target-cr must be 0 (off) or > 1, got 1"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_context_written_twice_is_one_cell(tmp_path, capsys):
+    # 32 and 0.03125k are one length: one cell, one row, kept where it first appears
+    code = main(["bench", "--model", "tiny", "--contexts", "48,32,48,0.03125k", "--methods", "vanilla",
+                 "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 0
+    meta, rows = load_results(tmp_path)
+    assert meta["contexts"] == [48, 32]
+    assert [(r["method"], r["context"]) for r in rows] == [("vanilla", 48), ("vanilla", 32)]
+
+
+@pytest.mark.parametrize(("model", "contexts", "limit"), [
+    ("tiny", "999999999", 4096),
+    ("tiny", "64,4093,8k", 4096),  # 4093 + 4 new tokens is one position too many
+    ("checkpoint", "5k", 4096),
+])
+def test_contexts_beyond_the_models_positions_are_refused_before_any_cell(tmp_path, checkpoint, model, contexts,
+                                                                         limit):
+    model = str(checkpoint) if model == "checkpoint" else model
+    result = cli("bench", "--model", model, "--contexts", contexts, "--methods", "vanilla", "--new-tokens", "4",
+                 "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    too_long = [c for c in contexts.split(",") if c not in ("64",)]
+    values = ", ".join(str(int(c[:-1]) * 1024) if c.endswith("k") else c for c in too_long)
+    assert error_line(result) == (
+        f"dms-perf bench: error: --contexts {values}: a prompt and its --new-tokens 4 must fit the model's "
+        f"positions, but --model {model} has {limit} (max_position_embeddings): contexts up to {limit - 4} tokens")
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_cells_are_rows_of_their_own(tmp_path, capsys):
