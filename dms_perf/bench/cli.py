@@ -418,12 +418,14 @@ def _failure_summary(failed: list[dict], total: int) -> str:
 
 
 def run_report(args, parser) -> int:
-    from dms_perf.bench.report import ResultsWriter, merge_results
+    from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
 
     try:
         meta, rows = merge_results(args.inputs)
-    except (OSError, ValueError, KeyError) as exc:
-        parser.error(f"cannot merge {args.inputs}: {exc}")
+    except ResultsFileError as exc:  # names the file and what is wrong with it
+        return _error(parser, f"cannot merge {exc}")
+    except ValueError as exc:  # runs that do not join: names the run and what differs
+        return _error(parser, exc)
     if (problem := _prepare_out(args.out)) is not None:
         return _error(parser, problem)
     try:

@@ -67,14 +67,98 @@ def cell_key(row: dict[str, Any]) -> tuple[int, str, int]:
     return row["context"], row["method"], row_batch(row)
 
 
+class ResultsFileError(ValueError):
+    """A file ``load_results`` cannot read as results; the message names the file and what is wrong."""
+
+
+# What a row needs to be drawn: every row its cell and status, a measured ("ok") row its figures.
+CELL_KEYS = {"context": int, "method": str, "status": str}
+FIGURE_KEYS = {"total_s": float, "prefill_s": float, "prefill_tok_s": float, "generated_tokens": int,
+               "kv_bytes": int, "retrieval": str}
+OPTIONAL_FIGURE_KEYS = ("batch", "peak_vram_bytes", "kept_kv_bytes", "decode_tok_s", "decode_tok_s_per_seq",
+                        "ms_per_step", "compression", "repeats")
+
+
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(meta, rows) of a results.json, or of the results.json inside a directory, or of a pytest-benchmark
-    JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``)."""
+    JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``).
+
+    Raises ``ResultsFileError`` naming the file and, in one line, what is wrong with it: missing,
+    unreadable, not JSON (truncated, binary), not a results object, or a row without what the tables need.
+    """
     path = Path(path)
-    data = json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
+    file = path / JSON_NAME if path.is_dir() else path
+    if path.is_dir() and not file.exists():
+        raise ResultsFileError(f"{path}: a directory without {JSON_NAME} (expected a dms-perf bench output "
+                               f"directory, its {JSON_NAME} or a pytest-benchmark JSON)")
+    try:
+        text = file.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except FileNotFoundError:
+        raise ResultsFileError(f"{file}: no such file or directory") from None
+    except OSError as exc:
+        raise ResultsFileError(f"{file}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ResultsFileError(f"{file}: not a results file: not text (UTF-8 JSON expected)") from None
+    except json.JSONDecodeError as exc:
+        what = "truncated JSON" if exc.pos >= len(text.rstrip()) else "not valid JSON"
+        raise ResultsFileError(f"{file}: {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise ResultsFileError(f"{file}: holds a JSON {_json_kind(data)}, not a results object "
+                               '({"meta": {...}, "rows": [...]}) nor a pytest-benchmark JSON')
     if "benchmarks" in data and "meta" not in data:
-        return results_from_benchmarks(data, source=path.name)
-    return data["meta"], data["rows"]
+        try:
+            meta, rows = results_from_benchmarks(data, source=file.name)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ResultsFileError(f"{file}: not a pytest-benchmark JSON of end-to-end cases "
+                                   f"({type(exc).__name__}: {exc})") from None
+        except ValueError as exc:
+            raise ResultsFileError(f"{file}: {exc}") from None
+    else:
+        meta, rows = data.get("meta"), data.get("rows")
+        for key, value, kind in (("meta", meta, dict), ("rows", rows, list)):
+            if not isinstance(value, kind):
+                found = "no" if value is None else f"a JSON {_json_kind(value)} as its"
+                raise ResultsFileError(f"{file}: not a results file: {found} {key!r} (a JSON "
+                                       f"{_json_kind(kind())} expected)")
+        for key, kind in (("device", dict), ("calibration", dict), ("contexts", list), ("methods", list),
+                          ("batches", list)):
+            if meta.get(key) is not None and not isinstance(meta[key], kind):
+                raise ResultsFileError(f"{file}: its meta {key!r} is a JSON {_json_kind(meta[key])}, not a JSON "
+                                       f"{_json_kind(kind())}")
+    for index, row in enumerate(rows):
+        if (problem := _row_problem(row)) is not None:
+            raise ResultsFileError(f"{file}: row {index}: {problem}")
+    return meta, rows
+
+
+def _json_kind(value) -> str:
+    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "list"),
+             (dict, "object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
+
+
+def _row_problem(row) -> str | None:
+    """What a row lacks for the tables and plots (one line), or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {_json_kind(row)}, not an object"
+    measured = row.get("status") == "ok" or row.get("partial") is True
+    needed = {**CELL_KEYS, **(FIGURE_KEYS if measured else {})}
+    for key, kind in needed.items():
+        if key not in row:
+            return f"no {key!r}" + (f" (a row with status {row['status']!r} holds its figures)" if measured else "")
+        if not _is(row[key], kind):
+            return f"{key!r} is {row[key]!r}, not a {_json_kind(kind())}"
+    for key in OPTIONAL_FIGURE_KEYS:
+        if row.get(key) is not None and not _is(row[key], float):
+            return f"{key!r} is {row[key]!r}, not a number"
+    return None
+
+
+def _is(value, kind) -> bool:
+    if isinstance(value, bool):  # JSON true/false are not numbers
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -143,7 +227,7 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
         if not meta:
             meta = {**m, "commands": []}
         for what, mine, first in (
-            ("device gpu", m.get("device", {}).get("gpu"), meta.get("device", {}).get("gpu")),
+            ("device gpu", (m.get("device") or {}).get("gpu"), (meta.get("device") or {}).get("gpu")),
             ("model", m.get("model"), meta.get("model")),
             ("dtype", m.get("dtype"), meta.get("dtype")),
         ):
@@ -388,7 +472,7 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
 
 
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    device = meta.get("device", {})
+    device = meta.get("device") or {}
     if not meta.get("weights_by_row"):  # one run: its text on every row that has none of its own
         rows = [r if r.get("weights") or meta.get("weights") is None else {**r, "weights": meta["weights"]}
                 for r in rows]

@@ -225,9 +225,64 @@ def test_report_merges_bench_runs(tmp_path):
 
 
 def test_report_of_a_missing_run_exits_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "all")])
-    assert info.value.code == 2 and "cannot merge" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "all")]) == 2
+    assert capsys.readouterr().err == (f"dms-perf report: error: cannot merge {tmp_path / 'nothing'}: no such file "
+                                       "or directory\n")
+
+
+_OK_ROW = {"context": 32, "method": "vanilla", "status": "ok", "total_s": 1.0, "prefill_s": 0.5,
+           "prefill_tok_s": 64.0, "generated_tokens": 2, "kv_bytes": 1024, "retrieval": "n/a (random weights)"}
+BAD_RESULTS = {  # name -> (what the file holds, what the error line says after the file's name)
+    "list": (b"[1, 2, 3]", 'holds a JSON list, not a results object ({"meta": {...}, "rows": [...]}) nor a '
+                           "pytest-benchmark JSON"),
+    "random-bytes": (bytes(range(256)) * 4, "not a results file: not text (UTF-8 JSON expected)"),
+    "truncated": (json.dumps({"meta": {}, "rows": [_OK_ROW]}).encode()[:-25], "truncated JSON: "),
+    "not-json": (b"meta: rows", "not valid JSON: Expecting value at line 1 column 1"),
+    "no-rows": (json.dumps({"meta": {}}).encode(), "not a results file: no 'rows' (a JSON list expected)"),
+    "rows-object": (json.dumps({"meta": {}, "rows": {}}).encode(),
+                    "not a results file: a JSON object as its 'rows' (a JSON list expected)"),
+    "row-without-method": (json.dumps({"meta": {}, "rows": [{"context": 32, "status": "OOM"}]}).encode(),
+                           "row 0: no 'method'"),
+    "ok-row-without-figures": (json.dumps({"meta": {}, "rows": [_OK_ROW, {**_OK_ROW, "total_s": None}]}).encode(),
+                               "row 1: 'total_s' is None, not a number"),
+    "ok-row-missing-kv": (json.dumps({"meta": {}, "rows": [{k: v for k, v in _OK_ROW.items() if k != "kv_bytes"}]})
+                          .encode(), "row 0: no 'kv_bytes' (a row with status 'ok' holds its figures)"),
+    "row-a-number": (json.dumps({"meta": {}, "rows": [7]}).encode(), "row 0: a JSON number, not an object"),
+    "device-a-string": (json.dumps({"meta": {"device": "H100"}, "rows": []}).encode(),
+                        "its meta 'device' is a JSON string, not a JSON object"),
+    "benchmark-json-without-params": (json.dumps({"benchmarks": [{"extra_info": {"total_s": 1, "method": "x"}}]})
+                                      .encode(), "not a pytest-benchmark JSON of end-to-end cases (KeyError: "),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RESULTS))
+def test_report_of_a_bad_results_file_is_one_line_naming_it(tmp_path, capsys, kind):
+    content, message = BAD_RESULTS[kind]
+    bad = tmp_path / "results.json"
+    bad.write_bytes(content)
+    assert main(["report", str(bad), "--out", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dms-perf report: error: cannot merge {bad}: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "all").exists()
+
+
+def test_report_of_a_directory_without_results_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "all")]) == 2
+    assert capsys.readouterr().err == (f"dms-perf report: error: cannot merge {tmp_path}: a directory without "
+                                       "results.json (expected a dms-perf bench output directory, its results.json "
+                                       "or a pytest-benchmark JSON)\n")
+
+
+@pytest.mark.parametrize("kind", ["list", "random-bytes", "truncated", "ok-row-without-figures"])
+def test_report_of_a_bad_results_file_has_no_traceback(tmp_path, kind):
+    content, message = BAD_RESULTS[kind]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"meta": {"model": "tiny"}, "rows": [_OK_ROW]}))
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    result = cli("report", str(good), str(bad), "--out", str(tmp_path / "all"))  # the second input names itself
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"dms-perf report: error: cannot merge {bad}: {message}")
 
 
 # A loop whose bound derives from a program id, as the DMS kernels' prefix counts have: Triton 3.6's
@@ -257,8 +312,7 @@ def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
     assert (tmp_path / "md" / "time_vs_context.png").stat().st_size > 0
     bad = tmp_path / "kernels.json"
     bad.write_text(json.dumps({"benchmarks": [{"params": {}, "extra_info": {"kernel": "x"}}]}))
-    with pytest.raises(SystemExit):
-        main(["report", str(bad), "--out", str(tmp_path / "none")])
+    assert main(["report", str(bad), "--out", str(tmp_path / "none")]) == 2
 
 
 # --- the real entry point in a child process: exit status, one-line errors, never a traceback -------------
