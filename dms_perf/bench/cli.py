@@ -317,9 +317,11 @@ def run_bench(args, parser) -> int:
         print(f"interrupted: {n} row{'' if n == 1 else 's'} kept in {writer.json_path}, results.md and plots written",
               file=sys.stderr)
         return 130
-    from dms_perf.bench.report import comparison_table
+    from dms_perf.bench.report import comparison_table, reading_notes
 
     print(comparison_table(writer.rows))
+    for note in reading_notes(writer.meta, writer.rows):  # what results.md says under "Reading this table"
+        print(f"- {note}")
     console.print("wrote " + ", ".join(str(f) for f in files))
     failed = [r for r in writer.rows if str(r.get("status", "")).startswith("error")]
     if failed:

@@ -30,11 +30,12 @@ class GenerationRun:
     new_tokens: int  # per sequence
     generated_ids: torch.Tensor  # int64 on CPU: [new_tokens] (generate_once), [batch, new_tokens] (generate_batch)
     peak_vram_bytes: int | None
-    kv_bytes: int  # the whole batch's cache
+    kv_bytes: int  # bytes the whole batch's cache holds, rows reserved for decoding included
     kept_slots: int  # (layer, batch, KV head, token) slots the cache still attends to at the end
     dense_slots: int  # the same count for an uncompressed cache
     batch: int = 1
     kv_rows: int | None = None  # rows of a DMSCache's segments (what a KV pool must hold), else None
+    kept_kv_bytes: int | None = None  # bytes of the kept slots' keys and values (kept_slots of them)
 
 
 def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None,
@@ -124,6 +125,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         synchronize()
         done = time.perf_counter()
     kv_bytes, kept, dense = kv_cache_stats(model, cache, seen_tokens=length + new_tokens - 1)
+    kept_bytes = kept * kv_slot_bytes(cache)
     rows = cache.segment_rows() if hasattr(cache, "segment_rows") else None
     return GenerationRun(
         prefill_s=prefilled - start,
@@ -136,6 +138,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         dense_slots=dense,
         batch=batch,
         kv_rows=rows,
+        kept_kv_bytes=kept_bytes,
     )
 
 
@@ -246,6 +249,16 @@ def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     return kv_cache_bytes(cache), kept, dense
 
 
+def kv_slot_bytes(cache) -> int:
+    """Bytes of one slot (one token's key and value in one KV head) of ``cache``: the unit of kept bytes,
+    ``DMSCache.kept_kv_bytes`` for a DMSCache."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() >= 2:
+            return 2 * keys.shape[-1] * keys.element_size()
+    return 0
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else NOT_MEASURED
@@ -269,7 +282,10 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
     """Median figures over timed runs (one row of the results table), for a batch of B sequences:
     ``prefill_tok_s`` = B * context / prefill seconds; ``decode_tok_s`` = B * steps / decode seconds (all
     sequences), ``decode_tok_s_per_seq`` = steps / decode seconds, ``ms_per_step`` = decode ms / steps, with
-    steps = ``new_tokens - 1`` (None without a decode step). ``generated_tokens`` counts one sequence's."""
+    steps = ``new_tokens - 1`` (None without a decode step). ``generated_tokens`` counts one sequence's.
+    ``kv_bytes``: what the cache holds at the end, rows reserved for decoding included (a DMS cache
+    reserves ``max(dms_capacity_step, new_tokens)`` per head, so it may hold more than a dense one);
+    ``kept_kv_bytes``: the keys and values of the slots still attended to, which ``compression`` counts."""
     prefill = _median([r.prefill_s for r in runs])
     decode = _median([r.decode_s for r in runs])
     total = _median([r.prefill_s + r.decode_s for r in runs])
@@ -288,6 +304,7 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
         "generated_tokens": last.new_tokens,
         "peak_vram_bytes": _median([r.peak_vram_bytes for r in runs]),
         "kv_bytes": last.kv_bytes,
+        "kept_kv_bytes": last.kept_kv_bytes,
         "compression": last.dense_slots / last.kept_slots if last.kept_slots else NOT_MEASURED,
         "retrieval": retrieval,
         "repeats": len(runs),

@@ -296,8 +296,15 @@ def _gib(value) -> str:
     return DASH if value is None else f"{value / 2**30:.2f}"
 
 
-def _mib(value) -> str:
-    return DASH if value is None else f"{value / 2**20:,.1f}"
+def _kv_unit(rows: list[dict[str, Any]]) -> tuple[str, float]:
+    """(unit, bytes per unit) of the KV columns: MiB, or KiB when every cache holds less than 1 MiB (a tiny
+    model's, whose figures would all read 0.1 or 0.2 MiB)."""
+    held = [r["kv_bytes"] for r in rows if _ok(r) and r.get("kv_bytes") is not None]
+    return ("MiB", 2**20) if not held or max(held) >= 2**20 else ("KiB", 2**10)
+
+
+def _kv(value, scale: float) -> str:
+    return DASH if value is None else f"{value / scale:,.1f}"
 
 
 def _ok(row) -> bool:
@@ -330,11 +337,12 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
     rows = ordered_rows(rows, methods)
     weights = _weights_differ(rows)
     batches = batched(rows)
+    unit, scale = _kv_unit(rows)
     head = ("| Context | Method |" + (" Batch |" if batches else "") + " Time (s) | tok/s | Peak VRAM (GiB) "
             "| TTFT (s) | Prefill tok/s | Decode tok/s |" + (" Decode tok/s per seq | ms/step |" if batches else "")
-            + " KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
+            + f" KV held ({unit}) | KV kept ({unit}) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    figures = 10 if batches else 8  # columns after the status of a failed row
+    figures = 11 if batches else 9  # columns after the status of a failed row
     for r in rows:
         cell = f"| {_ctx(r['context'])} | {r['method']} |" + (f" {row_batch(r)} |" if batches else "")
         tail = f" {r.get('weights') or DASH} |" if weights else ""
@@ -346,7 +354,8 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
         lines.append(
             f"{cell} {_num(r['total_s'])} | {_num(_tok_s(r))} "
             f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
-            f"| {_num(r.get('decode_tok_s'))} |{per_seq} {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |"
+            f"| {_num(r.get('decode_tok_s'))} |{per_seq} {_kv(r['kv_bytes'], scale)} "
+            f"| {_kv(r.get('kept_kv_bytes'), scale)} | {compression} | {r['retrieval']} |"
             + tail
         )
     return "\n".join(lines)
@@ -461,14 +470,53 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
             notes.append(f"No GPU: the Triton rows ({', '.join(triton)}) ran in Triton's interpreter "
                          f"(TRITON_INTERPRET=1, each kernel program stepped through in NumPy), so their times are "
                          f"not speeds, and a speedup computed from them{example} is not a speedup.")
+    if (note := _kv_note(ok)) is not None:
+        notes.append(note)
+    if any(r.get("kept_kv_bytes") is None for r in ok):
+        notes.append(f"{DASH} under KV kept means not recorded: rows written before results held it.")
     if any(r.get("peak_vram_bytes") is None for r in ok):
         notes.append(f"{DASH} under Peak VRAM means not measured"
                      + (": there is no GPU here (peak VRAM is CUDA's allocator peak)." if no_gpu(meta) else "."))
-    if no_gpu(meta) and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
-        notes.append("CPU figures from one timed run per cell (--repeats 1"
-                     + (", tiny random model" if meta.get("model") == "tiny" else "")
-                     + ") are smoke figures: they show that every method runs end to end, not how fast it is.")
+    if (caveat := repeats_caveat(meta, ok)) is not None:
+        notes.insert(0, caveat)
     return notes
+
+
+def repeats_caveat(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
+    """One line where the speeds of ``rows`` are noise (one timed run on a CPU) or a single sample (one
+    timed run on a GPU); None otherwise."""
+    single = any(_ok(r) and r.get("repeats", meta.get("repeats")) == 1 for r in rows)
+    if single and no_gpu(meta):
+        return ("CPU figures from one timed run per cell (--repeats 1"
+                + (", tiny random model" if meta.get("model") == "tiny" else "")
+                + ") are smoke figures: they show that every method runs end to end, not how fast it is; on a "
+                "shared CPU its speeds are noise (two identical runs differed ~70x in vanilla's decode tok/s).")
+    if single:
+        return ("One timed run per cell (--repeats 1): a figure is one sample, not a median, so one slow run "
+                "(another process, clocks ramping up) is the figure; use --repeats 3 or more to compare speeds.")
+    return None
+
+
+def _kv_note(ok: list[dict[str, Any]]) -> str | None:
+    """Why KV held exceeds KV kept, with an example of these rows (a DMS row holding more than vanilla at
+    its cell if there is one); None where every row holds what it keeps."""
+    over = [r for r in ok if r.get("kept_kv_bytes") is not None and r["kv_bytes"] > 1.01 * r["kept_kv_bytes"]]
+    if not over:
+        return None
+    unit, scale = _kv_unit(ok)
+    vanilla = {(r["context"], row_batch(r)): r for r in ok if r["method"] == "vanilla"}
+    more = [(r, v) for r in over if (v := vanilla.get((r["context"], row_batch(r)))) and r["kv_bytes"] > v["kv_bytes"]]
+    r, v = more[0] if more else (max(over, key=lambda r: r["kv_bytes"] / max(r["kept_kv_bytes"], 1)), None)
+    example = (f"{r['method']} at {_ctx(r['context'])}: {_kv(r['kv_bytes'], scale)} {unit} held, "
+               f"{_kv(r['kept_kv_bytes'], scale)} {unit} kept")
+    if v is not None:
+        example = f"{example}, vanilla {_kv(v['kv_bytes'], scale)} {unit}"
+    return ("KV held counts every row a cache holds, those reserved for decoding included (a DMS cache reserves "
+            "max(capacity step, new tokens) rows per KV head, and each head's segment keeps spare rows); KV kept "
+            "counts the keys and values still attended to, from which Compression is computed. So a compressed "
+            + ("cache can hold more than vanilla's while keeping far less" if v is not None else
+               "cache can hold much more than it keeps")
+            + f" ({example}).")
 
 
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -493,7 +541,9 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- command: `{meta.get('command', DASH)}`",
         "",
         "Time = TTFT (prefill, first token included) + decode; tok/s = generated tokens / time; peak VRAM "
-        "includes the weights; compression = dense KV slots / slots still attended at the end.",
+        "includes the weights; KV held = bytes the KV cache holds at the end (rows reserved for decoding "
+        "included), KV kept = bytes of the keys and values still attended to; compression = dense KV slots / "
+        "slots still attended at the end.",
         "",
     ]
     if batched(rows):
@@ -592,7 +642,10 @@ _PANELS = {  # file -> (what, panels: (row key, axis label, panel title, unit))
     )),
     MEMORY_PLOT: ("Memory vs context", (
         ("peak_vram_bytes", "peak VRAM", "Peak VRAM (weights included)", "GiB"),
-        ("kv_bytes", "KV cache at end", "KV cache held at the end of generation", "bytes"),
+        ("kv_bytes", "KV held at end", "KV cache held at the end of generation (allocated: rows reserved for "
+         "decoding included)", "bytes"),
+        ("kept_kv_bytes", "KV kept at end", "KV cache kept at the end of generation (the keys and values still "
+         "attended to)", "bytes"),
     )),
 }
 LOG_SPAN = 8  # a panel whose values span more than this factor gets a log y axis

@@ -77,7 +77,17 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "| 64 | dms-triton |" in md and "## DMS prefill speedup" in md
-    assert "| 40 | knorm:0.5 |" in capsys.readouterr().out  # the table is printed too
+    out = capsys.readouterr().out
+    assert "| 40 | knorm:0.5 |" in out  # the table is printed too
+    # KV held (rows reserved for decoding included) and KV kept, in the rows, both tables and the plot
+    for r in rows:
+        assert r["kept_kv_bytes"] <= r["kv_bytes"], r
+        assert (r["kept_kv_bytes"] < r["kv_bytes"]) == r["method"].startswith("dms"), r
+    for text in (md, out):
+        assert "| KV held (KiB) | KV kept (KiB) | Compression |" in text
+    assert "KV held counts every row a cache holds, those reserved for decoding included" in md
+    assert "KV held counts every row" in out  # the console says why too
+    assert "- CPU figures from one timed run per cell (--repeats 1, tiny random model) are smoke figures" in out
 
 
 @pytest.mark.parametrize(
