@@ -314,8 +314,10 @@ def run_bench(args, parser) -> int:
         files = writer.finish()
     if interrupted:
         n = len(writer.rows)
-        print(f"interrupted: {n} row{'' if n == 1 else 's'} kept in {writer.json_path}, results.md and plots written",
-              file=sys.stderr)
+        partial = [r for r in writer.rows if r.get("partial")]
+        print(f"interrupted: {n} row{'' if n == 1 else 's'} kept in {writer.json_path}, results.md and plots written"
+              + "".join(f"; {r['method']} @ {_cell_name(r['context'], r.get('batch', 1))} partial: {r['status']}"
+                        for r in partial), file=sys.stderr)
         return 130
     from dms_perf.bench.report import comparison_table, reading_notes
 
@@ -339,7 +341,7 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
     """Every (method, context, batch) cell, one model alive at a time, each row written as it is measured."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dms_perf.bench.generation import measure_generation, release_memory
+    from dms_perf.bench.generation import CellInterrupted, measure_generation, release_memory
     from dms_perf.bench.methods import load_model_for
     from dms_perf.bench.workloads import needle_batch
 
@@ -379,7 +381,8 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
             for m in group:
                 for ctx in contexts:
                     for batch in batches:
-                        progress.update(task, description=f"{m.name} @ {_cell_name(ctx, batch)}")
+                        cell = f"{m.name} @ {_cell_name(ctx, batch)}"
+                        progress.update(task, description=cell)
                         try:
                             if ctx not in workloads:
                                 workloads[ctx] = needle_batch(
@@ -390,9 +393,17 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
                             row = {"context": ctx, "method": m.name, "batch": batch, "new_tokens": args.new_tokens,
                                    "status": _reason("workload", exc)}
                         else:
-                            row = measure_generation(model, workloads[ctx].first(batch), m,
-                                                     new_tokens=args.new_tokens, repeats=args.repeats,
-                                                     warmup=args.warmup, real_weights=real_weights, device=device)
+                            def on_run(what, cell=cell):  # "warm-up 1/1", "repeat 2/5": progress inside a cell
+                                progress.update(task, description=f"{cell}: {what}")
+
+                            try:
+                                row = measure_generation(model, workloads[ctx].first(batch), m,
+                                                         new_tokens=args.new_tokens, repeats=args.repeats,
+                                                         warmup=args.warmup, real_weights=real_weights, device=device,
+                                                         on_run=on_run)
+                            except CellInterrupted as stop:  # the repeats finished before Ctrl-C: a partial row
+                                writer.add(stop.row)
+                                raise
                         writer.add(row)
                         progress.advance(task)
             del model

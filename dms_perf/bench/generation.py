@@ -8,7 +8,7 @@ import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -200,6 +200,15 @@ def join_dense_caches(caches: list):
     return out
 
 
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a cell's timed runs after at least one had finished: ``row`` holds the finished runs'
+    figures, ``"partial": True`` and the status ``interrupted after i of n repeats``."""
+
+    def __init__(self, row: dict[str, Any]):
+        super().__init__(row["status"])
+        self.row = row
+
+
 class HiddenKeys(ValueError):
     """A press hid keys of one sequence's prefill (kvpress ``masked_key_indices``) instead of removing them:
     that list names batch 0 and is replaced by the next sequence's prefill, so a joined batch cache would
@@ -322,6 +331,7 @@ def measure_generation(
     warmup: int = 1,
     real_weights: bool = False,
     device=None,
+    on_run: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """End-to-end figures for one (context, method, batch) cell; never raises for a failing cell.
 
@@ -338,6 +348,10 @@ def measure_generation(
     is 0) sizes a KV pool (``engine_pool``) on which the other runs generate; the row adds
     ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
     decode graph that the later ones replay).
+
+    ``on_run``: called with "warm-up i/n" or "repeat i/n" before each generation (a progress line).
+    KeyboardInterrupt during the timed runs, once one has finished, raises ``CellInterrupted`` holding the
+    row of the finished ones; before that, KeyboardInterrupt itself.
     """
     from dms_perf.bench.workloads import NeedleBatch
 
@@ -359,20 +373,34 @@ def measure_generation(
         press = method.press_for(model, prompts[0])
         on_engine = method.family.press_on_engine
 
-        def generate():
+        def generate(what: str):
+            if on_run is not None:
+                on_run(what)
             run = generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
             release_memory()
             return run
 
+        untimed = max(warmup, 1) if method.family.fused else warmup
+        labels = [f"warm-up {i + 1}/{untimed}" for i in range(untimed)]
         if method.family.fused:  # the decode engine: a KV pool sized by an untimed run of this cell
             model.use_kv_pool(None)
-            pool = engine_pool(model, generate().kv_rows)
-            warmup -= 1
-        for _ in range(warmup):
-            generate()
-        runs = [generate() for _ in range(repeats)]
+            pool = engine_pool(model, generate(labels.pop(0)).kv_rows)
+        for label in labels:
+            generate(label)
+        runs = []
+        try:
+            for i in range(repeats):
+                runs.append(generate(f"repeat {i + 1}/{repeats}"))
+        except KeyboardInterrupt:
+            if not runs:
+                raise
+            interrupted = True
+        else:
+            interrupted = False
         retrieval = batch.retrieval(runs[-1].generated_ids, real_weights=real_weights)
         row.update(summarize_runs(runs, context_length=batch.context_length, retrieval=retrieval))
+        if interrupted:
+            row.update(status=f"interrupted after {len(runs)} of {repeats} repeats", partial=True)
         if method.family.fused:
             row["kv_pool_bytes"] = pool.nbytes
             steps = new_tokens - 1
@@ -387,6 +415,8 @@ def measure_generation(
         if method.family.fused and hasattr(model, "use_kv_pool"):
             model.use_kv_pool(None)
     release_memory()
+    if row.get("partial"):
+        raise CellInterrupted(row)
     return row
 
 

@@ -308,7 +308,8 @@ def _kv(value, scale: float) -> str:
 
 
 def _ok(row) -> bool:
-    return row.get("status") == "ok"
+    """Whether ``row`` holds figures: measured, or interrupted after some of its repeats (``partial``)."""
+    return row.get("status") == "ok" or row.get("partial") is True
 
 
 def _tok_s(row) -> float | None:
@@ -344,7 +345,8 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     figures = 11 if batches else 9  # columns after the status of a failed row
     for r in rows:
-        cell = f"| {_ctx(r['context'])} | {r['method']} |" + (f" {row_batch(r)} |" if batches else "")
+        method = f"{r['method']} ({r['status']})" if r.get("partial") else r["method"]
+        cell = f"| {_ctx(r['context'])} | {method} |" + (f" {row_batch(r)} |" if batches else "")
         tail = f" {r.get('weights') or DASH} |" if weights else ""
         if not _ok(r):
             lines.append(f"{cell} {r['status']} |" + f" {DASH} |" * figures + tail)
@@ -402,8 +404,10 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
             "| Hub peak VRAM (GiB) | Triton peak VRAM (GiB) | VRAM saved (GiB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def prefill(status, seconds):
-        return DASH if status is None else _num(seconds) if status == "ok" else status
+    def prefill(status, seconds):  # a partial row: its figure and its status
+        if status is None or seconds is None:
+            return DASH if status is None else status
+        return _num(seconds) if status == "ok" else f"{_num(seconds)} ({status})"
 
     def times(value):
         return DASH if value is None else f"{value:.2f}x"
@@ -470,6 +474,9 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
             notes.append(f"No GPU: the Triton rows ({', '.join(triton)}) ran in Triton's interpreter "
                          f"(TRITON_INTERPRET=1, each kernel program stepped through in NumPy), so their times are "
                          f"not speeds, and a speedup computed from them{example} is not a speedup.")
+    if any(r.get("partial") for r in ok):
+        notes.append("A row marked \"interrupted after i of n repeats\" was stopped (Ctrl-C) during its timed runs: "
+                     "its figures are the median of the i runs that finished.")
     if (note := _kv_note(ok)) is not None:
         notes.append(note)
     if any(r.get("kept_kv_bytes") is None for r in ok):

@@ -222,6 +222,35 @@ def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     assert "| 32 | vanilla |" in (tmp_path / "results.md").read_text()
 
 
+def test_ctrl_c_inside_a_cell_keeps_its_finished_repeats_as_a_partial_row(tmp_path, monkeypatch, capsys):
+    import dms_perf.bench.generation
+
+    real = dms_perf.bench.generation.generate_batch
+    calls = {"n": 0}
+
+    def generate(*args, **kwargs):  # Ctrl-C during the second of three timed runs of the first cell
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dms_perf.bench.generation, "generate_batch", generate)
+    code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "3",
+                 "--repeats", "3", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert (f"interrupted: 1 row kept in {tmp_path / 'results.json'}, results.md and plots written; vanilla @ 32 "
+            "partial: interrupted after 1 of 3 repeats") in err
+    _, rows = load_results(tmp_path / "results.json")
+    (row,) = rows
+    assert (row["context"], row["status"], row["partial"]) == (32, "interrupted after 1 of 3 repeats", True)
+    assert row["repeats"] == 1 and row["total_s"] == row["runs_total_s"][0] > 0  # the finished repeat's figures
+    assert row["generated_tokens"] == 3 and row["kv_bytes"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| 32 | vanilla (interrupted after 1 of 3 repeats) | " in md
+    assert '"interrupted after i of n repeats" was stopped (Ctrl-C)' in md
+
+
 def test_report_merges_bench_runs(tmp_path):
     common = ["--model", "tiny", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"]
     assert main(["bench", "--contexts", "32", "--methods", "vanilla", "--out", str(tmp_path / "a"), *common]) == 0

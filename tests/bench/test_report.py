@@ -23,6 +23,7 @@ from dms_perf.bench.report import (
     render_markdown,
     results_from_benchmarks,
     speedup_rows,
+    speedup_table,
 )
 
 GIB = 2**30
@@ -589,3 +590,15 @@ def test_a_single_repeat_gets_a_caveat_first():
     assert _notes(render_markdown(h100, rows)).strip() == (
         "- One timed run per cell (--repeats 1): a figure is one sample, not a median, so one slow run (another "
         "process, clocks ramping up) is the figure; use --repeats 3 or more to compare speeds.")
+
+
+def test_a_partial_row_shows_its_figures_marked():
+    partial = {**_row(4096, "dms-triton", 0.5), "status": "interrupted after 1 of 3 repeats", "partial": True,
+               "repeats": 1}
+    rows = [_row(4096, "dms-hub", 2.0), partial]
+    table = comparison_table(rows)
+    assert "| 4K | dms-triton (interrupted after 1 of 3 repeats) | 1.5 |" in table
+    assert "| 4K | 2 | — | 0.5 (interrupted after 1 of 3 repeats) | — | 4.00x |" in speedup_table(rows)
+    (line,) = [line for fig in build_figures(rows, {}).values() for ax in fig.axes[:1] for line in _lines(ax)
+               if line.get_label() == "dms-triton"]  # drawn like any measured row
+    assert list(line.get_ydata()) == [1.5]
