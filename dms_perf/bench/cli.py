@@ -80,44 +80,56 @@ def build_parser() -> argparse.ArgumentParser:
         "prints them as a table:\n" + describe_methods(),
         formatter_class=HelpFormatter,
     )
-    bench.add_argument("--contexts", default=d["contexts"],
-                       help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")
-    bench.add_argument("--batch", default="1",
+    bench.add_argument("--contexts", default=d["contexts"], metavar="LENGTHS",
+                       help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096 (a length "
+                       "written twice runs once); each plus --new-tokens must fit the model's positions")
+    bench.add_argument("--batch", default="1", metavar="SIZES",
                        help="comma-separated batch sizes, e.g. 1,8,32: a batch-B cell prefills B distinct prompts of "
                        "the context length one by one, joins their caches and decodes them together (Decode tok/s "
                        "counts all B sequences; batch 1 is the single prompt of earlier runs)")
-    bench.add_argument("--methods", default=d["methods"],
+    bench.add_argument("--methods", default=d["methods"], metavar="NAMES",
                        help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below; "
                        f"all {len(DEFAULT_METHODS)} are the GPU default)")
-    bench.add_argument("--model", default=d["model"],
+    bench.add_argument("--model", default=d["model"], metavar="MODEL",
                        help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape), a local "
                        "checkpoint directory (holding config.json and the weights, e.g. Qwen3-8B-DMS-8x "
                        "downloaded) or a hub id such as nvidia/Qwen3-8B-DMS-8x (needs the hub or its local cache)")
-    bench.add_argument("--tokenizer", default=None,
+    bench.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="local tokenizer directory for the text workload (default: the checkpoint's own when "
                        "--model is a path; none for random models: exact-length token ids)")
-    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], help="tokens generated per run")
-    bench.add_argument("--repeats", type=int, default=d["repeats"], help="timed runs per cell (median reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per cell before the timed ones")
-    bench.add_argument("--needle-depth", type=float, default=0.5,
+    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], metavar="N",
+                       help="tokens generated per run")
+    bench.add_argument("--repeats", type=int, default=d["repeats"], metavar="N",
+                       help="timed runs per cell (median reported); Ctrl-C keeps the finished ones as a partial row")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per cell before the timed ones")
+    bench.add_argument("--needle-depth", type=float, default=0.5, metavar="DEPTH",
                        help="where the needle sits in the haystack: 0 = start, 1 = end")
-    bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], help="model weights and activations")
-    bench.add_argument("--target-cr", type=float, default=8.0,
-                       help="with random weights, calibrate DMS eviction to this compression ratio "
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], metavar="DTYPE",
+                       help="model weights and activations: " + ", ".join(sorted(DTYPES)[:-1])
+                       + f" or {sorted(DTYPES)[-1]}")
+    bench.add_argument("--target-cr", type=float, default=8, metavar="RATIO",
+                       help="with random weights, calibrate DMS eviction to this compression ratio, above 1 "
                        "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
-    bench.add_argument("--out", default="results", help="output directory")
+    bench.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights and token ids")
+    bench.add_argument("--out", default="results", metavar="DIR",
+                       help="output directory (results.json, results.md, plots)")
     bench.set_defaults(run=run_bench, command_parser=bench)
 
     report = sub.add_parser(
         "report",
         help="merge results of several bench runs (same card and model) into one results.md and plots",
-        description="Join bench outputs made in parts, e.g. one device call per group of methods, and write "
-        "results.json, results.md and the plots for all of them. A cell present twice keeps the later row.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=textwrap.fill(
+            "Join bench outputs made in parts, e.g. one device call per group of methods, and write results.json, "
+            "results.md and the plots for all of them. Runs join when their card, model, dtype and seed agree; a "
+            "cell (context, method, batch) present twice keeps the later row. Each input is a bench output "
+            "directory, its results.json, or the pytest-benchmark JSON of benchmarks/test_end_to_end.py. Exit "
+            "status: 0, or 2 when an input cannot be read or joined (one line naming it) or --out is unusable.",
+            100),
+        formatter_class=HelpFormatter,
     )
-    report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in order")
-    report.add_argument("--out", default="results", help="output directory")
+    report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in "
+                        "order (a later run's row replaces an earlier one's)")
+    report.add_argument("--out", default="results", metavar="DIR", help="output directory")
     report.set_defaults(run=run_report, command_parser=report)
 
     methods = sub.add_parser(

@@ -592,6 +592,23 @@ def test_bench_help_states_the_defaults_as_options():
     assert f"--methods {CPU_DEFAULTS['methods']}" in out and f"--methods {GPU_DEFAULTS['methods']}" in out
 
 
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_help_reads_as_prose(command):
+    """No Python set, list or dict and no None in the help; defaults as option values; names never split."""
+    out = cli(command, "--help").stdout
+    body = out.split("\n\n", 1)[1].replace("[0, 1)", "")  # below the usage lines (argparse's [brackets]), no interval
+    for python in ("{", "}", "[", "]", "None", "'float32'"):
+        assert python not in body, python
+    assert "(default: results)" in out and "exit status" in " ".join(out.lower().split())
+    if command == "bench":
+        flat = " ".join(out.split())
+        assert "--dtype DTYPE model weights and activations: bfloat16, float16 or float32 (default: float32)" in flat
+        assert "(default: 8)" in flat and "(default: 8.0)" not in flat
+        assert "vanilla,dms-hub,dms-hub-triton,dms-triton,snapkv:0.5" in out  # not cut at a hyphen
+    else:
+        assert "pytest-benchmark JSON" in out and "seed agree" in out
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["bench", "--contexts", "x"], "dms-perf bench: error: not a token count: 'x'"),
     (["bench", "--new-tokens", "two"], "dms-perf bench: error: argument --new-tokens: invalid int value: 'two'"),
