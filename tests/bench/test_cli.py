@@ -558,6 +558,45 @@ def test_ctrl_c_keeps_the_rows_and_exits_130_without_a_traceback(tmp_path):
     assert (out / "results.md").exists() and (out / "time_vs_context.png").exists()
 
 
+LIGER_IMPORT_PATH = """
+import sys, warnings
+warnings.simplefilter("always")  # every warning printed, none hidden by a filter
+from dms_perf.bench.cli import build_parser
+build_parser()
+from dms_perf.model import fused
+from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+from liger_kernel.transformers.rope import liger_rotary_pos_emb
+from liger_kernel.ops import LigerFusedAddRMSNormFunction
+from liger_kernel.backends.registry import get_discovery_failures, list_registered
+if sys.argv[1] == "quiet":
+    fused.find_liger_backends()  # as apply_fused_kernels does before the model's first call
+for op in fused.LIGER_OPS:  # what the model's first calls do
+    list_registered(op)
+print(len(get_discovery_failures()))
+"""
+
+
+@pytest.mark.parametrize("how", ["quiet", "bare"])
+def test_liger_backend_discovery_prints_nothing(how):
+    """Liger finds its backends on an op's first call and logs a warning for each one not installed here
+    (CuTe DSL, cuTile, Ascend): the CLI's path (apply_fused_kernels) finds them first, quietly. Liger's
+    kernels need a GPU, so the path is driven up to the model's first calls. "bare": without that step the
+    warnings appear, so the test sees them when they are there."""
+    pytest.importorskip("liger_kernel.backends.registry")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", LIGER_IMPORT_PATH, how], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = int(result.stdout.split()[-1])
+    if how == "quiet":
+        assert result.stderr == ""
+    elif failures:  # backends missing here: each was a warning
+        assert "could not be imported" in result.stderr
+    else:
+        pytest.skip("every Liger backend imports here: nothing to warn about")
+
+
 def test_methods_lists_the_registry_as_a_table():
     result = cli("methods")
     assert result.returncode == 0
