@@ -331,11 +331,14 @@ def run_bench(args, parser) -> int:
               + "".join(f"; {r['method']} @ {_cell_name(r['context'], r.get('batch', 1))} partial: {r['status']}"
                         for r in partial), file=sys.stderr)
         return 130
-    from dms_perf.bench.report import comparison_table, reading_notes
+    from dms_perf.bench.report import comparison_table, reading_notes, speedup_rows, speedup_table
 
+    notes = reading_notes(writer.meta, writer.rows)  # as results.md: notes, comparison, DMS prefill speedup
+    if notes:
+        print("Reading these tables:\n" + "\n".join(f"- {note}" for note in notes) + "\n")
     print(comparison_table(writer.rows))
-    for note in reading_notes(writer.meta, writer.rows):  # what results.md says under "Reading this table"
-        print(f"- {note}")
+    if speedup_rows(writer.rows):
+        print("\n" + speedup_table(writer.rows))
     console.print("wrote " + ", ".join(str(f) for f in files))
     failed = [r for r in writer.rows if str(r.get("status", "")).startswith("error")]
     if failed:

@@ -88,6 +88,7 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
     assert "KV held counts every row a cache holds, those reserved for decoding included" in md
     assert "KV held counts every row" in out  # the console says why too
     assert "- CPU figures from one timed run per cell (--repeats 1, tiny random model) are smoke figures" in out
+    assert out.index("Reading these tables:") < out.index("| Context | Method |") < out.index("| Hub prefill (s) |")
 
 
 @pytest.mark.parametrize(
