@@ -80,44 +80,56 @@ def build_parser() -> argparse.ArgumentParser:
         "prints them as a table:\n" + describe_methods(),
         formatter_class=HelpFormatter,
     )
-    bench.add_argument("--contexts", default=d["contexts"],
-                       help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096")
-    bench.add_argument("--batch", default="1",
+    bench.add_argument("--contexts", default=d["contexts"], metavar="LENGTHS",
+                       help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096 (a length "
+                       "written twice runs once); each plus --new-tokens must fit the model's positions")
+    bench.add_argument("--batch", default="1", metavar="SIZES",
                        help="comma-separated batch sizes, e.g. 1,8,32: a batch-B cell prefills B distinct prompts of "
                        "the context length one by one, joins their caches and decodes them together (Decode tok/s "
                        "counts all B sequences; batch 1 is the single prompt of earlier runs)")
-    bench.add_argument("--methods", default=d["methods"],
+    bench.add_argument("--methods", default=d["methods"], metavar="NAMES",
                        help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below; "
                        f"all {len(DEFAULT_METHODS)} are the GPU default)")
-    bench.add_argument("--model", default=d["model"],
+    bench.add_argument("--model", default=d["model"], metavar="MODEL",
                        help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape), a local "
                        "checkpoint directory (holding config.json and the weights, e.g. Qwen3-8B-DMS-8x "
                        "downloaded) or a hub id such as nvidia/Qwen3-8B-DMS-8x (needs the hub or its local cache)")
-    bench.add_argument("--tokenizer", default=None,
+    bench.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="local tokenizer directory for the text workload (default: the checkpoint's own when "
                        "--model is a path; none for random models: exact-length token ids)")
-    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], help="tokens generated per run")
-    bench.add_argument("--repeats", type=int, default=d["repeats"], help="timed runs per cell (median reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per cell before the timed ones")
-    bench.add_argument("--needle-depth", type=float, default=0.5,
+    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], metavar="N",
+                       help="tokens generated per run")
+    bench.add_argument("--repeats", type=int, default=d["repeats"], metavar="N",
+                       help="timed runs per cell (median reported); Ctrl-C keeps the finished ones as a partial row")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per cell before the timed ones")
+    bench.add_argument("--needle-depth", type=float, default=0.5, metavar="DEPTH",
                        help="where the needle sits in the haystack: 0 = start, 1 = end")
-    bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], help="model weights and activations")
-    bench.add_argument("--target-cr", type=float, default=8.0,
-                       help="with random weights, calibrate DMS eviction to this compression ratio "
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], metavar="DTYPE",
+                       help="model weights and activations: " + ", ".join(sorted(DTYPES)[:-1])
+                       + f" or {sorted(DTYPES)[-1]}")
+    bench.add_argument("--target-cr", type=float, default=8, metavar="RATIO",
+                       help="with random weights, calibrate DMS eviction to this compression ratio, above 1 "
                        "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
-    bench.add_argument("--out", default="results", help="output directory")
+    bench.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights and token ids")
+    bench.add_argument("--out", default="results", metavar="DIR",
+                       help="output directory (results.json, results.md, plots)")
     bench.set_defaults(run=run_bench, command_parser=bench)
 
     report = sub.add_parser(
         "report",
         help="merge results of several bench runs (same card and model) into one results.md and plots",
-        description="Join bench outputs made in parts, e.g. one device call per group of methods, and write "
-        "results.json, results.md and the plots for all of them. A cell present twice keeps the later row.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=textwrap.fill(
+            "Join bench outputs made in parts, e.g. one device call per group of methods, and write results.json, "
+            "results.md and the plots for all of them. Runs join when their card, model, dtype and seed agree; a "
+            "cell (context, method, batch) present twice keeps the later row. Each input is a bench output "
+            "directory, its results.json, or the pytest-benchmark JSON of benchmarks/test_end_to_end.py. Exit "
+            "status: 0, or 2 when an input cannot be read or joined (one line naming it) or --out is unusable.",
+            100),
+        formatter_class=HelpFormatter,
     )
-    report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in order")
-    report.add_argument("--out", default="results", help="output directory")
+    report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in "
+                        "order (a later run's row replaces an earlier one's)")
+    report.add_argument("--out", default="results", metavar="DIR", help="output directory")
     report.set_defaults(run=run_report, command_parser=report)
 
     methods = sub.add_parser(
@@ -198,9 +210,46 @@ def _validate(args, parser):
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not 0.0 <= args.needle_depth <= 1.0:
         parser.error(f"--needle-depth must be in [0, 1], got {args.needle_depth}")
-    if args.target_cr != 0 and args.target_cr < 1:
-        parser.error(f"--target-cr must be 0 (off) or >= 1, got {args.target_cr}")
+    if args.target_cr != 0 and not args.target_cr > 1:  # 1x is no eviction: the calibration cannot aim at it
+        parser.error(f"--target-cr must be 0 (off) or > 1, got {args.target_cr:g}")
     return contexts, methods
+
+
+def _position_limit(model: str) -> int | None:
+    """``max_position_embeddings`` of a random model's config, of a checkpoint's config.json or of a hub
+    id's cached config.json; None where it is not known here (the model's own load then decides)."""
+    import json
+    from pathlib import Path
+
+    from dms_perf.bench.methods import is_model_path, model_config
+
+    if not is_model_path(model):
+        return int(model_config(model).max_position_embeddings)
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def _positions_problem(model: str, contexts, new_tokens: int) -> str | None:
+    """Why a context of ``contexts`` does not fit the model's positions with ``new_tokens`` generated after
+    it (one line), or None."""
+    limit = _position_limit(model)
+    too_long = [c for c in contexts if c + new_tokens > limit] if limit else []
+    if not too_long:
+        return None
+    values = ", ".join(str(c) for c in too_long)
+    return (f"--contexts {values}: a prompt and its --new-tokens {new_tokens} must fit the model's positions, but "
+            f"--model {model} has {limit} (max_position_embeddings): contexts up to {limit - new_tokens} tokens")
 
 
 def _weights_note(args, methods, real_weights: bool) -> str:
@@ -230,6 +279,8 @@ def run_bench(args, parser) -> int:
         check_model(args.model)
     except ValueError as exc:
         return _error(parser, exc)
+    if (problem := _positions_problem(args.model, contexts, args.new_tokens)) is not None:
+        return _error(parser, problem)
     real_weights = is_model_path(args.model)
     tokenizer = args.tokenizer or (args.model if real_weights else None)
     loaded_tokenizer = None
@@ -275,12 +326,19 @@ def run_bench(args, parser) -> int:
         files = writer.finish()
     if interrupted:
         n = len(writer.rows)
-        print(f"interrupted: {n} row{'' if n == 1 else 's'} kept in {writer.json_path}, results.md and plots written",
-              file=sys.stderr)
+        partial = [r for r in writer.rows if r.get("partial")]
+        print(f"interrupted: {n} row{'' if n == 1 else 's'} kept in {writer.json_path}, results.md and plots written"
+              + "".join(f"; {r['method']} @ {_cell_name(r['context'], r.get('batch', 1))} partial: {r['status']}"
+                        for r in partial), file=sys.stderr)
         return 130
-    from dms_perf.bench.report import comparison_table
+    from dms_perf.bench.report import comparison_table, reading_notes, speedup_rows, speedup_table
 
+    notes = reading_notes(writer.meta, writer.rows)  # as results.md: notes, comparison, DMS prefill speedup
+    if notes:
+        print("Reading these tables:\n" + "\n".join(f"- {note}" for note in notes) + "\n")
     print(comparison_table(writer.rows))
+    if speedup_rows(writer.rows):
+        print("\n" + speedup_table(writer.rows))
     console.print("wrote " + ", ".join(str(f) for f in files))
     failed = [r for r in writer.rows if str(r.get("status", "")).startswith("error")]
     if failed:
@@ -298,7 +356,7 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
     """Every (method, context, batch) cell, one model alive at a time, each row written as it is measured."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dms_perf.bench.generation import measure_generation, release_memory
+    from dms_perf.bench.generation import CellInterrupted, measure_generation, release_memory
     from dms_perf.bench.methods import load_model_for
     from dms_perf.bench.workloads import needle_batch
 
@@ -338,7 +396,8 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
             for m in group:
                 for ctx in contexts:
                     for batch in batches:
-                        progress.update(task, description=f"{m.name} @ {_cell_name(ctx, batch)}")
+                        cell = f"{m.name} @ {_cell_name(ctx, batch)}"
+                        progress.update(task, description=cell)
                         try:
                             if ctx not in workloads:
                                 workloads[ctx] = needle_batch(
@@ -349,9 +408,17 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
                             row = {"context": ctx, "method": m.name, "batch": batch, "new_tokens": args.new_tokens,
                                    "status": _reason("workload", exc)}
                         else:
-                            row = measure_generation(model, workloads[ctx].first(batch), m,
-                                                     new_tokens=args.new_tokens, repeats=args.repeats,
-                                                     warmup=args.warmup, real_weights=real_weights, device=device)
+                            def on_run(what, cell=cell):  # "warm-up 1/1", "repeat 2/5": progress inside a cell
+                                progress.update(task, description=f"{cell}: {what}")
+
+                            try:
+                                row = measure_generation(model, workloads[ctx].first(batch), m,
+                                                         new_tokens=args.new_tokens, repeats=args.repeats,
+                                                         warmup=args.warmup, real_weights=real_weights, device=device,
+                                                         on_run=on_run)
+                            except CellInterrupted as stop:  # the repeats finished before Ctrl-C: a partial row
+                                writer.add(stop.row)
+                                raise
                         writer.add(row)
                         progress.advance(task)
             del model
@@ -379,12 +446,14 @@ def _failure_summary(failed: list[dict], total: int) -> str:
 
 
 def run_report(args, parser) -> int:
-    from dms_perf.bench.report import ResultsWriter, merge_results
+    from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
 
     try:
         meta, rows = merge_results(args.inputs)
-    except (OSError, ValueError, KeyError) as exc:
-        parser.error(f"cannot merge {args.inputs}: {exc}")
+    except ResultsFileError as exc:  # names the file and what is wrong with it
+        return _error(parser, f"cannot merge {exc}")
+    except ValueError as exc:  # runs that do not join: names the run and what differs
+        return _error(parser, exc)
     if (problem := _prepare_out(args.out)) is not None:
         return _error(parser, problem)
     try:

@@ -8,7 +8,7 @@ import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,11 +30,12 @@ class GenerationRun:
     new_tokens: int  # per sequence
     generated_ids: torch.Tensor  # int64 on CPU: [new_tokens] (generate_once), [batch, new_tokens] (generate_batch)
     peak_vram_bytes: int | None
-    kv_bytes: int  # the whole batch's cache
+    kv_bytes: int  # bytes the whole batch's cache holds, rows reserved for decoding included
     kept_slots: int  # (layer, batch, KV head, token) slots the cache still attends to at the end
     dense_slots: int  # the same count for an uncompressed cache
     batch: int = 1
     kv_rows: int | None = None  # rows of a DMSCache's segments (what a KV pool must hold), else None
+    kept_kv_bytes: int | None = None  # bytes of the kept slots' keys and values (kept_slots of them)
 
 
 def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None,
@@ -124,6 +125,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         synchronize()
         done = time.perf_counter()
     kv_bytes, kept, dense = kv_cache_stats(model, cache, seen_tokens=length + new_tokens - 1)
+    kept_bytes = kept * kv_slot_bytes(cache)
     rows = cache.segment_rows() if hasattr(cache, "segment_rows") else None
     return GenerationRun(
         prefill_s=prefilled - start,
@@ -136,6 +138,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         dense_slots=dense,
         batch=batch,
         kv_rows=rows,
+        kept_kv_bytes=kept_bytes,
     )
 
 
@@ -197,6 +200,15 @@ def join_dense_caches(caches: list):
     return out
 
 
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a cell's timed runs after at least one had finished: ``row`` holds the finished runs'
+    figures, ``"partial": True`` and the status ``interrupted after i of n repeats``."""
+
+    def __init__(self, row: dict[str, Any]):
+        super().__init__(row["status"])
+        self.row = row
+
+
 class HiddenKeys(ValueError):
     """A press hid keys of one sequence's prefill (kvpress ``masked_key_indices``) instead of removing them:
     that list names batch 0 and is replaced by the next sequence's prefill, so a joined batch cache would
@@ -246,6 +258,16 @@ def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     return kv_cache_bytes(cache), kept, dense
 
 
+def kv_slot_bytes(cache) -> int:
+    """Bytes of one slot (one token's key and value in one KV head) of ``cache``: the unit of kept bytes,
+    ``DMSCache.kept_kv_bytes`` for a DMSCache."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() >= 2:
+            return 2 * keys.shape[-1] * keys.element_size()
+    return 0
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else NOT_MEASURED
@@ -269,7 +291,10 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
     """Median figures over timed runs (one row of the results table), for a batch of B sequences:
     ``prefill_tok_s`` = B * context / prefill seconds; ``decode_tok_s`` = B * steps / decode seconds (all
     sequences), ``decode_tok_s_per_seq`` = steps / decode seconds, ``ms_per_step`` = decode ms / steps, with
-    steps = ``new_tokens - 1`` (None without a decode step). ``generated_tokens`` counts one sequence's."""
+    steps = ``new_tokens - 1`` (None without a decode step). ``generated_tokens`` counts one sequence's.
+    ``kv_bytes``: what the cache holds at the end, rows reserved for decoding included (a DMS cache
+    reserves ``max(dms_capacity_step, new_tokens)`` per head, so it may hold more than a dense one);
+    ``kept_kv_bytes``: the keys and values of the slots still attended to, which ``compression`` counts."""
     prefill = _median([r.prefill_s for r in runs])
     decode = _median([r.decode_s for r in runs])
     total = _median([r.prefill_s + r.decode_s for r in runs])
@@ -288,6 +313,7 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
         "generated_tokens": last.new_tokens,
         "peak_vram_bytes": _median([r.peak_vram_bytes for r in runs]),
         "kv_bytes": last.kv_bytes,
+        "kept_kv_bytes": last.kept_kv_bytes,
         "compression": last.dense_slots / last.kept_slots if last.kept_slots else NOT_MEASURED,
         "retrieval": retrieval,
         "repeats": len(runs),
@@ -305,6 +331,7 @@ def measure_generation(
     warmup: int = 1,
     real_weights: bool = False,
     device=None,
+    on_run: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """End-to-end figures for one (context, method, batch) cell; never raises for a failing cell.
 
@@ -321,6 +348,10 @@ def measure_generation(
     is 0) sizes a KV pool (``engine_pool``) on which the other runs generate; the row adds
     ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
     decode graph that the later ones replay).
+
+    ``on_run``: called with "warm-up i/n" or "repeat i/n" before each generation (a progress line).
+    KeyboardInterrupt during the timed runs, once one has finished, raises ``CellInterrupted`` holding the
+    row of the finished ones; before that, KeyboardInterrupt itself.
     """
     from dms_perf.bench.workloads import NeedleBatch
 
@@ -342,20 +373,34 @@ def measure_generation(
         press = method.press_for(model, prompts[0])
         on_engine = method.family.press_on_engine
 
-        def generate():
+        def generate(what: str):
+            if on_run is not None:
+                on_run(what)
             run = generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
             release_memory()
             return run
 
+        untimed = max(warmup, 1) if method.family.fused else warmup
+        labels = [f"warm-up {i + 1}/{untimed}" for i in range(untimed)]
         if method.family.fused:  # the decode engine: a KV pool sized by an untimed run of this cell
             model.use_kv_pool(None)
-            pool = engine_pool(model, generate().kv_rows)
-            warmup -= 1
-        for _ in range(warmup):
-            generate()
-        runs = [generate() for _ in range(repeats)]
+            pool = engine_pool(model, generate(labels.pop(0)).kv_rows)
+        for label in labels:
+            generate(label)
+        runs = []
+        try:
+            for i in range(repeats):
+                runs.append(generate(f"repeat {i + 1}/{repeats}"))
+        except KeyboardInterrupt:
+            if not runs:
+                raise
+            interrupted = True
+        else:
+            interrupted = False
         retrieval = batch.retrieval(runs[-1].generated_ids, real_weights=real_weights)
         row.update(summarize_runs(runs, context_length=batch.context_length, retrieval=retrieval))
+        if interrupted:
+            row.update(status=f"interrupted after {len(runs)} of {repeats} repeats", partial=True)
         if method.family.fused:
             row["kv_pool_bytes"] = pool.nbytes
             steps = new_tokens - 1
@@ -370,6 +415,8 @@ def measure_generation(
         if method.family.fused and hasattr(model, "use_kv_pool"):
             model.use_kv_pool(None)
     release_memory()
+    if row.get("partial"):
+        raise CellInterrupted(row)
     return row
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 import torch
 
@@ -13,7 +14,14 @@ GPU_CONTEXT_LENGTHS = (4096, 8192, 16384, 32768)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults shown, and the method list kept one per line (the CLI's sub-command parsers)."""
+    """Option defaults shown, and the method list kept one per line (the CLI's sub-command parsers). An
+    option without a default (None) says in its own words what happens without it: no "(default: None)"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+    def _split_lines(self, text, width):  # method names such as dms-hub-triton stay whole on one line
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def default_context_lengths() -> tuple[int, ...]:
@@ -36,9 +44,11 @@ def parse_token_count(text: str) -> int:
 
 
 def parse_context_lengths(text: str | None) -> tuple[int, ...]:
+    """``"4k,8k,4096"`` -> (4096, 8192): a length written twice (in any form) is one length, kept where it
+    first appears; the defaults for an empty text."""
     if not text:
         return default_context_lengths()
-    return tuple(parse_token_count(t) for t in text.split(",") if t.strip())
+    return tuple(dict.fromkeys(parse_token_count(t) for t in text.split(",") if t.strip()))
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

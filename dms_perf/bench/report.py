@@ -67,14 +67,98 @@ def cell_key(row: dict[str, Any]) -> tuple[int, str, int]:
     return row["context"], row["method"], row_batch(row)
 
 
+class ResultsFileError(ValueError):
+    """A file ``load_results`` cannot read as results; the message names the file and what is wrong."""
+
+
+# What a row needs to be drawn: every row its cell and status, a measured ("ok") row its figures.
+CELL_KEYS = {"context": int, "method": str, "status": str}
+FIGURE_KEYS = {"total_s": float, "prefill_s": float, "prefill_tok_s": float, "generated_tokens": int,
+               "kv_bytes": int, "retrieval": str}
+OPTIONAL_FIGURE_KEYS = ("batch", "peak_vram_bytes", "kept_kv_bytes", "decode_tok_s", "decode_tok_s_per_seq",
+                        "ms_per_step", "compression", "repeats")
+
+
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(meta, rows) of a results.json, or of the results.json inside a directory, or of a pytest-benchmark
-    JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``)."""
+    JSON of ``benchmarks/test_end_to_end.py`` (``results_from_benchmarks``).
+
+    Raises ``ResultsFileError`` naming the file and, in one line, what is wrong with it: missing,
+    unreadable, not JSON (truncated, binary), not a results object, or a row without what the tables need.
+    """
     path = Path(path)
-    data = json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
+    file = path / JSON_NAME if path.is_dir() else path
+    if path.is_dir() and not file.exists():
+        raise ResultsFileError(f"{path}: a directory without {JSON_NAME} (expected a dms-perf bench output "
+                               f"directory, its {JSON_NAME} or a pytest-benchmark JSON)")
+    try:
+        text = file.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except FileNotFoundError:
+        raise ResultsFileError(f"{file}: no such file or directory") from None
+    except OSError as exc:
+        raise ResultsFileError(f"{file}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ResultsFileError(f"{file}: not a results file: not text (UTF-8 JSON expected)") from None
+    except json.JSONDecodeError as exc:
+        what = "truncated JSON" if exc.pos >= len(text.rstrip()) else "not valid JSON"
+        raise ResultsFileError(f"{file}: {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise ResultsFileError(f"{file}: holds a JSON {_json_kind(data)}, not a results object "
+                               '({"meta": {...}, "rows": [...]}) nor a pytest-benchmark JSON')
     if "benchmarks" in data and "meta" not in data:
-        return results_from_benchmarks(data, source=path.name)
-    return data["meta"], data["rows"]
+        try:
+            meta, rows = results_from_benchmarks(data, source=file.name)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ResultsFileError(f"{file}: not a pytest-benchmark JSON of end-to-end cases "
+                                   f"({type(exc).__name__}: {exc})") from None
+        except ValueError as exc:
+            raise ResultsFileError(f"{file}: {exc}") from None
+    else:
+        meta, rows = data.get("meta"), data.get("rows")
+        for key, value, kind in (("meta", meta, dict), ("rows", rows, list)):
+            if not isinstance(value, kind):
+                found = "no" if value is None else f"a JSON {_json_kind(value)} as its"
+                raise ResultsFileError(f"{file}: not a results file: {found} {key!r} (a JSON "
+                                       f"{_json_kind(kind())} expected)")
+        for key, kind in (("device", dict), ("calibration", dict), ("contexts", list), ("methods", list),
+                          ("batches", list)):
+            if meta.get(key) is not None and not isinstance(meta[key], kind):
+                raise ResultsFileError(f"{file}: its meta {key!r} is a JSON {_json_kind(meta[key])}, not a JSON "
+                                       f"{_json_kind(kind())}")
+    for index, row in enumerate(rows):
+        if (problem := _row_problem(row)) is not None:
+            raise ResultsFileError(f"{file}: row {index}: {problem}")
+    return meta, rows
+
+
+def _json_kind(value) -> str:
+    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "list"),
+             (dict, "object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
+
+
+def _row_problem(row) -> str | None:
+    """What a row lacks for the tables and plots (one line), or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {_json_kind(row)}, not an object"
+    measured = row.get("status") == "ok" or row.get("partial") is True
+    needed = {**CELL_KEYS, **(FIGURE_KEYS if measured else {})}
+    for key, kind in needed.items():
+        if key not in row:
+            return f"no {key!r}" + (f" (a row with status {row['status']!r} holds its figures)" if measured else "")
+        if not _is(row[key], kind):
+            return f"{key!r} is {row[key]!r}, not a {_json_kind(kind())}"
+    for key in OPTIONAL_FIGURE_KEYS:
+        if row.get(key) is not None and not _is(row[key], float):
+            return f"{key!r} is {row[key]!r}, not a number"
+    return None
+
+
+def _is(value, kind) -> bool:
+    if isinstance(value, bool):  # JSON true/false are not numbers
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -143,7 +227,7 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
         if not meta:
             meta = {**m, "commands": []}
         for what, mine, first in (
-            ("device gpu", m.get("device", {}).get("gpu"), meta.get("device", {}).get("gpu")),
+            ("device gpu", (m.get("device") or {}).get("gpu"), (meta.get("device") or {}).get("gpu")),
             ("model", m.get("model"), meta.get("model")),
             ("dtype", m.get("dtype"), meta.get("dtype")),
         ):
@@ -212,12 +296,20 @@ def _gib(value) -> str:
     return DASH if value is None else f"{value / 2**30:.2f}"
 
 
-def _mib(value) -> str:
-    return DASH if value is None else f"{value / 2**20:,.1f}"
+def _kv_unit(rows: list[dict[str, Any]]) -> tuple[str, float]:
+    """(unit, bytes per unit) of the KV columns: MiB, or KiB when every cache holds less than 1 MiB (a tiny
+    model's, whose figures would all read 0.1 or 0.2 MiB)."""
+    held = [r["kv_bytes"] for r in rows if _ok(r) and r.get("kv_bytes") is not None]
+    return ("MiB", 2**20) if not held or max(held) >= 2**20 else ("KiB", 2**10)
+
+
+def _kv(value, scale: float) -> str:
+    return DASH if value is None else f"{value / scale:,.1f}"
 
 
 def _ok(row) -> bool:
-    return row.get("status") == "ok"
+    """Whether ``row`` holds figures: measured, or interrupted after some of its repeats (``partial``)."""
+    return row.get("status") == "ok" or row.get("partial") is True
 
 
 def _tok_s(row) -> float | None:
@@ -246,13 +338,15 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
     rows = ordered_rows(rows, methods)
     weights = _weights_differ(rows)
     batches = batched(rows)
+    unit, scale = _kv_unit(rows)
     head = ("| Context | Method |" + (" Batch |" if batches else "") + " Time (s) | tok/s | Peak VRAM (GiB) "
             "| TTFT (s) | Prefill tok/s | Decode tok/s |" + (" Decode tok/s per seq | ms/step |" if batches else "")
-            + " KV cache (MiB) | Compression | Retrieval |" + (" Weights |" if weights else ""))
+            + f" KV held ({unit}) | KV kept ({unit}) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    figures = 10 if batches else 8  # columns after the status of a failed row
+    figures = 11 if batches else 9  # columns after the status of a failed row
     for r in rows:
-        cell = f"| {_ctx(r['context'])} | {r['method']} |" + (f" {row_batch(r)} |" if batches else "")
+        method = f"{r['method']} ({r['status']})" if r.get("partial") else r["method"]
+        cell = f"| {_ctx(r['context'])} | {method} |" + (f" {row_batch(r)} |" if batches else "")
         tail = f" {r.get('weights') or DASH} |" if weights else ""
         if not _ok(r):
             lines.append(f"{cell} {r['status']} |" + f" {DASH} |" * figures + tail)
@@ -262,7 +356,8 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
         lines.append(
             f"{cell} {_num(r['total_s'])} | {_num(_tok_s(r))} "
             f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
-            f"| {_num(r.get('decode_tok_s'))} |{per_seq} {_mib(r['kv_bytes'])} | {compression} | {r['retrieval']} |"
+            f"| {_num(r.get('decode_tok_s'))} |{per_seq} {_kv(r['kv_bytes'], scale)} "
+            f"| {_kv(r.get('kept_kv_bytes'), scale)} | {compression} | {r['retrieval']} |"
             + tail
         )
     return "\n".join(lines)
@@ -309,8 +404,10 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
             "| Hub peak VRAM (GiB) | Triton peak VRAM (GiB) | VRAM saved (GiB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def prefill(status, seconds):
-        return DASH if status is None else _num(seconds) if status == "ok" else status
+    def prefill(status, seconds):  # a partial row: its figure and its status
+        if status is None or seconds is None:
+            return DASH if status is None else status
+        return _num(seconds) if status == "ok" else f"{_num(seconds)} ({status})"
 
     def times(value):
         return DASH if value is None else f"{value:.2f}x"
@@ -377,18 +474,60 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
             notes.append(f"No GPU: the Triton rows ({', '.join(triton)}) ran in Triton's interpreter "
                          f"(TRITON_INTERPRET=1, each kernel program stepped through in NumPy), so their times are "
                          f"not speeds, and a speedup computed from them{example} is not a speedup.")
+    if any(r.get("partial") for r in ok):
+        notes.append("A row marked \"interrupted after i of n repeats\" was stopped (Ctrl-C) during its timed runs: "
+                     "its figures are the median of the i runs that finished.")
+    if (note := _kv_note(ok)) is not None:
+        notes.append(note)
+    if any(r.get("kept_kv_bytes") is None for r in ok):
+        notes.append(f"{DASH} under KV kept means not recorded: rows written before results held it.")
     if any(r.get("peak_vram_bytes") is None for r in ok):
         notes.append(f"{DASH} under Peak VRAM means not measured"
                      + (": there is no GPU here (peak VRAM is CUDA's allocator peak)." if no_gpu(meta) else "."))
-    if no_gpu(meta) and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
-        notes.append("CPU figures from one timed run per cell (--repeats 1"
-                     + (", tiny random model" if meta.get("model") == "tiny" else "")
-                     + ") are smoke figures: they show that every method runs end to end, not how fast it is.")
+    if (caveat := repeats_caveat(meta, ok)) is not None:
+        notes.insert(0, caveat)
     return notes
 
 
+def repeats_caveat(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
+    """One line where the speeds of ``rows`` are noise (one timed run on a CPU) or a single sample (one
+    timed run on a GPU); None otherwise."""
+    single = any(_ok(r) and r.get("repeats", meta.get("repeats")) == 1 for r in rows)
+    if single and no_gpu(meta):
+        return ("CPU figures from one timed run per cell (--repeats 1"
+                + (", tiny random model" if meta.get("model") == "tiny" else "")
+                + ") are smoke figures: they show that every method runs end to end, not how fast it is; on a "
+                "shared CPU its speeds are noise (two identical runs differed ~70x in vanilla's decode tok/s).")
+    if single:
+        return ("One timed run per cell (--repeats 1): a figure is one sample, not a median, so one slow run "
+                "(another process, clocks ramping up) is the figure; use --repeats 3 or more to compare speeds.")
+    return None
+
+
+def _kv_note(ok: list[dict[str, Any]]) -> str | None:
+    """Why KV held exceeds KV kept, with an example of these rows (a DMS row holding more than vanilla at
+    its cell if there is one); None where every row holds what it keeps."""
+    over = [r for r in ok if r.get("kept_kv_bytes") is not None and r["kv_bytes"] > 1.01 * r["kept_kv_bytes"]]
+    if not over:
+        return None
+    unit, scale = _kv_unit(ok)
+    vanilla = {(r["context"], row_batch(r)): r for r in ok if r["method"] == "vanilla"}
+    more = [(r, v) for r in over if (v := vanilla.get((r["context"], row_batch(r)))) and r["kv_bytes"] > v["kv_bytes"]]
+    r, v = more[0] if more else (max(over, key=lambda r: r["kv_bytes"] / max(r["kept_kv_bytes"], 1)), None)
+    example = (f"{r['method']} at {_ctx(r['context'])}: {_kv(r['kv_bytes'], scale)} {unit} held, "
+               f"{_kv(r['kept_kv_bytes'], scale)} {unit} kept")
+    if v is not None:
+        example = f"{example}, vanilla {_kv(v['kv_bytes'], scale)} {unit}"
+    return ("KV held counts every row a cache holds, those reserved for decoding included (a DMS cache reserves "
+            "max(capacity step, new tokens) rows per KV head, and each head's segment keeps spare rows); KV kept "
+            "counts the keys and values still attended to, from which Compression is computed. So a compressed "
+            + ("cache can hold more than vanilla's while keeping far less" if v is not None else
+               "cache can hold much more than it keeps")
+            + f" ({example}).")
+
+
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    device = meta.get("device", {})
+    device = meta.get("device") or {}
     if not meta.get("weights_by_row"):  # one run: its text on every row that has none of its own
         rows = [r if r.get("weights") or meta.get("weights") is None else {**r, "weights": meta["weights"]}
                 for r in rows]
@@ -409,7 +548,9 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- command: `{meta.get('command', DASH)}`",
         "",
         "Time = TTFT (prefill, first token included) + decode; tok/s = generated tokens / time; peak VRAM "
-        "includes the weights; compression = dense KV slots / slots still attended at the end.",
+        "includes the weights; KV held = bytes the KV cache holds at the end (rows reserved for decoding "
+        "included), KV kept = bytes of the keys and values still attended to; compression = dense KV slots / "
+        "slots still attended at the end.",
         "",
     ]
     if batched(rows):
@@ -508,7 +649,10 @@ _PANELS = {  # file -> (what, panels: (row key, axis label, panel title, unit))
     )),
     MEMORY_PLOT: ("Memory vs context", (
         ("peak_vram_bytes", "peak VRAM", "Peak VRAM (weights included)", "GiB"),
-        ("kv_bytes", "KV cache at end", "KV cache held at the end of generation", "bytes"),
+        ("kv_bytes", "KV held at end", "KV cache held at the end of generation (allocated: rows reserved for "
+         "decoding included)", "bytes"),
+        ("kept_kv_bytes", "KV kept at end", "KV cache kept at the end of generation (the keys and values still "
+         "attended to)", "bytes"),
     )),
 }
 LOG_SPAN = 8  # a panel whose values span more than this factor gets a log y axis

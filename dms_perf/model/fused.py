@@ -10,6 +10,8 @@ or Liger is not installed, the model keeps transformers' modules, which compute 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers.models.qwen3 import modeling_qwen3
 
@@ -28,6 +30,31 @@ def fused_kernels_unavailable() -> str | None:
     return None
 
 
+# The Liger ops a fused model calls (RMSNorm, SwiGLU, RoPE, fused add + RMSNorm).
+LIGER_OPS = ("rms_norm", "swiglu", "rope", "fused_add_rms_norm")
+
+
+def find_liger_backends() -> None:
+    """Let Liger find its backends for ``LIGER_OPS`` now, without its warnings.
+
+    Liger looks for each op's backends (Triton, CuTe DSL, cuTile, Ascend) on the op's first call and logs a
+    warning for each one that is not installed, so every run printed them mid-generation. Found here with
+    that one logger quieted; what failed stays in ``liger_kernel.backends.registry.get_discovery_failures()``.
+    """
+    try:
+        from liger_kernel.backends.registry import list_registered
+    except ImportError:  # a Liger without the backend registry finds nothing on first calls either
+        return
+    registry_log = logging.getLogger("liger_kernel.backends.registry")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        for op in LIGER_OPS:
+            list_registered(op)
+    finally:
+        registry_log.setLevel(level)
+
+
 def apply_fused_kernels(model) -> bool:
     """Patch ``model``'s RMSNorms (incl. q/k norm), MLPs (SwiGLU) and its attention's RoPE with Liger's
     kernels, and fuse each layer's residual add into its post-attention norm (``AddNormDecoderLayer``);
@@ -38,6 +65,7 @@ def apply_fused_kernels(model) -> bool:
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
+    find_liger_backends()
     names = ("Qwen3RMSNorm", "Qwen3MLP", "apply_rotary_pos_emb")
     saved = {name: getattr(modeling_qwen3, name) for name in names}
     try:

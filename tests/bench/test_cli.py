@@ -77,7 +77,18 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "| 64 | dms-triton |" in md and "## DMS prefill speedup" in md
-    assert "| 40 | knorm:0.5 |" in capsys.readouterr().out  # the table is printed too
+    out = capsys.readouterr().out
+    assert "| 40 | knorm:0.5 |" in out  # the table is printed too
+    # KV held (rows reserved for decoding included) and KV kept, in the rows, both tables and the plot
+    for r in rows:
+        assert r["kept_kv_bytes"] <= r["kv_bytes"], r
+        assert (r["kept_kv_bytes"] < r["kv_bytes"]) == r["method"].startswith("dms"), r
+    for text in (md, out):
+        assert "| KV held (KiB) | KV kept (KiB) | Compression |" in text
+    assert "KV held counts every row a cache holds, those reserved for decoding included" in md
+    assert "KV held counts every row" in out  # the console says why too
+    assert "- CPU figures from one timed run per cell (--repeats 1, tiny random model) are smoke figures" in out
+    assert out.index("Reading these tables:") < out.index("| Context | Method |") < out.index("| Hub prefill (s) |")
 
 
 @pytest.mark.parametrize(
@@ -87,7 +98,8 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
         (["--contexts", "4q"], "not a token count"),
         (["--new-tokens", "0"], "--new-tokens must be >= 1"),
         (["--needle-depth", "2"], "--needle-depth must be in [0, 1]"),
-        (["--target-cr", "0.5"], "--target-cr must be 0 (off) or >= 1"),
+        (["--target-cr", "0.5"], "--target-cr must be 0 (off) or > 1, got 0.5"),
+        (["--target-cr", "1"], "--target-cr must be 0 (off) or > 1, got 1"),  # no eviction to calibrate to
     ],
 )
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
@@ -96,6 +108,44 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_target_cr_1_is_one_line_before_any_cell(tmp_path):
+    result = cli("bench", "--model", "tiny", *TINY_RUN, "--methods", "dms-hub", "--target-cr", "1",
+                 "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: dms-perf bench ")  # an option error: argparse's usage, then the line
+    assert result.stderr.strip().splitlines()[-1] == "dms-perf bench: error: --target-cr must be 0 (off) or > 1, got 1"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_context_written_twice_is_one_cell(tmp_path, capsys):
+    # 32 and 0.03125k are one length: one cell, one row, kept where it first appears
+    code = main(["bench", "--model", "tiny", "--contexts", "48,32,48,0.03125k", "--methods", "vanilla",
+                 "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 0
+    meta, rows = load_results(tmp_path)
+    assert meta["contexts"] == [48, 32]
+    assert [(r["method"], r["context"]) for r in rows] == [("vanilla", 48), ("vanilla", 32)]
+
+
+@pytest.mark.parametrize(("model", "contexts", "limit"), [
+    ("tiny", "999999999", 4096),
+    ("tiny", "64,4093,8k", 4096),  # 4093 + 4 new tokens is one position too many
+    ("checkpoint", "5k", 4096),
+])
+def test_contexts_beyond_the_models_positions_are_refused_before_any_cell(tmp_path, checkpoint, model, contexts,
+                                                                         limit):
+    model = str(checkpoint) if model == "checkpoint" else model
+    result = cli("bench", "--model", model, "--contexts", contexts, "--methods", "vanilla", "--new-tokens", "4",
+                 "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    too_long = [c for c in contexts.split(",") if c not in ("64",)]
+    values = ", ".join(str(int(c[:-1]) * 1024) if c.endswith("k") else c for c in too_long)
+    assert error_line(result) == (
+        f"dms-perf bench: error: --contexts {values}: a prompt and its --new-tokens 4 must fit the model's "
+        f"positions, but --model {model} has {limit} (max_position_embeddings): contexts up to {limit - 4} tokens")
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_cells_are_rows_of_their_own(tmp_path, capsys):
@@ -173,6 +223,35 @@ def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     assert "| 32 | vanilla |" in (tmp_path / "results.md").read_text()
 
 
+def test_ctrl_c_inside_a_cell_keeps_its_finished_repeats_as_a_partial_row(tmp_path, monkeypatch, capsys):
+    import dms_perf.bench.generation
+
+    real = dms_perf.bench.generation.generate_batch
+    calls = {"n": 0}
+
+    def generate(*args, **kwargs):  # Ctrl-C during the second of three timed runs of the first cell
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dms_perf.bench.generation, "generate_batch", generate)
+    code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "3",
+                 "--repeats", "3", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert (f"interrupted: 1 row kept in {tmp_path / 'results.json'}, results.md and plots written; vanilla @ 32 "
+            "partial: interrupted after 1 of 3 repeats") in err
+    _, rows = load_results(tmp_path / "results.json")
+    (row,) = rows
+    assert (row["context"], row["status"], row["partial"]) == (32, "interrupted after 1 of 3 repeats", True)
+    assert row["repeats"] == 1 and row["total_s"] == row["runs_total_s"][0] > 0  # the finished repeat's figures
+    assert row["generated_tokens"] == 3 and row["kv_bytes"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| 32 | vanilla (interrupted after 1 of 3 repeats) | " in md
+    assert '"interrupted after i of n repeats" was stopped (Ctrl-C)' in md
+
+
 def test_report_merges_bench_runs(tmp_path):
     common = ["--model", "tiny", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"]
     assert main(["bench", "--contexts", "32", "--methods", "vanilla", "--out", str(tmp_path / "a"), *common]) == 0
@@ -186,9 +265,64 @@ def test_report_merges_bench_runs(tmp_path):
 
 
 def test_report_of_a_missing_run_exits_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "all")])
-    assert info.value.code == 2 and "cannot merge" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "all")]) == 2
+    assert capsys.readouterr().err == (f"dms-perf report: error: cannot merge {tmp_path / 'nothing'}: no such file "
+                                       "or directory\n")
+
+
+_OK_ROW = {"context": 32, "method": "vanilla", "status": "ok", "total_s": 1.0, "prefill_s": 0.5,
+           "prefill_tok_s": 64.0, "generated_tokens": 2, "kv_bytes": 1024, "retrieval": "n/a (random weights)"}
+BAD_RESULTS = {  # name -> (what the file holds, what the error line says after the file's name)
+    "list": (b"[1, 2, 3]", 'holds a JSON list, not a results object ({"meta": {...}, "rows": [...]}) nor a '
+                           "pytest-benchmark JSON"),
+    "random-bytes": (bytes(range(256)) * 4, "not a results file: not text (UTF-8 JSON expected)"),
+    "truncated": (json.dumps({"meta": {}, "rows": [_OK_ROW]}).encode()[:-25], "truncated JSON: "),
+    "not-json": (b"meta: rows", "not valid JSON: Expecting value at line 1 column 1"),
+    "no-rows": (json.dumps({"meta": {}}).encode(), "not a results file: no 'rows' (a JSON list expected)"),
+    "rows-object": (json.dumps({"meta": {}, "rows": {}}).encode(),
+                    "not a results file: a JSON object as its 'rows' (a JSON list expected)"),
+    "row-without-method": (json.dumps({"meta": {}, "rows": [{"context": 32, "status": "OOM"}]}).encode(),
+                           "row 0: no 'method'"),
+    "ok-row-without-figures": (json.dumps({"meta": {}, "rows": [_OK_ROW, {**_OK_ROW, "total_s": None}]}).encode(),
+                               "row 1: 'total_s' is None, not a number"),
+    "ok-row-missing-kv": (json.dumps({"meta": {}, "rows": [{k: v for k, v in _OK_ROW.items() if k != "kv_bytes"}]})
+                          .encode(), "row 0: no 'kv_bytes' (a row with status 'ok' holds its figures)"),
+    "row-a-number": (json.dumps({"meta": {}, "rows": [7]}).encode(), "row 0: a JSON number, not an object"),
+    "device-a-string": (json.dumps({"meta": {"device": "H100"}, "rows": []}).encode(),
+                        "its meta 'device' is a JSON string, not a JSON object"),
+    "benchmark-json-without-params": (json.dumps({"benchmarks": [{"extra_info": {"total_s": 1, "method": "x"}}]})
+                                      .encode(), "not a pytest-benchmark JSON of end-to-end cases (KeyError: "),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RESULTS))
+def test_report_of_a_bad_results_file_is_one_line_naming_it(tmp_path, capsys, kind):
+    content, message = BAD_RESULTS[kind]
+    bad = tmp_path / "results.json"
+    bad.write_bytes(content)
+    assert main(["report", str(bad), "--out", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dms-perf report: error: cannot merge {bad}: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "all").exists()
+
+
+def test_report_of_a_directory_without_results_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "all")]) == 2
+    assert capsys.readouterr().err == (f"dms-perf report: error: cannot merge {tmp_path}: a directory without "
+                                       "results.json (expected a dms-perf bench output directory, its results.json "
+                                       "or a pytest-benchmark JSON)\n")
+
+
+@pytest.mark.parametrize("kind", ["list", "random-bytes", "truncated", "ok-row-without-figures"])
+def test_report_of_a_bad_results_file_has_no_traceback(tmp_path, kind):
+    content, message = BAD_RESULTS[kind]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"meta": {"model": "tiny"}, "rows": [_OK_ROW]}))
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    result = cli("report", str(good), str(bad), "--out", str(tmp_path / "all"))  # the second input names itself
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"dms-perf report: error: cannot merge {bad}: {message}")
 
 
 # A loop whose bound derives from a program id, as the DMS kernels' prefix counts have: Triton 3.6's
@@ -218,8 +352,7 @@ def test_report_renders_an_end_to_end_benchmark_json(tmp_path):
     assert (tmp_path / "md" / "time_vs_context.png").stat().st_size > 0
     bad = tmp_path / "kernels.json"
     bad.write_text(json.dumps({"benchmarks": [{"params": {}, "extra_info": {"kernel": "x"}}]}))
-    with pytest.raises(SystemExit):
-        main(["report", str(bad), "--out", str(tmp_path / "none")])
+    assert main(["report", str(bad), "--out", str(tmp_path / "none")]) == 2
 
 
 # --- the real entry point in a child process: exit status, one-line errors, never a traceback -------------
@@ -426,6 +559,45 @@ def test_ctrl_c_keeps_the_rows_and_exits_130_without_a_traceback(tmp_path):
     assert (out / "results.md").exists() and (out / "time_vs_context.png").exists()
 
 
+LIGER_IMPORT_PATH = """
+import sys, warnings
+warnings.simplefilter("always")  # every warning printed, none hidden by a filter
+from dms_perf.bench.cli import build_parser
+build_parser()
+from dms_perf.model import fused
+from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+from liger_kernel.transformers.rope import liger_rotary_pos_emb
+from liger_kernel.ops import LigerFusedAddRMSNormFunction
+from liger_kernel.backends.registry import get_discovery_failures, list_registered
+if sys.argv[1] == "quiet":
+    fused.find_liger_backends()  # as apply_fused_kernels does before the model's first call
+for op in fused.LIGER_OPS:  # what the model's first calls do
+    list_registered(op)
+print(len(get_discovery_failures()))
+"""
+
+
+@pytest.mark.parametrize("how", ["quiet", "bare"])
+def test_liger_backend_discovery_prints_nothing(how):
+    """Liger finds its backends on an op's first call and logs a warning for each one not installed here
+    (CuTe DSL, cuTile, Ascend): the CLI's path (apply_fused_kernels) finds them first, quietly. Liger's
+    kernels need a GPU, so the path is driven up to the model's first calls. "bare": without that step the
+    warnings appear, so the test sees them when they are there."""
+    pytest.importorskip("liger_kernel.backends.registry")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", LIGER_IMPORT_PATH, how], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = int(result.stdout.split()[-1])
+    if how == "quiet":
+        assert result.stderr == ""
+    elif failures:  # backends missing here: each was a warning
+        assert "could not be imported" in result.stderr
+    else:
+        pytest.skip("every Liger backend imports here: nothing to warn about")
+
+
 def test_methods_lists_the_registry_as_a_table():
     result = cli("methods")
     assert result.returncode == 0
@@ -458,6 +630,23 @@ def test_bench_help_states_the_defaults_as_options():
     assert gpu == ["GPU default: --contexts 4k,8k,16k,32k --model qwen3-8b --new-tokens 128 --repeats 3 "
                    "--dtype bfloat16"]
     assert f"--methods {CPU_DEFAULTS['methods']}" in out and f"--methods {GPU_DEFAULTS['methods']}" in out
+
+
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_help_reads_as_prose(command):
+    """No Python set, list or dict and no None in the help; defaults as option values; names never split."""
+    out = cli(command, "--help").stdout
+    body = out.split("\n\n", 1)[1].replace("[0, 1)", "")  # below the usage lines (argparse's [brackets]), no interval
+    for python in ("{", "}", "[", "]", "None", "'float32'"):
+        assert python not in body, python
+    assert "(default: results)" in out and "exit status" in " ".join(out.lower().split())
+    if command == "bench":
+        flat = " ".join(out.split())
+        assert "--dtype DTYPE model weights and activations: bfloat16, float16 or float32 (default: float32)" in flat
+        assert "(default: 8)" in flat and "(default: 8.0)" not in flat
+        assert "vanilla,dms-hub,dms-hub-triton,dms-triton,snapkv:0.5" in out  # not cut at a hyphen
+    else:
+        assert "pytest-benchmark JSON" in out and "seed agree" in out
 
 
 @pytest.mark.parametrize(("args", "message"), [

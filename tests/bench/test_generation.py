@@ -167,3 +167,90 @@ def test_a_press_that_hides_keys_is_a_skipped_batch_row(models):
     assert "prefill_s" not in row
     one = measure_generation(model, workloads.first(1), method, new_tokens=2, repeats=1, warmup=0)
     assert one["status"] == "ok" and one["batch"] == 1
+
+
+# --- KV held and KV kept ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vanilla", "knorm:0.5", "dms-hub"])
+def test_a_row_holds_kv_bytes_held_and_kept(models, name):
+    """Held: what the cache holds, rows reserved for decoding included; kept: the keys and values still
+    attended to, from which compression is computed. A dense cache (vanilla or shortened by a press) holds
+    what it keeps; a DMS cache reserves decode rows, so it holds more than it keeps."""
+    method = resolve_method(name)
+    model = models(method)
+    row = measure_generation(model, needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=3,
+                             repeats=1, warmup=0)
+    assert row["status"] == "ok", row
+    cfg = model.config
+    slot = 2 * cfg.head_dim * 4  # fp32 key and value of one token in one KV head
+    dense_slots = cfg.num_hidden_layers * cfg.num_key_value_heads * (BATCH_CONTEXT + 2)
+    assert row["kept_kv_bytes"] == pytest.approx(slot * dense_slots / row["compression"])
+    if name == "dms-hub":
+        assert row["kept_kv_bytes"] < row["kv_bytes"]
+    else:
+        assert row["kept_kv_bytes"] == row["kv_bytes"]
+
+
+def test_kept_bytes_of_a_dms_generation_are_the_caches_kept_kv_bytes(models, monkeypatch):
+    import dms_perf.bench.generation as generation
+
+    method = resolve_method("dms-hub")
+    model = models(method)
+    seen = []
+    real = generation.kv_cache_stats
+
+    def stats(model, cache, **kwargs):
+        seen.append(cache)
+        return real(model, cache, **kwargs)
+
+    monkeypatch.setattr(generation, "kv_cache_stats", stats)
+    run = generate_once(model, needle_batch(BATCH_CONTEXT, 1, vocab_size=512).prompts[0], new_tokens=3)
+    (cache,) = seen
+    assert run.kept_kv_bytes == cache.kept_kv_bytes() < run.kv_bytes == cache.kv_bytes()
+
+
+# --- progress inside a cell, and a cell interrupted after some repeats -------------------------------------
+
+
+@pytest.mark.parametrize(("name", "warmup", "expected"), [
+    ("vanilla", 2, ["warm-up 1/2", "warm-up 2/2", "repeat 1/2", "repeat 2/2"]),
+    ("dms-triton", 0, ["warm-up 1/1", "repeat 1/2", "repeat 2/2"]),  # the engine's pool-sizing run is a warm-up
+])
+def test_on_run_names_each_generation_of_a_cell(models, name, warmup, expected):
+    method = resolve_method(name)
+    seen = []
+    row = measure_generation(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=2,
+                             repeats=2, warmup=warmup, on_run=seen.append)
+    assert row["status"] == "ok", row
+    assert seen == expected
+
+
+def test_ctrl_c_after_a_repeat_raises_the_partial_row(models, monkeypatch):
+    import dms_perf.bench.generation as generation
+
+    method = resolve_method("vanilla")
+    real = generation.generate_batch
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second timed run, after one warm-up and one timed run
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_batch", generate)
+    with pytest.raises(generation.CellInterrupted) as info:
+        measure_generation(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=3,
+                           repeats=4, warmup=1)
+    row = info.value.row
+    assert row["status"] == "interrupted after 1 of 4 repeats" and row["partial"] is True
+    assert row["repeats"] == 1 and len(row["runs_total_s"]) == 1 and row["total_s"] == row["runs_total_s"][0]
+    assert isinstance(info.value, KeyboardInterrupt)  # what a caller not knowing partial rows stops on
+    # Ctrl-C before any timed run finished: nothing to keep, the plain KeyboardInterrupt
+    calls.clear()
+    monkeypatch.setattr(generation, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt) as info:
+        measure_generation(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=3,
+                           repeats=4, warmup=0)
+    assert not isinstance(info.value, generation.CellInterrupted)

@@ -19,21 +19,25 @@ from dms_perf.bench.report import (
     merge_results,
     method_styles,
     ordered_rows,
+    reading_notes,
     render_markdown,
     results_from_benchmarks,
     speedup_rows,
+    speedup_table,
 )
 
 GIB = 2**30
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _row(context, method, prefill, decode=1.0, vram=None, kv=2**20, compression=1.0, new_tokens=9):
+def _row(context, method, prefill, decode=1.0, vram=None, kv=2**20, compression=1.0, new_tokens=9, kept=None):
+    """A measured row; its cache keeps what it holds unless ``kept`` says otherwise."""
     return {
         "context": context, "method": method, "new_tokens": new_tokens, "status": "ok",
         "prefill_s": prefill, "prefill_tok_s": context / prefill, "decode_tok_s": (new_tokens - 1) / decode,
         "total_s": prefill + decode, "generated_tokens": new_tokens, "peak_vram_bytes": vram, "kv_bytes": kv,
-        "compression": compression, "retrieval": "n/a (random weights)", "repeats": 3,
+        "kept_kv_bytes": kv if kept is None else kept, "compression": compression,
+        "retrieval": "n/a (random weights)", "repeats": 3,
         "runs_total_s": [prefill + decode] * 3,
     }
 
@@ -72,7 +76,7 @@ def test_finish_writes_markdown_and_plots(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "NVIDIA H100 80GB HBM3" in md and "random weights, eviction calibrated to 8x" in md
     assert "## Full comparison" in md and "## DMS prefill speedup (hub vs hub-triton vs triton)" in md
-    assert "| 4K | dms-triton | 1.5 | 6 | 17.00 | 0.5 | 8,192 | 8 | 1.0 | 7.90x | n/a (random weights) |" in md
+    assert "| 4K | dms-triton | 1.5 | 6 | 17.00 | 0.5 | 8,192 | 8 | 1.0 | 1.0 | 7.90x | n/a (random weights) |" in md
     assert "| 8K | dms-hub | OOM |" in md
     # speedup 2.0 / 0.5, 3 GiB saved; no dms-hub-triton in this run: dashes
     assert "| 4K | 2 | — | 0.5 | — | 4.00x | — | 20.00 | 17.00 | 3.00 |" in md
@@ -172,7 +176,7 @@ def test_merge_joins_a_vanilla_run_with_a_calibrated_one(tmp_path):
     assert "| Retrieval | Weights |" in md
     assert "| 8K | vanilla | 1.4 | 6.43 | 18.00 | 0.4 |" in md and "| random weights |" in md
     assert "| 4K | dms-triton | 1.5 |" in md and "| random weights, eviction calibrated to 8x |" in md
-    assert "| 8K | dms-hub | OOM |" + " — |" * 8 + " random weights, eviction calibrated to 8x |" in md
+    assert "| 8K | dms-hub | OOM |" + " — |" * 9 + " random weights, eviction calibrated to 8x |" in md
     assert 'weights differ between the joined runs' in md
     # Joined again (re-rendering a joined directory), every row keeps its own text.
     joined = _saved(tmp_path / "joined", meta, merged)
@@ -341,7 +345,7 @@ def test_plots_name_model_card_and_date_and_read_4k_8k_32k():
     for fig in figures.values():
         title = fig.get_suptitle()
         assert "qwen3-8b" in title and "NVIDIA H100 80GB HBM3" in title and "2026-11-28 01:27 UTC" in title
-        assert len(fig.axes) == 2
+        assert len(fig.axes) == (3 if fig is figures[MEMORY_PLOT] else 2)  # VRAM, KV held, KV kept
         for ax in fig.axes:
             assert [t.get_text() for t in ax.get_xticklabels()] == ["4K", "8K", "32K"]
             assert list(ax.xaxis.get_minorticklocs()) == []  # no 2^13-style ticks in between
@@ -371,7 +375,7 @@ def test_plots_give_each_method_its_own_colour_and_marker_and_keep_legends_outsi
 
 def test_plots_show_methods_that_coincide():
     memory = build_figures(_twelve_methods(), _H100_META)[MEMORY_PLOT]
-    kv = next(ax for ax in memory.axes if "KV cache" in ax.get_ylabel())
+    kv = next(ax for ax in memory.axes if "KV held" in ax.get_ylabel())
     labels = [t.get_text() for t in kv.get_legend().get_texts()]
     assert "streamingllm:0.5 (same as snapkv:0.5)" in labels and "expected-attention:0.5 (same as snapkv:0.5)" in labels
     assert "dms-triton (same as dms-hub)" in labels and "dmspress-knorm:0.5 (same as vanilla)" in labels
@@ -393,7 +397,8 @@ def test_plots_without_a_gpu_have_no_empty_panel():
     figures = build_figures(rows, {**_H100_META, "device": {"gpu": "none", "gpu_slug": "cpu"}, "model": "tiny",
                                    "dtype": "float32", "repeats": 1})
     memory = figures[MEMORY_PLOT]
-    assert [ax.get_ylabel() for ax in memory.axes] == ["KV cache at end (MiB), log scale"]
+    assert [ax.get_ylabel() for ax in memory.axes] == ["KV held at end (MiB), log scale",
+                                                       "KV kept at end (MiB), log scale"]
     title = memory.get_suptitle()
     assert "CPU (no GPU)" in title and "interpreter" in title and "smoke" in title
     assert all(_lines(ax) for fig in figures.values() for ax in fig.axes)
@@ -521,3 +526,79 @@ def test_throughput_vs_batch_plot_is_written(tmp_path):
         writer.add(row)
     assert {f.name for f in writer.finish()} == {"results.json", "results.md", TIME_PLOT, MEMORY_PLOT, BATCH_PLOT}
     assert (tmp_path / BATCH_PLOT).read_bytes().startswith(PNG_MAGIC)
+
+
+# --- KV held and KV kept ---------------------------------------------------------------------------------
+
+
+def _kv_rows():
+    """A CPU smoke run's figures: DMS holds more than vanilla (reserved decode rows) and keeps a fifth."""
+    return [_row(128, "vanilla", 0.1, kv=138_240), _row(128, "dms-hub", 0.5, kv=158_164, compression=5.09, kept=27_648),
+            _row(256, "dms-hub", 0.9, kv=170_000, compression=5.45, kept=51_000)]
+
+
+def test_tables_show_kv_held_and_kept():
+    table = comparison_table(_kv_rows())
+    assert "| KV held (KiB) | KV kept (KiB) | Compression |" in table  # all below 1 MiB: KiB, not 0.1 MiB
+    assert "| 135.0 | 135.0 | 1.00x |" in table and "| 154.5 | 27.0 | 5.09x |" in table
+    notes = reading_notes({}, _kv_rows())
+    (note,) = [n for n in notes if n.startswith("KV held counts")]
+    assert "rows per KV head" in note and "can hold more than vanilla's while keeping far less" in note
+    assert "(dms-hub at 128: 154.5 KiB held, 27.0 KiB kept, vanilla 135.0 KiB)" in note
+    md = render_markdown({}, _kv_rows())
+    assert note in md and "KV kept = bytes of the keys and values still attended to" in md
+    big = comparison_table([_row(4096, "vanilla", 1.0, kv=3 * 2**20)])
+    assert "| KV held (MiB) | KV kept (MiB) |" in big and "| 3.0 | 3.0 | 1.00x |" in big
+    failed = comparison_table([*_kv_rows(), {"context": 256, "method": "vanilla", "new_tokens": 9, "status": "OOM"}])
+    assert "| 256 | vanilla | OOM |" + " — |" * 9 in failed  # as many cells as the header
+
+
+def test_rows_held_as_kept_get_no_kv_note():
+    rows = [_row(4096, "vanilla", 1.0), _row(4096, "knorm:0.5", 1.0, kv=2**19, compression=2.0)]
+    assert not [n for n in reading_notes({}, rows) if "KV" in n]
+
+
+def test_old_rows_without_kept_bytes_render_with_a_dash(tmp_path):
+    before = [{k: v for k, v in r.items() if k != "kept_kv_bytes"} for r in _rows()]  # results before the split
+    old = _saved(tmp_path / "old", {"methods": ["vanilla", "dms-hub"]}, before)
+    new = _saved(tmp_path / "new", {"methods": ["vanilla"]}, [_row(8192, "vanilla", 0.8)])
+    meta, rows = merge_results([old, new])
+    md = render_markdown(meta, rows)
+    assert "| 4K | vanilla | 1.4 | 6.43 | 18.00 | 0.4 | 10,240 | 8 | 1.0 | — | 1.00x |" in md
+    assert "| 8K | vanilla |" in md and "| 1.0 | 1.0 | 1.00x |" in md
+    assert "— under KV kept means not recorded: rows written before results held it." in md
+    memory = build_figures(rows, meta)[MEMORY_PLOT]
+    kept = next(ax for ax in memory.axes if "KV kept" in ax.get_ylabel())
+    assert [line.get_label() for line in _lines(kept)] == ["vanilla"]  # the one row that recorded it
+
+
+def test_memory_plot_shows_held_and_kept_with_why_they_differ():
+    memory = build_figures(_kv_rows(), {})[MEMORY_PLOT]
+    labels = [ax.get_ylabel() for ax in memory.axes]
+    assert labels == ["KV held at end (KiB)", "KV kept at end (KiB)"]
+    held, kept = memory.axes
+    assert "rows reserved for decoding included" in held.get_title(loc="left")
+    assert "still attended to" in kept.get_title(loc="left")
+
+
+def test_a_single_repeat_gets_a_caveat_first():
+    cpu = _notes(render_markdown(_CPU_RUN, _cpu_rows())).strip().splitlines()
+    assert cpu[0].startswith("- CPU figures from one timed run per cell (--repeats 1, tiny random model) are smoke")
+    assert "on a shared CPU its speeds are noise (two identical runs differed ~70x" in cpu[0]
+    h100 = {**_DEFAULT_RUN, "device": {"gpu": "NVIDIA H100 80GB HBM3"}, "repeats": 1}
+    rows = [{**_row(4096, "vanilla", 0.4, vram=18 * GIB), "repeats": 1}]
+    assert _notes(render_markdown(h100, rows)).strip() == (
+        "- One timed run per cell (--repeats 1): a figure is one sample, not a median, so one slow run (another "
+        "process, clocks ramping up) is the figure; use --repeats 3 or more to compare speeds.")
+
+
+def test_a_partial_row_shows_its_figures_marked():
+    partial = {**_row(4096, "dms-triton", 0.5), "status": "interrupted after 1 of 3 repeats", "partial": True,
+               "repeats": 1}
+    rows = [_row(4096, "dms-hub", 2.0), partial]
+    table = comparison_table(rows)
+    assert "| 4K | dms-triton (interrupted after 1 of 3 repeats) | 1.5 |" in table
+    assert "| 4K | 2 | — | 0.5 (interrupted after 1 of 3 repeats) | — | 4.00x |" in speedup_table(rows)
+    (line,) = [line for fig in build_figures(rows, {}).values() for ax in fig.axes[:1] for line in _lines(ax)
+               if line.get_label() == "dms-triton"]  # drawn like any measured row
+    assert list(line.get_ydata()) == [1.5]
