@@ -107,8 +107,8 @@ def serving_table(path: Path) -> str:
         if row.get("status") != "ok":
             lines.append(f"| {row['method']} | {cell} | {row.get('status')} | | | |")
             continue
-        held = row.get("kv_held_bytes", row.get("kv_bytes"))
-        kept = row.get("kv_kept_bytes")
+        held = row["kv_bytes"]
+        kept = row.get("kept_kv_bytes")
         lines.append(f"| {row['method']} | {cell} | {_n(row['decode_tok_s'])} | {row['prefill_s']:.2f} | "
                      f"{held / 1e9:.2f} | {'' if kept is None else f'{kept / 1e9:.2f}'} |")
     return "\n".join(lines)
