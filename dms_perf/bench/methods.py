@@ -188,10 +188,11 @@ def valid_names() -> str:
     return ", ".join(parts)
 
 
-def describe_methods() -> str:
-    """One line per family: name (with its parameter) and what it is, for --help."""
+def describe_methods(families=None) -> str:
+    """One line per family (all, or ``families``): name (with its parameter) and what it is, for --help."""
     return "\n".join(
-        f"  {f.name + (':R' if f.takes_parameter else ''):22} {f.summary}" for f in FAMILIES.values()
+        f"  {f.name + (':R' if f.takes_parameter else ''):22} {f.summary}"
+        for f in (FAMILIES.values() if families is None else families)
     )
 
 
@@ -309,6 +310,15 @@ def resolve_method(name: str) -> Method:
     return Method(family, ratio)
 
 
+def group_by_backend(methods: list[Method]) -> dict[str | None, list[Method]]:
+    """The methods per model backend, in the order of their first method: the methods of one backend share
+    the model built for it, one model alive at a time (``dms-perf bench`` and ``capacity``)."""
+    groups: dict[str | None, list[Method]] = {}
+    for m in methods:
+        groups.setdefault(m.backend, []).append(m)
+    return groups
+
+
 def resolve_methods(names) -> list[Method]:
     """Resolve a sequence of names (or a comma-separated string), keeping order, dropping repeats."""
     if isinstance(names, str):
@@ -327,6 +337,16 @@ def resolve_methods(names) -> list[Method]:
 
 def is_model_path(model: str) -> bool:
     return model not in MODEL_CHOICES
+
+
+def weights_note(model: str, methods, target_cr: float | None) -> str:
+    """The weights of a run, as its results say: a checkpoint's, or random ones, "eviction calibrated" only
+    where a method that evicts ran (dense-triton alone evicts nothing, whatever its offset)."""
+    if is_model_path(model):
+        return f"real weights from {model}"
+    if target_cr and any(m.evicts for m in methods):
+        return f"random weights, eviction calibrated to {target_cr:g}x"
+    return "random weights"
 
 
 HUB_TIMEOUT_S = 5.0  # seconds the hub may take to answer whether a --model hub id exists
@@ -387,6 +407,16 @@ def _check_hub_model(repo: str) -> None:
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise ValueError(f"{where} it cannot be downloaded: the Hugging Face hub ({constants.ENDPOINT}) did not "
                          f"answer within {HUB_TIMEOUT_S:g} s ({detail}); {fetch}") from None
+
+
+def config_of(model: str):
+    """The config of ``model``: a random model's (``model_config``) or a checkpoint's config.json (a
+    directory or a hub id), read without loading the weights."""
+    if not is_model_path(model):
+        return model_config(model)
+    from transformers import Qwen3Config
+
+    return Qwen3Config.from_pretrained(model)
 
 
 def model_config(model: str):
