@@ -674,7 +674,9 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
                 ax.annotate(f"max {best}\n{_num(data[best])} tok/s", (best, data[best]), textcoords="offset points",
                             xytext=(0, 12), ha="center", fontsize=8, color=colour)
         present = sorted({row_batch(r) for r in here})  # and every power of two between: log-2 ticks
-        ticks = sorted(set(present) | {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k})
+        powers = {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k}
+        # A search's bisected batches (14, 15) would crowd the axis: powers of two only, each point still drawn.
+        ticks = sorted(powers if largest else set(present) | powers)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
