@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.capacity import decode_read_bytes, weight_bytes
+from dms_perf.bench.floors import decode_step_read_bytes, weight_bytes
 from dms_perf.bench.methods import resolve_method
 from dms_perf.bench.timing import bench
 from dms_perf.model.cache import kv_cache_bytes
@@ -189,8 +189,8 @@ def test_decode_batch(benchmark, method, batch, context_length):
     decode engine (a KV pool sized for the batch, its CUDA graph captured once and replayed). One prompt
     is prefilled and its cache copied into every slot (``DMSCache.stacked``): each sequence holds the same
     cache, so every step reads the same bytes as B distinct prompts of that length would. Floor: the
-    weights a step reads (``decode_read_bytes``: all but the embedding table's unused rows) plus the kept
-    K/V, read once per step, at the measured copy bandwidth."""
+    weights a step reads plus the kept K/V, read once per step (``dms_perf.bench.floors.decode_step_read_bytes``:
+    all weights but the embedding table's unused rows), at the measured copy bandwidth."""
     if HAS_CUDA and context_length not in BATCH_CONTEXTS:
         pytest.skip(f"batched decode runs at {BATCH_CONTEXTS} tokens")
     from dms_perf.bench.timing import copy_bandwidth_bytes_per_s
@@ -214,7 +214,7 @@ def test_decode_batch(benchmark, method, batch, context_length):
         model.use_kv_pool(None)
         pytest.skip(f"OOM at batch {batch} x {context_length} tokens ({method}): {str(exc).splitlines()[0][:120]}")
     _describe(benchmark, model, method, cache.get_seq_length(), calibration, cache)
-    read_bytes = decode_read_bytes(model, batch) + cache.kept_kv_bytes()
+    read_bytes = decode_step_read_bytes(model, batch, cache)
     benchmark.extra_info.update(
         context_length=context_length, batch=batch, decode_steps_per_call=DECODE_STEPS,
         batch_fill="one prefill copied into every slot", step_read_bytes=read_bytes,

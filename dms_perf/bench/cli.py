@@ -20,16 +20,15 @@ from collections.abc import Sequence
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.options import HelpFormatter
+from dms_perf.bench.options import CPU_MODEL, DTYPES, GPU_MODEL, HelpFormatter, defaults_text
 
 # The CPU run is a smoke run (Triton's interpreter, a tiny model): the dense baseline, the two DMS
 # prefills of the speedup table and two kvpress presses, so that it takes well under a minute.
 CPU_METHODS = ("vanilla", "dms-hub", "dms-hub-triton", "dms-triton", "snapkv:0.5")
-CPU_DEFAULTS = {"contexts": "128,256", "methods": ",".join(CPU_METHODS), "model": "tiny", "new_tokens": 8,
-                "repeats": 1, "dtype": "float32"}
-GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "methods": "all of them (the list below)", "model": "qwen3-8b",
-                "new_tokens": 128, "repeats": 3, "dtype": "bfloat16"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DEFAULTS = {"contexts": "128,256", "methods": ",".join(CPU_METHODS), "model": CPU_MODEL["model"], "new_tokens": 8,
+                "repeats": 1, "dtype": CPU_MODEL["dtype"]}
+GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "methods": "all of them (the list below)", "model": GPU_MODEL["model"],
+                "new_tokens": 128, "repeats": 3, "dtype": GPU_MODEL["dtype"]}
 
 
 
@@ -43,16 +42,6 @@ def _defaults() -> dict:
     return d
 
 
-def _defaults_text() -> str:
-    """The CPU and GPU defaults as option lines, and which of them this machine uses."""
-    lines = [f"defaults (this machine {'has a CUDA GPU: the GPU' if HAS_CUDA else 'has no CUDA GPU: the CPU'} ones):"]
-    for label, d in (("CPU", CPU_DEFAULTS), ("GPU", GPU_DEFAULTS)):
-        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items() if k != "methods")
-        lines.append(f"  {label} default: {options}")
-        lines.append(f"  {' ' * len(label)}          --methods {d['methods']}")
-    return "\n".join(lines)
-
-
 def _version() -> str:
     from dms_perf import __version__
 
@@ -61,6 +50,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from dms_perf.bench.methods import DEFAULT_METHODS, describe_methods
+    from dms_perf.bench.options import add_model_options, add_workload_options
 
     d = _defaults()
     parser = argparse.ArgumentParser(prog="dms-perf", description="Benchmarks for DMS KV-cache compression.")
@@ -75,25 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
             "PNG plots. A failing cell (e.g. out of memory) becomes a row saying so. Exit status: 0, or 1 when a "
             "cell ended in an error (OOM and skipped cells are results, not errors), 2 for a bad option, "
             "--model or --out, 130 when interrupted (the rows measured so far are kept).", 100)
-        + "\n\n" + _defaults_text(),
+        + "\n\n" + defaults_text(CPU_DEFAULTS, GPU_DEFAULTS),
         epilog="methods (R = fraction of the prompt's KV pairs removed, in [0, 1)); `dms-perf methods` "
         "prints them as a table:\n" + describe_methods(),
         formatter_class=HelpFormatter,
     )
-    bench.add_argument("--contexts", default=d["contexts"], metavar="LENGTHS",
-                       help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096 (a length "
-                       "written twice runs once); each plus --new-tokens must fit the model's positions")
+    add_workload_options(bench, d, methods_help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 "
+                         f"(list below; all {len(DEFAULT_METHODS)} are the GPU default)")
     bench.add_argument("--batch", default="1", metavar="SIZES",
                        help="comma-separated batch sizes, e.g. 1,8,32: a batch-B cell prefills B distinct prompts of "
                        "the context length one by one, joins their caches and decodes them together (Decode tok/s "
                        "counts all B sequences; batch 1 is the single prompt of earlier runs)")
-    bench.add_argument("--methods", default=d["methods"], metavar="NAMES",
-                       help="comma-separated method names, e.g. vanilla,dms-triton,snapkv:0.5 (list below; "
-                       f"all {len(DEFAULT_METHODS)} are the GPU default)")
-    bench.add_argument("--model", default=d["model"], metavar="MODEL",
-                       help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape), a local "
-                       "checkpoint directory (holding config.json and the weights, e.g. Qwen3-8B-DMS-8x "
-                       "downloaded) or a hub id such as nvidia/Qwen3-8B-DMS-8x (needs the hub or its local cache)")
+    add_model_options(bench, d)
     bench.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="local tokenizer directory for the text workload (default: the checkpoint's own when "
                        "--model is a path; none for random models: exact-length token ids)")
@@ -104,13 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per cell before the timed ones")
     bench.add_argument("--needle-depth", type=float, default=0.5, metavar="DEPTH",
                        help="where the needle sits in the haystack: 0 = start, 1 = end")
-    bench.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], metavar="DTYPE",
-                       help="model weights and activations: " + ", ".join(sorted(DTYPES)[:-1])
-                       + f" or {sorted(DTYPES)[-1]}")
-    bench.add_argument("--target-cr", type=float, default=8, metavar="RATIO",
-                       help="with random weights, calibrate DMS eviction to this compression ratio, above 1 "
-                       "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
-    bench.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights and token ids")
     bench.add_argument("--out", default="results", metavar="DIR",
                        help="output directory (results.json, results.md, plots)")
     bench.set_defaults(run=run_bench, command_parser=bench)
@@ -196,11 +172,12 @@ def _prepare_out(out) -> str | None:
 
 def _validate(args, parser):
     from dms_perf.bench.methods import resolve_methods
-    from dms_perf.bench.options import parse_context_lengths
+    from dms_perf.bench.options import check_target_cr, parse_context_lengths
 
     try:
         contexts = parse_context_lengths(args.contexts)
         methods = resolve_methods(args.methods)
+        check_target_cr(args.target_cr)
     except ValueError as exc:
         parser.error(str(exc))
     for name in ("new_tokens", "repeats"):
@@ -210,32 +187,17 @@ def _validate(args, parser):
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not 0.0 <= args.needle_depth <= 1.0:
         parser.error(f"--needle-depth must be in [0, 1], got {args.needle_depth}")
-    if args.target_cr != 0 and not args.target_cr > 1:  # 1x is no eviction: the calibration cannot aim at it
-        parser.error(f"--target-cr must be 0 (off) or > 1, got {args.target_cr:g}")
     return contexts, methods
 
 
 def _position_limit(model: str) -> int | None:
-    """``max_position_embeddings`` of a random model's config, of a checkpoint's config.json or of a hub
-    id's cached config.json; None where it is not known here (the model's own load then decides)."""
-    import json
-    from pathlib import Path
+    """``max_position_embeddings`` of ``model``'s config (``config_of``: a random model's, a checkpoint's or a
+    cached hub id's); None where it cannot be read here (the model's own load then decides)."""
+    from dms_perf.bench.methods import config_of
 
-    from dms_perf.bench.methods import is_model_path, model_config
-
-    if not is_model_path(model):
-        return int(model_config(model).max_position_embeddings)
-    config = Path(model).expanduser() / "config.json"
-    if not config.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(model, "config.json")
-        if not isinstance(cached, str):
-            return None
-        config = Path(cached)
     try:
-        limit = json.loads(config.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+        limit = getattr(config_of(model), "max_position_embeddings", None)
+    except (OSError, ValueError):
         return None
     return limit if isinstance(limit, int) and limit > 0 else None
 
@@ -252,18 +214,10 @@ def _positions_problem(model: str, contexts, new_tokens: int) -> str | None:
             f"--model {model} has {limit} (max_position_embeddings): contexts up to {limit - new_tokens} tokens")
 
 
-def _weights_note(args, methods, real_weights: bool) -> str:
-    if real_weights:
-        return f"real weights from {args.model}"
-    if args.target_cr and any(m.is_dms for m in methods):
-        return f"random weights, eviction calibrated to {args.target_cr:g}x"
-    return "random weights"
-
-
 def run_bench(args, parser) -> int:
     from rich.console import Console
 
-    from dms_perf.bench.methods import check_model, is_model_path
+    from dms_perf.bench.methods import check_model, is_model_path, weights_note
     from dms_perf.bench.options import parse_batch_sizes
     from dms_perf.bench.report import ResultsWriter
     from dms_perf.bench.workloads import load_tokenizer
@@ -298,7 +252,7 @@ def run_bench(args, parser) -> int:
         "device": _device_info(),
         "model": args.model,
         "dtype": args.dtype,
-        "weights": _weights_note(args, methods, real_weights),
+        "weights": weights_note(args.model, methods, args.target_cr),
         "contexts": list(contexts),
         "methods": [m.name for m in methods],
         "batches": list(batches),
@@ -357,17 +311,14 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dms_perf.bench.generation import CellInterrupted, measure_generation, release_memory
-    from dms_perf.bench.methods import load_model_for
+    from dms_perf.bench.methods import calibration_record, group_by_backend, load_model_for
     from dms_perf.bench.workloads import needle_batch
 
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     dtype = DTYPES[args.dtype]
     workloads: dict[int, object] = {}  # context -> the prompts of the largest batch (smaller ones: the first B)
 
-    # One model alive at a time: methods sharing a backend share the model built for it.
-    by_backend: dict[str | None, list] = {}
-    for m in methods:
-        by_backend.setdefault(m.backend, []).append(m)
+    by_backend = group_by_backend(methods)  # one model alive at a time, shared by the methods of its backend
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -389,10 +340,7 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
                 release_memory()
                 continue
             if calibration is not None:
-                writer.meta["calibration"][backend] = {
-                    "alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
-                    "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
-                }
+                writer.meta["calibration"][backend] = calibration_record(calibration)
             for m in group:
                 for ctx in contexts:
                     for batch in batches:

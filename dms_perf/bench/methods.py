@@ -21,6 +21,7 @@ kvpress is imported only when a press is built, so the package works where it is
 
 from __future__ import annotations
 
+import gc
 import importlib
 import re
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dms_perf._runtime import HAS_CUDA
 
 MODEL_CHOICES = ("tiny", "qwen3-8b")
 KVPRESS_VERSION = "0.5.5"
@@ -185,10 +188,11 @@ def valid_names() -> str:
     return ", ".join(parts)
 
 
-def describe_methods() -> str:
-    """One line per family: name (with its parameter) and what it is, for --help."""
+def describe_methods(families=None) -> str:
+    """One line per family (all, or ``families``): name (with its parameter) and what it is, for --help."""
     return "\n".join(
-        f"  {f.name + (':R' if f.takes_parameter else ''):22} {f.summary}" for f in FAMILIES.values()
+        f"  {f.name + (':R' if f.takes_parameter else ''):22} {f.summary}"
+        for f in (FAMILIES.values() if families is None else families)
     )
 
 
@@ -249,12 +253,29 @@ class Method:
         return self.is_dms and self.family.evict
 
     def prepare(self, model) -> None:
-        """Set this method's switches on a model that methods of one backend share (CUDA-graph decode,
-        eviction on or off)."""
-        if self.is_dms:
-            model.dms_cuda_graphs = self.family.cuda_graphs
-            model.set_dms_eviction(self.family.evict)
-            model.set_dms_borrowed_channel(not self.family.press_on_engine)
+        """Put a model of this method's backend (shared by the methods of that backend) into exactly the
+        state this method runs in, whatever ran on it before: its attention backend, CUDA-graph decode,
+        eviction on or off, the borrowed query channel, the offset it was loaded with (its calibration),
+        the default spare decode rows, no KV pool and no captured decode graph. The engine's fusions
+        cannot be undone: a model built without them (or with them, for a method without) is refused."""
+        if not self.is_dms:
+            return
+        engine = hasattr(model, "dms_fused_projections")  # set by dms_perf.model.fused.fuse_projections
+        if engine != self.family.fused:
+            need = "with" if self.family.fused else "without"
+            raise ValueError(f"{self.name} runs on a model {need} the decode engine's fusions; this one has "
+                             f"{'them' if engine else 'none'} (load_model_for builds the right one)")
+        from dms_perf.model.cache import DEFAULT_CAPACITY_STEP
+
+        model.set_dms_backend(self.backend)
+        model.dms_cuda_graphs = self.family.cuda_graphs
+        model.set_dms_eviction(self.family.evict)
+        model.set_dms_borrowed_channel(not self.family.press_on_engine)
+        if (offset := getattr(model, "dms_loaded_alpha_offset", None)) is not None:
+            model.config.dms_initial_alpha_offset = offset
+        model.dms_capacity_step = DEFAULT_CAPACITY_STEP
+        model.use_kv_pool(None)
+        model.release_decode_graph()
 
     def press_for(self, model, input_ids: torch.Tensor):
         """A fresh kvpress press for this prompt, or None (raises ImportError without kvpress)."""
@@ -289,6 +310,15 @@ def resolve_method(name: str) -> Method:
     return Method(family, ratio)
 
 
+def group_by_backend(methods: list[Method]) -> dict[str | None, list[Method]]:
+    """The methods per model backend, in the order of their first method: the methods of one backend share
+    the model built for it, one model alive at a time (``dms-perf bench`` and ``capacity``)."""
+    groups: dict[str | None, list[Method]] = {}
+    for m in methods:
+        groups.setdefault(m.backend, []).append(m)
+    return groups
+
+
 def resolve_methods(names) -> list[Method]:
     """Resolve a sequence of names (or a comma-separated string), keeping order, dropping repeats."""
     if isinstance(names, str):
@@ -307,6 +337,16 @@ def resolve_methods(names) -> list[Method]:
 
 def is_model_path(model: str) -> bool:
     return model not in MODEL_CHOICES
+
+
+def weights_note(model: str, methods, target_cr: float | None) -> str:
+    """The weights of a run, as its results say: a checkpoint's, or random ones, "eviction calibrated" only
+    where a method that evicts ran (dense-triton alone evicts nothing, whatever its offset)."""
+    if is_model_path(model):
+        return f"real weights from {model}"
+    if target_cr and any(m.evicts for m in methods):
+        return f"random weights, eviction calibrated to {target_cr:g}x"
+    return "random weights"
 
 
 HUB_TIMEOUT_S = 5.0  # seconds the hub may take to answer whether a --model hub id exists
@@ -369,6 +409,16 @@ def _check_hub_model(repo: str) -> None:
                          f"answer within {HUB_TIMEOUT_S:g} s ({detail}); {fetch}") from None
 
 
+def config_of(model: str):
+    """The config of ``model``: a random model's (``model_config``) or a checkpoint's config.json (a
+    directory or a hub id), read without loading the weights."""
+    if not is_model_path(model):
+        return model_config(model)
+    from transformers import Qwen3Config
+
+    return Qwen3Config.from_pretrained(model)
+
+
 def model_config(model: str):
     """Config of a random-weight model: ``"tiny"`` or ``"qwen3-8b"`` (the Qwen3-8B-DMS shape)."""
     from dms_perf.model import qwen3_dms as api
@@ -380,40 +430,67 @@ def model_config(model: str):
     raise ValueError(f"unknown random model {model!r}: expected one of {MODEL_CHOICES} or a checkpoint path")
 
 
+# The backend every calibration runs on: the released code's prefill. All DMS backends then evict with
+# the one offset it finds, so that they are compared on the same evictions.
+CALIBRATION_BACKEND = "hub"
 _CALIBRATIONS: dict[tuple, Any] = {}
+
+
+def calibration_for(model: str, *, dtype: torch.dtype, device, seed: int, target_cr: float):
+    """The eviction offset of random ``model`` weights (``seed``) that marks ``1 - 1/target_cr`` of the
+    tokens (docs/DMS.md, "Random weights"): ``dms_perf.model.calibrate.calibrate_dms`` with its defaults on
+    a fresh model of ``CALIBRATION_BACKEND``, eviction on, without the engine's fusions, so that it depends
+    on nothing but its key: model, seed, target, dtype and device (and that backend). Found once per key
+    and process; the model it ran on is freed before this returns."""
+    from dms_perf.model import qwen3_dms as api
+    from dms_perf.model.calibrate import calibrate_dms
+
+    key = (model, seed, float(target_cr), dtype, str(torch.device(device)), CALIBRATION_BACKEND)
+    if key not in _CALIBRATIONS:
+        fresh = api.build_model(model_config(model), backend=CALIBRATION_BACKEND, dtype=dtype, device=device,
+                                seed=seed)
+        fresh.set_dms_eviction(True)
+        _CALIBRATIONS[key] = calibrate_dms(fresh, target_cr=target_cr)
+        del fresh
+        gc.collect()
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+    return _CALIBRATIONS[key]
+
+
+def calibration_record(calibration) -> dict[str, float]:
+    """A calibration as results files record it (``meta["calibration"][backend]``)."""
+    return {"alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
+            "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio}
 
 
 def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, seed: int = 0,
                    target_cr: float | None = None):
-    """The model ``method`` runs on: random ``tiny`` / ``qwen3-8b`` weights or a local checkpoint.
+    """A fresh model for ``method``, in the state ``method.prepare`` sets: random ``tiny`` / ``qwen3-8b``
+    weights or a local checkpoint. Returns (model, calibration or None).
 
-    With random weights and a DMS backend, eviction is calibrated so that ``1 - 1/target_cr`` of the
-    tokens are marked (docs/DMS.md, "Random weights"); returns (model, calibration or None).
-    Every backend gets the same weights for a seed, so the offset is found once per process and
-    reused: all DMS backends then evict alike. Families with ``fused`` get Liger's kernels where they
-    run (``model.dms_fused_kernels`` says whether they did) and fused projections
-    (``dms_perf.model.fused.apply_engine_fusions``).
+    With random weights, a DMS backend and ``target_cr``, eviction is calibrated (``calibration_for``) so
+    that ``1 - 1/target_cr`` of the tokens are marked; every DMS backend gets the same weights for a seed
+    and the same offset. Families with ``fused`` get Liger's kernels where they run
+    (``model.dms_fused_kernels`` says whether they did) and fused projections
+    (``dms_perf.model.fused.apply_engine_fusions``). The methods of one backend may share the model:
+    each one's ``prepare`` puts it back into its own state.
     """
     from dms_perf.model import qwen3_dms as api
     from dms_perf.model.fused import apply_engine_fusions
 
+    calibration = None
     if is_model_path(model):
-        loaded = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
-        method.prepare(loaded)
+        built = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
+    else:
+        if method.is_dms and target_cr:
+            calibration = calibration_for(model, dtype=dtype, device=device, seed=seed, target_cr=target_cr)
+        built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
+        if calibration is not None:
+            built.config.dms_initial_alpha_offset = calibration.alpha_offset
+    if method.is_dms:
+        built.dms_loaded_alpha_offset = built.config.dms_initial_alpha_offset  # what prepare restores
         if method.family.fused:
-            apply_engine_fusions(loaded)
-        return loaded, None
-    built = api.build_model(model_config(model), backend=method.backend, dtype=dtype, device=device, seed=seed)
+            apply_engine_fusions(built)
     method.prepare(built)
-    if method.family.fused:
-        apply_engine_fusions(built)
-    if not (method.is_dms and target_cr):
-        return built, None
-    key = (model, seed, float(target_cr), dtype, str(device))
-    if key not in _CALIBRATIONS:
-        from dms_perf.model.calibrate import calibrate_dms
-
-        _CALIBRATIONS[key] = calibrate_dms(built, target_cr=target_cr)
-    calibration = _CALIBRATIONS[key]
-    built.config.dms_initial_alpha_offset = calibration.alpha_offset
     return built, calibration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
 
 import torch
@@ -11,6 +12,12 @@ from dms_perf._runtime import HAS_CUDA
 
 CPU_CONTEXT_LENGTHS = (64, 256, 1024)
 GPU_CONTEXT_LENGTHS = (4096, 8192, 16384, 32768)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The model a command runs by default: the tiny random one on the CPU (Triton's interpreter), the
+# Qwen3-8B-DMS shape in bf16 on a GPU.
+CPU_MODEL = {"model": "tiny", "dtype": "float32"}
+GPU_MODEL = {"model": "qwen3-8b", "dtype": "bfloat16"}
+DEFAULT_TARGET_CR = 8.0
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -22,6 +29,46 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _split_lines(self, text, width):  # method names such as dms-hub-triton stay whole on one line
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+def defaults_text(cpu: dict, gpu: dict) -> str:
+    """A command's CPU and GPU defaults as option lines (``--methods`` on a line of its own), and which of
+    them this machine uses."""
+    lines = [f"defaults (this machine {'has a CUDA GPU: the GPU' if HAS_CUDA else 'has no CUDA GPU: the CPU'} ones):"]
+    for label, d in (("CPU", cpu), ("GPU", gpu)):
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items() if k != "methods")
+        lines.append(f"  {label} default: {options}")
+        lines.append(f"  {' ' * len(label)}          --methods {d['methods']}")
+    return "\n".join(lines)
+
+
+def add_workload_options(parser: argparse.ArgumentParser, defaults: dict, *, methods_help: str) -> None:
+    """``--contexts`` and ``--methods``, as ``bench`` and ``capacity`` take them."""
+    parser.add_argument("--contexts", default=defaults["contexts"], metavar="LENGTHS",
+                        help="comma-separated prompt lengths in tokens, e.g. 4k,8k,16k,32k or 4096 (a length "
+                        "written twice runs once); each plus the tokens generated must fit the model's positions")
+    parser.add_argument("--methods", default=defaults["methods"], metavar="NAMES", help=methods_help)
+
+
+def add_model_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """``--model``, ``--dtype``, ``--target-cr`` and ``--seed``, as ``bench`` and ``capacity`` take them."""
+    parser.add_argument("--model", default=defaults["model"], metavar="MODEL",
+                        help="'tiny' (random tiny Qwen3), 'qwen3-8b' (random weights, Qwen3-8B-DMS shape), a local "
+                        "checkpoint directory (holding config.json and the weights, e.g. Qwen3-8B-DMS-8x "
+                        "downloaded) or a hub id such as nvidia/Qwen3-8B-DMS-8x (needs the hub or its local cache)")
+    names = sorted(DTYPES)
+    parser.add_argument("--dtype", choices=names, default=defaults["dtype"], metavar="DTYPE",
+                        help=f"model weights and activations: {', '.join(names[:-1])} or {names[-1]}")
+    parser.add_argument("--target-cr", type=float, default=DEFAULT_TARGET_CR, metavar="RATIO",
+                        help="with random weights, calibrate DMS eviction to this compression ratio, above 1 "
+                        "(docs/DMS.md); 0 keeps the config's offset. Ignored for checkpoints")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights and token ids")
+
+
+def check_target_cr(value: float) -> float:
+    """``--target-cr``: 0 (off: the config's offset) or a compression ratio > 1; ValueError naming the value."""
+    if value == 0 or (math.isfinite(value) and value > 1):
+        return value
+    raise ValueError(f"--target-cr must be 0 (off) or > 1, got {value:g}")
 
 
 def default_context_lengths() -> tuple[int, ...]:

@@ -28,7 +28,12 @@ DASH = "—"
 
 
 class ResultsWriter:
-    """Collects rows; every ``add`` rewrites results.json atomically, so an interrupted run loses nothing."""
+    """Collects rows; every ``add`` rewrites results.json atomically, so an interrupted run loses nothing.
+    A command with files of its own (``dms-perf capacity``) overrides ``json_name``, ``rows_key``,
+    ``ordered`` and ``finish``."""
+
+    json_name = JSON_NAME
+    rows_key = "rows"
 
     def __init__(self, out_dir: str | os.PathLike, meta: dict[str, Any]):
         self.out_dir = Path(out_dir)
@@ -39,7 +44,11 @@ class ResultsWriter:
 
     @property
     def json_path(self) -> Path:
-        return self.out_dir / JSON_NAME
+        return self.out_dir / self.json_name
+
+    def ordered(self) -> list[dict[str, Any]]:
+        """The rows as the JSON file lists them."""
+        return self.rows
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(dict(row))
@@ -47,7 +56,7 @@ class ResultsWriter:
 
     def _write_json(self) -> None:
         tmp = self.json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps({"meta": self.meta, self.rows_key: self.ordered()}, indent=2, default=str) + "\n")
         os.replace(tmp, self.json_path)
 
     def finish(self) -> list[Path]:
@@ -616,8 +625,9 @@ def _groups(data: dict[str, dict[int, float]]) -> dict[str, str]:
     return leader
 
 
-def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]]) -> str:
-    """``what``, model, card and date; under it what the figures are (weights, interpreter, smoke)."""
+def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]], notes: tuple[str, ...] = ()) -> str:
+    """``what``, model, card and date; under it what the figures are (weights, interpreter, smoke), then
+    ``notes``."""
     device = meta.get("device") or {}
     cpu_only = bool(device) and no_gpu(meta)
     card = "CPU (no GPU)" if cpu_only else device.get("gpu", "unknown card")
@@ -633,6 +643,7 @@ def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]]) -> 
         caveats.append("Triton rows ran in Triton's interpreter (not speeds)")
     if cpu_only and any(r.get("repeats", meta.get("repeats")) == 1 for r in ok):
         caveats.append("one repeat: smoke figures")
+    caveats += notes
     lines = [title]
     for k, caveat in enumerate(caveats):  # caveats under the title, lines broken between them only
         if k and len(lines[-1]) + len(caveat) < 100:
@@ -764,9 +775,12 @@ def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None
     return figures
 
 
-def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict[str, tuple[str, str]]):
+def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict[str, tuple[str, str]], *,
+                  what: str = "Decode throughput vs batch", largest: dict[tuple[int, str], int] | None = None):
     """Aggregate decode tok/s (all sequences) against batch, log-2 batch axis: one panel per context, one
-    line per method; a method's failed batches named in its legend entry."""
+    line per method; a method's failed batches named in its legend entry. ``largest`` ((context, method) ->
+    batch, ``dms-perf capacity``): each method's largest batch that fit, circled and named in the legend.
+    ``meta["batch_fill"]``, where a batch is not distinct prompts, is said under the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
@@ -775,7 +789,8 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig = Figure(figsize=(11, 0.9 + 4.1 * len(contexts)), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(_plot_title(meta, "Decode throughput vs batch", rows), fontsize=11)
+    fill = meta.get("batch_fill")
+    fig.suptitle(_plot_title(meta, what, rows, (fill,) if fill else ()), fontsize=11)
     axes = fig.subplots(len(contexts), 1, squeeze=False)[:, 0]
     for ax, ctx in zip(axes, contexts, strict=True):
         here = [r for r in rows if r["context"] == ctx]
@@ -791,13 +806,21 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
             if not (data or failures):  # the method has no cell at this context
                 continue
             colour, marker = styles[m]
-            label = m + (f" ({failures})" if failures else "")
+            best = (largest or {}).get((ctx, m))
+            label = m + (f": largest batch {best}" if best is not None else "") + (f" ({failures})" if failures else "")
             xs = sorted(data)
             ax.plot(xs, [data[x] for x in xs], color=colour, marker=marker, markersize=6, linewidth=1.4, alpha=0.9,
                     label=label, linestyle="-" if xs else "none")
             values += data.values()
+            if best in data:
+                ax.plot([best], [data[best]], marker="o", markersize=13, markerfacecolor="none", color=colour,
+                        markeredgewidth=1.6, linestyle="none")
+                ax.annotate(f"max {best}\n{_num(data[best])} tok/s", (best, data[best]), textcoords="offset points",
+                            xytext=(0, 12), ha="center", fontsize=8, color=colour)
         present = sorted({row_batch(r) for r in here})  # and every power of two between: log-2 ticks
-        ticks = sorted(set(present) | {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k})
+        powers = {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k}
+        # A search's bisected batches (14, 15) would crowd the axis: powers of two only, each point still drawn.
+        ticks = sorted(powers if largest else set(present) | powers)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
@@ -808,9 +831,11 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(_tick))
             ax.yaxis.set_minor_locator(NullLocator())
+        elif values and largest:  # room above the maxima for their labels
+            ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.18)
         if not values:
             ax.text(0.5, 0.5, "no measured cells", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("batch (distinct prompts decoded together)")
+        ax.set_xlabel("batch (sequences decoded together)" if fill else "batch (distinct prompts decoded together)")
         ax.set_ylabel("decode tok/s, all sequences" + (", log scale" if log else ""))
         ax.set_title(f"Decode throughput at {_ctx(ctx)} tokens of context", fontsize=10, loc="left")
         ax.grid(True, alpha=0.3)

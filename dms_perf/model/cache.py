@@ -508,21 +508,25 @@ class DMSCache(Cache):
         return out
 
     @classmethod
-    def repeated(cls, template: DMSCache, batch: int, *, pool: KVPool, consume: bool = False) -> DMSCache:
-        """A batch of ``batch`` copies of the single prefilled ``template`` on ``pool``, copied layer by
-        layer; ``consume``: empty each template layer once copied (the peak holds the pool and one layer
-        of the template, not a whole extra sequence)."""
+    def repeated(cls, template: DMSCache, batch: int, *, pool: KVPool | None = None,
+                 consume: bool = False) -> DMSCache:
+        """A batch of ``batch`` copies of the single prefilled ``template`` (as ``stacked([template] *
+        batch)``), copied layer by layer, on ``pool`` or in buffers of its own; ``consume``: empty each
+        template layer once copied (the peak holds the batch and one layer of the template, not a whole
+        extra sequence)."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        if template.pool is pool:
+        if pool is not None and template.pool is pool:
             raise ValueError("repeated() copies a cache into the pool: it must not already be on it")
         template.finish_prefill()
         out = cls(len(template.layers), template.window, template.layers[0].capacity_step, pool=pool)
         for i, layer in enumerate(template.layers):
-            parts = [out.layers[i].copy_into_pool(layer) for _ in range(batch)]
+            if pool is None:
+                out.layers[i] = DMSCacheLayer.stacked([layer] * batch)
+            else:
+                out.layers[i].adopt([out.layers[i].copy_into_pool(layer) for _ in range(batch)])
             if consume:
                 template.layers[i] = DMSCacheLayer(template.window, layer.capacity_step)
-            out.layers[i].adopt(parts)
         return out
 
     @classmethod

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dms_perf.bench import capacity
-from dms_perf.bench.capacity import Try, search_largest_batch
+from dms_perf.bench import batch_search, capacity
+from dms_perf.bench.batch_search import Try, search_largest_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,13 +75,14 @@ def test_search_rejects_a_non_positive_ceiling():
 
 
 def test_over_budget_reason_shows_differing_numbers():
-    assert capacity.over_budget(3 * 2**30, 2 * 2**30) == "over budget: 3 GiB > 2 GiB"
-    reason = capacity.over_budget(2**30 + 1000, 2**30)
+    assert batch_search.over_budget(3 * 2**30, 2 * 2**30) == "over budget: 3 GiB > 2 GiB"
+    reason = batch_search.over_budget(2**30 + 1000, 2**30)
     left, right = reason.removeprefix("over budget: ").split(" > ")
     assert left != right
 
 
-def test_consuming_fill_batch_matches_stacked_and_empties_the_template():
+def test_consuming_repeated_matches_stacked_and_empties_the_template():
+    """The batch fill without a pool (``DMSCache.repeated``, layer by layer) is ``DMSCache.stacked``."""
     from dms_perf.bench.methods import load_model_for, resolve_method
     from dms_perf.model.cache import DMSCache
 
@@ -91,7 +92,7 @@ def test_consuming_fill_batch_matches_stacked_and_empties_the_template():
         template, reference = (model(input_ids=ids, past_key_values=model.make_dms_cache(), use_cache=True,
                                      logits_to_keep=1).past_key_values for _ in range(2))
         expected = DMSCache.stacked([reference] * 3)
-        filled = capacity.fill_batch(template, 3, consume=True)
+        filled = DMSCache.repeated(template, 3, consume=True)
     assert filled.kv_bytes() == expected.kv_bytes() == 3 * reference.kv_bytes()
     for got, want in zip(filled.layers, expected.layers, strict=True):
         for name in ("keys", "values", "starts", "capacity", "lengths", "ring_slot", "ring_flag",
@@ -103,7 +104,7 @@ def test_consuming_fill_batch_matches_stacked_and_empties_the_template():
     assert all(not layer.is_initialized for layer in template.layers)
 
 
-def test_fill_batch_on_a_pool_decodes_as_stacked():
+def test_repeated_on_a_pool_decodes_as_stacked():
     """The engine's fill: the batch copied layer by layer into a pool of exactly its rows decodes token for
     token as the stacked batch with buffers of its own."""
     from dms_perf.bench.methods import load_model_for, resolve_method
@@ -118,7 +119,7 @@ def test_fill_batch_on_a_pool_decodes_as_stacked():
         template, reference = (o.past_key_values for o in out)
         pool = KVPool.for_model(model, rows=3 * template.segment_rows())
         assert template.to("cpu") is template  # where a GPU run parks it while the pool is allocated
-        filled = capacity.fill_batch(template, 3, consume=True, pool=pool)
+        filled = DMSCache.repeated(template, 3, consume=True, pool=pool)
         with pytest.raises(ValueError, match="cannot move"):
             filled.to("cpu")
         expected = DMSCache.stacked([reference] * 3)
@@ -198,12 +199,18 @@ def test_dms_fits_more_sequences_than_dense(tmp_path, capsys):
 
 
 def test_method_whose_batch_one_does_not_fit_gets_a_row(tmp_path):
-    # 0.001 GiB is less than the tiny model's weights (1.6 MiB): nothing fits, the run still succeeds.
+    # The tiny model's weights and 1 KiB: less than one sequence's KV cache, so nothing fits; the run succeeds.
+    from dms_perf.bench.floors import config_weight_bytes
+    from dms_perf.model.qwen3_dms import tiny_config
+
+    budget = repr((config_weight_bytes(tiny_config(), torch.float32) + 1024) / 2**30)
     out = tmp_path / "out"
-    code = capacity.main(["--contexts", "64", "--methods", "dense-triton", "--model", "tiny", "--target-cr", "0",
-                          "--memory-budget", "0.001", "--steps", "1", "--out", str(out)])
+    code = capacity.main(["--contexts", "64", "--methods", "dense-triton", "--model", "tiny",
+                          "--memory-budget", budget, "--steps", "1", "--out", str(out)])
     assert code == 0
-    (result,) = json.loads((out / "capacity.json").read_text())["results"]
+    data = json.loads((out / "capacity.json").read_text())
+    assert data["meta"]["weights"] == "random weights"  # dense-triton evicts nothing: no "calibrated"
+    (result,) = data["results"]
     assert result["largest_batch"] == 0 and result["tok_s"] is None
     assert [t["batch"] for t in result["tries"]] == [1]
     assert result["tries"][0]["reason"].startswith("over budget: ")
@@ -220,6 +227,8 @@ def test_method_whose_batch_one_does_not_fit_gets_a_row(tmp_path):
         (["--memory-budget", "0"], "--memory-budget must be a positive number of GiB, got 0.0"),
         (["--memory-budget", "-2"], "--memory-budget must be a positive number of GiB, got -2.0"),
         (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+        (["--target-cr", "0.5"], "--target-cr must be 0 (off) or > 1, got 0.5"),
+        (["--memory-budget", "0.001"], "is less than the weights of tiny in float32 alone"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
@@ -244,6 +253,62 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memory-budget", "0.001"], "the memory budget, 0.001 GiB (--memory-budget), is less than the weights of "
+         "tiny in float32 alone (0.001"),
+        (["--target-cr", "1"], "--target-cr must be 0 (off) or > 1, got 1"),
+        (["--target-cr", "-8"], "--target-cr must be 0 (off) or > 1, got -8"),
+        (["--target-cr", "nan"], "--target-cr must be 0 (off) or > 1, got nan"),
+    ],
+)
+def test_refused_at_once_through_dms_perf(tmp_path, capsys, args, message):
+    """A budget below the weights, or a calibration target no model can reach, is one line and exit 2
+    before any model is built or any file written."""
+    from dms_perf.bench.cli import main as cli_main
+
+    out = tmp_path / "out"
+    assert cli_main(["capacity", "--model", "tiny", "--dtype", "float32", *args, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dms-perf capacity: error: {message}"), lines
+    assert not out.exists()
+
+
+def test_bench_refuses_a_target_it_cannot_calibrate_to(tmp_path, capsys):
+    """bench checks --target-cr with the same rule (dms_perf.bench.options.check_target_cr)."""
+    from dms_perf.bench.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--target-cr", "1", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("dms-perf bench: error: --target-cr must be 0 (off) "
+                                                                "or > 1, got 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_reads_as_prose(capsys):
+    """Defaults as option lines (no Python dict), and one sentence on the methods capacity takes."""
+    from dms_perf.bench.methods import FAMILIES
+
+    with pytest.raises(SystemExit):
+        capacity.main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n", 1)[1].split("options:")[0]
+    assert "{" not in description and "}" not in description  # no Python dict
+    cpu = [line.strip() for line in out.splitlines() if line.strip().startswith("CPU default:")]
+    assert cpu == ["CPU default: --contexts 128 --model tiny --dtype float32 --max-batch 64 --steps 2 "
+                   "--warmup-steps 0"]
+    assert "--methods dms-triton,dense-triton" in out
+    flat = " ".join(out.split())
+    *others, last = [f.name for f in FAMILIES.values() if f.backend is None]
+    assert f"capacity takes the methods whose model keeps a DMS cache, listed below (R = fraction of the prompt's " \
+           f"KV pairs removed); it refuses {', '.join(others)} and {last}, which keep no DMS cache to fill:" in flat
+    assert "(default: None)" not in flat
+    for f in FAMILIES.values():  # the methods it takes are listed, the refused ones only in that sentence
+        assert (f" {f.name}{':R' if f.takes_parameter else ''} {f.summary}" in flat) == (f.backend is not None)
+
+
 def test_capacity_is_a_dms_perf_subcommand(capsys):
     """``dms-perf capacity`` reaches the same command (and its bad input is one line, exit 2)."""
     from dms_perf.bench.cli import main as cli_main
@@ -251,22 +316,3 @@ def test_capacity_is_a_dms_perf_subcommand(capsys):
     assert cli_main(["capacity", "--memory-budget", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dms-perf capacity: error:") and "--memory-budget" in err and "Traceback" not in err
-
-
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_a_decode_step_reads_the_embedding_rows_of_its_tokens_only(tied):
-    """The floor's weight bytes, counted by hand from the config: the layers, the final norm and the output
-    projection in full; of an untied input embedding table only one row per sequence."""
-    from dms_perf.model.qwen3_dms import build_model, tiny_config
-
-    config = tiny_config(tie_word_embeddings=tied)
-    model = build_model(config, backend="triton")
-    hidden, vocab, inter = config.hidden_size, config.vocab_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden + 2 * config.head_dim
-    output = vocab * hidden
-    for batch in (1, 3):
-        table = 0 if tied else batch * hidden
-        expected = (config.num_hidden_layers * layer + hidden + output + table) * 4  # fp32
-        assert capacity.decode_read_bytes(model, batch) == expected
-    assert capacity.weight_bytes(model) == (config.num_hidden_layers * layer + hidden + output * (1 if tied else 2)) * 4

@@ -91,6 +91,27 @@ def test_tiny_cpu_run_writes_results(tmp_path, capsys):
     assert out.index("Reading these tables:") < out.index("| Context | Method |") < out.index("| Hub prefill (s) |")
 
 
+def test_a_row_does_not_depend_on_the_methods_run_before_it(tmp_path, monkeypatch):
+    """dense-triton (eviction off) and dms-triton share one model: whichever runs first, dms-triton's row is
+    the same, its calibration included (each run as in a process of its own: no calibration cached)."""
+    from dms_perf.bench import methods as registry
+
+    seen = {}
+    for order in ("dense-triton,dms-triton", "dms-triton,dense-triton"):
+        monkeypatch.setattr(registry, "_CALIBRATIONS", {})
+        out = tmp_path / order.replace(",", "-")
+        assert main(["bench", "--contexts", "48", "--methods", order, "--model", "tiny", "--new-tokens", "3",
+                     "--repeats", "1", "--warmup", "0", "--dtype", "float32", "--out", str(out)]) == 0
+        meta, rows = load_results(out)
+        (row,) = [r for r in rows if r["method"] == "dms-triton"]
+        figures = {key: row[key] for key in ("status", "generated_tokens", "kv_bytes", "kept_kv_bytes", "compression")}
+        seen[order] = meta["calibration"]["triton"], figures
+    assert seen["dense-triton,dms-triton"] == seen["dms-triton,dense-triton"]
+    calibration, figures = seen["dms-triton,dense-triton"]
+    assert calibration["marked_fraction"] == pytest.approx(0.875, abs=0.02)  # calibrated with eviction on
+    assert figures["status"] == "ok" and figures["compression"] > 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -203,3 +203,26 @@ def test_prepare_switches_a_shared_model_between_triton_methods(models):
         assert offset == (model.config.dms_initial_alpha_offset if evict else float("inf"))
     resolve_method("vanilla").prepare(model)  # not a DMS method: leaves the switches alone
     assert model.dms_cuda_graphs is True
+
+
+def test_prepare_sets_every_switch_a_method_depends_on(models):
+    """Whatever an earlier method (or a test) left on the shared model, ``prepare`` puts back the state the
+    method was built in: offset, borrowed channel, spare rows, no pool, no captured graph."""
+    from dms_perf.model.cache import DEFAULT_CAPACITY_STEP
+    from dms_perf.model.pool import KVPool
+
+    method = resolve_method("dms-triton")
+    model = models(method)
+    loaded = model.config.dms_initial_alpha_offset
+    model.config.dms_initial_alpha_offset = 0.0
+    model.set_dms_borrowed_channel(False)
+    model.dms_capacity_step = 3
+    model.use_kv_pool(KVPool.for_model(model, rows=8))
+    model._decode_graph = object()
+    method.prepare(model)
+    assert model.config.dms_initial_alpha_offset == loaded and model.dms_backend == "triton"
+    assert {layer.self_attn.dms_borrow_channel for layer in model.model.layers} == {True}
+    assert model.dms_capacity_step == DEFAULT_CAPACITY_STEP
+    assert model.dms_pool is None and model._decode_graph is None
+    with pytest.raises(ValueError, match="dms-hub runs on a model without the decode engine's fusions"):
+        resolve_method("dms-hub").prepare(model)  # fusions cannot be undone: not a dms-hub model

@@ -1,0 +1,237 @@
+"""The largest batch a method decodes within a memory budget: the search over batch sizes and the
+measurement of one tried batch (``dms-perf capacity``, dms_perf.bench.capacity).
+
+* ``search_largest_batch``: doubling from 1 until a batch does not fit or the ceiling is reached, then
+  bisection between the last batch that fit and the first that did not;
+* ``measure_batch``: one prompt of the context length is prefilled and its cache copied into all B slots
+  (``DMSCache.repeated``): prefilling B long prompts would take minutes, and every slot then holds as many
+  bytes as a distinct prompt of that length would. The engine families (``fused``) fill a KV pool of
+  exactly the batch's rows (on a GPU the template waits on the host meanwhile, so that it is not one more
+  sequence in the peak) and decode with the pool's graphs; a press on the engine fills with its compressed
+  prefill cache. Untimed, then timed greedy decode steps run on the batch. Peak memory: on a GPU
+  ``torch.cuda.max_memory_allocated()`` from just before the batch is filled to the end of the timed steps
+  (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an estimate, weights +
+  ``cache.kv_bytes()`` (activations not counted).
+
+B fits iff nothing raised (an out-of-memory error is "OOM") and the peak is within the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dms_perf._runtime import HAS_CUDA
+from dms_perf.bench.floors import weight_bytes
+from dms_perf.bench.generation import failure_status, prefill_for_the_engine, release_memory
+from dms_perf.bench.report import DASH
+from dms_perf.model.cache import DMSCache
+from dms_perf.model.pool import KVPool
+
+BATCH_FILL = "one prefilled sequence copied into every slot"
+
+
+def gib(nbytes: int | float | None, digits: int = 4) -> str:
+    """Bytes in GiB to ``digits`` significant digits: a CPU budget is thousandths of a GiB."""
+    return DASH if nbytes is None else f"{nbytes / 2**30:.{digits}g}"
+
+
+@dataclass
+class Try:
+    """One tried batch size: whether it fits, why (not), and what was measured."""
+
+    batch: int
+    fits: bool
+    reason: str  # "ok", "over budget: X GiB > Y GiB", "OOM" or "error: ..."
+    peak_bytes: int | None = None
+    step_ms: float | None = None
+    tok_s: float | None = None  # batch / step seconds: tokens of all sequences per second
+    kv_bytes: int | None = None  # the batch's KV cache (every slot), at the end of the steps
+
+    @property
+    def fatal(self) -> bool:
+        """A failure that says nothing about capacity (a bug, a bad input): the search stops there."""
+        return not self.fits and self.reason.startswith("error")
+
+
+@dataclass
+class Search:
+    tries: list[Try] = field(default_factory=list)
+    largest: int = 0  # the largest batch that fit; 0 when batch 1 did not
+    ceiling_reached: bool = False  # every batch up to --max-batch fit: the true largest may be higher
+    stopped: str | None = None  # "batch 8: error: ..." when an error ended the search early
+
+    @property
+    def best(self) -> Try | None:
+        """The try of the largest batch that fit."""
+        return next((t for t in self.tries if t.fits and t.batch == self.largest), None)
+
+
+def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int) -> Search:
+    """The largest batch in ``1 .. max_batch`` for which ``try_batch(batch).fits``, assuming that fitting is
+    monotone (a batch fits if a larger one does).
+
+    Doubling from 1 (1, 2, 4, ..., then ``max_batch`` itself if it is no power of two) until a batch does not
+    fit, then bisection between the last batch that fit and the first that did not: about
+    ``2 log2(answer)`` tries, every one kept in ``tries`` in the order tried. A try whose failure is an error
+    (``Try.fatal``) ends the search there: the answer is then the largest batch that fit before it.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    search = Search()
+
+    def attempt(batch: int) -> Try:
+        result = try_batch(batch)
+        search.tries.append(result)
+        if result.fatal:
+            search.stopped = f"batch {batch}: {result.reason}"
+        return result
+
+    fit, fail = 0, None  # the largest batch that fit, the smallest that did not
+    batch = 1
+    while True:
+        result = attempt(batch)
+        if not result.fits:
+            fail = batch
+            break
+        fit = batch
+        if batch == max_batch:
+            search.ceiling_reached = True
+            break
+        batch = min(2 * batch, max_batch)
+    while fail is not None and fail - fit > 1 and search.stopped is None:
+        batch = (fit + fail) // 2
+        if attempt(batch).fits:
+            fit = batch
+        else:
+            fail = batch
+    search.largest = fit
+    return search
+
+
+class Prompt:
+    """One prompt's prefilled cache, the template every slot of a tried batch copies.
+
+    ``reuse=False`` (on a GPU): every ``prefill()`` prefills afresh and the batch consumes the template, so
+    that no template stays allocated beside the batch (it would count as one more sequence in the measured
+    peak, and could make a batch that fits run out of memory). ``reuse=True`` (without a GPU, where memory is
+    estimated from the batch's cache alone): prefilled once, the template is copied for every try.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, *, reuse: bool = not HAS_CUDA, method=None):
+        self.model, self.input_ids, self.reuse = model, input_ids, reuse
+        # A press on the engine prefills with its press (transformers' attention), then hands over its
+        # cache; the engine families decode their batch on a KV pool sized for it.
+        self.method = method
+        self.engine = method is not None and method.family.fused
+        self._kept = None
+
+    @property
+    def context(self) -> int:
+        return self.input_ids.shape[-1]
+
+    def prefill(self):
+        """(template DMSCache, first greedy token ``[1, 1]``), in inference mode."""
+        if self._kept is not None:
+            return self._kept
+        with torch.inference_mode():
+            if self.method is not None and self.method.family.press_on_engine:
+                press = self.method.press_for(self.model, self.input_ids)
+                out, cache = prefill_for_the_engine(self.model, self.input_ids, press)
+            else:
+                cache = self.model.make_dms_cache(pooled=False)
+                out = self.model(input_ids=self.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+            result = cache, out.logits[:, -1:].argmax(-1)
+        if self.reuse:
+            self._kept = result
+        return result
+
+    def release(self) -> None:
+        self._kept = None
+
+
+def over_budget(peak: int, budget: int, when: str = "") -> str:
+    """'over budget: X GiB > Y GiB', with enough digits that the two numbers differ."""
+    digits = 4
+    while gib(peak, digits) == gib(budget, digits) and digits < 12:
+        digits += 1
+    return f"over budget: {gib(peak, digits)} GiB > {gib(budget, digits)} GiB{when}"
+
+
+def _peak_bytes(model, cache) -> int:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return weight_bytes(model) + cache.kv_bytes()  # CPU estimate: activations not counted
+
+
+def _decode(model, cache, token, position, steps: int) -> None:
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
+        token.copy_(out.logits[:, -1:].argmax(-1))
+        position.add_(1)
+
+
+def _run_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, budget: int) -> Try:
+    model = prompt.model
+    template, first = prompt.prefill()
+    with torch.inference_mode():
+        token = first.repeat(batch, 1)
+        del first
+        if HAS_CUDA:  # the peak of this batch: from here (weights and the one prefilled sequence allocated)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        pool = None
+        if prompt.engine:  # the decode engine: a KV pool of exactly the batch's rows
+            if not prompt.reuse:  # parked on the host meanwhile: the template is not one more sequence
+                template.to("cpu")
+            pool = KVPool.for_model(model, rows=batch * template.segment_rows())
+            model.use_kv_pool(pool)
+        # Every slot a copy of the template; consumed on a GPU (it must not be one more sequence in the peak).
+        cache = DMSCache.repeated(template, batch, pool=pool, consume=not prompt.reuse)
+        del template
+        position = torch.full((batch, 1), prompt.context, device=token.device)
+        peak = _peak_bytes(model, cache)
+        if peak > budget:  # the cache alone is over: no need to decode
+            return Try(batch, False, over_budget(peak, budget, " before decoding"), peak, kv_bytes=cache.kv_bytes())
+        _decode(model, cache, token, position, warmup_steps)
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        _decode(model, cache, token, position, steps)
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        step_s = (time.perf_counter() - start) / steps
+        peak = _peak_bytes(model, cache)
+        kv = cache.kv_bytes()
+    fits = peak <= budget
+    return Try(batch, fits, "ok" if fits else over_budget(peak, budget), peak, step_s * 1e3, batch / step_s, kv)
+
+
+def measure_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, budget: int) -> Try:
+    """Whether ``batch`` sequences of ``prompt`` decode within ``budget`` bytes (see the module docstring);
+    never raises for a failing batch, and frees what it allocated either way."""
+    prompt.model.release_decode_graph()  # the last batch's graph pool must not count
+    release_memory()
+    try:
+        result = _run_batch(prompt, batch, steps=steps, warmup_steps=warmup_steps, budget=budget)
+    except Exception as exc:  # OOM or an error: a verdict, the search goes on
+        result = Try(batch, False, failure_status(exc))
+    prompt.model.release_decode_graph()  # and this batch's is freed before the next try
+    if prompt.engine:
+        prompt.model.use_kv_pool(None)
+    release_memory()
+    return result
+
+
+def sequence_bytes(prompt: Prompt) -> dict[str, int]:
+    """KV-cache bytes of one prefilled sequence: allocated (with spare rows and bookkeeping) and kept K/V."""
+    cache, _ = prompt.prefill()
+    sizes = {"sequence_kv_bytes": cache.kv_bytes(), "sequence_kept_kv_bytes": cache.kept_kv_bytes()}
+    del cache
+    release_memory()
+    return sizes

@@ -1,0 +1,126 @@
+"""What ``dms-perf capacity`` writes: capacity.json (after every (context, method)), capacity.md (the
+largest batch per method, then every tried batch) and throughput_vs_batch.png (``dms_perf.bench.report``'s
+batch figure, each method's largest batch marked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dms_perf.bench.batch_search import gib
+from dms_perf.bench.report import BATCH_PLOT, ResultsWriter, _batch_figure, _num, method_styles, no_gpu
+
+JSON_NAME = "capacity.json"
+MD_NAME = "capacity.md"
+PLOT_NAME = BATCH_PLOT
+
+
+class CapacityWriter(ResultsWriter):
+    """capacity.json, rewritten after every (context, method), then capacity.md and the plot."""
+
+    json_name = JSON_NAME
+    rows_key = "results"
+
+    def ordered(self) -> list[dict[str, Any]]:
+        methods = self.meta["methods"]
+        return sorted(self.rows, key=lambda r: (r["context"], methods.index(r["method"])))
+
+    def finish(self) -> list[Path]:
+        results = self.ordered()
+        md = self.out_dir / MD_NAME
+        md.write_text(render_markdown(self.meta, results))
+        plot = self.out_dir / PLOT_NAME
+        build_figure(self.meta, results).savefig(plot, dpi=120, bbox_inches="tight")
+        self._write_json()
+        return [self.json_path, md, plot]
+
+
+def _largest(result: dict[str, Any]) -> str:
+    text = str(result["largest_batch"])
+    if result["ceiling_reached"]:
+        text += " (--max-batch)"
+    elif result["largest_batch"] == 0:
+        text += f" (batch 1 does not fit: {result['tries'][0]['reason']})" if result["tries"] else \
+            f" ({result['stopped']})"
+    if result["stopped"] and result["largest_batch"]:
+        text += f" (search stopped at {result['stopped']})"
+    return text
+
+
+def _card(meta: dict[str, Any]) -> str:
+    return "CPU (no GPU)" if no_gpu(meta) else (meta.get("device") or {}).get("gpu", "unknown card")
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| context | method | largest batch | tok/s at it | ms/step | peak GiB |",
+             "|---:|---|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['context']} | {r['method']} | {_largest(r)} | {_num(r['tok_s'])} | "
+                     f"{_num(r['step_ms'])} | {gib(r['peak_bytes'])} |")
+    return "\n".join(lines)
+
+
+def _caveats(meta: dict[str, Any]) -> list[str]:
+    notes = [meta["weights"]]
+    if no_gpu(meta) and any("triton" in m for m in meta["methods"]):
+        notes.append("Triton kernels ran in Triton's interpreter on the CPU: the times are not speeds")
+    return notes
+
+
+def render_summary(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The console's view: what was measured, then the table."""
+    return "\n".join([
+        f"capacity: {meta['model']} {meta['dtype']} on {_card(meta)}, budget {gib(meta['memory_budget_bytes'])} GiB "
+        f"({meta['memory_budget_source']})",
+        f"memory: {meta['memory']}",
+        f"batch fill: {meta['batch_fill']}; {'; '.join(_caveats(meta))}",
+        "",
+        summary_table(results),
+    ])
+
+
+def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    out = [
+        "# Capacity: largest batch within a memory budget",
+        "",
+        f"- model: {meta['model']} ({meta['dtype']}), {meta['weights']}",
+        f"- card: {_card(meta)}",
+        f"- memory budget: {gib(meta['memory_budget_bytes'])} GiB ({meta['memory_budget_source']})",
+        f"- memory measured: {meta['memory']}",
+        f"- batch fill: {meta['batch_fill']} (prefilling B long prompts would take minutes; every slot holds "
+        "as many bytes as a distinct prompt of that length)",
+        f"- search: {meta['search']} (ceiling {meta['max_batch']})",
+        f"- throughput: {meta['steps']} timed greedy decode steps per tried batch after {meta['warmup_steps']} "
+        "untimed; tok/s = batch / step time",
+        f"- date: {meta['date']}",
+    ]
+    out += [f"- note: {c}" for c in _caveats(meta)[1:]]
+    out += ["", "## Largest batch per method", "", summary_table(results), "", "## Every tried batch", ""]
+    for r in results:
+        out += [f"### {r['method']} at {r['context']} tokens", ""]
+        if not r["tries"]:
+            out += [f"Nothing tried: {r['stopped']}", ""]
+            continue
+        if r.get("sequence_kv_bytes") is not None:
+            out += [f"One sequence's KV cache: {r['sequence_kv_bytes']:,} bytes allocated "
+                    f"({r['sequence_kept_kv_bytes']:,} of them kept K/V); weights {r['weights_bytes']:,} bytes.", ""]
+        out += ["| try | batch | fits | reason | peak GiB | ms/step | tok/s |", "|---:|---:|---|---|---:|---:|---:|"]
+        for i, t in enumerate(r["tries"], 1):
+            out.append(f"| {i} | {t['batch']} | {'yes' if t['fits'] else 'no'} | {t['reason']} | "
+                       f"{gib(t['peak_bytes'])} | {_num(t['step_ms'])} | {_num(t['tok_s'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def build_figure(meta: dict[str, Any], results: list[dict[str, Any]]):
+    """tok/s against batch (log2 axis) for every batch that fit, one panel per context, each method's largest
+    batch marked (``dms_perf.bench.report``'s batch figure); the batches that did not fit are named in the
+    legend."""
+    rows = []
+    for r in results:
+        tries = r["tries"] or [{"batch": 1, "fits": False, "reason": r["stopped"] or "error", "tok_s": None}]
+        rows += [{"context": r["context"], "method": r["method"], "batch": t["batch"], "decode_tok_s": t["tok_s"],
+                  "status": "ok" if t["fits"] else t["reason"]} for t in tries]
+    largest = {(r["context"], r["method"]): r["largest_batch"] for r in results if r["largest_batch"]}
+    what = f"Decode throughput vs batch within {gib(meta['memory_budget_bytes'])} GiB"
+    return _batch_figure(rows, meta, method_styles(meta["methods"]), what=what, largest=largest)

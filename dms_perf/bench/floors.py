@@ -1,0 +1,43 @@
+"""Memory floors of the model's steps: the bytes a step cannot avoid moving.
+
+One module for every consumer: ``dms-perf capacity`` (weights next to the KV cache in its budget),
+``benchmarks/test_model.py`` (a decode step's floor at the measured copy bandwidth) and the tests that
+count the bytes by hand from the config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters: what its weights occupy on the device (a tied table once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def config_weight_bytes(config, dtype: torch.dtype) -> int:
+    """``weight_bytes`` of a Qwen3 model of ``config`` in ``dtype``, counted on the meta device: nothing is
+    allocated, so a budget can be checked against the weights before any model is built."""
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def decode_read_bytes(model, batch: int) -> int:
+    """Weight bytes one decode step of ``batch`` sequences reads: every parameter once, except the input
+    embedding table, of which the step reads only its ``batch`` tokens' rows (unless the table is also the
+    output projection, which reads all of it). The weight part of a decode step's memory floor."""
+    table = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() == table.data_ptr():
+        return weight_bytes(model)
+    rows = min(batch, table.shape[0])
+    return weight_bytes(model) - (table.shape[0] - rows) * table.shape[1] * table.element_size()
+
+
+def decode_step_read_bytes(model, batch: int, cache) -> int:
+    """A decode step's memory floor in bytes for ``batch`` sequences on ``cache``: the weights it reads
+    (``decode_read_bytes``) and the K/V the cache keeps, each read once."""
+    return decode_read_bytes(model, batch) + cache.kept_kv_bytes()
