@@ -20,6 +20,7 @@ from dms_perf.model.fused import (
 )
 from dms_perf.model.qwen3_dms import Qwen3DMSAttention, build_model, tiny_config
 from dms_perf.testing import rel_error
+from tests.markers import WHOLE_CARD
 
 STEPS = 16
 
@@ -203,6 +204,7 @@ def _engine_against_fp32(evict: bool) -> None:
 
 
 @pytest.mark.gpu
+@WHOLE_CARD
 def test_engine_matches_the_plain_model_at_the_8b_shape_gpu():
     """The decode engine (fused projections and decode step, skinny_linear, Liger's fused add + norm, a KV
     pool, graphs replayed by a second generation) against the model before it (Liger's kernels, separate

@@ -17,6 +17,7 @@ from dms_perf._runtime import INTERPRET
 from dms_perf.ops.prefill import IMPLS, TRITON_IMPLS
 from dms_perf.ops.prefill.math_impl import math_attention
 from dms_perf.testing import rel_error
+from tests.markers import WHOLE_CARD
 from tests.ops.accuracy import FLOOR, LSE_FLOOR, ROW_FLOOR, assert_as_accurate_as_torch, max_abs_error, worst_row_error
 from tests.ops.launch_spy import assert_grid_fits_cuda, spy_launches
 from tests.ops.sync_check import plant_sync, sync_checked
@@ -90,6 +91,7 @@ def test_short_prompts(impl, n, device):
 
 
 @pytest.mark.gpu
+@WHOLE_CARD
 def test_triton_at_the_checkpoint_shape(context_length):
     """Qwen3-8B shape (Hq=32, Hkv=8, D=128), bf16, window 512, 7/8 of the tokens marked."""
     inputs = make_inputs(1, 32, 8, context_length, 128, torch.bfloat16, "cuda", 0.875)
