@@ -34,7 +34,7 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # The projections decode_linear sends to this kernel (on CUDA, where it applies); the others go to cuBLAS.
 # Per GEMM the kernel wins on the wide gate/up and down projections and takes ~3x cuBLAS's time on q/k/v
 # and o_proj (benchmarks/NOTES.md, run 3; benchmarks/test_decode_step.py measures each). Read at every call.
-SKINNY_PROJECTIONS = frozenset({"gate_up", "down"})
+SKINNY_PROJECTIONS = frozenset({"qkv", "o", "gate_up", "down"})
 
 
 def _configs():
