@@ -73,6 +73,10 @@ def pytest_configure(config):
     config.dms_context_lengths = parse_context_lengths(config.getoption("--context-lengths"))
     config.dms_methods = _registry_names(config.getoption("--methods"))
     config.dms_impls = parse_names(config.getoption("--impls"))
+    # xdist's plain "load" spreads a group's tests over workers; "loadgroup" keeps each xdist_group on one
+    # worker, one test after another (tests/markers.py: WHOLE_CARD). -n implies "load" unless --dist says.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
     try:
         config.dms_shard = parse_shard(config.getoption("--shard"))
         _configure_benchmark_storage_and_timer(config)

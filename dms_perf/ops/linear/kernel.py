@@ -7,10 +7,8 @@ of the card's ~4.25 (benchmarks/NOTES.md, "Session of 2026-12-02"). Here each pr
 of output columns over the whole K, with no split-K reduction; block sizes are autotuned per shape. The
 epilogue adds a residual (the layer's skip connection) or applies ``silu(gate) * up`` to the fused gate/up
 projection, whose gate rows come first: the program reads the gate and the up rows of its columns and
-writes the activation, never the projection, so neither is a launch of its own. Measured there: the whole
-decode step is faster with the kernel on all four projections, at every batch and context; GEMM by
-GEMM it wins on the wide gate/up and down projections and loses on the narrower q/k/v and o_proj, so
-``decode_linear`` routes each projection by ``SKINNY_PROJECTIONS``.
+writes the activation, never the projection, so neither is a launch of its own. ``decode_linear`` routes
+each projection to it or to cuBLAS by ``SKINNY_PROJECTIONS``, set from the decode-step benchmarks.
 Accumulation is fp32, rounded once at the store. ``naive.py`` holds the fp64 reference.
 """
 
@@ -32,8 +30,9 @@ _DTYPES = (torch.float16, torch.bfloat16)
 # The engine's projections, as decode_linear's callers name them.
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # The projections decode_linear sends to this kernel (on CUDA, where it applies); the others go to cuBLAS.
-# Per GEMM the kernel wins on the wide gate/up and down projections and takes ~3x cuBLAS's time on q/k/v
-# and o_proj (benchmarks/NOTES.md, run 3; benchmarks/test_decode_step.py measures each). Read at every call.
+# benchmarks/test_decode_step.py times each on both, replayed from CUDA graphs: on the H100 the kernel took
+# 0.87-0.96 of cuBLAS's time on all four at 1 and 8 rows, and tied on o_proj at 32 (benchmarks/NOTES.md,
+# "Session of 2026-12-06"). Read at every call.
 SKINNY_PROJECTIONS = frozenset({"qkv", "o", "gate_up", "down"})
 
 
