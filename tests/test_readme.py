@@ -123,3 +123,13 @@ def test_docs_selection_examples_select_cases():
         collected = re.search(r"(\d+) tests? collected", result.stdout)
         assert result.returncode == 0 and collected and int(collected.group(1)) > 0, (
             f"{where} selects nothing:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+
+
+def test_readme_results_are_the_committed_json_rendered():
+    """The README's figures are never typed by hand: its results block is exactly what
+    ``benchmarks.readme_results`` renders from the committed baseline and results JSON."""
+    from benchmarks.readme_results import readme_block, render
+
+    assert readme_block(README.read_text(encoding="utf-8")) == render(), (
+        "README.md's results differ from the committed JSON: run python -m benchmarks.readme_results --write"
+    )
