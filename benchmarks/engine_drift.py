@@ -26,18 +26,7 @@ from dms_perf.model.fused import apply_engine_fusions, apply_fused_kernels
 from dms_perf.model.pool import KVPool
 from dms_perf.model.qwen3_dms import build_model, qwen3_8b_config, tiny_config
 from dms_perf.ops.linear import kernel as linear
-from dms_perf.testing import rel_error
-
-
-def teacher_forced(model, ids, tokens, cache):
-    """Prefill ``ids``, then feed ``tokens`` [1, T] one by one: the fp32 logits of the prefill and every step."""
-    with torch.inference_mode():
-        logits = [model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()]
-        for t in range(tokens.shape[1] - 1):
-            position = torch.full((1, 1), ids.shape[1] + t, device=ids.device)
-            out = model(tokens[:, t:t + 1], past_key_values=cache, position_ids=position, use_cache=True)
-            logits.append(out.logits[:, -1].float())
-    return torch.cat(logits)
+from dms_perf.testing import rel_error, teacher_forced_logits
 
 
 @contextlib.contextmanager
@@ -75,16 +64,16 @@ def main() -> None:
     with torch.inference_mode():
         tokens = plain.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps,
                                 do_sample=False)[:, ids.shape[1]:]
-    runs = {"plain bf16 (transformers modules)": teacher_forced(plain, ids, tokens, plain.make_dms_cache())}
+    runs = {"plain bf16 (transformers modules)": teacher_forced_logits(plain, ids, tokens, plain.make_dms_cache())}
     assert apply_fused_kernels(plain) or device == "cpu"
-    runs["plain bf16 + Liger (the test's want)"] = teacher_forced(plain, ids, tokens, plain.make_dms_cache())
+    runs["plain bf16 + Liger (the test's want)"] = teacher_forced_logits(plain, ids, tokens, plain.make_dms_cache())
     del plain
     torch.cuda.empty_cache()
     # The same bf16 weights (same seed), cast up: fp32 arithmetic on transformers' modules.
     exact = build_model(config, backend="triton", dtype=torch.bfloat16, device=device, seed=args.seed).float()
     exact.config.dms_initial_alpha_offset = offset
     exact.set_dms_eviction(evict)
-    reference = teacher_forced(exact, ids, tokens, exact.make_dms_cache())
+    reference = teacher_forced_logits(exact, ids, tokens, exact.make_dms_cache())
     del exact
     torch.cuda.empty_cache()
 
@@ -105,7 +94,7 @@ def main() -> None:
         engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000 if device == "cuda" else 200_000))
         with skinny_on(projections):
             for _ in range(2):  # the second generation replays the graphs the first captured
-                runs[name] = teacher_forced(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
+                runs[name] = teacher_forced_logits(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
         engine.use_kv_pool(None)
         torch.cuda.empty_cache()
 

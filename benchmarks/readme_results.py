@@ -91,17 +91,19 @@ def _run_meta(meta: dict) -> dict:
     return {"card": device.get("gpu", "unknown card"), "date": meta["date"], "commit": device.get("commit")}
 
 
+def _head(what: str, meta: dict, path: Path, columns: str, more: str = "") -> list[str]:
+    """A run's sentence (what, its command, file, card, date and commit) and its table's header."""
+    return [f"{what} (`{meta['command']}`; {_where(_run_meta(meta), path)}{more}).", "", columns,
+            "|" + "---|" * columns.count(" | ") + "---|"]
+
+
 def serving_table(path: Path) -> str:
     """``dms-perf bench``: decode tok/s, TTFT and KV bytes held / kept per (method, context, batch) cell."""
     data = json.loads(path.read_text())
     meta = data["meta"]
-    lines = [
-        f"Whole generations of {meta['new_tokens']} tokens on needle prompts (`{meta['command']}`; "
-        f"{_where(_run_meta(meta), path)}; median of {meta['repeats']}).",
-        "",
-        "| method | sequences x context | decode tok/s | TTFT s | KV held GB | KV kept GB |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = _head(f"Whole generations of {meta['new_tokens']} tokens on needle prompts", meta, path,
+                  "| method | sequences x context | decode tok/s | TTFT s | KV held GB | KV kept GB |",
+                  f"; median of {meta['repeats']}")
     for row in data["rows"]:
         cell = f"{row.get('batch', 1)} x {_k(row['context'])}"
         if row.get("status") != "ok":
@@ -118,13 +120,8 @@ def capacity_table(path: Path) -> str:
     """``dms-perf capacity``: the largest batch within the budget and its decode throughput, per method."""
     data = json.loads(path.read_text())
     meta = data["meta"]
-    lines = [
-        f"The largest batch whose decode fits {meta['memory_budget_gib']:.1f} GiB (`{meta['command']}`; "
-        f"{_where(_run_meta(meta), path)}).",
-        "",
-        "| method | context | largest batch | decode tok/s at it | ms/step | peak GiB |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = _head(f"The largest batch whose decode fits {meta['memory_budget_gib']:.1f} GiB", meta, path,
+                  "| method | context | largest batch | decode tok/s at it | ms/step | peak GiB |")
     for r in data["results"]:
         if not r["largest_batch"]:
             lines.append(f"| {r['method']} | {_k(r['context'])} | none fits | | | |")

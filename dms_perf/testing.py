@@ -32,3 +32,15 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref64.norm().item()
     return (out64 - ref64).norm().item() / max(denom, 1e-30)
+
+
+def teacher_forced_logits(model, ids: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Prefill ``ids`` into ``cache``, then feed ``tokens`` [1, T] one by one at explicit positions: the
+    fp32 last-position logits of the prefill and of each step, ``[T, vocab]``."""
+    with torch.inference_mode():
+        logits = [model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()]
+        for t in range(tokens.shape[1] - 1):
+            position = torch.full((1, 1), ids.shape[1] + t, device=ids.device)
+            out = model(tokens[:, t:t + 1], past_key_values=cache, position_ids=position, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+    return torch.cat(logits)

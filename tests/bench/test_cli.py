@@ -221,19 +221,24 @@ def test_checkpoint_run_uses_its_tokenizer_and_scores_retrieval(tmp_path, checkp
         assert by[method, 80]["retrieval"] in ("pass", "fail")  # scored: these weights count as real
 
 
-def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
+def _ctrl_c_at_call(monkeypatch, name: str, n: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) at the ``n``-th call of ``dms_perf.bench.generation.<name>``."""
     import dms_perf.bench.generation
 
-    real = dms_perf.bench.generation.measure_generation
+    real = getattr(dms_perf.bench.generation, name)
     calls = {"n": 0}
 
-    def measure(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dms_perf.bench.generation, "measure_generation", measure)
+    monkeypatch.setattr(dms_perf.bench.generation, name, interrupted)
+
+
+def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
+    _ctrl_c_at_call(monkeypatch, "measure_generation", 2)
     code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "2",
                  "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert code == 130
@@ -245,18 +250,7 @@ def test_interrupted_run_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_inside_a_cell_keeps_its_finished_repeats_as_a_partial_row(tmp_path, monkeypatch, capsys):
-    import dms_perf.bench.generation
-
-    real = dms_perf.bench.generation.generate_batch
-    calls = {"n": 0}
-
-    def generate(*args, **kwargs):  # Ctrl-C during the second of three timed runs of the first cell
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dms_perf.bench.generation, "generate_batch", generate)
+    _ctrl_c_at_call(monkeypatch, "generate_batch", 2)  # during the second of three timed runs of the first cell
     code = main(["bench", "--model", "tiny", "--contexts", "32,48", "--methods", "vanilla", "--new-tokens", "3",
                  "--repeats", "3", "--warmup", "0", "--out", str(tmp_path)])
     assert code == 130

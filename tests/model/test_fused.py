@@ -19,7 +19,7 @@ from dms_perf.model.fused import (
     fused_kernels_unavailable,
 )
 from dms_perf.model.qwen3_dms import Qwen3DMSAttention, build_model, tiny_config
-from dms_perf.testing import rel_error
+from dms_perf.testing import rel_error, teacher_forced_logits
 from tests.markers import WHOLE_CARD
 
 STEPS = 16
@@ -129,17 +129,6 @@ def test_fused_projections_keep_the_passthrough_attention(device):
     assert rel_error(got, want) < 1e-5
 
 
-def _teacher_forced(model, ids, tokens, cache):
-    """Prefill ``ids``, then feed ``tokens`` [1, T] one by one; the logits of the prefill and every step."""
-    with torch.inference_mode():
-        logits = [model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()]
-        for t in range(tokens.shape[1] - 1):
-            position = torch.full((1, 1), ids.shape[1] + t, device=ids.device)
-            out = model(tokens[:, t:t + 1], past_key_values=cache, position_ids=position, use_cache=True)
-            logits.append(out.logits[:, -1].float())
-    return torch.cat(logits)
-
-
 # How much further from the fp32 model the engine's logits may be than the plain bf16 model's. Measured on
 # an H100 (benchmarks/NOTES.md, "The engine against an fp32 model"): 0.90-1.00 over six engine variants
 # (CUDA graphs or eager, each projection on skinny_linear or cuBLAS), eviction on and off, two seeds.
@@ -166,16 +155,16 @@ def _engine_against_fp32(evict: bool) -> None:
     ids = torch.randint(0, config.vocab_size, (1, 4096), device="cuda")
     with torch.inference_mode():
         tokens = plain.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
-    unfused = _teacher_forced(plain, ids, tokens, plain.make_dms_cache())
+    unfused = teacher_forced_logits(plain, ids, tokens, plain.make_dms_cache())
     assert apply_fused_kernels(plain)
-    want = _teacher_forced(plain, ids, tokens, plain.make_dms_cache())
+    want = teacher_forced_logits(plain, ids, tokens, plain.make_dms_cache())
     noise = rel_error(want, unfused)
     del plain
     torch.cuda.empty_cache()
     exact = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda").float()  # same weights
     exact.config.dms_initial_alpha_offset = offset
     exact.set_dms_eviction(evict)
-    reference = _teacher_forced(exact, ids, tokens, exact.make_dms_cache())
+    reference = teacher_forced_logits(exact, ids, tokens, exact.make_dms_cache())
     del exact
     torch.cuda.empty_cache()
     engine = build_model(config, backend="triton", dtype=torch.bfloat16, device="cuda")
@@ -185,7 +174,7 @@ def _engine_against_fp32(evict: bool) -> None:
     assert engine.dms_fused_kernels and engine.dms_fused_projections
     engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000))
     for _ in range(2):  # the second generation replays the graphs the first captured
-        got = _teacher_forced(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
+        got = teacher_forced_logits(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
     assert engine._pool_graphs.replays >= 29 and engine._pool_graphs.captures >= 1
     plain_error = rel_error(want, reference)
     assert 0 < noise < 0.1  # the two implementations differ, but not by a broken model
@@ -197,7 +186,7 @@ def _engine_against_fp32(evict: bool) -> None:
     engine.use_kv_pool(None)
     torch.cuda.empty_cache()
     engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000))  # graphs captured anew, with the fault
-    faulty = _teacher_forced(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
+    faulty = teacher_forced_logits(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
     assert rel_error(faulty, reference) > ENGINE_VS_FP32 * plain_error, (
         f"the planted fault went unnoticed: {rel_error(faulty, reference):.4g} vs {plain_error:.4g}"
     )
