@@ -21,6 +21,7 @@ import datetime
 import math
 import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -71,13 +72,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "capacity",
         help="largest batch per method within a memory budget, and decode throughput up to it",
-        description="For each method and context length, search the largest batch whose decode fits a memory "
-        "budget (doubling from 1, then bisection; every tried batch is recorded with why it fit or not) and "
+        description=textwrap.fill(
+        "For each method and context length, search the largest batch whose decode fits a memory budget "
+        "(doubling from 1, then bisection; every tried batch is recorded with why it fit or not) and "
         "time the decode at each tried batch. Memory is measured: on a GPU the peak allocated memory of "
         "filling the batch and decoding it (weights, KV cache, activations); without a GPU an estimate "
         "(weights + KV cache bytes). Every slot holds a copy of one prefilled sequence's cache. Writes "
-        f"{JSON_NAME}, {MD_NAME} and {PLOT_NAME}. A budget below the model's weights is refused at once.\n\n"
-        + options.defaults_text(CPU_DEFAULTS, GPU_DEFAULTS),
+        f"{JSON_NAME}, {MD_NAME} and {PLOT_NAME}. A budget below the model's weights is refused at once.", 100)
+        + "\n\n" + options.defaults_text(CPU_DEFAULTS, GPU_DEFAULTS),
         epilog="capacity takes the methods whose model keeps a DMS cache, listed below (R = fraction of the "
         f"prompt's KV pairs removed); it refuses {', '.join(refused[:-1])} and {refused[-1]}, which keep no DMS "
         "cache to fill:\n"
@@ -89,12 +91,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                         help=f"memory the weights, KV cache and decode activations may take, in GiB "
                         f"(default: {budget_default})")
-    parser.add_argument("--max-batch", type=int, default=d["max_batch"], help="search ceiling (largest batch tried)")
-    parser.add_argument("--steps", type=int, default=d["steps"], help="decode steps timed at each tried batch")
-    parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"],
+    parser.add_argument("--max-batch", type=int, default=d["max_batch"], metavar="N",
+                        help="search ceiling (largest batch tried)")
+    parser.add_argument("--steps", type=int, default=d["steps"], metavar="N",
+                        help="decode steps timed at each tried batch")
+    parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], metavar="N",
                         help="untimed decode steps before the timed ones (compilation, CUDA-graph capture)")
     options.add_model_options(parser, d)
-    parser.add_argument("--out", default="results-capacity", help="output directory")
+    parser.add_argument("--out", default="results-capacity", metavar="DIR", help="output directory")
     parser.set_defaults(run=run, command_parser=parser)
     return parser
 
@@ -147,6 +151,8 @@ def validate(args) -> Settings:
         weights = config_weight_bytes(config_of(args.model), options.DTYPES[args.dtype])
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    if (problem := options.positions_problem(args.model, contexts, args.warmup_steps + args.steps + 1)) is not None:
+        raise UsageError(problem.replace("--new-tokens", "decode steps"))
     if weights > budget:
         raise UsageError(f"the memory budget, {gib(budget)} GiB ({source}), is less than the weights of {args.model} "
                          f"in {args.dtype} alone ({gib(weights)} GiB): no batch can fit")

@@ -190,35 +190,11 @@ def _validate(args, parser):
     return contexts, methods
 
 
-def _position_limit(model: str) -> int | None:
-    """``max_position_embeddings`` of ``model``'s config (``config_of``: a random model's, a checkpoint's or a
-    cached hub id's); None where it cannot be read here (the model's own load then decides)."""
-    from dms_perf.bench.methods import config_of
-
-    try:
-        limit = getattr(config_of(model), "max_position_embeddings", None)
-    except (OSError, ValueError):
-        return None
-    return limit if isinstance(limit, int) and limit > 0 else None
-
-
-def _positions_problem(model: str, contexts, new_tokens: int) -> str | None:
-    """Why a context of ``contexts`` does not fit the model's positions with ``new_tokens`` generated after
-    it (one line), or None."""
-    limit = _position_limit(model)
-    too_long = [c for c in contexts if c + new_tokens > limit] if limit else []
-    if not too_long:
-        return None
-    values = ", ".join(str(c) for c in too_long)
-    return (f"--contexts {values}: a prompt and its --new-tokens {new_tokens} must fit the model's positions, but "
-            f"--model {model} has {limit} (max_position_embeddings): contexts up to {limit - new_tokens} tokens")
-
-
 def run_bench(args, parser) -> int:
     from rich.console import Console
 
     from dms_perf.bench.methods import check_model, is_model_path, weights_note
-    from dms_perf.bench.options import parse_batch_sizes
+    from dms_perf.bench.options import parse_batch_sizes, positions_problem
     from dms_perf.bench.report import ResultsWriter
     from dms_perf.bench.workloads import load_tokenizer
 
@@ -233,7 +209,7 @@ def run_bench(args, parser) -> int:
         check_model(args.model)
     except ValueError as exc:
         return _error(parser, exc)
-    if (problem := _positions_problem(args.model, contexts, args.new_tokens)) is not None:
+    if (problem := positions_problem(args.model, contexts, args.new_tokens)) is not None:
         return _error(parser, problem)
     real_weights = is_model_path(args.model)
     tokenizer = args.tokenizer or (args.model if real_weights else None)

@@ -118,3 +118,27 @@ def parse_names(text: str | None) -> tuple[str, ...] | None:
 def test_dtypes() -> tuple[torch.dtype, ...]:
     """fp32/fp16 everywhere; bf16 only on a GPU (the interpreter's bf16 ``tl.dot`` is wrong)."""
     return (torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float32, torch.float16)
+
+
+def position_limit(model: str) -> int | None:
+    """``max_position_embeddings`` of ``model``'s config (``config_of``: a random model's, a checkpoint's or a
+    cached hub id's); None where it cannot be read here (the model's own load then decides)."""
+    from dms_perf.bench.methods import config_of
+
+    try:
+        limit = getattr(config_of(model), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def positions_problem(model: str, contexts, new_tokens: int) -> str | None:
+    """Why a context of ``contexts`` does not fit the model's positions with ``new_tokens`` generated after
+    it (one line), or None."""
+    limit = position_limit(model)
+    too_long = [c for c in contexts if c + new_tokens > limit] if limit else []
+    if not too_long:
+        return None
+    values = ", ".join(str(c) for c in too_long)
+    return (f"--contexts {values}: a prompt and its --new-tokens {new_tokens} must fit the model's positions, but "
+            f"--model {model} has {limit} (max_position_embeddings): contexts up to {limit - new_tokens} tokens")

@@ -261,6 +261,8 @@ def test_help_explains_every_option(capsys):
         (["--target-cr", "1"], "--target-cr must be 0 (off) or > 1, got 1"),
         (["--target-cr", "-8"], "--target-cr must be 0 (off) or > 1, got -8"),
         (["--target-cr", "nan"], "--target-cr must be 0 (off) or > 1, got nan"),
+        (["--contexts", "128,5000"], "--contexts 5000: a prompt and its decode steps 3 must fit the model's "
+         "positions, but --model tiny has 4096"),
     ],
 )
 def test_refused_at_once_through_dms_perf(tmp_path, capsys, args, message):
