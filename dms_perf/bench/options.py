@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Qwen3-8B-DMS shape in bf16 on a GPU.
 CPU_MODEL = {"model": "tiny", "dtype": "float32"}
 GPU_MODEL = {"model": "qwen3-8b", "dtype": "bfloat16"}
-DEFAULT_TARGET_CR = 8.0
+DEFAULT_TARGET_CR = 8
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
