@@ -117,7 +117,8 @@ class PagedPoolMachine(RuleBasedStateMachine):
         # Uneven heads: each drawn on its own, from empty to the bound.
         counts = {key: data.draw(st.integers(0, self.pool.max_rows_per_head)) for key in self.heads}
         rows = [[counts[(l, h)] for h in range(self.pool.kv_heads)] for l in range(self.pool.layers)]
-        need = sum(max(0, math.ceil(n / self.pool.page_rows) - self.pages[(l, slot, h)]) for (l, h), n in counts.items())
+        P = self.pool.page_rows
+        need = sum(max(0, math.ceil(n / P) - self.pages[(l, slot, h)]) for (l, h), n in counts.items())
         before = _state(self.pool)
         if need > self._free():
             event("prefill: exhausted")
@@ -258,7 +259,7 @@ class PagedPoolMachine(RuleBasedStateMachine):
         assert _pointers(self.pool) == self.pointers
 
 
-PagedPoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+PagedPoolMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestPagedPool = PagedPoolMachine.TestCase
 
 
