@@ -12,8 +12,8 @@ Device tensors, allocated once (their addresses never change, so a captured CUDA
 ``block_table``       ``[layers, max_seqs, kv_heads, max_pages_per_head]`` int32: entry ``j`` of head
                       ``(l, s, h)`` is the page holding its rows ``j * page_rows ..``, ``NO_PAGE`` (-1)
                       where the head has no ``j``-th page. A head's pages are entries ``0 .. n - 1``.
-``lengths``           ``[layers, max_seqs, kv_heads]`` int32: rows each head holds (the decode kernels
-                      advance it on the device; the pool sets it at prefill and zeroes it at release).
+``lengths``           ``[layers, max_seqs, kv_heads]`` int32: rows each head holds (whatever appends rows
+                      advances it on the device; the pool sets it at prefill and zeroes it at release).
 
 Logical row ``r`` of head ``(l, s, h)`` (a cache slot of docs/DMS.md: rows in any order, RoPE is applied
 before caching) lives at ``keys[block_table[l, s, h, r // page_rows], r % page_rows]``.
@@ -349,9 +349,8 @@ class PagedKVPool:
         return slot
 
     def _hand_out(self, need: np.ndarray) -> None:
-        """Append ``need[l, s, h]`` free pages to each head's block table, all or none."""
-        if (self._pages + need > self.max_pages_per_head).any():
-            raise ValueError(f"a head would hold more than max_pages_per_head = {self.max_pages_per_head} pages")
+        """Append ``need[l, s, h]`` free pages to each head's block table, all or none (callers keep every
+        head within ``max_pages_per_head``: rows are checked at prefill, reserves capped)."""
         total = int(need.sum())
         if total > self._free_count:
             raise PagesExhausted(
