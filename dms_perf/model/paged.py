@@ -1,0 +1,390 @@
+"""A paged KV pool shared by every head of every sequence (docs/DMS.md, "Cache and decode").
+
+DMS heads keep different numbers of tokens, and a head's count only grows while decoding (a token is
+appended or takes over the slot of a marked token leaving the window). The pool therefore hands out
+K/V in fixed-size pages: a head takes a new page only when its last one is full, nothing is ever
+copied to grow a head, and a sequence that ends returns its pages to a free list that every head of
+every later sequence draws from. Memory follows each head's kept tokens for any output length.
+
+Device tensors, allocated once (their addresses never change, so a captured CUDA graph stays valid):
+
+``keys``, ``values``  ``[num_pages, page_rows, head_dim]`` in ``dtype``: the pages.
+``block_table``       ``[layers, max_seqs, kv_heads, max_pages_per_head]`` int32: entry ``j`` of head
+                      ``(l, s, h)`` is the page holding its rows ``j * page_rows ..``, ``NO_PAGE`` (-1)
+                      where the head has no ``j``-th page. A head's pages are entries ``0 .. n - 1``.
+``lengths``           ``[layers, max_seqs, kv_heads]`` int32: rows each head holds (whatever appends rows
+                      advances it on the device; the pool sets it at prefill and zeroes it at release).
+
+Logical row ``r`` of head ``(l, s, h)`` (a cache slot of docs/DMS.md: rows in any order, RoPE is applied
+before caching) lives at ``keys[block_table[l, s, h, r // page_rows], r % page_rows]``.
+
+The free list, each head's page count and the sequence slots live on the host, which alone hands out
+pages. The host never reads the device per decode step: a step adds at most one row per head, so the
+host keeps an upper bound of each head's length, its exact length at the last prefill or ``trim``
+plus the decode steps since (``advance``), and ``reserve_ahead(steps)`` hands out pages from that
+bound alone. ``trim`` reads the lengths back (one host sync, as often as the caller chooses) to return
+the pages reserved for rows that slot reuse made unnecessary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dms_perf.model.pool import PoolExhausted
+
+NO_PAGE = -1
+# One page per tile of a 64-row decode-attention block; at 8x a 32K-token head holds ~4.6K rows, so a
+# partly filled last page costs it under 1.5%.
+DEFAULT_PAGE_ROWS = 64
+
+
+class PagesExhausted(PoolExhausted):
+    """The paged pool has fewer free pages than an operation needs (nothing was written or handed out)."""
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_page_rows(page_rows) -> None:
+    if isinstance(page_rows, bool) or not isinstance(page_rows, int) or page_rows < 1 or page_rows & (page_rows - 1):
+        raise ValueError(f"page_rows must be a power of two, got {page_rows!r}")
+
+
+def _pages_for(rows, page_rows: int):
+    """Pages that hold ``rows`` rows (ints or an integer array)."""
+    return -(-rows // page_rows)
+
+
+def physical_rows(block_table: torch.Tensor, rows: torch.Tensor, page_rows: int) -> torch.Tensor:
+    """Where logical rows live: an index into ``pages.view(-1, head_dim)`` (int64, shaped as ``rows``).
+
+    ``block_table`` ``[..., max_pages]`` (int32, one table per head), ``rows`` ``[..., n]`` (integer, the
+    same leading dims): row ``r`` of a head is row ``r % page_rows`` of page ``table[r // page_rows]``.
+    Every row must lie in a page the head holds; this is not checked.
+    """
+    pages = torch.gather(block_table, -1, (rows // page_rows).long())
+    return pages.long() * page_rows + rows % page_rows
+
+
+def gather_rows(pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Each head's rows ``0 .. max_length - 1`` in order, read through its block table.
+
+    ``pages`` ``[num_pages, page_rows, D]`` (the pool's ``keys`` or ``values``), ``block_table``
+    ``[..., max_pages]`` int32, ``lengths`` ``[...]`` (integer). Returns ``[..., max_length, D]`` in the
+    pages' dtype; rows at or past a head's length are zero. The torch path for decode attention: with
+    ``max_length`` the longest head, the result is a padded cache and ``arange < lengths`` its mask.
+    """
+    page_rows, head_dim = pages.shape[1], pages.shape[2]
+    rows = torch.arange(max_length, device=pages.device).expand(*lengths.shape, max_length)
+    held = rows < lengths[..., None]
+    index = physical_rows(block_table, torch.where(held, rows, 0), page_rows)
+    index = torch.where(held, index, 0)  # heads that hold no row have no page to point at
+    out = pages.view(-1, head_dim)[index]
+    return torch.where(held[..., None], out, torch.zeros((), dtype=pages.dtype, device=pages.device))
+
+
+def store_rows(pages: torch.Tensor, block_table: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+    """Write ``src`` ``[..., n, D]`` to logical rows ``rows`` ``[..., n]`` of the heads with tables
+    ``block_table`` ``[..., max_pages]`` (see :func:`physical_rows`); rows must lie in held pages."""
+    index = physical_rows(block_table, rows, pages.shape[1])
+    pages.view(-1, pages.shape[2]).index_copy_(0, index.flatten(), src.reshape(-1, pages.shape[2]).to(pages.dtype))
+
+
+class PagedKVPool:
+    """Pages of K/V rows, a free list and one block table per (layer, sequence slot, KV head).
+
+    ``num_pages`` pages of ``page_rows`` rows (a power of two) of ``head_dim`` channels in ``dtype`` on
+    ``device``, for at most ``max_seqs`` live sequences of ``layers`` x ``kv_heads`` heads, each holding
+    at most ``max_rows_per_head`` rows. The block table's capacity, ``max_pages_per_head =
+    ceil(max_rows_per_head / page_rows)``, is fixed: a head never holds more rows than the tokens its
+    sequence has seen, so the model's ``max_position_embeddings`` bounds it (``for_budget``'s default).
+
+    A sequence's life: ``admit`` a free slot, ``prefill`` it with each head's row count, then per decode
+    step ``advance`` (host bookkeeping only, after ``reserve_ahead`` made room), optionally ``trim``, and
+    finally ``release``. Every operation that hands out pages is all-or-nothing: short of pages it raises
+    :class:`PagesExhausted` before any page is handed out or any tensor written.
+    """
+
+    def __init__(self, num_pages: int, page_rows: int, head_dim: int, *, layers: int, max_seqs: int,
+                 kv_heads: int, max_rows_per_head: int, dtype: torch.dtype, device: str | torch.device):
+        _check_page_rows(page_rows)
+        for name, value in (("num_pages", num_pages), ("head_dim", head_dim), ("layers", layers),
+                            ("max_seqs", max_seqs), ("kv_heads", kv_heads), ("max_rows_per_head", max_rows_per_head)):
+            _positive_int(name, value)
+        self.num_pages, self.page_rows, self.head_dim, self.dtype = num_pages, page_rows, head_dim, dtype
+        self.layers, self.max_seqs, self.kv_heads = layers, max_seqs, kv_heads
+        self.max_rows_per_head = max_rows_per_head
+        self.max_pages_per_head = _pages_for(max_rows_per_head, page_rows)
+        heads = (layers, max_seqs, kv_heads)
+        with torch.inference_mode(False):  # plain tensors: written in and out of inference mode
+            self.keys = torch.empty((num_pages, page_rows, head_dim), dtype=dtype, device=device)
+            self.values = torch.empty((num_pages, page_rows, head_dim), dtype=dtype, device=device)
+            self.block_table = torch.full((*heads, self.max_pages_per_head), NO_PAGE, dtype=torch.int32,
+                                          device=device)
+            self.lengths = torch.zeros(heads, dtype=torch.int32, device=device)
+        self.device = self.keys.device
+        # Host state. The free list is a stack: pages _free[:_free_count] are free.
+        self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int64)
+        self._free_count = num_pages
+        self._table = np.full((*heads, self.max_pages_per_head), NO_PAGE, dtype=np.int64)  # block_table's mirror
+        self._pages = np.zeros(heads, dtype=np.int64)  # pages each head holds
+        self._rows = np.zeros(heads, dtype=np.int64)  # exact lengths at the last prefill or trim
+        self._since = np.zeros(max_seqs, dtype=np.int64)  # decode steps per slot since then
+        self._room = np.zeros(max_seqs, dtype=np.int64)  # steps every head of the slot has pages for
+        self._live = np.zeros(max_seqs, dtype=bool)
+        self._peak = 0
+
+    # --- sizing --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def page_bytes(page_rows: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of one page, K and V."""
+        return 2 * page_rows * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def table_bytes(layers: int, max_seqs: int, kv_heads: int, max_pages_per_head: int) -> int:
+        """Bytes of the block table and the lengths (int32 each)."""
+        return 4 * layers * max_seqs * kv_heads * (max_pages_per_head + 1)
+
+    @classmethod
+    def for_budget(cls, source, budget_bytes: int, *, max_seqs: int, page_rows: int = DEFAULT_PAGE_ROWS,
+                   max_rows_per_head: int | None = None, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> PagedKVPool:
+        """The pool for a model (or its config) that fits ``budget_bytes`` of device memory.
+
+        ``source`` is a Qwen3-DMS model (dtype and device default to its parameters') or its config
+        (``dtype`` and ``device`` then required). Layers, KV heads and ``head_dim`` come from the config,
+        ``max_rows_per_head`` defaults to its ``max_position_embeddings``. The budget pays for the block
+        table and lengths first (``table_bytes``), then for as many pages as fit (``page_bytes``); a
+        budget that holds no page is a ValueError.
+        """
+        config = getattr(source, "config", source)
+        if hasattr(source, "parameters"):
+            parameter = next(source.parameters())
+            dtype = parameter.dtype if dtype is None else dtype
+            device = parameter.device if device is None else device
+        if dtype is None or device is None:
+            raise ValueError(f"give dtype and device with a config (got dtype={dtype}, device={device})")
+        _check_page_rows(page_rows)
+        _positive_int("max_seqs", max_seqs)
+        max_rows_per_head = config.max_position_embeddings if max_rows_per_head is None else max_rows_per_head
+        _positive_int("max_rows_per_head", max_rows_per_head)
+        layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        table = cls.table_bytes(layers, max_seqs, kv_heads, _pages_for(max_rows_per_head, page_rows))
+        page = cls.page_bytes(page_rows, head_dim, dtype)
+        num_pages = (int(budget_bytes) - table) // page
+        if num_pages < 1:
+            raise ValueError(
+                f"a memory budget of {budget_bytes} bytes holds no page: the block table takes {table} bytes "
+                f"({max_seqs} sequences, {layers} layers x {kv_heads} KV heads) and a page {page} bytes"
+            )
+        return cls(num_pages, page_rows, head_dim, layers=layers, max_seqs=max_seqs, kv_heads=kv_heads,
+                   max_rows_per_head=max_rows_per_head, dtype=dtype, device=device)
+
+    # --- accounting ----------------------------------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        return self._free_count
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - self._free_count
+
+    @property
+    def peak_pages_in_use(self) -> int:
+        """The most pages in use at once since the pool was built."""
+        return self._peak
+
+    @property
+    def bytes_in_use(self) -> int:
+        """K and V bytes of the pages in use."""
+        return self.pages_in_use * self.page_bytes(self.page_rows, self.head_dim, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the pool allocated: pages, block table and lengths."""
+        return (self.num_pages * self.page_bytes(self.page_rows, self.head_dim, self.dtype)
+                + self.table_bytes(self.layers, self.max_seqs, self.kv_heads, self.max_pages_per_head))
+
+    @property
+    def live_slots(self) -> list[int]:
+        return np.flatnonzero(self._live).tolist()
+
+    def pages_held(self, slot: int) -> int:
+        """Pages the sequence in ``slot`` holds (all its layers and heads)."""
+        return int(self._pages[:, self._check_live(slot)].sum())
+
+    # --- sequences -----------------------------------------------------------------------------------
+
+    def admit(self, slot: int | None = None) -> int:
+        """Take ``slot`` (default: the lowest free one) for a new sequence; returns it. Its heads hold no
+        rows and no pages. Raises ValueError if the slot is live or none is free."""
+        if slot is None:
+            free = np.flatnonzero(~self._live)
+            if free.size == 0:
+                raise ValueError(f"all {self.max_seqs} sequence slots are live: release one first")
+            slot = int(free[0])
+        elif isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_seqs:
+            raise ValueError(f"slot must be an int in [0, {self.max_seqs}), got {slot!r}")
+        elif self._live[slot]:
+            raise ValueError(f"slot {slot} already holds a live sequence")
+        self._live[slot] = True
+        self._since[slot] = self._room[slot] = 0
+        return slot
+
+    def prefill(self, slot: int, rows) -> None:
+        """Give each head of the freshly admitted ``slot`` its prefill's rows.
+
+        ``rows`` ``[layers, kv_heads]`` (host integers: a nested sequence, array or CPU tensor) is each
+        head's row count; a head of ``n`` rows then holds ``ceil(n / page_rows)`` pages (pages it was
+        already reserved count). Sets the device lengths; the caller writes K/V (:func:`store_rows`).
+        ValueError if the slot is not live, already holds rows or has decoded, or a count is negative or
+        above ``max_rows_per_head``; :class:`PagesExhausted` (nothing changed) if the pages run short.
+        """
+        slot = self._check_live(slot)
+        rows = np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64)
+        if rows.shape != (self.layers, self.kv_heads):
+            raise ValueError(f"rows must be [layers, kv_heads] = [{self.layers}, {self.kv_heads}], got {rows.shape}")
+        if rows.min() < 0 or rows.max() > self.max_rows_per_head:
+            raise ValueError(f"row counts must lie in [0, {self.max_rows_per_head}], got {rows.min()}..{rows.max()}")
+        if self._rows[:, slot].any() or self._since[slot]:
+            raise ValueError(f"slot {slot} already holds rows: a sequence is prefilled once, right after admit")
+        need = np.zeros_like(self._pages)
+        need[:, slot] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[:, slot], 0)
+        self._hand_out(need)
+        self._rows[:, slot] = rows
+        layer, head = np.indices(rows.shape).reshape(2, -1)
+        flat = np.ravel_multi_index((layer, np.full_like(layer, slot), head), self._rows.shape)
+        self._write(self.lengths, flat, rows.ravel())
+        self._update_room()
+
+    def release(self, slot: int) -> None:
+        """End the sequence in ``slot``: all its pages return to the free list, its block-table entries
+        become ``NO_PAGE`` and its lengths 0. ValueError for a slot that is not live."""
+        slot = self._check_live(slot)
+        owned = self._table[:, slot]
+        pages = owned[owned != NO_PAGE]
+        self._free[self._free_count : self._free_count + pages.size] = pages
+        self._free_count += pages.size
+        owned.fill(NO_PAGE)
+        self._pages[:, slot] = self._rows[:, slot] = 0
+        self._since[slot] = self._room[slot] = 0
+        self._live[slot] = False
+        self.block_table[:, slot].fill_(NO_PAGE)
+        self.lengths[:, slot].zero_()
+
+    # --- decoding ------------------------------------------------------------------------------------
+
+    def reserve_ahead(self, steps: int) -> None:
+        """Give every head of every live sequence pages for ``steps`` more rows beyond its length bound.
+
+        A head's bound is its exact length at the last prefill or ``trim`` plus the decode steps
+        ``advance`` counted since (a step adds at most one row per head), capped at
+        ``max_rows_per_head``; the head then holds ``ceil(min(bound + steps, max_rows_per_head) /
+        page_rows)`` pages or more. As ``advance`` never lets the bound pass the rows a head's pages
+        hold, that is at most ``ceil(steps / page_rows)`` new pages per head, known without reading
+        the device. :class:`PagesExhausted` (nothing changed) if the free pages do not cover them all.
+        """
+        steps = _positive_int("steps", steps)
+        bound = self._rows + self._since[None, :, None]
+        target = _pages_for(np.minimum(bound + steps, self.max_rows_per_head), self.page_rows)
+        need = np.where(self._live[None, :, None], np.maximum(target - self._pages, 0), 0)
+        self._hand_out(need)
+        self._update_room()
+
+    def advance(self, steps: int = 1) -> None:
+        """The host's share of ``steps`` decode steps of every live sequence (their kernels, which append
+        rows on the device, may run before or after): the length bounds grow by ``steps``. Host
+        arithmetic only. RuntimeError (nothing changed) if some head's pages might not hold ``steps``
+        more rows: call ``reserve_ahead`` first."""
+        steps = _positive_int("steps", steps)
+        short = np.flatnonzero(self._live & (self._room < steps))
+        if short.size:
+            raise RuntimeError(
+                f"slots {short.tolist()} have pages for {self._room[short].tolist()} more decode steps, not "
+                f"{steps}: call reserve_ahead before stepping"
+            )
+        self._since[self._live] += steps
+        self._room[self._live] -= steps
+
+    def trim(self) -> None:
+        """Read the device lengths back (one host sync) and return every page past a live head's last
+        row: the pages ``reserve_ahead`` gave for appends that slot reuse made unnecessary. The bounds
+        become the exact lengths. Call between decode steps; ``reserve_ahead`` again before the next."""
+        lengths = self.lengths.cpu().numpy().astype(np.int64)
+        live = self._live[None, :, None]
+        keep = np.where(live, _pages_for(lengths, self.page_rows), 0)
+        column = np.arange(self.max_pages_per_head)
+        surplus = (column >= keep[..., None]) & (self._table != NO_PAGE)
+        flat = np.flatnonzero(surplus)
+        pages = self._table.reshape(-1)[flat]
+        self._free[self._free_count : self._free_count + pages.size] = pages
+        self._free_count += pages.size
+        self._table.reshape(-1)[flat] = NO_PAGE
+        self._write(self.block_table, flat, np.full_like(flat, NO_PAGE))
+        self._pages = np.minimum(self._pages, keep)
+        self._rows = np.where(live, lengths, 0)
+        self._since[:] = 0
+        self._update_room()
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def head_rows(self, layer: int, slot: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head ``(layer, slot, head)``'s K and V rows in order, ``[length, head_dim]`` each (reads its
+        length back: for tests and inspection, not for a decode step)."""
+        table, length = self.block_table[layer, slot, head], self.lengths[layer, slot, head]
+        n = int(length)
+        return (gather_rows(self.keys, table, length, n), gather_rows(self.values, table, length, n))
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _check_live(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_seqs or not self._live[slot]:
+            raise ValueError(f"slot {slot!r} holds no live sequence (live: {self.live_slots})")
+        return slot
+
+    def _hand_out(self, need: np.ndarray) -> None:
+        """Append ``need[l, s, h]`` free pages to each head's block table, all or none (callers keep every
+        head within ``max_pages_per_head``: rows are checked at prefill, reserves capped)."""
+        total = int(need.sum())
+        if total > self._free_count:
+            raise PagesExhausted(
+                f"paged KV pool exhausted: {total} pages asked with {self._free_count} of {self.num_pages} free "
+                f"({self.num_pages * self.page_bytes(self.page_rows, self.head_dim, self.dtype) / 2**30:.2f} GiB "
+                "of pages); give the pool a larger memory budget or admit fewer sequences"
+            )
+        if total == 0:
+            return
+        pages = self._free[self._free_count - total : self._free_count].copy()
+        self._free_count -= total
+        counts = need.reshape(-1)
+        head = np.repeat(np.arange(counts.size), counts)
+        # New page i of a head goes to the column after the pages it holds.
+        first = counts.cumsum() - counts  # where each head's new pages start in ``pages``
+        column = np.repeat(self._pages.reshape(-1), counts) + np.arange(total) - np.repeat(first, counts)
+        flat = head * self.max_pages_per_head + column
+        self._table.reshape(-1)[flat] = pages
+        self._pages += need
+        self._peak = max(self._peak, self.pages_in_use)
+        self._write(self.block_table, flat, pages)
+
+    def _write(self, target: torch.Tensor, flat: np.ndarray, values: np.ndarray) -> None:
+        """``target.view(-1)[flat] = values`` without waiting for the device (pinned, non-blocking on CUDA)."""
+        if flat.size == 0:
+            return
+        staged = torch.from_numpy(np.stack([flat, values]).astype(np.int64))
+        if self.device.type == "cuda":
+            staged = staged.pin_memory().to(self.device, non_blocking=True)
+        else:
+            staged = staged.to(self.device)
+        target.view(-1).index_copy_(0, staged[0], staged[1].to(target.dtype))
+
+    def _update_room(self) -> None:
+        """Decode steps each live slot's heads all have pages for (``advance`` spends them)."""
+        room = self._pages * self.page_rows - (self._rows + self._since[None, :, None])
+        self._room = np.where(self._live, room.min(axis=(0, 2)), 0)
