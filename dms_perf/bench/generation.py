@@ -289,6 +289,10 @@ def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     that shrink the cache shorten the tensors; DMSPress instead hides keys, listed per layer in
     ``self_attn.masked_key_indices``.
     """
+    return _kv_stats(model, cache, seen_tokens=seen_tokens)
+
+
+def _kv_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     from dms_perf.model.cache import DMSCache, kv_cache_bytes
 
     kept = dense = 0
@@ -312,7 +316,7 @@ def trace_sample(model, cache, *, seen_tokens: int) -> tuple[int, int]:
     read back of its per-head lengths (and, on a KV pool, one per layer of its segments' rows). Hence taken
     at trace points only, after the device is synchronized, and kept off the decode clock.
     """
-    held, kept, _ = kv_cache_stats(model, cache, seen_tokens=seen_tokens)
+    held, kept, _ = _kv_stats(model, cache, seen_tokens=seen_tokens)
     return held, kept * kv_slot_bytes(cache)
 
 
