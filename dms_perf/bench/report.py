@@ -584,11 +584,12 @@ def _reserved_rows_note(ok: list[dict[str, Any]]) -> str | None:
                f"{_kv(r['kv_bytes'], scale)} {unit} held, {_kv(r['kept_kv_bytes'], scale)} {unit} kept")
     dense = [d for d in ok if cell_key(d)[0::2] == cell_key(r)[0::2] and d.get("generated_tokens") ==
              r["generated_tokens"] and d["method"] in ("dense-triton", "vanilla")]
+    dense.sort(key=lambda d: d["method"] != "dense-triton")  # the same engine without eviction first
     if dense:
         example += f"; {dense[0]['method']} {_kv(dense[0]['kv_bytes'], scale)} {unit} held"
     return (f"A DMS generation reserves max(capacity step {DEFAULT_CAPACITY_STEP}, new tokens) decode rows per KV "
             "head when its decode starts (today's cache: no pages handed out as heads grow), so its KV held grows "
-            "with the tokens generated as a dense cache's does while it keeps a fraction of them "
+            "with the new tokens as a dense cache's does while it keeps a fraction of them "
             f"({example}).")
 
 
