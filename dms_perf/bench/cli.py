@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="local tokenizer directory for the text workload (default: the checkpoint's own when "
                        "--model is a path; none for random models: exact-length token ids)")
-    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], metavar="N",
-                       help="tokens generated per run")
+    bench.add_argument("--new-tokens", default=d["new_tokens"], metavar="N",
+                       help="tokens generated per run, e.g. 128, 1k or 16k (a long generation: rows then show the "
+                       "peak KV held, the first and last quarter's decode tok/s, and KV and tok/s against tokens "
+                       "generated in kv_vs_generated.png and tok_s_vs_generated.png)")
     bench.add_argument("--repeats", type=int, default=d["repeats"], metavar="N",
                        help="timed runs per cell (median reported); Ctrl-C keeps the finished ones as a partial row")
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per cell before the timed ones")
@@ -180,6 +182,7 @@ def _validate(args, parser):
         check_target_cr(args.target_cr)
     except ValueError as exc:
         parser.error(str(exc))
+    args.new_tokens = _token_count(parser, "--new-tokens", args.new_tokens)
     for name in ("new_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -188,6 +191,20 @@ def _validate(args, parser):
     if not 0.0 <= args.needle_depth <= 1.0:
         parser.error(f"--needle-depth must be in [0, 1], got {args.needle_depth}")
     return contexts, methods
+
+
+def _token_count(parser, option: str, value) -> int:
+    """``16k`` -> 16384 (``parse_token_count``); a whole number below 1 is returned for the caller's range
+    check, anything else is argparse's error for the option."""
+    from dms_perf.bench.options import parse_token_count
+
+    text = str(value)
+    try:
+        return parse_token_count(text)
+    except ValueError:
+        if text.strip().lstrip("+-").isdecimal():
+            return int(text)
+        parser.error(f"argument {option}: invalid int value: {text!r} (a token count such as 256 or 16k)")
 
 
 def run_bench(args, parser) -> int:
@@ -332,14 +349,20 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
                             row = {"context": ctx, "method": m.name, "batch": batch, "new_tokens": args.new_tokens,
                                    "status": _reason("workload", exc)}
                         else:
-                            def on_run(what, cell=cell):  # "warm-up 1/1", "repeat 2/5": progress inside a cell
+                            now = {"run": ""}
+
+                            def on_run(what, cell=cell, now=now):  # "warm-up 1/1", "repeat 2/5": progress inside a cell
+                                now["run"] = what
                                 progress.update(task, description=f"{cell}: {what}")
+
+                            def on_tokens(generated, total, cell=cell, now=now):  # a long generation's own progress
+                                progress.update(task, description=f"{cell}: {now['run']}: {generated}/{total} tokens")
 
                             try:
                                 row = measure_generation(model, workloads[ctx].first(batch), m,
                                                          new_tokens=args.new_tokens, repeats=args.repeats,
                                                          warmup=args.warmup, real_weights=real_weights, device=device,
-                                                         on_run=on_run)
+                                                         on_run=on_run, on_tokens=on_tokens)
                             except CellInterrupted as stop:  # the repeats finished before Ctrl-C: a partial row
                                 writer.add(stop.row)
                                 raise

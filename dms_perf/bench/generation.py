@@ -18,6 +18,8 @@ from dms_perf._runtime import HAS_CUDA
 from dms_perf.bench.timing import synchronize
 
 NOT_MEASURED = None  # a figure that does not apply (no GPU for VRAM, one token for decode speed)
+TRACE_POINTS = 64  # a generation's trace samples every max(1, new_tokens // TRACE_POINTS) tokens
+TRACE_KEYS = ("tokens", "kv_bytes", "kept_kv_bytes", "decode_s")
 
 
 @dataclass
@@ -36,18 +38,26 @@ class GenerationRun:
     batch: int = 1
     kv_rows: int | None = None  # rows of a DMSCache's segments (what a KV pool must hold), else None
     kept_kv_bytes: int | None = None  # bytes of the kept slots' keys and values (kept_slots of them)
+    peak_kv_bytes: int | None = None  # the most bytes the batch cache held at a trace point or at the end
+    quarter_steps: int = 0  # decode steps in a quarter of the generation: max(1, steps // 4), 0 without a step
+    first_quarter_s: float | None = None  # decode seconds of the first quarter_steps steps
+    last_quarter_s: float | None = None  # decode seconds of the last quarter_steps steps
+    trace: dict[str, list] | None = None  # TRACE_KEYS -> one value per trace point (``generate_batch``)
 
 
 def generate_once(model, input_ids: torch.Tensor, *, new_tokens: int, press=None,
-                  press_on_engine: bool = False) -> GenerationRun:
+                  press_on_engine: bool = False, on_tokens: Callable[[int, int], None] | None = None
+                  ) -> GenerationRun:
     """Greedy generation of one prompt ``input_ids`` [1, L]: ``generate_batch`` of one, its
     ``generated_ids`` [new_tokens]."""
-    run = generate_batch(model, [input_ids], new_tokens=new_tokens, press=press, press_on_engine=press_on_engine)
+    run = generate_batch(model, [input_ids], new_tokens=new_tokens, press=press, press_on_engine=press_on_engine,
+                         on_tokens=on_tokens)
     return replace(run, generated_ids=run.generated_ids[0])
 
 
 def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, press=None,
-                   press_on_engine: bool = False) -> GenerationRun:
+                   press_on_engine: bool = False, on_tokens: Callable[[int, int], None] | None = None
+                   ) -> GenerationRun:
     """Greedy generation of B prompts of one length, prefilled sequence by sequence, decoded together.
 
     ``prompts``: B tensors of ids [1, L]. Each is prefilled on its own (the activations of one sequence,
@@ -70,6 +80,15 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     join; ``decode_s`` = the ``new_tokens - 1`` batched steps. Peak VRAM is that of the whole run (without a
     pool, the join holds the B sequence caches and the batch cache at once). KV figures are the batch
     cache's. A batch whose press hides keys instead of removing them (kvpress DMSPress) raises ``HiddenKeys``.
+
+    The decode is this explicit greedy loop (not transformers' ``generate``), so the trace is taken at step
+    boundaries: at 1 token generated (the prefill's), every ``max(1, new_tokens // TRACE_POINTS)`` tokens,
+    at the quarter boundaries and at the end, ``trace`` records per point the tokens generated per
+    sequence, the KV bytes held and kept and the decode seconds so far (``trace_sample``). Only those points
+    synchronize the device; the sampling itself is kept off the decode clock. ``first_quarter_s`` and
+    ``last_quarter_s`` time the first and last ``quarter_steps`` decode steps on that clock;
+    ``peak_kv_bytes`` is the largest KV held at a point (exact for today's caches, which only grow).
+    ``on_tokens(generated, new_tokens)`` is called at every trace point (a progress line).
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
@@ -116,20 +135,42 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         synchronize()
         prefilled = time.perf_counter()
         tokens.append(token)
-        for step in range(new_tokens - 1):
+        steps = new_tokens - 1
+        quarter = max(1, steps // 4) if steps else 0
+        every = max(1, new_tokens // TRACE_POINTS)
+        points = {*range(every, new_tokens + 1, every), 1, 1 + quarter, new_tokens - quarter, new_tokens}
+        trace: dict[str, list] = {key: [] for key in TRACE_KEYS}
+        sampling = 0.0  # seconds spent in trace_sample, kept off the decode clock
+
+        def sample(generated: int) -> None:
+            nonlocal sampling
+            synchronize()  # one device sync per trace point, never per step
+            now = time.perf_counter()
+            held, kept = trace_sample(model, cache, seen_tokens=length + generated - 1)
+            for key, value in zip(TRACE_KEYS, (generated, held, kept, now - prefilled - sampling), strict=True):
+                trace[key].append(value)
+            if on_tokens is not None:
+                on_tokens(generated, new_tokens)
+            sampling += time.perf_counter() - now
+
+        sample(1)
+        for step in range(steps):
             pos = positions[:, step : step + 1].expand(batch, 1)
             # Positions only: transformers >= 5.4 dropped ``cache_position`` (5.2 derives it from the cache).
             out = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
+            if step + 2 in points:  # tokens generated after this step
+                sample(step + 2)
         synchronize()
         done = time.perf_counter()
     kv_bytes, kept, dense = kv_cache_stats(model, cache, seen_tokens=length + new_tokens - 1)
     kept_bytes = kept * kv_slot_bytes(cache)
     rows = cache.segment_rows() if hasattr(cache, "segment_rows") else None
+    at = dict(zip(trace["tokens"], trace["decode_s"], strict=True))
     return GenerationRun(
         prefill_s=prefilled - start,
-        decode_s=done - prefilled,
+        decode_s=done - prefilled - sampling,
         new_tokens=new_tokens,
         generated_ids=torch.cat(tokens, dim=-1).cpu(),
         peak_vram_bytes=torch.cuda.max_memory_allocated() if HAS_CUDA else NOT_MEASURED,
@@ -139,6 +180,11 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         batch=batch,
         kv_rows=rows,
         kept_kv_bytes=kept_bytes,
+        peak_kv_bytes=max([kv_bytes, *trace["kv_bytes"]]),
+        quarter_steps=quarter,
+        first_quarter_s=at[1 + quarter] - at[1] if steps else None,
+        last_quarter_s=at[new_tokens] - at[new_tokens - quarter] if steps else None,
+        trace=trace,
     )
 
 
@@ -239,23 +285,39 @@ def kv_cache_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     """(bytes held, slots attended to, slots of a dense cache) for a DMSCache or a transformers cache.
 
     Slots count (layer, batch, KV head, token): a batch cache's figures are those of all its sequences
-    together. A DMSCache holds per-head lengths (synchronizes); kvpress presses that shrink the cache
-    shorten the tensors; DMSPress instead hides keys, listed per layer in ``self_attn.masked_key_indices``.
+    together. A DMSCache holds per-head lengths (one read back for all layers: synchronizes); kvpress presses
+    that shrink the cache shorten the tensors; DMSPress instead hides keys, listed per layer in
+    ``self_attn.masked_key_indices``.
     """
+    return _kv_stats(model, cache, seen_tokens=seen_tokens)
+
+
+def _kv_stats(model, cache, *, seen_tokens: int) -> tuple[int, int, int]:
     from dms_perf.model.cache import DMSCache, kv_cache_bytes
 
     kept = dense = 0
+    if isinstance(cache, DMSCache):  # flat [slots, D] buffers: heads come from the per-head lengths
+        lengths = [cache.head_lengths(index) for index in range(len(cache.layers))]
+        dense = sum(t.numel() for t in lengths) * seen_tokens
+        kept = int(torch.stack([t.sum() for t in lengths]).sum()) if lengths else 0
+        return kv_cache_bytes(cache), kept, dense
     for index, layer in enumerate(cache.layers):
-        if isinstance(cache, DMSCache):  # flat [slots, D] buffers: heads come from the per-head lengths
-            lengths = cache.head_lengths(index)
-            dense += lengths.numel() * seen_tokens
-            kept += int(lengths.sum())
-            continue
         batch, heads = layer.keys.shape[:2]
         dense += batch * heads * seen_tokens
         masked = getattr(model.model.layers[index].self_attn, "masked_key_indices", None)
         kept += batch * heads * layer.keys.shape[2] - (len(masked[0]) if masked is not None else 0)
     return kv_cache_bytes(cache), kept, dense
+
+
+def trace_sample(model, cache, *, seen_tokens: int) -> tuple[int, int]:
+    """(KV bytes held, KV bytes kept) of ``cache`` now, for a generation's trace (``kv_cache_stats``).
+
+    What a sample costs: for a dense cache nothing but host arithmetic on tensor shapes; for a DMSCache one
+    read back of its per-head lengths (and, on a KV pool, one per layer of its segments' rows). Hence taken
+    at trace points only, after the device is synchronized, and kept off the decode clock.
+    """
+    held, kept, _ = _kv_stats(model, cache, seen_tokens=seen_tokens)
+    return held, kept * kv_slot_bytes(cache)
 
 
 def kv_slot_bytes(cache) -> int:
@@ -294,7 +356,11 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
     steps = ``new_tokens - 1`` (None without a decode step). ``generated_tokens`` counts one sequence's.
     ``kv_bytes``: what the cache holds at the end, rows reserved for decoding included (a DMS cache
     reserves ``max(dms_capacity_step, new_tokens)`` per head, so it may hold more than a dense one);
-    ``kept_kv_bytes``: the keys and values of the slots still attended to, which ``compression`` counts."""
+    ``kept_kv_bytes``: the keys and values of the slots still attended to, which ``compression`` counts;
+    ``peak_kv_bytes``: the most the cache held during the generation (``generate_batch``'s trace points).
+    ``decode_tok_s_first_quarter`` / ``_last_quarter``: B * quarter steps / their seconds (all sequences),
+    medians over the runs; ``trace``: the trace of the run with the median decode time (the lower one of an
+    even count). Figures a run does not record (a run made without them) are None."""
     prefill = _median([r.prefill_s for r in runs])
     decode = _median([r.decode_s for r in runs])
     total = _median([r.prefill_s + r.decode_s for r in runs])
@@ -314,11 +380,22 @@ def summarize_runs(runs: list[GenerationRun], *, context_length: int, retrieval:
         "peak_vram_bytes": _median([r.peak_vram_bytes for r in runs]),
         "kv_bytes": last.kv_bytes,
         "kept_kv_bytes": last.kept_kv_bytes,
+        "peak_kv_bytes": last.peak_kv_bytes,
+        "decode_tok_s_first_quarter": _quarter_rate(runs, "first_quarter_s"),
+        "decode_tok_s_last_quarter": _quarter_rate(runs, "last_quarter_s"),
         "compression": last.dense_slots / last.kept_slots if last.kept_slots else NOT_MEASURED,
         "retrieval": retrieval,
         "repeats": len(runs),
         "runs_total_s": [r.prefill_s + r.decode_s for r in runs],
+        "trace": sorted(runs, key=lambda r: r.decode_s)[(len(runs) - 1) // 2].trace,
     }
+
+
+def _quarter_rate(runs: list[GenerationRun], name: str) -> float | None:
+    """Median over ``runs`` of B * quarter steps / the quarter's decode seconds (``name``)."""
+    rates = [r.batch * r.quarter_steps / getattr(r, name) for r in runs
+             if r.quarter_steps and getattr(r, name) is not None and getattr(r, name) > 0]
+    return statistics.median(rates) if rates else NOT_MEASURED
 
 
 def measure_generation(
@@ -332,6 +409,7 @@ def measure_generation(
     real_weights: bool = False,
     device=None,
     on_run: Callable[[str], None] | None = None,
+    on_tokens: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """End-to-end figures for one (context, method, batch) cell; never raises for a failing cell.
 
@@ -349,7 +427,8 @@ def measure_generation(
     ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
     decode graph that the later ones replay).
 
-    ``on_run``: called with "warm-up i/n" or "repeat i/n" before each generation (a progress line).
+    ``on_run``: called with "warm-up i/n" or "repeat i/n" before each generation (a progress line);
+    ``on_tokens``: called with (tokens generated, new_tokens) at every trace point of each generation.
     KeyboardInterrupt during the timed runs, once one has finished, raises ``CellInterrupted`` holding the
     row of the finished ones; before that, KeyboardInterrupt itself.
     """
@@ -376,7 +455,8 @@ def measure_generation(
         def generate(what: str):
             if on_run is not None:
                 on_run(what)
-            run = generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine)
+            run = generate_batch(model, prompts, new_tokens=new_tokens, press=press, press_on_engine=on_engine,
+                                 on_tokens=on_tokens)
             release_memory()
             return run
 

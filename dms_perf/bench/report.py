@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dms_perf.bench.generation import TRACE_KEYS
 from dms_perf.bench.methods import DEFAULT_METHODS, FAMILIES, model_config
 
 JSON_NAME = "results.json"
@@ -24,6 +25,8 @@ MD_NAME = "results.md"
 TIME_PLOT = "time_vs_context.png"
 MEMORY_PLOT = "vram_vs_context.png"
 BATCH_PLOT = "throughput_vs_batch.png"  # written when the results hold more than one batch size
+KV_TRACE_PLOT = "kv_vs_generated.png"  # written when a row holds a trace (runs since traces exist)
+RATE_TRACE_PLOT = "tok_s_vs_generated.png"
 DASH = "—"
 
 
@@ -85,7 +88,8 @@ CELL_KEYS = {"context": int, "method": str, "status": str}
 FIGURE_KEYS = {"total_s": float, "prefill_s": float, "prefill_tok_s": float, "generated_tokens": int,
                "kv_bytes": int, "retrieval": str}
 OPTIONAL_FIGURE_KEYS = ("batch", "peak_vram_bytes", "kept_kv_bytes", "decode_tok_s", "decode_tok_s_per_seq",
-                        "ms_per_step", "compression", "repeats")
+                        "ms_per_step", "compression", "repeats", "peak_kv_bytes", "decode_tok_s_first_quarter",
+                        "decode_tok_s_last_quarter")
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -161,6 +165,13 @@ def _row_problem(row) -> str | None:
     for key in OPTIONAL_FIGURE_KEYS:
         if row.get(key) is not None and not _is(row[key], float):
             return f"{key!r} is {row[key]!r}, not a number"
+    trace = row.get("trace")
+    if trace is not None:
+        if not isinstance(trace, dict) or any(not isinstance(trace.get(k), list) for k in TRACE_KEYS):
+            return f"'trace' is not an object of lists {', '.join(TRACE_KEYS)}"
+        if len({len(trace[k]) for k in TRACE_KEYS}) != 1 or not all(_is(v, float) for k in TRACE_KEYS
+                                                                     for v in trace[k]):
+            return f"'trace' lists {', '.join(TRACE_KEYS)} are not numbers of one length"
     return None
 
 
@@ -308,7 +319,7 @@ def _gib(value) -> str:
 def _kv_unit(rows: list[dict[str, Any]]) -> tuple[str, float]:
     """(unit, bytes per unit) of the KV columns: MiB, or KiB when every cache holds less than 1 MiB (a tiny
     model's, whose figures would all read 0.1 or 0.2 MiB)."""
-    held = [r["kv_bytes"] for r in rows if _ok(r) and r.get("kv_bytes") is not None]
+    held = [r[k] for r in rows if _ok(r) for k in ("kv_bytes", "peak_kv_bytes") if r.get(k) is not None]
     return ("MiB", 2**20) if not held or max(held) >= 2**20 else ("KiB", 2**10)
 
 
@@ -331,6 +342,18 @@ def _ctx(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def long_generation(rows: list[dict[str, Any]]) -> bool:
+    """Whether a measured row records the peak KV held or quarter decode rates (tables then show them)."""
+    keys = ("peak_kv_bytes", "decode_tok_s_first_quarter", "decode_tok_s_last_quarter")
+    return any(_ok(r) and r.get(k) is not None for r in rows for k in keys)
+
+
+def _quarters(row) -> str:
+    """``first → last`` quarter decode tok/s of a row, a dash for one it lacks."""
+    first, last = row.get("decode_tok_s_first_quarter"), row.get("decode_tok_s_last_quarter")
+    return DASH if first is None and last is None else f"{_num(first)} → {_num(last)}"
+
+
 def batched(rows: list[dict[str, Any]]) -> bool:
     """Whether any row is of a batch other than 1 (tables then show the batch columns)."""
     return any(row_batch(r) != 1 for r in rows)
@@ -343,16 +366,19 @@ def _weights_differ(rows: list[dict[str, Any]]) -> bool:
 def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     """The full comparison, one row per cell in ``methods`` order, then by context and batch
     (``ordered_rows``); a Batch column, per-sequence decode tok/s and ms per step where a batch other than 1
-    is present; a Weights column (each row's run's weights text) where joined runs differ."""
+    is present; a Weights column (each row's run's weights text) where joined runs differ; the first → last
+    quarter's decode tok/s and the peak KV held where rows record them (``long_generation``)."""
     rows = ordered_rows(rows, methods)
     weights = _weights_differ(rows)
     batches = batched(rows)
+    long = long_generation(rows)
     unit, scale = _kv_unit(rows)
     head = ("| Context | Method |" + (" Batch |" if batches else "") + " Time (s) | tok/s | Peak VRAM (GiB) "
             "| TTFT (s) | Prefill tok/s | Decode tok/s |" + (" Decode tok/s per seq | ms/step |" if batches else "")
+            + (f" Decode tok/s first → last ¼ | KV peak ({unit}) |" if long else "")
             + f" KV held ({unit}) | KV kept ({unit}) | Compression | Retrieval |" + (" Weights |" if weights else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    figures = 11 if batches else 9  # columns after the status of a failed row
+    figures = 9 + 2 * batches + 2 * long  # columns after the status of a failed row
     for r in rows:
         method = f"{r['method']} ({r['status']})" if r.get("partial") else r["method"]
         cell = f"| {_ctx(r['context'])} | {method} |" + (f" {row_batch(r)} |" if batches else "")
@@ -362,6 +388,7 @@ def comparison_table(rows: list[dict[str, Any]], methods: list[str] | None = Non
             continue
         compression = DASH if r.get("compression") is None else f"{r['compression']:.2f}x"
         per_seq = f" {_num(r.get('decode_tok_s_per_seq'))} | {_num(r.get('ms_per_step'))} |" if batches else ""
+        per_seq += f" {_quarters(r)} | {_kv(r.get('peak_kv_bytes'), scale)} |" if long else ""
         lines.append(
             f"{cell} {_num(r['total_s'])} | {_num(_tok_s(r))} "
             f"| {_gib(r.get('peak_vram_bytes'))} | {_num(r['prefill_s'])} | {_num(r['prefill_tok_s'])} "
@@ -488,6 +515,8 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
                      "its figures are the median of the i runs that finished.")
     if (note := _kv_note(ok)) is not None:
         notes.append(note)
+    if (note := _reserved_rows_note(ok)) is not None:
+        notes.append(note)
     if any(r.get("kept_kv_bytes") is None for r in ok):
         notes.append(f"{DASH} under KV kept means not recorded: rows written before results held it.")
     if any(r.get("peak_vram_bytes") is None for r in ok):
@@ -535,6 +564,35 @@ def _kv_note(ok: list[dict[str, Any]]) -> str | None:
             + f" ({example}).")
 
 
+def _reserved_rows_note(ok: list[dict[str, Any]]) -> str | None:
+    """Why a long DMS generation holds about what a dense one does while keeping a fraction of it, with the
+    longest such row of these rows (and a dense row of its cell); None where no evicting DMS row generated
+    at least a capacity step of tokens holding more than it keeps."""
+    from dms_perf.model.cache import DEFAULT_CAPACITY_STEP
+
+    def evicting(r):
+        family = _family(r["method"])
+        return bool(family and family.backend and family.evict)
+
+    over = [r for r in ok if evicting(r) and r.get("kept_kv_bytes") and r.get("generated_tokens", 0)
+            >= DEFAULT_CAPACITY_STEP and r["kv_bytes"] > 1.01 * r["kept_kv_bytes"]]
+    if not over:
+        return None
+    unit, scale = _kv_unit(ok)
+    r = max(over, key=lambda r: (r["generated_tokens"], r["kv_bytes"] / r["kept_kv_bytes"]))
+    example = (f"{r['method']} at {_ctx(r['context'])}, {r['generated_tokens']} new tokens: "
+               f"{_kv(r['kv_bytes'], scale)} {unit} held, {_kv(r['kept_kv_bytes'], scale)} {unit} kept")
+    dense = [d for d in ok if cell_key(d)[0::2] == cell_key(r)[0::2] and d.get("generated_tokens") ==
+             r["generated_tokens"] and d["method"] in ("dense-triton", "vanilla")]
+    dense.sort(key=lambda d: d["method"] != "dense-triton")  # the same engine without eviction first
+    if dense:
+        example += f"; {dense[0]['method']} {_kv(dense[0]['kv_bytes'], scale)} {unit} held"
+    return (f"A DMS generation reserves max(capacity step {DEFAULT_CAPACITY_STEP}, new tokens) decode rows per KV "
+            "head when its decode starts (today's cache: no pages handed out as heads grow), so its KV held grows "
+            "with the new tokens as a dense cache's does while it keeps a fraction of them "
+            f"({example}).")
+
+
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     device = meta.get("device") or {}
     if not meta.get("weights_by_row"):  # one run: its text on every row that has none of its own
@@ -562,6 +620,14 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "slots still attended at the end.",
         "",
     ]
+    if long_generation(rows):
+        parts[-1:-1] = [
+            "",
+            "Decode tok/s first → last ¼ = decode tok/s (all sequences) over the first and over the last quarter "
+            "of the decode steps; KV peak = the most bytes the KV cache held during the generation. "
+            f"{KV_TRACE_PLOT} and {RATE_TRACE_PLOT} draw KV held and kept and decode tok/s against the tokens "
+            "generated.",
+        ]
     if batched(rows):
         sizes = ", ".join(str(b) for b in sorted({row_batch(r) for r in rows}))
         parts[-1:-1] = [
@@ -772,6 +838,73 @@ def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None
         figures[filename] = fig
     if len(batches) > 1:
         figures[BATCH_PLOT] = _batch_figure(all_rows, meta, styles)
+    if any(_ok(r) and r.get("trace") for r in all_rows):
+        figures.update(_trace_figures(all_rows, meta, styles))
+    return figures
+
+
+def _trace_rates(row: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """(tokens generated, decode tok/s of all sequences over the stretch ending there) from a row's trace.
+    Stretches shorter than half the longest (the extra points at quarter boundaries) join the next one."""
+    trace = row["trace"]
+    tokens, seconds = trace["tokens"], trace["decode_s"]
+    longest = max((b - a for a, b in zip(tokens[:-1], tokens[1:], strict=True)), default=0)
+    xs, ys, anchor = [], [], 0
+    for i in range(1, len(tokens)):
+        if 2 * (tokens[i] - tokens[anchor]) < longest and i < len(tokens) - 1:
+            continue
+        if seconds[i] > seconds[anchor]:
+            xs.append(tokens[i])
+            ys.append(row_batch(row) * (tokens[i] - tokens[anchor]) / (seconds[i] - seconds[anchor]))
+        anchor = i
+    return xs, ys
+
+
+def _trace_figures(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict[str, tuple[str, str]]):
+    """``KV_TRACE_PLOT`` (KV held solid, kept dashed) and ``RATE_TRACE_PLOT`` (decode tok/s) against the tokens
+    generated per sequence, from the rows' traces: one panel per (context, batch) cell, one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    traced = [r for r in rows if _ok(r) and r.get("trace")]
+    cells = sorted({(r["context"], row_batch(r)) for r in traced})
+    figures = {}
+    for filename, what in ((KV_TRACE_PLOT, "KV cache vs tokens generated"),
+                           (RATE_TRACE_PLOT, "Decode throughput vs tokens generated")):
+        fig = Figure(figsize=(11, 0.9 + 4.1 * len(cells)), layout="constrained")
+        FigureCanvasAgg(fig)
+        notes = ("solid: KV held (rows reserved for decoding included); dashed: KV kept (still attended to)",) \
+            if filename == KV_TRACE_PLOT else ("decode tok/s of all sequences between trace points",)
+        fig.suptitle(_plot_title(meta, what, traced, notes), fontsize=11)
+        axes = fig.subplots(len(cells), 1, squeeze=False)[:, 0]
+        for ax, (ctx, batch) in zip(axes, cells, strict=True):
+            here = [r for r in traced if (r["context"], row_batch(r)) == (ctx, batch)]
+            if filename == KV_TRACE_PLOT:
+                largest = max(v for r in here for k in ("kv_bytes", "kept_kv_bytes") for v in r["trace"][k])
+                unit, scale = _unit("bytes", largest)
+                for r in here:
+                    colour, marker = styles[r["method"]]
+                    tokens = r["trace"]["tokens"]
+                    ax.plot(tokens, [v * scale for v in r["trace"]["kv_bytes"]], color=colour, linewidth=1.4,
+                            label=f"{r['method']} held")
+                    ax.plot(tokens, [v * scale for v in r["trace"]["kept_kv_bytes"]], color=colour,
+                            linewidth=1.4, linestyle="--", label=f"{r['method']} kept")
+                ax.set_ylabel(f"KV cache ({unit})")
+                ax.set_ylim(bottom=0)
+            else:
+                for r in here:
+                    colour, marker = styles[r["method"]]
+                    xs, ys = _trace_rates(r)
+                    ax.plot(xs, ys, color=colour, marker=marker, markersize=3, linewidth=1.4, label=r["method"])
+                ax.set_ylabel("decode tok/s, all sequences")
+                ax.set_ylim(bottom=0)
+            ax.set_xlabel("tokens generated per sequence")
+            ax.set_title(f"{_ctx(ctx)} tokens of context" + (f", batch {batch}" if batch != 1 else ""),
+                         fontsize=10, loc="left")
+            ax.grid(True, alpha=0.3)
+            if ax.get_lines():
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+        figures[filename] = fig
     return figures
 
 
@@ -847,7 +980,8 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
 def write_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike,
                 meta: dict[str, Any] | None = None) -> list[Path]:
     """time_vs_context.png (total and TTFT) and vram_vs_context.png (peak VRAM, KV cache) per method; with more
-    than one batch size, those at the smallest batch and throughput_vs_batch.png."""
+    than one batch size, those at the smallest batch and throughput_vs_batch.png; where rows hold traces,
+    kv_vs_generated.png and tok_s_vs_generated.png."""
     out_dir = Path(out_dir)
     written = []
     for filename, fig in build_figures(rows, meta).items():

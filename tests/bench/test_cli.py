@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -674,3 +675,47 @@ def test_argument_errors_show_the_subcommands_usage(args, message):
     assert result.returncode == 2
     assert result.stderr.startswith(f"usage: dms-perf {args[0]} ")
     assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+# --- long generations -------------------------------------------------------------------------------------
+
+
+def test_rows_trace_the_generation_and_figures_draw_it(tmp_path, capsys):
+    out = tmp_path / "long"
+    assert main(["bench", "--model", "tiny", "--contexts", "32", "--methods", "vanilla,dms-hub", "--new-tokens", "5",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    meta, rows = load_results(out)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["peak_kv_bytes"] >= r["kv_bytes"] >= r["kept_kv_bytes"] > 0
+        assert r["decode_tok_s_first_quarter"] > 0 and r["decode_tok_s_last_quarter"] > 0
+        tokens = r["trace"]["tokens"]
+        assert tokens == sorted(set(tokens)) and tokens[0] == 1 and tokens[-1] == 5 and len(tokens) <= 5
+    for name in ("kv_vs_generated.png", "tok_s_vs_generated.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| Decode tok/s first → last ¼ | KV peak (KiB) | KV held (KiB) |" in capsys.readouterr().out
+    # results.json of a run before traces: `dms-perf report` renders it without the trace figures
+    old = tmp_path / "old"
+    old.mkdir()
+    data = json.loads((out / "results.json").read_text())
+    data["rows"] = [{k: v for k, v in r.items() if k not in ("trace", "peak_kv_bytes", "decode_tok_s_first_quarter",
+                                                             "decode_tok_s_last_quarter")} for r in data["rows"]]
+    (old / "results.json").write_text(json.dumps(data))
+    assert main(["report", str(old), "--out", str(tmp_path / "merged")]) == 0
+    written = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert written == {"results.json", "results.md", "time_vs_context.png", "vram_vs_context.png"}
+    assert "KV peak" not in (tmp_path / "merged" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("1k", "--contexts 3584: a prompt and its --new-tokens 1024 must fit the model's positions"),
+    ("1q", "dms-perf bench: error: argument --new-tokens: invalid int value: '1q' (a token count such as 256 or 16k)"),
+])
+def test_new_tokens_take_token_counts(tmp_path, capsys, value, message):
+    """``1k`` is 1024 tokens: checked against the model's positions before any cell; ``1q`` is no count."""
+    with pytest.raises(SystemExit) if value == "1q" else contextlib.nullcontext() as info:
+        code = main(["bench", "--model", "tiny", "--contexts", "3.5k", "--methods", "vanilla", "--new-tokens", value,
+                     "--out", str(tmp_path / "out")])
+    assert (info.value.code if value == "1q" else code) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -254,3 +254,41 @@ def test_ctrl_c_after_a_repeat_raises_the_partial_row(models, monkeypatch):
         measure_generation(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=3,
                            repeats=4, warmup=0)
     assert not isinstance(info.value, generation.CellInterrupted)
+
+
+# --- long generations: the trace, peak KV held, quarter decode rates, progress in tokens ------------------
+
+
+@pytest.mark.parametrize("name", ["vanilla", "dms-hub", "dms-triton"])
+def test_a_row_traces_kv_and_decode_time_over_the_generation(models, name):
+    """Tokens generated rise through the trace to new_tokens; KV held never falls below what is kept and
+    peaks at or above the end; elapsed decode seconds rise to the row's decode time."""
+    method = resolve_method(name)
+    seen = []
+    row = measure_generation(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=9,
+                             repeats=1, warmup=0, on_tokens=lambda done, total: seen.append((done, total)))
+    assert row["status"] == "ok", row
+    trace = row["trace"]
+    assert trace["tokens"] == list(range(1, 10))  # 9 tokens: every one a point
+    assert all(held >= kept > 0 for held, kept in zip(trace["kv_bytes"], trace["kept_kv_bytes"], strict=True))
+    assert trace["kv_bytes"][-1] == row["kv_bytes"] and trace["kept_kv_bytes"][-1] == row["kept_kv_bytes"]
+    assert row["peak_kv_bytes"] == max(trace["kv_bytes"]) >= row["kv_bytes"]
+    assert trace["decode_s"] == sorted(trace["decode_s"]) and trace["decode_s"][0] >= 0
+    assert row["ms_per_step"] * 8 / 1e3 == pytest.approx(trace["decode_s"][-1], rel=0.05)
+    assert row["decode_tok_s_first_quarter"] > 0 and row["decode_tok_s_last_quarter"] > 0
+    # one untimed engine run sizes the pool (dms-triton), then the timed one: each reports its tokens
+    runs = 2 if method.family.fused else 1
+    assert seen == [(n, 9) for n in range(1, 10)] * runs
+
+
+def test_the_trace_has_a_bounded_number_of_points(models, monkeypatch):
+    import dms_perf.bench.generation as generation
+
+    monkeypatch.setattr(generation, "TRACE_POINTS", 4)  # 17 tokens: a point every 4, as 1024 would every 16
+    method = resolve_method("vanilla")
+    run = generate_batch(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512).prompts, new_tokens=17)
+    # every 4th token, the first, the end and both quarter boundaries (4 steps each: after 5, from 13)
+    assert run.trace["tokens"] == [1, 4, 5, 8, 12, 13, 16, 17]
+    assert run.quarter_steps == 4 and run.first_quarter_s > 0 and run.last_quarter_s > 0
+    held = run.trace["kv_bytes"]
+    assert held == sorted(held) and run.peak_kv_bytes == held[-1] == run.kv_bytes  # a dense cache only grows

@@ -10,7 +10,9 @@ import pytest
 from dms_perf.bench.methods import DEFAULT_METHODS, resolve_methods
 from dms_perf.bench.report import (
     BATCH_PLOT,
+    KV_TRACE_PLOT,
     MEMORY_PLOT,
+    RATE_TRACE_PLOT,
     TIME_PLOT,
     ResultsWriter,
     build_figures,
@@ -602,3 +604,79 @@ def test_a_partial_row_shows_its_figures_marked():
     (line,) = [line for fig in build_figures(rows, {}).values() for ax in fig.axes[:1] for line in _lines(ax)
                if line.get_label() == "dms-triton"]  # drawn like any measured row
     assert list(line.get_ydata()) == [1.5]
+
+
+# --- long generations: traces, peak KV held, quarter decode rates ------------------------------------------
+
+
+def _traced(row, held, kept, seconds_per_token=0.01):
+    """``row`` with a trace over its tokens: KV ``held(tokens)`` and ``kept(tokens)``, a steady decode."""
+    tokens = list(range(1, row["generated_tokens"] + 1))
+    trace = {"tokens": tokens, "kv_bytes": [held(t) for t in tokens], "kept_kv_bytes": [kept(t) for t in tokens],
+             "decode_s": [(t - 1) * seconds_per_token for t in tokens]}
+    return {**row, "trace": trace, "peak_kv_bytes": trace["kv_bytes"][-1],
+            "decode_tok_s_first_quarter": 1 / seconds_per_token, "decode_tok_s_last_quarter": 0.5 / seconds_per_token}
+
+
+def _long_rows(new_tokens=256):
+    """A long generation at 64 tokens of context on the tiny model: DMS reserves new_tokens rows per head."""
+    dense = _row(64, "dense-triton", 0.1, kv=0, new_tokens=new_tokens)
+    dms = _row(64, "dms-triton", 0.1, kv=0, new_tokens=new_tokens, compression=7.5)
+    return [_traced(dense, lambda t: 400_000, lambda t: 1024 * (64 + t)),
+            _traced(dms, lambda t: 350_000, lambda t: 1024 * (8 + t // 8))]
+
+
+def _without_trace(rows):
+    keys = ("trace", "peak_kv_bytes", "decode_tok_s_first_quarter", "decode_tok_s_last_quarter")
+    return [{k: v for k, v in r.items() if k not in keys} for r in rows]
+
+
+def test_long_generation_rows_get_quarter_and_peak_columns_and_trace_figures(tmp_path):
+    rows = [{**r, "kv_bytes": r["trace"]["kv_bytes"][-1], "kept_kv_bytes": r["trace"]["kept_kv_bytes"][-1]}
+            for r in _long_rows()]
+    table = comparison_table(rows)
+    assert "| Decode tok/s | Decode tok/s first → last ¼ | KV peak (KiB) | KV held (KiB) | KV kept (KiB) |" in table
+    assert "| 100 → 50 | 341.8 | 341.8 | 40.0 | 7.50x |" in table  # dms-triton: 8 + 256 // 8 tokens kept
+    failed = comparison_table([*rows, {"context": 128, "method": "vanilla", "new_tokens": 9, "status": "OOM"}])
+    assert "| 128 | vanilla | OOM |" + " — |" * 11 in failed  # as many cells as the header
+    writer = ResultsWriter(tmp_path / "new", {})
+    for row in rows:
+        writer.add(row)
+    names = {f.name for f in writer.finish()}
+    assert {KV_TRACE_PLOT, RATE_TRACE_PLOT} <= names
+    md = (tmp_path / "new" / "results.md").read_text()
+    assert "Decode tok/s first → last ¼ = decode tok/s (all sequences) over the first and over the last" in md
+    figures = build_figures(rows, {})
+    (kv,) = figures[KV_TRACE_PLOT].axes
+    assert [(line.get_label(), line.get_linestyle()) for line in _lines(kv)] == [  # in the registry's order
+        ("dms-triton held", "-"), ("dms-triton kept", "--"), ("dense-triton held", "-"), ("dense-triton kept", "--")]
+    (rate,) = figures[RATE_TRACE_PLOT].axes
+    assert {round(y) for line in _lines(rate) for y in line.get_ydata()} == {100}  # 0.01 s per token
+    # an old results.json (no traces, no quarters, no peak): loads, renders as before, no trace figures
+    writer = ResultsWriter(tmp_path / "old", {})
+    for row in _without_trace(rows):
+        writer.add(row)
+    names = {f.name for f in writer.finish()}
+    assert names == {"results.json", "results.md", TIME_PLOT, MEMORY_PLOT}
+    meta, loaded = load_results(tmp_path / "old")
+    assert "first → last" not in comparison_table(loaded)
+
+
+def test_a_bad_trace_is_one_line_naming_the_row(tmp_path):
+    row = {**_long_rows()[0], "trace": {"tokens": [1, 2], "kv_bytes": [1], "kept_kv_bytes": [1], "decode_s": [0]}}
+    path = _saved(tmp_path, {}, [row])
+    with pytest.raises(ValueError, match=r"row 0: 'trace' lists tokens, kv_bytes, kept_kv_bytes, decode_s are not"):
+        load_results(path)
+
+
+def test_reserved_rows_note_where_a_long_dms_generation_holds_more_than_it_keeps():
+    rows = [{**r, "kv_bytes": r["trace"]["kv_bytes"][-1], "kept_kv_bytes": r["trace"]["kept_kv_bytes"][-1]}
+            for r in _long_rows()]
+    (note,) = [n for n in reading_notes({}, rows) if n.startswith("A DMS generation reserves")]
+    assert "max(capacity step 128, new tokens) decode rows per KV head" in note
+    assert "(dms-triton at 64, 256 new tokens: 341.8 KiB held, 40.0 KiB kept; dense-triton 390.6 KiB held)" in note
+    # DMS holding what it keeps, or a short generation (the capacity step reserves its rows): no such note
+    held_as_kept = [{**r, "kv_bytes": r["kept_kv_bytes"]} for r in rows]
+    short = [{**r, "generated_tokens": 9} for r in rows]
+    for other in (held_as_kept, short):
+        assert not [n for n in reading_notes({}, other) if n.startswith("A DMS generation reserves")]
