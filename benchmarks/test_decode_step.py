@@ -3,7 +3,12 @@
 GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 4096, intermediate 12288).
 
 * ``test_decode_attention``: ``dms_decode_attention`` over a compacted cache holding ``context_length``
-  rows in every head (8K and 32K of ``--context-lengths``), batch 1 / 8 / 32.
+  rows in every head (8K and 32K of ``--context-lengths``), batch 1 / 8 / 32 (``spread`` ``even``).
+* ``test_decode_attention_uneven``: the same number of rows in all, so the same floor, spread unevenly as
+  DMS evicts: ``heads`` (in each sequence one KV head holds ``LONG_HEAD_RATIO`` times the mean, the others
+  share the rest, none under a window) or ``batch`` (half the sequences long, half short; batch >= 2).
+  Lengths come from a seeded generator, so every run measures one layout; the group is the even case's.
+  Both record ``spread``, ``longest_head`` and ``max_over_mean`` (longest head over the mean length).
 * ``test_fused_decode_step``: ``fused_decode_step`` (norms, decision, RoPE, cache update), batch 1 / 8 / 32.
   Every decision marks its token, so each step reuses the slot its window frees and the cache keeps its
   length whatever the number of calls; a step's work does not depend on the cache length.
@@ -53,6 +58,11 @@ CALLS_PER_GRAPH = 8
 BATCHES = (1, 8, 32) if HAS_CUDA else (1, 2)
 ROWS = (1, 8, 32)
 ATTENTION_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
+# Uneven layouts: the long head's length over the mean (capped so every other head keeps a window), a
+# short sequence's share of the mean (never under a window), and the seed of their draws.
+LONG_HEAD_RATIO = 4.5
+SHORT_SEQUENCE_SHARE = 0.25
+SPREAD_SEED = 0
 # Bytes of one head's cache bookkeeping in a step: step counter and length read and written, start read,
 # the leaving ring slot read and written, three ring flags (the previous token's, the leaving one's twice).
 RING_STEP_BYTES = 8 + 8 + 4 + 4 + 8 + 8 + 8 + 3
@@ -85,34 +95,82 @@ def _timed(benchmark, next_call: Callable[[], Callable[[], object]]) -> float | 
 # --- decode attention -------------------------------------------------------------------------------
 
 
-def _attention_inputs(batch: int, kept: int) -> Callable[[], object]:
-    """A compacted cache of ``kept`` rows per head, segments back to back in one ``[S, D]`` buffer."""
-    heads = batch * HKV
-    k_cache = torch.randn(heads * kept, D, device=DEVICE, dtype=DTYPE)
-    v_cache = torch.randn(heads * kept, D, device=DEVICE, dtype=DTYPE)
-    starts = (torch.arange(heads, device=DEVICE, dtype=torch.int64) * kept).view(batch, HKV)
-    lengths = torch.full((batch, HKV), kept, device=DEVICE, dtype=torch.int32)
+def _kept_lengths(spread: str, batch: int, kept: int) -> torch.Tensor:
+    """``[batch, Hkv]`` int32 rows per head, ``batch * Hkv * kept`` in all whatever the spread (CPU)."""
+    total = batch * HKV * kept
+    lengths = torch.full((batch, HKV), kept, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(SPREAD_SEED)
+    if spread == "heads":
+        for b in range(batch):
+            long = min(round(LONG_HEAD_RATIO * kept), HKV * kept - (HKV - 1) * WINDOW)
+            spare = HKV * kept - long - (HKV - 1) * WINDOW
+            weights = torch.rand(HKV - 1, generator=generator)
+            shares = (spare * weights / weights.sum()).floor().long()
+            shares[0] += spare - shares.sum()
+            others = WINDOW + shares
+            lengths[b] = torch.cat([others, torch.tensor([long])])[torch.randperm(HKV, generator=generator)]
+    elif spread == "batch":
+        short = max(WINDOW, round(SHORT_SEQUENCE_SHARE * kept))
+        lengths[: batch // 2] = short
+        lengths[batch // 2 :] = (total - batch // 2 * HKV * short) // ((batch - batch // 2) * HKV)
+        lengths = lengths[torch.randperm(batch, generator=generator)]
+    elif spread != "even":
+        raise ValueError(f"spread must be even, heads or batch, got {spread!r}")
+    assert int(lengths.sum()) == total, (spread, lengths.tolist(), total)
+    assert int(lengths.min()) >= min(kept, WINDOW), (spread, lengths.tolist())
+    return lengths.to(torch.int32)
+
+
+def _attention_inputs(lengths: torch.Tensor) -> Callable[[], object]:
+    """A compacted cache of ``lengths[b, h]`` rows per head, segments back to back in one ``[S, D]``
+    buffer; ``max_length`` is the longest head, the host-known bound the model would pass."""
+    batch = lengths.shape[0]
+    rows = int(lengths.sum())
+    k_cache = torch.randn(rows, D, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn(rows, D, device=DEVICE, dtype=DTYPE)
+    flat = lengths.flatten().long()
+    starts = (flat.cumsum(0) - flat).view(lengths.shape).to(DEVICE)
     q = torch.randn(batch, HQ, D, device=DEVICE, dtype=DTYPE)
-    return lambda: dms_decode_attention(q, k_cache, v_cache, starts, lengths, kept)
+    longest = int(lengths.max())
+    lengths = lengths.to(DEVICE)
+    return lambda: dms_decode_attention(q, k_cache, v_cache, starts, lengths, longest)
+
+
+def _decode_attention_case(benchmark, spread: str, batch: int, context_length: int) -> None:
+    """Floor: K and V of every kept row, the query read and the output written, starts and lengths:
+    ``2 B Hkv L D e + 2 B Hq D e + 12 B Hkv`` bytes (``e`` bytes an element; ``B Hkv L`` rows in all,
+    whatever the spread)."""
+    if HAS_CUDA and context_length not in ATTENTION_CONTEXTS:
+        pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
+    lengths = _kept_lengths(spread, batch, context_length)
+    e = DTYPE.itemsize
+    kv_bytes = 2 * int(lengths.sum()) * D * e
+    assert kv_bytes == 2 * batch * HKV * context_length * D * e
+    moved = kv_bytes + 2 * batch * HQ * D * e + 12 * batch * HKV
+    benchmark.group = f"decode-attention-ctx{context_length}-b{batch}"
+    benchmark.extra_info.update(batch=batch, kept_per_head=context_length, num_q_heads=HQ, num_kv_heads=HKV,
+                                head_dim=D, dtype=str(DTYPE), spread=spread, longest_head=int(lengths.max()),
+                                max_over_mean=float(lengths.max()) / context_length)
+    try:
+        call_s = _timed(benchmark, rotating(lambda: _attention_inputs(lengths), kv_bytes))
+    except torch.OutOfMemoryError as exc:
+        pytest.skip(f"OOM at batch {batch} x {context_length} rows: {str(exc).splitlines()[0][:120]}")
+    _floor(benchmark, moved, call_s)
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
 def test_decode_attention(benchmark, batch, context_length):
-    """Floor: K and V of every kept row, the query read and the output written, starts and lengths:
-    ``2 B Hkv L D e + 2 B Hq D e + 12 B Hkv`` bytes (``e`` bytes an element)."""
-    if HAS_CUDA and context_length not in ATTENTION_CONTEXTS:
-        pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
-    e = DTYPE.itemsize
-    kv_bytes = 2 * batch * HKV * context_length * D * e
-    moved = kv_bytes + 2 * batch * HQ * D * e + 12 * batch * HKV
-    benchmark.group = f"decode-attention-ctx{context_length}-b{batch}"
-    benchmark.extra_info.update(batch=batch, kept_per_head=context_length, num_q_heads=HQ, num_kv_heads=HKV,
-                                head_dim=D, dtype=str(DTYPE))
-    try:
-        call_s = _timed(benchmark, rotating(lambda: _attention_inputs(batch, context_length), kv_bytes))
-    except torch.OutOfMemoryError as exc:
-        pytest.skip(f"OOM at batch {batch} x {context_length} rows: {str(exc).splitlines()[0][:120]}")
-    _floor(benchmark, moved, call_s)
+    """Every head ``context_length`` rows (spread ``even``); floor as ``_decode_attention_case``."""
+    _decode_attention_case(benchmark, "even", batch, context_length)
+
+
+@pytest.mark.parametrize("spread", ["heads", "batch"])
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_decode_attention_uneven(benchmark, batch, context_length, spread):
+    """The even case's rows and floor, spread unevenly over heads or sequences (``_kept_lengths``)."""
+    if spread == "batch" and batch < 2:
+        pytest.skip("a batch spread needs two sequences or more")
+    _decode_attention_case(benchmark, spread, batch, context_length)
 
 
 # --- the fused step between the q/k/v projection and attention --------------------------------------
