@@ -673,9 +673,22 @@ DODGE = 0.06
 
 
 def method_styles(methods: list[str]) -> dict[str, tuple[str, str]]:
-    """(colour, marker) of each method."""
-    places = list(DEFAULT_METHODS) + [m for m in dict.fromkeys(methods) if m not in DEFAULT_METHODS]
-    index = {m: i for i, m in enumerate(places)}
+    """(colour, marker) of each method: a registry default's own place, so a method looks alike in every
+    run; another parameter of a family (snapkv-triton:0.875) takes its family default's place where that
+    default is not in the run itself, else a place after the registry's."""
+    run = list(dict.fromkeys(methods))
+    places = list(DEFAULT_METHODS)
+    index = {m: places.index(m) for m in run if m in DEFAULT_METHODS}
+    for m in run:
+        if m in index:
+            continue
+        family = m.split(":")[0]
+        default = next((d for d in DEFAULT_METHODS if d.split(":")[0] == family), None)
+        if default is not None and default not in run and places.index(default) not in index.values():
+            index[m] = places.index(default)
+        else:
+            places.append(m)
+            index[m] = len(places) - 1
     return {m: (COLOURS[index[m] % len(COLOURS)], MARKERS[index[m] % len(MARKERS)]) for m in methods}
 
 
@@ -928,6 +941,7 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
     for ax, ctx in zip(axes, contexts, strict=True):
         here = [r for r in rows if r["context"] == ctx]
         values = []
+        maxima = []  # (tok/s, batch, colour) of each method's largest batch
         for m in methods:
             mine = [r for r in here if r["method"] == m]
             data = {row_batch(r): r["decode_tok_s"] for r in mine if _ok(r) and r.get("decode_tok_s") is not None}
@@ -948,8 +962,13 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
             if best in data:
                 ax.plot([best], [data[best]], marker="o", markersize=13, markerfacecolor="none", color=colour,
                         markeredgewidth=1.6, linestyle="none")
-                ax.annotate(f"max {best}\n{_num(data[best])} tok/s", (best, data[best]), textcoords="offset points",
-                            xytext=(0, 12), ha="center", fontsize=8, color=colour)
+                maxima.append((data[best], best, colour))
+        # The highest maximum is labelled above its point, the others below theirs: two methods with
+        # neighbouring maxima (a press and DMS) keep their labels apart.
+        for k, (tok_s, best, colour) in enumerate(sorted(maxima, reverse=True)):
+            ax.annotate(f"max {best}\n{_num(tok_s)} tok/s", (best, tok_s), textcoords="offset points",
+                        xytext=(0, 12 if k == 0 else -14), ha="center", va="bottom" if k == 0 else "top",
+                        fontsize=8, color=colour)
         present = sorted({row_batch(r) for r in here})  # and every power of two between: log-2 ticks
         powers = {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k}
         # A search's bisected batches (14, 15) would crowd the axis: powers of two only, each point still drawn.

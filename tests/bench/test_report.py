@@ -680,3 +680,16 @@ def test_reserved_rows_note_where_a_long_dms_generation_holds_more_than_it_keeps
     short = [{**r, "generated_tokens": 9} for r in rows]
     for other in (held_as_kept, short):
         assert not [n for n in reading_notes({}, other) if n.startswith("A DMS generation reserves")]
+
+
+def test_a_family_parameter_takes_its_default_style_unless_the_default_runs_too():
+    """snapkv-triton:0.875 looks like snapkv-triton:0.5 does in other runs (not like a neighbour's colour),
+    and where both run they differ."""
+    from dms_perf.bench.report import method_styles
+
+    default = method_styles(["snapkv-triton:0.5"])["snapkv-triton:0.5"]
+    alone = method_styles(["dms-triton", "dense-triton", "snapkv-triton:0.875"])
+    assert alone["snapkv-triton:0.875"] == default
+    assert len(set(alone.values())) == 3
+    both = method_styles(["snapkv-triton:0.5", "snapkv-triton:0.875"])
+    assert both["snapkv-triton:0.875"] != both["snapkv-triton:0.5"]
