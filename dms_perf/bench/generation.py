@@ -18,7 +18,10 @@ from dms_perf._runtime import HAS_CUDA
 from dms_perf.bench.timing import synchronize
 
 NOT_MEASURED = None  # a figure that does not apply (no GPU for VRAM, one token for decode speed)
-TRACE_POINTS = 64  # a generation's trace samples every max(1, new_tokens // TRACE_POINTS) tokens
+TRACE_POINTS = 64  # a generation's trace samples every max(TRACE_SPACING, new_tokens // TRACE_POINTS) tokens
+# Fewest steps between two regular trace points: each point synchronizes the device, which a decode step
+# replayed from a CUDA graph would otherwise never do (a short generation would sync at every step).
+TRACE_SPACING = 8
 TRACE_KEYS = ("tokens", "kv_bytes", "kept_kv_bytes", "decode_s")
 
 
@@ -82,7 +85,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     cache's. A batch whose press hides keys instead of removing them (kvpress DMSPress) raises ``HiddenKeys``.
 
     The decode is this explicit greedy loop (not transformers' ``generate``), so the trace is taken at step
-    boundaries: at 1 token generated (the prefill's), every ``max(1, new_tokens // TRACE_POINTS)`` tokens,
+    boundaries: at 1 token generated (the prefill's), every ``max(TRACE_SPACING, new_tokens // TRACE_POINTS)`` tokens,
     at the quarter boundaries and at the end, ``trace`` records per point the tokens generated per
     sequence, the KV bytes held and kept and the decode seconds so far (``trace_sample``). Only those points
     synchronize the device; the sampling itself is kept off the decode clock. ``first_quarter_s`` and
@@ -137,7 +140,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         tokens.append(token)
         steps = new_tokens - 1
         quarter = max(1, steps // 4) if steps else 0
-        every = max(1, new_tokens // TRACE_POINTS)
+        every = max(TRACE_SPACING, new_tokens // TRACE_POINTS)
         points = {*range(every, new_tokens + 1, every), 1, 1 + quarter, new_tokens - quarter, new_tokens}
         trace: dict[str, list] = {key: [] for key in TRACE_KEYS}
         sampling = 0.0  # seconds spent in trace_sample, kept off the decode clock

@@ -260,9 +260,12 @@ def test_ctrl_c_after_a_repeat_raises_the_partial_row(models, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["vanilla", "dms-hub", "dms-triton"])
-def test_a_row_traces_kv_and_decode_time_over_the_generation(models, name):
+def test_a_row_traces_kv_and_decode_time_over_the_generation(models, name, monkeypatch):
     """Tokens generated rise through the trace to new_tokens; KV held never falls below what is kept and
     peaks at or above the end; elapsed decode seconds rise to the row's decode time."""
+    import dms_perf.bench.generation as generation
+
+    monkeypatch.setattr(generation, "TRACE_SPACING", 1)  # a point at every token of this short generation
     method = resolve_method(name)
     seen = []
     row = measure_generation(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512), method, new_tokens=9,
@@ -285,10 +288,14 @@ def test_the_trace_has_a_bounded_number_of_points(models, monkeypatch):
     import dms_perf.bench.generation as generation
 
     monkeypatch.setattr(generation, "TRACE_POINTS", 4)  # 17 tokens: a point every 4, as 1024 would every 16
+    monkeypatch.setattr(generation, "TRACE_SPACING", 1)
     method = resolve_method("vanilla")
-    run = generate_batch(models(method), needle_batch(BATCH_CONTEXT, 1, vocab_size=512).prompts, new_tokens=17)
+    prompts = needle_batch(BATCH_CONTEXT, 1, vocab_size=512).prompts
+    run = generate_batch(models(method), prompts, new_tokens=17)
     # every 4th token, the first, the end and both quarter boundaries (4 steps each: after 5, from 13)
     assert run.trace["tokens"] == [1, 4, 5, 8, 12, 13, 16, 17]
+    monkeypatch.setattr(generation, "TRACE_SPACING", 8)  # a short generation is not synchronized every step
+    assert generate_batch(models(method), prompts, new_tokens=17).trace["tokens"] == [1, 5, 8, 13, 16, 17]
     assert run.quarter_steps == 4 and run.first_quarter_s > 0 and run.last_quarter_s > 0
     held = run.trace["kv_bytes"]
     assert held == sorted(held) and run.peak_kv_bytes == held[-1] == run.kv_bytes  # a dense cache only grows
