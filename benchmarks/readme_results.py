@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dms_perf.bench.report import card_name
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 CARD = "nvidia-h100-80gb-hbm3"  # the card the README shows
@@ -54,7 +56,7 @@ def decode_table(path: Path) -> str:
         if case["name"].startswith("test_decode_batch["):
             cases[info["context_length"], info["method"], info["batch"]] = info
     device = data["machine_info"].get("dms_perf_device", {})
-    meta = {"card": device.get("gpu", "unknown card"), "date": data["datetime"][:16].replace("T", " ") + " UTC",
+    meta = {"card": card_name({"device": device}), "date": data["datetime"][:16].replace("T", " ") + " UTC",
             "commit": device.get("commit")}
     lines = [
         f"Decode steps of B sequences on the engine (`pytest benchmarks/test_model.py -k decode_batch`; "
@@ -87,8 +89,7 @@ def decode_table(path: Path) -> str:
 
 
 def _run_meta(meta: dict) -> dict:
-    device = meta.get("device") or {}
-    return {"card": device.get("gpu", "unknown card"), "date": meta["date"], "commit": device.get("commit")}
+    return {"card": card_name(meta), "date": meta["date"], "commit": (meta.get("device") or {}).get("commit")}
 
 
 def _head(what: str, meta: dict, path: Path, columns: str, more: str = "") -> list[str]:

@@ -39,7 +39,8 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.timing import bench, copy_bandwidth_bytes_per_s, median_call_ms, rotating
+from dms_perf.bench.floors import bandwidth_floor
+from dms_perf.bench.timing import bench, median_call_ms, rotating
 from dms_perf.model.cache import DMSCache
 from dms_perf.model.qwen3_dms import qwen3_8b_config, tiny_config
 from dms_perf.ops.activation import silu_mul
@@ -83,8 +84,7 @@ def _floor(benchmark, moved: int, call_s: float | None) -> None:
     benchmark.extra_info["bytes"] = moved
     if call_s is None:
         return
-    floor_s = moved / copy_bandwidth_bytes_per_s()
-    benchmark.extra_info.update(floor_ms=floor_s * 1e3, floor_fraction=floor_s / call_s, gbps=moved / call_s / 1e9)
+    benchmark.extra_info.update(bandwidth_floor(moved, call_s))
 
 
 def _timed(benchmark, next_call: Callable[[], Callable[[], object]]) -> float | None:

@@ -23,7 +23,8 @@ import pytest
 
 from benchmarks.cases import DTYPE, HEAD_DIM, HEADS, KEEP_FRACTION, MAKE_CASE
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.timing import bench, copy_bandwidth_bytes_per_s, median_call_ms, rotating
+from dms_perf.bench.floors import bandwidth_floor
+from dms_perf.bench.timing import bench, median_call_ms, rotating
 
 # "triton-graph": the "triton" call replayed from CUDA graphs, i.e. the kernels' device time without
 # Python's per-launch cost (about 30 us a launch on the H100 host, more than the kernel itself at B=1).
@@ -70,8 +71,9 @@ def test_kernel(benchmark, kernel, impl, batch, context_length, request):
     if median_s is None:
         return
     ms = median_s * 1e3
-    benchmark.extra_info["gbps"] = first.bytes / median_s / 1e9
-    benchmark.extra_info["copy_fraction"] = first.bytes / median_s / copy_bandwidth_bytes_per_s()
+    floor = bandwidth_floor(first.bytes, median_s)
+    benchmark.extra_info["gbps"] = floor["gbps"]
+    benchmark.extra_info["copy_fraction"] = floor["floor_fraction"]
     if impl.startswith("triton") and HAS_CUDA:
         # Each case times its own baselines (no state shared between cases: -k and --shard change nothing).
         for ref in ("loop", "torch"):

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.floors import decode_step_read_bytes, weight_bytes
+from dms_perf.bench.floors import bandwidth_floor, decode_step_read_bytes, weight_bytes
 from dms_perf.bench.methods import resolve_method
 from dms_perf.bench.timing import bench
 from dms_perf.model.cache import kv_cache_bytes
@@ -193,7 +193,6 @@ def test_decode_batch(benchmark, method, batch, context_length):
     all weights but the embedding table's unused rows), at the measured copy bandwidth."""
     if HAS_CUDA and context_length not in BATCH_CONTEXTS:
         pytest.skip(f"batched decode runs at {BATCH_CONTEXTS} tokens")
-    from dms_perf.bench.timing import copy_bandwidth_bytes_per_s
     from dms_perf.model.cache import DMSCache
 
     model, calibration = _model_for(method)
@@ -223,10 +222,10 @@ def test_decode_batch(benchmark, method, batch, context_length):
     model.use_kv_pool(None)
     if median is not None:
         step_s = median / DECODE_STEPS
-        floor_s = read_bytes / copy_bandwidth_bytes_per_s()
+        floor = bandwidth_floor(read_bytes, step_s)
         benchmark.extra_info.update(
             decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s, decode_tok_s_per_sequence=1 / step_s,
-            floor_ms=floor_s * 1e3, floor_fraction=floor_s / step_s,
+            floor_ms=floor["floor_ms"], floor_fraction=floor["floor_fraction"],
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dms_perf.bench.batch_search import gib
-from dms_perf.bench.report import BATCH_PLOT, ResultsWriter, _batch_figure, _num, method_styles, no_gpu
+from dms_perf.bench.report import BATCH_PLOT, ResultsWriter, _batch_figure, _num, card_name, method_styles, no_gpu
 
 JSON_NAME = "capacity.json"
 MD_NAME = "capacity.md"
@@ -47,10 +47,6 @@ def _largest(result: dict[str, Any]) -> str:
     return text
 
 
-def _card(meta: dict[str, Any]) -> str:
-    return "CPU (no GPU)" if no_gpu(meta) else (meta.get("device") or {}).get("gpu", "unknown card")
-
-
 def summary_table(results: list[dict[str, Any]]) -> str:
     lines = ["| context | method | largest batch | tok/s at it | ms/step | peak GiB |",
              "|---:|---|---|---:|---:|---:|"]
@@ -70,8 +66,8 @@ def _caveats(meta: dict[str, Any]) -> list[str]:
 def render_summary(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The console's view: what was measured, then the table."""
     return "\n".join([
-        f"capacity: {meta['model']} {meta['dtype']} on {_card(meta)}, budget {gib(meta['memory_budget_bytes'])} GiB "
-        f"({meta['memory_budget_source']})",
+        f"capacity: {meta['model']} {meta['dtype']} on {card_name(meta)}, "
+        f"budget {gib(meta['memory_budget_bytes'])} GiB ({meta['memory_budget_source']})",
         f"memory: {meta['memory']}",
         f"batch fill: {meta['batch_fill']}; {'; '.join(_caveats(meta))}",
         "",
@@ -84,7 +80,7 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "# Capacity: largest batch within a memory budget",
         "",
         f"- model: {meta['model']} ({meta['dtype']}), {meta['weights']}",
-        f"- card: {_card(meta)}",
+        f"- card: {card_name(meta)}",
         f"- memory budget: {gib(meta['memory_budget_bytes'])} GiB ({meta['memory_budget_source']})",
         f"- memory measured: {meta['memory']}",
         f"- batch fill: {meta['batch_fill']} (prefilling B long prompts would take minutes; every slot holds "

@@ -1,8 +1,8 @@
 """Memory floors of the model's steps: the bytes a step cannot avoid moving.
 
-One module for every consumer: ``dms-perf capacity`` (weights next to the KV cache in its budget),
-``benchmarks/test_model.py`` (a decode step's floor at the measured copy bandwidth) and the tests that
-count the bytes by hand from the config.
+One module for every consumer: ``dms-perf capacity`` (weights next to the KV cache in its budget), the
+benchmarks (each memory-bound case's bytes at the measured copy bandwidth, ``bandwidth_floor``) and the
+tests that count the bytes by hand from the config.
 """
 
 from __future__ import annotations
@@ -41,3 +41,13 @@ def decode_step_read_bytes(model, batch: int, cache) -> int:
     """A decode step's memory floor in bytes for ``batch`` sequences on ``cache``: the weights it reads
     (``decode_read_bytes``) and the K/V the cache keeps, each read once."""
     return decode_read_bytes(model, batch) + cache.kept_kv_bytes()
+
+
+def bandwidth_floor(moved_bytes: int, seconds: float) -> dict[str, float]:
+    """A memory-bound call's figures from its measured time: ``floor_ms`` (``moved_bytes`` at the measured
+    copy bandwidth, ``dms_perf.bench.timing.copy_bandwidth_bytes_per_s``), ``floor_fraction`` (floor over
+    ``seconds``) and ``gbps``."""
+    from dms_perf.bench.timing import copy_bandwidth_bytes_per_s
+
+    floor_s = moved_bytes / copy_bandwidth_bytes_per_s()
+    return {"floor_ms": floor_s * 1e3, "floor_fraction": floor_s / seconds, "gbps": moved_bytes / seconds / 1e9}

@@ -464,6 +464,12 @@ def no_gpu(meta: dict[str, Any]) -> bool:
     return device.get("gpu") in (None, "none") or device.get("gpu_slug") == "cpu"
 
 
+def card_name(meta: dict[str, Any]) -> str:
+    """The card a run's figures come from, as titles and tables name it."""
+    device = meta.get("device") or {}
+    return "CPU (no GPU)" if device and no_gpu(meta) else device.get("gpu", "unknown card")
+
+
 def _family(method: str):
     return FAMILIES.get(method.partition(":")[0])
 
@@ -707,9 +713,8 @@ def _groups(data: dict[str, dict[int, float]]) -> dict[str, str]:
 def _plot_title(meta: dict[str, Any], what: str, rows: list[dict[str, Any]], notes: tuple[str, ...] = ()) -> str:
     """``what``, model, card and date; under it what the figures are (weights, interpreter, smoke), then
     ``notes``."""
-    device = meta.get("device") or {}
-    cpu_only = bool(device) and no_gpu(meta)
-    card = "CPU (no GPU)" if cpu_only else device.get("gpu", "unknown card")
+    cpu_only = bool(meta.get("device")) and no_gpu(meta)
+    card = card_name(meta)
     model = " ".join(str(x) for x in (meta.get("model"), meta.get("dtype")) if x) or "unknown model"
     title = f"{what}: {model} on {card}" + (f", {meta['date']}" if meta.get("date") else "")
     ok = [r for r in rows if _ok(r)]

@@ -33,3 +33,14 @@ def test_weights_counted_from_the_config_are_the_built_models(tied, weights_dtyp
     config = tiny_config(tie_word_embeddings=tied)
     built = build_model(config, backend="triton", dtype=weights_dtype)
     assert floors.config_weight_bytes(config, weights_dtype) == floors.weight_bytes(built)
+
+
+def test_bandwidth_floor_is_the_bytes_at_the_measured_copy_rate(monkeypatch):
+    """A memory-bound case's floor, fraction and GB/s, from its bytes and its own time (one place for every
+    benchmark file)."""
+    from dms_perf.bench import timing
+    from dms_perf.bench.floors import bandwidth_floor
+
+    monkeypatch.setattr(timing, "copy_bandwidth_bytes_per_s", lambda: 2e12)
+    figures = bandwidth_floor(10**9, 1e-3)
+    assert figures == pytest.approx({"floor_ms": 0.5, "floor_fraction": 0.5, "gbps": 1000.0})
