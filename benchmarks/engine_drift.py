@@ -21,9 +21,9 @@ import contextlib
 
 import torch
 
+from dms_perf.bench.generation import engine_pool
 from dms_perf.model.calibrate import calibrate_dms
 from dms_perf.model.fused import apply_engine_fusions, apply_fused_kernels
-from dms_perf.model.pool import KVPool
 from dms_perf.model.qwen3_dms import build_model, qwen3_8b_config, tiny_config
 from dms_perf.ops.linear import kernel as linear
 from dms_perf.testing import rel_error, teacher_forced_logits
@@ -91,7 +91,7 @@ def main() -> None:
     }
     for name, (graphs, projections) in variants.items():
         engine.dms_cuda_graphs = graphs
-        engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000 if device == "cuda" else 200_000))
+        engine_pool(engine, max_seqs=1, budget_bytes=20 * 2**30 if device == "cuda" else 2**27)
         with skinny_on(projections):
             for _ in range(2):  # the second generation replays the graphs the first captured
                 runs[name] = teacher_forced_logits(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))

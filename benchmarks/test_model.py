@@ -33,7 +33,6 @@ from dms_perf.bench.timing import bench
 from dms_perf.model.cache import kv_cache_bytes
 from dms_perf.model.calibrate import calibrate_dms
 from dms_perf.model.fused import apply_engine_fusions
-from dms_perf.model.pool import KVPool
 from dms_perf.model.qwen3_dms import build_model, qwen3_8b_config, tiny_config
 
 METHODS = ("vanilla", "dms-hub", "dms-triton", "dms-triton-eager", "dense-triton")  # dms_perf.bench.methods names
@@ -175,11 +174,13 @@ BATCH_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
 BATCH_METHODS = ("dms-triton", "dense-triton")
 
 
-def _pool_for(model, caches_rows: int):
-    """The engine's KV pool for a case, of the rows its caches need: measured on a prefill of the same
-    prompt with buffers of its own and the same decode reserve, so the pool is exactly full."""
-    model.use_kv_pool(KVPool.for_model(model, rows=caches_rows))
-    return model.dms_pool
+def _pool_for(model, template, batch: int, steps: int):
+    """The engine's paged KV pool for a case: the pages ``batch`` copies of the prefilled ``template`` may
+    hold within ``steps`` decode steps (``batch_search.batch_pages``), so the pool is the case's KV memory."""
+    from dms_perf.bench.batch_search import batch_pages
+    from dms_perf.bench.generation import engine_pool
+
+    return engine_pool(model, max_seqs=batch, pages=batch_pages(model, template, batch, steps))
 
 
 @pytest.mark.parametrize("batch", DECODE_BATCHES, ids=lambda b: f"b{b}")
@@ -200,11 +201,11 @@ def test_decode_batch(benchmark, method, batch, context_length):
     rounds = 10
     try:
         with torch.inference_mode():
-            # Reserve every step the case takes (warm-ups, the cross-check, the rounds): no re-size.
-            reserve = DECODE_STEPS * (rounds + 60) if HAS_CUDA else DECODE_STEPS * 4
-            out = model(input_ids=ids, past_key_values=model.make_dms_cache(pooled=False, capacity_step=reserve),
+            # Pages for every step the case takes (warm-ups, the cross-check, the rounds).
+            steps_taken = DECODE_STEPS * (rounds + 60) if HAS_CUDA else DECODE_STEPS * 4
+            out = model(input_ids=ids, past_key_values=model.make_dms_cache(pooled=False),
                         use_cache=True, logits_to_keep=1)
-            _pool_for(model, batch * out.past_key_values.segment_rows())
+            _pool_for(model, out.past_key_values, batch, steps_taken)
             cache = DMSCache.stacked([out.past_key_values] * batch, pool=model.dms_pool)
             steps = _greedy_steps(model, cache, out.logits[:, -1:].argmax(-1).repeat(batch, 1), context_length)
             del out
@@ -266,9 +267,9 @@ def test_generation_on_the_engine(benchmark, method, context_length):
         return cache
 
     with torch.inference_mode():
-        owned = model.make_dms_cache(pooled=False, capacity_step=GENERATION_TOKENS)
+        owned = model.make_dms_cache(pooled=False)
         sizing = model(input_ids=ids, past_key_values=owned, use_cache=True, logits_to_keep=1).past_key_values
-        _pool_for(model, sizing.segment_rows())
+        _pool_for(model, sizing, 1, GENERATION_TOKENS)
         del sizing
         bench(benchmark, generation, rounds=3)
         cache = generation()

@@ -21,7 +21,6 @@ _LAZY = {
     "visibility_mask": "dms_perf.rule",
     "DMSCache": "dms_perf.model.cache",
     "kv_cache_bytes": "dms_perf.model.cache",
-    "KVPool": "dms_perf.model.pool",
     "PagedKVPool": "dms_perf.model.paged",
     "apply_engine_fusions": "dms_perf.model.fused",
     "Qwen3DMSForCausalLM": "dms_perf.model.qwen3_dms",

@@ -5,9 +5,9 @@ measurement of one tried batch (``dms-perf capacity``, dms_perf.bench.capacity).
   bisection between the last batch that fit and the first that did not;
 * ``measure_batch``: one prompt of the context length is prefilled and its cache copied into all B slots
   (``DMSCache.repeated``): prefilling B long prompts would take minutes, and every slot then holds as many
-  bytes as a distinct prompt of that length would. The engine families (``fused``) fill a KV pool of
-  exactly the batch's rows (on a GPU the template waits on the host meanwhile, so that it is not one more
-  sequence in the peak) and decode with the pool's graphs; a press on the engine fills with its compressed
+  bytes as a distinct prompt of that length would. The engine families (``fused``) fill a paged KV pool
+  of exactly the batch's pages, decode reserve included (``batch_pages``; on a GPU the template waits on
+  the host meanwhile, so that it is not one more sequence in the peak) and decode with the pool's graphs; a press on the engine fills with its compressed
   prefill cache. Untimed, then timed greedy decode steps run on the batch. Peak memory: on a GPU
   ``torch.cuda.max_memory_allocated()`` from just before the batch is filled to the end of the timed steps
   (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an estimate, weights +
@@ -26,10 +26,16 @@ import torch
 
 from dms_perf._runtime import HAS_CUDA
 from dms_perf.bench.floors import weight_bytes
-from dms_perf.bench.generation import failure_status, prefill_for_the_engine, release_memory
+from dms_perf.bench.generation import (
+    engine_pool,
+    failure_status,
+    prefill_for_the_engine,
+    release_memory,
+    sizing_budget,
+)
 from dms_perf.bench.report import DASH
 from dms_perf.model.cache import DMSCache
-from dms_perf.model.pool import KVPool
+from dms_perf.model.paged import DEFAULT_PAGE_ROWS, PagedKVPool, PagesExhausted
 
 BATCH_FILL = "one prefilled sequence copied into every slot"
 
@@ -50,6 +56,8 @@ class Try:
     step_ms: float | None = None
     tok_s: float | None = None  # batch / step seconds: tokens of all sequences per second
     kv_bytes: int | None = None  # the batch's KV cache (every slot), at the end of the steps
+    kv_pages: int | None = None  # long generations: the most pool pages the batch held at once
+    free_pages: int | None = None  # long generations: pages the budget leaves for a pool (before capping)
 
     @property
     def fatal(self) -> bool:
@@ -70,7 +78,8 @@ class Search:
         return next((t for t in self.tries if t.fits and t.batch == self.largest), None)
 
 
-def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int) -> Search:
+def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
+                         guess: Callable[[Try], int] | None = None) -> Search:
     """The largest batch in ``1 .. max_batch`` for which ``try_batch(batch).fits``, assuming that fitting is
     monotone (a batch fits if a larger one does).
 
@@ -78,6 +87,10 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int) -> Sea
     fit, then bisection between the last batch that fit and the first that did not: about
     ``2 log2(answer)`` tries, every one kept in ``tries`` in the order tried. A try whose failure is an error
     (``Try.fatal``) ends the search there: the answer is then the largest batch that fit before it.
+
+    ``guess(first_try)``: when batch 1 fit, a predicted answer (e.g. from the memory batch 1 took) is tried
+    next, then the batch above it; a guess that was right costs three tries in all, a wrong one falls
+    back to doubling (from above the guess) or bisection (below it).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -92,7 +105,21 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int) -> Sea
 
     fit, fail = 0, None  # the largest batch that fit, the smallest that did not
     batch = 1
-    while True:
+    if guess is not None and max_batch > 1:
+        first = attempt(1)
+        if not first.fits:
+            return search
+        fit, batch = 1, min(max(2, guess(first)), max_batch)
+        if attempt(batch).fits:
+            fit = batch
+            batch = min(batch + 1, max_batch)
+            if fit == max_batch:
+                search.ceiling_reached = True
+                search.largest = fit
+                return search
+        else:
+            fail = batch
+    while fail is None and search.stopped is None:
         result = attempt(batch)
         if not result.fits:
             fail = batch
@@ -169,6 +196,16 @@ def _peak_bytes(model, cache) -> int:
     return weight_bytes(model) + cache.kv_bytes()  # CPU estimate: activations not counted
 
 
+def batch_pages(model, template: DMSCache, batch: int, steps: int = 0) -> int:
+    """Pages a batch of ``batch`` copies of ``template`` may hold on the engine's paged pool within
+    ``steps`` decode steps of its start: each head's rows, one more per step, and the
+    ``dms_capacity_step`` rows reserved ahead, in whole pages."""
+    pool_rows = model.config.max_position_embeddings
+    lengths = torch.stack([template.head_lengths(i) for i in range(len(template.layers))]).long().cpu()
+    reserved = torch.clamp(lengths + steps + model.dms_capacity_step, max=pool_rows)
+    return batch * PagedKVPool.pages_for_rows(reserved.numpy())
+
+
 def _decode(model, cache, token, position, steps: int) -> None:
     for _ in range(steps):
         out = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
@@ -186,11 +223,10 @@ def _run_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, bud
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         pool = None
-        if prompt.engine:  # the decode engine: a KV pool of exactly the batch's rows
+        if prompt.engine:  # the decode engine: a paged KV pool of exactly the batch's pages
             if not prompt.reuse:  # parked on the host meanwhile: the template is not one more sequence
                 template.to("cpu")
-            pool = KVPool.for_model(model, rows=batch * template.segment_rows())
-            model.use_kv_pool(pool)
+            pool = engine_pool(model, max_seqs=batch, pages=batch_pages(model, template, batch))
         # Every slot a copy of the template; consumed on a GPU (it must not be one more sequence in the peak).
         cache = DMSCache.repeated(template, batch, pool=pool, consume=not prompt.reuse)
         del template
@@ -226,6 +262,83 @@ def measure_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, 
         prompt.model.use_kv_pool(None)
     release_memory()
     return result
+
+
+# Share of the budget a long generation's pool leaves for decode activations and CUDA-graph pools.
+GENERATION_HEADROOM = 0.05
+
+
+def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int) -> Try:
+    model = prompt.model
+    template, first = prompt.prefill()
+    with torch.inference_mode():
+        token = first.repeat(batch, 1)
+        del first
+        if not prompt.reuse:  # parked on the host while the pool is allocated: not one more sequence
+            template.to("cpu")
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            allocated = torch.cuda.memory_allocated()
+        else:
+            allocated = weight_bytes(model)
+        free = int(budget * (1 - GENERATION_HEADROOM)) - allocated
+        page = PagedKVPool.page_bytes(DEFAULT_PAGE_ROWS, model.config.head_dim, model.dtype)
+        # A pool of what the budget leaves, but never more than every token of the batch kept would take.
+        pool_budget = min(free, sizing_budget(model, batch, prompt.context + new_tokens))
+        free_pages = max(0, free // page)
+        try:
+            pool = engine_pool(model, max_seqs=batch, budget_bytes=pool_budget)
+        except ValueError:
+            return Try(batch, False, over_budget(allocated + page, budget, " before decoding"), free_pages=free_pages)
+        cache = DMSCache.repeated(template, batch, pool=pool, consume=not prompt.reuse)
+        del template
+        position = torch.full((batch, 1), prompt.context, device=token.device)
+        steps = new_tokens - 1
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            _decode(model, cache, token, position, steps)
+        except PagesExhausted:
+            done = int(position[0, 0]) - prompt.context
+            return Try(batch, False, f"KV pages ran out after {done + 1} of {new_tokens} tokens "
+                       f"({gib(pool.nbytes)} GiB pool)", kv_pages=pool.peak_pages_in_use, free_pages=free_pages)
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        decode_s = time.perf_counter() - start
+        peak = _peak_bytes(model, cache)
+        kv = pool.peak_pages_in_use * page
+    fits = peak <= budget
+    step_s = decode_s / max(steps, 1)
+    return Try(batch, fits, "ok" if fits else over_budget(peak, budget), peak, step_s * 1e3,
+               batch / step_s if steps else None, kv, kv_pages=pool.peak_pages_in_use, free_pages=free_pages)
+
+
+def measure_generation_batch(prompt: Prompt, batch: int, *, new_tokens: int, budget: int) -> Try:
+    """Whether ``batch`` copies of ``prompt`` generate ``new_tokens`` tokens each within ``budget`` bytes on
+    the decode engine's paged pool, measured at the end of the generation: the pool gets what the budget
+    leaves (less ``GENERATION_HEADROOM``), and the batch fits iff its pages never ran out and the peak
+    stayed within the budget. ``step_ms`` and ``tok_s`` cover the whole generation's decode; ``kv_bytes``
+    is the most KV the pool held. Never raises for a failing batch; frees what it allocated."""
+    prompt.model.release_decode_graph()
+    release_memory()
+    try:
+        result = _run_generation(prompt, batch, new_tokens=new_tokens, budget=budget)
+    except Exception as exc:
+        result = Try(batch, False, failure_status(exc))
+    prompt.model.release_decode_graph()
+    prompt.model.use_kv_pool(None)
+    release_memory()
+    return result
+
+
+def guess_from_pages(first: Try) -> int:
+    """The batch a long generation's budget holds, predicted from batch 1: pages the budget leaves over the
+    most pages one sequence held (sequences of a tried batch are copies: they hold the same pages)."""
+    if not first.kv_pages or not first.free_pages:
+        return 2
+    return first.free_pages // first.kv_pages
 
 
 def sequence_bytes(prompt: Prompt) -> dict[str, int]:

@@ -35,7 +35,9 @@ from dms_perf.bench.batch_search import (
     Prompt,
     Search,
     gib,
+    guess_from_pages,
     measure_batch,
+    measure_generation_batch,
     search_largest_batch,
     sequence_bytes,
 )
@@ -97,6 +99,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="decode steps timed at each tried batch")
     parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], metavar="N",
                         help="untimed decode steps before the timed ones (compilation, CUDA-graph capture)")
+    parser.add_argument("--new-tokens", default="0", metavar="N",
+                        help="long generations: the largest batch whose whole generation of N tokens (e.g. 16k) "
+                        "fits the budget on the decode engine's paged KV pool, measured at its end, with the "
+                        "decode throughput over the whole generation (engine methods only; batch 1 is measured, "
+                        "the batch its pages predict is tried next). 0: the prompt regime above (--steps)")
     options.add_model_options(parser, d)
     parser.add_argument("--out", default="results-capacity", metavar="DIR", help="output directory")
     parser.set_defaults(run=run, command_parser=parser)
@@ -112,6 +119,7 @@ class Settings:
     max_batch: int
     steps: int
     warmup_steps: int
+    new_tokens: int = 0  # > 0: long generations (measure_generation_batch)
 
 
 def validate(args) -> Settings:
@@ -151,12 +159,23 @@ def validate(args) -> Settings:
         weights = config_weight_bytes(config_of(args.model), options.DTYPES[args.dtype])
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    if (problem := options.positions_problem(args.model, contexts, args.warmup_steps + args.steps + 1)) is not None:
+    try:
+        new_tokens = options.parse_token_count(str(args.new_tokens))
+    except ValueError as exc:
+        raise UsageError(f"--new-tokens: {exc}") from None
+    if new_tokens:
+        not_engine = [m.name for m in methods if not m.family.fused]
+        if not_engine:
+            raise UsageError(f"--new-tokens measures methods on the decode engine (paged KV pool); {', '.join(not_engine)} "
+                             "decode elsewhere: use the -triton methods")
+        if (problem := options.positions_problem(args.model, contexts, new_tokens)) is not None:
+            raise UsageError(problem)
+    elif (problem := options.positions_problem(args.model, contexts, args.warmup_steps + args.steps + 1)) is not None:
         raise UsageError(problem.replace("--new-tokens", "decode steps"))
     if weights > budget:
         raise UsageError(f"the memory budget, {gib(budget)} GiB ({source}), is less than the weights of {args.model} "
                          f"in {args.dtype} alone ({gib(weights)} GiB): no batch can fit")
-    return Settings(contexts, methods, budget, source, args.max_batch, args.steps, args.warmup_steps)
+    return Settings(contexts, methods, budget, source, args.max_batch, args.steps, args.warmup_steps, new_tokens)
 
 
 def memory_note() -> str:
@@ -204,6 +223,7 @@ def run(args, parser=None) -> int:
         "memory_budget_source": settings.budget_source, "memory": memory_note(),
         "contexts": list(settings.contexts), "methods": [m.name for m in settings.methods],
         "max_batch": settings.max_batch, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
+        "new_tokens": settings.new_tokens,
         "batch_fill": BATCH_FILL,
         "search": "doubling from 1 until a batch does not fit or --max-batch, then bisection between the last "
         "batch that fit and the first that did not",
@@ -257,14 +277,18 @@ def _search(model, method, ctx: int, input_ids: torch.Tensor, settings: Settings
         release_memory()
 
     def attempt(batch):
-        result = measure_batch(prompt, batch, steps=settings.steps, warmup_steps=settings.warmup_steps,
-                               budget=settings.budget)
+        if settings.new_tokens:
+            result = measure_generation_batch(prompt, batch, new_tokens=settings.new_tokens, budget=settings.budget)
+        else:
+            result = measure_batch(prompt, batch, steps=settings.steps, warmup_steps=settings.warmup_steps,
+                                   budget=settings.budget)
         _progress(f"{method.name} @ {ctx} tokens, batch {batch}: {result.reason}"
                   + (f", peak {gib(result.peak_bytes)} GiB" if result.peak_bytes else "")
                   + (f", {_num(result.step_ms)} ms/step" if result.step_ms else ""))
         return result
 
-    search = search_largest_batch(attempt, settings.max_batch)
+    search = search_largest_batch(attempt, settings.max_batch,
+                                  guess=guess_from_pages if settings.new_tokens else None)
     prompt.release()
     return _result(ctx, method.name, search, extra)
 

@@ -39,7 +39,7 @@ class GenerationRun:
     kept_slots: int  # (layer, batch, KV head, token) slots the cache still attends to at the end
     dense_slots: int  # the same count for an uncompressed cache
     batch: int = 1
-    kv_rows: int | None = None  # rows of a DMSCache's segments (what a KV pool must hold), else None
+    peak_pages: int | None = None  # on a paged KV pool: the most pages in use at once during the run
     kept_kv_bytes: int | None = None  # bytes of the kept slots' keys and values (kept_slots of them)
     peak_kv_bytes: int | None = None  # the most bytes the batch cache held at a trace point or at the end
     quarter_steps: int = 0  # decode steps in a quarter of the generation: max(1, steps // 4), 0 without a step
@@ -74,10 +74,11 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     handed to the DMS engine (``DMSCache.from_dense``, the conversion timed with the prefill) and decoded
     there with eviction off.
 
-    A Qwen3-DMS model on a KV pool (``model.use_kv_pool``, the decode engine) decodes on the pool: one
-    prompt is prefilled into it, a batch's sequences are copied into it one by one as they are prefilled
-    (``join_dms_caches``), so that the peak holds the pool and one sequence. A DMS cache reserves
-    ``max(dms_capacity_step, new_tokens)`` decode rows per head: no re-size during the generation.
+    A Qwen3-DMS model on a paged KV pool (``model.use_kv_pool``, the decode engine) decodes on the pool:
+    one prompt is prefilled into it, a batch's sequences are copied into it one by one as they are
+    prefilled (``join_dms_caches``), so that the peak holds the pool and one sequence; each head takes
+    pages as it grows. Off a pool, a DMS cache reserves ``max(dms_capacity_step, new_tokens)`` decode rows
+    per head: no re-size during the generation.
 
     Timed (the device synchronized around each phase): ``prefill_s`` = every prefill, first token and the
     join; ``decode_s`` = the ``new_tokens - 1`` batched steps. Peak VRAM is that of the whole run (without a
@@ -105,7 +106,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     device = prompts[0].device
     pool = getattr(model, "dms_pool", None)
     dms = hasattr(model, "make_dms_cache")
-    reserve = max(model.dms_capacity_step, new_tokens) if dms else None
+    reserve = max(model.dms_capacity_step, new_tokens) if dms and pool is None else None
     positions = torch.arange(length, length + new_tokens, device=device).view(1, -1)
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +121,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
             if press_on_engine:
                 out, cache = prefill_for_the_engine(model, input_ids, press, capacity_step=reserve)
             else:
-                cache = model.make_dms_cache(pooled=pooled, capacity_step=reserve) if reserve else None
+                cache = model.make_dms_cache(pooled=pooled, capacity_step=reserve) if dms else None
                 out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
             if batch > 1:
@@ -169,7 +170,6 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         done = time.perf_counter()
     kv_bytes, kept, dense = kv_cache_stats(model, cache, seen_tokens=length + new_tokens - 1)
     kept_bytes = kept * kv_slot_bytes(cache)
-    rows = cache.segment_rows() if hasattr(cache, "segment_rows") else None
     at = dict(zip(trace["tokens"], trace["decode_s"], strict=True))
     return GenerationRun(
         prefill_s=prefilled - start,
@@ -181,7 +181,7 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
         kept_slots=kept,
         dense_slots=dense,
         batch=batch,
-        kv_rows=rows,
+        peak_pages=pool.peak_pages_in_use if pool is not None else None,
         kept_kv_bytes=kept_bytes,
         peak_kv_bytes=max([kv_bytes, *trace["kv_bytes"]]),
         quarter_steps=quarter,
@@ -425,9 +425,11 @@ def measure_generation(
     ``status`` "ok", "OOM", "error: ..." or "skipped: ..." (then without figures; a batch whose press hides
     keys is skipped); memory is released either way.
 
-    Families with ``fused`` run on the decode engine: the first untimed run (an extra one when ``warmup``
-    is 0) sizes a KV pool (``engine_pool``) on which the other runs generate; the row adds
-    ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
+    Families with ``fused`` run on the decode engine, a paged KV pool: the first untimed run (an extra one
+    when ``warmup`` is 0) generates on a pool of the largest budget the cell may need (``sizing_budget``)
+    and measures the most pages it held; the other runs generate on a pool of those pages (+1 %,
+    ``engine_pool``), the cell's KV memory, sized as a server with this workload would size it. The row
+    adds ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
     decode graph that the later ones replay).
 
     ``on_run``: called with "warm-up i/n" or "repeat i/n" before each generation (a progress line);
@@ -467,7 +469,12 @@ def measure_generation(
         labels = [f"warm-up {i + 1}/{untimed}" for i in range(untimed)]
         if method.family.fused:  # the decode engine: a KV pool sized by an untimed run of this cell
             model.use_kv_pool(None)
-            pool = engine_pool(model, generate(labels.pop(0)).kv_rows)
+            engine_pool(model, max_seqs=batch.batch,
+                        budget_bytes=sizing_budget(model, batch.batch, batch.context_length + new_tokens))
+            pages = generate(labels.pop(0)).peak_pages
+            model.use_kv_pool(None)
+            release_memory()
+            pool = engine_pool(model, max_seqs=batch.batch, pages=pages + pages // 100 + 1)
         for label in labels:
             generate(label)
         runs = []
@@ -503,11 +510,34 @@ def measure_generation(
     return row
 
 
-def engine_pool(model, rows: int):
-    """Give ``model`` a KV pool of ``rows`` rows (those an untimed run of the cell's generation held) plus
-    1 %, for the cell's timed generations: the pool is the cell's KV memory, sized as a server with
-    this workload would size it."""
-    from dms_perf.model.pool import KVPool
+def engine_pool(model, *, max_seqs: int, budget_bytes: int | None = None, pages: int | None = None):
+    """Give ``model`` a paged KV pool for ``max_seqs`` sequences that fits ``budget_bytes`` (or holds
+    ``pages`` pages); returns it. The one place the bench, capacity and the benchmarks size the engine's
+    pool (``PagedKVPool.for_budget``)."""
+    from dms_perf.model.paged import PagedKVPool
 
-    model.use_kv_pool(KVPool.for_model(model, rows=max(1, rows + rows // 100)))
+    if (budget_bytes is None) == (pages is None):
+        raise ValueError("give exactly one of budget_bytes and pages")
+    if budget_bytes is None:
+        budget_bytes = PagedKVPool.budget_for_pages(model, pages, max_seqs=max_seqs)
+    model.use_kv_pool(PagedKVPool.for_budget(model, budget_bytes, max_seqs=max_seqs))
     return model.dms_pool
+
+
+# Device memory a sizing pool leaves free for the activations of a prefill and of the decode steps.
+SIZING_HEADROOM = 0.1
+
+
+def sizing_budget(model, batch: int, tokens: int) -> int:
+    """The most a generation of ``batch`` sequences of ``tokens`` tokens (prompt + new) may hold on a
+    paged pool: every token of every head kept, plus the pages reserved ahead; on a GPU at most the free
+    memory less ``SIZING_HEADROOM`` of it."""
+    from dms_perf.model.paged import DEFAULT_PAGE_ROWS, PagedKVPool
+
+    config = model.config
+    per_head = -(-(tokens + 2 * model.dms_capacity_step) // DEFAULT_PAGE_ROWS)
+    pages = batch * config.num_hidden_layers * config.num_key_value_heads * per_head
+    budget = PagedKVPool.budget_for_pages(model, pages, max_seqs=batch)
+    if HAS_CUDA:
+        budget = min(budget, int(torch.cuda.mem_get_info()[0] * (1 - SIZING_HEADROOM)))
+    return budget

@@ -17,9 +17,11 @@ the spare rows may run out (``capacity_step`` steps after the last re-size); it 
 back once (one host sync per ``capacity_step`` steps) and re-sizes each segment to its length +
 ``capacity_step``, so memory follows the kept tokens while decoding too.
 
-On a :class:`~dms_perf.model.pool.KVPool` (``DMSCache(..., pool=pool)``) the segments are rows of the
-pool's buffers and the bookkeeping lives in tensors the pool keeps per batch size, so that the decode
-engine's CUDA graphs outlive the cache (``dms_perf.model.pool``).
+On a :class:`~dms_perf.model.paged.PagedKVPool` (``DMSCache(..., pool=pool)``, the decode engine) a
+head's rows are not a segment but pages of the pool listed in its block table (``PagedCacheLayer``):
+nothing is copied to grow a head, a head takes a page only when its last one is full, and the
+sequences of a batch occupy the pool's slots ``0 .. B - 1``, whose block tables, lengths, ring and
+step index are views of the pool's tensors, so that the engine's CUDA graphs outlive the cache.
 
 ``DMSReferenceCache`` is the uncompacted counterpart used by the "math" reference model: every K/V
 plus every decision, so the rule can be applied as a full mask at each step.
@@ -28,15 +30,18 @@ plus every decision, so the rule can be applied as a full mask at each step.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from dms_perf.model.pool import KVPool
+from dms_perf.model.paged import PagedKVPool
 from dms_perf.ops.cache_update.fused_step import fused_decode_step
 from dms_perf.ops.cache_update.kernel import decode_update
 from dms_perf.ops.cache_update.torch_ops import decode_update_torch
+from dms_perf.ops.decode.kernel import dms_decode_attention
 from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.rule import evict_flags
 
@@ -44,10 +49,27 @@ DEFAULT_CAPACITY_STEP = 128
 # Prefill layers whose packing may wait (each holds its full-length K/V until packed): two layers of
 # GPU work stay queued behind the one the host waits for.
 MAX_PENDING_LAYERS = 2
-# Bookkeeping a captured decode step reads; on a pool they live in the pool's per-batch tensors.
-STATIC_STATE = ("starts", "lengths", "ring_slot", "ring_flag", "step_index")
 # Every per-head tensor of a layer besides K/V (joined along the batch when caches stack).
-BOOKKEEPING = (*STATIC_STATE, "capacity")
+BOOKKEEPING = ("starts", "lengths", "ring_slot", "ring_flag", "step_index", "capacity")
+# The decode state a paged layer keeps in views of its pool's tensors (PagedCacheLayer).
+RING_STATE = ("ring_slot", "ring_flag", "step_index")
+
+
+class DecodeInputs(NamedTuple):
+    """Where decode attention finds a layer's cache: ``dms_decode_attention``'s arguments."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    starts: torch.Tensor | None  # [B, Hkv] int64 first rows of contiguous segments, or None when paged
+    lengths: torch.Tensor
+    max_length: int
+    block_table: torch.Tensor | None = None  # [B, Hkv, max_pages] int32 when paged
+    page_rows: int | None = None
+
+    def attend(self, q: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+        """Decode attention of ``q`` ``[B, Hq, D]`` over this cache."""
+        return dms_decode_attention(q, self.k_cache, self.v_cache, self.starts, self.lengths, self.max_length,
+                                    block_table=self.block_table, page_rows=self.page_rows, scale=scale)
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -56,14 +78,13 @@ class DMSCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *,
-                 pool: KVPool | None = None, layer_idx: int = 0, epoch: int = 0):
+    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *, layer_idx: int = 0):
         super().__init__()
         self.window = window
         self.capacity_step = capacity_step
-        # On a pool: keys/values are the pool's buffers, starts absolute rows of them; the epoch is the
-        # pool's when this cache began (a later cache on the pool closes this one).
-        self.pool, self.layer_idx, self.epoch = pool, layer_idx, epoch
+        self.layer_idx = layer_idx
+        self.block_table: torch.Tensor | None = None  # paged layers only (PagedCacheLayer)
+        self.page_rows: int | None = None
         self.starts: torch.Tensor | None = None  # [B, Hkv] int64, first row of each segment
         self.capacity: torch.Tensor | None = None  # [B, Hkv] int64, rows of each segment
         self.lengths: torch.Tensor | None = None  # [B, Hkv] int32, occupied rows
@@ -104,7 +125,9 @@ class DMSCacheLayer(CacheLayerMixin):
         self.lengths = keep.sum(-1, dtype=torch.int32)
         self.capacity = self.lengths.long() + step
         self.starts = self.capacity.flatten().cumsum(0).view(B, H) - self.capacity
-        totals = torch.stack([self.capacity.sum(), self.lengths.sum().long(), self.lengths.max().long()])
+        # Sizes, then every head's length (a paged layer hands out pages by them).
+        totals = torch.cat([torch.stack([self.capacity.sum(), self.lengths.sum().long(), self.lengths.max().long()]),
+                            self.lengths.flatten().long()])
         ready = None
         if totals.is_cuda:
             totals = totals.to("cpu", non_blocking=True)  # into pinned memory, in stream order
@@ -138,49 +161,33 @@ class DMSCacheLayer(CacheLayerMixin):
         self._pending = None
         if ready is not None:
             ready.synchronize()
-        rows, kept, longest = totals.tolist()
+        rows, kept, longest = totals[:3].tolist()
         self.longest_bound = longest + self.spare_steps
-        B, H, _, D = keys.shape
-        step = self.capacity_step
-        base = self.pool.allocate(rows) if self.pool is not None else 0
-        # compact_by_bool packs each head's kept rows back to back; head i's segment starts
-        # i * step rows further down (the spare rows of the heads before it).
         packed_head = torch.repeat_interleave(
-            torch.arange(B * H, device=keys.device), self.lengths.flatten(), output_size=kept
+            torch.arange(self.lengths.numel(), device=keys.device), self.lengths.flatten(), output_size=kept
         )
-        dest = torch.arange(kept, device=keys.device) + packed_head * step + base
+        self._store_prefill(keys, values, keep, kept, packed_head, totals, rows)
+
+    def _store_prefill(self, keys, values, keep, kept: int, packed_head, totals, rows: int) -> None:
+        """Write the prefill's kept K/V (``kept`` rows; ``packed_head``: the head of each packed row):
+        into a buffer of ``rows`` rows, head i's segment i * capacity_step rows further down than its
+        packed rows (the spare rows of the heads before it)."""
+        D = keys.shape[-1]
+        dest = torch.arange(kept, device=keys.device) + packed_head * self.capacity_step
         for name, src in (("keys", keys), ("values", values)):
             packed, _, _ = compact_by_bool(src, keep, total=kept)
-            if self.pool is None:
-                buffer = torch.empty((rows, D), dtype=src.dtype, device=src.device)
-            else:
-                buffer = getattr(self.pool, name)
+            buffer = torch.empty((rows, D), dtype=src.dtype, device=src.device)
             buffer.index_copy_(0, dest, packed)
             setattr(self, name, buffer)
-        if self.pool is not None:
-            self.starts += base
-            self._bind_state()
-
-    def _bind_state(self) -> None:
-        """Move the bookkeeping into the pool's tensors for this batch size (the same every time)."""
-        B, H = self.lengths.shape
-        state = self.pool.state(self.layer_idx, B, H, self.window)
-        for name in STATIC_STATE:
-            value = getattr(self, name)
-            if value is not state[name]:
-                state[name].copy_(value)
-                setattr(self, name, state[name])
 
     def check_open(self) -> None:
-        if self.pool is not None and self.pool.epoch != self.epoch:
-            raise RuntimeError(
-                "this DMSCache was closed: a newer cache on its KV pool holds the rows (one cache per pool "
-                "at a time; docs/DMS.md, 'Cache and decode')"
-            )
+        """Raises if the cache was closed (only a cache on a pool can be: ``PagedCacheLayer``)."""
 
     def decode(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor) -> None:
         """Add one token per sequence (``[B, Hkv, 1, D]``, decisions ``[B, Hkv, 1]``) by the DMS rule."""
         self._before_step()
+        if self.block_table is not None:
+            raise NotImplementedError("a cache on a paged KV pool decodes with the triton backend's step only")
         decode_update_torch(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
                             keys, values, decisions, self.seen, self.window)
         self.step_index += 1
@@ -194,7 +201,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self._before_step()
         decode_update(self.ring_slot, self.ring_flag, self.lengths, self.starts, self.keys, self.values,
                       keys, values, alphas, q, self.step_index, self.window, alpha_scale, alpha_offset,
-                      zero_borrowed=zero_borrowed)
+                      zero_borrowed=zero_borrowed, block_table=self.block_table, page_rows=self.page_rows)
         self._after_step()
 
     def fused_step(self, qkv, q_norm_weight, k_norm_weight, eps, cos, sin, alpha_scale: float,
@@ -204,7 +211,8 @@ class DMSCacheLayer(CacheLayerMixin):
         self._before_step()
         q = fused_decode_step(qkv, q_norm_weight, k_norm_weight, eps, cos, sin, self.ring_slot, self.ring_flag,
                               self.lengths, self.starts, self.keys, self.values, self.step_index,
-                              alpha_scale, alpha_offset, zero_borrowed=zero_borrowed)
+                              alpha_scale, alpha_offset, zero_borrowed=zero_borrowed,
+                              block_table=self.block_table, page_rows=self.page_rows)
         self._after_step()
         return q
 
@@ -232,8 +240,6 @@ class DMSCacheLayer(CacheLayerMixin):
         Runs once per ``capacity_step`` decode steps and reads the lengths back (one host sync): heads
         whose appends were absorbed by reused slots keep their size, so memory keeps following each
         head's kept tokens during decoding instead of growing with the steps. Only occupied rows move.
-        On a pool the segments move to fresh rows of the pool (the old ones return to it with the next
-        cache) and the buffers keep their addresses.
         """
         step = self.capacity_step
         lengths = self.lengths.flatten().long()
@@ -243,21 +249,15 @@ class DMSCacheLayer(CacheLayerMixin):
         head = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=occupied)
         offset = torch.arange(occupied, device=device) - (lengths.cumsum(0) - lengths)[head]
         source = self.starts.flatten()[head] + offset
-        base = self.pool.allocate(rows) if self.pool is not None else 0
-        starts = base + capacity.flatten().cumsum(0).view_as(self.starts) - capacity
+        starts = capacity.flatten().cumsum(0).view_as(self.starts) - capacity
         dest = starts.flatten()[head] + offset
         for name in ("keys", "values"):
             old = getattr(self, name)
-            moved = old.index_select(0, source)
-            if self.pool is None:
-                old = torch.empty((rows, old.shape[1]), dtype=old.dtype, device=old.device)
-                setattr(self, name, old)
-            old.index_copy_(0, dest, moved)
+            new = torch.empty((rows, old.shape[1]), dtype=old.dtype, device=old.device)
+            new.index_copy_(0, dest, old.index_select(0, source))
+            setattr(self, name, new)
         self.capacity = capacity
-        if self.pool is None:
-            self.starts = starts
-        else:
-            self.starts.copy_(starts)
+        self.starts = starts
         self.longest_bound = longest + step
         self.spare_steps = step
 
@@ -281,21 +281,6 @@ class DMSCacheLayer(CacheLayerMixin):
             rows += layer.keys.shape[0]
         out._join(parts, torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]))
         return out
-
-    def copy_into_pool(self, layer: DMSCacheLayer) -> dict:
-        """Copy the prefilled single cache ``layer``'s segments into fresh rows of this layer's pool;
-        returns its bookkeeping (starts moved to those rows) for ``adopt``."""
-        self.check_open()
-        rows = layer._prefilled().keys.shape[0]
-        base = self.pool.allocate(rows)
-        self.pool.keys[base : base + rows].copy_(layer.keys)
-        self.pool.values[base : base + rows].copy_(layer.values)
-        return layer._part(base)
-
-    def adopt(self, parts: list[dict]) -> None:
-        """Become the batch of the sequences ``copy_into_pool`` copied, in order."""
-        self._join(parts, self.pool.keys, self.pool.values)
-        self._bind_state()
 
     def _prefilled(self) -> DMSCacheLayer:
         self.finish_prefill()
@@ -343,7 +328,7 @@ class DMSCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.window, self.capacity_step, pool=self.pool, layer_idx=self.layer_idx, epoch=self.epoch)
+        self.__init__(self.window, self.capacity_step, layer_idx=self.layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("DMSCache does not support beam search (reorder_cache)")
@@ -352,13 +337,163 @@ class DMSCacheLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache cannot be cropped: eviction is final (docs/DMS.md)")
 
     def nbytes(self) -> int:
-        """Bytes this layer holds: its K/V rows (on a pool: its segments' rows, synchronizes) and bookkeeping."""
+        """Bytes this layer holds: its K/V rows (spare rows included) and bookkeeping."""
         self.finish_prefill()
         if self.keys is None:
             return 0
-        rows = self.keys.shape[0] if self.pool is None else int(self.capacity.sum())
         tensors = [getattr(self, name) for name in BOOKKEEPING]
-        return 2 * rows * self.keys[0].nbytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return 2 * self.keys.shape[0] * self.keys[0].nbytes + sum(t.numel() * t.element_size() for t in tensors
+                                                                  if t is not None)
+
+    def decode_inputs(self) -> DecodeInputs:
+        return DecodeInputs(self.keys, self.values, self.starts, self.lengths, self.launch_length,
+                            self.block_table, self.page_rows)
+
+
+class PagedCacheLayer(DMSCacheLayer):
+    """A layer of a :class:`DMSCache` on a :class:`~dms_perf.model.paged.PagedKVPool`: each head's rows are
+    the pages its block table lists (docs/DMS.md, "Cache and decode"); the batch's sequences occupy the
+    pool's slots ``0 .. B - 1``.
+
+    The pool, not the layer, owns the memory and the per-head state: ``keys`` / ``values`` are the pool's
+    pages viewed as ``[pages * page_rows, D]``, and ``block_table``, ``lengths``, the ring and the step
+    index are views of the pool's tensors, so their addresses never change (a captured decode step stays
+    valid for every later cache of the same batch size). Ring slots are logical rows of a head, as in a
+    segment. Pages are handed out on the host ahead of need: every ``capacity_step`` decode steps the
+    first layer returns the pages slot reuse left empty (``PagedKVPool.trim``, by lengths whose read-back
+    it started at the previous hand-out, so it never waits) and reserves pages for ``capacity_step`` more
+    rows per head (``reserve_ahead``): no decode step waits for the device or copies a row.
+    """
+
+    def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *, pool: PagedKVPool,
+                 layer_idx: int = 0, epoch: int = 0):
+        super().__init__(window, capacity_step, layer_idx=layer_idx)
+        self.pool, self.epoch = pool, epoch
+        self.page_rows = pool.page_rows
+        self.batch = 0
+
+    def reset(self) -> None:
+        self.__init__(self.window, self.capacity_step, pool=self.pool, layer_idx=self.layer_idx, epoch=self.epoch)
+
+    def check_open(self) -> None:
+        if self.pool.epoch != self.epoch:
+            raise RuntimeError(
+                "this DMSCache was closed: a newer cache on its KV pool holds the pages (one cache per pool "
+                "at a time; docs/DMS.md, 'Cache and decode')"
+            )
+
+    def _store_prefill(self, keys, values, keep, kept: int, packed_head, totals, rows: int) -> None:
+        """Hand out each head's pages (``PagedKVPool.prefill_layer``) and write the kept rows into them."""
+        self.check_open()
+        B, H, _, D = keys.shape
+        lengths = totals[3:].numpy().reshape(B, H)
+        self._take_slots(B)
+        self.pool.prefill_layer(self.layer_idx, range(B), lengths)
+        row_in_head = torch.arange(kept, device=keys.device) - (self.lengths.flatten().cumsum(0) - self.lengths.flatten())[packed_head]
+        dest = self._physical(packed_head, row_in_head)
+        for name, src in (("keys", keys), ("values", values)):
+            packed, _, _ = compact_by_bool(src, keep, total=kept)
+            getattr(self.pool, name).view(-1, D).index_copy_(0, dest, packed)
+        self._bind(B)
+
+    def _take_slots(self, batch: int, first: int = 0) -> None:
+        """Admit slots ``first .. batch - 1`` for this cache's sequences (the first layer to store does)."""
+        if self.pool.window != self.window:
+            raise ValueError(f"the KV pool keeps rings for window {self.pool.window}, the cache has {self.window}")
+        live = set(self.pool.live_slots)
+        for slot in range(first, batch):
+            if slot not in live:
+                self.pool.admit(slot)
+
+    def _physical(self, head: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Pool rows (index into the pages viewed as ``[-1, D]``) of logical rows ``row`` of heads ``head``
+        (flat ``b * Hkv + h``)."""
+        tables = self.pool.block_table[self.layer_idx].view(-1, self.pool.max_pages_per_head)
+        P = self.page_rows
+        return tables[head, row // P].long() * P + row % P
+
+    def _bind(self, batch: int) -> None:
+        """Point this layer at the pool's views for slots ``0 .. batch - 1``, carrying the ring and step
+        index computed at prefill (or copied from a single cache) into them."""
+        pool, layer, H = self.pool, self.layer_idx, self.pool.kv_heads
+        views = {"ring_slot": pool.ring_slot[layer, :batch], "ring_flag": pool.ring_flag[layer, :batch],
+                 "step_index": pool.step_index[layer, : batch * H]}
+        for name, view in views.items():
+            value = getattr(self, name)
+            if value is not None and value is not view:
+                view.copy_(value)
+            setattr(self, name, view)
+        self.keys = pool.keys.view(-1, pool.head_dim)
+        self.values = pool.values.view(-1, pool.head_dim)
+        self.block_table = pool.block_table[layer, :batch]
+        self.lengths = pool.lengths[layer, :batch]
+        self.starts = self.capacity = None
+        self.batch = batch
+        self.spare_steps = pool.room(batch)
+        self.dtype, self.device = pool.dtype, pool.device
+        self.is_initialized = True
+
+    def copy_in(self, slot: int, layer: DMSCacheLayer, *, same_tokens: bool = True) -> None:
+        """Copy the prefilled single-sequence layer ``layer`` (a cache owning its buffers) into slot ``slot``
+        of the pool: its heads' rows into fresh pages, its ring and step index into the slot's state.
+        ``same_tokens``: refuse a layer that has seen another number of tokens than this one's batch."""
+        self.check_open()
+        layer = layer._prefilled()
+        if layer.lengths.shape[0] != 1:
+            raise ValueError(f"copy_in takes one sequence at a time, got a batch of {layer.lengths.shape[0]}")
+        if same_tokens and self.is_initialized and layer.seen != self.seen:
+            raise ValueError(f"only caches that have seen as many tokens join one batch: {layer.seen} vs {self.seen}")
+        lengths = layer.lengths.flatten().long()
+        host = lengths.cpu()
+        self._take_slots(slot + 1, slot)
+        self.pool.prefill_layer(self.layer_idx, [slot], host.view(1, -1))
+        occupied = int(host.sum())
+        H = lengths.numel()
+        head = torch.repeat_interleave(torch.arange(H, device=lengths.device), lengths, output_size=occupied)
+        row = torch.arange(occupied, device=lengths.device) - (lengths.cumsum(0) - lengths)[head]
+        source = layer.starts.flatten()[head] + row
+        dest = self._physical(head + slot * H, row.to(self.pool.device))
+        D = self.pool.head_dim
+        for name in ("keys", "values"):
+            getattr(self.pool, name).view(-1, D).index_copy_(0, dest, getattr(layer, name).index_select(0, source).to(
+                self.pool.device))
+        pool, index = self.pool, self.layer_idx
+        pool.ring_slot[index, slot].copy_(layer.ring_slot[0])
+        pool.ring_flag[index, slot].copy_(layer.ring_flag[0])
+        pool.step_index[index, slot * H : (slot + 1) * H].copy_(layer.step_index)
+        self.seen, self.window = layer.seen, layer.window
+
+    def _before_step(self) -> None:
+        if self.host_frozen:
+            return
+        self.check_open()
+        self.finish_prefill()
+        if self.layer_idx == 0 and self.pool.room(self.batch) < 1:
+            # Return the pages slot reuse left empty (by the lengths read back at the last hand-out, if
+            # they have landed: no wait), give pages for capacity_step more steps, and start the next
+            # read-back.
+            self.pool.trim(wait=False)
+            self.pool.reserve_ahead(self.capacity_step)
+            self.pool.request_trim()
+        self.spare_steps = self.pool.room(self.batch)
+
+    def advance_host(self) -> None:
+        self.seen += 1
+        if self.layer_idx == 0:  # the pool counts steps per sequence, for all layers at once
+            self.pool.advance(1)
+        self.spare_steps = self.pool.room(self.batch)
+
+    @property
+    def launch_length(self) -> int:
+        return triton.next_power_of_2(max(1, self.pool.longest_bound(self.layer_idx, self.batch)))
+
+    def nbytes(self) -> int:
+        """Bytes of the pages this layer's heads hold and of their state in the pool (host figures: no sync)."""
+        if not self.is_initialized:
+            return 0
+        pool = self.pool
+        pages = pool.pages_of(self.batch, self.layer_idx) * pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype)
+        return pages + pool.table_bytes(1, self.batch, pool.kv_heads, pool.max_pages_per_head, pool.window)
 
 
 class DMSCache(Cache):
@@ -370,16 +505,22 @@ class DMSCache(Cache):
     """
 
     def __init__(self, num_layers: int, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *,
-                 pool: KVPool | None = None):
+                 pool: PagedKVPool | None = None):
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
         if capacity_step < 1:
             raise ValueError(f"capacity_step must be >= 1, got {capacity_step}")
-        # A cache on a pool takes all its rows: the pool's previous cache is closed from here on.
-        epoch = pool.begin() if pool is not None else 0
-        super().__init__(layers=[
-            DMSCacheLayer(window, capacity_step, pool=pool, layer_idx=i, epoch=epoch) for i in range(num_layers)
-        ])
+        if pool is None:
+            layers = [DMSCacheLayer(window, capacity_step, layer_idx=i) for i in range(num_layers)]
+        else:
+            if pool.layers != num_layers or pool.window != window:
+                raise ValueError(f"the KV pool serves {pool.layers} layers with window {pool.window}; the cache "
+                                 f"has {num_layers} layers, window {window}")
+            # A cache on a pool takes all its slots: the pool's previous cache is closed from here on.
+            epoch = pool.begin()
+            layers = [PagedCacheLayer(window, capacity_step, pool=pool, layer_idx=i, epoch=epoch)
+                      for i in range(num_layers)]
+        super().__init__(layers=layers)
         self.window, self.pool = window, pool
         self._pending_layers: list[DMSCacheLayer] = []
 
@@ -427,8 +568,9 @@ class DMSCache(Cache):
     def append_step(
         self, layer_idx: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alphas: torch.Tensor,
         alpha_scale: float, alpha_offset: float, zero_borrowed: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """One decode token in one launch (``DMSCacheLayer.decode_step``); returns what ``append`` does.
+    ) -> DecodeInputs:
+        """One decode token in one launch (``DMSCacheLayer.decode_step``); returns the layer's
+        ``DecodeInputs`` (``.attend(q)`` runs decode attention over it).
 
         ``q`` ``[B, Hq, 1, D]`` is the rotated query (its borrowed channels are zeroed in place),
         ``alphas`` fp32 ``[B, Hkv, 1]`` the borrowed channel before RoPE.
@@ -439,15 +581,15 @@ class DMSCache(Cache):
                 f"append_step adds one token per (batch, KV head) after a prefill; got keys {tuple(keys.shape)}"
             )
         layer.decode_step(q, keys, values, alphas, alpha_scale, alpha_offset, zero_borrowed)
-        return layer.keys, layer.values, layer.starts, layer.lengths, layer.launch_length
+        return layer.decode_inputs()
 
     def append_fused_step(
         self, layer_idx: int, qkv, q_norm_weight, k_norm_weight, eps: float, cos, sin, alpha_scale: float,
         alpha_offset: float, zero_borrowed: bool = True,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    ) -> tuple[torch.Tensor, DecodeInputs]:
         """One decode token from the fused q/k/v projection ``qkv`` ``[B, 1, (Hq + 2 Hkv) * D]`` in one
-        launch (``DMSCacheLayer.fused_step``); returns the rotated query ``[B, Hq, D]`` and what
-        ``append`` returns."""
+        launch (``DMSCacheLayer.fused_step``); returns the rotated query ``[B, Hq, D]`` and the layer's
+        ``DecodeInputs``."""
         layer = self.layers[layer_idx]
         one_token = qkv.numel() // max(qkv.shape[0], 1) == qkv.shape[-1]
         if not layer.is_initialized or qkv.shape[0] != layer.lengths.shape[0] or not one_token:
@@ -455,7 +597,35 @@ class DMSCache(Cache):
                 f"append_fused_step adds one token per sequence after a prefill; got qkv {tuple(qkv.shape)}"
             )
         q = layer.fused_step(qkv, q_norm_weight, k_norm_weight, eps, cos, sin, alpha_scale, alpha_offset, zero_borrowed)
-        return q, (layer.keys, layer.values, layer.starts, layer.lengths, layer.launch_length)
+        return q, layer.decode_inputs()
+
+    def set_batch(self, batch: int) -> None:
+        """A cache on a paged pool decodes slots ``0 .. batch - 1`` from now on (a request stream's batch
+        bucket: slots past the live sequences hold no pages, so their steps read and write nothing)."""
+        if self.pool is None:
+            raise ValueError("set_batch is for a cache on a paged KV pool")
+        if not 1 <= batch <= self.pool.max_seqs:
+            raise ValueError(f"batch must lie in [1, {self.pool.max_seqs}], got {batch}")
+        for layer in self.layers:
+            for name in RING_STATE:
+                setattr(layer, name, None)  # views of the pool already: nothing to carry over
+            layer._bind(batch)
+
+    def admit(self, slot: int, single: DMSCache) -> None:
+        """Copy the prefilled one-sequence cache ``single`` (owning its buffers) into the free slot ``slot`` of
+        this cache's paged pool, whatever the tokens it has seen (a request stream's new request; its
+        positions are the caller's). All or nothing: short of pages, the slot is released and
+        ``PagesExhausted`` raised."""
+        if self.pool is None:
+            raise ValueError("admit is for a cache on a paged KV pool")
+        single.finish_prefill()
+        try:
+            for mine, theirs in zip(self.layers, single.layers, strict=True):
+                mine.copy_in(slot, theirs, same_tokens=False)
+        except BaseException:
+            if slot in self.pool.live_slots:
+                self.pool.release(slot)
+            raise
 
     def prepare_step(self) -> None:
         """The host's work before a decode step (packing a deferred prefill, a re-size when due), done
@@ -464,15 +634,17 @@ class DMSCache(Cache):
             layer._before_step()
 
     @classmethod
-    def stacked(cls, caches: Iterable[DMSCache], *, pool: KVPool | None = None, consume: bool = False) -> DMSCache:
+    def stacked(cls, caches: Iterable[DMSCache], *, pool: PagedKVPool | None = None,
+                consume: bool = False) -> DMSCache:
         """One batch cache from caches of single prefills with the same number of tokens seen: sequence
         i of the result is ``caches[i]``'s batch, in order. A batch is then prefilled sequence by
         sequence (peak memory: one sequence's activations) and decoded together.
 
-        ``pool``: the result lives on this pool (the caches must not be on it themselves). ``caches`` may
-        then be an iterator that prefills each cache when asked, so that the peak is the pool plus one
-        sequence; ``consume``: empty each cache once copied (for caches the caller still references).
-        One cache may be given several times (``[template] * B``) unless ``consume``.
+        ``pool``: the result lives on this paged pool (the caches own their buffers; each is copied into
+        pages of slot i). ``caches`` may then be an iterator that prefills each cache when asked, so that
+        the peak is the pool plus one sequence; ``consume``: empty each cache once copied (for caches the
+        caller still references). One cache may be given several times (``[template] * B``) unless
+        ``consume``.
         """
         if pool is None:
             caches = list(caches)
@@ -487,28 +659,30 @@ class DMSCache(Cache):
             out.layers = [DMSCacheLayer.stacked([c.layers[i] for c in caches]) for i in range(len(first.layers))]
             return out
         out = None
-        pieces: list[list[dict[str, torch.Tensor]]] = []
+        batch = 0
         for cache in caches:
-            if cache.pool is pool:
-                raise ValueError("stacked(pool=...) copies caches into the pool: they must not already be on it")
+            if cache.pool is not None:
+                raise ValueError("stacked(pool=...) copies caches that own their buffers into the pool")
             cache.finish_prefill()
             if out is None:
                 out = cls(len(cache.layers), cache.window, cache.layers[0].capacity_step, pool=pool)
-                pieces = [[] for _ in cache.layers]
             if len(cache.layers) != len(out.layers) or cache.window != out.window:
                 raise ValueError("caches differ in their number of layers or window")
+            if batch >= pool.max_seqs:
+                raise ValueError(f"the KV pool has {pool.max_seqs} sequence slots, the batch has more")
             for i, layer in enumerate(cache.layers):
-                pieces[i].append(out.layers[i].copy_into_pool(layer))
+                out.layers[i].copy_in(batch, layer)
                 if consume:
                     cache.layers[i] = DMSCacheLayer(cache.window, layer.capacity_step)  # freed now
+            batch += 1
         if out is None:
             raise ValueError("stacked() needs at least one cache")
-        for layer, parts in zip(out.layers, pieces, strict=True):
-            layer.adopt(parts)
+        for layer in out.layers:
+            layer._bind(batch)
         return out
 
     @classmethod
-    def repeated(cls, template: DMSCache, batch: int, *, pool: KVPool | None = None,
+    def repeated(cls, template: DMSCache, batch: int, *, pool: PagedKVPool | None = None,
                  consume: bool = False) -> DMSCache:
         """A batch of ``batch`` copies of the single prefilled ``template`` (as ``stacked([template] *
         batch)``), copied layer by layer, on ``pool`` or in buffers of its own; ``consume``: empty each
@@ -516,15 +690,19 @@ class DMSCache(Cache):
         extra sequence)."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        if pool is not None and template.pool is pool:
-            raise ValueError("repeated() copies a cache into the pool: it must not already be on it")
+        if pool is not None and template.pool is not None:
+            raise ValueError("repeated() copies a cache that owns its buffers into the pool")
+        if pool is not None and batch > pool.max_seqs:
+            raise ValueError(f"the KV pool has {pool.max_seqs} sequence slots, fewer than the batch of {batch}")
         template.finish_prefill()
         out = cls(len(template.layers), template.window, template.layers[0].capacity_step, pool=pool)
         for i, layer in enumerate(template.layers):
             if pool is None:
                 out.layers[i] = DMSCacheLayer.stacked([layer] * batch)
             else:
-                out.layers[i].adopt([out.layers[i].copy_into_pool(layer) for _ in range(batch)])
+                for slot in range(batch):
+                    out.layers[i].copy_in(slot, layer)
+                out.layers[i]._bind(batch)
             if consume:
                 template.layers[i] = DMSCacheLayer(template.window, layer.capacity_step)
         return out

@@ -15,9 +15,10 @@ Two owners of graphs:
 ``DecodeGraph``  a cache that owns its buffers: a re-size (every ``capacity_step`` steps) moves them, so
                  the step that re-sizes runs eagerly and the next one captures a new graph; a new cache
                  (a new generation) captures anew.
-``PoolGraphs``   caches on a ``KVPool`` (``dms_perf.model.pool``): buffers and bookkeeping never move, so
-                 one graph per (batch, launch lengths) is captured once and replayed by every later
-                 generation of that batch size, re-sizes included (they run on the host before the replay).
+``PoolGraphs``   caches on a ``PagedKVPool`` (``dms_perf.model.paged``): pages, block tables and the
+                 per-head state never move, so one graph per (batch, launch lengths) is captured once and
+                 replayed by every later generation of that batch size; pages are handed out on the host
+                 before a replay (``DMSCache.prepare_step``), never copied.
 
 The first step of a layout is eager in both: it compiles any kernel the capture would otherwise compile,
 and warms cuBLAS.
@@ -31,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from dms_perf.model.cache import DMSCache
-from dms_perf.model.pool import KVPool
+from dms_perf.model.paged import PagedKVPool
 
 # Arguments a captured step may be called with; any other must be None or False (``generate`` passes
 # ``inputs_embeds=None``), else the step runs eagerly.
@@ -114,7 +115,7 @@ class DecodeGraph:
 
 
 class PoolGraphs:
-    """The decode steps of every cache on one ``KVPool``: one graph per (batch, ``logits_to_keep``,
+    """The decode steps of every cache on one ``PagedKVPool``: one graph per (batch, ``logits_to_keep``,
     launch lengths), kept for the pool's lifetime and shared by its generations.
 
     A key's first step runs eagerly (compiles and warms), its second captures, every later one replays:
@@ -124,7 +125,7 @@ class PoolGraphs:
     copied out before the next.
     """
 
-    def __init__(self, pool: KVPool):
+    def __init__(self, pool: PagedKVPool):
         self.pool = pool
         self.graphs: dict[tuple, CapturedStep] = {}
         self.warm: set[tuple] = set()
@@ -141,7 +142,7 @@ class PoolGraphs:
             raise ValueError("this cache is not on the pool these graphs were captured for")
         if self._cache_seen is None or self._cache_seen() is not cache:
             self._cache_seen, self._eager_only = weakref.ref(cache), eager_only()
-        cache.prepare_step()  # a deferred prefill packing or a re-size: host work, before the key is taken
+        cache.prepare_step()  # a deferred prefill packing or a page hand-out: host work, before the key is taken
         key = (input_ids.shape[0], logits_to_keep, tuple(layer.launch_length for layer in cache.layers))
         captured = self.graphs.get(key)
         if captured is None:

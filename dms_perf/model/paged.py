@@ -31,16 +31,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dms_perf.model.pool import PoolExhausted
-
 NO_PAGE = -1
 # One page per tile of a 64-row decode-attention block; at 8x a 32K-token head holds ~4.6K rows, so a
 # partly filled last page costs it under 1.5%.
 DEFAULT_PAGE_ROWS = 64
 
 
-class PagesExhausted(PoolExhausted):
-    """The paged pool has fewer free pages than an operation needs (nothing was written or handed out)."""
+class PagesExhausted(torch.OutOfMemoryError):
+    """The paged pool has fewer free pages than an operation needs (nothing was written or handed out):
+    an out-of-memory error, reported as an OOM row by the benchmarks."""
 
 
 def _positive_int(name: str, value) -> int:
@@ -110,8 +109,11 @@ class PagedKVPool:
     """
 
     def __init__(self, num_pages: int, page_rows: int, head_dim: int, *, layers: int, max_seqs: int,
-                 kv_heads: int, max_rows_per_head: int, dtype: torch.dtype, device: str | torch.device):
+                 kv_heads: int, max_rows_per_head: int, dtype: torch.dtype, device: str | torch.device,
+                 window: int | None = None):
         _check_page_rows(page_rows)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise ValueError(f"window must be an int >= 0, got {window!r}")
         for name, value in (("num_pages", num_pages), ("head_dim", head_dim), ("layers", layers),
                             ("max_seqs", max_seqs), ("kv_heads", kv_heads), ("max_rows_per_head", max_rows_per_head)):
             _positive_int(name, value)
@@ -126,7 +128,15 @@ class PagedKVPool:
             self.block_table = torch.full((*heads, self.max_pages_per_head), NO_PAGE, dtype=torch.int32,
                                           device=device)
             self.lengths = torch.zeros(heads, dtype=torch.int32, device=device)
+            # The DMS cache's per-head decode state (dms_perf.model.cache): the ring of the last
+            # window + 1 tokens' slots and flags, and each head's next token index.
+            self.window = window
+            if window is not None:
+                self.ring_slot = torch.zeros((*heads, window + 1), dtype=torch.int64, device=device)
+                self.ring_flag = torch.zeros((*heads, window + 1), dtype=torch.bool, device=device)
+                self.step_index = torch.zeros((layers, max_seqs * kv_heads), dtype=torch.int64, device=device)
         self.device = self.keys.device
+        self.epoch = 0  # bumped by begin(): which DMSCache owns the slots
         # Host state. The free list is a stack: pages _free[:_free_count] are free.
         self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int64)
         self._free_count = num_pages
@@ -136,6 +146,8 @@ class PagedKVPool:
         self._since = np.zeros(max_seqs, dtype=np.int64)  # decode steps per slot since then
         self._room = np.zeros(max_seqs, dtype=np.int64)  # steps every head of the slot has pages for
         self._live = np.zeros(max_seqs, dtype=bool)
+        self._admitted = np.zeros(max_seqs, dtype=np.int64)  # admissions per slot (a trim skips changed slots)
+        self._snapshot = None  # request_trim's lengths on their way to the host
         self._peak = 0
 
     # --- sizing --------------------------------------------------------------------------------------
@@ -146,9 +158,12 @@ class PagedKVPool:
         return 2 * page_rows * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
-    def table_bytes(layers: int, max_seqs: int, kv_heads: int, max_pages_per_head: int) -> int:
-        """Bytes of the block table and the lengths (int32 each)."""
-        return 4 * layers * max_seqs * kv_heads * (max_pages_per_head + 1)
+    def table_bytes(layers: int, max_seqs: int, kv_heads: int, max_pages_per_head: int,
+                    window: int | None = None) -> int:
+        """Bytes of the per-head state: block table and lengths (int32 each), and with a ``window`` the
+        DMS ring (``window + 1`` int64 slots and bool flags) and step index (int64)."""
+        ring = 0 if window is None else 9 * (window + 1) + 8
+        return layers * max_seqs * kv_heads * (4 * (max_pages_per_head + 1) + ring)
 
     @classmethod
     def for_budget(cls, source, budget_bytes: int, *, max_seqs: int, page_rows: int = DEFAULT_PAGE_ROWS,
@@ -158,8 +173,9 @@ class PagedKVPool:
 
         ``source`` is a Qwen3-DMS model (dtype and device default to its parameters') or its config
         (``dtype`` and ``device`` then required). Layers, KV heads and ``head_dim`` come from the config,
-        ``max_rows_per_head`` defaults to its ``max_position_embeddings``. The budget pays for the block
-        table and lengths first (``table_bytes``), then for as many pages as fit (``page_bytes``); a
+        ``max_rows_per_head`` defaults to its ``max_position_embeddings``, the DMS ``window`` is its
+        ``dms_window_size`` (none for another config). The budget pays for the per-head state first
+        (``table_bytes``), then for as many pages as fit (``page_bytes``); a
         budget that holds no page is a ValueError.
         """
         config = getattr(source, "config", source)
@@ -174,7 +190,8 @@ class PagedKVPool:
         max_rows_per_head = config.max_position_embeddings if max_rows_per_head is None else max_rows_per_head
         _positive_int("max_rows_per_head", max_rows_per_head)
         layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        table = cls.table_bytes(layers, max_seqs, kv_heads, _pages_for(max_rows_per_head, page_rows))
+        window = getattr(config, "dms_window_size", None)
+        table = cls.table_bytes(layers, max_seqs, kv_heads, _pages_for(max_rows_per_head, page_rows), window)
         page = cls.page_bytes(page_rows, head_dim, dtype)
         num_pages = (int(budget_bytes) - table) // page
         if num_pages < 1:
@@ -183,7 +200,25 @@ class PagedKVPool:
                 f"({max_seqs} sequences, {layers} layers x {kv_heads} KV heads) and a page {page} bytes"
             )
         return cls(num_pages, page_rows, head_dim, layers=layers, max_seqs=max_seqs, kv_heads=kv_heads,
-                   max_rows_per_head=max_rows_per_head, dtype=dtype, device=device)
+                   max_rows_per_head=max_rows_per_head, dtype=dtype, device=device, window=window)
+
+    @staticmethod
+    def pages_for_rows(rows, page_rows: int = DEFAULT_PAGE_ROWS) -> int:
+        """Pages that heads of ``rows`` rows (an integer array) hold in all."""
+        return int(_pages_for(np.asarray(rows, dtype=np.int64), page_rows).sum())
+
+    @classmethod
+    def budget_for_pages(cls, source, pages: int, *, max_seqs: int, page_rows: int = DEFAULT_PAGE_ROWS,
+                         max_rows_per_head: int | None = None, dtype: torch.dtype | None = None) -> int:
+        """The memory budget for which ``for_budget`` (same arguments) gives a pool of ``pages`` pages."""
+        config = getattr(source, "config", source)
+        if dtype is None:
+            dtype = next(source.parameters()).dtype
+        _positive_int("pages", pages)
+        max_rows_per_head = config.max_position_embeddings if max_rows_per_head is None else max_rows_per_head
+        table = cls.table_bytes(config.num_hidden_layers, max_seqs, config.num_key_value_heads,
+                                _pages_for(max_rows_per_head, page_rows), getattr(config, "dms_window_size", None))
+        return table + pages * cls.page_bytes(page_rows, config.head_dim, dtype)
 
     # --- accounting ----------------------------------------------------------------------------------
 
@@ -209,7 +244,7 @@ class PagedKVPool:
     def nbytes(self) -> int:
         """Device bytes the pool allocated: pages, block table and lengths."""
         return (self.num_pages * self.page_bytes(self.page_rows, self.head_dim, self.dtype)
-                + self.table_bytes(self.layers, self.max_seqs, self.kv_heads, self.max_pages_per_head))
+                + self.table_bytes(self.layers, self.max_seqs, self.kv_heads, self.max_pages_per_head, self.window))
 
     @property
     def live_slots(self) -> list[int]:
@@ -234,6 +269,7 @@ class PagedKVPool:
         elif self._live[slot]:
             raise ValueError(f"slot {slot} already holds a live sequence")
         self._live[slot] = True
+        self._admitted[slot] += 1
         self._since[slot] = self._room[slot] = 0
         return slot
 
@@ -262,6 +298,83 @@ class PagedKVPool:
         flat = np.ravel_multi_index((layer, np.full_like(layer, slot), head), self._rows.shape)
         self._write(self.lengths, flat, rows.ravel())
         self._update_room()
+
+    def prefill_layer(self, layer: int, slots, rows) -> None:
+        """``prefill`` for one layer of several freshly admitted sequences: ``rows`` ``[len(slots),
+        kv_heads]`` (host integers) are the row counts of layer ``layer``'s heads in those slots. A DMS
+        cache packs its prefill layer by layer, so it hands out pages layer by layer. Same errors."""
+        slots = np.asarray([self._check_live(int(s)) for s in slots], dtype=np.int64)
+        rows = np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64)
+        if not 0 <= layer < self.layers:
+            raise ValueError(f"layer must lie in [0, {self.layers}), got {layer!r}")
+        if rows.shape != (slots.size, self.kv_heads):
+            raise ValueError(f"rows must be [slots, kv_heads] = [{slots.size}, {self.kv_heads}], got {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() > self.max_rows_per_head):
+            raise ValueError(f"row counts must lie in [0, {self.max_rows_per_head}], got {rows.min()}..{rows.max()}")
+        if self._rows[layer, slots].any() or self._since[slots].any():
+            raise ValueError(f"layer {layer} of slots {slots.tolist()} already holds rows: a sequence is "
+                             "prefilled once, right after admit")
+        need = np.zeros_like(self._pages)
+        need[layer, slots] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[layer, slots], 0)
+        self._hand_out(need)
+        self._rows[layer, slots] = rows
+        flat = np.ravel_multi_index((np.full(rows.size, layer), np.repeat(slots, self.kv_heads),
+                                     np.tile(np.arange(self.kv_heads), slots.size)), self._rows.shape)
+        self._write(self.lengths, flat, rows.ravel())
+        self._update_room()
+
+    def move(self, source: int, dest: int) -> None:
+        """Move the live sequence in slot ``source`` to the free slot ``dest``: its block tables, lengths, DMS
+        ring and step index (device copies of a few integers per head, no K/V row moves) and its host
+        state. A request stream keeps its live sequences in the lowest slots with it, so that a decode
+        step runs on as small a batch as the live sequences allow."""
+        source, dest = self._check_live(source), int(dest)
+        if not 0 <= dest < self.max_seqs or self._live[dest]:
+            raise ValueError(f"slot {dest!r} must be a free slot in [0, {self.max_seqs})")
+        if self._snapshot is not None:  # its lengths are per slot: a moved sequence would keep stale ones
+            self._snapshot = None
+        self.block_table[:, dest].copy_(self.block_table[:, source])
+        self.lengths[:, dest].copy_(self.lengths[:, source])
+        if self.window is not None:
+            self.ring_slot[:, dest].copy_(self.ring_slot[:, source])
+            self.ring_flag[:, dest].copy_(self.ring_flag[:, source])
+            H = self.kv_heads
+            self.step_index[:, dest * H : (dest + 1) * H].copy_(self.step_index[:, source * H : (source + 1) * H])
+        for state in (self._table, self._pages, self._rows):
+            state[:, dest] = state[:, source]
+        self._table[:, source] = NO_PAGE
+        self._pages[:, source] = self._rows[:, source] = 0
+        for state in (self._since, self._room, self._live):
+            state[dest] = state[source]
+        self._admitted[dest] += 1
+        self._since[source] = self._room[source] = 0
+        self._live[source] = False
+        self.block_table[:, source].fill_(NO_PAGE)
+        self.lengths[:, source].zero_()
+
+    def begin(self) -> int:
+        """Release every live sequence (a new DMS cache takes the pool); returns the new epoch, by which
+        the previous cache knows it was closed."""
+        for slot in self.live_slots:
+            self.release(slot)
+        self.epoch += 1
+        return self.epoch
+
+    def room(self, slots: int) -> int:
+        """Decode steps the live sequences among slots ``0 .. slots - 1`` all have pages for (host only)."""
+        live = self._live[:slots]
+        return int(self._room[:slots][live].min()) if live.any() else 0
+
+    def longest_bound(self, layer: int, slots: int) -> int:
+        """A host-known upper bound of the rows any head of layer ``layer`` in slots ``0 .. slots - 1``
+        holds: its length at the last prefill or ``trim`` plus the decode steps since."""
+        bound = self._rows[layer, :slots] + self._since[:slots, None]
+        return int(min(bound.max(initial=0), self.max_rows_per_head))
+
+    def pages_of(self, slots: int, layer: int | None = None) -> int:
+        """Pages held by the sequences in slots ``0 .. slots - 1`` (of one layer, or all)."""
+        held = self._pages[:, :slots] if layer is None else self._pages[layer, :slots]
+        return int(held.sum())
 
     def release(self, slot: int) -> None:
         """End the sequence in ``slot``: all its pages return to the free list, its block-table entries
@@ -312,13 +425,41 @@ class PagedKVPool:
         self._since[self._live] += steps
         self._room[self._live] -= steps
 
-    def trim(self) -> None:
-        """Read the device lengths back (one host sync) and return every page past a live head's last
-        row: the pages ``reserve_ahead`` gave for appends that slot reuse made unnecessary. The bounds
-        become the exact lengths. Call between decode steps; ``reserve_ahead`` again before the next."""
-        lengths = self.lengths.cpu().numpy().astype(np.int64)
-        live = self._live[None, :, None]
-        keep = np.where(live, _pages_for(lengths, self.page_rows), 0)
+    def request_trim(self) -> None:
+        """Start reading the device lengths back without waiting: a copy into pinned host memory in
+        stream order (on CUDA), which a later ``trim(wait=False)`` applies once it has landed. A decode
+        loop requests at one page hand-out and trims at the next, so it never waits for the device."""
+        if self.device.type == "cuda":
+            host = torch.empty(self.lengths.shape, dtype=torch.int32, pin_memory=True)
+            host.copy_(self.lengths, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = self.lengths.clone(), None
+        self._snapshot = (host, ready, self._since.copy(), self._admitted.copy())
+
+    def trim(self, *, wait: bool = True) -> bool:
+        """Return every page past what a live head may hold: the pages ``reserve_ahead`` gave for appends
+        that slot reuse made unnecessary. Applies the lengths ``request_trim`` read back (requesting them
+        now if it was not asked); a head's bound becomes its length then plus the decode steps since.
+        ``wait=False``: do nothing and return False while the read-back is still on its way (no host
+        sync); else returns True. Slots released or admitted since the request keep their bounds."""
+        if self._snapshot is None:
+            if not wait:
+                return False
+            self.request_trim()
+        host, ready, since_then, admitted_then = self._snapshot
+        if ready is not None and not ready.query():
+            if not wait:
+                return False
+            ready.synchronize()
+        self._snapshot = None
+        lengths = host.numpy().astype(np.int64)
+        valid = self._live & (self._admitted == admitted_then)
+        since = np.where(valid, self._since - since_then, self._since)
+        rows = np.where(valid[None, :, None], lengths, self._rows)
+        bound = np.minimum(rows + since[None, :, None], self.max_rows_per_head)
+        keep = np.where(self._live[None, :, None], np.minimum(_pages_for(bound, self.page_rows), self._pages), 0)
         column = np.arange(self.max_pages_per_head)
         surplus = (column >= keep[..., None]) & (self._table != NO_PAGE)
         flat = np.flatnonzero(surplus)
@@ -327,10 +468,11 @@ class PagedKVPool:
         self._free_count += pages.size
         self._table.reshape(-1)[flat] = NO_PAGE
         self._write(self.block_table, flat, np.full_like(flat, NO_PAGE))
-        self._pages = np.minimum(self._pages, keep)
-        self._rows = np.where(live, lengths, 0)
-        self._since[:] = 0
+        self._pages = keep
+        self._rows = np.where(self._live[None, :, None], rows, 0)
+        self._since = np.where(self._live, since, 0)
         self._update_room()
+        return True
 
     # --- reading -------------------------------------------------------------------------------------
 

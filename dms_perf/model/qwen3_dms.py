@@ -27,8 +27,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, apply_rotar
 
 from dms_perf.model.cache import DEFAULT_CAPACITY_STEP, DMSCache, DMSReferenceCache
 from dms_perf.model.graph import GRAPH_KWARGS, DecodeGraph, PoolGraphs
-from dms_perf.model.pool import KVPool
-from dms_perf.ops.decode import dms_decode_attention, hub_decode_attention
+from dms_perf.model.paged import PagedKVPool
+from dms_perf.ops.decode import hub_decode_attention
 from dms_perf.ops.linear import decode_linear
 from dms_perf.ops.prefill import IMPLS, dms_prefill_attention
 from dms_perf.ops.prefill.math_impl import math_attention
@@ -169,7 +169,7 @@ class Qwen3DMSAttention(Qwen3Attention):
         cached = cache.append_step(
             self.layer_idx, q, k, v, alphas, config.dms_alpha_scale, self.alpha_offset, self.dms_borrow_channel
         )
-        return dms_decode_attention(q[:, :, 0], *cached, scale=self.scaling)[:, :, None]
+        return cached.attend(q[:, :, 0], scale=self.scaling)[:, :, None]
 
 
     def _fused_step_norms(self) -> float | None:
@@ -188,7 +188,7 @@ class Qwen3DMSAttention(Qwen3Attention):
             self.layer_idx, qkv, self.q_norm.weight, self.k_norm.weight, eps, cos, sin,
             self.config.dms_alpha_scale, self.alpha_offset, self.dms_borrow_channel,
         )
-        return dms_decode_attention(q, *cached, scale=self.scaling)
+        return cached.attend(q, scale=self.scaling)
 
 
 def _require_cache(cache, cls, backend):
@@ -215,7 +215,7 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         self._decode_graph: DecodeGraph | None = None
         # The decode engine's KV pool (use_kv_pool): caches made by the model live on it, and their
         # decode graphs (PoolGraphs) are captured once per batch size and reused by later generations.
-        self.dms_pool: KVPool | None = None
+        self.dms_pool: PagedKVPool | None = None
         self._pool_graphs: PoolGraphs | None = None
         self.set_dms_backend("triton")
 
@@ -245,22 +245,29 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         self._decode_graph = None
         self._pool_graphs = None
 
-    def use_kv_pool(self, pool: KVPool | None) -> None:
-        """Make the model's caches on ``pool`` (None: caches own their buffers, as by default).
+    def use_kv_pool(self, pool: PagedKVPool | None) -> None:
+        """Make the model's caches on the paged ``pool`` (None: caches own their buffers, as by default).
 
         The decode engine: with a pool, a batch size's decode graph is captured once and replayed by
-        every later generation (``dms_perf.model.graph.PoolGraphs``). Each new cache takes the whole pool,
-        closing the previous one. ``generate`` reserves ``max_new_tokens`` decode rows per head, so a
-        generation on a pool never re-sizes.
+        every later generation (``dms_perf.model.graph.PoolGraphs``), and each head's memory follows its
+        kept tokens page by page for any output length. Each new cache takes the whole pool, closing the
+        previous one. Size it with ``PagedKVPool.for_budget(model, budget_bytes, max_seqs=...)``.
         """
         if pool is not None:
-            if pool.head_dim != self.config.head_dim or pool.dtype != self.dtype:
+            if not isinstance(pool, PagedKVPool):
+                raise TypeError(f"use_kv_pool takes a PagedKVPool, got {type(pool).__name__}")
+            config = self.config
+            if (pool.head_dim, pool.dtype, pool.layers, pool.kv_heads, pool.window) != (
+                    config.head_dim, self.dtype, config.num_hidden_layers, config.num_key_value_heads,
+                    config.dms_window_size):
                 raise ValueError(
-                    f"the pool holds head_dim {pool.head_dim} {pool.dtype}; the model needs "
-                    f"{self.config.head_dim} {self.dtype}"
+                    f"the pool holds {pool.layers} layers x {pool.kv_heads} KV heads of head_dim {pool.head_dim} "
+                    f"{pool.dtype}, window {pool.window}; the model needs {config.num_hidden_layers} x "
+                    f"{config.num_key_value_heads} of {config.head_dim} {self.dtype}, window {config.dms_window_size}"
                 )
-            if self.dms_backend == "math":
-                raise ValueError("the math reference backend keeps every K/V (DMSReferenceCache), not a pool")
+            if self.dms_backend not in TRITON_DECODE_BACKENDS:
+                raise ValueError(f"a paged KV pool decodes with the triton step: backends {TRITON_DECODE_BACKENDS}, "
+                                 f"not {self.dms_backend!r}")
         self.dms_pool = pool
         self._pool_graphs = None
 
@@ -356,9 +363,7 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
 
     def generate(self, *args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            reserve = kwargs.get("max_new_tokens") if self.dms_pool is not None else None
-            step = max(self.dms_capacity_step, reserve) if isinstance(reserve, int) else None
-            kwargs["past_key_values"] = self.make_dms_cache(capacity_step=step)
+            kwargs["past_key_values"] = self.make_dms_cache()
         return super().generate(*args, **kwargs)
 
 

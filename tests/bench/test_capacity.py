@@ -107,9 +107,10 @@ def test_consuming_repeated_matches_stacked_and_empties_the_template():
 def test_repeated_on_a_pool_decodes_as_stacked():
     """The engine's fill: the batch copied layer by layer into a pool of exactly its rows decodes token for
     token as the stacked batch with buffers of its own."""
+    from dms_perf.bench.batch_search import batch_pages
+    from dms_perf.bench.generation import engine_pool
     from dms_perf.bench.methods import load_model_for, resolve_method
     from dms_perf.model.cache import DMSCache
-    from dms_perf.model.pool import KVPool
 
     model, _ = load_model_for("tiny", resolve_method("dms-triton"), dtype=torch.float32, device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
@@ -117,13 +118,15 @@ def test_repeated_on_a_pool_decodes_as_stacked():
         out = [model(input_ids=ids, past_key_values=model.make_dms_cache(), use_cache=True, logits_to_keep=1)
                for _ in range(2)]
         template, reference = (o.past_key_values for o in out)
-        pool = KVPool.for_model(model, rows=3 * template.segment_rows())
+        pool = engine_pool(model, max_seqs=3, pages=batch_pages(model, template, 3))
+        model.use_kv_pool(None)
         assert template.to("cpu") is template  # where a GPU run parks it while the pool is allocated
         filled = DMSCache.repeated(template, 3, consume=True, pool=pool)
         with pytest.raises(ValueError, match="cannot move"):
             filled.to("cpu")
         expected = DMSCache.stacked([reference] * 3)
-        assert pool.used == pool.rows and filled.layers[0].keys is pool.keys
+        assert filled.layers[0].keys.data_ptr() == pool.keys.data_ptr()
+        assert pool.pages_in_use == sum(pool.pages_held(slot) for slot in range(3)) <= pool.num_pages
         assert all(not layer.is_initialized for layer in template.layers)
         runs = []
         for cache in (filled, expected):

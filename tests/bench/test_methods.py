@@ -209,7 +209,7 @@ def test_prepare_sets_every_switch_a_method_depends_on(models):
     """Whatever an earlier method (or a test) left on the shared model, ``prepare`` puts back the state the
     method was built in: offset, borrowed channel, spare rows, no pool, no captured graph."""
     from dms_perf.model.cache import DEFAULT_CAPACITY_STEP
-    from dms_perf.model.pool import KVPool
+    from dms_perf.bench.generation import engine_pool
 
     method = resolve_method("dms-triton")
     model = models(method)
@@ -217,7 +217,7 @@ def test_prepare_sets_every_switch_a_method_depends_on(models):
     model.config.dms_initial_alpha_offset = 0.0
     model.set_dms_borrowed_channel(False)
     model.dms_capacity_step = 3
-    model.use_kv_pool(KVPool.for_model(model, rows=8))
+    engine_pool(model, max_seqs=1, budget_bytes=2**22)
     model._decode_graph = object()
     method.prepare(model)
     assert model.config.dms_initial_alpha_offset == loaded and model.dms_backend == "triton"

@@ -144,7 +144,7 @@ def _doubled_mlp_residual(layer):
 def _engine_against_fp32(evict: bool) -> None:
     """One mode of the test below (eviction calibrated to 8x, or off)."""
     from dms_perf.model.calibrate import calibrate_dms
-    from dms_perf.model.pool import KVPool
+    from dms_perf.bench.generation import engine_pool
     from dms_perf.model.qwen3_dms import qwen3_8b_config
 
     config = qwen3_8b_config()
@@ -172,7 +172,7 @@ def _engine_against_fp32(evict: bool) -> None:
     engine.set_dms_eviction(evict)
     apply_engine_fusions(engine)
     assert engine.dms_fused_kernels and engine.dms_fused_projections
-    engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000))
+    engine_pool(engine, max_seqs=1, budget_bytes=20 * 2**30)
     for _ in range(2):  # the second generation replays the graphs the first captured
         got = teacher_forced_logits(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
     assert engine._pool_graphs.replays >= 29 and engine._pool_graphs.captures >= 1
@@ -185,7 +185,7 @@ def _engine_against_fp32(evict: bool) -> None:
     _doubled_mlp_residual(engine.model.layers[-1])
     engine.use_kv_pool(None)
     torch.cuda.empty_cache()
-    engine.use_kv_pool(KVPool.for_model(engine, rows=40_000_000))  # graphs captured anew, with the fault
+    engine_pool(engine, max_seqs=1, budget_bytes=20 * 2**30)  # graphs captured anew, with the fault
     faulty = teacher_forced_logits(engine, ids, tokens, engine.make_dms_cache(capacity_step=64))
     assert rel_error(faulty, reference) > ENGINE_VS_FP32 * plain_error, (
         f"the planted fault went unnoticed: {rel_error(faulty, reference):.4g} vs {plain_error:.4g}"

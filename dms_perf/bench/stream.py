@@ -1,0 +1,235 @@
+"""A stream of requests that end at different lengths, decoded together on the engine's paged KV pool
+(``dms-perf bench --requests N --output-lengths 2k-16k``).
+
+Each request is a prompt of the context length and an output length drawn (seeded) from a stated uniform
+range. A request is admitted whenever a sequence slot is free and the pool's free pages hold its prompt
+plus one hand-out ahead (``admission_pages``) beyond a watermark kept for the running sequences' growth;
+it is prefilled on its own and copied into the pool (``DMSCache.admit``), then decoded with every running
+sequence in one batch. A finished request returns its pages at once and the last running sequence moves
+into its slot (``PagedKVPool.move``: block tables, not rows), so the live sequences always occupy the
+lowest slots and a step runs on the smallest batch bucket (``BUCKETS``) that holds them; the engine keeps
+one CUDA graph per bucket. If the running sequences outgrow the pool, the newest is preempted: its pages
+return, it goes back to the head of the queue and is generated again from its prompt later (vLLM's
+recompute preemption), so the cache is never corrupted and the stream always completes.
+
+Reported: total generated tokens per second (completed requests' tokens over the wall time, prefills
+included), requests completed per minute, the most pages in use, preemptions, and the number of running
+sequences against time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dms_perf.bench.timing import synchronize
+
+# Batch sizes a step runs at: the smallest that holds the running sequences (one CUDA graph each).
+SMALL_BUCKETS = (1, 2, 4, 8)
+BUCKET_STEP = 8
+
+
+def bucket_for(running: int, max_seqs: int) -> int:
+    """The batch a step with ``running`` live sequences runs at: 1, 2, 4, 8, then multiples of 8, at most
+    ``max_seqs``."""
+    if running < 1:
+        raise ValueError(f"running must be >= 1, got {running}")
+    bucket = next((b for b in SMALL_BUCKETS if b >= running), -(-running // BUCKET_STEP) * BUCKET_STEP)
+    return min(bucket, max_seqs)
+
+
+def parse_output_lengths(text: str) -> tuple[int, int]:
+    """``"2k-16k"`` -> (2048, 16384); one value ``"4k"`` is a fixed length. ValueError names the problem."""
+    from dms_perf.bench.options import parse_token_count
+
+    parts = str(text).split("-")
+    if len(parts) not in (1, 2) or not all(p.strip() for p in parts):
+        raise ValueError(f"--output-lengths takes LOW-HIGH (e.g. 2k-16k) or one length, got {text!r}")
+    low, high = (parse_token_count(p.strip()) for p in (parts * 2)[:2])
+    if low < 2 or high < low:
+        raise ValueError(f"--output-lengths needs 2 <= LOW <= HIGH tokens, got {text!r}")
+    return low, high
+
+
+@dataclass
+class Request:
+    index: int
+    prompt: torch.Tensor  # [1, L] ids
+    output_length: int  # tokens to generate, the prefill's first token included
+    admitted_at: float | None = None
+    finished_at: float | None = None
+    preempted: int = 0
+
+
+@dataclass
+class StreamRun:
+    """What a stream measured (``as_row`` gives the bench row's figures)."""
+
+    requests: int
+    completed: int
+    wall_s: float
+    generated_tokens: int
+    peak_pages: int
+    page_bytes: int
+    pool_bytes: int
+    max_running: int
+    preemptions: int
+    steps: int
+    trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "completed": self.completed, "wall_s": self.wall_s,
+            "total_tok_s": self.generated_tokens / self.wall_s if self.wall_s > 0 else None,
+            "requests_per_min": 60 * self.completed / self.wall_s if self.wall_s > 0 else None,
+            "generated_tokens": self.generated_tokens, "peak_pages": self.peak_pages,
+            "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
+            "max_running": self.max_running, "preemptions": self.preemptions, "decode_steps": self.steps,
+            "stream_trace": self.trace,
+        }
+
+
+def make_requests(count: int, prompt_length: int, output_lengths: tuple[int, int], *, vocab_size: int,
+                  seed: int) -> list[Request]:
+    """``count`` requests: random prompts of ``prompt_length`` ids and output lengths uniform in the inclusive
+    range ``output_lengths``, all from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = output_lengths
+    lengths = torch.randint(low, high + 1, (count,), generator=generator).tolist()
+    return [Request(i, torch.randint(0, vocab_size, (1, prompt_length), generator=generator), n)
+            for i, n in enumerate(lengths)]
+
+
+def admission_pages(single, pool) -> int:
+    """Pages a prefilled one-sequence cache takes when admitted, with one hand-out (``capacity_step`` rows per
+    head) ahead."""
+    lengths = torch.stack([single.head_lengths(i) for i in range(len(single.layers))]).long().cpu()
+    step = single.layers[0].capacity_step
+    return pool.pages_for_rows((lengths + step).clamp(max=pool.max_rows_per_head).numpy(), pool.page_rows)
+
+
+def run_stream(model, requests: list[Request], *, on_progress: Callable[[str], None] | None = None,
+               trace_every: int = 16) -> StreamRun:
+    """Generate every request greedily on ``model``'s paged pool (``model.use_kv_pool``; the pool's
+    ``max_seqs`` caps the running sequences). See the module docstring. Raises ``PagesExhausted`` only if
+    a single request cannot run alone in the pool."""
+    from dms_perf.model.paged import PagesExhausted
+
+    pool = model.dms_pool
+    if pool is None:
+        raise ValueError("run_stream needs a model on a paged KV pool (model.use_kv_pool)")
+    device = next(model.parameters()).device
+    max_seqs = pool.max_seqs
+    layer_pages = pool.layers * pool.kv_heads * -(-model.dms_capacity_step // pool.page_rows)
+    queue = deque(requests)
+    running: list[Request] = []  # running[i] decodes in slot i
+    made = [0] * max_seqs  # tokens generated so far per slot (the first comes from the prefill)
+    tokens = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
+    positions = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
+    cache = model.make_dms_cache()
+    run = StreamRun(len(requests), 0, 0.0, 0, 0, pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype),
+                    pool.nbytes, 0, 0, 0)
+    batch = 0
+    synchronize()
+    start = time.perf_counter()
+
+    def finish(slot: int, now: float) -> None:
+        request = running[slot]
+        request.finished_at = now
+        run.completed += 1
+        run.generated_tokens += request.output_length
+        pool.release(slot)
+        last = len(running) - 1
+        if slot != last:  # keep the running sequences in the lowest slots
+            pool.move(last, slot)
+            tokens[slot] = tokens[last]
+            positions[slot] = positions[last]
+            made[slot] = made[last]
+            running[slot] = running[last]
+        running.pop()
+
+    staged = None  # the queue head's prefill (request, its one-sequence cache, first token), while it waits
+
+    def admit() -> bool:
+        """Admit the next queued request if a slot and its pages (beyond the running ones' watermark) are free."""
+        nonlocal staged
+        if not queue or len(running) >= max_seqs:
+            return False
+        request = queue[0]
+        if staged is None or staged[0] is not request:
+            single = model.make_dms_cache(pooled=False)
+            out = model(input_ids=request.prompt.to(device), past_key_values=single, use_cache=True,
+                        logits_to_keep=1)
+            staged = (request, single, out.logits[0, -1].argmax(-1))
+        _, single, first = staged
+        if running and admission_pages(single, pool) + layer_pages * len(running) > pool.free_pages:
+            return False
+        slot = len(running)
+        try:
+            cache.admit(slot, single)
+        except PagesExhausted:
+            if running:
+                return False
+            raise
+        staged = None
+        queue.popleft()
+        request.admitted_at = time.perf_counter() - start
+        tokens[slot] = first
+        positions[slot] = request.prompt.shape[1]
+        made[slot] = 1
+        running.append(request)
+        if request.output_length <= 1:
+            finish(slot, request.admitted_at)
+        return True
+
+    with torch.inference_mode():
+        while queue or running:
+            while admit():
+                pass
+            if not running:
+                continue
+            wanted = bucket_for(len(running), max_seqs)
+            if wanted != batch:
+                batch = wanted
+                cache.set_batch(batch)
+            try:
+                cache.prepare_step()  # page hand-out for the step (host only); may run out
+            except PagesExhausted:
+                if len(running) == 1:
+                    raise  # one request alone outgrows the pool: no stream can complete
+                victim = running[-1]  # the newest: its progress is dropped, its prompt queued again
+                victim.preempted += 1
+                run.preemptions += 1
+                pool.release(len(running) - 1)
+                running.pop()
+                queue.appendleft(victim)
+                continue
+            out = model(input_ids=tokens[:batch], past_key_values=cache, position_ids=positions[:batch],
+                        use_cache=True)
+            tokens[:batch] = out.logits[:, -1:].argmax(-1)
+            positions[:batch] += 1
+            run.steps += 1
+            now = time.perf_counter() - start
+            for slot in range(len(running)):
+                made[slot] += 1
+            for slot in reversed(range(len(running))):  # from the top, so that moves fill finished slots
+                if made[slot] >= running[slot].output_length:
+                    finish(slot, now)
+            run.peak_pages = max(run.peak_pages, pool.pages_in_use)
+            run.max_running = max(run.max_running, len(running))
+            if run.steps % trace_every == 0:
+                for key, value in zip(("time_s", "running", "pages"), (now, len(running), pool.pages_in_use),
+                                      strict=True):
+                    run.trace[key].append(value)
+                if on_progress is not None:
+                    on_progress(f"{run.completed}/{run.requests} requests done, {len(running)} running, "
+                                f"{pool.pages_in_use}/{pool.num_pages} pages")
+    synchronize()
+    run.wall_s = time.perf_counter() - start
+    run.peak_pages = max(run.peak_pages, pool.peak_pages_in_use)
+    return run
