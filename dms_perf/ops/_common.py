@@ -141,6 +141,8 @@ def check_index_tensor(name: str, t, length: int, data_name: str, data: torch.Te
 
 # CUDA limits the second grid dimension, which indexes rows (N or B*H) in the row-wise kernels.
 MAX_GRID_ROWS = 65535
+# ... and the first to 2**31 - 1 programs.
+MAX_GRID_AXIS_0 = 2**31 - 1
 
 
 def check_grid_rows(name: str, rows: int) -> None:
@@ -248,3 +250,45 @@ def count_chunks(mask_rows: torch.Tensor, chunk: int, n_chunks: int) -> torch.Te
         mask_rows.view(torch.uint8), counts, seq_len, chunk, n_chunks, COUNT_BLOCK=COUNT_BLOCK
     )
     return counts
+
+
+def check_cache_addressing(op: str, starts, block_table, page_rows, heads: tuple[int, int], rows: int,
+                           device: torch.device) -> None:
+    """How the decode kernels find a head's cache rows: ``starts`` (contiguous segments) or ``block_table``
+    with ``page_rows`` (pages), exactly one of the two.
+
+    ``heads`` is ``(B, Hkv)``, ``rows`` the row count of the K/V buffers (paged: ``num_pages *
+    page_rows``), ``device`` the other inputs'. ``starts``: int64 ``[B, Hkv]``; ``block_table``: int32
+    ``[B, Hkv, max_pages]`` (any strides), ``page_rows`` a power of two dividing ``rows``.
+    """
+    if (starts is None) == (block_table is None):
+        given = "both" if starts is not None else "neither"
+        raise ValueError(f"{op}: give starts (a contiguous cache) or block_table (a paged cache), got {given}")
+    if block_table is None:
+        if page_rows is not None:
+            raise ValueError(f"{op}: page_rows={page_rows!r} goes with a block_table, and none was given")
+        check_tensor("starts", starts)
+        if starts.dtype != torch.int64:
+            raise TypeError(f"{op}: starts must be an int64 tensor, got {starts.dtype}")
+        if tuple(starts.shape) != tuple(heads):
+            raise ValueError(f"{op}: starts must be [B, Hkv] = {tuple(heads)} like lengths, got {tuple(starts.shape)}")
+        if starts.device != device:
+            raise ValueError(f"{op}: starts is on {starts.device} but the other inputs are on {device}")
+        return
+    check_tensor("block_table", block_table)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"{op}: block_table must be an int32 tensor, got {block_table.dtype}")
+    if block_table.dim() != 3 or tuple(block_table.shape[:2]) != tuple(heads) or block_table.shape[2] < 1:
+        raise ValueError(
+            f"{op}: block_table must be [B, Hkv, max_pages] with [B, Hkv] = {tuple(heads)} and max_pages >= 1, "
+            f"got {tuple(block_table.shape)}"
+        )
+    if block_table.device != device:
+        raise ValueError(f"{op}: block_table is on {block_table.device} but the other inputs are on {device}")
+    if isinstance(page_rows, bool) or not isinstance(page_rows, int) or page_rows < 1 or page_rows & (page_rows - 1):
+        raise ValueError(f"{op}: page_rows must be a power of two with a block_table, got {page_rows!r}")
+    if rows % page_rows:
+        raise ValueError(
+            f"{op}: the paged K/V buffers must be whole pages viewed as [num_pages * page_rows, D]; "
+            f"{rows} rows are not a multiple of page_rows={page_rows}"
+        )

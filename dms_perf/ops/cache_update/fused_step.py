@@ -9,7 +9,8 @@ From the fused projection's output row ``qkv`` ``[B, (Hq + 2 Hkv) * D]`` of each
    first query head; ``a * alpha_scale > alpha_offset``), and, unless ``zero_borrowed`` is off, that
    channel set to 0 before and after RoPE (docs/DMS.md, "Decisions");
 3. RoPE (``x * cos + rotate_half(x) * sin``) of q and k, from the model's ``cos`` / ``sin`` ``[B, D]``;
-4. the cache update of ``dms_perf.ops.cache_update.kernel`` (ring, slot reuse, K/V rows written);
+4. the cache update of ``dms_perf.ops.cache_update.kernel`` (ring, slot reuse, K/V rows written to a
+   contiguous segment or through a block table);
 
 and writes the rotated query ``[B, Hq, D]`` for decode attention. In the unfused step these are about
 eight launches per layer (two norms, the channel copy and zeroing, RoPE, the update), each costing
@@ -24,16 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dms_perf.ops.cache_update.kernel import ring_step
+from dms_perf.ops.cache_update.kernel import cache_addressing, cache_row, ring_step, store_row
 
 
 @triton.jit
 def _fused_step_kernel(
     QKV, stride_xb, QOUT, stride_ob, stride_oh, QW, KW, COS, SIN, stride_cb,
     KC, VC, stride_kcn, stride_vcn,
-    STARTS, LENGTHS, RING_SLOT, RING_FLAG, STEP,
+    STARTS, TABLE, stride_tb, stride_th, stride_tp, max_pages, LENGTHS, RING_SLOT, RING_FLAG, STEP,
     num_kv_heads, w1, alpha_scale, alpha_offset, eps,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, ZERO_BORROWED: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     r = tl.program_id(0)
@@ -83,18 +85,20 @@ def _fused_step_kernel(
     tl.store(out_rows + HALF + offs[None, :], q_rot2.to(dtype), mask=g_mask[:, None])
 
     # The cache update (dms_perf.ops.cache_update.kernel.ring_step): STEP[r] is the new token's index.
-    cache_row = ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1)
-    tl.store(KC + cache_row * stride_kcn + offs, k_rot1)
-    tl.store(KC + cache_row * stride_kcn + HALF + offs, k_rot2)
+    slot = ring_step(r, marked, STEP, LENGTHS, RING_SLOT, RING_FLAG, w1)
+    dest = cache_row(r, b, h, slot, STARTS, TABLE, stride_tb, stride_th, stride_tp, max_pages, PAGED, PAGE_ROWS)
+    store_row(KC, dest, stride_kcn, offs, k_rot1, PAGED)
+    store_row(KC, dest, stride_kcn, HALF + offs, k_rot2, PAGED)
     d = tl.arange(0, D)
     v_row = row + (num_q_heads + num_kv_heads + h) * D
-    tl.store(VC + cache_row * stride_vcn + d, tl.load(v_row + d))
+    store_row(VC, dest, stride_vcn, d, tl.load(v_row + d), PAGED)
 
 
 def fused_decode_step(
     qkv, q_norm_weight, k_norm_weight, eps: float, cos, sin,
     ring_slot, ring_flag, lengths, starts, k_cache, v_cache, step: torch.Tensor,
     alpha_scale: float, alpha_offset: float, *, zero_borrowed: bool = True,
+    block_table: torch.Tensor | None = None, page_rows: int | None = None,
 ) -> torch.Tensor:
     """One decode token per sequence: returns the rotated query ``[B, Hq, D]`` and updates the cache.
 
@@ -102,9 +106,9 @@ def fused_decode_step(
     tokens, rows contiguous; ``q_norm_weight`` / ``k_norm_weight``: ``[D]``; ``cos`` / ``sin``: ``[B, D]``
     (or ``[B, 1, D]``; a batch of 1 serves every sequence) of the new positions, from the model's rotary
     embedding. The cache arguments are those of ``decode_update`` (``DMSCacheLayer``'s ring, lengths,
-    starts, K/V buffers and step counter). One Triton launch, no host synchronization, every argument
-    fixed for the cache's life but the data: the
-    launch can be captured in a CUDA graph.
+    starts, K/V buffers and step counter), paged addressing included: ``block_table`` and ``page_rows``
+    with ``starts=None``, a ``NO_PAGE`` slot not stored. One Triton launch, no host synchronization,
+    every argument fixed for the cache's life but the data: the launch can be captured in a CUDA graph.
     """
     batch, num_kv_heads, w1 = ring_slot.shape
     head_dim = k_cache.shape[1]
@@ -133,14 +137,16 @@ def fused_decode_step(
     if step.dtype != torch.int64 or step.shape != (batch * num_kv_heads,):
         rows = batch * num_kv_heads
         raise TypeError(f"step must be int64 [B * Hkv] = [{rows}], got {step.dtype} {tuple(step.shape)}")
+    addressing, paging = cache_addressing("fused_decode_step", starts, block_table, page_rows, batch,
+                                          num_kv_heads, k_cache, v_cache)
     group = num_q_heads // num_kv_heads
     q = torch.empty((batch, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _fused_step_kernel[(batch * num_kv_heads,)](
         qkv, qkv.stride(0), q, q.stride(0), q.stride(1), q_norm_weight, k_norm_weight, cos, sin, cos_stride,
         k_cache, v_cache, k_cache.stride(0), v_cache.stride(0),
-        starts, lengths, ring_slot, ring_flag.view(torch.uint8), step,
+        *addressing, lengths, ring_slot, ring_flag.view(torch.uint8), step,
         num_kv_heads, w1, float(alpha_scale), float(alpha_offset), float(eps),
         G=group, G_PAD=max(2, triton.next_power_of_2(group)), D=head_dim, ZERO_BORROWED=zero_borrowed,
-        num_warps=4,
+        **paging, num_warps=4,
     )
     return q

@@ -3,7 +3,8 @@
 Per (batch, KV head) and new token t: t's decision (``a * alpha_scale - alpha_offset > 0``, ``a`` the
 borrowed channel of the group's first query head before RoPE) marks token t-1; token t - window - 1
 leaves the window and frees its slot if it was marked; token t takes that slot, or the next free row
-of the head's segment; its K and V rows are written there. The step also zeroes the borrowed channel of
+of the head's segment; its K and V rows are written there (a contiguous segment from ``starts``, or
+the head's pages through a block table: see ``decode_update``). The step also zeroes the borrowed channel of
 the rotated query (RoPE moved channel D/2 - 1 into it), so that it takes no part in the scores.
 
 ``decode_update`` does in one launch, for the triton backend, what ``torch_ops.decode_update_torch``
@@ -18,13 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
+from dms_perf.ops._common import check_cache_addressing
+
 
 @triton.jit
-def ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1):
+def ring_step(r, marked, STEP, LENGTHS, RING_SLOT, RING_FLAG, w1):
     """Head ``r``'s bookkeeping for its new token t = ``STEP[r]`` (advanced to t + 1): ``marked`` becomes
     the flag of token t - 1, the token leaving the window frees its slot if it was marked, and t takes
-    that slot or the next free row. Returns the cache row for t's K and V. Shared by this file's kernel
-    and ``fused_step.py``'s."""
+    that slot or the next free row. Returns t's logical slot (int64; ``cache_row`` finds where it lives).
+    Shared by this file's kernel and ``fused_step.py``'s."""
     t = tl.load(STEP + r)
     tl.store(STEP + r, t + 1)
     prev = (t + w1 - 1) % w1
@@ -38,7 +41,31 @@ def ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1):
     tl.store(LENGTHS + r, length + tl.where(reuse, 0, 1).to(tl.int32))
     tl.store(RING_SLOT + ring + leaving, slot)
     tl.store(RING_FLAG + ring + leaving, 0)
-    return tl.load(STARTS + r) + slot
+    return slot
+
+
+@triton.jit
+def cache_row(r, b, h, slot, STARTS, TABLE, stride_tb, stride_th, stride_tp, max_pages,
+              PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr):
+    """The K/V buffer row of head ``r`` = (``b``, ``h``)'s logical ``slot``: ``STARTS[r] + slot``
+    (contiguous), or row ``slot % PAGE_ROWS`` of page ``TABLE[b, h, slot // PAGE_ROWS]`` (paged), -1
+    where that entry is ``NO_PAGE`` or past the table (the row is then not stored)."""
+    if PAGED:
+        index = slot // PAGE_ROWS
+        page = tl.load(TABLE + b * stride_tb + h * stride_th + index * stride_tp, mask=index < max_pages, other=-1)
+        row = tl.where(page >= 0, page.to(tl.int64) * PAGE_ROWS + slot % PAGE_ROWS, -1)
+    else:
+        row = tl.load(STARTS + r) + slot
+    return row
+
+
+@triton.jit
+def store_row(CACHE, row, stride, cols, values, PAGED: tl.constexpr):
+    """``CACHE[row, cols] = values``; paged, nothing where ``row`` is -1 (a ``NO_PAGE`` slot)."""
+    if PAGED:
+        tl.store(CACHE + row * stride + cols, values, mask=(cols >= 0) & (row >= 0))
+    else:
+        tl.store(CACHE + row * stride + cols, values)
 
 
 @triton.jit
@@ -47,9 +74,9 @@ def _decode_update_kernel(
     Q, stride_qb, stride_qh,
     K, stride_kb, stride_kh, V, stride_vb, stride_vh,
     KC, VC, stride_kcn, stride_vcn,
-    STARTS, LENGTHS, RING_SLOT, RING_FLAG, STEP,
+    STARTS, TABLE, stride_tb, stride_th, stride_tp, max_pages, LENGTHS, RING_SLOT, RING_FLAG, STEP,
     num_kv_heads, group, w1, alpha_scale, alpha_offset,
-    D: tl.constexpr, ZERO_BORROWED: tl.constexpr,
+    D: tl.constexpr, ZERO_BORROWED: tl.constexpr, PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr,
 ):
     """Program r = b * Hkv + h performs the step of head (b, h); ``STEP[r]`` holds the index t of the
     new token and is advanced to t + 1 (a device counter: a CUDA graph replays this launch unchanged)."""
@@ -64,15 +91,34 @@ def _decode_update_kernel(
         q_borrowed = Q + b * stride_qb + (h * group) * stride_qh + (D - 1)
         tl.store(q_borrowed, 0.0)
 
-    row = ring_step(r, marked, STEP, STARTS, LENGTHS, RING_SLOT, RING_FLAG, w1)
+    slot = ring_step(r, marked, STEP, LENGTHS, RING_SLOT, RING_FLAG, w1)
+    row = cache_row(r, b, h, slot, STARTS, TABLE, stride_tb, stride_th, stride_tp, max_pages, PAGED, PAGE_ROWS)
     d = tl.arange(0, D)
-    tl.store(KC + row * stride_kcn + d, tl.load(K + b * stride_kb + h * stride_kh + d))
-    tl.store(VC + row * stride_vcn + d, tl.load(V + b * stride_vb + h * stride_vh + d))
+    store_row(KC, row, stride_kcn, d, tl.load(K + b * stride_kb + h * stride_kh + d), PAGED)
+    store_row(VC, row, stride_vcn, d, tl.load(V + b * stride_vb + h * stride_vh + d), PAGED)
+
+
+def cache_addressing(op: str, starts, block_table, page_rows, batch: int, num_kv_heads: int, k_cache, v_cache):
+    """The update kernels' addressing arguments ``(STARTS, TABLE, stride_tb, stride_th, stride_tp,
+    max_pages)`` and constexprs ``{PAGED, PAGE_ROWS}`` after ``check_cache_addressing``; the layout not in
+    use gets stand-ins the kernel never reads."""
+    check_cache_addressing(op, starts, block_table, page_rows, (batch, num_kv_heads), k_cache.shape[0],
+                           k_cache.device)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    if block_table is None:
+        if not starts.is_contiguous():
+            raise ValueError(f"{op}: starts must be contiguous, got strides {starts.stride()}")
+        return (starts, starts, 0, 0, 0, 0), {"PAGED": False, "PAGE_ROWS": 1}
+    return (block_table, block_table, *block_table.stride(), block_table.shape[2]), {"PAGED": True,
+                                                                                       "PAGE_ROWS": page_rows}
 
 
 def decode_update(
     ring_slot, ring_flag, lengths, starts, k_cache, v_cache, keys, values, alphas, q,
     step: torch.Tensor, window: int, alpha_scale: float, alpha_offset: float, *, zero_borrowed: bool = True,
+    block_table: torch.Tensor | None = None, page_rows: int | None = None,
 ) -> None:
     """``torch_ops.decode_update_torch`` with the decisions computed from ``alphas`` (fp32 ``[B, Hkv, 1]`` or a
     view of that shape) in the same launch, which also zeroes ``q[:, h * G, 0, D - 1]`` of the rotated
@@ -83,8 +129,17 @@ def decode_update(
     ``t``); the launch advances it by one. Every argument is a device tensor or fixed for the cache's
     life, so the launch can be captured in a CUDA graph and replayed step after step.
 
+    The K/V rows live as in ``dms_decode_attention``: ``starts`` ``[B, Hkv]`` int64 (contiguous
+    segments), or ``block_table`` ``[B, Hkv, max_pages]`` int32 with ``page_rows`` (a power of two) and
+    ``starts=None`` (pages; ``k_cache`` / ``v_cache`` are the pages viewed as ``[num_pages * page_rows,
+    D]``). Exactly one of ``starts`` and ``block_table`` is given. The ring keeps logical slots either way;
+    only where the slot's row lives differs. A slot whose table entry is ``NO_PAGE`` (-1), or past the
+    table, is not stored (a dead sequence with no pages writes nothing), while its ring and length
+    bookkeeping still runs.
+
     Inputs come from the DMS cache and attention (``dms_perf.dms``), which own their shapes: only the
-    layout assumptions are checked (last dim contiguous, D a power of two, matching devices).
+    layout assumptions are checked (last dim contiguous, D a power of two, matching devices, the
+    addressing's dtypes and shapes).
     """
     batch, num_kv_heads, w1 = ring_slot.shape
     head_dim = k_cache.shape[1]
@@ -108,12 +163,14 @@ def decode_update(
     devices = {x.device for x in (ring_slot, k_cache, keys, values, alphas, q, step)}
     if len(devices) != 1:
         raise ValueError(f"decode_update: all tensors must be on one device, got {sorted(map(str, devices))}")
+    addressing, paging = cache_addressing("decode_update", starts, block_table, page_rows, batch, num_kv_heads,
+                                          k_cache, v_cache)
     _decode_update_kernel[(batch * num_kv_heads,)](
         alphas, alphas.stride(0), alphas.stride(1),
         q, q.stride(0), q.stride(1),
         keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
         k_cache, v_cache, k_cache.stride(0), v_cache.stride(0),
-        starts, lengths, ring_slot, ring_flag.view(torch.uint8), step,
+        *addressing, lengths, ring_slot, ring_flag.view(torch.uint8), step,
         num_kv_heads, group, w1, float(alpha_scale), float(alpha_offset),
-        D=head_dim, ZERO_BORROWED=zero_borrowed,
+        D=head_dim, ZERO_BORROWED=zero_borrowed, **paging,
     )

@@ -1,15 +1,31 @@
 """Decode attention over the compacted DMS KV cache (one query token per sequence).
 
 The cache (``dms_perf.model.cache``, docs/DMS.md "Cache and decode") holds, per (batch, KV head), the
-kept tokens plus the last ``window + 1`` tokens in one segment of a flat ``[S, D]`` buffer: head
-``(b, h)`` occupies rows ``starts[b, h] .. starts[b, h] + lengths[b, h] - 1`` (its segment may have
-spare rows after that). Slot order is irrelevant because RoPE is applied before caching. Every occupied
-slot is visible to the new query (the cache update already dropped the evicted tokens), so decode
-attention is plain softmax attention over each head's occupied rows.
+kept tokens plus the last ``window + 1`` tokens. Slot order is irrelevant because RoPE is applied
+before caching. Every occupied slot is visible to the new query (the cache update already dropped the
+evicted tokens), so decode attention is plain softmax attention over each head's occupied rows
+``0 .. lengths[b, h] - 1``. Those logical rows are addressed in one of two ways:
 
-Kernel layout: one program per (batch, KV head, split). The ``G`` query heads of a KV head are
-processed together (one K/V read serves all of them) and the key range is split across programs so
-that a long cache still fills the GPU; a second small kernel merges the splits by log-sum-exp.
+* contiguous (``starts``): head ``(b, h)`` occupies rows ``starts[b, h] ..`` of a flat ``[S, D]`` buffer
+  (its segment may have spare rows after them);
+* paged (``block_table``, ``page_rows``): logical row ``r`` lives at physical row
+  ``block_table[b, h, r // page_rows] * page_rows + r % page_rows`` of the pages viewed as
+  ``[num_pages * page_rows, D]`` (``dms_perf.model.paged``). A row whose entry is ``NO_PAGE`` (-1), or
+  past the table, is never read: it counts as masked, like a row past the length.
+
+Kernel layout: a split program attends one query token's ``G`` query heads of a KV head (one K/V read
+serves all of them) over a range of that head's key blocks; a second small kernel merges the splits of
+each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHEDULE``):
+
+* ``"per_head"``: each head's own length is cut into ``num_splits`` splits, grid ``(B * Hkv,
+  num_splits)``. The longest head sets the time: with the same rows spread unevenly over the heads,
+  its programs do most of the work while the others' have little;
+* ``"balanced"``: all heads' key blocks are cut into chunks of one size, ``C = cdiv(total blocks,
+  num_splits * B * Hkv)`` blocks, so every program has about the same work whatever the spread. The
+  grid is fixed at ``num_splits * B * Hkv + B * Hkv`` programs (the most chunks there can be: each head's
+  last chunk may be short); each program reads all lengths, finds its (head, chunk) from the prefix sum
+  of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
+  sizes only, so no host sync and a CUDA graph can capture it.
 """
 
 from __future__ import annotations
@@ -21,7 +37,14 @@ import triton
 import triton.language as tl
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.ops._common import attention_dot_precision, check_grid_rows, sm_count
+from dms_perf.ops._common import (
+    MAX_GRID_AXIS_0,
+    attention_dot_precision,
+    check_cache_addressing,
+    check_grid_rows,
+    next_power_of_2,
+    sm_count,
+)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch geometry, read at every call: programs per SM the splits aim for, keys per block, warps per
@@ -29,28 +52,103 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PROGRAMS_PER_SM = 2
 BLOCK_N = 64
 NUM_WARPS = 4
+# How the key blocks are cut into splits (module docstring), read at every call; ``schedule=`` overrides.
+SCHEDULES = ("per_head", "balanced")
+SCHEDULE = "per_head"
+# Balanced scheduling: lengths a program reads per step while it locates its chunk, and chunk partials
+# the merge combines per step.
+HEAD_BLOCK = 1024
+MERGE_TILE = 16
+
+
+@triton.jit
+def _attend(
+    q, k_ptr, v_ptr, first, table_ptr, stride_tp, max_pages, start, end, stride_kn, stride_vn, scale_log2,
+    G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of ``q`` ``[G_PAD, D]`` over a head's logical rows ``start .. end - 1`` (``start`` a
+    multiple of BLOCK_N): returns the running max ``m``, sum ``l`` (log2 domain) and unnormalized output.
+
+    Contiguous: the rows from ``first``. Paged: through the head's table row ``table_ptr``. When a page
+    holds whole tiles (``PAGE_ROWS % BLOCK_N == 0``), a tile never crosses a page and its page number is
+    one scalar load; smaller pages take one table entry per row (a gather). Rows of a ``NO_PAGE`` entry
+    are masked, and since a whole tile may be, the softmax then guards its max against -inf."""
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    if not PAGED:
+        k_base = k_ptr + first * stride_kn
+        v_base = v_ptr + first * stride_vn
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < end
+        if PAGED:
+            if PAGE_ROWS % BLOCK_N == 0:
+                page_index = n0 // PAGE_ROWS
+                page = tl.load(table_ptr + page_index * stride_tp, mask=page_index < max_pages, other=-1)
+                rows = page.to(tl.int64) * PAGE_ROWS + (n0 % PAGE_ROWS) + offs_n
+                n_mask = n < tl.where(page >= 0, end, n0)  # the whole tile or none of it
+            else:
+                page_index = n // PAGE_ROWS
+                page = tl.load(table_ptr + page_index * stride_tp, mask=n_mask & (page_index < max_pages), other=-1)
+                rows = page.to(tl.int64) * PAGE_ROWS + n % PAGE_ROWS
+                n_mask = n_mask & (page >= 0)
+            k_rows = k_ptr + rows[:, None] * stride_kn
+            v_rows = v_ptr + rows[:, None] * stride_vn
+        else:
+            k_rows = k_base + n.to(tl.int64)[:, None] * stride_kn
+            v_rows = v_base + n.to(tl.int64)[:, None] * stride_vn
+        k = tl.load(k_rows + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if PAGED:
+            # A fully masked tile before any key: exp2(-inf - 0) = 0 rather than exp2(NaN).
+            m_new = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_rows + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(part_out_ptr, part_lse_ptr, row, m_i, l_i, acc, D: tl.constexpr):
+    """One split's normalized output and log2-sum-exp at partial rows ``row`` ``[G_PAD]``; a split without
+    keys reports out = 0, lse = -inf and contributes nothing to the merge."""
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(part_out_ptr + row[:, None] * D + tl.arange(0, D)[None, :], out)
+    tl.store(part_lse_ptr + row, lse2)
+
+
+@triton.jit
+def _load_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+    offs_g = tl.arange(0, G_PAD)
+    q_rows = q_ptr + b * stride_qb + (h * G + offs_g).to(tl.int64)[:, None] * stride_qh + tl.arange(0, D)[None, :]
+    return tl.load(q_rows, mask=(offs_g < G)[:, None], other=0.0)
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, part_out_ptr, part_lse_ptr,
-    stride_qb, stride_qh, stride_kn, stride_vn,
+    q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_kn, stride_vn, stride_tb, stride_th, stride_tp, max_pages,
     num_kv_heads, num_splits, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """The per-head scheduler: program (head, split)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = pid_bh % num_kv_heads
-
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-
-    q_rows = q_ptr + b * stride_qb + (h * G + offs_g).to(tl.int64)[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_rows, mask=g_mask[:, None], other=0.0)
+    q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
 
     # Each head's own length is cut into num_splits splits of whole key blocks: the work of a head is
     # spread over all its programs whatever its length, and no host-known length enters the launch
@@ -60,33 +158,18 @@ def _decode_split_kernel(
     start = pid_s * split_size
     end = tl.minimum(start + split_size, length)
 
-    first = tl.load(start_ptr + pid_bh).to(tl.int64)
-    k_base = k_ptr + first * stride_kn
-    v_base = v_ptr + first * stride_vn
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + offs_n
-        n_mask = n < end
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # An empty split (start >= length) reports out = 0, lse = -inf and contributes nothing to the merge.
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    row = (pid_bh.to(tl.int64) * G_PAD + offs_g) * num_splits + pid_s
-    tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out)
-    tl.store(part_lse_ptr + row, lse2)
+    if PAGED:
+        first = 0
+        table_row = table_ptr + b * stride_tb + h * stride_th
+    else:
+        first = tl.load(start_ptr + pid_bh).to(tl.int64)
+        table_row = table_ptr
+    m_i, l_i, acc = _attend(
+        q, k_ptr, v_ptr, first, table_row, stride_tp, max_pages, start, end, stride_kn, stride_vn, scale_log2,
+        G_PAD, D, BLOCK_N, PAGED, PAGE_ROWS, DOT_PRECISION,
+    )
+    row = (pid_bh.to(tl.int64) * G_PAD + tl.arange(0, G_PAD)) * num_splits + pid_s
+    _store_partial(part_out_ptr, part_lse_ptr, row, m_i, l_i, acc, D)
 
 
 @triton.jit
@@ -115,7 +198,119 @@ def _decode_merge_kernel(
     tl.store(out_ptr + o_row + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
+# --- the balanced scheduler ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BLOCK: tl.constexpr):
+    """Key blocks per chunk: ``cdiv(total key blocks of all heads, num_chunks)``, at least 1 (int64)."""
+    total = tl.full([], 0, tl.int64)
+    for h0 in range(0, num_heads, HEAD_BLOCK):
+        heads = h0 + tl.arange(0, HEAD_BLOCK)
+        lengths = tl.load(len_ptr + heads, mask=heads < num_heads, other=0)
+        total += tl.sum(tl.cdiv(lengths, BLOCK_N).to(tl.int64), 0)
+    return tl.maximum(tl.cdiv(total, num_chunks), 1)
+
+
+@triton.jit
+def _chunks_of(lengths, chunk_blocks, BLOCK_N: tl.constexpr):
+    """Chunks of ``chunk_blocks`` key blocks that heads of these lengths take (int32)."""
+    return tl.cdiv(tl.cdiv(lengths, BLOCK_N), chunk_blocks).to(tl.int32)
+
+
+@triton.jit
+def _decode_balanced_split_kernel(
+    q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_kn, stride_vn, stride_tb, stride_th, stride_tp, max_pages,
+    num_kv_heads, num_heads, num_chunks, scale_log2,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+):
+    """The balanced scheduler: program ``pid`` takes chunk ``pid`` of the heads' chunks in head order
+    (head r's chunks are programs ``before[r] .. before[r] + chunks[r] - 1``); partial rows by program."""
+    pid = tl.program_id(0)
+    chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
+    # Find the one head whose chunks cover pid (none past the last chunk): head stays -1 then.
+    head = tl.full([], -1, tl.int32)
+    chunk = tl.full([], 0, tl.int32)
+    before_block = tl.full([], 0, tl.int32)
+    for h0 in range(0, num_heads, HEAD_BLOCK):
+        heads = h0 + tl.arange(0, HEAD_BLOCK)
+        chunks = _chunks_of(tl.load(len_ptr + heads, mask=heads < num_heads, other=0), chunk_blocks, BLOCK_N)
+        through = before_block + tl.cumsum(chunks, 0)
+        mine = (through - chunks <= pid) & (pid < through)
+        head += tl.sum(tl.where(mine, heads + 1, 0), 0)
+        chunk += tl.sum(tl.where(mine, pid - (through - chunks), 0), 0)
+        before_block += tl.sum(chunks, 0)
+    if head >= 0:
+        b = (head // num_kv_heads).to(tl.int64)
+        h = head % num_kv_heads
+        q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
+        length = tl.load(len_ptr + head)
+        start = chunk * chunk_blocks * BLOCK_N
+        end = tl.minimum(start + chunk_blocks * BLOCK_N, length)
+        if PAGED:
+            first = 0
+            table_row = table_ptr + b * stride_tb + h * stride_th
+        else:
+            first = tl.load(start_ptr + head).to(tl.int64)
+            table_row = table_ptr
+        m_i, l_i, acc = _attend(
+            q, k_ptr, v_ptr, first, table_row, stride_tp, max_pages, start, end, stride_kn, stride_vn,
+            scale_log2, G_PAD, D, BLOCK_N, PAGED, PAGE_ROWS, DOT_PRECISION,
+        )
+        # Programs past the last chunk write nothing: the merge reads each head's own chunks only.
+        _store_partial(part_out_ptr, part_lse_ptr, pid.to(tl.int64) * G_PAD + tl.arange(0, G_PAD), m_i, l_i, acc, D)
+
+
+@triton.jit
+def _decode_balanced_merge_kernel(
+    part_out_ptr, part_lse_ptr, len_ptr, out_ptr, stride_ob, stride_oh,
+    num_kv_heads, num_heads, num_chunks,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, MERGE_TILE: tl.constexpr,
+):
+    """Query head ``h * G + g`` of head ``pid_bh``: the log-sum-exp merge of that head's chunks, read
+    ``MERGE_TILE`` at a time (one head may hold all ``num_chunks``)."""
+    pid_bh = tl.program_id(0)
+    g = tl.program_id(1)
+    chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
+    first = tl.full([], 0, tl.int32)
+    for h0 in range(0, num_heads, HEAD_BLOCK):
+        heads = h0 + tl.arange(0, HEAD_BLOCK)
+        chunks = _chunks_of(tl.load(len_ptr + heads, mask=heads < num_heads, other=0), chunk_blocks, BLOCK_N)
+        first += tl.sum(tl.where(heads < pid_bh, chunks, 0), 0)
+    count = _chunks_of(tl.load(len_ptr + pid_bh), chunk_blocks, BLOCK_N)
+
+    offs_t = tl.arange(0, MERGE_TILE)
+    offs_d = tl.arange(0, D)
+    m = tl.full([], float("-inf"), tl.float32)
+    total = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for t0 in range(0, count, MERGE_TILE):
+        t_mask = t0 + offs_t < count
+        row = (first + t0 + offs_t).to(tl.int64) * G_PAD + g
+        lse2 = tl.load(part_lse_ptr + row, mask=t_mask, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse2, 0))
+        m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # no chunk with keys yet: weights 0, not NaN
+        w = tl.where(lse2 > float("-inf"), tl.exp2(lse2 - m_new), 0.0)
+        part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+        rescale = tl.exp2(m - m_new)
+        acc = acc * rescale + tl.sum(part * w[:, None], 0)
+        total = total * rescale + tl.sum(w, 0)
+        m = m_new
+    # A head of length 0 has no chunk: its output is defined as zeros (not 0 / 0).
+    out = acc / tl.where(total > 0, total, 1.0)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = pid_bh % num_kv_heads
+    o_row = b * stride_ob + (h * G + g).to(tl.int64) * stride_oh
+    tl.store(out_ptr + o_row + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+# --- the launcher ---------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length, block_table, page_rows):
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -123,8 +318,6 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
             raise TypeError(f"{name} dtype {t.dtype} not supported (fp16, bf16, fp32)")
     if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int32:
         raise TypeError(f"lengths must be an int32 tensor, got {getattr(lengths, 'dtype', type(lengths))}")
-    if not isinstance(starts, torch.Tensor) or starts.dtype != torch.int64:
-        raise TypeError(f"starts must be an int64 tensor, got {getattr(starts, 'dtype', type(starts))}")
     if q.dim() != 3 or k_cache.dim() != 2 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"expected q [B, Hq, D] and k_cache = v_cache [S, D]; got q {tuple(q.shape)}, "
@@ -135,15 +328,18 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length):
     B, Hq, D = q.shape
     if k_cache.shape[1] != D:
         raise ValueError(f"head_dim mismatch: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
-    if starts.dim() != 2 or starts.shape[0] != B or Hq % starts.shape[1] != 0:
-        raise ValueError(f"starts must be [B, Hkv] with Hq={Hq} a multiple of Hkv; got {tuple(starts.shape)}")
-    if lengths.shape != starts.shape:
-        raise ValueError(f"lengths must be [B, Hkv] = {tuple(starts.shape)}, got {tuple(lengths.shape)}")
+    if lengths.dim() != 2 or lengths.shape[0] != B or Hq % max(lengths.shape[1], 1) or lengths.shape[1] == 0:
+        raise ValueError(
+            f"lengths must be [B, Hkv] with B={B} and Hq={Hq} a multiple of Hkv; got {tuple(lengths.shape)}"
+        )
+    check_cache_addressing(
+        "dms_decode_attention", starts, block_table, page_rows, tuple(lengths.shape), k_cache.shape[0], q.device
+    )
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int (the expected longest head), got {max_length!r}")
-    devices = {q.device, k_cache.device, v_cache.device, starts.device, lengths.device}
+    devices = {q.device, k_cache.device, v_cache.device, lengths.device}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
@@ -162,64 +358,116 @@ def dms_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    starts: torch.Tensor,
+    starts: torch.Tensor | None,
     lengths: torch.Tensor,
     max_length: int,
     *,
     scale: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    block_table: torch.Tensor | None = None,
+    page_rows: int | None = None,
+    schedule: str | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the compacted DMS cache (Triton).
 
     Args:
         q: ``[B, Hq, D]`` query of the new token (RoPE applied, borrowed channel zeroed).
-        k_cache, v_cache: ``[S, D]``, same dtype as ``q``, stride 1 along ``D``: all heads' segments.
-        starts: ``[B, Hkv]`` int64, first row of each head's segment.
+        k_cache, v_cache: ``[S, D]``, same dtype as ``q``, stride 1 along ``D``: all heads' rows (paged:
+            the pages viewed as ``[num_pages * page_rows, D]``).
+        starts: ``[B, Hkv]`` int64, first row of each head's segment (contiguous cache), or None with
+            ``block_table``. Exactly one of the two is given.
         lengths: ``[B, Hkv]`` int32, occupied rows per head (``>= 0``); rows past them are never read.
         max_length: a host-known estimate of the longest head, ``>= 1``. It only caps the number of
             splits over the key length (never more than its key blocks), never the result: each head's
             own length is cut into the splits on the device, also past ``max_length``. An upper bound of
             ``lengths`` (the cache's ``longest_bound``, or a power of two above it) is the fast choice.
         scale: softmax scale, default ``D ** -0.5``.
-        num_splits: programs per (batch, KV head) along the key length, ``<= 65535`` (a grid axis);
-            default from the SM count.
+        num_splits: programs per (batch, KV head) along the key length, ``<= 65535`` (a grid axis) with
+            the per-head scheduler; on average with the balanced one (``num_splits * B * Hkv`` chunks of
+            equal size in all). Default from the SM count.
+        block_n: keys per tile (a power of two >= 16), default ``BLOCK_N``.
+        block_table: ``[B, Hkv, max_pages]`` int32 (a view is fine: its strides are passed), the paged
+            cache's table (``dms_perf.model.paged``): entry ``j`` of head ``(b, h)`` is the page of its
+            logical rows ``j * page_rows ..``, ``NO_PAGE`` (-1) where it has none. Logical rows in a
+            ``NO_PAGE`` page or past the table are masked (never read).
+        page_rows: rows per page, a power of two; given exactly with ``block_table``. With ``page_rows``
+            a multiple of the tile (``block_n``) a tile never crosses a page: one table entry is read per
+            tile (a scalar load); smaller pages read one entry per key row (a gather).
+        schedule: ``"per_head"`` or ``"balanced"`` (module docstring); default ``SCHEDULE`` as it is at
+            this call.
     Returns:
         ``[B, Hq, D]`` in ``q.dtype``; query head ``h * G + g`` attends to KV head ``h``
         (G = Hq / Hkv), over exactly the occupied rows (docs/DMS.md, "Cache and decode"). A head of
-        length 0 has nothing to attend to: its query heads' outputs are zeros.
-    Reads ``starts`` and ``lengths`` on the device only: no host synchronization.
+        length 0 (or all of whose rows are masked) has nothing to attend to: its query heads' outputs
+        are zeros.
+    Reads ``starts``, ``block_table`` and ``lengths`` on the device only: no host synchronization, and
+    the launches depend on host-known sizes only (a CUDA graph can capture them).
     """
-    _check_inputs(q, k_cache, v_cache, starts, lengths, max_length)
+    _check_inputs(q, k_cache, v_cache, starts, lengths, max_length, block_table, page_rows)
     B, Hq, D = q.shape
-    Hkv = starts.shape[1]
+    Hkv = lengths.shape[1]
     G = Hq // Hkv
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need stride 1 along head_dim")
     scale = D**-0.5 if scale is None else float(scale)
     block_n = BLOCK_N if block_n is None else block_n
+    if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")
+    schedule = SCHEDULE if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if num_splits is None:
         num_splits = default_num_splits(B * Hkv, max_length, block_n)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-    # The splits are the grid's second axis; its first, B * Hkv, may take up to 2**31 - 1.
-    check_grid_rows("num_splits", num_splits)
-    starts, lengths = starts.contiguous(), lengths.contiguous()
-    g_pad = max(16, triton.next_power_of_2(G))
-    part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
-    part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
+    paged = block_table is not None
+    lengths = lengths.contiguous()
+    if paged:
+        # Unused stand-ins for the addressing arguments the other layout reads.
+        starts, table_strides, max_pages, page = lengths, block_table.stride(), block_table.shape[2], page_rows
+    else:
+        starts, block_table, table_strides, max_pages, page = starts.contiguous(), lengths, (0, 0, 0), 0, 1
+    g_pad = max(16, next_power_of_2(G))
+    geometry = dict(G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, PAGED=paged, PAGE_ROWS=page,
+                    DOT_PRECISION=attention_dot_precision(q.dtype))
+    addressing = (q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0), *table_strides, max_pages)
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
-    _decode_split_kernel[(B * Hkv, num_splits)](
-        q, k_cache, v_cache, starts, lengths, part_out, part_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0),
-        Hkv, num_splits, scale * math.log2(math.e),
-        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, DOT_PRECISION=attention_dot_precision(q.dtype),
+    if schedule == "per_head":
+        # The splits are the grid's second axis; its first, B * Hkv, may take up to 2**31 - 1.
+        check_grid_rows("num_splits", num_splits)
+        part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
+        _decode_split_kernel[(B * Hkv, num_splits)](
+            q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, *addressing,
+            Hkv, num_splits, scale * math.log2(math.e), **geometry, num_warps=NUM_WARPS,
+        )
+        _decode_merge_kernel[(B * Hkv, G)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            Hkv, num_splits,
+            G=G, G_PAD=g_pad, D=D, S_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )
+        return out
+    num_chunks = num_splits * B * Hkv
+    programs = num_chunks + B * Hkv  # at most one short last chunk per head beyond num_chunks full ones
+    if programs > MAX_GRID_AXIS_0:
+        raise ValueError(
+            f"balanced schedule: {programs} programs (num_splits + 1 = {num_splits + 1} per head, B * Hkv = "
+            f"{B * Hkv}) exceed the {MAX_GRID_AXIS_0} of a grid axis"
+        )
+    head_block = min(HEAD_BLOCK, next_power_of_2(B * Hkv))
+    part_out = torch.empty((programs * g_pad, D), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((programs * g_pad,), device=q.device, dtype=torch.float32)
+    _decode_balanced_split_kernel[(programs,)](
+        q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, *addressing,
+        Hkv, B * Hkv, num_chunks, scale * math.log2(math.e), **geometry, HEAD_BLOCK=head_block,
         num_warps=NUM_WARPS,
     )
-    _decode_merge_kernel[(B * Hkv, G)](
-        part_out, part_lse, out, out.stride(0), out.stride(1),
-        Hkv, num_splits,
-        G=G, G_PAD=g_pad, D=D, S_PAD=triton.next_power_of_2(num_splits),
+    _decode_balanced_merge_kernel[(B * Hkv, G)](
+        part_out, part_lse, lengths, out, out.stride(0), out.stride(1),
+        Hkv, B * Hkv, num_chunks,
+        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, HEAD_BLOCK=head_block, MERGE_TILE=MERGE_TILE,
         num_warps=4,
     )
     return out
