@@ -63,7 +63,7 @@ def cache_row(r, b, h, slot, STARTS, TABLE, stride_tb, stride_th, stride_tp, max
 def store_row(CACHE, row, stride, cols, values, PAGED: tl.constexpr):
     """``CACHE[row, cols] = values``; paged, nothing where ``row`` is -1 (a ``NO_PAGE`` slot)."""
     if PAGED:
-        tl.store(CACHE + row * stride + cols, values, mask=(cols >= 0) & (row >= 0))
+        tl.store(CACHE + row * stride + cols, values, mask=(cols * 0 + row) >= 0)
     else:
         tl.store(CACHE + row * stride + cols, values)
 
