@@ -160,7 +160,7 @@ def validate(args) -> Settings:
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     try:
-        new_tokens = options.parse_token_count(str(args.new_tokens))
+        new_tokens = 0 if str(args.new_tokens).strip() == "0" else options.parse_token_count(str(args.new_tokens))
     except ValueError as exc:
         raise UsageError(f"--new-tokens: {exc}") from None
     if new_tokens:

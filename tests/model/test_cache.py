@@ -235,17 +235,15 @@ def test_frozen_host_state_leaves_the_step_to_the_device(device):
 @pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted-sync"])
 def test_one_launch_decode_step_does_not_synchronize(planted):
     """planted-sync: the same region with a sync planted after the steps must be caught (the check is live)."""
-    from dms_perf.ops.decode.kernel import dms_decode_attention
-
     cache = DMSCache(num_layers=1, window=8, capacity_step=16)
     cache.append(0, *_tagged(1, 2, 50, 32, 0, "cuda"), torch.rand(1, 2, 50, device="cuda") < 0.5)
     q = torch.randn(1, 4, 1, 32, device="cuda")
     alphas = torch.randn(1, 2, 1, device="cuda")
-    dms_decode_attention(q[:, :, 0], *cache.append_step(0, q, *_tagged(1, 2, 1, 32, 50, "cuda"), alphas, 100.0, 5.0))
+    cache.append_step(0, q, *_tagged(1, 2, 1, 32, 50, "cuda"), alphas, 100.0, 5.0).attend(q[:, :, 0])
     with sync_checked(planted):  # kernels compiled
         for t in range(51, 66):  # 15 steps: within the 16 spare rows, no re-size
             cached = cache.append_step(0, q, *_tagged(1, 2, 1, 32, t, "cuda"), alphas, 100.0, 5.0)
-            out = dms_decode_attention(q[:, :, 0], *cached)
+            out = cached.attend(q[:, :, 0])
         if planted:
             plant_sync(out)
 

@@ -14,7 +14,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from dms_perf.bench.generation import failure_status
 from dms_perf.model.paged import NO_PAGE, PagedKVPool, PagesExhausted, gather_rows, store_rows
-from dms_perf.model.pool import PoolExhausted
 from dms_perf.model.qwen3_dms import build_model, tiny_config
 
 HEAD_DIM = 2
@@ -328,7 +327,7 @@ def test_exhaustion_is_all_or_nothing():
     with pytest.raises(PagesExhausted, match="3 pages asked with 1 of 4 free") as caught:
         pool.prefill(other, [[4, 5]])  # 1 + 2 pages: the first head's page would fit, the second's not
     _assert_unchanged(before, pool)
-    assert isinstance(caught.value, torch.OutOfMemoryError) and isinstance(caught.value, PoolExhausted)
+    assert isinstance(caught.value, torch.OutOfMemoryError) and isinstance(caught.value, PagesExhausted)
     assert failure_status(caught.value) == "OOM"
     with pytest.raises(PagesExhausted):
         pool.reserve_ahead(9)  # 2 + 2 pages for the first slot's heads, 3 + 3 for the second's
