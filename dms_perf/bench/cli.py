@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per cell before the timed ones")
     bench.add_argument("--needle-depth", type=float, default=0.5, metavar="DEPTH",
                        help="where the needle sits in the haystack: 0 = start, 1 = end")
+    bench.add_argument("--requests", type=int, default=None, metavar="N",
+                       help="a request stream instead of the cells: N requests of the context length whose output "
+                       "lengths are drawn from --output-lengths, admitted whenever the paged KV pool has the pages, "
+                       "decoded together; per method: requests per minute, total tok/s, peak pages, and "
+                       "running_vs_time.png (engine methods only; one context length)")
+    bench.add_argument("--output-lengths", default=None, metavar="LOW-HIGH",
+                       help="the stream's output lengths, uniform in LOW-HIGH (seeded by --seed), e.g. 2k-16k "
+                       "(default: 2k-16k on a GPU, 8-24 without)")
+    bench.add_argument("--max-running", type=int, default=None, metavar="N",
+                       help="the stream's sequence slots: at most N requests decode at once (default: 256 on a "
+                       "GPU, 8 without)")
+    bench.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
+                       help="the stream's paged KV pool, in GiB (default: the card's free memory less 10%% for "
+                       "activations; 0.002 GiB without a GPU)")
     bench.add_argument("--out", default="results", metavar="DIR",
                        help="output directory (results.json, results.md, plots)")
     bench.set_defaults(run=run_bench, command_parser=bench)
@@ -216,6 +230,8 @@ def run_bench(args, parser) -> int:
     from dms_perf.bench.workloads import load_tokenizer
 
     contexts, methods = _validate(args, parser)
+    if args.requests is not None:
+        return _run_stream_bench(args, parser, contexts, methods)
     try:
         batches = parse_batch_sizes(args.batch)
     except ValueError as exc:
@@ -291,6 +307,71 @@ def run_bench(args, parser) -> int:
     if failed:
         return _error(parser, _failure_summary(failed, len(writer.rows)), status=1)
     return 0
+
+
+def _run_stream_bench(args, parser, contexts, methods) -> int:
+    """``dms-perf bench --requests N``: one request stream per method (``dms_perf.bench.stream``)."""
+    from rich.console import Console
+
+    from dms_perf.bench import stream
+    from dms_perf.bench.generation import failure_status
+    from dms_perf.bench.methods import check_model, group_by_backend, load_model_for
+    from dms_perf.bench.options import DTYPES, positions_problem
+
+    if args.requests < 1:
+        return _error(parser, f"--requests must be >= 1, got {args.requests}")
+    if len(contexts) != 1:
+        return _error(parser, f"a request stream takes one context length (the prompts'), got --contexts {args.contexts}")
+    try:
+        low, high = stream.parse_output_lengths(args.output_lengths or ("2k-16k" if HAS_CUDA else "8-24"))
+        check_model(args.model)
+    except ValueError as exc:
+        return _error(parser, exc)
+    max_running = args.max_running or (stream.GPU_MAX_RUNNING if HAS_CUDA else stream.CPU_MAX_RUNNING)
+    if max_running < 1:
+        return _error(parser, f"--max-running must be >= 1, got {max_running}")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        return _error(parser, f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
+    not_engine = [m.name for m in methods if not m.family.fused]
+    if not_engine:
+        return _error(parser, f"a request stream runs on the decode engine's paged KV pool; {', '.join(not_engine)} "
+                      "decode elsewhere: use the -triton methods")
+    if (problem := positions_problem(args.model, contexts, high)) is not None:
+        return _error(parser, problem.replace("--new-tokens", "--output-lengths high"))
+    if (problem := _prepare_out(args.out)) is not None:
+        return _error(parser, problem)
+    console = Console(stderr=True)
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": _device_info(), "model": args.model, "dtype": args.dtype, "requests": args.requests,
+        "prompt_length": contexts[0], "output_lengths": [low, high], "max_running": max_running,
+        "seed": args.seed, "methods": [m.name for m in methods],
+        "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
+    }
+    rows = []
+    for backend, group in group_by_backend(methods).items():
+        try:
+            model, _ = load_model_for(args.model, group[0], dtype=DTYPES[args.dtype], device=device, seed=args.seed,
+                                      target_cr=args.target_cr)
+        except Exception as exc:
+            rows += [{"method": m.name, "status": f"error: model build failed: {failure_status(exc)}"} for m in group]
+            continue
+        requests = stream.make_requests(args.requests, contexts[0], (low, high), vocab_size=model.config.vocab_size,
+                                        seed=args.seed)
+        for method in group:
+            console.print(f"{method.name}: {args.requests} requests, outputs {low}-{high} tokens")
+            rows.append(stream.stream_method(model, method, requests, budget_gib=args.memory_budget,
+                                             max_running=max_running,
+                                             on_progress=lambda line, name=method.name: console.print(f"  {name}: {line}")))
+        del model
+    for row in rows:
+        row.setdefault("context", contexts[0])
+    files = stream.write_stream_outputs(args.out, meta, rows)
+    print(stream.render_stream_markdown(meta, rows))
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    failed = [r for r in rows if str(r["status"]).startswith("error")]
+    return _error(parser, _failure_summary(failed, len(rows)), status=1) if failed else 0
 
 
 def _device_info() -> dict:

@@ -113,11 +113,19 @@ def admission_pages(single, pool) -> int:
     return pool.pages_for_rows((lengths + step).clamp(max=pool.max_rows_per_head).numpy(), pool.page_rows)
 
 
-def run_stream(model, requests: list[Request], *, on_progress: Callable[[str], None] | None = None,
-               trace_every: int = 16) -> StreamRun:
+def plain_prefill(model, prompt: torch.Tensor):
+    """A request's prefill into a one-sequence DMS cache of its own: (cache, first greedy token [1])."""
+    single = model.make_dms_cache(pooled=False)
+    out = model(input_ids=prompt, past_key_values=single, use_cache=True, logits_to_keep=1)
+    return single, out.logits[0, -1:].argmax(-1)
+
+
+def run_stream(model, requests: list[Request], *, prefill: Callable | None = None,
+               on_progress: Callable[[str], None] | None = None, trace_every: int = 16) -> StreamRun:
     """Generate every request greedily on ``model``'s paged pool (``model.use_kv_pool``; the pool's
-    ``max_seqs`` caps the running sequences). See the module docstring. Raises ``PagesExhausted`` only if
-    a single request cannot run alone in the pool."""
+    ``max_seqs`` caps the running sequences). ``prefill(model, prompt)`` gives a request's one-sequence
+    cache and first token (default ``plain_prefill``; a press on the engine passes its own). See the module
+    docstring. Raises ``PagesExhausted`` only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
     pool = model.dms_pool
@@ -162,10 +170,7 @@ def run_stream(model, requests: list[Request], *, on_progress: Callable[[str], N
             return False
         request = queue[0]
         if staged is None or staged[0] is not request:
-            single = model.make_dms_cache(pooled=False)
-            out = model(input_ids=request.prompt.to(device), past_key_values=single, use_cache=True,
-                        logits_to_keep=1)
-            staged = (request, single, out.logits[0, -1].argmax(-1))
+            staged = (request, *(prefill or plain_prefill)(model, request.prompt.to(device)))
         _, single, first = staged
         if running and admission_pages(single, pool) + layer_pages * len(running) > pool.free_pages:
             return False
@@ -233,3 +238,116 @@ def run_stream(model, requests: list[Request], *, on_progress: Callable[[str], N
     run.wall_s = time.perf_counter() - start
     run.peak_pages = max(run.peak_pages, pool.peak_pages_in_use)
     return run
+
+
+# --- `dms-perf bench --requests N`: one stream per method, stream.json / stream.md / running_vs_time.png ---
+
+JSON_NAME, MD_NAME, PLOT_NAME = "stream.json", "stream.md", "running_vs_time.png"
+# Without a GPU the pool's budget is small and fixed (not the host's RAM), as in ``dms-perf capacity``.
+CPU_POOL_GIB = 0.002
+CPU_MAX_RUNNING, GPU_MAX_RUNNING = 8, 256
+
+
+def stream_budget(memory_budget_gib: float | None) -> tuple[int, str]:
+    """The paged pool's bytes: ``--memory-budget`` (GiB), else on a GPU the free memory less
+    ``SIZING_HEADROOM`` of it, else ``CPU_POOL_GIB``; with where it came from."""
+    from dms_perf._runtime import HAS_CUDA
+    from dms_perf.bench.generation import SIZING_HEADROOM
+
+    if memory_budget_gib is not None:
+        return round(memory_budget_gib * 2**30), "--memory-budget"
+    if HAS_CUDA:
+        free = torch.cuda.mem_get_info()[0]
+        return int(free * (1 - SIZING_HEADROOM)), f"the card's free memory less {SIZING_HEADROOM:.0%} for activations"
+    return round(CPU_POOL_GIB * 2**30), f"CPU default, {CPU_POOL_GIB} GiB (--memory-budget sets another)"
+
+
+def stream_method(model, method, requests: list[Request], *, budget_gib: float | None, max_running: int,
+                  on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One method's stream: its pool (``engine_pool``, the budget's pages), the run, and its row. Never
+    raises for an expected failure: an exhausted pool or a bad budget becomes the row's status."""
+    from dms_perf.bench.generation import engine_pool, failure_status, prefill_for_the_engine, release_memory
+
+    row: dict[str, Any] = {"method": method.name}
+    try:
+        method.prepare(model)
+        budget, source = stream_budget(budget_gib)
+        row.update(pool_budget_bytes=budget, pool_budget_source=source)
+        engine_pool(model, max_seqs=max_running, budget_bytes=budget)
+        prefill = None
+        if method.family.press_on_engine:
+            press = method.press_for(model, requests[0].prompt.to(next(model.parameters()).device))
+
+            def prefill(model, prompt):
+                out, cache = prefill_for_the_engine(model, prompt, press)
+                return cache, out.logits[0, -1:].argmax(-1)
+
+        row.update(run_stream(model, requests, prefill=prefill, on_progress=on_progress).as_row())
+        row["status"] = "ok"
+    except Exception as exc:  # one failing method must not stop the others
+        row["status"] = failure_status(exc)
+    finally:
+        model.use_kv_pool(None)
+        model.release_decode_graph()
+        release_memory()
+    return row
+
+
+def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    from dms_perf.bench.report import _num, card_name
+
+    lines = [
+        "# Request stream: sequences that end at different lengths", "",
+        f"- card: {card_name(meta)}, model {meta['model']} ({meta['dtype']}), {meta['date']}",
+        f"- {meta['requests']} requests, prompt {meta['prompt_length']} tokens, output lengths uniform in "
+        f"{meta['output_lengths'][0]}-{meta['output_lengths'][1]} (seed {meta['seed']}), at most "
+        f"{meta['max_running']} running",
+        f"- command: `{meta['command']}`", "",
+        "| method | status | req/min | total tok/s | max running | peak KV pages | peak KV GiB | pool GiB | preemptions |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gib = lambda key: _num(r[key] / 2**30) if r.get(key) is not None else "-"  # noqa: E731
+        lines.append(f"| {r['method']} | {r['status']} | {_num(r.get('requests_per_min'))} | "
+                     f"{_num(r.get('total_tok_s'))} | {r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
+                     f"{gib('peak_kv_bytes')} | {gib('kv_pool_bytes')} | {r.get('preemptions', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):
+    """Sequences running against time, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dms_perf.bench.report import card_name
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        trace = r.get("stream_trace")
+        if trace and trace["time_s"]:
+            ax.step(trace["time_s"], trace["running"], where="post", label=r["method"])
+    ax.set_xlabel("seconds since the stream began")
+    ax.set_ylabel("sequences running")
+    ax.set_title(f"{meta['requests']} requests, outputs {meta['output_lengths'][0]}-{meta['output_lengths'][1]} "
+                 f"tokens — {card_name(meta)}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def write_stream_outputs(out_dir, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list:
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JSON_NAME).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (out / MD_NAME).write_text(render_stream_markdown(meta, rows))
+    figure = stream_figure(meta, rows)
+    figure.savefig(out / PLOT_NAME, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return [out / JSON_NAME, out / MD_NAME, out / PLOT_NAME]
