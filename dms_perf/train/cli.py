@@ -64,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="weights to train: q = the q projections of every layer (where the borrowed channel "
                         "lives; optimizer state for ~7%% of Qwen3-8B), all = every weight")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if HAS_CUDA else "float32",
-                        metavar="DTYPE", help="bfloat16, float16 or float32: weights and activations (trainable weights keep fp32 copies); also the saved dtype")
+                        metavar="DTYPE", help="bfloat16, float16 or float32: weights and activations (trainable "
+                        "weights keep fp32 copies); also the saved dtype")
     parser.add_argument("--device", default=device, metavar="DEVICE",
                         help="torch device, e.g. cuda, cuda:1 or cpu (on CUDA each layer is recomputed in "
                         "the backward pass to save memory)")
