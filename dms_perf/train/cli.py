@@ -20,6 +20,7 @@ from dms_perf.bench.options import DTYPES, HelpFormatter, parse_token_count
 
 HOLD_STEPS = 300  # default steps at the final ratio after the ramp: 1000 steps in all at 8x (~1K in the paper)
 PLAIN_QWEN3_WINDOW = 512  # the released checkpoint's window, given to a plain Qwen3 checkpoint
+TRAINED = {"decision": "the decision rows of q_proj", "q": "the q projections", "all": "every weight"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,9 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-5, metavar="LR", help="AdamW learning rate")
     parser.add_argument("--tau", type=float, default=0.1, metavar="T", help="Gumbel-sigmoid temperature")
-    parser.add_argument("--train", choices=("q", "all"), default="q", metavar="WHICH",
-                        help="weights to train: q = the q projections of every layer (where the borrowed channel "
-                        "lives; optimizer state for ~7%% of Qwen3-8B), all = every weight")
+    parser.add_argument("--train", choices=("decision", "q", "all"), default="decision", metavar="WHICH",
+                        help="weights to train: decision = only the q_proj rows of the borrowed channels, which "
+                        "make the decisions (attention otherwise stays the original model's); q = the q "
+                        "projections of every layer (~7%% of Qwen3-8B's weights); all = every weight")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if HAS_CUDA else "float32",
                         metavar="DTYPE", help="bfloat16, float16 or float32: weights and activations (trainable "
                         "weights keep fp32 copies); also the saved dtype")
@@ -101,7 +103,7 @@ def _run(args) -> int:
     on_cuda = torch.device(args.device).type == "cuda"
     print(f"retrofitting {args.model} to {settings['compression_ratio']:g}x: {settings['steps']} steps of "
           f"{args.batch} x {settings['seq_len']} tokens, window {settings['window']}, training "
-          f"{'the q projections' if args.train == 'q' else 'every weight'}, {args.dtype} on {args.device}"
+          f"{TRAINED[args.train]}, {args.dtype} on {args.device}"
           f"{'' if models.source_is_dms else '; borrowed channel zeroed first'}", file=sys.stderr)
     result = retrofit(
         models.student, models.teacher, batches, compression_ratio=settings["compression_ratio"],

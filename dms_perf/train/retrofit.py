@@ -20,9 +20,10 @@ from dms_perf.model.qwen3_dms import Qwen3DMSForCausalLM
 from dms_perf.train.forward import dms_training_forward
 from dms_perf.train.losses import distillation_loss, eviction_penalty, target_compression
 
+# "decision": only the q_proj rows of the borrowed channels (the decision logits; the model otherwise unchanged);
 # "q": the q projections of every layer (the borrowed channel's weights and the queries that lose it);
 # "all": every weight of the model.
-TRAINABLE = ("q", "all")
+TRAINABLE = ("decision", "q", "all")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,21 @@ def trainable_parameters(model: Qwen3DMSForCausalLM, train: str) -> list[torch.n
         raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
     if train == "all":
         return list(model.parameters())
+    # "decision" trains the same tensors with every other row's gradient masked (_decision_rows_only).
     return [p for layer in model.model.layers for p in layer.self_attn.q_proj.parameters()]
+
+
+def _decision_rows_only(model) -> list:
+    """Gradient hooks that keep only the borrowed rows' gradient of every q_proj weight and bias (AdamW then
+    leaves the other rows exactly as they are: zero moments give zero updates)."""
+    rows = torch.tensor(borrowed_rows(model.config))
+    hooks = []
+    for layer in model.model.layers:
+        for p in layer.self_attn.q_proj.parameters():
+            keep = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=torch.float32, device=p.device)
+            keep[rows.to(p.device)] = 1
+            hooks.append(p.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+    return hooks
 
 
 def retrofit(
@@ -97,7 +112,7 @@ def retrofit(
     ramp_steps_per_unit: float = 100,
     tau: float = 0.1,
     penalty_weight: float = 1.0,
-    train: str = "q",
+    train: str = "decision",
     zero_borrowed: bool = True,
     grad_clip: float = 1.0,
     gradient_checkpointing: bool = False,
@@ -119,7 +134,8 @@ def retrofit(
         ramp_steps_per_unit: steps per unit of compression ratio of the linear ramp from 1x (0: no ramp).
         tau: Gumbel-sigmoid temperature.
         penalty_weight: weight of the one-sided L1 eviction penalty against the KL term.
-        train: "q" (q projections only, the default) or "all".
+        train: "decision" (the default: only the borrowed channel's q_proj rows, which make the decisions;
+            attention otherwise stays the original model's), "q" (the q projections) or "all".
         zero_borrowed: zero the borrowed channel's q_proj rows first (``zero_borrowed_channel``); False to
             go on from a model that already decides (a DMS checkpoint).
         grad_clip: max gradient norm (0: no clipping).
@@ -145,6 +161,7 @@ def retrofit(
 
     params = trainable_parameters(student, train)
     compute_dtype = params[0].dtype
+    hooks = _decision_rows_only(student) if train == "decision" else []
     previous_grad = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
@@ -191,6 +208,8 @@ def retrofit(
             if log is not None and (record.step % log_every == 0 or record.step == steps):
                 log(format_record(record, steps))
     finally:
+        for hook in hooks:
+            hook.remove()
         for p in params:
             p.data = p.data.to(compute_dtype)
             p.grad = None

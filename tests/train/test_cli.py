@@ -56,7 +56,7 @@ def test_train_writes_a_checkpoint_the_suite_loads(checkpoint, corpus, tmp_path,
     assert (config["dms_window_size"], config["dms_cr"], config["dms_alpha_scale"]) == (8, 2.0, 100.0)
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     record = json.loads((out / "retrofit.json").read_text())
-    assert record["source"] == str(checkpoint) and record["seq_len"] == 40 and record["train"] == "q"
+    assert record["source"] == str(checkpoint) and record["seq_len"] == 40 and record["train"] == "decision"
     history = record["history"]
     assert len(history) == 6 and history[0]["eviction_rate"] == 0.0 and history[-1]["eviction_rate"] > 0.1
     model = load_model(out, backend="hub", dtype=torch.float32)
