@@ -92,8 +92,9 @@ def save_retrofitted(model: Qwen3DMSForCausalLM, out, *, source=None, compressio
     """
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if compression_ratio is not None:
-        model.config.dms_cr = compression_ratio
+    if compression_ratio is not None:  # 8, as the released config writes it, rather than 8.0
+        ratio = float(compression_ratio)
+        model.config.dms_cr = int(ratio) if ratio.is_integer() else ratio
     validate_dms_config(model.config)
     model.save_pretrained(out, safe_serialization=True)
     # Standard Qwen3 names: the architecture is Qwen3's, DMS lives in the dms_* fields only.

@@ -145,6 +145,8 @@ def retrofit(
     """
     _check(student, compression_ratio, steps, window, lr, ramp_steps_per_unit, tau, penalty_weight, train,
            grad_clip, log_every)
+    if teacher is student:
+        raise ValueError("teacher and student are one model: the teacher must be a frozen copy of the original")
     device = next(student.parameters()).device
     if window is not None:
         student.config.dms_window_size = window

@@ -53,7 +53,7 @@ def test_train_writes_a_checkpoint_the_suite_loads(checkpoint, corpus, tmp_path,
     assert "step 3/6" in captured.err and "step 6/6" in captured.err
     assert captured.out.startswith(f"wrote {out}: last step evicted ")
     config = json.loads((out / "config.json").read_text())
-    assert (config["dms_window_size"], config["dms_cr"], config["dms_alpha_scale"]) == (8, 2.0, 100.0)
+    assert (config["dms_window_size"], config["dms_cr"], config["dms_alpha_scale"]) == (8, 2, 100.0)
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     record = json.loads((out / "retrofit.json").read_text())
     assert record["source"] == str(checkpoint) and record["seq_len"] == 40 and record["train"] == "decision"

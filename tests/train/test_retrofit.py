@@ -142,6 +142,7 @@ def _tiny_pair():
     ({"train": "k"}, ValueError, "train must be one of"),
     ({"steps": 3, "batches": 2}, ValueError, "batches ran out after 2 of 3 steps"),
     ({"student": "vanilla"}, TypeError, "retrofit trains a Qwen3DMSForCausalLM, got Qwen3ForCausalLM"),
+    ({"teacher": "student"}, ValueError, "teacher and student are one model"),
 ])
 def test_bad_inputs_are_clear_errors(changes, error, message):
     student, teacher, config = _tiny_pair()
@@ -150,6 +151,8 @@ def test_bad_inputs_are_clear_errors(changes, error, message):
         batches = [next(batches) for _ in range(changes.pop("batches"))]
     if changes.pop("student", None) == "vanilla":
         student = teacher
+    if changes.pop("teacher", None) == "student":
+        teacher = student
     kwargs = {"compression_ratio": 2, "steps": 1, "window": WINDOW, **changes}
     with pytest.raises(error, match=message):
         retrofit(student, teacher, batches, **kwargs)
