@@ -1,5 +1,6 @@
 """``dms-perf``: the command line. Subcommands: ``bench`` (methods x context lengths, end to end),
-``report`` (merge bench runs made in parts), ``methods`` (the method registry) and ``ci``.
+``report`` (merge bench runs made in parts), ``methods`` (the method registry), ``capacity``, ``train`` (retrofit a
+Qwen3 checkpoint with DMS, ``dms_perf.train.cli``) and ``ci``.
 
     dms-perf bench                                   # CPU: tiny random model, small contexts, 5 methods
     dms-perf bench --contexts 4k,8k,16k,32k --methods vanilla,dms-hub,dms-triton,snapkv:0.5 \\
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dms_perf.bench import capacity
 
     capacity.add_parser(sub)
+
+    from dms_perf.train import cli as train_cli
+
+    train_cli.add_parser(sub)
 
     ci = sub.add_parser(
         "ci",

@@ -1,0 +1,10 @@
+"""Retrofitting: training a Qwen3 model to make DMS eviction decisions (docs/training.md).
+
+``mask``        the DMS rule made differentiable (relaxed decisions, the additive training mask)
+``forward``     ``dms_training_forward``: the model's modules with the training mask
+``losses``      distillation KL, one-sided eviction penalty, the compression ramp
+``retrofit``    ``retrofit(student, teacher, batches, ...)``: the loop and its per-step history
+``checkpoint``  ``load_for_retrofit`` (checkpoint -> student, teacher) and ``save_retrofitted``
+``text``        batches from a text file or a directory of .txt files
+``cli``         ``dms-perf train``
+"""
