@@ -425,12 +425,13 @@ def measure_generation(
     ``status`` "ok", "OOM", "error: ..." or "skipped: ..." (then without figures; a batch whose press hides
     keys is skipped); memory is released either way.
 
-    Families with ``fused`` run on the decode engine, a paged KV pool: the first untimed run (an extra one
-    when ``warmup`` is 0) generates on a pool of the largest budget the cell may need (``sizing_budget``)
-    and measures the most pages it held; the other runs generate on a pool of those pages (+1 %,
-    ``engine_pool``), the cell's KV memory, sized as a server with this workload would size it. The row
-    adds ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it captures the
-    decode graph that the later ones replay).
+    Families with ``fused`` run on the decode engine, a paged KV pool: the first untimed run generates on a
+    pool of the largest budget the cell may need (``sizing_budget``) and measures the most pages it held;
+    the other runs generate on a pool of those pages (+1 %, ``engine_pool``), the cell's KV memory, sized
+    as a server with this workload would size it. With ``warmup`` 0 (a long generation run once) the timed
+    runs use the sizing pool: ``kv_pool_bytes`` is then that budget, and ``peak_kv_bytes`` the pages used.
+    The row adds ``kv_pool_bytes`` and ``decode_tok_s_first``, the first timed generation's rate (it
+    captures the decode graph that the later ones replay).
 
     ``on_run``: called with "warm-up i/n" or "repeat i/n" before each generation (a progress line);
     ``on_tokens``: called with (tokens generated, new_tokens) at every trace point of each generation.
@@ -465,16 +466,16 @@ def measure_generation(
             release_memory()
             return run
 
-        untimed = max(warmup, 1) if method.family.fused else warmup
-        labels = [f"warm-up {i + 1}/{untimed}" for i in range(untimed)]
+        labels = [f"warm-up {i + 1}/{warmup}" for i in range(warmup)]
         if method.family.fused:  # the decode engine: a KV pool sized by an untimed run of this cell
             model.use_kv_pool(None)
-            engine_pool(model, max_seqs=batch.batch,
-                        budget_bytes=sizing_budget(model, batch.batch, batch.context_length + new_tokens))
-            pages = generate(labels.pop(0)).peak_pages
-            model.use_kv_pool(None)
-            release_memory()
-            pool = engine_pool(model, max_seqs=batch.batch, pages=pages + pages // 100 + 1)
+            pool = engine_pool(model, max_seqs=batch.batch,
+                               budget_bytes=sizing_budget(model, batch.batch, batch.context_length + new_tokens))
+            if labels:
+                pages = generate(labels.pop(0)).peak_pages
+                model.use_kv_pool(None)
+                release_memory()
+                pool = engine_pool(model, max_seqs=batch.batch, pages=pages + pages // 100 + 1)
         for label in labels:
             generate(label)
         runs = []
