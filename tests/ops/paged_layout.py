@@ -1,0 +1,71 @@
+"""Paged K/V layouts for the decode kernels' tests (decode attention, the cache update, the fused step).
+
+Pages are handed out in a shuffled order, so a head's pages are neither contiguous nor ascending; every
+table has ``NO_PAGE`` entries past each head's pages, and the buffers hold spare pages no head owns.
+Rows are placed and looked up by loops over a head's table entries, never by the kernels' arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dms_perf.ops.decode.naive import NO_PAGE
+from dms_perf.testing import poison
+
+SPARE_ENTRIES = 2  # NO_PAGE entries past the longest head's pages
+SPARE_PAGES = 3  # pages no head owns
+
+
+def shuffled_block_table(lengths: torch.Tensor, page_rows: int) -> tuple[torch.Tensor, int]:
+    """A table giving each head of ``lengths`` ``[B, Hkv]`` the pages its rows need, drawn from a random
+    permutation of all pages: ``(block_table [B, Hkv, max_pages] int32 on lengths' device, num_pages)``.
+    A head of length 0 holds no page."""
+    counts = [-(-n // page_rows) for n in lengths.flatten().tolist()]
+    max_pages = max(counts) + SPARE_ENTRIES
+    num_pages = sum(counts) + SPARE_PAGES
+    order = torch.randperm(num_pages).tolist()
+    table = torch.full((len(counts), max_pages), NO_PAGE, dtype=torch.int32)
+    taken = 0
+    for head, count in enumerate(counts):
+        table[head, :count] = torch.tensor(order[taken : taken + count], dtype=torch.int32)
+        taken += count
+    return table.view(*lengths.shape, max_pages).to(lengths.device), num_pages
+
+
+def empty_pages(num_pages: int, page_rows: int, head_dim: int, dtype, device) -> torch.Tensor:
+    """``[num_pages * page_rows, D]`` pages, all NaN: a row read that was never written shows."""
+    return poison(torch.empty(num_pages * page_rows, head_dim, dtype=dtype, device=device))
+
+
+def physical_row(table: list[int], slot: int, page_rows: int) -> int | None:
+    """Where logical ``slot`` of a head with table entries ``table`` lives in the pages viewed as
+    ``[num_pages * page_rows, D]``, or None if no page holds it (a ``NO_PAGE`` entry, or past the table)."""
+    for j, page in enumerate(table):
+        if j * page_rows <= slot < (j + 1) * page_rows:
+            return None if page == NO_PAGE else page * page_rows + slot - j * page_rows
+    return None
+
+
+def write_head(pages: torch.Tensor, table: list[int], rows: torch.Tensor, page_rows: int) -> None:
+    """Store a head's logical rows ``rows`` ``[n, D]`` (row i at slot i) in ``pages`` through ``table``."""
+    for slot in range(rows.shape[0]):
+        row = physical_row(table, slot, page_rows)
+        assert row is not None, f"slot {slot} has no page in {table}"
+        pages[row] = rows[slot]
+
+
+def strided_view(table: torch.Tensor, fill: int) -> torch.Tensor:
+    """``table`` ``[B, Hkv, max_pages]`` as a non-contiguous view into a larger pool-like table (layers x
+    slots x heads x wider rows), everything outside the view set to page ``fill``: a kernel that reads
+    past the view's entries or ignores its strides reads that page."""
+    B, Hkv, max_pages = table.shape
+    holder = torch.full((2, B + 1, Hkv, max_pages + 2), fill, dtype=table.dtype, device=table.device)
+    view = holder[1, :B, :, :max_pages]
+    view.copy_(table)
+    assert not view.is_contiguous()
+    return view
+
+
+def spare_page(table: torch.Tensor, num_pages: int) -> int:
+    """A page no head of ``table`` holds."""
+    return min(set(range(num_pages)) - set(table.flatten().tolist()))
