@@ -201,6 +201,10 @@ def _decode_merge_kernel(
 # --- the balanced scheduler ---------------------------------------------------------------------------
 
 
+# The balanced kernels round up with `(x + y - 1) // y` rather than tl.cdiv in their scans over the
+# heads: the same arithmetic, without a jit call per use, which the CPU interpreter charges milliseconds.
+
+
 @triton.jit
 def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BLOCK: tl.constexpr):
     """Key blocks per chunk: ``cdiv(total key blocks of all heads, num_chunks)``, at least 1 (int64)."""
@@ -208,14 +212,8 @@ def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BL
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
         lengths = tl.load(len_ptr + heads, mask=heads < num_heads, other=0)
-        total += tl.sum(tl.cdiv(lengths, BLOCK_N).to(tl.int64), 0)
-    return tl.maximum(tl.cdiv(total, num_chunks), 1)
-
-
-@triton.jit
-def _chunks_of(lengths, chunk_blocks, BLOCK_N: tl.constexpr):
-    """Chunks of ``chunk_blocks`` key blocks that heads of these lengths take (int32)."""
-    return tl.cdiv(tl.cdiv(lengths, BLOCK_N), chunk_blocks).to(tl.int32)
+        total += tl.sum(((lengths + BLOCK_N - 1) // BLOCK_N).to(tl.int64), 0)
+    return tl.maximum((total + num_chunks - 1) // num_chunks, 1)
 
 
 @triton.jit
@@ -236,7 +234,8 @@ def _decode_balanced_split_kernel(
     before_block = tl.full([], 0, tl.int32)
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
-        chunks = _chunks_of(tl.load(len_ptr + heads, mask=heads < num_heads, other=0), chunk_blocks, BLOCK_N)
+        blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
+        chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
         through = before_block + tl.cumsum(chunks, 0)
         mine = (through - chunks <= pid) & (pid < through)
         head += tl.sum(tl.where(mine, heads + 1, 0), 0)
@@ -278,9 +277,10 @@ def _decode_balanced_merge_kernel(
     first = tl.full([], 0, tl.int32)
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
-        chunks = _chunks_of(tl.load(len_ptr + heads, mask=heads < num_heads, other=0), chunk_blocks, BLOCK_N)
-        first += tl.sum(tl.where(heads < pid_bh, chunks, 0), 0)
-    count = _chunks_of(tl.load(len_ptr + pid_bh), chunk_blocks, BLOCK_N)
+        blocks = (tl.load(len_ptr + heads, mask=heads < pid_bh, other=0) + BLOCK_N - 1) // BLOCK_N
+        first += tl.sum(((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32), 0)
+    blocks = (tl.load(len_ptr + pid_bh) + BLOCK_N - 1) // BLOCK_N
+    count = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
 
     offs_t = tl.arange(0, MERGE_TILE)
     offs_d = tl.arange(0, D)
