@@ -272,6 +272,10 @@ def test_paged_decode_masks_no_page_rows(page_rows, block_n, schedule, device):
     assert torch.equal(out[0, 4:], torch.zeros(2, 32, device=device))
 
 
+# Two pages of 8 rows, one per head.
+PAGED_ARGS = dict(block_table=torch.tensor([[[1, NO_PAGE], [0, NO_PAGE]]], dtype=torch.int32), page_rows=8)
+
+
 @pytest.mark.parametrize(
     "change,error,match",
     [
@@ -281,11 +285,28 @@ def test_paged_decode_masks_no_page_rows(page_rows, block_n, schedule, device):
         (lambda a: a.update(lengths=a["lengths"][:, :1]), ValueError, "lengths"),
         (lambda a: a.update(starts=a["starts"].int()), TypeError, "int64"),
         (lambda a: a.update(max_length=0), ValueError, "max_length"),
-        (lambda a: a.update(num_splits=65536), ValueError, "65535"),
+        (lambda a: a.update(num_splits=65536, schedule="per_head"), ValueError, "65535"),
         (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
         (lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "share a dtype"),
         (lambda a: a.update(q=a["q"][..., :24], k_cache=a["k_cache"][..., :24], v_cache=a["v_cache"][..., :24]),
          ValueError, "power of two"),
+        (lambda a: a.update(schedule="fastest"), ValueError, "schedule must be one of"),
+        (lambda a: a.update(block_n=8), ValueError, "block_n"),
+        # Paged addressing: exactly one of starts and block_table, a well-formed table and page size.
+        (lambda a: a.update(starts=None), ValueError, "got neither"),
+        (lambda a: a.update(PAGED_ARGS), ValueError, "got both"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, page_rows=None), ValueError, "page_rows must be a power"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, page_rows=6), ValueError, "page_rows must be a power"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, page_rows=32), ValueError, "multiple of page_rows=32"),
+        (lambda a: a.update(page_rows=8), ValueError, "goes with a block_table"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"].long()), TypeError,
+         "block_table must be an int32"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"][:, :1]), ValueError,
+         r"block_table must be \[B, Hkv, max_pages\]"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"][..., :0]), ValueError,
+         "max_pages >= 1"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"].to("meta")),
+         ValueError, "block_table is on meta"),
     ],
 )
 def test_decode_rejects_bad_input(change, error, match):
@@ -304,20 +325,49 @@ MANY_HEADS = 65536
 
 def test_decode_launch_grids_fit_any_batch(monkeypatch, device):
     """Both decode launches put B * Hkv on grid axis 0 and the splits / query heads on axis 1.
-    Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it."""
+    Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it.
+    The balanced scheduler's split launch is one axis of (num_splits + 1) * B * Hkv programs."""
     from dms_perf.ops.decode import kernel
 
-    split = spy_launches(monkeypatch, kernel, "_decode_split_kernel", run=False)
-    merge = spy_launches(monkeypatch, kernel, "_decode_merge_kernel", run=False)
+    spies = {name: spy_launches(monkeypatch, kernel, name, run=False) for name in (
+        "_decode_split_kernel", "_decode_merge_kernel", "_decode_balanced_split_kernel",
+        "_decode_balanced_merge_kernel")}
     B, Hq, Hkv, D = MANY_HEADS // 2, 6, 2, 16
     q = torch.randn(B, Hq, D, device=device)
     k = v = torch.zeros(4 * B * Hkv, D, device=device)
     starts = (torch.arange(B * Hkv, device=device) * 4).view(B, Hkv)
     lengths = torch.full((B, Hkv), 4, dtype=torch.int32, device=device)
-    dms_decode_attention(q, k, v, starts, lengths, 4, num_splits=3)
-    assert split.grids() == [(MANY_HEADS, 3)] and merge.grids() == [(MANY_HEADS, 3)]
-    for grid in split.grids() + merge.grids():
+    for schedule in SCHEDULES:
+        dms_decode_attention(q, k, v, starts, lengths, 4, num_splits=3, schedule=schedule)
+    grids = {name: spy.grids() for name, spy in spies.items()}
+    assert grids == {
+        "_decode_split_kernel": [(MANY_HEADS, 3)], "_decode_merge_kernel": [(MANY_HEADS, 3)],
+        "_decode_balanced_split_kernel": [(4 * MANY_HEADS,)], "_decode_balanced_merge_kernel": [(MANY_HEADS, 3)],
+    }
+    for grid in sum(grids.values(), []):
         assert_grid_fits_cuda(grid)
+
+
+def _dense_reference(q, k, v, lengths, cap, compute_dtype):
+    """Decode attention over segments of ``cap`` rows (head i's at row ``i * cap``) as one masked dense
+    softmax in ``compute_dtype`` (empty heads: zeros)."""
+    B, Hq, D = q.shape
+    Hkv = lengths.shape[1]
+    keys, values = (t.to(compute_dtype).view(B, Hkv, cap, D) for t in (k, v))
+    queries = q.to(compute_dtype).view(B, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bhgd,bhnd->bhgn", queries, keys) * D**-0.5
+    occupied = torch.arange(cap, device=q.device) < lengths[..., None]
+    probs = torch.softmax(scores.masked_fill(~occupied[:, :, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bhgn,bhnd->bhgd", probs.nan_to_num(0.0), values).reshape(B, Hq, D)
+
+
+def _check_dense(out, q, k, v, lengths, cap, dtype):
+    B, Hkv, D = lengths.shape[0], lengths.shape[1], q.shape[2]
+    assert_as_accurate_as_torch("triton decode", out, _dense_reference(q, k, v, lengths, cap, dtype),
+                                _dense_reference(q, k, v, lengths, cap, torch.float64), FLOOR[dtype],
+                                cap=PREVIOUS_TOL[dtype])
+    empty = out.view(B, Hkv, -1, D)[lengths == 0]
+    assert torch.equal(empty, torch.zeros_like(empty))
 
 
 @pytest.mark.gpu
@@ -329,17 +379,22 @@ def test_decode_takes_any_batch_gpu(dtype):
     k, v = (torch.randn(B * Hkv * cap, D, dtype=dtype, device="cuda") for _ in "kv")
     starts = (torch.arange(B * Hkv, device="cuda") * cap).view(B, Hkv)
     lengths = torch.randint(0, cap + 1, (B, Hkv), dtype=torch.int32, device="cuda")
-    out = dms_decode_attention(q, k, v, starts, lengths, cap)
-
-    def dense(compute_dtype):
-        keys, values = (t.to(compute_dtype).view(B, Hkv, cap, D) for t in (k, v))
-        queries = q.to(compute_dtype).view(B, Hkv, Hq // Hkv, D)
-        scores = torch.einsum("bhgd,bhnd->bhgn", queries, keys) * D**-0.5
-        occupied = torch.arange(cap, device="cuda") < lengths[..., None]
-        probs = torch.softmax(scores.masked_fill(~occupied[:, :, None, :], float("-inf")), dim=-1)
-        return torch.einsum("bhgn,bhnd->bhgd", probs.nan_to_num(0.0), values).reshape(B, Hq, D)
-
+    out = dms_decode_attention(q, k, v, starts, lengths, cap, schedule="per_head")
     assert (lengths == 0).any()
-    assert_as_accurate_as_torch("triton decode", out, dense(dtype), dense(torch.float64), FLOOR[dtype],
-                                cap=PREVIOUS_TOL[dtype])
-    assert torch.equal(out.view(B, Hkv, -1, D)[lengths == 0], torch.zeros_like(out.view(B, Hkv, -1, D)[lengths == 0]))
+    _check_dense(out, q, k, v, lengths, cap, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_balanced_decode_takes_2048_heads_gpu(num_splits, dtype):
+    """The balanced scheduler at B * Hkv = 2048 (two blocks of HEAD_BLOCK lengths per scan): heads of
+    0..40 rows, a tenth empty, four holding 2000 (segments of 2000 rows), against the dense softmax."""
+    B, Hq, Hkv, cap, D = 256, 16, 8, 2000, 64
+    q = torch.randn(B, Hq, D, dtype=dtype, device="cuda")
+    k, v = (torch.randn(B * Hkv * cap, D, dtype=dtype, device="cuda") for _ in "kv")
+    starts = (torch.arange(B * Hkv, device="cuda") * cap).view(B, Hkv)
+    lengths = torch.randint(0, 41, (B, Hkv), dtype=torch.int32, device="cuda")
+    lengths[torch.rand(B, Hkv, device="cuda") < 0.1] = 0
+    lengths.view(-1)[torch.randperm(B * Hkv, device="cuda")[:4]] = cap
+    out = dms_decode_attention(q, k, v, starts, lengths, cap, num_splits=num_splits, schedule="balanced")
+    _check_dense(out, q, k, v, lengths, cap, dtype)
