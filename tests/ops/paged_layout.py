@@ -67,5 +67,35 @@ def strided_view(table: torch.Tensor, fill: int) -> torch.Tensor:
 
 
 def spare_page(table: torch.Tensor, num_pages: int) -> int:
-    """A page no head of ``table`` holds."""
-    return min(set(range(num_pages)) - set(table.flatten().tolist()))
+    """A page no head of ``table`` holds, not the first (a row just before it is still in the buffer)."""
+    return max(set(range(num_pages)) - set(table.flatten().tolist()))
+
+
+def ring_state(lengths: list[list[int]], window: int, seen: int, device) -> dict[str, torch.Tensor]:
+    """The cache-update bookkeeping of heads that have seen ``seen`` tokens and hold ``lengths[b][h]``
+    rows (at least ``window + 1``, or 0: a dead head): tokens ``seen - window - 1 .. seen - 1`` sit in
+    distinct random slots below the length, their flags random; a dead head's ring is zeros.
+    Returns ``ring_slot``, ``ring_flag`` ``[B, Hkv, window + 1]``, ``lengths`` int32 ``[B, Hkv]`` and the
+    ``step`` counter int64 ``[B * Hkv]`` of ``decode_update`` / ``fused_decode_step``."""
+    B, Hkv, w1 = len(lengths), len(lengths[0]), window + 1
+    ring_slot = torch.zeros(B, Hkv, w1, dtype=torch.int64)
+    ring_flag = torch.zeros(B, Hkv, w1, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hkv):
+            if lengths[b][h] == 0:
+                continue
+            assert lengths[b][h] >= w1, "a live head holds its whole window"
+            slots = torch.randperm(lengths[b][h])[:w1]
+            for i, token in enumerate(range(seen - w1, seen)):
+                ring_slot[b, h, token % w1] = slots[i]
+                ring_flag[b, h, token % w1] = bool(torch.rand(()) < 0.5)
+    return {
+        "ring_slot": ring_slot.to(device),
+        "ring_flag": ring_flag.to(device),
+        "lengths": torch.tensor(lengths, dtype=torch.int32, device=device),
+        "step": torch.full((B * Hkv,), seen, dtype=torch.int64, device=device),
+    }
+
+
+def copy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in state.items()}
