@@ -99,3 +99,34 @@ def ring_state(lengths: list[list[int]], window: int, seen: int, device) -> dict
 
 def copy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in state.items()}
+
+
+def paged_heads(lengths, reserve, page_rows, D, dtype, device):
+    """Pages for heads of ``lengths`` (list ``[B][Hkv]``) plus ``reserve`` more rows each (``[B][Hkv]``,
+    the pool's reserve-ahead), their rows random and every other row NaN: ``(k_pages, v_pages, table)``,
+    the table a strided view."""
+    rows = torch.tensor(lengths) + torch.tensor(reserve) * (torch.tensor(lengths) > 0)
+    table, num_pages = shuffled_block_table(rows, page_rows)
+    k_pages, v_pages = (empty_pages(num_pages, page_rows, D, dtype, device) for _ in "kv")
+    for b, heads in enumerate(lengths):
+        for h, n in enumerate(heads):
+            for pages in (k_pages, v_pages):
+                write_head(pages, table[b, h].tolist(), torch.randn(n, D, device=device).to(dtype), page_rows)
+    return k_pages, v_pages, strided_view(table.to(device), spare_page(table, num_pages))
+
+
+def expected_stores(pages, table, slots, new_rows, page_rows):
+    """``pages`` after each head (b, h) stored ``new_rows[b, h]`` at logical ``slots[b][h]``, where a
+    page holds that slot; elsewhere nothing."""
+    expected = pages.clone()
+    tables = table.tolist()
+    for b, heads in enumerate(slots):
+        for h, slot in enumerate(heads):
+            row = physical_row(tables[b][h], slot, page_rows)
+            if row is not None:
+                expected[row] = new_rows[b, h]
+    return expected
+
+
+def assert_same_pages(got, expected):
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)

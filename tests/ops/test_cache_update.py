@@ -12,48 +12,15 @@ import torch
 from dms_perf.ops.cache_update.kernel import decode_update
 from dms_perf.ops.cache_update.torch_ops import decode_update_torch
 from tests.ops.paged_layout import (
+    assert_same_pages,
     copy_state,
-    empty_pages,
+    expected_stores,
+    paged_heads,
     physical_row,
     ring_state,
-    shuffled_block_table,
-    spare_page,
-    strided_view,
-    write_head,
 )
 
 STATE = ("ring_slot", "ring_flag", "lengths", "step")
-
-
-def paged_heads(lengths, reserve, page_rows, D, device):
-    """Pages for heads of ``lengths`` (list ``[B][Hkv]``) plus ``reserve`` more rows each (``[B][Hkv]``,
-    the pool's reserve-ahead), their rows random and every other row NaN: ``(k_pages, v_pages, table)``,
-    the table a strided view."""
-    rows = torch.tensor(lengths) + torch.tensor(reserve) * (torch.tensor(lengths) > 0)
-    table, num_pages = shuffled_block_table(rows, page_rows)
-    k_pages, v_pages = (empty_pages(num_pages, page_rows, D, torch.float32, device) for _ in "kv")
-    for b, heads in enumerate(lengths):
-        for h, n in enumerate(heads):
-            for pages in (k_pages, v_pages):
-                write_head(pages, table[b, h].tolist(), torch.randn(n, D, device=device), page_rows)
-    return k_pages, v_pages, strided_view(table.to(device), spare_page(table, num_pages))
-
-
-def expected_stores(pages, table, slots, new_rows, page_rows):
-    """``pages`` after each head (b, h) stored ``new_rows[b, h]`` at logical ``slots[b][h]``, where a
-    page holds that slot; elsewhere nothing."""
-    expected = pages.clone()
-    tables = table.tolist()
-    for b, heads in enumerate(slots):
-        for h, slot in enumerate(heads):
-            row = physical_row(tables[b][h], slot, page_rows)
-            if row is not None:
-                expected[row] = new_rows[b, h]
-    return expected
-
-
-def assert_same_pages(got, expected):
-    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("page_rows", [16, 64])
@@ -67,7 +34,7 @@ def test_paged_decode_update_matches_the_torch_step(page_rows, window, device):
     lengths = [[0, P, P + 1, 3 * P + 2], [w1, 2 * P - 3, 0, 5]]
     reserve = [[0, 0, steps, steps], [steps, steps, 0, steps]]
     B, Hkv = len(lengths), len(lengths[0])
-    k_pages, v_pages, table = paged_heads(lengths, reserve, P, D, device)
+    k_pages, v_pages, table = paged_heads(lengths, reserve, P, D, torch.float32, device)
     state = ring_state(lengths, window, seen, device)
     state["ring_flag"][0, 1] = False  # the one-page head appends first: a row its pages do not hold
     reference = copy_state(state)
@@ -104,7 +71,7 @@ def test_paged_decode_update_skips_any_slot_outside_the_table(device):
     """A dead head's ring may hold anything: a slot past its table or negative reads no table entry
     outside its own and stores nothing (here every ring slot is one of those, and every flag set)."""
     P, window, D = 16, 2, 16
-    k_pages, v_pages, table = paged_heads([[0, 20]], [[0, 0]], P, D, device)
+    k_pages, v_pages, table = paged_heads([[0, 20]], [[0, 0]], P, D, torch.float32, device)
     state = ring_state([[0, 20]], window, 30, device)
     state["ring_slot"][0, 0] = torch.tensor([-1, -P - 3, 10**6])
     state["ring_flag"][0, 0] = True
