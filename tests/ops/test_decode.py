@@ -276,6 +276,27 @@ def test_paged_decode_masks_no_page_rows(page_rows, block_n, schedule, device):
 PAGED_ARGS = dict(block_table=torch.tensor([[[1, NO_PAGE], [0, NO_PAGE]]], dtype=torch.int32), page_rows=8)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_paged_decode_after_masked_tiles_keeps_scores_far_below_zero(schedule, monkeypatch, device):
+    """A head whose first page is NO_PAGE and whose scores are all far below zero (about -290, past
+    fp32's exp2 range against 0): the masked tile leaves the running max at -inf, so the keys after it
+    still count (an exponent taken against a stand-in max of 0 would round them all to 0). Likewise in
+    the balanced merge, read one chunk at a time here: its first chunk has no key."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "MERGE_TILE", 1)
+    P = 32
+    lengths = torch.tensor([[3 * P]], dtype=torch.int32, device=device)
+    _, (k_pages, v_pages, table), _ = _layouts(lengths, 2, 32, P, torch.float32, device)
+    k_pages.copy_(-(k_pages.abs() + 1))
+    q = torch.ones(1, 2, 32, device=device)
+    table[0, 0, 0] = NO_PAGE
+    out = dms_decode_attention(q, k_pages, v_pages, None, lengths, 3 * P, block_table=table, page_rows=P,
+                               num_splits=3, block_n=32, schedule=schedule, scale=5.0)
+    ref = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths, P, scale=5.0)
+    assert rel_error(out, ref) < 1e-4
+
+
 @pytest.mark.parametrize(
     "change,error,match",
     [

@@ -106,10 +106,13 @@ def _attend(
         s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if PAGED:
-            # A fully masked tile before any key: exp2(-inf - 0) = 0 rather than exp2(NaN).
-            m_new = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+            # No key yet (a fully masked tile): exponents against 0 give exp2(-inf) = 0, not exp2(NaN);
+            # the running max itself stays -inf until a key comes.
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        else:
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -292,10 +295,11 @@ def _decode_balanced_merge_kernel(
         row = (first + t0 + offs_t).to(tl.int64) * G_PAD + g
         lse2 = tl.load(part_lse_ptr + row, mask=t_mask, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse2, 0))
-        m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # no chunk with keys yet: weights 0, not NaN
-        w = tl.where(lse2 > float("-inf"), tl.exp2(lse2 - m_new), 0.0)
+        # No chunk with keys yet (paged, all rows masked): weights against 0 are 0, not NaN; m stays -inf.
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        w = tl.where(lse2 > float("-inf"), tl.exp2(lse2 - m_ref), 0.0)
         part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=t_mask[:, None], other=0.0)
-        rescale = tl.exp2(m - m_new)
+        rescale = tl.exp2(m - m_ref)
         acc = acc * rescale + tl.sum(part * w[:, None], 0)
         total = total * rescale + tl.sum(w, 0)
         m = m_new
