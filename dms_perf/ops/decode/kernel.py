@@ -25,7 +25,8 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
   grid is fixed at ``num_splits * B * Hkv + B * Hkv`` programs (the most chunks there can be: each head's
   last chunk may be short); each program reads all lengths, finds its (head, chunk) from the prefix sum
   of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
-  sizes only, so no host sync and a CUDA graph can capture it.
+  sizes only, so no host sync and a CUDA graph can capture it. The price: every split and merge program
+  reads all ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch.
 """
 
 from __future__ import annotations
@@ -249,8 +250,8 @@ def _decode_balanced_split_kernel(
         h = head % num_kv_heads
         q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
         length = tl.load(len_ptr + head)
-        start = chunk * chunk_blocks * BLOCK_N
-        end = tl.minimum(start + chunk_blocks * BLOCK_N, length)
+        start = (chunk * chunk_blocks * BLOCK_N).to(tl.int32)  # below length: int32 as the per-head ranges
+        end = tl.minimum(start + chunk_blocks * BLOCK_N, length).to(tl.int32)
         if PAGED:
             first = 0
             table_row = table_ptr + b * stride_tb + h * stride_th
@@ -282,8 +283,8 @@ def _decode_balanced_merge_kernel(
         heads = h0 + tl.arange(0, HEAD_BLOCK)
         blocks = (tl.load(len_ptr + heads, mask=heads < pid_bh, other=0) + BLOCK_N - 1) // BLOCK_N
         first += tl.sum(((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32), 0)
-    blocks = (tl.load(len_ptr + pid_bh) + BLOCK_N - 1) // BLOCK_N
-    count = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+    own_blocks = (tl.load(len_ptr + pid_bh) + BLOCK_N - 1) // BLOCK_N
+    count = ((own_blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
 
     offs_t = tl.arange(0, MERGE_TILE)
     offs_d = tl.arange(0, D)
@@ -460,7 +461,7 @@ def dms_decode_attention(
             f"balanced schedule: {programs} programs (num_splits + 1 = {num_splits + 1} per head, B * Hkv = "
             f"{B * Hkv}) exceed the {MAX_GRID_AXIS_0} of a grid axis"
         )
-    head_block = min(HEAD_BLOCK, next_power_of_2(B * Hkv))
+    head_block = min(HEAD_BLOCK, max(16, next_power_of_2(B * Hkv)))
     part_out = torch.empty((programs * g_pad, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((programs * g_pad,), device=q.device, dtype=torch.float32)
     _decode_balanced_split_kernel[(programs,)](
