@@ -178,20 +178,19 @@ def _layouts(lengths, Hq, D, page_rows, dtype, device):
 # no pages). One query group of 2 heads per KV head.
 def _uneven_lengths(page_rows: int, device) -> torch.Tensor:
     middle = int(torch.randint(2, 2 * page_rows, ()))
-    rows = [[0, 1, page_rows, page_rows + 1], [5 * page_rows + 3, middle, 2, 0]]
+    rows = [[0, 1, page_rows, page_rows + 1], [3 * page_rows + 3, middle, 2, 0]]
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 # Per pattern: [B, Hkv] lengths with empty heads, one head holding everything, or nothing at all.
 UNEVEN = {
-    "one-holds-all": [[0, 0, 0], [0, 700, 0]],
+    "one-holds-all": [[0, 0, 0], [0, 400, 0]],
     "spread": [[3, 0, 250], [1, 64, 129]],
     "all-empty": [[0, 0, 0], [0, 0, 0]],
 }
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule,num_splits", [("per_head", 4), ("balanced", 1), ("balanced", 4)])
 @pytest.mark.parametrize("pattern", list(UNEVEN))
 def test_decode_schedules_on_uneven_heads(pattern, schedule, num_splits, device):
     """Each scheduler over heads of very different lengths (contiguous cache): exact per the reference,
