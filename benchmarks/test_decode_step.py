@@ -8,7 +8,12 @@ GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 40
   DMS evicts: ``heads`` (in each sequence one KV head holds ``LONG_HEAD_RATIO`` times the mean, the others
   share the rest, none under a window) or ``batch`` (half the sequences long, half short; batch >= 2).
   Lengths come from a seeded generator, so every run measures one layout; the group is the even case's.
-  Both record ``spread``, ``longest_head`` and ``max_over_mean`` (longest head over the mean length).
+  Both record ``spread``, ``longest_head`` and ``max_over_mean`` (longest head over the mean length), and
+  ``layout`` ``contiguous`` and ``schedule`` (the kernel's default scheduler, ``SCHEDULE``).
+* ``test_decode_attention_layouts``: the same three spreads at the same rows, with the other layout and
+  scheduler pairs: ``contiguous`` with the ``balanced`` scheduler, and ``paged`` (pages of
+  ``PAGE_ROWS`` rows handed out in shuffled order, one block table per head) with ``per_head`` and
+  ``balanced``. Same group as the contiguous cases, so each layout and scheduler compares with them.
 * ``test_fused_decode_step``: ``fused_decode_step`` (norms, decision, RoPE, cache update), batch 1 / 8 / 32.
   Every decision marks its token, so each step reuses the slot its window frees and the cache keeps its
   length whatever the number of calls; a step's work does not depend on the cache length.
@@ -46,6 +51,7 @@ from dms_perf.model.qwen3_dms import qwen3_8b_config, tiny_config
 from dms_perf.ops.activation import silu_mul
 from dms_perf.ops.cache_update import fused_decode_step
 from dms_perf.ops.decode import dms_decode_attention
+from dms_perf.ops.decode import kernel as decode_kernel
 from dms_perf.ops.linear import skinny_linear, torch_linear
 
 CONFIG = qwen3_8b_config() if HAS_CUDA else tiny_config()
@@ -64,6 +70,11 @@ ATTENTION_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
 LONG_HEAD_RATIO = 4.5
 SHORT_SEQUENCE_SHARE = 0.25
 SPREAD_SEED = 0
+# Paged decode attention: rows per page (one 64-row key tile), the seed of the shuffled page order, and
+# the (layout, scheduler) pairs measured beside the contiguous cases of the default scheduler.
+PAGE_ROWS = 64
+PAGE_ORDER_SEED = 1
+LAYOUT_CASES = (("contiguous", "balanced"), ("paged", "per_head"), ("paged", "balanced"))
 # Bytes of one head's cache bookkeeping in a step: step counter and length read and written, start read,
 # the leaving ring slot read and written, three ring flags (the previous token's, the leaving one's twice).
 RING_STEP_BYTES = 8 + 8 + 4 + 4 + 8 + 8 + 8 + 3
@@ -121,38 +132,63 @@ def _kept_lengths(spread: str, batch: int, kept: int) -> torch.Tensor:
     return lengths.to(torch.int32)
 
 
-def _attention_inputs(lengths: torch.Tensor) -> Callable[[], object]:
-    """A compacted cache of ``lengths[b, h]`` rows per head, segments back to back in one ``[S, D]``
-    buffer; ``max_length`` is the longest head, the host-known bound the model would pass."""
+def _page_table(lengths: torch.Tensor) -> torch.Tensor:
+    """``[batch, Hkv, max_pages]`` int32: each head the ``ceil(length / PAGE_ROWS)`` pages its rows fill,
+    taken from a seeded random permutation of all pages (a pool's free list after sequences came and
+    went), ``NO_PAGE`` (-1) past them (CPU)."""
+    pages = (lengths.long() + PAGE_ROWS - 1) // PAGE_ROWS
+    held = torch.arange(int(pages.max())) < pages[..., None]
+    table = torch.full(held.shape, -1, dtype=torch.int32)
+    table[held] = torch.randperm(int(pages.sum()), generator=torch.Generator().manual_seed(PAGE_ORDER_SEED)).int()
+    return table
+
+
+def _attention_inputs(lengths: torch.Tensor, layout: str = "contiguous", schedule: str | None = None):
+    """A cache of ``lengths[b, h]`` rows per head: ``contiguous``, segments back to back in one ``[S, D]``
+    buffer; ``paged``, pages of ``PAGE_ROWS`` rows through ``_page_table``. ``max_length`` is the longest
+    head, the host-known bound the model would pass; ``schedule`` None is the kernel's default."""
     batch = lengths.shape[0]
-    rows = int(lengths.sum())
-    k_cache = torch.randn(rows, D, device=DEVICE, dtype=DTYPE)
-    v_cache = torch.randn(rows, D, device=DEVICE, dtype=DTYPE)
-    flat = lengths.flatten().long()
-    starts = (flat.cumsum(0) - flat).view(lengths.shape).to(DEVICE)
     q = torch.randn(batch, HQ, D, device=DEVICE, dtype=DTYPE)
     longest = int(lengths.max())
+    if layout == "paged":
+        table = _page_table(lengths)
+        rows = int((table >= 0).sum()) * PAGE_ROWS
+        addressing = dict(starts=None, block_table=table.to(DEVICE), page_rows=PAGE_ROWS)
+    else:
+        rows = int(lengths.sum())
+        flat = lengths.flatten().long()
+        addressing = dict(starts=(flat.cumsum(0) - flat).view(lengths.shape).to(DEVICE))
+    k_cache = torch.randn(rows, D, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn(rows, D, device=DEVICE, dtype=DTYPE)
     lengths = lengths.to(DEVICE)
-    return lambda: dms_decode_attention(q, k_cache, v_cache, starts, lengths, longest)
+    return lambda: dms_decode_attention(q, k_cache, v_cache, lengths=lengths, max_length=longest,
+                                        schedule=schedule, **addressing)
 
 
-def _decode_attention_case(benchmark, spread: str, batch: int, context_length: int) -> None:
-    """Floor: K and V of every kept row, the query read and the output written, starts and lengths:
-    ``2 B Hkv L D e + 2 B Hq D e + 12 B Hkv`` bytes (``e`` bytes an element; ``B Hkv L`` rows in all,
-    whatever the spread)."""
+def _decode_attention_case(benchmark, spread: str, batch: int, context_length: int, layout: str = "contiguous",
+                           schedule: str | None = None) -> None:
+    """Floor: K and V of every kept row, the query read and the output written, and the addressing read:
+    starts and lengths (contiguous) or lengths and one block-table entry per page (paged):
+    ``2 B Hkv L D e + 2 B Hq D e + 12 B Hkv`` or ``... + 4 B Hkv + 4 pages`` bytes (``e`` bytes an element;
+    ``B Hkv L`` rows in all, whatever the spread; rows past a head's length in its last page are not read)."""
     if HAS_CUDA and context_length not in ATTENTION_CONTEXTS:
         pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
     lengths = _kept_lengths(spread, batch, context_length)
     e = DTYPE.itemsize
     kv_bytes = 2 * int(lengths.sum()) * D * e
     assert kv_bytes == 2 * batch * HKV * context_length * D * e
-    moved = kv_bytes + 2 * batch * HQ * D * e + 12 * batch * HKV
+    pages = int(((lengths.long() + PAGE_ROWS - 1) // PAGE_ROWS).sum())
+    addressing = 12 * batch * HKV if layout == "contiguous" else 4 * batch * HKV + 4 * pages
+    moved = kv_bytes + 2 * batch * HQ * D * e + addressing
     benchmark.group = f"decode-attention-ctx{context_length}-b{batch}"
     benchmark.extra_info.update(batch=batch, kept_per_head=context_length, num_q_heads=HQ, num_kv_heads=HKV,
                                 head_dim=D, dtype=str(DTYPE), spread=spread, longest_head=int(lengths.max()),
-                                max_over_mean=float(lengths.max()) / context_length)
+                                max_over_mean=float(lengths.max()) / context_length, layout=layout,
+                                schedule=schedule or decode_kernel.SCHEDULE)
+    if layout == "paged":
+        benchmark.extra_info.update(page_rows=PAGE_ROWS, pages=pages)
     try:
-        call_s = _timed(benchmark, rotating(lambda: _attention_inputs(lengths), kv_bytes))
+        call_s = _timed(benchmark, rotating(lambda: _attention_inputs(lengths, layout, schedule), kv_bytes))
     except torch.OutOfMemoryError as exc:
         pytest.skip(f"OOM at batch {batch} x {context_length} rows: {str(exc).splitlines()[0][:120]}")
     _floor(benchmark, moved, call_s)
@@ -171,6 +207,17 @@ def test_decode_attention_uneven(benchmark, batch, context_length, spread):
     if spread == "batch" and batch < 2:
         pytest.skip("a batch spread needs two sequences or more")
     _decode_attention_case(benchmark, spread, batch, context_length)
+
+
+@pytest.mark.parametrize("layout,schedule", LAYOUT_CASES, ids=[f"{lay}-{sch}" for lay, sch in LAYOUT_CASES])
+@pytest.mark.parametrize("spread", ["even", "heads", "batch"])
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_decode_attention_layouts(benchmark, batch, context_length, spread, layout, schedule):
+    """The rows and spreads of ``test_decode_attention`` / ``_uneven`` in another layout or under another
+    scheduler; floor as ``_decode_attention_case`` (paged: the block table's entries instead of starts)."""
+    if spread == "batch" and batch < 2:
+        pytest.skip("a batch spread needs two sequences or more")
+    _decode_attention_case(benchmark, spread, batch, context_length, layout, schedule)
 
 
 # --- the fused step between the q/k/v projection and attention --------------------------------------

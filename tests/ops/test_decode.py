@@ -1,7 +1,10 @@
 """Triton and hub decode attention over the compacted DMS cache vs a per-head fp64 loop.
 
 The reference (``dms_decode_attention_reference``) reads each head's ``lengths[b, h]`` rows on the host
-and takes no length bound, so it cannot share a truncation by ``max_length`` with the kernel."""
+and takes no length bound, so it cannot share a truncation by ``max_length`` with the kernel. Its paged
+form (``paged_decode_attention_reference``) gathers each head's rows by a loop over its table entries,
+so it shares no addressing arithmetic with the kernel either. Both schedulers (``per_head``,
+``balanced``) and both layouts (contiguous ``starts``, paged ``block_table``) are held to them."""
 
 from __future__ import annotations
 
@@ -9,11 +12,12 @@ import pytest
 import torch
 
 from dms_perf.ops.decode.hub import hub_decode_attention
-from dms_perf.ops.decode.kernel import dms_decode_attention
-from dms_perf.ops.decode.naive import dms_decode_attention_reference
+from dms_perf.ops.decode.kernel import SCHEDULES, dms_decode_attention
+from dms_perf.ops.decode.naive import NO_PAGE, dms_decode_attention_reference, paged_decode_attention_reference
 from dms_perf.testing import poison, rel_error
 from tests.ops.accuracy import FLOOR, assert_as_accurate_as_torch
 from tests.ops.launch_spy import assert_grid_fits_cuda, spy_launches
+from tests.ops.paged_layout import empty_pages, shuffled_block_table, spare_page, strided_view, write_head
 
 # The flat bounds these tests had before they used the shared rule (tests/ops/accuracy.py): kept as
 # caps, so that no bound got looser; the rule is what bounds bf16 (its old 2e-2 was far looser).
@@ -52,13 +56,14 @@ def _inputs(B, Hq, Hkv, C, D, dtype, device):
     return q, k, v, starts, lengths
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
     "B,Hq,Hkv,C,D,num_splits",
     [(1, 4, 2, 40, 32, 1), (2, 8, 2, 200, 64, 3), (1, 4, 1, 130, 32, 8), (2, 2, 2, 17, 16, None)],
 )
-def test_decode_matches_reference(B, Hq, Hkv, C, D, num_splits, dtype, device):
+def test_decode_matches_reference(B, Hq, Hkv, C, D, num_splits, schedule, dtype, device):
     q, k, v, starts, lengths = _inputs(B, Hq, Hkv, C, D, dtype, device)
-    out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits, block_n=16)
+    out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits, block_n=16, schedule=schedule)
     assert out.shape == q.shape and out.dtype == dtype
     check_against_reference("triton decode", out, q, k, v, starts, lengths)
 
@@ -99,14 +104,15 @@ def _with_empty_heads(q, k, v, starts, lengths, empty):
     return q, k, v, starts, lengths
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_decode_empty_head_gives_zeros(num_splits, device):
+def test_decode_empty_head_gives_zeros(num_splits, schedule, device):
     """A head of length 0: its query heads' outputs are zeros (it was 0 / 0 = NaN in the split merge);
     the other heads are unaffected."""
     B, Hq, Hkv, C, D = 2, 6, 3, 40, 32
     empty = [(0, 1), (1, 0), (1, 2)]
     q, k, v, starts, lengths = _with_empty_heads(*_inputs(B, Hq, Hkv, C, D, torch.float32, device), empty)
-    out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits, block_n=16)
+    out = dms_decode_attention(q, k, v, starts, lengths, C, num_splits=num_splits, block_n=16, schedule=schedule)
     G = Hq // Hkv
     for b, h in empty:
         assert torch.equal(out[b, h * G : (h + 1) * G], torch.zeros(G, D, device=device))
@@ -143,6 +149,153 @@ def test_hub_decode_matches_reference(empty, dtype, device):
     check_against_reference("hub decode", out, q, k, v, starts, lengths)
 
 
+# --- uneven heads, both schedulers ---------------------------------------------------------------------
+
+
+def _layouts(lengths, Hq, D, page_rows, dtype, device):
+    """The same random heads of ``lengths`` ``[B, Hkv]`` in two layouts: ``(q, paged, contiguous)`` with
+    ``paged = (k_pages, v_pages, block_table)`` (pages in shuffled order, ``shuffled_block_table``) and
+    ``contiguous = (k_cache, v_cache, starts)`` (segments back to back). Every other row is NaN."""
+    B, Hkv = lengths.shape
+    q = torch.randn(B, Hq, D, dtype=dtype, device=device)
+    table, num_pages = shuffled_block_table(lengths, page_rows)
+    k_pages, v_pages = (empty_pages(num_pages, page_rows, D, dtype, device) for _ in "kv")
+    flat = lengths.flatten().long()
+    starts = (flat.cumsum(0) - flat).view(B, Hkv)
+    k_cache, v_cache = (poison(torch.empty(int(flat.sum()) + 1, D, dtype=dtype, device=device)) for _ in "kv")
+    tables, firsts, counts = table.tolist(), starts.tolist(), lengths.tolist()
+    for b in range(B):
+        for h in range(Hkv):
+            first, n = firsts[b][h], counts[b][h]
+            for pages, segments in ((k_pages, k_cache), (v_pages, v_cache)):
+                rows = torch.randn(n, D, dtype=dtype, device=device)
+                write_head(pages, tables[b][h], rows, page_rows)
+                segments[first : first + n] = rows
+    return q, (k_pages, v_pages, table), (k_cache, v_cache, starts.to(device))
+
+
+# Heads of 0 rows, 1 row, one page exactly, a page + 1, many pages, and in between; two dead (0 rows,
+# no pages). One query group of 2 heads per KV head.
+def _uneven_lengths(page_rows: int, device) -> torch.Tensor:
+    middle = int(torch.randint(2, 2 * page_rows, ()))
+    rows = [[0, 1, page_rows, page_rows + 1], [3 * page_rows + 3, middle, 2, 0]]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+# Per pattern: [B, Hkv] lengths with empty heads, one head holding everything, or nothing at all.
+UNEVEN = {
+    "one-holds-all": [[0, 0, 0], [0, 400, 0]],
+    "spread": [[3, 0, 250], [1, 64, 129]],
+    "all-empty": [[0, 0, 0], [0, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("schedule,num_splits", [("per_head", 4), ("balanced", 1), ("balanced", 4)])
+@pytest.mark.parametrize("pattern", list(UNEVEN))
+def test_decode_schedules_on_uneven_heads(pattern, schedule, num_splits, device):
+    """Each scheduler over heads of very different lengths (contiguous cache): exact per the reference,
+    empty heads zeros, whatever the number of splits (the balanced one cuts equal chunks of all heads'
+    key blocks, so a head holding everything takes nearly all chunks)."""
+    lengths = torch.tensor(UNEVEN[pattern], dtype=torch.int32, device=device)
+    q, _, (k, v, starts) = _layouts(lengths, 6, 32, 64, torch.float32, device)
+    out = dms_decode_attention(q, k, v, starts, lengths, 64, num_splits=num_splits, block_n=16, schedule=schedule)
+    assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
+    assert torch.equal(out.view(2, 3, 2, 32)[lengths == 0], torch.zeros(int((lengths == 0).sum()), 2, 32))
+
+
+def test_balanced_schedule_locates_chunks_across_head_blocks(monkeypatch, device):
+    """A balanced program reads the lengths ``HEAD_BLOCK`` heads at a time to find its chunk (and the merge
+    its head's first chunk): with blocks of 8 heads, 15 heads take two blocks, the second one partial."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "HEAD_BLOCK", 8)
+    lengths = torch.randint(0, 90, (3, 5), dtype=torch.int32, device=device)
+    lengths[0, 1] = lengths[2, 4] = 0
+    lengths[1, 2] = 300
+    q, _, (k, v, starts) = _layouts(lengths, 5, 16, 64, torch.float32, device)
+    out = dms_decode_attention(q, k, v, starts, lengths, 300, num_splits=1, block_n=16, schedule="balanced")
+    assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
+
+
+# --- paged addressing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(
+    "page_rows,block_n", [(16, 64), (64, 64), (128, 32)], ids=["gather-16", "tile-64", "tiles-128"]
+)
+def test_paged_decode_matches_reference(page_rows, block_n, schedule, device):
+    """Pages handed out in shuffled order, the table a strided view (as the pool's ``block_table[l, :B]``
+    may be) with NO_PAGE entries past each head's pages, very uneven heads and dead ones: the result of the
+    loop-gathered reference, and that of the contiguous kernel on the same rows. Pages of 16 rows are
+    below the 64-row tile (one table entry per row); 64 and 128 hold whole tiles (one entry per tile).
+    fp32 only: the layouts differ in where rows are read, not in how they are computed (the dtypes are
+    test_decode_matches_reference's)."""
+    dtype = torch.float32
+    lengths = _uneven_lengths(page_rows, device)
+    q, (k_pages, v_pages, table), (k, v, starts) = _layouts(lengths, 8, 32, page_rows, dtype, device)
+    table = strided_view(table, spare_page(table, k_pages.shape[0] // page_rows))
+    launch = dict(num_splits=3, block_n=block_n, schedule=schedule)
+    out = dms_decode_attention(q, k_pages, v_pages, None, lengths, int(lengths.max()), block_table=table,
+                               page_rows=page_rows, **launch)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths, page_rows)
+    same_dtype = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths, page_rows,
+                                                  compute_dtype=dtype)
+    assert_as_accurate_as_torch("paged decode", out, same_dtype, ref, FLOOR[dtype], cap=PREVIOUS_TOL[dtype])
+    # The same tiles and arithmetic in both layouts: only where the rows are read from differs.
+    contiguous = dms_decode_attention(q, k, v, starts, lengths, int(lengths.max()), **launch)
+    assert torch.equal(out, contiguous)
+    dead = int((lengths == 0).sum())
+    assert torch.equal(out.view(2, 4, 2, 32)[lengths == 0], torch.zeros(dead, 2, 32, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("page_rows,block_n", [(16, 32), (32, 32)], ids=["gather-16", "tile-32"])
+def test_paged_decode_masks_no_page_rows(page_rows, block_n, schedule, device):
+    """A logical row whose table entry is NO_PAGE is never read: as if masked. Here a long head's second
+    page, another head's first (its first tiles have no key at all) and every page of a third (zeros):
+    their pages are poisoned, and the reference leaves those rows out."""
+    P = page_rows
+    lengths = torch.tensor([[3 * P + 5, 2 * P, P]], dtype=torch.int32, device=device)
+    q, (k_pages, v_pages, table), _ = _layouts(lengths, 6, 32, P, torch.float32, device)
+    for h, j in ((0, 1), (1, 0), (2, 0)):
+        page = int(table[0, h, j])
+        poison(k_pages[page * P : (page + 1) * P])
+        poison(v_pages[page * P : (page + 1) * P])
+        table[0, h, j] = NO_PAGE
+    out = dms_decode_attention(q, k_pages, v_pages, None, lengths, 3 * P + 5, block_table=table, page_rows=P,
+                               num_splits=2, block_n=block_n, schedule=schedule)
+    ref = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths, P)
+    assert rel_error(out, ref) < 1e-5
+    assert torch.equal(out[0, 4:], torch.zeros(2, 32, device=device))
+
+
+# Two pages of 8 rows, one per head.
+PAGED_ARGS = dict(block_table=torch.tensor([[[1, NO_PAGE], [0, NO_PAGE]]], dtype=torch.int32), page_rows=8)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_paged_decode_after_masked_tiles_keeps_scores_far_below_zero(schedule, monkeypatch, device):
+    """A head whose first page is NO_PAGE and whose scores are all far below zero (about -290, past
+    fp32's exp2 range against 0): the masked tile leaves the running max at -inf, so the keys after it
+    still count (an exponent taken against a stand-in max of 0 would round them all to 0). Likewise in
+    the balanced merge, read one chunk at a time here: its first chunk has no key."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "MERGE_TILE", 1)
+    P = 32
+    lengths = torch.tensor([[3 * P]], dtype=torch.int32, device=device)
+    _, (k_pages, v_pages, table), _ = _layouts(lengths, 2, 32, P, torch.float32, device)
+    k_pages.copy_(-(k_pages.abs() + 1))
+    q = torch.ones(1, 2, 32, device=device)
+    table[0, 0, 0] = NO_PAGE
+    out = dms_decode_attention(q, k_pages, v_pages, None, lengths, 3 * P, block_table=table, page_rows=P,
+                               num_splits=3, block_n=32, schedule=schedule, scale=5.0)
+    ref = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths, P, scale=5.0)
+    assert rel_error(out, ref) < 1e-4
+
+
 @pytest.mark.parametrize(
     "change,error,match",
     [
@@ -152,11 +305,28 @@ def test_hub_decode_matches_reference(empty, dtype, device):
         (lambda a: a.update(lengths=a["lengths"][:, :1]), ValueError, "lengths"),
         (lambda a: a.update(starts=a["starts"].int()), TypeError, "int64"),
         (lambda a: a.update(max_length=0), ValueError, "max_length"),
-        (lambda a: a.update(num_splits=65536), ValueError, "65535"),
+        (lambda a: a.update(num_splits=65536, schedule="per_head"), ValueError, "65535"),
         (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
         (lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "share a dtype"),
         (lambda a: a.update(q=a["q"][..., :24], k_cache=a["k_cache"][..., :24], v_cache=a["v_cache"][..., :24]),
          ValueError, "power of two"),
+        (lambda a: a.update(schedule="fastest"), ValueError, "schedule must be one of"),
+        (lambda a: a.update(block_n=8), ValueError, "block_n"),
+        # Paged addressing: exactly one of starts and block_table, a well-formed table and page size.
+        (lambda a: a.update(starts=None), ValueError, "got neither"),
+        (lambda a: a.update(PAGED_ARGS), ValueError, "got both"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, page_rows=None), ValueError, "page_rows must be a power"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, page_rows=6), ValueError, "page_rows must be a power"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, page_rows=32), ValueError, "multiple of page_rows=32"),
+        (lambda a: a.update(page_rows=8), ValueError, "goes with a block_table"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"].long()), TypeError,
+         "block_table must be an int32"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"][:, :1]), ValueError,
+         r"block_table must be \[B, Hkv, max_pages\]"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"][..., :0]), ValueError,
+         "max_pages >= 1"),
+        (lambda a: a.update(PAGED_ARGS, starts=None, block_table=PAGED_ARGS["block_table"].to("meta")),
+         ValueError, "block_table is on meta"),
     ],
 )
 def test_decode_rejects_bad_input(change, error, match):
@@ -175,20 +345,49 @@ MANY_HEADS = 65536
 
 def test_decode_launch_grids_fit_any_batch(monkeypatch, device):
     """Both decode launches put B * Hkv on grid axis 0 and the splits / query heads on axis 1.
-    Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it."""
+    Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it.
+    The balanced scheduler's split launch is one axis of (num_splits + 1) * B * Hkv programs."""
     from dms_perf.ops.decode import kernel
 
-    split = spy_launches(monkeypatch, kernel, "_decode_split_kernel", run=False)
-    merge = spy_launches(monkeypatch, kernel, "_decode_merge_kernel", run=False)
+    spies = {name: spy_launches(monkeypatch, kernel, name, run=False) for name in (
+        "_decode_split_kernel", "_decode_merge_kernel", "_decode_balanced_split_kernel",
+        "_decode_balanced_merge_kernel")}
     B, Hq, Hkv, D = MANY_HEADS // 2, 6, 2, 16
     q = torch.randn(B, Hq, D, device=device)
     k = v = torch.zeros(4 * B * Hkv, D, device=device)
     starts = (torch.arange(B * Hkv, device=device) * 4).view(B, Hkv)
     lengths = torch.full((B, Hkv), 4, dtype=torch.int32, device=device)
-    dms_decode_attention(q, k, v, starts, lengths, 4, num_splits=3)
-    assert split.grids() == [(MANY_HEADS, 3)] and merge.grids() == [(MANY_HEADS, 3)]
-    for grid in split.grids() + merge.grids():
+    for schedule in SCHEDULES:
+        dms_decode_attention(q, k, v, starts, lengths, 4, num_splits=3, schedule=schedule)
+    grids = {name: spy.grids() for name, spy in spies.items()}
+    assert grids == {
+        "_decode_split_kernel": [(MANY_HEADS, 3)], "_decode_merge_kernel": [(MANY_HEADS, 3)],
+        "_decode_balanced_split_kernel": [(4 * MANY_HEADS,)], "_decode_balanced_merge_kernel": [(MANY_HEADS, 3)],
+    }
+    for grid in sum(grids.values(), []):
         assert_grid_fits_cuda(grid)
+
+
+def _dense_reference(q, k, v, lengths, cap, compute_dtype):
+    """Decode attention over segments of ``cap`` rows (head i's at row ``i * cap``) as one masked dense
+    softmax in ``compute_dtype`` (empty heads: zeros)."""
+    B, Hq, D = q.shape
+    Hkv = lengths.shape[1]
+    keys, values = (t.to(compute_dtype).view(B, Hkv, cap, D) for t in (k, v))
+    queries = q.to(compute_dtype).view(B, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bhgd,bhnd->bhgn", queries, keys) * D**-0.5
+    occupied = torch.arange(cap, device=q.device) < lengths[..., None]
+    probs = torch.softmax(scores.masked_fill(~occupied[:, :, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bhgn,bhnd->bhgd", probs.nan_to_num(0.0), values).reshape(B, Hq, D)
+
+
+def _check_dense(out, q, k, v, lengths, cap, dtype):
+    B, Hkv, D = lengths.shape[0], lengths.shape[1], q.shape[2]
+    assert_as_accurate_as_torch("triton decode", out, _dense_reference(q, k, v, lengths, cap, dtype),
+                                _dense_reference(q, k, v, lengths, cap, torch.float64), FLOOR[dtype],
+                                cap=PREVIOUS_TOL[dtype])
+    empty = out.view(B, Hkv, -1, D)[lengths == 0]
+    assert torch.equal(empty, torch.zeros_like(empty))
 
 
 @pytest.mark.gpu
@@ -200,17 +399,22 @@ def test_decode_takes_any_batch_gpu(dtype):
     k, v = (torch.randn(B * Hkv * cap, D, dtype=dtype, device="cuda") for _ in "kv")
     starts = (torch.arange(B * Hkv, device="cuda") * cap).view(B, Hkv)
     lengths = torch.randint(0, cap + 1, (B, Hkv), dtype=torch.int32, device="cuda")
-    out = dms_decode_attention(q, k, v, starts, lengths, cap)
-
-    def dense(compute_dtype):
-        keys, values = (t.to(compute_dtype).view(B, Hkv, cap, D) for t in (k, v))
-        queries = q.to(compute_dtype).view(B, Hkv, Hq // Hkv, D)
-        scores = torch.einsum("bhgd,bhnd->bhgn", queries, keys) * D**-0.5
-        occupied = torch.arange(cap, device="cuda") < lengths[..., None]
-        probs = torch.softmax(scores.masked_fill(~occupied[:, :, None, :], float("-inf")), dim=-1)
-        return torch.einsum("bhgn,bhnd->bhgd", probs.nan_to_num(0.0), values).reshape(B, Hq, D)
-
+    out = dms_decode_attention(q, k, v, starts, lengths, cap, schedule="per_head")
     assert (lengths == 0).any()
-    assert_as_accurate_as_torch("triton decode", out, dense(dtype), dense(torch.float64), FLOOR[dtype],
-                                cap=PREVIOUS_TOL[dtype])
-    assert torch.equal(out.view(B, Hkv, -1, D)[lengths == 0], torch.zeros_like(out.view(B, Hkv, -1, D)[lengths == 0]))
+    _check_dense(out, q, k, v, lengths, cap, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_balanced_decode_takes_2048_heads_gpu(num_splits, dtype):
+    """The balanced scheduler at B * Hkv = 2048 (two blocks of HEAD_BLOCK lengths per scan): heads of
+    0..40 rows, a tenth empty, four holding 2000 (segments of 2000 rows), against the dense softmax."""
+    B, Hq, Hkv, cap, D = 256, 16, 8, 2000, 64
+    q = torch.randn(B, Hq, D, dtype=dtype, device="cuda")
+    k, v = (torch.randn(B * Hkv * cap, D, dtype=dtype, device="cuda") for _ in "kv")
+    starts = (torch.arange(B * Hkv, device="cuda") * cap).view(B, Hkv)
+    lengths = torch.randint(0, 41, (B, Hkv), dtype=torch.int32, device="cuda")
+    lengths[torch.rand(B, Hkv, device="cuda") < 0.1] = 0
+    lengths.view(-1)[torch.randperm(B * Hkv, device="cuda")[:4]] = cap
+    out = dms_decode_attention(q, k, v, starts, lengths, cap, num_splits=num_splits, schedule="balanced")
+    _check_dense(out, q, k, v, lengths, cap, dtype)

@@ -1,5 +1,6 @@
 """The fused decode step (q/k norms, DMS decision, RoPE and cache update in one launch) against its fp64
-reference composed with the torch cache update, over several steps (slot reuse and re-sizes included)."""
+reference composed with the torch cache update, over several steps (slot reuse and re-sizes included);
+on a paged cache, against the same step on a contiguous one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from dms_perf.model.cache import DMSCache
 from dms_perf.ops.cache_update.fused_step import fused_decode_step
 from dms_perf.ops.cache_update.naive import fused_step_reference
+from tests.ops.paged_layout import assert_same_pages, copy_state, expected_stores, paged_heads, ring_state
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -62,6 +64,43 @@ def test_fused_step_matches_reference_and_torch_update(Hq, Hkv, D, window, step,
                                        equal_nan=True)
 
 
+@pytest.mark.parametrize("page_rows", [16, 64])
+def test_paged_fused_step_matches_the_contiguous_step(page_rows, dtype, device):
+    """Six steps on pages (shuffled, a strided table, NO_PAGE past each head's pages) and on contiguous
+    segments from one state: the same query, ring, lengths and step, and each K/V row the contiguous step
+    wrote stored where the head's table puts that slot, nothing else. Heads: a dead one (no pages), one
+    page exactly with none reserved (its appends are not stored), a page + 1 and several pages."""
+    P, Hq, Hkv, D, window, seen, steps, eps = page_rows, 4, 2, 32, 3, 40, 6, 1e-6
+    lengths, reserve = [[0, P + 1], [P, 3 * P + 2]], [[0, steps], [0, steps]]
+    B, w1 = len(lengths), window + 1
+    k_pages, v_pages, table = paged_heads(lengths, reserve, P, D, dtype, device)
+    paged = ring_state(lengths, window, seen, device)
+    paged["ring_flag"][1, 0] = False  # the one-page head appends first: a row its pages do not hold
+    contiguous = copy_state(paged)
+    cap = 3 * P + 2 + steps + w1
+    starts = (torch.arange(B * Hkv, device=device) * cap).view(B, Hkv)
+    k_cache, v_cache = (torch.zeros(B * Hkv * cap, D, device=device, dtype=dtype) for _ in "kv")
+    q_w = (1 + 0.3 * torch.randn(D, device=device)).to(dtype)
+    k_w = (1 + 0.3 * torch.randn(D, device=device)).to(dtype)
+    for t in range(seen, seen + steps):
+        qkv = _qkv(B, Hq, Hkv, D, device, dtype)
+        cos, sin = _rope_tables(B, torch.full((B,), t, device=device), D, device, dtype)
+        want_q = fused_decode_step(qkv, q_w, k_w, eps, cos, sin, contiguous["ring_slot"], contiguous["ring_flag"],
+                                   contiguous["lengths"], starts, k_cache, v_cache, contiguous["step"], 1.0, 0.0)
+        rows = starts + contiguous["ring_slot"][:, :, t % w1]  # where the contiguous step wrote token t
+        slots = contiguous["ring_slot"][:, :, t % w1].tolist()
+        want_k = expected_stores(k_pages, table, slots, k_cache[rows], P)
+        want_v = expected_stores(v_pages, table, slots, v_cache[rows], P)
+        q = fused_decode_step(qkv, q_w, k_w, eps, cos, sin, paged["ring_slot"], paged["ring_flag"], paged["lengths"],
+                              None, k_pages, v_pages, paged["step"], 1.0, 0.0, block_table=table, page_rows=P)
+        assert torch.equal(q, want_q)
+        for name, value in paged.items():
+            assert torch.equal(value, contiguous[name]), (t, name)
+        assert_same_pages(k_pages, want_k)
+        assert_same_pages(v_pages, want_v)
+    assert paged["lengths"][1, 0] > P and paged["lengths"][0, 0] > 0
+
+
 def test_fused_step_rejects_bad_shapes(device):
     cache = DMSCache(num_layers=1, window=4)
     k = torch.randn(1, 2, 10, 16, device=device)
@@ -76,3 +115,14 @@ def test_fused_step_rejects_bad_shapes(device):
         fused_decode_step(torch.randn(1, 1, 16 * 8, device=device), w, w, 1e-6, cos[..., :8], sin, *state, 1.0, 0.0)
     with pytest.raises(ValueError, match="norm weights"):
         fused_decode_step(torch.randn(1, 1, 16 * 8, device=device), w[:8], w, 1e-6, cos, sin, *state, 1.0, 0.0)
+    qkv = torch.randn(1, 1, 16 * 8, device=device)
+    table = torch.zeros(1, 2, 4, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="got both"):
+        fused_decode_step(qkv, w, w, 1e-6, cos, sin, *state, 1.0, 0.0, block_table=table, page_rows=16)
+    unpaged = (*state[:3], None, *state[4:])
+    with pytest.raises(ValueError, match="got neither"):
+        fused_decode_step(qkv, w, w, 1e-6, cos, sin, *unpaged, 1.0, 0.0)
+    with pytest.raises(ValueError, match="page_rows must be a power of two"):
+        fused_decode_step(qkv, w, w, 1e-6, cos, sin, *unpaged, 1.0, 0.0, block_table=table, page_rows=24)
+    with pytest.raises(TypeError, match="block_table must be an int32"):
+        fused_decode_step(qkv, w, w, 1e-6, cos, sin, *unpaged, 1.0, 0.0, block_table=table.long(), page_rows=16)

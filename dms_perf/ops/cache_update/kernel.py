@@ -49,10 +49,12 @@ def cache_row(r, b, h, slot, STARTS, TABLE, stride_tb, stride_th, stride_tp, max
               PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr):
     """The K/V buffer row of head ``r`` = (``b``, ``h``)'s logical ``slot``: ``STARTS[r] + slot``
     (contiguous), or row ``slot % PAGE_ROWS`` of page ``TABLE[b, h, slot // PAGE_ROWS]`` (paged), -1
-    where that entry is ``NO_PAGE`` or past the table (the row is then not stored)."""
+    where that entry is ``NO_PAGE`` or outside the table (the row is then not stored: a dead sequence's
+    ring may hold any slot)."""
     if PAGED:
         index = slot // PAGE_ROWS
-        page = tl.load(TABLE + b * stride_tb + h * stride_th + index * stride_tp, mask=index < max_pages, other=-1)
+        inside = (slot >= 0) & (index < max_pages)
+        page = tl.load(TABLE + b * stride_tb + h * stride_th + index * stride_tp, mask=inside, other=-1)
         row = tl.where(page >= 0, page.to(tl.int64) * PAGE_ROWS + slot % PAGE_ROWS, -1)
     else:
         row = tl.load(STARTS + r) + slot
@@ -63,6 +65,7 @@ def cache_row(r, b, h, slot, STARTS, TABLE, stride_tb, stride_th, stride_tp, max
 def store_row(CACHE, row, stride, cols, values, PAGED: tl.constexpr):
     """``CACHE[row, cols] = values``; paged, nothing where ``row`` is -1 (a ``NO_PAGE`` slot)."""
     if PAGED:
+        # The row spread over the columns before the test: the CPU interpreter mistypes a scalar's mask.
         tl.store(CACHE + row * stride + cols, values, mask=(cols * 0 + row) >= 0)
     else:
         tl.store(CACHE + row * stride + cols, values)

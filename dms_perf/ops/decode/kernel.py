@@ -25,7 +25,8 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
   grid is fixed at ``num_splits * B * Hkv + B * Hkv`` programs (the most chunks there can be: each head's
   last chunk may be short); each program reads all lengths, finds its (head, chunk) from the prefix sum
   of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
-  sizes only, so no host sync and a CUDA graph can capture it.
+  sizes only, so no host sync and a CUDA graph can capture it. The price: every split and merge program
+  reads all ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch.
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ def _attend(
         s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if PAGED:
-            # A fully masked tile before any key: exp2(-inf - 0) = 0 rather than exp2(NaN).
-            m_new = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+            # No key yet (a fully masked tile): exponents against 0 give exp2(-inf) = 0, not exp2(NaN);
+            # the running max itself stays -inf until a key comes.
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        else:
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -201,6 +205,10 @@ def _decode_merge_kernel(
 # --- the balanced scheduler ---------------------------------------------------------------------------
 
 
+# The balanced kernels round up with `(x + y - 1) // y` rather than tl.cdiv in their scans over the
+# heads: the same arithmetic, without a jit call per use, which the CPU interpreter charges milliseconds.
+
+
 @triton.jit
 def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BLOCK: tl.constexpr):
     """Key blocks per chunk: ``cdiv(total key blocks of all heads, num_chunks)``, at least 1 (int64)."""
@@ -208,14 +216,8 @@ def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BL
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
         lengths = tl.load(len_ptr + heads, mask=heads < num_heads, other=0)
-        total += tl.sum(tl.cdiv(lengths, BLOCK_N).to(tl.int64), 0)
-    return tl.maximum(tl.cdiv(total, num_chunks), 1)
-
-
-@triton.jit
-def _chunks_of(lengths, chunk_blocks, BLOCK_N: tl.constexpr):
-    """Chunks of ``chunk_blocks`` key blocks that heads of these lengths take (int32)."""
-    return tl.cdiv(tl.cdiv(lengths, BLOCK_N), chunk_blocks).to(tl.int32)
+        total += tl.sum(((lengths + BLOCK_N - 1) // BLOCK_N).to(tl.int64), 0)
+    return tl.maximum((total + num_chunks - 1) // num_chunks, 1)
 
 
 @triton.jit
@@ -236,7 +238,8 @@ def _decode_balanced_split_kernel(
     before_block = tl.full([], 0, tl.int32)
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
-        chunks = _chunks_of(tl.load(len_ptr + heads, mask=heads < num_heads, other=0), chunk_blocks, BLOCK_N)
+        blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
+        chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
         through = before_block + tl.cumsum(chunks, 0)
         mine = (through - chunks <= pid) & (pid < through)
         head += tl.sum(tl.where(mine, heads + 1, 0), 0)
@@ -247,8 +250,8 @@ def _decode_balanced_split_kernel(
         h = head % num_kv_heads
         q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
         length = tl.load(len_ptr + head)
-        start = chunk * chunk_blocks * BLOCK_N
-        end = tl.minimum(start + chunk_blocks * BLOCK_N, length)
+        start = (chunk * chunk_blocks * BLOCK_N).to(tl.int32)  # below length: int32 as the per-head ranges
+        end = tl.minimum(start + chunk_blocks * BLOCK_N, length).to(tl.int32)
         if PAGED:
             first = 0
             table_row = table_ptr + b * stride_tb + h * stride_th
@@ -278,9 +281,10 @@ def _decode_balanced_merge_kernel(
     first = tl.full([], 0, tl.int32)
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
-        chunks = _chunks_of(tl.load(len_ptr + heads, mask=heads < num_heads, other=0), chunk_blocks, BLOCK_N)
-        first += tl.sum(tl.where(heads < pid_bh, chunks, 0), 0)
-    count = _chunks_of(tl.load(len_ptr + pid_bh), chunk_blocks, BLOCK_N)
+        blocks = (tl.load(len_ptr + heads, mask=heads < pid_bh, other=0) + BLOCK_N - 1) // BLOCK_N
+        first += tl.sum(((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32), 0)
+    own_blocks = (tl.load(len_ptr + pid_bh) + BLOCK_N - 1) // BLOCK_N
+    count = ((own_blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
 
     offs_t = tl.arange(0, MERGE_TILE)
     offs_d = tl.arange(0, D)
@@ -292,10 +296,11 @@ def _decode_balanced_merge_kernel(
         row = (first + t0 + offs_t).to(tl.int64) * G_PAD + g
         lse2 = tl.load(part_lse_ptr + row, mask=t_mask, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse2, 0))
-        m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # no chunk with keys yet: weights 0, not NaN
-        w = tl.where(lse2 > float("-inf"), tl.exp2(lse2 - m_new), 0.0)
+        # No chunk with keys yet (paged, all rows masked): weights against 0 are 0, not NaN; m stays -inf.
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        w = tl.where(lse2 > float("-inf"), tl.exp2(lse2 - m_ref), 0.0)
         part = tl.load(part_out_ptr + row[:, None] * D + offs_d[None, :], mask=t_mask[:, None], other=0.0)
-        rescale = tl.exp2(m - m_new)
+        rescale = tl.exp2(m - m_ref)
         acc = acc * rescale + tl.sum(part * w[:, None], 0)
         total = total * rescale + tl.sum(w, 0)
         m = m_new
@@ -456,7 +461,7 @@ def dms_decode_attention(
             f"balanced schedule: {programs} programs (num_splits + 1 = {num_splits + 1} per head, B * Hkv = "
             f"{B * Hkv}) exceed the {MAX_GRID_AXIS_0} of a grid axis"
         )
-    head_block = min(HEAD_BLOCK, next_power_of_2(B * Hkv))
+    head_block = min(HEAD_BLOCK, max(16, next_power_of_2(B * Hkv)))
     part_out = torch.empty((programs * g_pad, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((programs * g_pad,), device=q.device, dtype=torch.float32)
     _decode_balanced_split_kernel[(programs,)](
