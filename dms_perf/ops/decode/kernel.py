@@ -55,7 +55,7 @@ BLOCK_N = 64
 NUM_WARPS = 4
 # How the key blocks are cut into splits (module docstring), read at every call; ``schedule=`` overrides.
 SCHEDULES = ("per_head", "balanced")
-SCHEDULE = "per_head"
+SCHEDULE = "balanced"
 # Balanced scheduling: lengths a program reads per step while it locates its chunk, and chunk partials
 # the merge combines per step.
 HEAD_BLOCK = 1024
