@@ -485,7 +485,10 @@ class PagedCacheLayer(DMSCacheLayer):
 
     @property
     def launch_length(self) -> int:
-        return triton.next_power_of_2(max(1, self.pool.longest_bound(self.layer_idx, self.batch)))
+        """The power of two above the longest head's bound in any layer: one value for all layers, so that a
+        decode graph is keyed by the batch's longest head only (per-layer values crossing powers of two at
+        different steps captured a graph for each combination)."""
+        return triton.next_power_of_2(max(1, self.pool.longest_bound(None, self.batch)))
 
     def nbytes(self) -> int:
         """Bytes of the pages this layer's heads hold and of their state in the pool (host figures: no sync)."""

@@ -365,10 +365,11 @@ class PagedKVPool:
         live = self._live[:slots]
         return int(self._room[:slots][live].min()) if live.any() else 0
 
-    def longest_bound(self, layer: int, slots: int) -> int:
-        """A host-known upper bound of the rows any head of layer ``layer`` in slots ``0 .. slots - 1``
-        holds: its length at the last prefill or ``trim`` plus the decode steps since."""
-        bound = self._rows[layer, :slots] + self._since[:slots, None]
+    def longest_bound(self, layer: int | None, slots: int) -> int:
+        """A host-known upper bound of the rows any head of layer ``layer`` (None: of any layer) in slots
+        ``0 .. slots - 1`` holds: its length at the last prefill or ``trim`` plus the decode steps since."""
+        rows = self._rows[:, :slots] if layer is None else self._rows[layer, :slots]
+        bound = rows + self._since[:slots, None]
         return int(min(bound.max(initial=0), self.max_rows_per_head))
 
     def pages_of(self, slots: int, layer: int | None = None) -> int:
