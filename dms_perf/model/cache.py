@@ -361,8 +361,8 @@ class PagedCacheLayer(DMSCacheLayer):
     valid for every later cache of the same batch size). Ring slots are logical rows of a head, as in a
     segment. Pages are handed out on the host ahead of need: every ``capacity_step`` decode steps the
     first layer returns the pages slot reuse left empty (``PagedKVPool.trim``, by lengths whose read-back
-    it started at the previous hand-out, so it never waits) and reserves pages for ``capacity_step`` more
-    rows per head (``reserve_ahead``): no decode step waits for the device or copies a row.
+    started a hand-out earlier, so the device never drains) and reserves pages for ``capacity_step`` more
+    rows per head (``PagedKVPool.hand_out``): no decode step copies a row.
     """
 
     def __init__(self, window: int, capacity_step: int = DEFAULT_CAPACITY_STEP, *, pool: PagedKVPool,
@@ -469,12 +469,9 @@ class PagedCacheLayer(DMSCacheLayer):
         self.check_open()
         self.finish_prefill()
         if self.layer_idx == 0 and self.pool.room(self.batch) < 1:
-            # Return the pages slot reuse left empty (by the lengths read back at the last hand-out, if
-            # they have landed: no wait), give pages for capacity_step more steps, and start the next
-            # read-back.
-            self.pool.trim(wait=False)
-            self.pool.reserve_ahead(self.capacity_step)
-            self.pool.request_trim()
+            # Return the pages slot reuse left empty (by lengths read back earlier, without draining the
+            # device) and give pages for capacity_step more steps (PagedKVPool.hand_out).
+            self.pool.hand_out(self.capacity_step)
         self.spare_steps = self.pool.room(self.batch)
 
     def advance_host(self) -> None:

@@ -148,6 +148,7 @@ class PagedKVPool:
         self._live = np.zeros(max_seqs, dtype=bool)
         self._admitted = np.zeros(max_seqs, dtype=np.int64)  # admissions per slot (a trim skips changed slots)
         self._snapshot = None  # request_trim's lengths on their way to the host
+        self._snapshot_age = 0
         self._peak = 0
 
     # --- sizing --------------------------------------------------------------------------------------
@@ -426,6 +427,21 @@ class PagedKVPool:
         self._since[self._live] += steps
         self._room[self._live] -= steps
 
+    def hand_out(self, steps: int) -> None:
+        """A decode loop's page hand-out, every ``steps`` steps: ``trim`` by the read-back started at the last
+        hand-out if it has landed, ``reserve_ahead(steps)``, then start the next read-back.
+
+        The host may run ahead of the device (a replayed CUDA graph returns at once), so a read-back may not
+        have landed by the next hand-out; it is then kept (not replaced by a newer one, which would never land
+        either) and waited for at the hand-out after: it was enqueued a whole hand-out of steps before the
+        ones now queued, so the wait leaves the device busy with those and drains nothing. A head then holds
+        at most its length plus three hand-outs' rows, however far the host runs ahead."""
+        if self._snapshot is not None and not self.trim(wait=self._snapshot_age >= 1):
+            self._snapshot_age += 1
+        self.reserve_ahead(steps)
+        if self._snapshot is None:
+            self.request_trim()
+
     def request_trim(self) -> None:
         """Start reading the device lengths back without waiting: a copy into pinned host memory in
         stream order (on CUDA), which a later ``trim(wait=False)`` applies once it has landed. A decode
@@ -438,6 +454,7 @@ class PagedKVPool:
         else:
             host, ready = self.lengths.clone(), None
         self._snapshot = (host, ready, self._since.copy(), self._admitted.copy())
+        self._snapshot_age = 0  # hand-outs that found it still on its way
 
     def trim(self, *, wait: bool = True) -> bool:
         """Return every page past what a live head may hold: the pages ``reserve_ahead`` gave for appends

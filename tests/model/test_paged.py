@@ -414,3 +414,35 @@ def test_prefill_checks_rows():
     pool.prefill(slot, torch.tensor([[10, 0]]))
     with pytest.raises(ValueError, match="prefilled once"):
         pool.prefill(slot, [[1, 1]])
+
+
+def test_hand_out_keeps_a_late_read_back_and_waits_for_it_one_hand_out_later():
+    """A host running ahead of the device: the read-back started at a hand-out has not landed by the next.
+    It is kept (a newer one would not land either), not waited for; the hand-out after waits for it and
+    trims by it, returning the pages slot reuse left empty."""
+
+    class Late:  # a CUDA event that has not fired until waited for
+        waits = 0
+
+        def query(self):
+            return False
+
+        def synchronize(self):
+            Late.waits += 1
+
+    pool = _pool(num_pages=16, page_rows=4, max_seqs=1, kv_heads=1)
+    slot = pool.admit()
+    pool.prefill(slot, [[3]])
+    pool.hand_out(4)  # pages for 3 + 4 rows; its read-back (3 rows) starts
+    snapshot = pool._snapshot
+    pool._snapshot = (snapshot[0], Late(), *snapshot[2:])
+    late = pool._snapshot
+    pool.advance(4)  # the device reuses slots: the head stays at 3 rows
+    pool.hand_out(4)
+    assert pool._snapshot is late and Late.waits == 0  # kept, not waited for, not replaced
+    assert pool.pages_held(slot) == 3  # bound 3 + 4 + 4 rows: nothing trimmed yet
+    pool.advance(4)
+    pool.hand_out(4)
+    assert Late.waits == 1 and pool._snapshot is not late  # waited for, applied, a new read-back started
+    # trimmed by 3 rows + the 8 steps since the read-back, then 4 more reserved: 15 rows, 4 pages
+    assert pool.pages_held(slot) == 4
