@@ -55,11 +55,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="tokenizer, weights and data seed")
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes (default: 0 on CPU, up to 8 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 can be faster on a busy shared CPU)")
     parser.add_argument("--eval-prompts", type=int, default=100, metavar="N",
                         help="retrieval prompts per set and context in the final evaluation (0: none)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -72,8 +76,8 @@ def main(argv=None) -> int:
     workers = args.workers if args.workers is not None else (min(8, (os.cpu_count() or 2) - 2) if args.device == "cuda"
                                                              else 0)
     log(f"{date.today()} {platform.node()} {platform.processor() or platform.machine()} "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, device {args.device}, recipe {recipe.name}: "
-        f"{recipe.steps} steps, {recipe.tokens / 1e6:.1f}M tokens")
+        f"{os.cpu_count()} cores ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"device {args.device}, recipe {recipe.name}: {recipe.steps} steps, {recipe.tokens / 1e6:.1f}M tokens")
 
     started = time.perf_counter()
     tokenizer = train_tokenizer(args.seed)
@@ -83,8 +87,10 @@ def main(argv=None) -> int:
     from dms_perf.train.evaluate import retrieval_accuracy, retrieval_prompts
 
     def curve(model, steps, phase):
-        return {f"heldout@{phase.length}": retrieval_accuracy(
-            model, tokenizer, retrieval_prompts(tokenizer, phase.length, CURVE_PROMPTS))}
+        length = max(phase.length, 256)  # the shortest prompts the held-out set fits in
+        return {f"{which}@{length}": retrieval_accuracy(
+            model, tokenizer, retrieval_prompts(tokenizer, length, CURVE_PROMPTS, which=which))
+            for which in ("heldout", "suite")}
 
     model, record = pretrain(recipe, tokenizer, device=args.device, workers=workers, log=log, on_phase_end=curve)
     record["machine"] = {"date": str(date.today()), "cpu_count": os.cpu_count(), "platform": platform.platform(),

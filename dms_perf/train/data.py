@@ -286,11 +286,13 @@ class TextGenerator:
 @dataclass(frozen=True)
 class Mix:
     """What a training batch holds: ``retrieval`` fraction of retrieval documents (the rest prose), with
-    1 to ``max_facts`` facts and 1 to ``max_questions`` questions each."""
+    1 to ``max_facts`` facts (at most one per ``fact_spacing`` tokens) and 1 to ``max_questions`` questions
+    each."""
 
     retrieval: float = 0.85
     max_facts: int = 4
     max_questions: int = 3
+    fact_spacing: int = 64
 
 
 class Corpus:
@@ -320,7 +322,7 @@ class Corpus:
         while len(ids) < budget:
             count = self.rng.randint(3, 8)
             texts = [self.text.prose_sentence() for _ in range(count)]
-            texts = ["\n\n" + texts[0] if ids else texts[0]] + [" " + t for t in texts[1:]]
+            texts = ["\n\n" + texts[0] if ids else " " + texts[0]] + [" " + t for t in texts[1:]]
             for piece in self.encode_many(texts):
                 starts.append(len(ids))
                 ids += piece
@@ -332,31 +334,34 @@ class Corpus:
 
     def retrieval_document(self, length: int) -> list[int]:
         """Prose with facts at random depths, then questions on some facts with their answers, then EOS;
-        exactly ``length`` ids (at least 128). Raises ValueError when the facts and questions alone do not
-        fit."""
+        exactly ``length`` ids (at least 128; facts are dropped until they fit)."""
         r, mix = self.rng, self.mix
         self.text.new_cast()
-        # About one fact per 64 tokens at most, so that short documents keep some prose between them.
-        facts = self.text.facts(r.randint(1, max(1, min(mix.max_facts, length // 64))))
-        asked = r.sample(facts, r.randint(1, min(mix.max_questions, len(facts))))
-        fact_ids = self.encode_many([" " + f.sentence(r.choice(FACT_TEMPLATES)) for f in facts])
-        opening, cue = r.choice(ANSWER_CUES)
-        tail_texts = []
-        for i, fact in enumerate(asked):
-            question = fact.sentence(r.choice(QUESTION_TEMPLATES))
-            tail_texts += [(opening if i == 0 else "\n") + question + cue, f" {fact.value}\n"]
-        pieces = self.encode_many(tail_texts)
-        tail = [t for piece in pieces for t in piece] + [self.eos_id]
-        # The answers' ids (every other piece of the tail), flagged for the loss weight (pretrain.Recipe).
-        tail_answers = [i % 2 == 1 for i, piece in enumerate(pieces) for _ in piece] + [False]
-        budget = length - len(tail) - sum(map(len, fact_ids))
-        if budget < 0:
-            raise ValueError(f"length {length} is too short for {len(facts)} facts and {len(asked)} questions")
+        count = r.randint(1, max(1, min(mix.max_facts, length // mix.fact_spacing)))
+        while True:
+            facts = self.text.facts(count)
+            asked = r.sample(facts, r.randint(1, min(mix.max_questions, len(facts))))
+            fact_ids = self.encode_many([" " + f.sentence(r.choice(FACT_TEMPLATES)) for f in facts])
+            opening, cue = r.choice(ANSWER_CUES)
+            tail_texts = []
+            for i, fact in enumerate(asked):
+                question = fact.sentence(r.choice(QUESTION_TEMPLATES))
+                tail_texts += [(opening if i == 0 else "\n") + question + cue, f" {fact.value}\n"]
+            pieces = self.encode_many(tail_texts)
+            tail = [t for piece in pieces for t in piece] + [self.eos_id]
+            # The answers' ids (every other piece of the tail), flagged for the loss weight (pretrain.Recipe).
+            tail_answers = [i % 2 == 1 for i, piece in enumerate(pieces) for _ in piece] + [False]
+            budget = length - len(tail) - sum(map(len, fact_ids))
+            if budget >= 0:
+                break
+            if count == 1:
+                raise ValueError(f"length {length} is too short for a fact and its question")
+            count -= 1  # drawn too long: fewer facts
         filler, starts = self.prose(budget)
         filler = filler[:budget]
         # Facts at random depths of the filler, each at the sentence start at or before its depth.
         depths = [r.randint(0, budget) for _ in facts]
-        cuts = sorted(max(s for s in starts if s <= depth) for depth in depths)
+        cuts = sorted(max((s for s in starts if s <= depth), default=0) for depth in depths)
         body: list[int] = []
         at = 0
         for cut, ids in zip(cuts, fact_ids, strict=True):

@@ -1,7 +1,8 @@
 """Pretrain a small Qwen3 base model on the generated mix (``dms_perf.train.data``), from a seed.
 
-Next-token loss (the answers' ids weighted more: ``Recipe.answer_weight``), AdamW, linear warm-up then cosine decay, gradient clipping; a curriculum of phases from
-short to long documents (``Phase``). fp32 on CPU, bf16 autocast on CUDA.
+Next-token loss (answer ids weighted more: ``Recipe.answer_weight``), AdamW, linear warm-up then cosine
+decay, gradient clipping; a curriculum of phases from short to long documents (``Phase``). fp32 on CPU,
+bf16 autocast on CUDA.
 
 The borrowed channel. Qwen3-DMS reads its decisions from the last query channel of the first query head
 of each KV group and zeroes that channel in attention, before and after RoPE (docs/DMS.md, "Decisions").
@@ -46,11 +47,13 @@ class Shape:
 
 @dataclass(frozen=True)
 class Phase:
-    """``steps`` optimizer steps on batches of ``batch`` documents of ``length`` tokens."""
+    """``steps`` optimizer steps on batches of ``batch`` documents of ``length`` tokens, drawn with ``mix``
+    (None: the recipe's)."""
 
     length: int
     batch: int
     steps: int
+    mix: Mix | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ class Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         seed = (self.recipe.seed * 1000 + self.phase_index) * 1_000_000 + k
-        return Corpus(self.tokenizer, seed, self.recipe.mix).batch_with_answers(self.phase.length, self.phase.batch)
+        mix = self.phase.mix or self.recipe.mix
+        return Corpus(self.tokenizer, seed, mix).batch_with_answers(self.phase.length, self.phase.batch)
 
 
 def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
@@ -259,21 +263,28 @@ def save_checkpoint(model: Qwen3ForCausalLM, tokenizer, directory: str | Path, *
     return directory
 
 
+# A curriculum of difficulty: one fact per document first (copy the only code), then two (tell keys apart),
+# then the general mix.
+ONE_FACT = Mix(retrieval=1.0, max_facts=1, max_questions=1)
+TWO_FACTS = Mix(retrieval=1.0, max_facts=2, max_questions=2, fact_spacing=48)
+
+
 def small(seed: int = 0) -> Recipe:
-    """~1M parameters (4 layers, hidden 128, 4/2 heads of 32): a few minutes of a 2-core CPU."""
+    """~1M parameters (4 layers, hidden 128, 4/2 heads of 32): about 10-15 minutes of a 2-core CPU."""
     shape = Shape(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384)
-    phases = (Phase(128, 16, 300), Phase(256, 16, 200), Phase(512, 8, 200), Phase(1024, 4, 200))
+    phases = (Phase(128, 16, 300, ONE_FACT), Phase(128, 16, 300, ONE_FACT), Phase(256, 8, 300, TWO_FACTS),
+              Phase(512, 4, 250), Phase(1024, 4, 200))
     return Recipe("qwen3-synth-small", shape, phases, lr=3e-3, warmup=30, seed=seed, mix=Mix(0.9, 4, 4),
-                  eval_contexts=(1024, 2048))
+                  answer_weight=10.0, eval_contexts=(1024, 2048))
 
 
 def base(seed: int = 0) -> Recipe:
     """~14M parameters (8 layers, hidden 384, 8/2 heads of 64), contexts to 4K: one GPU, about 10 minutes."""
     shape = Shape(hidden=384, layers=8, heads=8, kv_heads=2, head_dim=64, intermediate=1024, max_positions=8192)
-    phases = (Phase(256, 64, 1500), Phase(512, 32, 1500), Phase(1024, 16, 1500), Phase(2048, 8, 1500),
-              Phase(4096, 4, 1500))
+    phases = (Phase(256, 64, 1000, ONE_FACT), Phase(256, 64, 1000, TWO_FACTS), Phase(512, 32, 1500),
+              Phase(1024, 16, 1500), Phase(2048, 8, 1500), Phase(4096, 4, 1500))
     return Recipe("qwen3-synth-base", shape, phases, lr=1e-3, warmup=200, seed=seed, mix=Mix(0.9, 4, 4),
-                  eval_contexts=(1024, 2048, 4096))
+                  answer_weight=10.0, eval_contexts=(1024, 2048, 4096))
 
 
 RECIPES = {"small": small, "base": base}
