@@ -270,7 +270,7 @@ TWO_FACTS = Mix(retrieval=1.0, max_facts=2, max_questions=2, fact_spacing=48)
 
 
 def small(seed: int = 0) -> Recipe:
-    """~1M parameters (4 layers, hidden 128, 4/2 heads of 32): about 10-15 minutes of a 2-core CPU."""
+    """1.0M parameters (4 layers, hidden 128, 4/2 heads of 32): 8 minutes of a busy 2-core CPU (docs/models.md)."""
     shape = Shape(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384)
     phases = (Phase(128, 16, 300, ONE_FACT), Phase(128, 16, 300, ONE_FACT), Phase(256, 8, 300, TWO_FACTS),
               Phase(512, 4, 250), Phase(1024, 4, 200))
@@ -279,7 +279,8 @@ def small(seed: int = 0) -> Recipe:
 
 
 def base(seed: int = 0) -> Recipe:
-    """~14M parameters (8 layers, hidden 384, 8/2 heads of 64), contexts to 4K: one GPU, about 10 minutes."""
+    """14M parameters (8 layers, hidden 384, 8/2 heads of 64), contexts to 4K: one GPU, estimated 8-15 minutes
+    (never run)."""
     shape = Shape(hidden=384, layers=8, heads=8, kv_heads=2, head_dim=64, intermediate=1024, max_positions=8192)
     phases = (Phase(256, 64, 1000, ONE_FACT), Phase(256, 64, 1000, TWO_FACTS), Phase(512, 32, 1500),
               Phase(1024, 16, 1500), Phase(2048, 8, 1500), Phase(4096, 4, 1500))
