@@ -260,6 +260,9 @@ def run_bench(args, parser) -> int:
 
     contexts, methods = _validate(args, parser)
     if args.requests is not None:
+        if args.accuracy is not None:
+            return _error(parser, "--accuracy scores the (context, method) cells, and a request stream (--requests) "
+                          "has none: run them apart")
         return _run_stream_bench(args, parser, contexts, methods)
     try:
         batches = parse_batch_sizes(args.batch)
@@ -537,8 +540,13 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
                                 writer.add(stop.row)
                                 raise
                         if accuracy is not None and batch == min(batches) and not row["status"].startswith("skipped"):
-                            row.update(accuracy.measure(model, m, ctx, device=device, on_progress=lambda what, cell=cell:
-                                                        progress.update(task, description=f"{cell}: {what}")))
+                            try:
+                                row.update(accuracy.measure(model, m, ctx, device=device,
+                                                            on_progress=lambda what, cell=cell: progress.update(
+                                                                task, description=f"{cell}: {what}")))
+                            except KeyboardInterrupt:  # the cell's timed row is kept, its accuracy said unmeasured
+                                writer.add({**row, "accuracy_status": "interrupted"})
+                                raise
                         if m.family.calibrated and row["status"] == "ok" and m.name not in writer.meta["calibration"]:
                             writer.meta["calibration"][m.name] = calibration_record(m.calibration(model))
                         writer.add(row)

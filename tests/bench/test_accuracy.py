@@ -316,6 +316,7 @@ def test_a_plain_qwen3_checkpoint_runs_as_untrained_dms(tmp_path):
         (["--accuracy", "2", "--perplexity-tokens", "0"], "--perplexity-tokens must be >= 1"),
         (["--accuracy", "2", "--accuracy-prompts", "no_such_module:prompts"], "cannot import no_such_module"),
         (["--accuracy", "2", "--perplexity-text", "SHORT"], "tokens, fewer than the 88"),
+        (["--accuracy", "2", "--requests", "2"], "a request stream (--requests) has none"),
     ],
 )
 def test_bad_accuracy_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, args, message):
