@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dms_perf.bench.generation import failure_status, generate_once, press_during_run, prefill_prompt, release_memory
+from dms_perf.bench.generation import failure_status, generate_once, prefill_prompt, press_during_run, release_memory
 from dms_perf.bench.workloads import exact_answer, filler_tokens
 
 DEFAULT_PROMPTS = "dms_perf.bench.workloads:needle_prompts"
@@ -140,7 +140,8 @@ def teacher_forced_loss(model, method, prefix: torch.Tensor, continuation: torch
         logits = [out.logits[:, -1].float()]
         for t in range(steps - 1):
             position = torch.full((1, 1), prefix.shape[1] + t, device=prefix.device)
-            out = model(input_ids=continuation[:, t:t + 1], past_key_values=cache, position_ids=position, use_cache=True)
+            out = model(input_ids=continuation[:, t:t + 1], past_key_values=cache, position_ids=position,
+                        use_cache=True)
             logits.append(out.logits[:, -1].float())
         loss = torch.nn.functional.cross_entropy(torch.cat(logits), continuation[0], reduction="sum")
     return float(loss)

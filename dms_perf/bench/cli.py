@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--model DIR)")
     bench.add_argument("--accuracy-prompts", default=None, metavar="MODULE:FUNCTION",
                        help="the prompt source of --accuracy, called with context_length, n, tokenizer and seed "
-                       "(keywords), returning n prompts, each with input_ids (one row of context_length ids) and expected_answer "
-                       "(or code) "
+                       "(keywords), returning n prompts, each with input_ids (one row of context_length ids) and "
+                       "expected_answer (or code) "
                        "(default: dms_perf.bench.workloads:needle_prompts, the suite's needle)")
     bench.add_argument("--perplexity-text", default=None, metavar="FILE",
                        help="held-out text of the --accuracy perplexity, its start tokenized (default: the needle "

@@ -763,8 +763,8 @@ def accuracy_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str
     notes = [
         f"Retrieval: {prompts} needle prompts per context from {setup.get('prompt_source', 'the needle workload')} "
         f"(seed {setup.get('seed', DASH)}), needles at depths spread evenly from the start to the end of the haystack, "
-        "each prompt with its own code; a prompt counts when the greedy answer is exactly its code "
-        "(spaces and punctuation free, nothing before it, no letter or digit glued after it). Each prompt runs through the "
+        "each prompt with its own code; a prompt counts when the greedy answer is exactly its code (spaces and "
+        "punctuation free, nothing before it, no letter or digit glued after it). Each prompt runs through the "
         "method's own cache: its press, its eviction, its decode engine.",
         f"Perplexity: exp(mean next-token loss) of the {setup.get('perplexity_tokens', DASH)} tokens of held-out text "
         f"({setup.get('perplexity_text', DASH)}) after the context's first tokens, prefilled as the method prefills "

@@ -159,7 +159,8 @@ def test_perplexity_goes_through_the_methods_cache(tiny_models, tokenizer):
 def _row(method, kv, kept, ms, accuracy, perplexity, status="ok"):
     row = {"context": 4096, "method": method, "batch": 1, "new_tokens": 128, "status": status,
            "accuracy_status": "ok", "retrieval_prompts": 100, "retrieval_exact": round(100 * accuracy),
-           "retrieval_accuracy": accuracy, "retrieval_passed": [1] * round(100 * accuracy) + [0] * round(100 - 100 * accuracy),
+           "retrieval_accuracy": accuracy,
+           "retrieval_passed": [1] * round(100 * accuracy) + [0] * round(100 - 100 * accuracy),
            "retrieval_depths": needle_depths(100), "answer_tokens": 8, "perplexity": perplexity,
            "perplexity_status": "ok", "perplexity_tokens": 128}
     if status == "ok":
@@ -210,10 +211,11 @@ def test_report_writes_the_accuracy_table_and_figures(fixed_results, tmp_path, c
     md = (out / "results.md").read_text()
     assert "## Accuracy" in md
     table = md[md.index("| Context | Method | Retrieval (exact) |"):].split("\n\n")[0]
-    assert table.splitlines()[0] == ("| Context | Method | Retrieval (exact) | Perplexity | KV held (MiB) | KV kept (MiB) "
-                                     "| Compression | Decode ms/step | Pareto |")
+    assert table.splitlines()[0] == ("| Context | Method | Retrieval (exact) | Perplexity | KV held (MiB) "
+                                     "| KV kept (MiB) | Compression | Decode ms/step | Pareto |")
     lines = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
-    assert list(lines) == ["vanilla", "dms-triton", "knorm:0.5", "knorm:0.875", "dms-calibrated:0.875", "snapkv:0.5 (OOM)"]
+    assert list(lines) == ["vanilla", "dms-triton", "knorm:0.5", "knorm:0.875", "dms-calibrated:0.875",
+                           "snapkv:0.5 (OOM)"]
     assert lines["vanilla"] == "| 4K | vanilla | 97.0% (97/100) | 4.1 | 512.0 | 512.0 | 1.00x | 30 | KV, time |"
     assert lines["dms-triton"] == "| 4K | dms-triton | 88.0% (88/100) | 4.4 | 96.0 | 64.0 | 8.00x | 20 | time |"
     assert lines["knorm:0.875"].endswith("| 90.0% (90/100) | 5 | 64.0 | 64.0 | 8.00x | 27 | KV, time |")
