@@ -30,6 +30,9 @@ CPU_DEFAULTS = {"contexts": "128,256", "methods": ",".join(CPU_METHODS), "model"
                 "repeats": 1, "dtype": CPU_MODEL["dtype"]}
 GPU_DEFAULTS = {"contexts": "4k,8k,16k,32k", "methods": "all of them (the list below)", "model": GPU_MODEL["model"],
                 "new_tokens": 128, "repeats": 3, "dtype": GPU_MODEL["dtype"]}
+# --accuracy alone: prompts per cell; --perplexity-tokens: tokens scored after each context (GPU, CPU).
+ACCURACY_PROMPTS = (100, 8)
+PERPLEXITY_TOKENS = (128, 8)
 
 
 
@@ -90,6 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per cell before the timed ones")
     bench.add_argument("--needle-depth", type=float, default=0.5, metavar="DEPTH",
                        help="where the needle sits in the haystack: 0 = start, 1 = end")
+    accuracy_n, perplexity_n = (ACCURACY_PROMPTS[0], PERPLEXITY_TOKENS[0]) if HAS_CUDA else (ACCURACY_PROMPTS[1],
+                                                                                        PERPLEXITY_TOKENS[1])
+    bench.add_argument("--accuracy", type=int, nargs="?", const=accuracy_n, default=None, metavar="N",
+                       help="also score every (context, method) cell on the model it was timed on: retrieval "
+                       "accuracy over N needle prompts of the context length (needles at depths spread evenly, each "
+                       "its own code; exact answers of a greedy decode) and perplexity on held-out text, both "
+                       "through the method's own cache, beside the cell's KV bytes and decode ms/step (the Accuracy "
+                       f"table, accuracy_vs_kv.png, accuracy_vs_time.png). N alone: {ACCURACY_PROMPTS[0]} on a GPU, "
+                       f"{ACCURACY_PROMPTS[1]} without (here {accuracy_n}). Needs a checkpoint with a tokenizer "
+                       "(--model DIR)")
+    bench.add_argument("--accuracy-prompts", default=None, metavar="MODULE:FUNCTION",
+                       help="the prompt source of --accuracy, called with context_length, n, tokenizer and seed "
+                       "(keywords), returning n prompts, each with input_ids (one row of context_length ids) and "
+                       "expected_answer (or code) "
+                       "(default: dms_perf.bench.workloads:needle_prompts, the suite's needle)")
+    bench.add_argument("--perplexity-text", default=None, metavar="FILE",
+                       help="held-out text of the --accuracy perplexity, its start tokenized (default: the needle "
+                       "workload's filler sentences in a seeded order)")
+    bench.add_argument("--perplexity-tokens", type=int, default=perplexity_n, metavar="N",
+                       help=f"tokens scored after each context's prefill, teacher forced through the method's decode "
+                       f"({PERPLEXITY_TOKENS[0]} on a GPU, {PERPLEXITY_TOKENS[1]} without)")
     bench.add_argument("--requests", type=int, default=None, metavar="N",
                        help="a request stream instead of the cells: N requests of the context length whose output "
                        "lengths are drawn from --output-lengths, admitted whenever the paged KV pool has the pages, "
@@ -236,18 +260,26 @@ def run_bench(args, parser) -> int:
 
     contexts, methods = _validate(args, parser)
     if args.requests is not None:
+        if args.accuracy is not None:
+            return _error(parser, "--accuracy scores the (context, method) cells, and a request stream (--requests) "
+                          "has none: run them apart")
         return _run_stream_bench(args, parser, contexts, methods)
     try:
         batches = parse_batch_sizes(args.batch)
     except ValueError as exc:
         return _error(parser, exc)
+    if (problem := _accuracy_problem(args)) is not None:
+        return _error(parser, problem)
     # Everything a cell needs from outside is checked once, before the first cell: a bad --model,
     # --tokenizer or --out is one line here rather than a row of errors per cell.
     try:
         check_model(args.model)
     except ValueError as exc:
         return _error(parser, exc)
-    if (problem := positions_problem(args.model, contexts, args.new_tokens)) is not None:
+    generated = max(args.new_tokens, args.perplexity_tokens if args.accuracy else 0)
+    if (problem := positions_problem(args.model, contexts, generated)) is not None:
+        if generated > args.new_tokens:
+            problem = problem.replace("its --new-tokens", "its --new-tokens or --perplexity-tokens")
         return _error(parser, problem)
     real_weights = is_model_path(args.model)
     tokenizer = args.tokenizer or (args.model if real_weights else None)
@@ -259,6 +291,12 @@ def run_bench(args, parser) -> int:
             return _error(parser, exc)
         except OSError as exc:  # transformers found no tokenizer there
             return _error(parser, f"cannot load the tokenizer {tokenizer!r}: {exc}")
+    plan = None
+    if args.accuracy is not None:
+        try:
+            plan = _accuracy_plan(args, contexts, loaded_tokenizer)
+        except ValueError as exc:
+            return _error(parser, exc)
     if (problem := _prepare_out(args.out)) is not None:
         return _error(parser, problem)
     meta = {
@@ -279,6 +317,15 @@ def run_bench(args, parser) -> int:
         "calibration": {},
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
+    if plan is not None:
+        from dms_perf.bench.accuracy import DEFAULT_PROMPTS
+
+        meta["accuracy"] = {
+            "prompts": plan.n, "prompt_source": args.accuracy_prompts or DEFAULT_PROMPTS, "seed": args.seed,
+            "scoring": "exact answer of a greedy decode (dms_perf.bench.workloads.exact_answer)",
+            "perplexity_text": args.perplexity_text or "the needle workload's filler sentences in a seeded order",
+            "perplexity_tokens": args.perplexity_tokens,
+        }
     try:
         writer = ResultsWriter(args.out, meta)
     except OSError as exc:
@@ -287,7 +334,7 @@ def run_bench(args, parser) -> int:
     interrupted = False
     try:
         _run_cells(args, contexts, methods, batches, writer, console, tokenizer=loaded_tokenizer,
-                   real_weights=real_weights)
+                   real_weights=real_weights, accuracy=plan)
     except KeyboardInterrupt:
         interrupted = True
     finally:  # an interrupted run still gets its tables and plots for the cells measured so far
@@ -299,7 +346,14 @@ def run_bench(args, parser) -> int:
               + "".join(f"; {r['method']} @ {_cell_name(r['context'], r.get('batch', 1))} partial: {r['status']}"
                         for r in partial), file=sys.stderr)
         return 130
-    from dms_perf.bench.report import comparison_table, reading_notes, speedup_rows, speedup_table
+    from dms_perf.bench.report import (
+        accuracy_table,
+        comparison_table,
+        has_accuracy,
+        reading_notes,
+        speedup_rows,
+        speedup_table,
+    )
 
     notes = reading_notes(writer.meta, writer.rows)  # as results.md: notes, comparison, DMS prefill speedup
     if notes:
@@ -307,6 +361,8 @@ def run_bench(args, parser) -> int:
     print(comparison_table(writer.rows))
     if speedup_rows(writer.rows):
         print("\n" + speedup_table(writer.rows))
+    if has_accuracy(writer.rows):
+        print("\n" + accuracy_table(writer.rows, writer.meta.get("methods")))
     console.print("wrote " + ", ".join(str(f) for f in files))
     failed = [r for r in writer.rows if str(r.get("status", "")).startswith("error")]
     if failed:
@@ -379,14 +435,45 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
     return _error(parser, _failure_summary(failed, len(rows)), status=1) if failed else 0
 
 
+def _accuracy_problem(args) -> str | None:
+    """Why the --accuracy options cannot run (one line), before anything is loaded; None if they can."""
+    from dms_perf.bench.methods import is_model_path
+
+    if args.accuracy is None:
+        return None
+    if args.accuracy < 1:
+        return f"--accuracy must be >= 1 prompts per cell, got {args.accuracy}"
+    if args.perplexity_tokens < 1:
+        return f"--perplexity-tokens must be >= 1, got {args.perplexity_tokens}"
+    if not is_model_path(args.model):
+        return (f"--accuracy scores the model's answers, and --model {args.model} has random weights (it answers "
+                "nothing): pass --model DIR, a checkpoint with its tokenizer")
+    return None
+
+
+def _accuracy_plan(args, contexts, tokenizer):
+    """The prompt source, held-out tokens and tokenizer every cell is scored with (``AccuracyPlan``); ValueError
+    in one line when the source cannot be imported or the text is too short."""
+    from dms_perf.bench.accuracy import AccuracyPlan, heldout_tokens, load_prompt_source
+
+    source = load_prompt_source(args.accuracy_prompts)
+    heldout = heldout_tokens(tokenizer, max(contexts) + args.perplexity_tokens, text_file=args.perplexity_text,
+                             seed=args.seed)
+    return AccuracyPlan(source=source, n=args.accuracy, tokenizer=tokenizer, heldout=heldout,
+                        perplexity_tokens=args.perplexity_tokens, seed=args.seed)
+
+
 def _device_info() -> dict:
     from dms_perf.bench.device import device_info
 
     return device_info()
 
 
-def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, real_weights: bool) -> None:
-    """Every (method, context, batch) cell, one model alive at a time, each row written as it is measured."""
+def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, real_weights: bool,
+               accuracy=None) -> None:
+    """Every (method, context, batch) cell, one model alive at a time, each row written as it is measured.
+    ``accuracy`` (an ``AccuracyPlan``): each (method, context)'s row of the smallest batch also gets its
+    accuracy fields, measured on the same model right after the timed runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dms_perf.bench.generation import CellInterrupted, measure_generation, release_memory
@@ -452,6 +539,16 @@ def _run_cells(args, contexts, methods, batches, writer, console, *, tokenizer, 
                             except CellInterrupted as stop:  # the repeats finished before Ctrl-C: a partial row
                                 writer.add(stop.row)
                                 raise
+                        if accuracy is not None and batch == min(batches) and not row["status"].startswith("skipped"):
+                            try:
+                                row.update(accuracy.measure(model, m, ctx, device=device,
+                                                            on_progress=lambda what, cell=cell: progress.update(
+                                                                task, description=f"{cell}: {what}")))
+                            except KeyboardInterrupt:  # the cell's timed row is kept, its accuracy said unmeasured
+                                writer.add({**row, "accuracy_status": "interrupted"})
+                                raise
+                        if m.family.calibrated and row["status"] == "ok" and m.name not in writer.meta["calibration"]:
+                            writer.meta["calibration"][m.name] = calibration_record(m.calibration(model))
                         writer.add(row)
                         progress.advance(task)
             del model

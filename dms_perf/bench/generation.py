@@ -111,19 +111,14 @@ def generate_batch(model, prompts: Sequence[torch.Tensor], *, new_tokens: int, p
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
     tokens = []
-    whole_run_press = press if press is not None and not press_on_engine else None
-    with torch.inference_mode(), whole_run_press(model) if whole_run_press is not None else contextlib.nullcontext():
+    with torch.inference_mode(), press_during_run(model, press, press_on_engine=press_on_engine):
         synchronize()
         start = time.perf_counter()
         firsts = []
 
         def prefill(input_ids, pooled=False):
-            if press_on_engine:
-                out, cache = prefill_for_the_engine(model, input_ids, press, capacity_step=reserve)
-            else:
-                cache = model.make_dms_cache(pooled=pooled, capacity_step=reserve) if dms else None
-                out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+            out, cache = prefill_prompt(model, input_ids, press=press, press_on_engine=press_on_engine,
+                                        capacity_step=reserve, pooled=pooled)
             if batch > 1:
                 _refuse_hidden_keys(model)
             firsts.append(out.logits[:, -1:].argmax(-1))
@@ -269,6 +264,29 @@ def _refuse_hidden_keys(model) -> None:
     if any(getattr(layer.self_attn, "masked_key_indices", None) is not None for layer in layers):
         raise HiddenKeys("the press hides keys (kvpress masked_key_indices) instead of removing them: per-sequence "
                          "caches cannot be joined")
+
+
+def press_during_run(model, press, *, press_on_engine: bool = False):
+    """The context a generation runs in: a kvpress press applied to the vanilla model stays on for the whole
+    run (its hooks compress at the prefill); a press prefilling for the engine, or no press, adds nothing."""
+    if press is None or press_on_engine:
+        return contextlib.nullcontext()
+    return press(model)
+
+
+def prefill_prompt(model, input_ids, *, press=None, press_on_engine: bool = False, capacity_step=None,
+                   pooled: bool = False):
+    """One prompt ``input_ids`` [1, L] prefilled as its method prefills it: (the model's output, with the last
+    position's logits only, and the cache to decode on). A Qwen3-DMS model makes its own cache (on its pool
+    when ``pooled``; ``capacity_step`` spare decode rows per head), a press for the engine prefills in
+    passthrough (``prefill_for_the_engine``), any other model gets transformers' cache. Run it inside
+    ``press_during_run``."""
+    if press_on_engine:
+        return prefill_for_the_engine(model, input_ids, press, capacity_step=capacity_step)
+    dms = hasattr(model, "make_dms_cache")
+    cache = model.make_dms_cache(pooled=pooled, capacity_step=capacity_step) if dms else None
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out, out.past_key_values
 
 
 def prefill_for_the_engine(model, input_ids, press, *, capacity_step=None):

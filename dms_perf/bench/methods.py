@@ -10,6 +10,10 @@ Each family is one entry of ``FAMILIES``; adding a method is adding an entry.
   and every other method decode), for the like-for-like comparison with vanilla. ``dense-triton`` is
   dms-triton deciding no eviction: the same kernels and graphs over a dense cache, the tuned dense
   baseline (transformers' vanilla decode is eager).
+* ``dms-calibrated:R``: dms-triton evicting with an offset calibrated on the run's own weights so that R of
+  the decisions evict (``calibrate_dms``, docs/DMS.md "Random weights"): on a base checkpoint that never
+  learnt DMS, untrained DMS; the parameter is the presses' (fraction removed), so the two meet at one
+  kept fraction.
 * kvpress presses applied to the vanilla model with ``with press(model):``; the parameter is the
   fraction of the prompt's KV pairs removed (kvpress's ``compression_ratio``).
 * ``dmspress-knorm``: kvpress's ``DMSPress`` (threshold eviction outside a sliding window) over
@@ -71,6 +75,9 @@ class Family:
     # A press (make_press) prefilling in transformers' attention, its compressed cache then decoded on the
     # dense-triton engine (dms_perf.bench.generation.generate_once): presses on our kernels and graphs.
     press_on_engine: bool = False
+    # The eviction offset is calibrated on the run's weights so that the parameter's fraction of the decisions
+    # evict (Method.calibration), whatever the checkpoint's config says.
+    calibrated: bool = False
 
     @property
     def takes_parameter(self) -> bool:
@@ -146,6 +153,8 @@ FAMILIES: dict[str, Family] = {
         Family("dense-triton", "dms-triton with eviction off (every token kept): dense attention on the same "
                "kernels and CUDA-graph decode, the tuned dense baseline of dms-triton", "triton", evict=False,
                fused=True),
+        Family("dms-calibrated", "dms-triton evicting R of its decisions by an offset calibrated on these weights "
+               "(a base checkpoint: untrained DMS)", "triton", default_ratio=0.5, fused=True, calibrated=True),
         # SnapKVPress scores with its last 64 queries and asserts the prompt is longer than that.
         Family("snapkv", "kvpress SnapKVPress (attention of the last 64 queries)", None, _scorer("SnapKVPress"),
                0.5, min_context=65),
@@ -176,7 +185,7 @@ DMS_BACKENDS = tuple(dict.fromkeys(f.backend for f in FAMILIES.values() if f.bac
 DEFAULT_METHODS = (
     "vanilla", "dms-hub", "dms-hub-triton", "dms-flex", "dms-triton", "dms-triton-eager", "dense-triton", "snapkv:0.5",
     "streamingllm:0.5", "knorm:0.5", "expected-attention:0.5", "dmspress-knorm:0.5", "snapkv-triton:0.5",
-    "streamingllm-triton:0.5", "knorm-triton:0.5", "expected-attention-triton:0.5",
+    "streamingllm-triton:0.5", "knorm-triton:0.5", "expected-attention-triton:0.5", "dms-calibrated:0.5",
 )
 
 
@@ -252,6 +261,23 @@ class Method:
         """Whether the DMS model decides evictions (``dense-triton`` runs it with none)."""
         return self.is_dms and self.family.evict
 
+    @property
+    def target_cr(self) -> float | None:
+        """The compression ratio a calibrated family's eviction is calibrated to: 1 / (1 - R); else None."""
+        return 1.0 / (1.0 - self.ratio) if self.family.calibrated else None
+
+    def calibration(self, model):
+        """The calibration a calibrated family evicts with on ``model``: ``calibration_for`` the weights
+        ``load_model_for`` built it from (found once per process); None for other families."""
+        if not self.family.calibrated:
+            return None
+        source = getattr(model, "dms_source", None)
+        if source is None:
+            raise ValueError(f"{self.name} calibrates eviction on the weights its model was built from: build the "
+                             "model with load_model_for")
+        return calibration_for(source["model"], dtype=model.dtype, device=source["device"], seed=source["seed"],
+                               target_cr=self.target_cr)
+
     def prepare(self, model) -> None:
         """Put a model of this method's backend (shared by the methods of that backend) into exactly the
         state this method runs in, whatever ran on it before: its attention backend, CUDA-graph decode,
@@ -271,7 +297,9 @@ class Method:
         model.dms_cuda_graphs = self.family.cuda_graphs
         model.set_dms_eviction(self.family.evict)
         model.set_dms_borrowed_channel(not self.family.press_on_engine)
-        if (offset := getattr(model, "dms_loaded_alpha_offset", None)) is not None:
+        if self.family.calibrated:
+            model.config.dms_initial_alpha_offset = self.calibration(model).alpha_offset
+        elif (offset := getattr(model, "dms_loaded_alpha_offset", None)) is not None:
             model.config.dms_initial_alpha_offset = offset
         model.dms_capacity_step = DEFAULT_CAPACITY_STEP
         model.use_kv_pool(None)
@@ -307,6 +335,9 @@ def resolve_method(name: str) -> Method:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"bad parameter in {name!r}: ratio {ratio} not in [0, 1); valid methods: "
                          f"{valid_names()}")
+    if family.calibrated and ratio == 0.0:
+        raise ValueError(f"bad parameter in {name!r}: {family.name} calibrates eviction to a fraction in (0, 1); "
+                         f"0 evicts nothing (that is dense-triton); valid methods: {valid_names()}")
     return Method(family, ratio)
 
 
@@ -342,11 +373,42 @@ def is_model_path(model: str) -> bool:
 def weights_note(model: str, methods, target_cr: float | None) -> str:
     """The weights of a run, as its results say: a checkpoint's, or random ones, "eviction calibrated" only
     where a method that evicts ran (dense-triton alone evicts nothing, whatever its offset)."""
+    calibrated = [m.name for m in methods if m.family.calibrated]
+    extra = f"; {', '.join(calibrated)}: eviction calibrated on these weights" if calibrated else ""
     if is_model_path(model):
-        return f"real weights from {model}"
-    if target_cr and any(m.evicts for m in methods):
-        return f"random weights, eviction calibrated to {target_cr:g}x"
-    return "random weights"
+        missing = dms_fields_missing(model) if any(m.is_dms for m in methods) else []
+        if missing:
+            extra += f"; its config has no {', '.join(missing)}: the DMS methods use docs/DMS.md's defaults"
+        return f"real weights from {model}{extra}"
+    if target_cr and any(m.evicts and not m.family.calibrated for m in methods):
+        return f"random weights, eviction calibrated to {target_cr:g}x{extra}"
+    return f"random weights{extra}"
+
+
+def dms_fields_missing(model: str) -> list[str]:
+    """The DMS config fields (docs/DMS.md, "Config fields") a checkpoint's config lacks: all of them for a
+    plain Qwen3 base model; [] for a random model or where the config cannot be read here."""
+    from dms_perf.model.qwen3_dms import DMS_FIELDS
+
+    if not is_model_path(model):
+        return []
+    try:
+        config = config_of(model)
+    except (OSError, ValueError):
+        return []
+    return [name for name in DMS_FIELDS if getattr(config, name, None) is None]
+
+
+def dms_config_of(model: str):
+    """A checkpoint's config with the DMS fields it lacks set to docs/DMS.md's defaults (``DMS_DEFAULTS``), so
+    that a plain Qwen3 base model loads as Qwen3-DMS."""
+    from dms_perf.model.qwen3_dms import DMS_DEFAULTS
+
+    config = config_of(model)
+    for name, value in DMS_DEFAULTS.items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
+    return config
 
 
 HUB_TIMEOUT_S = 5.0  # seconds the hub may take to answer whether a --model hub id exists
@@ -436,21 +498,31 @@ CALIBRATION_BACKEND = "hub"
 _CALIBRATIONS: dict[tuple, Any] = {}
 
 
+# Tokens of the calibration prompt (calibrate_dms's default), fewer where the model has fewer positions.
+CALIBRATION_TOKENS = 1024
+
+
 def calibration_for(model: str, *, dtype: torch.dtype, device, seed: int, target_cr: float):
-    """The eviction offset of random ``model`` weights (``seed``) that marks ``1 - 1/target_cr`` of the
-    tokens (docs/DMS.md, "Random weights"): ``dms_perf.model.calibrate.calibrate_dms`` with its defaults on
-    a fresh model of ``CALIBRATION_BACKEND``, eviction on, without the engine's fusions, so that it depends
-    on nothing but its key: model, seed, target, dtype and device (and that backend). Found once per key
-    and process; the model it ran on is freed before this returns."""
+    """The eviction offset of ``model``'s weights that marks ``1 - 1/target_cr`` of the tokens (docs/DMS.md,
+    "Random weights"): ``dms_perf.model.calibrate.calibrate_dms`` with its defaults (a prompt of seeded random
+    ids, seed 0) on a fresh model of ``CALIBRATION_BACKEND``, eviction on, without the engine's fusions, so that it
+    depends on nothing but its key: model (random weights of ``seed``, or a checkpoint, its missing DMS
+    fields at their defaults), target, dtype and device (and that backend). Found once per key and process;
+    the model it ran on is freed before this returns."""
     from dms_perf.model import qwen3_dms as api
     from dms_perf.model.calibrate import calibrate_dms
 
     key = (model, seed, float(target_cr), dtype, str(torch.device(device)), CALIBRATION_BACKEND)
     if key not in _CALIBRATIONS:
-        fresh = api.build_model(model_config(model), backend=CALIBRATION_BACKEND, dtype=dtype, device=device,
-                                seed=seed)
+        if is_model_path(model):
+            fresh = api.load_model(model, backend=CALIBRATION_BACKEND, dtype=dtype, device=device,
+                                   config=dms_config_of(model))
+        else:
+            fresh = api.build_model(model_config(model), backend=CALIBRATION_BACKEND, dtype=dtype, device=device,
+                                    seed=seed)
         fresh.set_dms_eviction(True)
-        _CALIBRATIONS[key] = calibrate_dms(fresh, target_cr=target_cr)
+        tokens = min(CALIBRATION_TOKENS, getattr(fresh.config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
+        _CALIBRATIONS[key] = calibrate_dms(fresh, target_cr=target_cr, num_tokens=tokens)
         del fresh
         gc.collect()
         if HAS_CUDA:
@@ -471,7 +543,9 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
 
     With random weights, a DMS backend and ``target_cr``, eviction is calibrated (``calibration_for``) so
     that ``1 - 1/target_cr`` of the tokens are marked; every DMS backend gets the same weights for a seed
-    and the same offset. Families with ``fused`` get Liger's kernels where they run
+    and the same offset. A checkpoint whose config lacks the DMS fields (a plain Qwen3) gets docs/DMS.md's
+    defaults for a DMS backend. ``model.dms_source`` records what the weights came from, for the calibrated
+    families (``Method.calibration``). Families with ``fused`` get Liger's kernels where they run
     (``model.dms_fused_kernels`` says whether they did) and fused projections
     (``dms_perf.model.fused.apply_engine_fusions``). The methods of one backend may share the model:
     each one's ``prepare`` puts it back into its own state.
@@ -481,7 +555,8 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
 
     calibration = None
     if is_model_path(model):
-        built = api.load_model(model, backend=method.backend, dtype=dtype, device=device)
+        config = dms_config_of(model) if method.is_dms else None
+        built = api.load_model(model, backend=method.backend, dtype=dtype, device=device, config=config)
     else:
         if method.is_dms and target_cr:
             calibration = calibration_for(model, dtype=dtype, device=device, seed=seed, target_cr=target_cr)
@@ -490,6 +565,7 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
             built.config.dms_initial_alpha_offset = calibration.alpha_offset
     if method.is_dms:
         built.dms_loaded_alpha_offset = built.config.dms_initial_alpha_offset  # what prepare restores
+        built.dms_source = {"model": model, "seed": seed, "device": device}
         if method.family.fused:
             apply_engine_fusions(built)
     method.prepare(built)

@@ -27,6 +27,8 @@ MEMORY_PLOT = "vram_vs_context.png"
 BATCH_PLOT = "throughput_vs_batch.png"  # written when the results hold more than one batch size
 KV_TRACE_PLOT = "kv_vs_generated.png"  # written when a row holds a trace (runs since traces exist)
 RATE_TRACE_PLOT = "tok_s_vs_generated.png"
+ACCURACY_KV_PLOT = "accuracy_vs_kv.png"  # written when rows hold accuracy (dms-perf bench --accuracy)
+ACCURACY_TIME_PLOT = "accuracy_vs_time.png"
 DASH = "—"
 
 
@@ -89,7 +91,11 @@ FIGURE_KEYS = {"total_s": float, "prefill_s": float, "prefill_tok_s": float, "ge
                "kv_bytes": int, "retrieval": str}
 OPTIONAL_FIGURE_KEYS = ("batch", "peak_vram_bytes", "kept_kv_bytes", "decode_tok_s", "decode_tok_s_per_seq",
                         "ms_per_step", "compression", "repeats", "peak_kv_bytes", "decode_tok_s_first_quarter",
-                        "decode_tok_s_last_quarter")
+                        "decode_tok_s_last_quarter", "retrieval_accuracy", "retrieval_exact", "retrieval_prompts",
+                        "answer_tokens", "perplexity", "perplexity_tokens")
+# Accuracy fields (dms_perf.bench.accuracy): its statuses, and per prompt 1/0 and the needle depth (or null).
+ACCURACY_TEXT_KEYS = ("accuracy_status", "perplexity_status")
+ACCURACY_LIST_KEYS = ("retrieval_passed", "retrieval_depths")
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -165,6 +171,13 @@ def _row_problem(row) -> str | None:
     for key in OPTIONAL_FIGURE_KEYS:
         if row.get(key) is not None and not _is(row[key], float):
             return f"{key!r} is {row[key]!r}, not a number"
+    for key in ACCURACY_TEXT_KEYS:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"{key!r} is {row[key]!r}, not a string"
+    for key in ACCURACY_LIST_KEYS:
+        if row.get(key) is not None and (not isinstance(row[key], list)
+                                         or not all(v is None or _is(v, float) for v in row[key])):
+            return f"{key!r} is not a list of numbers"
     trace = row.get("trace")
     if trace is not None:
         if not isinstance(trace, dict) or any(not isinstance(trace.get(k), list) for k in TRACE_KEYS):
@@ -493,7 +506,8 @@ def reading_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
     for r in ok:
         found = re.search(r"calibrated to ([0-9.]+)x", r.get("weights") or meta.get("weights") or "")
         family = _family(r["method"])
-        if found and family and family.backend and family.evict and r.get("compression") is not None:
+        if (found and family and family.backend and family.evict and not family.calibrated
+                and r.get("compression") is not None):
             target = float(found.group(1))
             if r["compression"] < 0.9 * target:
                 below.setdefault(target, []).append(r)
@@ -659,7 +673,136 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         parts.append(speedup_table(rows))
     else:
         parts.append("Needs both dms-hub and dms-triton (or dms-hub-triton) in --methods.")
+    if has_accuracy(rows):
+        parts += ["", *accuracy_section(meta, rows)]
     return "\n".join(parts) + "\n"
+
+
+# --- accuracy (dms-perf bench --accuracy) --------------------------------------------------------------
+
+
+def has_accuracy(rows: list[dict[str, Any]]) -> bool:
+    """Whether a row holds accuracy fields (``dms_perf.bench.accuracy.measure_accuracy``)."""
+    return any(r.get("accuracy_status") is not None for r in rows)
+
+
+def accuracy_rows(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows scored for accuracy (one per (context, method): the smallest batch's), by context, then in
+    method order."""
+    order = {m: i for i, m in enumerate(method_order(rows, methods))}
+    scored = [r for r in ordered_rows(rows, methods) if r.get("accuracy_status") is not None]
+    return sorted(scored, key=lambda r: (r["context"], order[r["method"]], row_batch(r)))
+
+
+def _kv_point(row) -> float | None:
+    return row.get("kv_bytes") if _ok(row) else None
+
+
+def _time_point(row) -> float | None:
+    return row.get("ms_per_step") if _ok(row) else None
+
+
+PARETO_AXES = {"KV": _kv_point, "time": _time_point}  # mark in the table -> the row's cost on that axis
+
+
+def pareto_front(rows: list[dict[str, Any]], cost) -> set[tuple[int, str, int]]:
+    """The cells of ``rows`` (one context) on the accuracy frontier of ``cost`` (a row -> number or None): no
+    other row has at least their retrieval accuracy at no more cost, better in one of the two. Rows without
+    an accuracy or a cost are on no frontier; every method counts alike."""
+    points = [(cell_key(r), r["retrieval_accuracy"], cost(r)) for r in rows
+              if r.get("retrieval_accuracy") is not None and cost(r) is not None]
+    return {key for key, acc, c in points
+            if not any(a >= acc and x <= c and (a > acc or x < c) for _, a, x in points)}
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.1f}%" if value is not None else DASH
+
+
+def accuracy_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
+    """Per (context, method): retrieval (exact answers of the prompts), perplexity, and from the same cell's
+    timed runs the KV held and kept, compression and decode ms/step; Pareto names the frontiers (``pareto_front``,
+    per context) the cell is on: "KV" (accuracy against KV held) and "time" (against decode ms/step). A Batch
+    column where the scored rows are of a batch other than 1 (their timed figures are that batch's)."""
+    scored = accuracy_rows(rows, methods)
+    unit, scale = _kv_unit(scored)
+    batches = batched(scored)
+    head = ("| Context | Method |" + (" Batch |" if batches else "") + " Retrieval (exact) | Perplexity "
+            f"| KV held ({unit}) | KV kept ({unit}) | Compression | Decode ms/step | Pareto |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fronts = {}
+    for ctx in sorted({r["context"] for r in scored}):
+        here = [r for r in scored if r["context"] == ctx]
+        fronts.update({(ctx, mark): pareto_front(here, cost) for mark, cost in PARETO_AXES.items()})
+    for r in scored:
+        method = r["method"] if _ok(r) else f"{r['method']} ({r['status']})"
+        cell = f"| {_ctx(r['context'])} | {method} |" + (f" {row_batch(r)} |" if batches else "")
+        if r["accuracy_status"] == "ok":
+            retrieval = f"{_percent(r['retrieval_accuracy'])} ({r['retrieval_exact']}/{r['retrieval_prompts']})"
+        else:
+            retrieval = r["accuracy_status"]
+        if r.get("perplexity") is not None:
+            perplexity = _num(r["perplexity"])
+        else:
+            perplexity = r.get("perplexity_status") or DASH
+        compression = DASH if not _ok(r) or r.get("compression") is None else f"{r['compression']:.2f}x"
+        marks = [mark for mark in PARETO_AXES if cell_key(r) in fronts[r["context"], mark]]
+        lines.append(
+            f"{cell} {retrieval} | {perplexity} | {_kv(_kv_point(r), scale)} "
+            f"| {_kv(r.get('kept_kv_bytes') if _ok(r) else None, scale)} | {compression} "
+            f"| {_num(_time_point(r))} | {', '.join(marks) or DASH} |"
+        )
+    return "\n".join(lines)
+
+
+def accuracy_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What the accuracy table was scored on and how to read it, each only where it applies."""
+    setup = meta.get("accuracy") or {}
+    scored = [r for r in rows if r.get("accuracy_status") is not None]
+    prompts = setup.get("prompts") or max((r.get("retrieval_prompts") or 0 for r in scored), default=0)
+    notes = [
+        f"Retrieval: {prompts} needle prompts per context from {setup.get('prompt_source', 'the needle workload')} "
+        f"(seed {setup.get('seed', DASH)}), needles at depths spread evenly from the start to the end of the haystack, "
+        "each prompt with its own code; a prompt counts when the greedy answer is exactly its code (spaces and "
+        "punctuation free, nothing before it, no letter or digit glued after it). Each prompt runs through the "
+        "method's own cache: its press, its eviction, its decode engine.",
+        f"Perplexity: exp(mean next-token loss) of the {setup.get('perplexity_tokens', DASH)} tokens of held-out text "
+        f"({setup.get('perplexity_text', DASH)}) after the context's first tokens, prefilled as the method prefills "
+        "a prompt and then fed one token at a time through its decode (teacher forcing over its compressed cache, "
+        "eviction on where it evicts); n/a says why where it could not be measured.",
+        "KV held, KV kept, Compression and Decode ms/step are the same cell's timed runs (the comparison table's row): "
+        "accuracy, memory and time come from one model and one cell. Pareto: the frontiers the cell is on at its "
+        "context, KV = no other method retrieves as much with less KV held, time = with fewer ms per decode step; "
+        "every method counts alike.",
+    ]
+    calibrated = [r["method"] for r in scored if (family := _family(r["method"])) and family.calibrated]
+    if calibrated:
+        found = meta.get("calibration") or {}
+        achieved = ", ".join(f"{m}: {found[m]['marked_fraction']:.3f} of the decisions marked" for m in
+                             dict.fromkeys(calibrated) if isinstance(found.get(m), dict)
+                             and found[m].get("marked_fraction") is not None)
+        notes.append(f"{', '.join(dict.fromkeys(calibrated))}: DMS eviction with an offset calibrated on these weights "
+                     "to mark R of the decisions on a random calibration prompt, not learnt: on a base checkpoint "
+                     "this is untrained DMS" + (f" ({achieved})" if achieved else "") + ". Its compression on "
+                     "these prompts is in the Compression column.")
+    if any(r.get("retrieval_accuracy") is not None and not _ok(r) for r in scored):
+        notes.append("A method whose timed run failed (its status beside its name) has no KV or time figure and is on "
+                     "no frontier.")
+    return notes
+
+
+def accuracy_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The Accuracy part of results.md: its notes, the table and the two figures."""
+    return [
+        "## Accuracy",
+        "",
+        *(f"- {note}" for note in accuracy_notes(meta, rows)),
+        "",
+        accuracy_table(rows, meta.get("methods")),
+        "",
+        f"Figures: {ACCURACY_KV_PLOT} (retrieval against KV held; hollow markers: KV kept) and {ACCURACY_TIME_PLOT} "
+        "(retrieval against decode ms/step), one point per method and context, the frontier dashed.",
+    ]
 
 
 # --- plots -------------------------------------------------------------------------------------------
@@ -858,6 +1001,74 @@ def build_figures(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None
         figures[BATCH_PLOT] = _batch_figure(all_rows, meta, styles)
     if any(_ok(r) and r.get("trace") for r in all_rows):
         figures.update(_trace_figures(all_rows, meta, styles))
+    if has_accuracy(all_rows):
+        figures.update(_accuracy_figures(all_rows, meta, styles))
+    return figures
+
+
+def _accuracy_figures(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict[str, tuple[str, str]]):
+    """``ACCURACY_KV_PLOT`` and ``ACCURACY_TIME_PLOT``: retrieval accuracy against KV held (KV kept hollow, on
+    the same line) and against decode ms/step, one panel per context, one point per method (each press ratio
+    its own), the frontier (``pareto_front``) dashed. A method without the figure is named under its panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    scored = accuracy_rows(rows, meta.get("methods"))
+    contexts = sorted({r["context"] for r in scored})
+    figures = {}
+    for filename, what, axis, cost in (
+        (ACCURACY_KV_PLOT, "Retrieval accuracy vs KV cache held", "KV held at end", _kv_point),
+        (ACCURACY_TIME_PLOT, "Retrieval accuracy vs decode time", "decode ms per step", _time_point),
+    ):
+        fig = Figure(figsize=(11, 0.9 + 4.1 * len(contexts)), layout="constrained")
+        FigureCanvasAgg(fig)
+        notes = ("filled: KV held; hollow: KV kept (still attended to)",) if filename == ACCURACY_KV_PLOT else ()
+        fig.suptitle(_plot_title(meta, what, scored, notes), fontsize=11)
+        axes = fig.subplots(len(contexts), 1, squeeze=False)[:, 0]
+        for ax, ctx in zip(axes, contexts, strict=True):
+            here = [r for r in scored if r["context"] == ctx]
+            drawn = [r for r in here if r.get("retrieval_accuracy") is not None and cost(r) is not None]
+            values = [cost(r) for r in drawn]
+            if filename == ACCURACY_KV_PLOT:
+                values += [r["kept_kv_bytes"] for r in drawn if r.get("kept_kv_bytes")]
+            unit, scale = _unit("bytes", max(values, default=1)) if filename == ACCURACY_KV_PLOT else ("ms", 1.0)
+            for r in drawn:
+                colour, marker = styles[r["method"]]
+                x, y = cost(r) * scale, 100 * r["retrieval_accuracy"]
+                ax.plot([x], [y], color=colour, marker=marker, markersize=8, markeredgewidth=1.6, linestyle="none",
+                        label=r["method"])
+                if filename == ACCURACY_KV_PLOT and r.get("kept_kv_bytes") and r["kept_kv_bytes"] != cost(r):
+                    kept = r["kept_kv_bytes"] * scale
+                    ax.plot([kept, x], [y, y], color=colour, linewidth=0.8, alpha=0.6)
+                    ax.plot([kept], [y], color=colour, marker=marker, markersize=8, markeredgewidth=1.6,
+                            markerfacecolor="none", linestyle="none")
+            front = sorted((cost(r) * scale, 100 * r["retrieval_accuracy"]) for r in drawn
+                           if cell_key(r) in pareto_front(here, cost))
+            if len(front) > 1:
+                ax.plot([x for x, _ in front], [y for _, y in front], color="grey", linestyle="--", linewidth=1,
+                        drawstyle="steps-post", zorder=0, label="frontier")
+            missing = [r["method"] for r in here if r not in drawn]
+            if missing:
+                ax.text(0.0, -0.22, "not drawn (no accuracy or no figure): " + ", ".join(missing), fontsize=8,
+                        transform=ax.transAxes)
+            # KV is compressed by factors: a log axis; time on one only where it spans as much as elsewhere.
+            spread = values and min(values) > 0 and max(values) > min(values)
+            if spread and (filename == ACCURACY_KV_PLOT or max(values) / min(values) > LOG_SPAN):
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+                ax.xaxis.set_minor_locator(NullLocator())
+            if not drawn:
+                ax.text(0.5, 0.5, "no scored cells", ha="center", va="center", transform=ax.transAxes)
+            ax.set_ylim(-5, 105)
+            ax.set_xlabel(f"{axis} ({unit})")
+            ax.set_ylabel("retrieval accuracy (% exact)")
+            ax.set_title(f"{_ctx(ctx)} tokens of context", fontsize=10, loc="left")
+            ax.grid(True, alpha=0.3)
+            if ax.get_lines():
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+        figures[filename] = fig
     return figures
 
 

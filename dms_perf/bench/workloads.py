@@ -15,11 +15,16 @@ any larger batch.
 
 Retrieval is scored only for a model with real weights; otherwise the result is the literal
 ``"n/a (random weights)"``, never a score.
+
+``needle_prompts`` is the accuracy set (``dms-perf bench --accuracy N``): N text prompts of one length, the
+needle at depths spread evenly from the start to the end of the haystack (``needle_depths``), each with its
+own seeded code and filler start. ``exact_answer`` is its scoring rule.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +76,7 @@ class Workload:
     question: str | None  # None for the id-only workload
     expected_answer: str | None
     tokenizer: Any = None
+    needle_depth: float | None = None  # the depth asked for, in [0, 1] of the haystack
 
     @property
     def context_length(self) -> int:
@@ -132,6 +138,24 @@ class NeedleBatch:
         return f"{results.count('pass')}/{self.batch} pass"
 
 
+def exact_answer(text: str, answer: str) -> bool:
+    """Whether generated ``text`` is exactly ``answer``: read as its letters and digits alone (lower case),
+    it starts with the answer's, and the answer's last one is not followed directly by another letter or
+    digit. Spaces and punctuation are free (tokenizers decode ``7391-ORCHID`` as ``7391 - ORCHID`` or
+    ``7 3 9 1-ORCHID``), and so is what follows the answer (``7391-ORCHID.``); a sentence before it (``The
+    code is 7391-ORCHID``), another code or a longer word (``7391-ORCHIDS``) is not exact."""
+    wanted = _squash(answer)
+    lower = text.lower()
+    kept = [i for i, c in enumerate(lower) if c in _ALNUM]
+    if not wanted or "".join(lower[i] for i in kept[: len(wanted)]) != wanted:
+        return False
+    end = kept[len(wanted) - 1] + 1
+    return end == len(lower) or lower[end] not in _ALNUM
+
+
+_ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
 def _squash(text: str) -> str:
     """Letters and digits only, lower case: tokenizers differ in how they space '7391-ORCHID'."""
     return re.sub(r"[^0-9a-z]", "", text.lower())
@@ -174,6 +198,61 @@ def needle_batch(context_length: int, batch: int, *, tokenizer=None, needle_dept
     return NeedleBatch(tuple(_text_workload(context_length, needle_depth, tokenizer, i) for i in range(batch)))
 
 
+def needle_depths(n: int) -> list[float]:
+    """``n`` needle depths spread evenly over the haystack, both ends included: 0, 1/(n-1), ..., 1 (0.5 for
+    one prompt)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of prompts must be a positive int, got {n!r}")
+    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
+
+
+# Codes are drawn from these many digit strings (0000-9999), without repeats within one set of prompts.
+CODE_DIGITS = 10_000
+
+
+def needle_prompts(context_length: int, n: int, *, tokenizer, seed: int = 0) -> list[Workload]:
+    """``n`` needle prompts of exactly ``context_length`` tokens (the text workload), for accuracy.
+
+    Prompt i has its needle at depth ``needle_depths(n)[i]``, its own code (distinct digits drawn with
+    ``seed``, a flower of ``CODE_WORDS``) and its filler started at a sentence drawn with ``seed``; the
+    question and template are ``needle_workload``'s. The same arguments give the same prompts; another seed
+    other codes and fillers at the same depths. ``dms-perf bench --accuracy-prompts`` names this function by
+    default (``dms_perf.bench.workloads:needle_prompts``); a replacement takes the same keyword arguments.
+    """
+    depths = needle_depths(n)
+    _check(context_length, 0.0)
+    if n > CODE_DIGITS:
+        raise ValueError(f"at most {CODE_DIGITS} prompts have distinct codes, got {n}")
+    if tokenizer is None:
+        raise ValueError("needle_prompts needs a tokenizer: its prompts are text, scored on their answers")
+    tokenizer = load_tokenizer(tokenizer)
+    rng = random.Random(seed)
+    digits = rng.sample(range(CODE_DIGITS), n)
+    prompts = []
+    for depth, number in zip(depths, digits, strict=True):
+        code = f"{number:04d}-{rng.choice(CODE_WORDS)}"
+        prompts.append(_text_workload(context_length, depth, tokenizer, code=code, start=rng.randrange(len(FILLER))))
+    return prompts
+
+
+def filler_tokens(tokenizer, length: int, *, seed: int = 0) -> torch.Tensor:
+    """``length`` token ids [1, length] of the workload's ``FILLER`` prose, its sentences in a seeded random
+    order (never one twice in a row), tokenized one by one as the prompts are: the default held-out text of
+    the accuracy perplexity. Sixteen sentences repeat, so over a long text it measures how well a cache
+    lets the model copy what it has seen."""
+    _check(length, 0.0)
+    tokenizer = load_tokenizer(tokenizer)
+    sentences = [_encode(tokenizer, s) for s in FILLER]
+    rng = random.Random(seed)
+    ids: list[int] = []
+    last = None
+    while len(ids) < length:
+        k = rng.choice([i for i in range(len(sentences)) if i != last])
+        ids += sentences[k]
+        last = k
+    return torch.tensor([ids[:length]], dtype=torch.long)
+
+
 def secret_code(sequence: int) -> str:
     """The code sequence ``sequence`` of a batch must retrieve (``SECRET_CODE`` for the first)."""
     if sequence == 0:
@@ -211,7 +290,7 @@ def _id_workload(context_length: int, needle_depth: float, vocab_size: int, gen:
     ids = torch.randint(0, vocab_size, (1, context_length), generator=gen)
     at = round(needle_depth * (context_length - len(needle)))
     ids[0, at : at + len(needle)] = torch.tensor(needle)
-    return Workload(ids, at, needle, None, None)
+    return Workload(ids, at, needle, None, None, needle_depth=needle_depth)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -233,10 +312,12 @@ def _template_around(tokenizer) -> tuple[list[int], list[int]]:
     return _encode(tokenizer, before), _encode(tokenizer, after)
 
 
-def _text_workload(context_length: int, needle_depth: float, tokenizer, sequence: int = 0) -> Workload:
-    """Sequence ``sequence`` of a batch: its own code, its filler started at sentence ``sequence``."""
+def _text_workload(context_length: int, needle_depth: float, tokenizer, sequence: int = 0, *,
+                   code: str | None = None, start: int | None = None) -> Workload:
+    """Sequence ``sequence`` of a batch: its own code, its filler started at sentence ``sequence``; or the
+    given ``code`` with the filler started at sentence ``start``."""
     prefix, suffix = _template_around(tokenizer)
-    code = secret_code(sequence)
+    code = secret_code(sequence) if code is None else code
     needle = _encode(tokenizer, NEEDLE.replace(SECRET_CODE, code))
     budget = context_length - len(prefix) - len(suffix) - len(needle)
     if budget < 0:
@@ -247,7 +328,7 @@ def _text_workload(context_length: int, needle_depth: float, tokenizer, sequence
     sentences = [_encode(tokenizer, s) for s in FILLER]
     target = round(needle_depth * budget)
     haystack: list[int] = []
-    k = sequence % len(sentences)
+    k = (sequence if start is None else start) % len(sentences)
     # Whole sentences before the needle (it starts on a sentence boundary at or before the target).
     while len(haystack) + len(sentences[k % len(sentences)]) <= target:
         haystack += sentences[k % len(sentences)]
@@ -259,4 +340,4 @@ def _text_workload(context_length: int, needle_depth: float, tokenizer, sequence
         k += 1
     haystack = haystack[: budget + len(needle)]
     ids = torch.tensor([prefix + haystack + suffix], dtype=torch.long)
-    return Workload(ids, needle_position, tuple(needle), QUESTION, code, tokenizer)
+    return Workload(ids, needle_position, tuple(needle), QUESTION, code, tokenizer, needle_depth)

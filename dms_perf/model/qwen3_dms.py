@@ -450,12 +450,15 @@ def build_model(
 
 
 def load_model(
-    path, *, backend: str | None, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    path, *, backend: str | None, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    config: Qwen3Config | None = None,
 ) -> Qwen3ForCausalLM:
-    """Load a local checkpoint directory (or hub id): vanilla Qwen3 for ``backend=None``, else Qwen3-DMS."""
+    """Load a local checkpoint directory (or hub id): vanilla Qwen3 for ``backend=None``, else Qwen3-DMS.
+    ``config``: instead of the checkpoint's config.json (e.g. one with the DMS fields a base model lacks)."""
     backend = _dms_backend_checked(backend)
     cls = Qwen3ForCausalLM if backend is None else Qwen3DMSForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    extra = {} if config is None else {"config": config}
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra).to(device)
     if backend is not None:
         model.set_dms_backend(backend)
     return model.eval()

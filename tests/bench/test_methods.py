@@ -54,6 +54,8 @@ def test_method_runs_end_to_end(models, method):
         assert row["compression"] == pytest.approx(expected, rel=0.02)
     elif m.is_dms and not m.evicts:  # dense-triton: every token kept
         assert row["compression"] == 1.0
+    elif m.family.calibrated:  # half of the decisions evict, outside the 16-token window: under 2x
+        assert 1.5 < row["compression"] < 2.0
     elif m.is_dms:  # 8x eviction outside a 16-token window: well above 2x at 96 tokens
         assert row["compression"] > 2.5
     else:  # half of the prompt removed, decoded tokens appended uncompressed
