@@ -7,4 +7,9 @@
 ``checkpoint``  ``load_for_retrofit`` (checkpoint -> student, teacher) and ``save_retrofitted``
 ``text``        batches from a text file or a directory of .txt files
 ``cli``         ``dms-perf train``
+``data``        the seeded training text (language and planted-fact retrieval documents, docs/models.md)
+``tokenizer``   the byte-level BPE tokenizer trained on it
+``pretrain``    the small base models' recipes and loop
+``evaluate``    retrieval on held-out and suite needle prompts, perplexity
+``build``       ``python -m dms_perf.train.build``: tokenizer and base models rebuilt from seeds
 """
