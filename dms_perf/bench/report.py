@@ -576,8 +576,10 @@ def _kv_note(ok: list[dict[str, Any]]) -> str | None:
                f"{_kv(r['kept_kv_bytes'], scale)} {unit} kept")
     if v is not None:
         example = f"{example}, vanilla {_kv(v['kv_bytes'], scale)} {unit}"
-    return ("KV held counts every row a cache holds, those reserved for decoding included (a DMS cache reserves "
-            "max(capacity step, new tokens) rows per KV head, and each head's segment keeps spare rows); KV kept "
+    return ("KV held counts every row a cache holds, those reserved for decoding included (off the engine a DMS "
+            "cache reserves max(capacity step, new tokens) rows per KV head and each head's segment keeps spare "
+            "rows; on the engine's paged pool a head holds whole pages, with pages for the next capacity step of "
+            "rows handed out ahead); KV kept "
             "counts the keys and values still attended to, from which Compression is computed. So a compressed "
             + ("cache can hold more than vanilla's while keeping far less" if v is not None else
                "cache can hold much more than it keeps")
@@ -595,7 +597,7 @@ def _reserved_rows_note(ok: list[dict[str, Any]]) -> str | None:
         return bool(family and family.backend and family.evict)
 
     over = [r for r in ok if evicting(r) and r.get("kept_kv_bytes") and r.get("generated_tokens", 0)
-            >= DEFAULT_CAPACITY_STEP and r["kv_bytes"] > 1.01 * r["kept_kv_bytes"]]
+            >= DEFAULT_CAPACITY_STEP and r["kv_bytes"] > 1.01 * r["kept_kv_bytes"] and "kv_pool_bytes" not in r]
     if not over:
         return None
     unit, scale = _kv_unit(ok)
@@ -607,8 +609,9 @@ def _reserved_rows_note(ok: list[dict[str, Any]]) -> str | None:
     dense.sort(key=lambda d: d["method"] != "dense-triton")  # the same engine without eviction first
     if dense:
         example += f"; {dense[0]['method']} {_kv(dense[0]['kv_bytes'], scale)} {unit} held"
-    return (f"A DMS generation reserves max(capacity step {DEFAULT_CAPACITY_STEP}, new tokens) decode rows per KV "
-            "head when its decode starts (today's cache: no pages handed out as heads grow), so its KV held grows "
+    return (f"A DMS generation off the engine reserves max(capacity step {DEFAULT_CAPACITY_STEP}, new tokens) decode "
+            "rows per KV head when its decode starts (on the engine's paged pool pages follow each head instead), "
+            "so its KV held grows "
             "with the new tokens as a dense cache's does while it keeps a fraction of them "
             f"({example}).")
 

@@ -672,14 +672,15 @@ def test_a_bad_trace_is_one_line_naming_the_row(tmp_path):
 def test_reserved_rows_note_where_a_long_dms_generation_holds_more_than_it_keeps():
     rows = [{**r, "kv_bytes": r["trace"]["kv_bytes"][-1], "kept_kv_bytes": r["trace"]["kept_kv_bytes"][-1]}
             for r in _long_rows()]
-    (note,) = [n for n in reading_notes({}, rows) if n.startswith("A DMS generation reserves")]
+    (note,) = [n for n in reading_notes({}, rows) if n.startswith("A DMS generation off the engine reserves")]
     assert "max(capacity step 128, new tokens) decode rows per KV head" in note
     assert "(dms-triton at 64, 256 new tokens: 341.8 KiB held, 40.0 KiB kept; dense-triton 390.6 KiB held)" in note
     # DMS holding what it keeps, or a short generation (the capacity step reserves its rows): no such note
     held_as_kept = [{**r, "kv_bytes": r["kept_kv_bytes"]} for r in rows]
     short = [{**r, "generated_tokens": 9} for r in rows]
-    for other in (held_as_kept, short):
-        assert not [n for n in reading_notes({}, other) if n.startswith("A DMS generation reserves")]
+    on_the_engine = [{**r, "kv_pool_bytes": 1 << 20} for r in rows]  # a paged pool: pages follow each head
+    for other in (held_as_kept, short, on_the_engine):
+        assert not [n for n in reading_notes({}, other) if n.startswith("A DMS generation off the engine reserves")]
 
 
 def test_a_family_parameter_takes_its_default_style_unless_the_default_runs_too():
