@@ -38,7 +38,9 @@ interpreter's bf16 dot is wrong).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +72,9 @@ ATTENTION_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
 LONG_HEAD_RATIO = 4.5
 SHORT_SEQUENCE_SHARE = 0.25
 SPREAD_SEED = 0
+# The "trained" spread: the kept fractions per (layer, KV head) a retrofitted 8x model recorded
+# (``python -m benchmarks.eviction_pattern``), cycled over the heads, at the even case's total rows.
+TRAINED_PATTERN = Path(__file__).parent / "eviction_patterns" / "qwen3-synth-small-dms-8x.json"
 # Paged decode attention: rows per page (one 64-row key tile), the seed of the shuffled page order, and
 # the (layout, scheduler) pairs measured beside the contiguous cases of the default scheduler.
 PAGE_ROWS = 64
@@ -125,8 +130,15 @@ def _kept_lengths(spread: str, batch: int, kept: int) -> torch.Tensor:
         lengths[: batch // 2] = short
         lengths[batch // 2 :] = (total - batch // 2 * HKV * short) // ((batch - batch // 2) * HKV)
         lengths = lengths[torch.randperm(batch, generator=generator)]
+    elif spread == "trained":
+        fractions = [f for layer in json.loads(TRAINED_PATTERN.read_text())["kept_fraction"] for f in layer]
+        for b in range(batch):
+            weights = torch.tensor([fractions[(b * HKV + h) % len(fractions)] for h in range(HKV)], dtype=torch.float64)
+            row = (HKV * kept * weights / weights.sum()).floor().long().clamp(min=min(kept, WINDOW))
+            row[row.argmax()] += HKV * kept - row.sum()
+            lengths[b] = row
     elif spread != "even":
-        raise ValueError(f"spread must be even, heads or batch, got {spread!r}")
+        raise ValueError(f"spread must be even, heads, batch or trained, got {spread!r}")
     assert int(lengths.sum()) == total, (spread, lengths.tolist(), total)
     assert int(lengths.min()) >= min(kept, WINDOW), (spread, lengths.tolist())
     return lengths.to(torch.int32)
@@ -200,12 +212,15 @@ def test_decode_attention(benchmark, batch, context_length):
     _decode_attention_case(benchmark, "even", batch, context_length)
 
 
-@pytest.mark.parametrize("spread", ["heads", "batch"])
+@pytest.mark.parametrize("spread", ["heads", "batch", "trained"])
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
 def test_decode_attention_uneven(benchmark, batch, context_length, spread):
-    """The even case's rows and floor, spread unevenly over heads or sequences (``_kept_lengths``)."""
+    """The even case's rows and floor, spread unevenly over heads or sequences, or as a retrofitted model's
+    heads keep them (``_kept_lengths``)."""
     if spread == "batch" and batch < 2:
         pytest.skip("a batch spread needs two sequences or more")
+    if spread == "trained" and not TRAINED_PATTERN.exists():
+        pytest.skip(f"no recorded eviction pattern: {TRAINED_PATTERN.name} (python -m benchmarks.eviction_pattern)")
     _decode_attention_case(benchmark, spread, batch, context_length)
 
 
