@@ -376,7 +376,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
 
     from dms_perf.bench import stream
     from dms_perf.bench.generation import failure_status
-    from dms_perf.bench.methods import check_model, group_by_backend, load_model_for
+    from dms_perf.bench.methods import check_model, config_of, group_by_backend, load_model_for
     from dms_perf.bench.options import DTYPES, positions_problem
 
     if args.requests < 1:
@@ -399,6 +399,9 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
                       "decode elsewhere: use the -triton methods")
     if (problem := positions_problem(args.model, contexts, high)) is not None:
         return _error(parser, problem.replace("--new-tokens", "--output-lengths high"))
+    if args.memory_budget is not None and (problem := stream.fit_problem(config_of(args.model), DTYPES[args.dtype],
+                                                                        args.memory_budget, contexts[0])):
+        return _error(parser, problem)
     if (problem := _prepare_out(args.out)) is not None:
         return _error(parser, problem)
     console = Console(stderr=True)

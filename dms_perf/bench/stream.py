@@ -64,6 +64,7 @@ class Request:
     admitted_at: float | None = None
     finished_at: float | None = None
     preempted: int = 0
+    tokens: list | None = None  # run_stream(keep_tokens=True): the generated ids (device scalars)
 
 
 @dataclass
@@ -121,11 +122,13 @@ def plain_prefill(model, prompt: torch.Tensor):
 
 
 def run_stream(model, requests: list[Request], *, prefill: Callable | None = None,
-               on_progress: Callable[[str], None] | None = None, trace_every: int = 16) -> StreamRun:
+               on_progress: Callable[[str], None] | None = None, trace_every: int = 16,
+               keep_tokens: bool = False) -> StreamRun:
     """Generate every request greedily on ``model``'s paged pool (``model.use_kv_pool``; the pool's
     ``max_seqs`` caps the running sequences). ``prefill(model, prompt)`` gives a request's one-sequence
-    cache and first token (default ``plain_prefill``; a press on the engine passes its own). See the module
-    docstring. Raises ``PagesExhausted`` only if a single request cannot run alone in the pool."""
+    cache and first token (default ``plain_prefill``; a press on the engine passes its own). ``keep_tokens``:
+    each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
+    on what ran beside it). See the module docstring. Raises ``PagesExhausted`` only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
     pool = model.dms_pool
@@ -185,6 +188,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         queue.popleft()
         request.admitted_at = time.perf_counter() - start
         tokens[slot] = first
+        if keep_tokens:
+            request.tokens = [first.reshape(())]
         positions[slot] = request.prompt.shape[1]
         made[slot] = 1
         running.append(request)
@@ -218,6 +223,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                         use_cache=True)
             tokens[:batch] = out.logits[:, -1:].argmax(-1)
             positions[:batch] += 1
+            if keep_tokens:
+                for slot, request in enumerate(running):
+                    request.tokens.append(tokens[slot, 0].clone())
             run.steps += 1
             now = time.perf_counter() - start
             for slot in range(len(running)):
@@ -260,6 +268,22 @@ def stream_budget(memory_budget_gib: float | None) -> tuple[int, str]:
         free = torch.cuda.mem_get_info()[0]
         return int(free * (1 - SIZING_HEADROOM)), f"the card's free memory less {SIZING_HEADROOM:.0%} for activations"
     return round(CPU_POOL_GIB * 2**30), f"CPU default, {CPU_POOL_GIB} GiB (--memory-budget sets another)"
+
+
+def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: int) -> str | None:
+    """Why a pool of ``budget_gib`` cannot hold one request (one line), or None: the least any method keeps of a
+    prompt is each head's window + 1 rows (DMS never evicts inside the window), in whole pages, plus one slot's
+    per-head state."""
+    from dms_perf.model.paged import DEFAULT_PAGE_ROWS, PagedKVPool
+
+    window = getattr(config, "dms_window_size", prompt_length)
+    rows = min(prompt_length, window + 1)
+    pages = config.num_hidden_layers * config.num_key_value_heads * -(-rows // DEFAULT_PAGE_ROWS)
+    need = PagedKVPool.budget_for_pages(config, pages, max_seqs=1, dtype=dtype)
+    if round(budget_gib * 2**30) >= need:
+        return None
+    return (f"--memory-budget {budget_gib} GiB cannot hold one request: its prompt's {rows} rows per KV head at the "
+            f"least (the window) take {need / 2**30:.4g} GiB of pages and per-head state")
 
 
 def stream_method(model, method, requests: list[Request], *, budget_gib: float | None, max_running: int,

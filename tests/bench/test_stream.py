@@ -1,0 +1,125 @@
+"""The request stream (dms_perf.bench.stream, ``dms-perf bench --requests``): every request generates what it
+generates alone, whatever ran beside it, through admissions, slot moves, batch buckets and preemptions; the
+pool's pages all come back; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dms_perf.bench import cli, stream
+from dms_perf.model.paged import PagedKVPool
+from dms_perf.model.qwen3_dms import build_model, tiny_config
+
+
+def test_buckets_and_output_lengths():
+    assert [stream.bucket_for(n, 64) for n in (1, 2, 3, 5, 8, 9, 17, 64)] == [1, 2, 4, 8, 8, 16, 24, 64]
+    assert stream.bucket_for(30, 20) == 20
+    assert stream.parse_output_lengths("2k-16k") == (2048, 16384)
+    assert stream.parse_output_lengths("40") == (40, 40)
+    for bad in ("9-3", "1", "a-b", "1-2-3", "-4"):
+        with pytest.raises(ValueError, match="output-lengths|token count"):
+            stream.parse_output_lengths(bad)
+
+
+def test_requests_are_seeded_and_within_their_range():
+    one = stream.make_requests(20, 16, (5, 9), vocab_size=100, seed=3)
+    two = stream.make_requests(20, 16, (5, 9), vocab_size=100, seed=3)
+    assert [r.output_length for r in one] == [r.output_length for r in two]
+    assert all(torch.equal(a.prompt, b.prompt) for a, b in zip(one, two, strict=True))
+    assert {r.output_length for r in one} <= set(range(5, 10)) and len({r.output_length for r in one}) > 1
+    assert one[0].prompt.shape == (1, 16)
+
+
+def _solo(model, request) -> list[int]:
+    """The request generated alone, on a cache of its own buffers."""
+    cache = model.make_dms_cache(pooled=False)
+    ids = request.prompt
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token, made = out.logits[:, -1:].argmax(-1), []
+    for i in range(request.output_length):
+        made.append(int(token))
+        if i + 1 == request.output_length:
+            break
+        position = torch.tensor([[ids.shape[1] + i]])
+        token = model(input_ids=token, past_key_values=cache, position_ids=position,
+                      use_cache=True).logits[:, -1:].argmax(-1)
+    return made
+
+
+@pytest.mark.parametrize("pages", [400, 24], ids=["roomy", "preempting"])
+def test_every_request_generates_what_it_generates_alone(pages):
+    """Four requests of different output lengths through two slots; with 24 pages of 4 rows the running
+    sequences outgrow the pool and the newest is preempted and recomputed: still every request's tokens are
+    its solo tokens, and every page comes back."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
+    model.dms_capacity_step = 4
+    requests = stream.make_requests(4, 8, (3, 10), vocab_size=model.config.vocab_size, seed=1)
+    with torch.no_grad():
+        want = [_solo(model, r) for r in requests]
+        pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, pages, max_seqs=2, page_rows=4),
+                                      max_seqs=2, page_rows=4)
+        model.use_kv_pool(pool)
+        run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1)
+    got = [[int(t) for t in r.tokens] for r in requests]
+    assert got == want
+    assert run.completed == 4 and run.generated_tokens == sum(r.output_length for r in requests)
+    assert run.max_running == 2 and pool.pages_in_use == 0 and pool.live_slots == []
+    if pages == 24:
+        assert run.preemptions > 0 and any(r.preempted for r in requests)
+    else:
+        assert run.preemptions == 0
+    row = run.as_row()
+    assert row["requests_per_min"] > 0 and row["peak_pages"] <= pool.num_pages
+    assert row["stream_trace"]["running"] and max(row["stream_trace"]["running"]) <= 2
+
+
+def test_a_request_that_cannot_run_alone_is_an_oom_error():
+    """A pool of one 4-row page a head cannot take a 12-token prompt: run_stream raises the pool's
+    out-of-memory error (no request can ever run), which a bench row reports as OOM."""
+    from dms_perf.bench.methods import load_model_for, resolve_method
+
+    method = resolve_method("dense-triton")
+    model, _ = load_model_for("tiny", method, dtype=torch.float32, device="cpu")
+    requests = stream.make_requests(1, 12, (3, 3), vocab_size=model.config.vocab_size, seed=0)
+    heads = model.config.num_hidden_layers * model.config.num_key_value_heads
+    budget = PagedKVPool.budget_for_pages(model, heads, max_seqs=1, page_rows=4)
+    model.use_kv_pool(PagedKVPool.for_budget(model, budget, max_seqs=1, page_rows=4))
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError, match="exhausted"):
+        stream.run_stream(model, requests)
+    model.use_kv_pool(None)
+    row = stream.stream_method(model, method, requests, budget_gib=budget / 2**30, max_running=1)
+    assert row["status"] == "OOM"
+
+
+def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["bench", "--requests", "3", "--contexts", "16", "--methods", "dms-triton,dense-triton", "--model", "tiny",
+            "--dtype", "float32", "--output-lengths", "2-6", "--max-running", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    data = json.loads((out / "stream.json").read_text())
+    assert [r["method"] for r in data["results"]] == ["dms-triton", "dense-triton"]
+    assert all(r["status"] == "ok" and r["completed"] == 3 for r in data["results"])
+    assert data["meta"]["output_lengths"] == [2, 6] and data["meta"]["max_running"] == 2
+    assert "| dms-triton | ok |" in (out / "stream.md").read_text()
+    assert (out / "running_vs_time.png").stat().st_size > 0
+    capsys.readouterr()
+    bad = {
+        ("--methods", "dms-hub"): "paged KV pool",
+        ("--output-lengths", "9-3"): "LOW <= HIGH",
+        ("--contexts", "16,32"): "one context length",
+        ("--memory-budget", "0.000001"): "cannot hold one request",
+        ("--requests", "0"): "--requests must be >= 1",
+        ("--max-running", "-1"): "--max-running must be >= 1",
+    }
+    for (option, value), message in bad.items():
+        argv = list(args)
+        if option in argv:
+            argv[argv.index(option) + 1] = value
+        else:
+            argv += [option, value]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
