@@ -215,7 +215,8 @@ def test_kept_bytes_of_a_dms_generation_are_the_caches_kept_kv_bytes(models, mon
 
 @pytest.mark.parametrize(("name", "warmup", "expected"), [
     ("vanilla", 2, ["warm-up 1/2", "warm-up 2/2", "repeat 1/2", "repeat 2/2"]),
-    ("dms-triton", 0, ["warm-up 1/1", "repeat 1/2", "repeat 2/2"]),  # the engine's pool-sizing run is a warm-up
+    ("dms-triton", 1, ["warm-up 1/1", "repeat 1/2", "repeat 2/2"]),  # the engine's pool-sizing run is the warm-up
+    ("dms-triton", 0, ["repeat 1/2", "repeat 2/2"]),  # none: the timed runs generate on the sizing pool
 ])
 def test_on_run_names_each_generation_of_a_cell(models, name, warmup, expected):
     method = resolve_method(name)
