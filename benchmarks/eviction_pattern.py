@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from dms_perf.model.qwen3_dms import load_model
     from dms_perf.train.evaluate import HELDOUT_SEED
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.eviction_pattern", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="a Qwen3-DMS checkpoint directory with its tokenizer")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.eviction_pattern",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a Qwen3-DMS checkpoint directory with its tokenizer")
     parser.add_argument("--out", required=True, metavar="JSON")
     parser.add_argument("--tokens", type=int, default=1024, help="prompt tokens per document")
     parser.add_argument("--documents", type=int, default=4)

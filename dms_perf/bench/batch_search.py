@@ -7,9 +7,9 @@ measurement of one tried batch (``dms-perf capacity``, dms_perf.bench.capacity).
   (``DMSCache.repeated``): prefilling B long prompts would take minutes, and every slot then holds as many
   bytes as a distinct prompt of that length would. The engine families (``fused``) fill a paged KV pool
   of exactly the batch's pages, decode reserve included (``batch_pages``; on a GPU the template waits on
-  the host meanwhile, so that it is not one more sequence in the peak) and decode with the pool's graphs; a press on the engine fills with its compressed
-  prefill cache. Untimed, then timed greedy decode steps run on the batch. Peak memory: on a GPU
-  ``torch.cuda.max_memory_allocated()`` from just before the batch is filled to the end of the timed steps
+  the host meanwhile, so that it is not one more sequence in the peak) and decode with the pool's graphs;
+  a press on the engine fills with its compressed prefill cache. Untimed, then timed greedy decode steps
+  run on the batch. Peak memory: on a GPU ``torch.cuda.max_memory_allocated()`` from just before the batch is filled to the end of the timed steps
   (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an estimate, weights +
   ``cache.kv_bytes()`` (activations not counted).
 

@@ -166,8 +166,8 @@ def validate(args) -> Settings:
     if new_tokens:
         not_engine = [m.name for m in methods if not m.family.fused]
         if not_engine:
-            raise UsageError(f"--new-tokens measures methods on the decode engine (paged KV pool); {', '.join(not_engine)} "
-                             "decode elsewhere: use the -triton methods")
+            raise UsageError("--new-tokens measures methods on the decode engine (paged KV pool); "
+                             f"{', '.join(not_engine)} decode elsewhere: use the -triton methods")
         if (problem := options.positions_problem(args.model, contexts, new_tokens)) is not None:
             raise UsageError(problem)
     elif (problem := options.positions_problem(args.model, contexts, args.warmup_steps + args.steps + 1)) is not None:

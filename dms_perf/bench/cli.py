@@ -382,7 +382,8 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
     if args.requests < 1:
         return _error(parser, f"--requests must be >= 1, got {args.requests}")
     if len(contexts) != 1:
-        return _error(parser, f"a request stream takes one context length (the prompts'), got --contexts {args.contexts}")
+        return _error(parser, "a request stream takes one context length (the prompts'), got --contexts "
+                      f"{args.contexts}")
     try:
         low, high = stream.parse_output_lengths(args.output_lengths or ("2k-16k" if HAS_CUDA else "8-24"))
         check_model(args.model)
@@ -414,7 +415,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
     rows = []
-    for backend, group in group_by_backend(methods).items():
+    for group in group_by_backend(methods).values():
         try:
             model, _ = load_model_for(args.model, group[0], dtype=DTYPES[args.dtype], device=device, seed=args.seed,
                                       target_cr=args.target_cr)
@@ -425,9 +426,11 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
                                         seed=args.seed)
         for method in group:
             console.print(f"{method.name}: {args.requests} requests, outputs {low}-{high} tokens")
+            def progress(line, name=method.name):
+                console.print(f"  {name}: {line}")
+
             rows.append(stream.stream_method(model, method, requests, budget_gib=args.memory_budget,
-                                             max_running=max_running,
-                                             on_progress=lambda line, name=method.name: console.print(f"  {name}: {line}")))
+                                             max_running=max_running, on_progress=progress))
         del model
     for row in rows:
         row.setdefault("context", contexts[0])

@@ -128,7 +128,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     ``max_seqs`` caps the running sequences). ``prefill(model, prompt)`` gives a request's one-sequence
     cache and first token (default ``plain_prefill``; a press on the engine passes its own). ``keep_tokens``:
     each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
-    on what ran beside it). See the module docstring. Raises ``PagesExhausted`` only if a single request cannot run alone in the pool."""
+    on what ran beside it). See the module docstring. Raises ``PagesExhausted`` only if a single request
+    cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
     pool = model.dms_pool
@@ -327,14 +328,17 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"{meta['output_lengths'][0]}-{meta['output_lengths'][1]} (seed {meta['seed']}), at most "
         f"{meta['max_running']} running",
         f"- command: `{meta['command']}`", "",
-        "| method | status | req/min | total tok/s | max running | peak KV pages | peak KV GiB | pool GiB | preemptions |",
+        "| method | status | req/min | total tok/s | max running | peak KV pages | peak KV GiB | pool GiB "
+        "| preemptions |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    def gib(row, key):
+        return _num(row[key] / 2**30) if row.get(key) is not None else "-"
+
     for r in rows:
-        gib = lambda key: _num(r[key] / 2**30) if r.get(key) is not None else "-"  # noqa: E731
         lines.append(f"| {r['method']} | {r['status']} | {_num(r.get('requests_per_min'))} | "
                      f"{_num(r.get('total_tok_s'))} | {r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
-                     f"{gib('peak_kv_bytes')} | {gib('kv_pool_bytes')} | {r.get('preemptions', '-')} |")
+                     f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import triton
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
@@ -389,7 +388,8 @@ class PagedCacheLayer(DMSCacheLayer):
         lengths = totals[3:].numpy().reshape(B, H)
         self._take_slots(B)
         self.pool.prefill_layer(self.layer_idx, range(B), lengths)
-        row_in_head = torch.arange(kept, device=keys.device) - (self.lengths.flatten().cumsum(0) - self.lengths.flatten())[packed_head]
+        lengths_flat = self.lengths.flatten()
+        row_in_head = torch.arange(kept, device=keys.device) - (lengths_flat.cumsum(0) - lengths_flat)[packed_head]
         dest = self._physical(packed_head, row_in_head)
         for name, src in (("keys", keys), ("values", values)):
             packed, _, _ = compact_by_bool(src, keep, total=kept)

@@ -210,8 +210,8 @@ def test_prepare_switches_a_shared_model_between_triton_methods(models):
 def test_prepare_sets_every_switch_a_method_depends_on(models):
     """Whatever an earlier method (or a test) left on the shared model, ``prepare`` puts back the state the
     method was built in: offset, borrowed channel, spare rows, no pool, no captured graph."""
-    from dms_perf.model.cache import DEFAULT_CAPACITY_STEP
     from dms_perf.bench.generation import engine_pool
+    from dms_perf.model.cache import DEFAULT_CAPACITY_STEP
 
     method = resolve_method("dms-triton")
     model = models(method)

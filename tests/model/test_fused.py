@@ -143,8 +143,8 @@ def _doubled_mlp_residual(layer):
 
 def _engine_against_fp32(evict: bool) -> None:
     """One mode of the test below (eviction calibrated to 8x, or off)."""
-    from dms_perf.model.calibrate import calibrate_dms
     from dms_perf.bench.generation import engine_pool
+    from dms_perf.model.calibrate import calibrate_dms
     from dms_perf.model.qwen3_dms import qwen3_8b_config
 
     config = qwen3_8b_config()
