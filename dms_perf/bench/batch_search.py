@@ -9,8 +9,8 @@ measurement of one tried batch (``dms-perf capacity``, dms_perf.bench.capacity).
   of exactly the batch's pages, decode reserve included (``batch_pages``; on a GPU the template waits on
   the host meanwhile, so that it is not one more sequence in the peak) and decode with the pool's graphs;
   a press on the engine fills with its compressed prefill cache. Untimed, then timed greedy decode steps
-  run on the batch. Peak memory: on a GPU ``torch.cuda.max_memory_allocated()`` from just before the batch is filled to the end of the timed steps
-  (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an estimate, weights +
+  run on the batch. Peak memory: on a GPU ``torch.cuda.max_memory_allocated()`` from just before the batch
+  is filled to the end of the timed steps (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an estimate, weights +
   ``cache.kv_bytes()`` (activations not counted).
 
 B fits iff nothing raised (an out-of-memory error is "OOM") and the peak is within the budget.
