@@ -10,8 +10,11 @@ measurement of one tried batch (``dms-perf capacity``, dms_perf.bench.capacity).
   the host meanwhile, so that it is not one more sequence in the peak) and decode with the pool's graphs;
   a press on the engine fills with its compressed prefill cache. Untimed, then timed greedy decode steps
   run on the batch. Peak memory: on a GPU ``torch.cuda.max_memory_allocated()`` from just before the batch
-  is filled to the end of the timed steps (weights, KV cache, decode activations and CUDA-graph pools); without a GPU an estimate, weights +
-  ``cache.kv_bytes()`` (activations not counted).
+  is filled to the end of the timed steps (weights, KV cache, decode activations and CUDA-graph pools);
+  without a GPU an estimate, weights + ``cache.kv_bytes()`` (activations not counted).
+* ``measure_generation_batch`` (``--new-tokens``): B copies of the prompt generate the whole output on a
+  paged pool of what the budget leaves; the batch fits iff its pages never ran out and the peak stayed
+  within the budget. The search tries batch 1, then the batch its pages predict (``guess_from_pages``).
 
 B fits iff nothing raised (an out-of-memory error is "OOM") and the peak is within the budget.
 """
