@@ -273,7 +273,8 @@ def test_page_rows_must_be_a_power_of_two(page_rows):
 
 def test_for_budget_sizes_pages_after_the_block_table():
     config = tiny_config()  # 2 layers, 2 KV heads, head_dim 32, 4096 positions
-    table = PagedKVPool.table_bytes(2, 3, 2, 4096 // 16)
+    table = PagedKVPool.table_bytes(2, 3, 2, 4096 // 16, config.dms_window_size)  # the DMS ring included
+    assert table == 2 * 3 * 2 * (4 * (256 + 1) + 9 * (config.dms_window_size + 1) + 8)
     page = 2 * 16 * 32 * 2
     pool = PagedKVPool.for_budget(config, table + 5 * page + page - 1, max_seqs=3, page_rows=16,
                                   dtype=torch.bfloat16, device="cpu")

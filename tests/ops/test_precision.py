@@ -42,7 +42,8 @@ def test_both_kernels_get_the_policy(monkeypatch, dtype, device):
     """The prefill and the decode launch pass the same ``DOT_PRECISION``, the policy's, at each dtype
     (and still give the right answer: the spies launch the real kernels)."""
     prefill = spy_launches(monkeypatch, fused, "_dms_prefill_kernel")
-    decode = spy_launches(monkeypatch, decode_kernel, "_decode_split_kernel")
+    split = {"per_head": "_decode_split_kernel", "balanced": "_decode_balanced_split_kernel"}
+    decode = spy_launches(monkeypatch, decode_kernel, split[decode_kernel.SCHEDULE])
     q, k, v = (torch.randn(1, h, 40, 32, dtype=dtype, device=device) for h in (4, 2, 2))
     decisions = torch.rand(1, 2, 40, device=device) < 0.5
     out = dms_prefill_attention(q, k, v, decisions, 8)
