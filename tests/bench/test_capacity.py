@@ -326,3 +326,32 @@ def test_capacity_is_a_dms_perf_subcommand(capsys):
     assert cli_main(["capacity", "--memory-budget", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dms-perf capacity: error:") and "--memory-budget" in err and "Traceback" not in err
+
+
+def test_long_generations_are_measured_at_their_end(tmp_path):
+    """``--new-tokens``: every tried batch generates all its tokens on a paged pool of what the budget leaves;
+    batch 1 is measured, then the batch its pages predict and the one above; a batch whose pages run out is
+    recorded with how far it got."""
+    from dms_perf.bench.floors import config_weight_bytes
+    from dms_perf.model.qwen3_dms import tiny_config
+
+    weights = config_weight_bytes(tiny_config(), torch.float32)
+    budget = repr((weights + 0.45 * 2**20) / 0.95 / 2**30)  # the pool gets the budget less 5 %, less the weights
+    out = tmp_path / "long"
+    args = ["--contexts", "16", "--methods", "dms-triton", "--model", "tiny", "--dtype", "float32",
+            "--new-tokens", "12", "--max-batch", "8", "--memory-budget", budget, "--out", str(out)]
+    assert capacity.main(args) == 0
+    data = json.loads((out / "capacity.json").read_text())
+    assert data["meta"]["new_tokens"] == 12
+    (r,) = data["results"]
+    tries = r["tries"]
+    assert tries[0]["batch"] == 1 and tries[0]["fits"] and tries[0]["kv_pages"] > 0
+    guess = tries[0]["free_pages"] // tries[0]["kv_pages"]
+    assert tries[1]["batch"] == min(max(2, guess), 8)
+    fit = [t["batch"] for t in tries if t["fits"]]
+    failed = [t for t in tries if not t["fits"]]
+    assert r["largest_batch"] == max(fit) >= 2 and failed
+    assert all(t["batch"] > r["largest_batch"] for t in failed)
+    # out of pages while decoding (how far it got), or already while the batch was filled (an OOM)
+    assert all(t["reason"].startswith(("KV pages ran out after", "over budget", "OOM")) for t in failed)
+    assert capacity.main([*args[:3], "dms-hub", *args[4:]]) == 2  # off the engine: refused
