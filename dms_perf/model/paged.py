@@ -192,7 +192,7 @@ class PagedKVPool:
         _positive_int("max_rows_per_head", max_rows_per_head)
         layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         window = getattr(config, "dms_window_size", None)
-        table = cls.table_bytes(layers, max_seqs, kv_heads, _pages_for(max_rows_per_head, page_rows), window)
+        table = cls._config_table_bytes(config, max_seqs, page_rows, max_rows_per_head)
         page = cls.page_bytes(page_rows, head_dim, dtype)
         num_pages = (int(budget_bytes) - table) // page
         if num_pages < 1:
@@ -217,9 +217,14 @@ class PagedKVPool:
             dtype = next(source.parameters()).dtype
         _positive_int("pages", pages)
         max_rows_per_head = config.max_position_embeddings if max_rows_per_head is None else max_rows_per_head
-        table = cls.table_bytes(config.num_hidden_layers, max_seqs, config.num_key_value_heads,
-                                _pages_for(max_rows_per_head, page_rows), getattr(config, "dms_window_size", None))
+        table = cls._config_table_bytes(config, max_seqs, page_rows, max_rows_per_head)
         return table + pages * cls.page_bytes(page_rows, config.head_dim, dtype)
+
+    @classmethod
+    def _config_table_bytes(cls, config, max_seqs: int, page_rows: int, max_rows_per_head: int) -> int:
+        """``table_bytes`` of a pool for ``config`` (its layers, KV heads and DMS window, if any)."""
+        return cls.table_bytes(config.num_hidden_layers, max_seqs, config.num_key_value_heads,
+                               _pages_for(max_rows_per_head, page_rows), getattr(config, "dms_window_size", None))
 
     # --- accounting ----------------------------------------------------------------------------------
 
@@ -287,18 +292,7 @@ class PagedKVPool:
         rows = np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64)
         if rows.shape != (self.layers, self.kv_heads):
             raise ValueError(f"rows must be [layers, kv_heads] = [{self.layers}, {self.kv_heads}], got {rows.shape}")
-        if rows.min() < 0 or rows.max() > self.max_rows_per_head:
-            raise ValueError(f"row counts must lie in [0, {self.max_rows_per_head}], got {rows.min()}..{rows.max()}")
-        if self._rows[:, slot].any() or self._since[slot]:
-            raise ValueError(f"slot {slot} already holds rows: a sequence is prefilled once, right after admit")
-        need = np.zeros_like(self._pages)
-        need[:, slot] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[:, slot], 0)
-        self._hand_out(need)
-        self._rows[:, slot] = rows
-        layer, head = np.indices(rows.shape).reshape(2, -1)
-        flat = np.ravel_multi_index((layer, np.full_like(layer, slot), head), self._rows.shape)
-        self._write(self.lengths, flat, rows.ravel())
-        self._update_room()
+        self._give_rows(np.arange(self.layers), np.full(self.layers, slot), rows, f"slot {slot}")
 
     def prefill_layer(self, layer: int, slots, rows) -> None:
         """``prefill`` for one layer of several freshly admitted sequences: ``rows`` ``[len(slots),
@@ -310,17 +304,22 @@ class PagedKVPool:
             raise ValueError(f"layer must lie in [0, {self.layers}), got {layer!r}")
         if rows.shape != (slots.size, self.kv_heads):
             raise ValueError(f"rows must be [slots, kv_heads] = [{slots.size}, {self.kv_heads}], got {rows.shape}")
+        self._give_rows(np.full(slots.size, layer), slots, rows, f"layer {layer} of slots {slots.tolist()}")
+
+    def _give_rows(self, layers: np.ndarray, slots: np.ndarray, rows: np.ndarray, what: str) -> None:
+        """The shared body of ``prefill`` and ``prefill_layer``: the heads of (``layers[i]``, ``slots[i]``)
+        get ``rows[i]`` rows each, their pages and their device lengths; all or nothing."""
         if rows.size and (rows.min() < 0 or rows.max() > self.max_rows_per_head):
             raise ValueError(f"row counts must lie in [0, {self.max_rows_per_head}], got {rows.min()}..{rows.max()}")
-        if self._rows[layer, slots].any() or self._since[slots].any():
-            raise ValueError(f"layer {layer} of slots {slots.tolist()} already holds rows: a sequence is "
-                             "prefilled once, right after admit")
+        if self._rows[layers, slots].any() or self._since[slots].any():
+            raise ValueError(f"{what} already holds rows: a sequence is prefilled once, right after admit")
         need = np.zeros_like(self._pages)
-        need[layer, slots] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[layer, slots], 0)
+        need[layers, slots] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[layers, slots], 0)
         self._hand_out(need)
-        self._rows[layer, slots] = rows
-        flat = np.ravel_multi_index((np.full(rows.size, layer), np.repeat(slots, self.kv_heads),
-                                     np.tile(np.arange(self.kv_heads), slots.size)), self._rows.shape)
+        self._rows[layers, slots] = rows
+        heads = self.kv_heads
+        flat = np.ravel_multi_index((np.repeat(layers, heads), np.repeat(slots, heads),
+                                     np.tile(np.arange(heads), layers.size)), self._rows.shape)
         self._write(self.lengths, flat, rows.ravel())
         self._update_room()
 
