@@ -254,13 +254,20 @@ def _run_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, bud
 def measure_batch(prompt: Prompt, batch: int, *, steps: int, warmup_steps: int, budget: int) -> Try:
     """Whether ``batch`` sequences of ``prompt`` decode within ``budget`` bytes (see the module docstring);
     never raises for a failing batch, and frees what it allocated either way."""
-    prompt.model.release_decode_graph()  # the last batch's graph pool must not count
+    return _verdict(prompt, batch, lambda: _run_batch(prompt, batch, steps=steps, warmup_steps=warmup_steps,
+                                                      budget=budget))
+
+
+def _verdict(prompt: Prompt, batch: int, run: Callable[[], Try]) -> Try:
+    """``run()``'s Try, or a failing one naming what it raised (OOM or an error: a verdict, the search goes
+    on); the decode graphs and the pool are freed before and after, so no try counts another's memory."""
+    prompt.model.release_decode_graph()
     release_memory()
     try:
-        result = _run_batch(prompt, batch, steps=steps, warmup_steps=warmup_steps, budget=budget)
-    except Exception as exc:  # OOM or an error: a verdict, the search goes on
+        result = run()
+    except Exception as exc:
         result = Try(batch, False, failure_status(exc))
-    prompt.model.release_decode_graph()  # and this batch's is freed before the next try
+    prompt.model.release_decode_graph()
     if prompt.engine:
         prompt.model.use_kv_pool(None)
     release_memory()
@@ -324,16 +331,7 @@ def measure_generation_batch(prompt: Prompt, batch: int, *, new_tokens: int, bud
     leaves (less ``GENERATION_HEADROOM``), and the batch fits iff its pages never ran out and the peak
     stayed within the budget. ``step_ms`` and ``tok_s`` cover the whole generation's decode; ``kv_bytes``
     is the most KV the pool held. Never raises for a failing batch; frees what it allocated."""
-    prompt.model.release_decode_graph()
-    release_memory()
-    try:
-        result = _run_generation(prompt, batch, new_tokens=new_tokens, budget=budget)
-    except Exception as exc:
-        result = Try(batch, False, failure_status(exc))
-    prompt.model.release_decode_graph()
-    prompt.model.use_kv_pool(None)
-    release_memory()
-    return result
+    return _verdict(prompt, batch, lambda: _run_generation(prompt, batch, new_tokens=new_tokens, budget=budget))
 
 
 def guess_from_pages(first: Try) -> int:
