@@ -225,8 +225,7 @@ def run(args, parser=None) -> int:
         "max_batch": settings.max_batch, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
         "new_tokens": settings.new_tokens,
         "batch_fill": BATCH_FILL,
-        "search": "doubling from 1 until a batch does not fit or --max-batch, then bisection between the last "
-        "batch that fit and the first that did not",
+        "search": SEARCH_GENERATION if settings.new_tokens else SEARCH_PROMPT,
         "seed": args.seed, "target_cr": args.target_cr, "calibration": {},
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
     }
@@ -262,6 +261,13 @@ def run(args, parser=None) -> int:
     print(render_summary(writer.meta, writer.ordered()))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+SEARCH_PROMPT = ("doubling from 1 until a batch does not fit or --max-batch, then bisection between the last batch "
+                 "that fit and the first that did not")
+SEARCH_GENERATION = ("batch 1, then the batch its pages predict (the pages the budget leaves over the most pages the "
+                     "one sequence held), then the batch above it; a wrong prediction falls back to doubling (from "
+                     "above it) or bisection (below it)")
 
 
 def _search(model, method, ctx: int, input_ids: torch.Tensor, settings: Settings) -> dict[str, Any]:

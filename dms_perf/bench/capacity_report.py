@@ -63,6 +63,14 @@ def _caveats(meta: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _throughput_note(meta: dict[str, Any]) -> str:
+    if meta.get("new_tokens"):
+        return (f"every decode step of a {meta['new_tokens']}-token generation per tried batch, timed as one span "
+                "(CUDA-graph capture included, no untimed steps); tok/s = batch / mean step time")
+    return (f"{meta['steps']} timed greedy decode steps per tried batch after {meta['warmup_steps']} untimed; "
+            "tok/s = batch / step time")
+
+
 def render_summary(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The console's view: what was measured, then the table."""
     return "\n".join([
@@ -86,8 +94,7 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"- batch fill: {meta['batch_fill']} (prefilling B long prompts would take minutes; every slot holds "
         "as many bytes as a distinct prompt of that length)",
         f"- search: {meta['search']} (ceiling {meta['max_batch']})",
-        f"- throughput: {meta['steps']} timed greedy decode steps per tried batch after {meta['warmup_steps']} "
-        "untimed; tok/s = batch / step time",
+        f"- throughput: {_throughput_note(meta)}",
         f"- date: {meta['date']}",
     ]
     out += [f"- note: {c}" for c in _caveats(meta)[1:]]
@@ -98,12 +105,18 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             out += [f"Nothing tried: {r['stopped']}", ""]
             continue
         if r.get("sequence_kv_bytes") is not None:
-            out += [f"One sequence's KV cache: {r['sequence_kv_bytes']:,} bytes allocated "
+            out += [f"One sequence's KV cache after its prefill: {r['sequence_kv_bytes']:,} bytes allocated "
                     f"({r['sequence_kept_kv_bytes']:,} of them kept K/V); weights {r['weights_bytes']:,} bytes.", ""]
-        out += ["| try | batch | fits | reason | peak GiB | ms/step | tok/s |", "|---:|---:|---|---|---:|---:|---:|"]
+        pages = bool(meta.get("new_tokens"))  # long generations: the KV the paged pool held, per try
+        out += ["| try | batch | fits | reason | peak GiB | ms/step | tok/s |" + (" KV pages (most held) | KV GiB |"
+                                                                                if pages else ""),
+                "|---:|---:|---|---|---:|---:|---:|" + ("---:|---:|" if pages else "")]
         for i, t in enumerate(r["tries"], 1):
-            out.append(f"| {i} | {t['batch']} | {'yes' if t['fits'] else 'no'} | {t['reason']} | "
-                       f"{gib(t['peak_bytes'])} | {_num(t['step_ms'])} | {_num(t['tok_s'])} |")
+            row = (f"| {i} | {t['batch']} | {'yes' if t['fits'] else 'no'} | {t['reason']} | "
+                   f"{gib(t['peak_bytes'])} | {_num(t['step_ms'])} | {_num(t['tok_s'])} |")
+            if pages:
+                row += f" {_num(t.get('kv_pages'))} | {gib(t.get('kv_bytes'))} |"
+            out.append(row)
         out.append("")
     return "\n".join(out)
 

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dms_perf.train.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--size", choices=sorted(RECIPES), default="small",
-                        help="small: CPU, minutes; base: one GPU (see docs/models.md)")
+                        help="small: CPU, minutes; mid and base: one GPU (see docs/models.md)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="tokenizer, weights and data seed")
     parser.add_argument("--workers", type=int, default=None,
@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     from dms_perf.train.evaluate import retrieval_accuracy, retrieval_prompts
 
     def curve(model, steps, phase):
+        # The checkpoint of the last finished phase, so that a run cut short (a time limit) leaves one.
+        save_checkpoint(model, tokenizer, out / recipe.name)
         length = max(phase.length, 256)  # the shortest prompts the held-out set fits in
         return {f"{which}@{length}": retrieval_accuracy(
             model, tokenizer, retrieval_prompts(tokenizer, length, CURVE_PROMPTS, which=which))
