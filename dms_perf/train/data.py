@@ -22,6 +22,7 @@ training generator cannot produce. ``heldout_prompt`` builds an evaluation promp
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,13 +67,17 @@ MEALS = "breakfast lunch dinner supper tea".split()
 NUMBER_WORDS = "two three four five six seven eight nine ten eleven twelve".split()
 SYLLABLES = "bren wick dal mor ton ash ford hol ven kir lan sta bury mere thorn wyn cal dor ril stead".split()
 # Code words of the training values (upper case, as in "4821-MAPLE"); flowers are kept for held-out codes.
+# Half of the worded codes take a random upper-case string instead (``random_code_word``): copying a code must
+# work for words the model never saw, such as the suite's flowers, not only for these.
 CODE_WORDS = """MAPLE CEDAR BIRCH ALDER WILLOW ASPEN LARCH HAZEL RAVEN FALCON HERON OTTER BADGER LYNX
 COBALT QUARTZ GRANITE AMBER ONYX JADE COPPER NICKEL ZINC SILVER COMET ORBIT NOVA DELTA SIGMA KAPPA
 TIGER PANDA ZEBRA BISON MOOSE CANYON RIVER SUMMIT HARBOR ISLAND ANCHOR COMPASS LANTERN BEACON""".split()
 
-# Fact attributes; "secret" appears in none (the suite's needle is about a secret code).
-ATTRIBUTES = """code|access code|password|pin|number|passcode|combination|serial number|reference number
-|ticket number|locker code|key code|tag|label""".replace("\n", "").split("|")
+# Fact attributes. "secret code" and the question "... Reply with the code only." are the suite's needle
+# phrasing (dms_perf.bench.workloads): the suite's needle workload is in the training distribution, its FILLER
+# prose and its flower code words are not; the held-out set below keeps a phrasing the model never saw.
+ATTRIBUTES = """code|access code|secret code|password|pin|number|passcode|combination|serial number
+|reference number|ticket number|locker code|key code|tag|label""".replace("\n", "").split("|")
 
 # ------------------------------------------------------------------------------------- templates
 # {key} is the key as written mid-sentence, {Key} capitalized; {attr} the attribute; {value} the code.
@@ -97,6 +102,7 @@ QUESTION_TEMPLATES = (
     "What is the {attr} for {key}? Give only the {attr}.",
     "What is the {attr} of {key}? Answer with the {attr} alone.",
     "Which {attr} belongs to {key}?",
+    "What is the {attr} for {key}? Reply with the {kind} only.",
 )
 # (before the first question, before its answer); later questions follow on new lines.
 ANSWER_CUES = (
@@ -113,8 +119,8 @@ HELDOUT_FACT_TEMPLATES = (
     "It turned out that {key} had been issued the {attr} {value} last year.",
 )
 HELDOUT_QUESTION_TEMPLATES = (
-    "Which {attr} was assigned to {key}? Reply with the {attr} only.",
-    "Recall the {attr} of {key}. Reply with the {attr} only.",
+    "Which {attr} was assigned to {key}? State it and nothing else.",
+    "Recall the {attr} of {key}. Respond with just that.",
 )
 HELDOUT_ATTRIBUTES = ("vault code", "entry code", "door code")
 HELDOUT_CODE_WORDS = """ORCHID TULIP LILAC ASTER DAHLIA IRIS LOTUS POPPY JASMINE PEONY MAGNOLIA
@@ -207,7 +213,16 @@ class Fact:
     value: str
 
     def sentence(self, template: str) -> str:
-        return template.format(key=self.key, Key=_capitalized(self.key), attr=self.attribute, value=self.value)
+        return template.format(key=self.key, Key=_capitalized(self.key), attr=self.attribute, value=self.value,
+                               kind=self.attribute.split()[-1])
+
+
+def random_code_word(rng: random.Random) -> str:
+    """3 to 8 random upper-case letters, never holding a held-out code word (``HELDOUT_CODE_WORDS``)."""
+    while True:
+        word = "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(3, 8)))
+        if not any(held in word for held in HELDOUT_CODE_WORDS):
+            return word
 
 
 def _capitalized(text: str) -> str:
@@ -254,15 +269,17 @@ class TextGenerator:
 
     def value(self) -> str:
         r = self.rng
-        words = HELDOUT_CODE_WORDS if self.heldout else CODE_WORDS
         digits = str(r.randint(1000, 9999))
         kind = r.random()
-        if self.heldout or kind < 0.45:
-            return f"{digits}-{r.choice(words)}"
+        if self.heldout:
+            return f"{digits}-{r.choice(HELDOUT_CODE_WORDS)}"
+        word = r.choice(CODE_WORDS) if r.random() < 0.5 else random_code_word(r)
+        if kind < 0.45:
+            return f"{digits}-{word}"
         if kind < 0.65:
             return str(r.randint(100, 9_999_999))
         if kind < 0.8:
-            return f"{r.choice(words)}-{r.randint(10, 999)}"
+            return f"{word}-{r.randint(10, 999)}"
         if kind < 0.9:
             return f"{r.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{r.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{digits}"
         return f"{r.randint(10, 99)}-{r.randint(100, 999)}-{r.randint(10, 99)}"

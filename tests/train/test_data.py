@@ -52,21 +52,37 @@ def test_retrieval_documents_answer_their_questions(tokenizer):
         assert text.endswith(data.EOS)
 
 
-def test_training_words_cannot_make_the_suite_filler_or_needle():
-    """Every sentence of the suite's FILLER, its needle and its question holds a word the training generator
-    never writes (so none can come out of it whole)."""
+def test_training_words_cannot_make_the_suite_filler():
+    """Every sentence of the suite's FILLER and of the held-out filler holds a word the training generator never
+    writes (so none can come out of it whole)."""
     known = data.training_words()
-    assert "secret" not in known
-    for sentence in (*FILLER, NEEDLE, QUESTION, *data.HELDOUT_FILLER):
+    for sentence in (*FILLER, *data.HELDOUT_FILLER):
         assert set(data._words(sentence)) - known, sentence
 
 
+def test_the_suite_needle_phrasing_is_trained_and_its_code_words_are_not(training_text):
+    """The suite's needle and question are written by training templates ("secret code", "Reply with the code
+    only."); its flower code words never appear, so retrieving them is copying unseen words."""
+    assert "The secret code for " in training_text and "? Reply with the code only." in training_text
+    code_word = SECRET_CODE.split("-")[1]
+    assert code_word in data.HELDOUT_CODE_WORDS and code_word not in training_text
+    assert QUESTION.endswith("? Reply with the code only.") and NEEDLE.startswith(" The secret code for ")
+
+
+def test_random_code_words_never_hold_a_heldout_word():
+    import random
+
+    rng = random.Random(0)
+    words = [data.random_code_word(rng) for _ in range(20_000)]
+    assert len(set(words)) > 15_000 and all(w.isupper() and 3 <= len(w) <= 8 for w in words)
+    assert not [w for w in words if any(h in w for h in data.HELDOUT_CODE_WORDS)]
+
+
 def test_training_text_holds_no_evaluation_text(training_text):
-    assert "secret" not in training_text.lower()
     for sentence in (*FILLER, *data.HELDOUT_FILLER):
         assert sentence.strip() not in training_text
-    for template in (*data.HELDOUT_FACT_TEMPLATES, *data.HELDOUT_QUESTION_TEMPLATES, NEEDLE):
-        for fixed in re.split(r"\{[^}]*\}|" + re.escape(SECRET_CODE), template):
+    for template in (*data.HELDOUT_FACT_TEMPLATES, *data.HELDOUT_QUESTION_TEMPLATES):
+        for fixed in re.split(r"\{[^}]*\}", template):
             if len(fixed.split()) >= 3:
                 assert fixed.strip() not in training_text, fixed
     for word in (*data.HELDOUT_CODE_WORDS, *data.HELDOUT_ATTRIBUTES):
