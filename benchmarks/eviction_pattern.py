@@ -2,8 +2,8 @@
 spread (``benchmarks/test_decode_step.py``): real DMS models evict unevenly across heads, unlike random
 weights whose eviction is calibrated to one ratio.
 
-    python -m benchmarks.eviction_pattern --model models/qwen3-synth-small-dms-8x \\
-        --out benchmarks/eviction_patterns/qwen3-synth-small-dms-8x.json
+    python -m benchmarks.eviction_pattern --model models/qwen3-synth-mid-dms-8x \\
+        --out benchmarks/eviction_patterns/qwen3-synth-mid-dms-8x.json
 
 Held-out prose of the training generator (``dms_perf.train.data``, a seed no training uses) is prefilled with
 eviction on, ``--documents`` times; a head's kept fraction is the rows its cache holds over the tokens seen,

@@ -74,7 +74,7 @@ SHORT_SEQUENCE_SHARE = 0.25
 SPREAD_SEED = 0
 # The "trained" spread: the kept fractions per (layer, KV head) a retrofitted 8x model recorded
 # (``python -m benchmarks.eviction_pattern``), cycled over the heads, at the even case's total rows.
-TRAINED_PATTERN = Path(__file__).parent / "eviction_patterns" / "qwen3-synth-small-dms-8x.json"
+TRAINED_PATTERN = Path(__file__).parent / "eviction_patterns" / "qwen3-synth-mid-dms-8x.json"
 # Paged decode attention: rows per page (one 64-row key tile), the seed of the shuffled page order, and
 # the (layout, scheduler) pairs measured beside the contiguous cases of the default scheduler.
 PAGE_ROWS = 64

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("inputs", nargs="+", help="bench output directories or results.json files, in "
                         "order (a later run's row replaces an earlier one's)")
     report.add_argument("--out", default="results", metavar="DIR", help="output directory")
+    report.add_argument("--per-model", action="store_true",
+                        help="join runs of different checkpoints (e.g. a base and its DMS retrofits): each row's "
+                        "method is named '<method> (<checkpoint directory name>)'")
     report.set_defaults(run=run_report, command_parser=report)
 
     methods = sub.add_parser(
@@ -585,7 +588,7 @@ def run_report(args, parser) -> int:
     from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
 
     try:
-        meta, rows = merge_results(args.inputs)
+        meta, rows = merge_results(args.inputs, per_model=args.per_model)
     except ResultsFileError as exc:  # names the file and what is wrong with it
         return _error(parser, f"cannot merge {exc}")
     except ValueError as exc:  # runs that do not join: names the run and what differs

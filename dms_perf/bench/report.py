@@ -239,9 +239,13 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
     return meta, rows
 
 
-def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def merge_results(paths: list[str | os.PathLike], *, per_model: bool = False) -> tuple[dict[str, Any],
+                                                                                      list[dict[str, Any]]]:
     """Join runs made in parts (e.g. one device call per group of methods, or a ``--methods vanilla`` run
     with a default one) on the same card.
+
+    ``per_model``: runs of different checkpoints join too (a base and its DMS retrofits, whose methods share
+    names), each row's method named ``"<method> (<checkpoint directory name>)"`` and its ``model`` kept.
 
     Runs join when their card (``device["gpu"]``), model, dtype and seed agree (a seed a run does not
     record agrees with any); other runs raise ValueError. Each row keeps the weights text of the run it
@@ -257,6 +261,10 @@ def merge_results(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], list[
     rows: dict[tuple[int, str, int], dict[str, Any]] = {}
     for path in paths:
         m, r = load_results(path)
+        if per_model:
+            label = Path(str(m.get("model"))).name
+            r = [{**row, "method": f"{row['method']} ({label})", "model": m.get("model")} for row in r]
+            m = {**m, "model": "per row", "methods": [f"{name} ({label})" for name in m.get("methods", [])]}
         if not meta:
             meta = {**m, "commands": []}
         for what, mine, first in (

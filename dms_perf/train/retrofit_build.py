@@ -1,5 +1,5 @@
 """Rebuild the DMS retrofits of a small base model from seeds, and measure them:
-``python -m dms_perf.train.retrofit_build --base models/qwen3-synth-small --out models --ratios 2,4,8``.
+``python -m dms_perf.train.retrofit_build --base models/qwen3-synth-mid --out models --ratios 2,4,8``.
 
 For each ratio CR it writes ``OUT/<base name>-dms-<CR>x/`` (bf16 safetensors, config with the ``dms_*``
 fields, the base's tokenizer, ``retrofit.json`` with the settings and per-step history). The training text is

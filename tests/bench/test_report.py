@@ -135,6 +135,23 @@ def test_merge_refuses_other_cards(tmp_path):
         merge_results([a, b])
 
 
+def test_merge_per_model_joins_a_base_and_its_retrofits(tmp_path):
+    """Runs of different checkpoints refuse to join unless per_model; then each row's method names its
+    checkpoint, so the same method on two checkpoints is two rows."""
+    meta = {"device": {"gpu": None}, "dtype": "float32", "contexts": [4096], "methods": ["dms-hub"]}
+    row = _rows()[0]
+    assert row["method"] == "dms-hub"
+    a = _saved(tmp_path / "a", {**meta, "model": "models/base"}, [row])
+    b = _saved(tmp_path / "b", {**meta, "model": "models/base-dms-4x"}, [{**row, "prefill_s": 0.5}])
+    with pytest.raises(ValueError, match="model"):
+        merge_results([a, b])
+    merged_meta, merged = merge_results([a, b], per_model=True)
+    assert [(r["method"], r["model"], r["prefill_s"]) for r in merged] == [
+        ("dms-hub (base)", "models/base", row["prefill_s"]), ("dms-hub (base-dms-4x)", "models/base-dms-4x", 0.5)]
+    assert merged_meta["methods"] == ["dms-hub (base)", "dms-hub (base-dms-4x)"]
+    assert merged_meta["model"] == "per row"
+
+
 def test_benchmark_json_rows_come_in_bench_order():
     """A sharded pytest-benchmark run lists cases shard by shard; the report orders them by context, then
     as the registry's default methods are ordered (a method outside them last)."""
