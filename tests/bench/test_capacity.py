@@ -13,6 +13,7 @@ import torch
 
 from dms_perf.bench import batch_search, capacity
 from dms_perf.bench.batch_search import Try, search_largest_batch
+from dms_perf.bench.report import _num
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -354,4 +355,9 @@ def test_long_generations_are_measured_at_their_end(tmp_path):
     assert all(t["batch"] > r["largest_batch"] for t in failed)
     # out of pages while decoding (how far it got), or already while the batch was filled (an OOM)
     assert all(t["reason"].startswith(("KV pages ran out after", "over budget", "OOM")) for t in failed)
+    md = (out / "capacity.md").read_text()  # the report says what this mode measured, not the prompt regime's
+    assert "every decode step of a 12-token generation" in md and "untimed;" not in md
+    assert "the batch its pages predict" in md and "doubling from 1 until" not in md
+    assert "| KV pages (most held) | KV GiB |" in md
+    assert "| 1 | 1 | yes | ok |" in md and f" | {_num(tries[0]['kv_pages'])} | " in md
     assert capacity.main([*args[:3], "dms-hub", *args[4:]]) == 2  # off the engine: refused
