@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-running", type=int, default=None, metavar="N",
                        help="the stream's sequence slots: at most N requests decode at once (default: 256 on a "
                        "GPU, 8 without)")
+    bench.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                       help="the stream: measure each method over this many seconds of wall time (requests "
+                       "completed and tokens generated in the window) instead of running every request to its end")
     bench.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                        help="the stream's paged KV pool, in GiB (default: the card's free memory less 10%% for "
                        "activations; 0.002 GiB without a GPU)")
@@ -267,6 +270,10 @@ def run_bench(args, parser) -> int:
             return _error(parser, "--accuracy scores the (context, method) cells, and a request stream (--requests) "
                           "has none: run them apart")
         return _run_stream_bench(args, parser, contexts, methods)
+    stream_only = [flag for flag, value in (("--output-lengths", args.output_lengths), ("--max-running", args.max_running),
+                                            ("--duration", args.duration)) if value is not None]
+    if stream_only:
+        return _error(parser, f"{', '.join(stream_only)} set(s) a request stream: add --requests N")
     try:
         batches = parse_batch_sizes(args.batch)
     except ValueError as exc:
@@ -397,6 +404,8 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         return _error(parser, f"--max-running must be >= 1, got {max_running}")
     if args.memory_budget is not None and not args.memory_budget > 0:
         return _error(parser, f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
+    if args.duration is not None and not args.duration > 0:
+        return _error(parser, f"--duration must be a positive number of seconds, got {args.duration}")
     not_engine = [m.name for m in methods if not m.family.fused]
     if not_engine:
         return _error(parser, f"a request stream runs on the decode engine's paged KV pool; {', '.join(not_engine)} "
@@ -414,6 +423,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": _device_info(), "model": args.model, "dtype": args.dtype, "requests": args.requests,
         "prompt_length": contexts[0], "output_lengths": [low, high], "max_running": max_running,
+        "duration_s": args.duration,
         "seed": args.seed, "methods": [m.name for m in methods],
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
@@ -433,7 +443,8 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
                 console.print(f"  {name}: {line}")
 
             rows.append(stream.stream_method(model, method, requests, budget_gib=args.memory_budget,
-                                             max_running=max_running, on_progress=progress))
+                                             max_running=max_running, on_progress=progress,
+                                             duration_s=args.duration))
         del model
     for row in rows:
         row.setdefault("context", contexts[0])

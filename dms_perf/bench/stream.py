@@ -12,9 +12,15 @@ one CUDA graph per bucket. If the running sequences outgrow the pool, the newest
 return, it goes back to the head of the queue and is generated again from its prompt later (vLLM's
 recompute preemption), so the cache is never corrupted and the stream always completes.
 
-Reported: total generated tokens per second (completed requests' tokens over the wall time, prefills
+Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
 included), requests completed per minute, the most pages in use, preemptions, and the number of running
 sequences against time.
+
+``duration_s`` (``--duration``) measures a fixed window instead of the whole stream: admission and decoding
+stop at the first step that ends past it; requests completed per minute and tokens per second then count what
+the window finished and generated (a running request's tokens so far included, a preempted request's dropped
+tokens not), and the row says how many were still running and queued. Every method then gets the same wall
+time, and a stream too long to finish in the time a machine is lent can still be compared.
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ class StreamRun:
     max_running: int
     preemptions: int
     steps: int
+    duration_s: float | None = None  # the window, if the stream was cut at one (run_stream's duration_s)
+    running_at_end: int = 0
+    queued_at_end: int = 0
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
     def as_row(self) -> dict[str, Any]:
@@ -91,6 +100,7 @@ class StreamRun:
             "generated_tokens": self.generated_tokens, "peak_pages": self.peak_pages,
             "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
             "max_running": self.max_running, "preemptions": self.preemptions, "decode_steps": self.steps,
+            "duration_s": self.duration_s, "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
             "stream_trace": self.trace,
         }
 
@@ -123,18 +133,20 @@ def plain_prefill(model, prompt: torch.Tensor):
 
 def run_stream(model, requests: list[Request], *, prefill: Callable | None = None,
                on_progress: Callable[[str], None] | None = None, trace_every: int = 16,
-               keep_tokens: bool = False) -> StreamRun:
+               keep_tokens: bool = False, duration_s: float | None = None) -> StreamRun:
     """Generate every request greedily on ``model``'s paged pool (``model.use_kv_pool``; the pool's
     ``max_seqs`` caps the running sequences). ``prefill(model, prompt)`` gives a request's one-sequence
     cache and first token (default ``plain_prefill``; a press on the engine passes its own). ``keep_tokens``:
     each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
-    on what ran beside it). See the module docstring. Raises ``PagesExhausted`` only if a single request
-    cannot run alone in the pool."""
+    on what ran beside it). ``duration_s``: stop at the first step that ends past it (module docstring). Raises
+    ``PagesExhausted`` only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
     pool = model.dms_pool
     if pool is None:
         raise ValueError("run_stream needs a model on a paged KV pool (model.use_kv_pool)")
+    if duration_s is not None and not duration_s > 0:
+        raise ValueError(f"duration_s must be a positive number of seconds, got {duration_s}")
     device = next(model.parameters()).device
     max_seqs = pool.max_seqs
     layer_pages = pool.layers * pool.kv_heads * -(-model.dms_capacity_step // pool.page_rows)
@@ -145,7 +157,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     positions = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
     cache = model.make_dms_cache()
     run = StreamRun(len(requests), 0, 0.0, 0, 0, pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype),
-                    pool.nbytes, 0, 0, 0)
+                    pool.nbytes, 0, 0, 0, duration_s)
     batch = 0
     synchronize()
     start = time.perf_counter()
@@ -200,6 +212,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
 
     with torch.inference_mode():
         while queue or running:
+            if duration_s is not None and time.perf_counter() - start >= duration_s:
+                break
             while admit():
                 pass
             if not running:
@@ -245,6 +259,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                                 f"{pool.pages_in_use}/{pool.num_pages} pages")
     synchronize()
     run.wall_s = time.perf_counter() - start
+    run.generated_tokens += sum(made[: len(running)])  # a window's unfinished requests (none otherwise)
+    run.running_at_end, run.queued_at_end = len(running), len(queue)
     run.peak_pages = max(run.peak_pages, pool.peak_pages_in_use)
     return run
 
@@ -288,7 +304,7 @@ def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: in
 
 
 def stream_method(model, method, requests: list[Request], *, budget_gib: float | None, max_running: int,
-                  on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  on_progress: Callable[[str], None] | None = None, duration_s: float | None = None) -> dict[str, Any]:
     """One method's stream: its pool (``engine_pool``, the budget's pages), the run, and its row. Never
     raises for an expected failure: an exhausted pool or a bad budget becomes the row's status."""
     from dms_perf.bench.generation import engine_pool, failure_status, prefill_for_the_engine, release_memory
@@ -307,7 +323,8 @@ def stream_method(model, method, requests: list[Request], *, budget_gib: float |
                 out, cache = prefill_for_the_engine(model, prompt, press)
                 return cache, out.logits[0, -1:].argmax(-1)
 
-        row.update(run_stream(model, requests, prefill=prefill, on_progress=on_progress).as_row())
+        row.update(run_stream(model, requests, prefill=prefill, on_progress=on_progress,
+                              duration_s=duration_s).as_row())
         row["status"] = "ok"
     except Exception as exc:  # one failing method must not stop the others
         row["status"] = failure_status(exc)
@@ -327,17 +344,22 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"- {meta['requests']} requests, prompt {meta['prompt_length']} tokens, output lengths uniform in "
         f"{meta['output_lengths'][0]}-{meta['output_lengths'][1]} (seed {meta['seed']}), at most "
         f"{meta['max_running']} running",
+        *([f"- measured over a window of {meta['duration_s']:g} s per method: requests completed and tokens "
+           "generated in it; running and queued are the requests left when it closed"]
+          if meta.get("duration_s") else []),
         f"- command: `{meta['command']}`", "",
-        "| method | status | req/min | total tok/s | max running | peak KV pages | peak KV GiB | pool GiB "
-        "| preemptions |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | status | req/min | total tok/s | completed | running / queued at the end | max running "
+        "| peak KV pages | peak KV GiB | pool GiB | preemptions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def gib(row, key):
         return _num(row[key] / 2**30) if row.get(key) is not None else "-"
 
     for r in rows:
         lines.append(f"| {r['method']} | {r['status']} | {_num(r.get('requests_per_min'))} | "
-                     f"{_num(r.get('total_tok_s'))} | {r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
+                     f"{_num(r.get('total_tok_s'))} | {r.get('completed', '-')} | "
+                     f"{r.get('running_at_end', '-')} / {r.get('queued_at_end', '-')} | "
+                     f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
                      f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} |")
     return "\n".join(lines) + "\n"
 

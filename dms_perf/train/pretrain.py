@@ -291,7 +291,7 @@ def mid(seed: int = 0) -> Recipe:
     (match the asked key, copy its code) did not form within 1,500 small-batch CPU steps (docs/models.md)."""
     shape = Shape(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=512)
     phases = (Phase(256, 64, 2500, ONE_FACT), Phase(256, 64, 1500, TWO_FACTS), Phase(512, 32, 2000),
-              Phase(1024, 16, 1500), Phase(2048, 8, 1500))
+              Phase(1024, 16, 2500), Phase(2048, 8, 2500))
     return Recipe("qwen3-synth-mid", shape, phases, lr=1.5e-3, warmup=200, seed=seed, mix=Mix(0.9, 4, 4),
                   answer_weight=10.0, eval_contexts=(1024, 2048))
 

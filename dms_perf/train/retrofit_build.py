@@ -50,24 +50,25 @@ def heldout_documents(tokenizer, *, documents: int, length: int, seed: int = EVA
 
 
 def retrofit_one(base: Path, out: Path, ratio: float, *, window: int, seq_len: int, batch: int, steps: int,
-                 ramp: float, lr: float, seed: int, log=print) -> dict:
+                 ramp: float, lr: float, seed: int, device: str = "cpu", train: str = "decision", log=print) -> dict:
     from transformers import AutoTokenizer
 
     from dms_perf.train.checkpoint import load_for_retrofit, save_retrofitted
     from dms_perf.train.retrofit import retrofit
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    models = load_for_retrofit(base, window=window, dtype=torch.float32)
+    models = load_for_retrofit(base, window=window, dtype=torch.float32, device=device)
     started = time.perf_counter()
     result = retrofit(models.student, models.teacher, data_batches(tokenizer, seq_len=seq_len, batch=batch),
                       compression_ratio=ratio, steps=steps, window=window, lr=lr, ramp_steps_per_unit=ramp,
-                      seed=seed, log=log, log_every=25)
+                      seed=seed, train=train, log=log, log_every=25)
     seconds = time.perf_counter() - started
-    model = result.model.to(torch.bfloat16)
+    model = result.model.to(device="cpu", dtype=torch.bfloat16)
     record = {**result.settings, "seq_len": seq_len, "batch": batch, "data_seed": DATA_SEED,
               "train_seconds": round(seconds, 1), "source": str(base),
               "machine": {"date": str(date.today()), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+                          "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                           "load_average": os.getloadavg()},
               "history": result.history_dicts()}
     save_retrofitted(model, out, source=base, compression_ratio=ratio, record=record)
@@ -189,11 +190,16 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0, help="the Gumbel noise seed")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the retrofits train")
+    parser.add_argument("--train", choices=("decision", "all"), default="decision",
+                        help="decision: only the borrowed q_proj rows (the decisions); all: every weight, as the paper")
     parser.add_argument("--skip-train", action="store_true", help="only --eval the existing retrofits")
     parser.add_argument("--eval", action="store_true", help="measure perplexity and kept fraction afterwards")
     parser.add_argument("--eval-documents", type=int, default=8)
     parser.add_argument("--eval-length", type=int, default=1024)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     base, out = Path(args.base), Path(args.out)
@@ -204,9 +210,10 @@ def main(argv=None) -> int:
         for ratio, directory in retrofits.items():
             steps = int(round(args.ramp * (ratio - 1))) + args.hold
             print(f"retrofit {base} -> {directory}: CR {ratio:g}, window {args.window}, {steps} steps of "
-                  f"{args.batch} x {args.seq_len}, ramp {args.ramp:g}/unit, lr {args.lr:g}", flush=True)
+                  f"{args.batch} x {args.seq_len}, ramp {args.ramp:g}/unit, lr {args.lr:g}, training {args.train}", flush=True)
             retrofit_one(base, directory, ratio, window=args.window, seq_len=args.seq_len, batch=args.batch,
-                         steps=steps, ramp=args.ramp, lr=args.lr, seed=args.seed, log=lambda s: print(s, flush=True))
+                         steps=steps, ramp=args.ramp, lr=args.lr, seed=args.seed, device=args.device, train=args.train,
+                         log=lambda s: print(s, flush=True))
     if args.eval:
         result = evaluate_all(base, retrofits, documents=args.eval_documents, length=args.eval_length,
                               log=lambda s: print(s, flush=True))

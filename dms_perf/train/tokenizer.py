@@ -1,6 +1,9 @@
 """The models' tokenizer: byte-level BPE trained here on the training generator's text (docs/models.md).
 
-Digits are split one per token, as Qwen3's tokenizer does, so a code's digits are copied one by one.
+Digits are split one per token, as Qwen3's tokenizer does, and so are upper-case letters, so a code
+("7391-ORCHID") is copied one character at a time through tokens that every code trains, whatever its
+word: with merges learned from the training codes, a held-out word split into rare pieces ("AS" "TER")
+that the model miscopied (docs/models.md).
 ``<|endoftext|>`` ends documents. There is no chat template (these are base models): the suite's needle
 workload then asks its question as ``"...\\n\\n<question>\\nAnswer:"``, one of the training cues.
 """
@@ -16,11 +19,12 @@ DEFAULT_VOCAB_SIZE = 2048
 
 def train_tokenizer(seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE, documents: int = 3000):
     """A ``transformers.PreTrainedTokenizerFast`` trained on ``documents`` generated documents (seeded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(" ?[A-Z]"), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])

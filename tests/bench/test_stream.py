@@ -76,6 +76,37 @@ def test_every_request_generates_what_it_generates_alone(pages):
     assert row["stream_trace"]["running"] and max(row["stream_trace"]["running"]) <= 2
 
 
+def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
+    """``duration_s`` stops the stream at the first step past the window (a fake clock, one second a read):
+    completed requests are those that finished in it, the generated tokens are every token of the window (the
+    running requests' so far too), and each request's tokens are still a prefix of its solo tokens."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
+    model.dms_capacity_step = 4
+    requests = stream.make_requests(5, 8, (3, 24), vocab_size=model.config.vocab_size, seed=2)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(stream.time, "perf_counter", lambda: float(next(clock)))
+    with torch.no_grad():
+        want = [_solo(model, r) for r in requests]
+        model.use_kv_pool(PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 400, max_seqs=2,
+                                                                                        page_rows=4),
+                                                 max_seqs=2, page_rows=4))
+        with pytest.raises(ValueError, match="duration_s must be a positive"):
+            stream.run_stream(model, requests, duration_s=0)
+        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=60)
+    model.use_kv_pool(None)
+    started = [r for r in requests if r.tokens is not None]
+    assert run.wall_s >= 60 and run.preemptions == 0
+    assert 0 < run.completed < 5 and run.running_at_end > 0
+    assert run.completed + run.running_at_end + run.queued_at_end == 5
+    assert run.generated_tokens == sum(len(r.tokens) for r in started)
+    assert sum(len(r.tokens) == r.output_length for r in started) == run.completed
+    for request in started:
+        made = [int(t) for t in request.tokens]
+        assert made == want[request.index][: len(made)]
+    row = run.as_row()
+    assert row["duration_s"] == 60 and row["requests_per_min"] == 60 * run.completed / run.wall_s
+
+
 def test_a_request_that_cannot_run_alone_is_an_oom_error():
     """A pool of one 4-row page a head cannot take a 12-token prompt: run_stream raises the pool's
     out-of-memory error (no request can ever run), which a bench row reports as OOM."""
@@ -113,10 +144,14 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         ("--memory-budget", "0.000001"): "cannot hold one request",
         ("--requests", "0"): "--requests must be >= 1",
         ("--max-running", "-1"): "--max-running must be >= 1",
+        ("--duration", "0"): "--duration must be a positive",
+        ("--requests", None): "add --requests N",
     }
     for (option, value), message in bad.items():
         argv = list(args)
-        if option in argv:
+        if value is None:  # the stream's own options without a stream
+            del argv[argv.index(option) : argv.index(option) + 2]
+        elif option in argv:
             argv[argv.index(option) + 1] = value
         else:
             argv += [option, value]
