@@ -270,8 +270,9 @@ def run_bench(args, parser) -> int:
             return _error(parser, "--accuracy scores the (context, method) cells, and a request stream (--requests) "
                           "has none: run them apart")
         return _run_stream_bench(args, parser, contexts, methods)
-    stream_only = [flag for flag, value in (("--output-lengths", args.output_lengths), ("--max-running", args.max_running),
-                                            ("--duration", args.duration)) if value is not None]
+    stream_options = (("--output-lengths", args.output_lengths), ("--max-running", args.max_running),
+                      ("--duration", args.duration))
+    stream_only = [flag for flag, value in stream_options if value is not None]
     if stream_only:
         return _error(parser, f"{', '.join(stream_only)} set(s) a request stream: add --requests N")
     try:

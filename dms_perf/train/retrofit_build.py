@@ -210,7 +210,8 @@ def main(argv=None) -> int:
         for ratio, directory in retrofits.items():
             steps = int(round(args.ramp * (ratio - 1))) + args.hold
             print(f"retrofit {base} -> {directory}: CR {ratio:g}, window {args.window}, {steps} steps of "
-                  f"{args.batch} x {args.seq_len}, ramp {args.ramp:g}/unit, lr {args.lr:g}, training {args.train}", flush=True)
+                  f"{args.batch} x {args.seq_len}, ramp {args.ramp:g}/unit, lr {args.lr:g}, training {args.train}",
+                  flush=True)
             retrofit_one(base, directory, ratio, window=args.window, seq_len=args.seq_len, batch=args.batch,
                          steps=steps, ramp=args.ramp, lr=args.lr, seed=args.seed, device=args.device, train=args.train,
                          log=lambda s: print(s, flush=True))
