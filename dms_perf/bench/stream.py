@@ -261,6 +261,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     run.wall_s = time.perf_counter() - start
     run.generated_tokens += sum(made[: len(running)])  # a window's unfinished requests (none otherwise)
     run.running_at_end, run.queued_at_end = len(running), len(queue)
+    for key, value in zip(("time_s", "running", "pages"), (run.wall_s, len(running), pool.pages_in_use), strict=True):
+        run.trace[key].append(value)  # the end, so that even a short stream draws a line
     run.peak_pages = max(run.peak_pages, pool.peak_pages_in_use)
     return run
 
