@@ -92,6 +92,11 @@ class StreamRun:
     queued_at_end: int = 0
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
+    def record(self, time_s: float, running: int, pages: int) -> None:
+        """One point of the trace: seconds since the start, sequences running, pages in use."""
+        for key, value in zip(("time_s", "running", "pages"), (time_s, running, pages), strict=True):
+            self.trace[key].append(value)
+
     def as_row(self) -> dict[str, Any]:
         return {
             "requests": self.requests, "completed": self.completed, "wall_s": self.wall_s,
@@ -251,9 +256,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             run.peak_pages = max(run.peak_pages, pool.pages_in_use)
             run.max_running = max(run.max_running, len(running))
             if run.steps % trace_every == 0:
-                for key, value in zip(("time_s", "running", "pages"), (now, len(running), pool.pages_in_use),
-                                      strict=True):
-                    run.trace[key].append(value)
+                run.record(now, len(running), pool.pages_in_use)
                 if on_progress is not None:
                     on_progress(f"{run.completed}/{run.requests} requests done, {len(running)} running, "
                                 f"{pool.pages_in_use}/{pool.num_pages} pages")
@@ -261,8 +264,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     run.wall_s = time.perf_counter() - start
     run.generated_tokens += sum(made[: len(running)])  # a window's unfinished requests (none otherwise)
     run.running_at_end, run.queued_at_end = len(running), len(queue)
-    for key, value in zip(("time_s", "running", "pages"), (run.wall_s, len(running), pool.pages_in_use), strict=True):
-        run.trace[key].append(value)  # the end, so that even a short stream draws a line
+    run.record(run.wall_s, len(running), pool.pages_in_use)  # the end, so that even a short stream draws a line
     run.peak_pages = max(run.peak_pages, pool.peak_pages_in_use)
     return run
 
