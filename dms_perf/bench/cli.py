@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                        help="the stream: measure each method over this many seconds of wall time (requests "
                        "completed and tokens generated in the window) instead of running every request to its end")
+    bench.add_argument("--warmup-seconds", type=float, default=None, metavar="SECONDS",
+                       help="the stream with --duration: run each method this many seconds first and count only "
+                       "after them (the steady state, without the cold start's admissions, compiles and captures)")
+    bench.add_argument("--capacity-step", type=int, default=None, metavar="N",
+                       help="the stream: rows per KV head each page hand-out gives ahead (default 128); fewer "
+                       "hold fewer spare pages and hand out more often")
     bench.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                        help="the stream's paged KV pool, in GiB (default: the card's free memory less 10%% for "
                        "activations; 0.002 GiB without a GPU)")
@@ -271,7 +277,8 @@ def run_bench(args, parser) -> int:
                           "has none: run them apart")
         return _run_stream_bench(args, parser, contexts, methods)
     stream_options = (("--output-lengths", args.output_lengths), ("--max-running", args.max_running),
-                      ("--duration", args.duration))
+                      ("--duration", args.duration), ("--warmup-seconds", args.warmup_seconds),
+                      ("--capacity-step", args.capacity_step))
     stream_only = [flag for flag, value in stream_options if value is not None]
     if stream_only:
         return _error(parser, f"{', '.join(stream_only)} set(s) a request stream: add --requests N")
@@ -407,6 +414,11 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         return _error(parser, f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
     if args.duration is not None and not args.duration > 0:
         return _error(parser, f"--duration must be a positive number of seconds, got {args.duration}")
+    if args.warmup_seconds is not None and (args.duration is None or not args.warmup_seconds >= 0):
+        return _error(parser, f"--warmup-seconds takes seconds >= 0 beside --duration, got {args.warmup_seconds}"
+                      + ("" if args.duration is not None else " without --duration"))
+    if args.capacity_step is not None and args.capacity_step < 1:
+        return _error(parser, f"--capacity-step must be >= 1, got {args.capacity_step}")
     not_engine = [m.name for m in methods if not m.family.fused]
     if not_engine:
         return _error(parser, f"a request stream runs on the decode engine's paged KV pool; {', '.join(not_engine)} "
@@ -424,7 +436,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": _device_info(), "model": args.model, "dtype": args.dtype, "requests": args.requests,
         "prompt_length": contexts[0], "output_lengths": [low, high], "max_running": max_running,
-        "duration_s": args.duration,
+        "duration_s": args.duration, "warmup_s": args.warmup_seconds, "capacity_step": args.capacity_step,
         "seed": args.seed, "methods": [m.name for m in methods],
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
@@ -445,7 +457,8 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
 
             rows.append(stream.stream_method(model, method, requests, budget_gib=args.memory_budget,
                                              max_running=max_running, on_progress=progress,
-                                             duration_s=args.duration))
+                                             duration_s=args.duration, warmup_s=args.warmup_seconds,
+                                             capacity_step=args.capacity_step))
         del model
     for row in rows:
         row.setdefault("context", contexts[0])

@@ -16,11 +16,21 @@ Reported: total generated tokens per second (the tokens the requests generated o
 included), requests completed per minute, the most pages in use, preemptions, and the number of running
 sequences against time.
 
+Admission keeps pages back for the running sequences' growth: one hand-out each, and at least
+``ADMIT_HORIZON`` decode steps of growth for every running sequence and the new one, at the rate the pool's
+decode steps have taken pages so far (net of the pages trims returned), or, before any step was measured, at
+the most a sequence can grow (one row per KV head per step, as dense). Without it a cold start admits as many
+prompts as the pool holds and then preempts most of them, re-prefilling each: the work a stream of unknown
+output lengths must spend is the preemptions its admission could not foresee, not those of a full pool.
+
 ``duration_s`` (``--duration``) measures a fixed window instead of the whole stream: admission and decoding
 stop at the first step that ends past it; requests completed per minute and tokens per second then count what
 the window finished and generated (a running request's tokens so far included, a preempted request's dropped
 tokens not), and the row says how many were still running and queued. Every method then gets the same wall
-time, and a stream too long to finish in the time a machine is lent can still be compared.
+time, and a stream too long to finish in the time a machine is lent can still be compared. ``warmup_s``
+(``--warmup``) runs the stream that long first and counts only from the first step past it (window figures are
+differences from that step's): the cold start (every slot admitted at once, kernels compiled, graphs captured)
+is then out of the figures, which measure the steady state.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ from typing import Any
 import torch
 
 from dms_perf.bench.timing import synchronize
+
+# Decode steps of growth admission keeps pages for, per running sequence (module docstring).
+ADMIT_HORIZON = 256
 
 # Batch sizes a step runs at: the smallest that holds the running sequences (one CUDA graph each).
 SMALL_BUCKETS = (1, 2, 4, 8)
@@ -90,6 +103,9 @@ class StreamRun:
     duration_s: float | None = None  # the window, if the stream was cut at one (run_stream's duration_s)
     running_at_end: int = 0
     queued_at_end: int = 0
+    warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
+    counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
+    before: dict[str, int] = field(default_factory=dict)  # completed, tokens, preemptions, steps by then
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
     def record(self, time_s: float, running: int, pages: int) -> None:
@@ -98,14 +114,22 @@ class StreamRun:
             self.trace[key].append(value)
 
     def as_row(self) -> dict[str, Any]:
+        """The bench row: with a warm-up, completed, tokens, preemptions and steps are those after it, and
+        the rates are over the time after it (``wall_s``); ``warmup_wall_s`` is when counting began."""
+        b = self.before
+        wall = self.wall_s - self.counted_from_s
+        completed = self.completed - b.get("completed", 0)
+        tokens = self.generated_tokens - b.get("tokens", 0)
         return {
-            "requests": self.requests, "completed": self.completed, "wall_s": self.wall_s,
-            "total_tok_s": self.generated_tokens / self.wall_s if self.wall_s > 0 else None,
-            "requests_per_min": 60 * self.completed / self.wall_s if self.wall_s > 0 else None,
-            "generated_tokens": self.generated_tokens, "peak_pages": self.peak_pages,
+            "requests": self.requests, "completed": completed, "wall_s": wall,
+            "total_tok_s": tokens / wall if wall > 0 else None,
+            "requests_per_min": 60 * completed / wall if wall > 0 else None,
+            "generated_tokens": tokens, "peak_pages": self.peak_pages,
             "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
-            "max_running": self.max_running, "preemptions": self.preemptions, "decode_steps": self.steps,
-            "duration_s": self.duration_s, "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
+            "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
+            "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
+            "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
             "stream_trace": self.trace,
         }
 
@@ -138,12 +162,15 @@ def plain_prefill(model, prompt: torch.Tensor):
 
 def run_stream(model, requests: list[Request], *, prefill: Callable | None = None,
                on_progress: Callable[[str], None] | None = None, trace_every: int = 16,
-               keep_tokens: bool = False, duration_s: float | None = None) -> StreamRun:
+               keep_tokens: bool = False, duration_s: float | None = None,
+               warmup_s: float | None = None, admit_horizon: int = ADMIT_HORIZON) -> StreamRun:
     """Generate every request greedily on ``model``'s paged pool (``model.use_kv_pool``; the pool's
     ``max_seqs`` caps the running sequences). ``prefill(model, prompt)`` gives a request's one-sequence
     cache and first token (default ``plain_prefill``; a press on the engine passes its own). ``keep_tokens``:
     each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
-    on what ran beside it). ``duration_s``: stop at the first step that ends past it (module docstring). Raises
+    on what ran beside it). ``duration_s``: stop at the first step that ends past it, after ``warmup_s`` more
+    seconds, whose figures are not counted; ``admit_horizon``: the decode steps of growth admission keeps pages
+    for (module docstring; 0 keeps one hand-out a running sequence only). Raises
     ``PagesExhausted`` only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
@@ -152,9 +179,16 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         raise ValueError("run_stream needs a model on a paged KV pool (model.use_kv_pool)")
     if duration_s is not None and not duration_s > 0:
         raise ValueError(f"duration_s must be a positive number of seconds, got {duration_s}")
+    if warmup_s is not None and (duration_s is None or not warmup_s >= 0):
+        raise ValueError(f"warmup_s must be a number of seconds >= 0 beside a duration_s, got {warmup_s}")
+    warmup = warmup_s or 0.0
     device = next(model.parameters()).device
     max_seqs = pool.max_seqs
     layer_pages = pool.layers * pool.kv_heads * -(-model.dms_capacity_step // pool.page_rows)
+    # Pages the decode steps took (hand-outs net of trims) over sequence-steps: the growth rate admission
+    # reserves for, first at its bound (one row per KV head per step).
+    grown, sequence_steps = 0, 0
+    most_growth = pool.layers * pool.kv_heads / pool.page_rows
     queue = deque(requests)
     running: list[Request] = []  # running[i] decodes in slot i
     made = [0] * max_seqs  # tokens generated so far per slot (the first comes from the prefill)
@@ -162,7 +196,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     positions = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
     cache = model.make_dms_cache()
     run = StreamRun(len(requests), 0, 0.0, 0, 0, pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype),
-                    pool.nbytes, 0, 0, 0, duration_s)
+                    pool.nbytes, 0, 0, 0, duration_s, warmup_s=warmup_s)
     batch = 0
     synchronize()
     start = time.perf_counter()
@@ -193,7 +227,10 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         if staged is None or staged[0] is not request:
             staged = (request, *(prefill or plain_prefill)(model, request.prompt.to(device)))
         _, single, first = staged
-        if running and admission_pages(single, pool) + layer_pages * len(running) > pool.free_pages:
+        measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
+        rate = grown / sequence_steps if measured else most_growth
+        reserve = max(layer_pages * len(running), rate * admit_horizon * (len(running) + 1))
+        if running and admission_pages(single, pool) + reserve > pool.free_pages:
             return False
         slot = len(running)
         try:
@@ -217,8 +254,14 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
 
     with torch.inference_mode():
         while queue or running:
-            if duration_s is not None and time.perf_counter() - start >= duration_s:
-                break
+            if duration_s is not None:
+                now = time.perf_counter() - start
+                if now >= warmup + duration_s:
+                    break
+                if warmup_s and not run.before and now >= warmup:
+                    run.counted_from_s = now
+                    run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
+                                  "tokens": run.generated_tokens + sum(made[: len(running)])}
             while admit():
                 pass
             if not running:
@@ -227,6 +270,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             if wanted != batch:
                 batch = wanted
                 cache.set_batch(batch)
+            in_use = pool.pages_in_use
             try:
                 cache.prepare_step()  # page hand-out for the step (host only); may run out
             except PagesExhausted:
@@ -239,6 +283,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                 running.pop()
                 queue.appendleft(victim)
                 continue
+            grown += pool.pages_in_use - in_use
+            sequence_steps += len(running)
             out = model(input_ids=tokens[:batch], past_key_values=cache, position_ids=positions[:batch],
                         use_cache=True)
             tokens[:batch] = out.logits[:, -1:].argmax(-1)
@@ -308,14 +354,19 @@ def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: in
 
 
 def stream_method(model, method, requests: list[Request], *, budget_gib: float | None, max_running: int,
-                  on_progress: Callable[[str], None] | None = None, duration_s: float | None = None) -> dict[str, Any]:
+                  on_progress: Callable[[str], None] | None = None, duration_s: float | None = None,
+                  warmup_s: float | None = None, capacity_step: int | None = None) -> dict[str, Any]:
     """One method's stream: its pool (``engine_pool``, the budget's pages), the run, and its row. Never
-    raises for an expected failure: an exhausted pool or a bad budget becomes the row's status."""
+    raises for an expected failure: an exhausted pool or a bad budget becomes the row's status.
+    ``capacity_step``: rows per KV head a page hand-out gives ahead (``--capacity-step``; default the
+    method's)."""
     from dms_perf.bench.generation import engine_pool, failure_status, prefill_for_the_engine, release_memory
 
     row: dict[str, Any] = {"method": method.name}
     try:
         method.prepare(model)
+        if capacity_step is not None:
+            model.dms_capacity_step = capacity_step
         budget, source = stream_budget(budget_gib)
         row.update(pool_budget_bytes=budget, pool_budget_source=source)
         engine_pool(model, max_seqs=max_running, budget_bytes=budget)
@@ -328,7 +379,7 @@ def stream_method(model, method, requests: list[Request], *, budget_gib: float |
                 return cache, out.logits[0, -1:].argmax(-1)
 
         row.update(run_stream(model, requests, prefill=prefill, on_progress=on_progress,
-                              duration_s=duration_s).as_row())
+                              duration_s=duration_s, warmup_s=warmup_s).as_row(), capacity_step=model.dms_capacity_step)
         row["status"] = "ok"
     except Exception as exc:  # one failing method must not stop the others
         row["status"] = failure_status(exc)
@@ -351,6 +402,8 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         *([f"- measured over a window of {meta['duration_s']:g} s per method: requests completed and tokens "
            "generated in it; running and queued are the requests left when it closed"]
           if meta.get("duration_s") else []),
+        *([f"- after a warm-up of {meta['warmup_s']:g} s per method (the cold start, not counted: admissions, "
+           "compiles, graph captures)"] if meta.get("warmup_s") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | total tok/s | completed | running / queued at the end | max running "
         "| peak KV pages | peak KV GiB | pool GiB | preemptions |",

@@ -62,7 +62,7 @@ def test_every_request_generates_what_it_generates_alone(pages):
         pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, pages, max_seqs=2, page_rows=4),
                                       max_seqs=2, page_rows=4)
         model.use_kv_pool(pool)
-        run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1)
+        run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1, admit_horizon=0)
     got = [[int(t) for t in r.tokens] for r in requests]
     assert got == want
     assert run.completed == 4 and run.generated_tokens == sum(r.output_length for r in requests)
@@ -92,7 +92,7 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
                                                  max_seqs=2, page_rows=4))
         with pytest.raises(ValueError, match="duration_s must be a positive"):
             stream.run_stream(model, requests, duration_s=0)
-        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=60)
+        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=60, admit_horizon=0)
     model.use_kv_pool(None)
     started = [r for r in requests if r.tokens is not None]
     assert run.wall_s >= 60 and run.preemptions == 0
@@ -105,6 +105,54 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
         assert made == want[request.index][: len(made)]
     row = run.as_row()
     assert row["duration_s"] == 60 and row["requests_per_min"] == 60 * run.completed / run.wall_s
+
+
+def test_admission_keeps_pages_for_growth():
+    """The pool that made the newest request preempted above (24 pages of 4 rows, two slots): with pages kept
+    for 4 steps of growth at the most a sequence grows, admission waits instead, nothing is preempted, and
+    every request still generates its solo tokens."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
+    model.dms_capacity_step = 4
+    runs = {}
+    for horizon in (0, 4):
+        requests = stream.make_requests(4, 8, (3, 10), vocab_size=model.config.vocab_size, seed=1)
+        with torch.no_grad():
+            pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 24, max_seqs=2, page_rows=4),
+                                          max_seqs=2, page_rows=4)
+            model.use_kv_pool(pool)
+            runs[horizon] = stream.run_stream(model, requests, keep_tokens=True, admit_horizon=horizon)
+            want = [_solo(model, r) for r in requests]
+        assert [[int(t) for t in r.tokens] for r in requests] == want
+        assert runs[horizon].completed == 4 and pool.pages_in_use == 0
+    model.use_kv_pool(None)
+    assert runs[0].preemptions > 0 and runs[4].preemptions == 0
+
+
+def test_a_warm_up_is_not_counted(monkeypatch):
+    """``warmup_s``: the row counts from the first step past the warm-up: completed requests, tokens, steps
+    and the wall time are differences from that step's (a fake clock, one second a read)."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
+    model.dms_capacity_step = 4
+    requests = stream.make_requests(30, 8, (3, 12), vocab_size=model.config.vocab_size, seed=4)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(stream.time, "perf_counter", lambda: float(next(clock)))
+    with torch.no_grad():
+        model.use_kv_pool(PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 400, max_seqs=2,
+                                                                                        page_rows=4),
+                                                 max_seqs=2, page_rows=4))
+        with pytest.raises(ValueError, match="warmup_s must be"):
+            stream.run_stream(model, requests, warmup_s=5)
+        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=40, warmup_s=30, admit_horizon=0)
+    model.use_kv_pool(None)
+    before = run.before
+    assert run.counted_from_s >= 30 and run.wall_s >= 70
+    assert 0 < before["completed"] < run.completed and 0 < before["steps"] < run.steps
+    row = run.as_row()
+    started = [r for r in requests if r.tokens is not None]
+    assert row["completed"] == run.completed - before["completed"]
+    assert row["generated_tokens"] == sum(len(r.tokens) for r in started) - before["tokens"]
+    assert row["wall_s"] == run.wall_s - run.counted_from_s and row["warmup_wall_s"] == run.counted_from_s
+    assert row["requests_per_min"] == 60 * row["completed"] / row["wall_s"]
 
 
 def test_a_request_that_cannot_run_alone_is_an_oom_error():
@@ -145,6 +193,8 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         ("--requests", "0"): "--requests must be >= 1",
         ("--max-running", "-1"): "--max-running must be >= 1",
         ("--duration", "0"): "--duration must be a positive",
+        ("--warmup-seconds", "5"): "beside --duration",
+        ("--capacity-step", "0"): "--capacity-step must be >= 1",
         ("--requests", None): "add --requests N",
     }
     for (option, value), message in bad.items():
