@@ -13,8 +13,9 @@ return, it goes back to the head of the queue and is generated again from its pr
 recompute preemption), so the cache is never corrupted and the stream always completes.
 
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
-included), requests completed per minute, the most pages in use, preemptions, and the number of running
-sequences against time.
+included), requests completed per minute, the most pages in use, preemptions, the wall time spent admitting
+(prefills and copies into the pool, during which nothing decodes), and the number of running sequences
+against time.
 
 Admission keeps pages back for the running sequences' growth: one hand-out each, and at least
 ``ADMIT_HORIZON`` decode steps of growth for every running sequence and the new one, at the rate the pool's
@@ -103,9 +104,10 @@ class StreamRun:
     duration_s: float | None = None  # the window, if the stream was cut at one (run_stream's duration_s)
     running_at_end: int = 0
     queued_at_end: int = 0
+    admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
     counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
-    before: dict[str, int] = field(default_factory=dict)  # completed, tokens, preemptions, steps by then
+    before: dict[str, float] = field(default_factory=dict)  # the counters at counted_from_s
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
     def record(self, time_s: float, running: int, pages: int) -> None:
@@ -128,6 +130,7 @@ class StreamRun:
             "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
             "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
             "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
+            "admission_s": self.admission_s - b.get("admission_s", 0.0),
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
             "stream_trace": self.trace,
@@ -261,9 +264,12 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                 if warmup_s and not run.before and now >= warmup:
                     run.counted_from_s = now
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
-                                  "tokens": run.generated_tokens + sum(made[: len(running)])}
+                                  "tokens": run.generated_tokens + sum(made[: len(running)]),
+                                  "admission_s": run.admission_s}
+            admitting = time.perf_counter()
             while admit():
                 pass
+            run.admission_s += time.perf_counter() - admitting
             if not running:
                 continue
             wanted = bucket_for(len(running), max_seqs)
@@ -406,8 +412,8 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
            "compiles, graph captures)"] if meta.get("warmup_s") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | total tok/s | completed | running / queued at the end | max running "
-        "| peak KV pages | peak KV GiB | pool GiB | preemptions |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak KV pages | peak KV GiB | pool GiB | preemptions | admitting (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def gib(row, key):
         return _num(row[key] / 2**30) if row.get(key) is not None else "-"
@@ -417,7 +423,8 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
                      f"{_num(r.get('total_tok_s'))} | {r.get('completed', '-')} | "
                      f"{r.get('running_at_end', '-')} / {r.get('queued_at_end', '-')} | "
                      f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
-                     f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} |")
+                     f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} | "
+                     f"{_num(r.get('admission_s'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,10 +92,10 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
                                                  max_seqs=2, page_rows=4))
         with pytest.raises(ValueError, match="duration_s must be a positive"):
             stream.run_stream(model, requests, duration_s=0)
-        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=60, admit_horizon=0)
+        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=100, admit_horizon=0)
     model.use_kv_pool(None)
     started = [r for r in requests if r.tokens is not None]
-    assert run.wall_s >= 60 and run.preemptions == 0
+    assert run.wall_s >= 100 and run.preemptions == 0
     assert 0 < run.completed < 5 and run.running_at_end > 0
     assert run.completed + run.running_at_end + run.queued_at_end == 5
     assert run.generated_tokens == sum(len(r.tokens) for r in started)
@@ -104,7 +104,7 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
         made = [int(t) for t in request.tokens]
         assert made == want[request.index][: len(made)]
     row = run.as_row()
-    assert row["duration_s"] == 60 and row["requests_per_min"] == 60 * run.completed / run.wall_s
+    assert row["duration_s"] == 100 and row["requests_per_min"] == 60 * run.completed / run.wall_s
 
 
 def test_admission_keeps_pages_for_growth():
