@@ -45,6 +45,9 @@ from dms_perf.ops.movers.compact import compact_by_bool
 from dms_perf.rule import evict_flags
 
 DEFAULT_CAPACITY_STEP = 128
+# Heads whose longest host-known row bound is at most this many times the mean decode with per-head splits
+# on the paged pool, more uneven ones with the balanced scheduler (PagedCacheLayer.schedule).
+EVEN_SPREAD = 1.15
 # Prefill layers whose packing may wait (each holds its full-length K/V until packed): two layers of
 # GPU work stay queued behind the one the host waits for.
 MAX_PENDING_LAYERS = 2
@@ -64,11 +67,13 @@ class DecodeInputs(NamedTuple):
     max_length: int
     block_table: torch.Tensor | None = None  # [B, Hkv, max_pages] int32 when paged
     page_rows: int | None = None
+    schedule: str | None = None  # the decode kernel's scheduler; None: its default
 
     def attend(self, q: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
         """Decode attention of ``q`` ``[B, Hq, D]`` over this cache."""
         return dms_decode_attention(q, self.k_cache, self.v_cache, self.starts, self.lengths, self.max_length,
-                                    block_table=self.block_table, page_rows=self.page_rows, scale=scale)
+                                    block_table=self.block_table, page_rows=self.page_rows, scale=scale,
+                                    schedule=self.schedule)
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -344,9 +349,14 @@ class DMSCacheLayer(CacheLayerMixin):
         return 2 * self.keys.shape[0] * self.keys[0].nbytes + sum(t.numel() * t.element_size() for t in tensors
                                                                   if t is not None)
 
+    @property
+    def schedule(self) -> str | None:
+        """The decode kernel's scheduler for this layer's next step; None (the kernel's default) here."""
+        return None
+
     def decode_inputs(self) -> DecodeInputs:
         return DecodeInputs(self.keys, self.values, self.starts, self.lengths, self.launch_length,
-                            self.block_table, self.page_rows)
+                            self.block_table, self.page_rows, self.schedule)
 
 
 class PagedCacheLayer(DMSCacheLayer):
@@ -486,6 +496,14 @@ class PagedCacheLayer(DMSCacheLayer):
         decode graph is keyed by the batch's longest head only (per-layer values crossing powers of two at
         different steps captured a graph for each combination)."""
         return triton.next_power_of_2(max(1, self.pool.longest_bound(None, self.batch)))
+
+    @property
+    def schedule(self) -> str:
+        """``"per_head"`` while every layer's heads hold about as many rows (``PagedKVPool.bound_spread`` at
+        most ``EVEN_SPREAD``), else ``"balanced"``: one value for all layers, from host-known bounds, so that
+        a decode graph is keyed by it once (benchmarks/NOTES.md: per-head splits cost 1-3 % less on even
+        heads; the longest head sets their time on uneven ones, which the balanced scheduler evens out)."""
+        return "per_head" if self.pool.bound_spread(self.batch) <= EVEN_SPREAD else "balanced"
 
     def nbytes(self) -> int:
         """Bytes of the pages this layer's heads hold and of their state in the pool (host figures: no sync)."""

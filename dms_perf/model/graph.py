@@ -16,7 +16,8 @@ Two owners of graphs:
                  the step that re-sizes runs eagerly and the next one captures a new graph; a new cache
                  (a new generation) captures anew.
 ``PoolGraphs``   caches on a ``PagedKVPool`` (``dms_perf.model.paged``): pages, block tables and the
-                 per-head state never move, so one graph per (batch, launch lengths) is captured once and
+                 per-head state never move, so one graph per (batch, launch lengths, decode scheduler:
+                 ``PagedCacheLayer.schedule``) is captured once and
                  replayed by every later generation of that batch size; pages are handed out on the host
                  before a replay (``DMSCache.prepare_step``), never copied.
 
@@ -143,7 +144,8 @@ class PoolGraphs:
         if self._cache_seen is None or self._cache_seen() is not cache:
             self._cache_seen, self._eager_only = weakref.ref(cache), eager_only()
         cache.prepare_step()  # a deferred prefill packing or a page hand-out: host work, before the key is taken
-        key = (input_ids.shape[0], logits_to_keep, tuple(layer.launch_length for layer in cache.layers))
+        key = (input_ids.shape[0], logits_to_keep, tuple(layer.launch_length for layer in cache.layers),
+               cache.layers[0].schedule)
         captured = self.graphs.get(key)
         if captured is None:
             if self._eager_only or key not in self.warm:

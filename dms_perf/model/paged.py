@@ -372,6 +372,16 @@ class PagedKVPool:
         bound = rows + self._since[:slots, None]
         return int(min(bound.max(initial=0), self.max_rows_per_head))
 
+    def bound_spread(self, slots: int) -> float:
+        """How unevenly the heads of slots ``0 .. slots - 1`` hold rows, from host-known bounds only
+        (``longest_bound``'s): the largest, over layers, of a layer's longest head bound over its mean
+        bound (1.0 when every head holds as many rows, or none holds any)."""
+        bound = np.minimum(self._rows[:, :slots] + self._since[None, :slots, None], self.max_rows_per_head)
+        mean = bound.reshape(bound.shape[0], -1).mean(axis=1)
+        longest = bound.reshape(bound.shape[0], -1).max(axis=1, initial=0)
+        held = mean > 0
+        return float((longest[held] / mean[held]).max(initial=1.0))
+
     def pages_of(self, slots: int, layer: int | None = None) -> int:
         """Pages held by the sequences in slots ``0 .. slots - 1`` (of one layer, or all)."""
         held = self._pages[:, :slots] if layer is None else self._pages[layer, :slots]

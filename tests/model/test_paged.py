@@ -355,6 +355,19 @@ def test_reserve_ahead_bound_and_advance():
     assert pool.pages_held(slot) == 11
 
 
+def test_bound_spread_is_the_most_uneven_layers_longest_over_mean_bound():
+    pool = _pool(num_pages=64, page_rows=4, layers=2, max_seqs=2, kv_heads=2)
+    assert pool.bound_spread(2) == 1.0  # nothing held
+    first, second = pool.admit(), pool.admit()
+    pool.prefill_layer(0, [first, second], torch.tensor([[8, 8], [8, 8]]))
+    pool.prefill_layer(1, [first, second], torch.tensor([[2, 2], [2, 10]]))
+    assert pool.bound_spread(1) == 1.0  # slot 0 alone: every head of each layer as long as the others
+    assert pool.bound_spread(2) == pytest.approx(10 / 4)  # layer 1: longest 10 over a mean of 4
+    pool.reserve_ahead(6)
+    pool.advance(6)  # every bound 6 rows longer: layer 1's spread falls to 16 / 10
+    assert pool.bound_spread(2) == pytest.approx(16 / 10)
+
+
 def test_trim_returns_pages_no_row_reached():
     pool = _pool(num_pages=16, page_rows=4, max_seqs=1, kv_heads=2)
     slot = pool.admit()

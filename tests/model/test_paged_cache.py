@@ -112,6 +112,38 @@ def test_long_paged_generation_equals_the_math_reference(evict, device):
     _check_pages(pool)
 
 
+@pytest.mark.parametrize("even_spread", [0.0, 1e9], ids=["balanced", "per-head"])
+def test_the_decode_scheduler_follows_the_heads_spread(even_spread, device, monkeypatch):
+    """The paged layers ask decode attention for per-head splits while the heads' bounds are within
+    ``EVEN_SPREAD`` of their mean and for the balanced scheduler otherwise; either way the greedy tokens
+    are the math reference's (eviction makes the heads of this model uneven)."""
+    import dms_perf.model.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "EVEN_SPREAD", even_spread)
+    asked = []
+    real = cache_module.dms_decode_attention
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["schedule"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "dms_decode_attention", recording)
+    model = _model(device, dms_window_size=6)
+    model.dms_capacity_step = 8
+    reference = _model(device, backend="math", dms_window_size=6)
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
+    with torch.no_grad():
+        pool = _pool(model, page_rows=4)
+        cache = model.make_dms_cache()
+        got, _ = _decode(model, cache, _prefill(model, ids, cache), 16, 24)
+        ref_cache = reference.make_dms_cache()
+        want, _ = _decode(reference, ref_cache, _prefill(reference, ids, ref_cache), 16, 24)
+    assert torch.equal(got, want)
+    assert pool.bound_spread(2) > 1.0
+    assert asked and set(asked) == {"balanced" if even_spread == 0.0 else "per_head"}
+
+
 def test_a_batch_on_the_pool_equals_its_prompts_one_by_one(device):
     model = _model(device)
     model.dms_capacity_step = 5
