@@ -8,9 +8,9 @@ it is prefilled on its own and copied into the pool (``DMSCache.admit``), then d
 sequence in one batch. A finished request returns its pages at once and the last running sequence moves
 into its slot (``PagedKVPool.move``: block tables, not rows), so the live sequences always occupy the
 lowest slots and a step runs on the smallest batch bucket (``BUCKETS``) that holds them; the engine keeps
-one CUDA graph per bucket. If the running sequences outgrow the pool, the newest is preempted: its pages
-return, it goes back to the head of the queue and is generated again from its prompt later (vLLM's
-recompute preemption), so the cache is never corrupted and the stream always completes.
+one CUDA graph per bucket. If the running sequences outgrow the pool, the one with the least progress is
+preempted: its pages return, it goes back to the head of the queue and is generated again from its prompt
+later (vLLM's recompute preemption), so the cache is never corrupted and the stream always completes.
 
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
 included), requests completed per minute, the most pages in use, preemptions, the wall time spent admitting
@@ -105,6 +105,7 @@ class StreamRun:
     running_at_end: int = 0
     queued_at_end: int = 0
     admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
+    dropped_tokens: int = 0  # tokens preempted requests had generated, thrown away
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
     counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
     before: dict[str, float] = field(default_factory=dict)  # the counters at counted_from_s
@@ -131,6 +132,7 @@ class StreamRun:
             "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
             "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
             "admission_s": self.admission_s - b.get("admission_s", 0.0),
+            "dropped_tokens": self.dropped_tokens - b.get("dropped_tokens", 0),
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
             "stream_trace": self.trace,
@@ -204,11 +206,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     synchronize()
     start = time.perf_counter()
 
-    def finish(slot: int, now: float) -> None:
-        request = running[slot]
-        request.finished_at = now
-        run.completed += 1
-        run.generated_tokens += request.output_length
+    def vacate(slot: int) -> None:
+        """Return ``slot``'s pages and move the last running sequence into it."""
         pool.release(slot)
         last = len(running) - 1
         if slot != last:  # keep the running sequences in the lowest slots
@@ -219,7 +218,16 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             running[slot] = running[last]
         running.pop()
 
-    staged = None  # the queue head's prefill (request, its one-sequence cache, first token), while it waits
+    def finish(slot: int, now: float) -> None:
+        request = running[slot]
+        request.finished_at = now
+        run.completed += 1
+        run.generated_tokens += request.output_length
+        vacate(slot)
+
+    # The queue head's prefill while it waits: (request, its one-sequence cache, first token, the pages it
+    # takes when admitted), read back once, not at every step it waits.
+    staged = None
 
     def admit() -> bool:
         """Admit the next queued request if a slot and its pages (beyond the running ones' watermark) are free."""
@@ -228,12 +236,13 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             return False
         request = queue[0]
         if staged is None or staged[0] is not request:
-            staged = (request, *(prefill or plain_prefill)(model, request.prompt.to(device)))
-        _, single, first = staged
+            single, first = (prefill or plain_prefill)(model, request.prompt.to(device))
+            staged = (request, single, first, admission_pages(single, pool))
+        _, single, first, pages = staged
         measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
         rate = grown / sequence_steps if measured else most_growth
         reserve = max(layer_pages * len(running), rate * admit_horizon * (len(running) + 1))
-        if running and admission_pages(single, pool) + reserve > pool.free_pages:
+        if running and pages + reserve > pool.free_pages:
             return False
         slot = len(running)
         try:
@@ -265,7 +274,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                     run.counted_from_s = now
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
                                   "tokens": run.generated_tokens + sum(made[: len(running)]),
-                                  "admission_s": run.admission_s}
+                                  "admission_s": run.admission_s, "dropped_tokens": run.dropped_tokens}
             admitting = time.perf_counter()
             while admit():
                 pass
@@ -282,11 +291,14 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             except PagesExhausted:
                 if len(running) == 1:
                     raise  # one request alone outgrows the pool: no stream can complete
-                victim = running[-1]  # the newest: its progress is dropped, its prompt queued again
+                # The request with the least progress (a finished one's slot takes the last, so slot order
+                # is not admission order): its tokens are dropped, its prompt queued again.
+                slot = min(range(len(running)), key=made.__getitem__)
+                victim = running[slot]
                 victim.preempted += 1
                 run.preemptions += 1
-                pool.release(len(running) - 1)
-                running.pop()
+                run.dropped_tokens += made[slot]
+                vacate(slot)
                 queue.appendleft(victim)
                 continue
             grown += pool.pages_in_use - in_use
@@ -412,7 +424,7 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
            "compiles, graph captures)"] if meta.get("warmup_s") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | total tok/s | completed | running / queued at the end | max running "
-        "| peak KV pages | peak KV GiB | pool GiB | preemptions | admitting (s) |",
+        "| peak KV pages | peak KV GiB | pool GiB | preemptions (tokens dropped) | admitting (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def gib(row, key):
@@ -423,7 +435,8 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
                      f"{_num(r.get('total_tok_s'))} | {r.get('completed', '-')} | "
                      f"{r.get('running_at_end', '-')} / {r.get('queued_at_end', '-')} | "
                      f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
-                     f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} | "
+                     f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} "
+                     f"({r.get('dropped_tokens', '-')}) | "
                      f"{_num(r.get('admission_s'))} |")
     return "\n".join(lines) + "\n"
 
