@@ -29,7 +29,7 @@ stop at the first step that ends past it; requests completed per minute and toke
 the window finished and generated (a running request's tokens so far included, a preempted request's dropped
 tokens not), and the row says how many were still running and queued. Every method then gets the same wall
 time, and a stream too long to finish in the time a machine is lent can still be compared. ``warmup_s``
-(``--warmup``) runs the stream that long first and counts only from the first step past it (window figures are
+(``--warmup-seconds``) runs the stream that long first and counts only from the first step past it (window figures are
 differences from that step's): the cold start (every slot admitted at once, kernels compiled, graphs captured)
 is then out of the figures, which measure the steady state.
 """
