@@ -25,10 +25,12 @@ def target_eviction_rate(step: int, compression_ratio: float, steps_per_unit: fl
     return 1.0 - 1.0 / target_compression(step, compression_ratio, steps_per_unit)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over tokens of ``KL(teacher || student)`` of the next-token distributions, in fp32.
 
     ``[B, N, vocab]`` each; the teacher's logits carry no gradient. ``sum p_t (log p_t - log p_s)``.
+    ``weights``: ``[B, N]`` >= 0 per position, a weighted mean instead (``answer_weights``).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -36,7 +38,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     student_log = F.log_softmax(student_logits.float(), dim=-1)
     teacher_log = F.log_softmax(teacher_logits.detach().float(), dim=-1)
     per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)
-    return per_token.mean()
+    if weights is None:
+        return per_token.mean()
+    if weights.shape != per_token.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must be [B, N] = {tuple(per_token.shape)}")
+    weights = weights.to(per_token)
+    return (weights * per_token).sum() / weights.sum()
+
+
+def answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """``[B, N]`` distillation weights: ``answer_weight`` at the positions whose next token is an answer's
+    (``answers[b, t + 1]``: the logits at t predict token t + 1), 1 elsewhere. A retrieval answer is a few
+    tokens of a long sequence, so its KL barely counts in a plain mean; this lets it count."""
+    if answers.dtype != torch.bool or answers.dim() != 2:
+        raise ValueError(f"answers must be [B, N] bool, got {answers.dtype} of shape {tuple(answers.shape)}")
+    if not answer_weight > 0:
+        raise ValueError(f"answer_weight must be > 0, got {answer_weight!r}")
+    weights = torch.ones(answers.shape, dtype=torch.float32, device=answers.device)
+    weights[:, :-1][answers[:, 1:]] = float(answer_weight)
+    return weights
 
 
 def eviction_penalty(evict_prob: torch.Tensor, target: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from dms_perf.model.qwen3_dms import Qwen3DMSForCausalLM
 from dms_perf.train.forward import dms_training_forward
-from dms_perf.train.losses import distillation_loss, eviction_penalty, target_compression
+from dms_perf.train.losses import answer_weights, distillation_loss, eviction_penalty, target_compression
 
 # "decision": only the q_proj rows of the borrowed channels (the decision logits; the model otherwise unchanged);
 # "q": the q projections of every layer (the borrowed channel's weights and the queries that lose it);
@@ -112,6 +112,7 @@ def retrofit(
     ramp_steps_per_unit: float = 100,
     tau: float = 0.1,
     penalty_weight: float = 1.0,
+    answer_weight: float = 1.0,
     train: str = "decision",
     zero_borrowed: bool = True,
     grad_clip: float = 1.0,
@@ -129,11 +130,14 @@ def retrofit(
         teacher: the frozen original model, called as ``teacher(input_ids=..., use_cache=False).logits``
             (e.g. vanilla Qwen3 with the same weights, or a Qwen3-DMS model with eviction off).
         batches: ``[B, N]`` token ids, at least ``steps`` of them; N must exceed ``window + 1`` (otherwise no
-            key is ever old enough to be evicted).
+            key is ever old enough to be evicted). With ``answer_weight`` other than 1, pairs ``(ids, answers)``
+            instead, ``answers`` ``[B, N]`` bool True at answer tokens (``Corpus.batch_with_answers``).
         compression_ratio: final ratio (>= 1); the target eviction rate ends at ``1 - 1/compression_ratio``.
         ramp_steps_per_unit: steps per unit of compression ratio of the linear ramp from 1x (0: no ramp).
         tau: Gumbel-sigmoid temperature.
         penalty_weight: weight of the one-sided L1 eviction penalty against the KL term.
+        answer_weight: weight of the KL at the positions that predict an answer token (``answer_weights``),
+            1 elsewhere: a retrieval answer is a few tokens of a long sequence.
         train: "decision" (the default: only the borrowed channel's q_proj rows, which make the decisions;
             attention otherwise stays the original model's), "q" (the q projections) or "all".
         zero_borrowed: zero the borrowed channel's q_proj rows first (``zero_borrowed_channel``); False to
@@ -145,6 +149,8 @@ def retrofit(
     """
     _check(student, compression_ratio, steps, window, lr, ramp_steps_per_unit, tau, penalty_weight, train,
            grad_clip, log_every)
+    if not answer_weight > 0:
+        raise ValueError(f"answer_weight must be > 0, got {answer_weight!r}")
     if teacher is student:
         raise ValueError("teacher and student are one model: the teacher must be a frozen copy of the original")
     device = next(student.parameters()).device
@@ -155,7 +161,8 @@ def retrofit(
         zero_borrowed_channel(student)
     settings = {
         "compression_ratio": float(compression_ratio), "steps": steps, "window": window, "lr": lr,
-        "ramp_steps_per_unit": ramp_steps_per_unit, "tau": tau, "penalty_weight": penalty_weight, "train": train,
+        "ramp_steps_per_unit": ramp_steps_per_unit, "tau": tau, "penalty_weight": penalty_weight,
+        "answer_weight": answer_weight, "train": train,
         "zero_borrowed": zero_borrowed, "grad_clip": grad_clip, "seed": seed,
         "dms_alpha_scale": student.config.dms_alpha_scale,
         "dms_initial_alpha_offset": student.config.dms_initial_alpha_offset,
@@ -187,7 +194,16 @@ def retrofit(
                 input_ids = next(batches)
             except StopIteration:
                 raise ValueError(f"batches ran out after {step} of {steps} steps") from None
+            weights = None
+            if answer_weight != 1:
+                if not (isinstance(input_ids, tuple) and len(input_ids) == 2):
+                    raise ValueError("answer_weight needs batches of (ids, answers) pairs "
+                                     "(Corpus.batch_with_answers)")
+                input_ids, answers = input_ids
+                weights = answer_weights(answers, answer_weight).to(device)
             input_ids = _checked_batch(input_ids, window, student.config.vocab_size).to(device)
+            if weights is not None and weights.shape != input_ids.shape:
+                raise ValueError(f"answers {tuple(weights.shape)} and ids {tuple(input_ids.shape)} differ in shape")
             ratio = target_compression(step, compression_ratio, ramp_steps_per_unit)
             target = 1.0 - 1.0 / ratio
             with torch.no_grad():
@@ -195,7 +211,7 @@ def retrofit(
             with autocast:
                 out = dms_training_forward(student, input_ids, tau=tau, generator=generator,
                                            gradient_checkpointing=gradient_checkpointing)
-            kl = distillation_loss(out.logits, teacher_logits)
+            kl = distillation_loss(out.logits, teacher_logits, weights)
             penalty = eviction_penalty(out.evict_prob, target)
             loss = kl + penalty_weight * penalty
             optimizer.zero_grad(set_to_none=True)

@@ -31,13 +31,15 @@ DATA_SEED = 70_000_000_000
 EVAL_SEED = 90_000_000_017
 
 
-def data_batches(tokenizer, *, seq_len: int, batch: int, seed: int = DATA_SEED):
-    """Endless ``[batch, seq_len]`` batches of the training mix, batch k from generator seed ``seed + k``."""
+def data_batches(tokenizer, *, seq_len: int, batch: int, seed: int = DATA_SEED, answers: bool = False):
+    """Endless ``[batch, seq_len]`` batches of the training mix, batch k from generator seed ``seed + k``;
+    ``answers``: ``(ids, answers)`` pairs instead (``Corpus.batch_with_answers``, for ``answer_weight``)."""
     from dms_perf.train.data import Corpus
 
     k = 0
     while True:
-        yield Corpus(tokenizer, seed + k).batch(seq_len, batch)
+        corpus = Corpus(tokenizer, seed + k)
+        yield corpus.batch_with_answers(seq_len, batch) if answers else corpus.batch(seq_len, batch)
         k += 1
 
 
@@ -50,7 +52,8 @@ def heldout_documents(tokenizer, *, documents: int, length: int, seed: int = EVA
 
 
 def retrofit_one(base: Path, out: Path, ratio: float, *, window: int, seq_len: int, batch: int, steps: int,
-                 ramp: float, lr: float, seed: int, device: str = "cpu", train: str = "decision", log=print) -> dict:
+                 ramp: float, lr: float, seed: int, device: str = "cpu", train: str = "decision",
+                 answer_weight: float = 1.0, log=print) -> dict:
     from transformers import AutoTokenizer
 
     from dms_perf.train.checkpoint import load_for_retrofit, save_retrofitted
@@ -59,9 +62,10 @@ def retrofit_one(base: Path, out: Path, ratio: float, *, window: int, seq_len: i
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     models = load_for_retrofit(base, window=window, dtype=torch.float32, device=device)
     started = time.perf_counter()
-    result = retrofit(models.student, models.teacher, data_batches(tokenizer, seq_len=seq_len, batch=batch),
-                      compression_ratio=ratio, steps=steps, window=window, lr=lr, ramp_steps_per_unit=ramp,
-                      seed=seed, train=train, log=log, log_every=25)
+    batches = data_batches(tokenizer, seq_len=seq_len, batch=batch, answers=answer_weight != 1)
+    result = retrofit(models.student, models.teacher, batches, compression_ratio=ratio, steps=steps, window=window,
+                      lr=lr, ramp_steps_per_unit=ramp, seed=seed, train=train, answer_weight=answer_weight, log=log,
+                      log_every=25)
     seconds = time.perf_counter() - started
     model = result.model.to(device="cpu", dtype=torch.bfloat16)
     record = {**result.settings, "seq_len": seq_len, "batch": batch, "data_seed": DATA_SEED,
@@ -193,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the retrofits train")
     parser.add_argument("--train", choices=("decision", "all"), default="decision",
                         help="decision: only the borrowed q_proj rows (the decisions); all: every weight, as the paper")
+    parser.add_argument("--answer-weight", type=float, default=1.0, metavar="W",
+                        help="weight of the distillation KL where the next token is a retrieval answer (1: plain mean)")
     parser.add_argument("--skip-train", action="store_true", help="only --eval the existing retrofits")
     parser.add_argument("--eval", action="store_true", help="measure perplexity and kept fraction afterwards")
     parser.add_argument("--eval-documents", type=int, default=8)
@@ -200,6 +206,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
+    if not args.answer_weight > 0:
+        parser.error(f"--answer-weight must be > 0, got {args.answer_weight}")
     if args.threads:
         torch.set_num_threads(args.threads)
     base, out = Path(args.base), Path(args.out)
@@ -210,11 +218,11 @@ def main(argv=None) -> int:
         for ratio, directory in retrofits.items():
             steps = int(round(args.ramp * (ratio - 1))) + args.hold
             print(f"retrofit {base} -> {directory}: CR {ratio:g}, window {args.window}, {steps} steps of "
-                  f"{args.batch} x {args.seq_len}, ramp {args.ramp:g}/unit, lr {args.lr:g}, training {args.train}",
-                  flush=True)
+                  f"{args.batch} x {args.seq_len}, ramp {args.ramp:g}/unit, lr {args.lr:g}, training {args.train}"
+                  + (f", answer weight {args.answer_weight:g}" if args.answer_weight != 1 else ""), flush=True)
             retrofit_one(base, directory, ratio, window=args.window, seq_len=args.seq_len, batch=args.batch,
                          steps=steps, ramp=args.ramp, lr=args.lr, seed=args.seed, device=args.device, train=args.train,
-                         log=lambda s: print(s, flush=True))
+                         answer_weight=args.answer_weight, log=lambda s: print(s, flush=True))
     if args.eval:
         result = evaluate_all(base, retrofits, documents=args.eval_documents, length=args.eval_length,
                               log=lambda s: print(s, flush=True))

@@ -11,7 +11,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dms_perf.model.qwen3_dms import build_model, load_model, tiny_config
 from dms_perf.train.checkpoint import HISTORY_FILE, load_for_retrofit, save_retrofitted
-from dms_perf.train.losses import distillation_loss, eviction_penalty, target_compression, target_eviction_rate
+from dms_perf.train.losses import (
+    answer_weights,
+    distillation_loss,
+    eviction_penalty,
+    target_compression,
+    target_eviction_rate,
+)
 from dms_perf.train.retrofit import borrowed_rows, retrofit
 from tests.bench.word_tokenizer import word_tokenizer
 from tests.model.recorders import record_decisions
@@ -69,6 +75,46 @@ def test_losses():
     # one-sided: the sequence above the target costs nothing
     assert float(eviction_penalty(probs, 0.75)) == pytest.approx((0.25 + 0.0) / 2)
     assert float(eviction_penalty(probs, 0.2)) == 0.0
+
+
+def test_answer_weights_weigh_the_positions_that_predict_an_answer():
+    answers = torch.tensor([[False, False, True, True, False], [False, False, False, False, True]])
+    weights = answer_weights(answers, 10.0)
+    # the logits at t predict token t + 1: positions 1, 2 (row 0) and 3 (row 1); the last position never
+    assert weights.tolist() == [[1, 10, 10, 1, 1], [1, 1, 1, 10, 1]]
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    per_token = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+                         reduction="none").sum(-1)
+    assert float(distillation_loss(student, teacher, weights)) == pytest.approx(
+        float((per_token * weights).sum() / weights.sum()), rel=1e-5)
+    assert float(distillation_loss(student, teacher, torch.ones(2, 5))) == pytest.approx(
+        float(distillation_loss(student, teacher)), rel=1e-6)
+    with pytest.raises(ValueError, match="answer_weight must be > 0"):
+        answer_weights(answers, 0.0)
+    with pytest.raises(ValueError, match="weights"):
+        distillation_loss(student, teacher, torch.ones(2, 4))
+
+
+def test_answer_weighted_retrofit_takes_id_answer_pairs():
+    """``answer_weight`` != 1 trains on (ids, answers) pairs, weighting the answers' KL: the first step's KL is
+    the weighted mean (a step of 0 learning rate changes nothing, so both runs see the same logits); plain ids
+    are refused with a message."""
+    config = tiny_config(num_hidden_layers=1)
+    ids = next(_batches(config.vocab_size, seed=3, batch=2))
+    answers = torch.zeros_like(ids, dtype=torch.bool)
+    answers[:, 30:33] = True
+    kls = {}
+    for weight in (1.0, 50.0):
+        student, teacher = build_model(config, backend="math", seed=0), build_model(config, backend=None, seed=0)
+        batches = [(ids, answers)] if weight != 1 else [ids]
+        result = retrofit(student, teacher, batches, compression_ratio=2, steps=1, window=WINDOW, lr=1e-12,
+                          ramp_steps_per_unit=0, tau=0.3, seed=0, answer_weight=weight)
+        kls[weight] = result.history[0].kl
+        assert result.settings["answer_weight"] == weight
+    assert kls[50.0] != pytest.approx(kls[1.0], rel=1e-3)
+    student, teacher = build_model(config, backend="math", seed=0), build_model(config, backend=None, seed=0)
+    with pytest.raises(ValueError, match=r"answer_weight needs batches of \(ids, answers\) pairs"):
+        retrofit(student, teacher, [ids], compression_ratio=2, steps=1, window=WINDOW, answer_weight=5.0)
 
 
 def test_retrofit_moves_the_measured_eviction_rate_to_the_target(retrofitted):

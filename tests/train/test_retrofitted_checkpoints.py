@@ -62,3 +62,17 @@ def test_retrofit_evicts_its_target_and_keeps_perplexity(ids, dense, ratio):
     assert model.config.dms_cr == ratio and model.config.dms_window_size == 64
     assert abs(marked - (1 - 1 / ratio)) <= RATE_TOLERANCE
     assert ppl <= dense * RATIO_BOUND
+
+
+def test_answer_batches_mark_the_answers_of_the_retrieval_documents():
+    """``data_batches(answers=True)`` (``--answer-weight``): the ids of ``answers=False``, seed for seed, with a
+    mask that marks some of them and leaves most unmarked."""
+    from dms_perf.train.retrofit_build import data_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASE))
+    plain = data_batches(tokenizer, seq_len=256, batch=4)
+    paired = data_batches(tokenizer, seq_len=256, batch=4, answers=True)
+    for _ in range(3):
+        ids, answers = next(paired)
+        assert torch.equal(ids, next(plain)) and answers.shape == ids.shape and answers.dtype == torch.bool
+    assert 0 < float(answers.float().mean()) < 0.2
