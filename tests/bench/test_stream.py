@@ -33,6 +33,27 @@ def test_requests_are_seeded_and_within_their_range():
     assert one[0].prompt.shape == (1, 16)
 
 
+def _tiny_model():
+    """The tiny model marking most tokens (heads differ), handing out pages every 4 steps."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
+    model.dms_capacity_step = 4
+    return model
+
+
+def _use_pool(model, pages: int) -> PagedKVPool:
+    """A pool of ``pages`` pages of 4 rows and two sequence slots, for ``model``."""
+    pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, pages, max_seqs=2, page_rows=4),
+                                  max_seqs=2, page_rows=4)
+    model.use_kv_pool(pool)
+    return pool
+
+
+def _fake_clock(monkeypatch) -> None:
+    """The stream's clock advances one second a read."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(stream.time, "perf_counter", lambda: float(next(clock)))
+
+
 def _solo(model, request) -> list[int]:
     """The request generated alone, on a cache of its own buffers."""
     cache = model.make_dms_cache(pooled=False)
@@ -54,14 +75,11 @@ def test_every_request_generates_what_it_generates_alone(pages):
     """Four requests of different output lengths through two slots; with 24 pages of 4 rows the running
     sequences outgrow the pool and the least advanced is preempted and recomputed: still every request's tokens are
     its solo tokens, and every page comes back."""
-    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
-    model.dms_capacity_step = 4
+    model = _tiny_model()
     requests = stream.make_requests(4, 8, (3, 10), vocab_size=model.config.vocab_size, seed=1)
     with torch.no_grad():
         want = [_solo(model, r) for r in requests]
-        pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, pages, max_seqs=2, page_rows=4),
-                                      max_seqs=2, page_rows=4)
-        model.use_kv_pool(pool)
+        pool = _use_pool(model, pages)
         run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1, admit_horizon=0)
     got = [[int(t) for t in r.tokens] for r in requests]
     assert got == want
@@ -80,16 +98,12 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
     """``duration_s`` stops the stream at the first step past the window (a fake clock, one second a read):
     completed requests are those that finished in it, the generated tokens are every token of the window (the
     running requests' so far too), and each request's tokens are still a prefix of its solo tokens."""
-    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
-    model.dms_capacity_step = 4
+    model = _tiny_model()
     requests = stream.make_requests(5, 8, (3, 24), vocab_size=model.config.vocab_size, seed=2)
-    clock = iter(range(10**6))
-    monkeypatch.setattr(stream.time, "perf_counter", lambda: float(next(clock)))
+    _fake_clock(monkeypatch)
     with torch.no_grad():
         want = [_solo(model, r) for r in requests]
-        model.use_kv_pool(PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 400, max_seqs=2,
-                                                                                        page_rows=4),
-                                                 max_seqs=2, page_rows=4))
+        _use_pool(model, 400)
         with pytest.raises(ValueError, match="duration_s must be a positive"):
             stream.run_stream(model, requests, duration_s=0)
         run = stream.run_stream(model, requests, keep_tokens=True, duration_s=100, admit_horizon=0)
@@ -111,15 +125,12 @@ def test_admission_keeps_pages_for_growth():
     """The pool that made requests preempted above (24 pages of 4 rows, two slots): with pages kept
     for 4 steps of growth at the most a sequence grows, admission waits instead, nothing is preempted, and
     every request still generates its solo tokens."""
-    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
-    model.dms_capacity_step = 4
+    model = _tiny_model()
     runs = {}
     for horizon in (0, 4):
         requests = stream.make_requests(4, 8, (3, 10), vocab_size=model.config.vocab_size, seed=1)
         with torch.no_grad():
-            pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 24, max_seqs=2, page_rows=4),
-                                          max_seqs=2, page_rows=4)
-            model.use_kv_pool(pool)
+            pool = _use_pool(model, 24)
             runs[horizon] = stream.run_stream(model, requests, keep_tokens=True, admit_horizon=horizon)
             want = [_solo(model, r) for r in requests]
         assert [[int(t) for t in r.tokens] for r in requests] == want
@@ -131,15 +142,11 @@ def test_admission_keeps_pages_for_growth():
 def test_a_warm_up_is_not_counted(monkeypatch):
     """``warmup_s``: the row counts from the first step past the warm-up: completed requests, tokens, steps
     and the wall time are differences from that step's (a fake clock, one second a read)."""
-    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
-    model.dms_capacity_step = 4
+    model = _tiny_model()
     requests = stream.make_requests(30, 8, (3, 12), vocab_size=model.config.vocab_size, seed=4)
-    clock = iter(range(10**6))
-    monkeypatch.setattr(stream.time, "perf_counter", lambda: float(next(clock)))
+    _fake_clock(monkeypatch)
     with torch.no_grad():
-        model.use_kv_pool(PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 400, max_seqs=2,
-                                                                                        page_rows=4),
-                                                 max_seqs=2, page_rows=4))
+        _use_pool(model, 400)
         with pytest.raises(ValueError, match="warmup_s must be"):
             stream.run_stream(model, requests, warmup_s=5)
         run = stream.run_stream(model, requests, keep_tokens=True, duration_s=40, warmup_s=30, admit_horizon=0)
