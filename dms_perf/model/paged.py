@@ -148,6 +148,9 @@ class PagedKVPool:
         self._live = np.zeros(max_seqs, dtype=bool)
         self._admitted = np.zeros(max_seqs, dtype=np.int64)  # admissions per slot (a trim skips changed slots)
         self._snapshot = None  # request_trim's lengths on their way to the host
+        # Per batch size, (longest bound, spread) of the bounds above (``_bound_summary``), until they change:
+        # asked by every layer of a decode step, computed once.
+        self._bound_memo: dict[int, tuple[int, float]] = {}
         self._snapshot_age = 0
         self._peak = 0
 
@@ -277,6 +280,7 @@ class PagedKVPool:
         self._live[slot] = True
         self._admitted[slot] += 1
         self._since[slot] = self._room[slot] = 0
+        self._bound_memo.clear()
         return slot
 
     def prefill(self, slot: int, rows) -> None:
@@ -317,6 +321,7 @@ class PagedKVPool:
         need[layers, slots] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[layers, slots], 0)
         self._hand_out(need)
         self._rows[layers, slots] = rows
+        self._bound_memo.clear()
         heads = self.kv_heads
         flat = np.ravel_multi_index((np.repeat(layers, heads), np.repeat(slots, heads),
                                      np.tile(np.arange(heads), layers.size)), self._rows.shape)
@@ -349,6 +354,7 @@ class PagedKVPool:
         self._admitted[dest] += 1
         self._since[source] = self._room[source] = 0
         self._live[source] = False
+        self._bound_memo.clear()
         self.block_table[:, source].fill_(NO_PAGE)
         self.lengths[:, source].zero_()
 
@@ -368,19 +374,29 @@ class PagedKVPool:
     def longest_bound(self, layer: int | None, slots: int) -> int:
         """A host-known upper bound of the rows any head of layer ``layer`` (None: of any layer) in slots
         ``0 .. slots - 1`` holds: its length at the last prefill or ``trim`` plus the decode steps since."""
-        rows = self._rows[:, :slots] if layer is None else self._rows[layer, :slots]
-        bound = rows + self._since[:slots, None]
+        if layer is None:
+            return self._bound_summary(slots)[0]
+        bound = self._rows[layer, :slots] + self._since[:slots, None]
         return int(min(bound.max(initial=0), self.max_rows_per_head))
 
     def bound_spread(self, slots: int) -> float:
         """How unevenly the heads of slots ``0 .. slots - 1`` hold rows, from host-known bounds only
         (``longest_bound``'s): the largest, over layers, of a layer's longest head bound over its mean
         bound (1.0 when every head holds as many rows, or none holds any)."""
-        bound = np.minimum(self._rows[:, :slots] + self._since[None, :slots, None], self.max_rows_per_head)
-        mean = bound.reshape(bound.shape[0], -1).mean(axis=1)
-        longest = bound.reshape(bound.shape[0], -1).max(axis=1, initial=0)
-        held = mean > 0
-        return float((longest[held] / mean[held]).max(initial=1.0))
+        return self._bound_summary(slots)[1]
+
+    def _bound_summary(self, slots: int) -> tuple[int, float]:
+        """``longest_bound(None, slots)`` and ``bound_spread(slots)`` from one pass over the bounds, kept until
+        the bounds change (every layer of a decode step asks for both)."""
+        summary = self._bound_memo.get(slots)
+        if summary is None:
+            bound = np.minimum(self._rows[:, :slots] + self._since[None, :slots, None], self.max_rows_per_head)
+            per_layer = bound.reshape(bound.shape[0], -1)
+            mean, longest = per_layer.mean(axis=1), per_layer.max(axis=1, initial=0)
+            held = mean > 0
+            summary = (int(longest.max(initial=0)), float((longest[held] / mean[held]).max(initial=1.0)))
+            self._bound_memo[slots] = summary
+        return summary
 
     def pages_of(self, slots: int, layer: int | None = None) -> int:
         """Pages held by the sequences in slots ``0 .. slots - 1`` (of one layer, or all)."""
@@ -399,6 +415,7 @@ class PagedKVPool:
         self._pages[:, slot] = self._rows[:, slot] = 0
         self._since[slot] = self._room[slot] = 0
         self._live[slot] = False
+        self._bound_memo.clear()
         self.block_table[:, slot].fill_(NO_PAGE)
         self.lengths[:, slot].zero_()
 
@@ -435,6 +452,7 @@ class PagedKVPool:
             )
         self._since[self._live] += steps
         self._room[self._live] -= steps
+        self._bound_memo.clear()
 
     def hand_out(self, steps: int) -> None:
         """A decode loop's page hand-out, every ``steps`` steps: ``trim`` by the read-back started at the last
@@ -498,6 +516,7 @@ class PagedKVPool:
         self._pages = keep
         self._rows = np.where(self._live[None, :, None], rows, 0)
         self._since = np.where(self._live, since, 0)
+        self._bound_memo.clear()
         self._update_room()
         return True
 

@@ -363,9 +363,12 @@ def test_bound_spread_is_the_most_uneven_layers_longest_over_mean_bound():
     pool.prefill_layer(1, [first, second], torch.tensor([[2, 2], [2, 10]]))
     assert pool.bound_spread(1) == 1.0  # slot 0 alone: every head of each layer as long as the others
     assert pool.bound_spread(2) == pytest.approx(10 / 4)  # layer 1: longest 10 over a mean of 4
+    assert pool.longest_bound(None, 2) == 10
     pool.reserve_ahead(6)
     pool.advance(6)  # every bound 6 rows longer: layer 1's spread falls to 16 / 10
-    assert pool.bound_spread(2) == pytest.approx(16 / 10)
+    assert pool.bound_spread(2) == pytest.approx(16 / 10) and pool.longest_bound(None, 2) == 16
+    pool.release(second)  # not the figures asked before: slot 1's heads now hold nothing, slot 0's 14 and 8
+    assert pool.bound_spread(2) == pytest.approx(14 / 7) and pool.longest_bound(None, 2) == 14
 
 
 def test_trim_returns_pages_no_row_reached():
