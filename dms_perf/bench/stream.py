@@ -108,6 +108,7 @@ class StreamRun:
     dropped_tokens: int = 0  # tokens preempted requests had generated, thrown away
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
     counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
+    mean_output_length: float = 0.0  # of all the stream's requests (its distribution's mean, as drawn)
     before: dict[str, float] = field(default_factory=dict)  # the counters at counted_from_s
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
@@ -116,6 +117,17 @@ class StreamRun:
         for key, value in zip(("time_s", "running", "pages"), (time_s, running, pages), strict=True):
             self.trace[key].append(value)
 
+    def mean_running(self) -> float | None:
+        """Sequences running, averaged over the counted time (the trace's steps, weighted by their duration)."""
+        times, running = self.trace["time_s"], self.trace["running"]
+        area = covered = 0.0
+        for t0, t1, n in zip(times, times[1:], running, strict=False):
+            lo, hi = max(t0, self.counted_from_s), min(t1, self.wall_s)
+            if hi > lo:
+                area += n * (hi - lo)
+                covered += hi - lo
+        return area / covered if covered > 0 else None
+
     def as_row(self) -> dict[str, Any]:
         """The bench row: with a warm-up, completed, tokens, preemptions and steps are those after it, and
         the rates are over the time after it (``wall_s``); ``warmup_wall_s`` is when counting began."""
@@ -123,10 +135,16 @@ class StreamRun:
         wall = self.wall_s - self.counted_from_s
         completed = self.completed - b.get("completed", 0)
         tokens = self.generated_tokens - b.get("tokens", 0)
+        tok_s = tokens / wall if wall > 0 else None
         return {
             "requests": self.requests, "completed": completed, "wall_s": wall,
-            "total_tok_s": tokens / wall if wall > 0 else None,
+            "total_tok_s": tok_s,
             "requests_per_min": 60 * completed / wall if wall > 0 else None,
+            # A window shorter than a request's life counts the completions of whichever cohort it catches;
+            # the tokens kept per second over the mean output length is the rate a steady stream completes at.
+            "requests_per_min_by_tokens": (60 * tok_s / self.mean_output_length
+                                           if tok_s is not None and self.mean_output_length else None),
+            "mean_running": self.mean_running(),
             "generated_tokens": tokens, "peak_pages": self.peak_pages,
             "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
             "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
@@ -201,7 +219,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     positions = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
     cache = model.make_dms_cache()
     run = StreamRun(len(requests), 0, 0.0, 0, 0, pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype),
-                    pool.nbytes, 0, 0, 0, duration_s, warmup_s=warmup_s)
+                    pool.nbytes, 0, 0, 0, duration_s, warmup_s=warmup_s,
+                    mean_output_length=sum(r.output_length for r in requests) / max(1, len(requests)))
     batch = 0
     synchronize()
     start = time.perf_counter()
@@ -423,16 +442,18 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         *([f"- after a warm-up of {meta['warmup_s']:g} s per method (the cold start, not counted: admissions, "
            "compiles, graph captures)"] if meta.get("warmup_s") else []),
         f"- command: `{meta['command']}`", "",
-        "| method | status | req/min | total tok/s | completed | running / queued at the end | max running "
-        "| peak KV pages | peak KV GiB | pool GiB | preemptions (tokens dropped) | admitting (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | status | req/min | req/min by tokens | total tok/s | completed | mean running "
+        "| running / queued at the end | max running | peak KV pages | peak KV GiB | pool GiB "
+        "| preemptions (tokens dropped) | admitting (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def gib(row, key):
         return _num(row[key] / 2**30) if row.get(key) is not None else "-"
 
     for r in rows:
         lines.append(f"| {r['method']} | {r['status']} | {_num(r.get('requests_per_min'))} | "
-                     f"{_num(r.get('total_tok_s'))} | {r.get('completed', '-')} | "
+                     f"{_num(r.get('requests_per_min_by_tokens'))} | "
+                     f"{_num(r.get('total_tok_s'))} | {r.get('completed', '-')} | {_num(r.get('mean_running'))} | "
                      f"{r.get('running_at_end', '-')} / {r.get('queued_at_end', '-')} | "
                      f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
                      f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} "

@@ -162,6 +162,24 @@ def test_a_warm_up_is_not_counted(monkeypatch):
     assert row["requests_per_min"] == 60 * row["completed"] / row["wall_s"]
 
 
+def test_mean_running_and_the_rate_by_tokens():
+    """A hand-made run: 4 sequences for 10 s before counting starts at 10 s, then 6 for 20 s and 2 for 10 s,
+    so 14/3 on average over the counted 30 s; 9,000 tokens kept in them at a mean output length of 1,500 is
+    300 tok/s, a steady stream's 12 requests a minute, whatever the window's own completions were (1)."""
+    run = stream.StreamRun(8, 3, 40.0, 10_000, 0, 1, 1, 6, 0, 0, duration_s=30, warmup_s=10,
+                           counted_from_s=10.0, mean_output_length=1500.0,
+                           before={"completed": 2, "tokens": 1_000})
+    for t, n in ((0.0, 4), (10.0, 6), (30.0, 2), (40.0, 2)):
+        run.record(t, n, 0)
+    row = run.as_row()
+    assert row["mean_running"] == pytest.approx((6 * 20 + 2 * 10) / 30)
+    assert row["total_tok_s"] == pytest.approx(300.0)
+    assert row["requests_per_min_by_tokens"] == pytest.approx(12.0)
+    assert row["requests_per_min"] == pytest.approx(2.0)
+    run.mean_output_length = 0.0
+    assert run.as_row()["requests_per_min_by_tokens"] is None
+
+
 def test_a_request_that_cannot_run_alone_is_an_oom_error():
     """A pool of one 4-row page a head cannot take a 12-token prompt: run_stream raises the pool's
     out-of-memory error (no request can ever run), which a bench row reports as OOM."""
