@@ -4,6 +4,7 @@ text and keeps its perplexity near the dense base's; the base itself, with evict
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -76,3 +77,44 @@ def test_answer_batches_mark_the_answers_of_the_retrieval_documents():
         ids, answers = next(paired)
         assert torch.equal(ids, next(plain)) and answers.shape == ids.shape and answers.dtype == torch.bool
     assert 0 < float(answers.float().mean()) < 0.2
+
+
+def test_score_checkpoints_scores_with_eviction_on_and_off(tmp_path):
+    """``benchmarks/score_checkpoints.py`` on the CPU at a short context: retrieval, perplexity and suite
+    retrieval with eviction switched off, as fractions of the prompts asked for; the base evicts nothing
+    either way (its borrowed rows are zero), so its two suite figures agree."""
+    from benchmarks.score_checkpoints import main
+
+    out = tmp_path / "scores.json"
+    dms = str(MODELS / "qwen3-synth-mid-dms-8x")
+    assert main([str(BASE), dms, "--out", str(out), "--contexts", "256", "--prompts", "4", "--device", "cpu"]) == 0
+    scores = json.loads(out.read_text())
+    base = scores[str(BASE)]
+    assert base["suite_without_eviction"]["256"] == base["retrieval"]["suite"]["256"]
+    for result in scores.values():
+        assert result["backend"] == "math" and result["prompts"] == 4 and result["perplexity"] > 1
+        for by_context in result["retrieval"].values():
+            assert set(by_context) == {"256"} and by_context["256"] * 4 in (0, 1, 2, 3, 4)
+        assert set(result["suite_without_eviction"]) == {"256"}
+    assert base["kept_suite"]["256"] == 1.0 and 0 < scores[dms]["kept_suite"]["256"] < 0.9
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--contexts", "1k"], "comma-separated integers"),
+    (["--prompts", "0"], "must be positive"),
+    (["--models-dir-that-is-not"], "unrecognized arguments"),
+])
+def test_score_checkpoints_refuses_bad_input(tmp_path, capsys, args, message):
+    from benchmarks.score_checkpoints import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(BASE), "--out", str(tmp_path / "s.json"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_score_checkpoints_refuses_a_directory_without_a_checkpoint(tmp_path, capsys):
+    from benchmarks.score_checkpoints import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--out", str(tmp_path / "s.json")])
+    assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
