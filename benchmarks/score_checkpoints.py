@@ -1,9 +1,9 @@
 """Score DMS checkpoints the way docs/models.md's retrofit trials were scored: retrieval on both sets at each
 context, held-out perplexity, the fraction of a suite prompt's tokens the cache keeps after its prefill (10
 prompts per context, ``kept_fraction`` of the hard training forward), and retrieval on the suite at the longest
-context with eviction switched off
-(every borrowed q_proj row zeroed by ``zero_borrowed_channel``: each decision logit is then
-``-dms_initial_alpha_offset``, so nothing is marked, and the borrowed channel still leaves attention). A
+context with eviction switched off (every borrowed q_proj row zeroed by ``zero_borrowed_channel``: each
+decision logit is then ``-dms_initial_alpha_offset``, so nothing is marked, and the borrowed channel still
+leaves attention). A
 retrofit that misses with eviction on but retrieves with it off loses the needle to its decisions; one that
 misses both ways lost it in its weights.
 

@@ -29,7 +29,7 @@ DMS_4X = MODELS / "qwen3-synth-mid-dms-4x"
 CONTEXT = 1024
 PROMPTS = 20  # a DMS prompt takes ~2 s here (its prefill compaction runs in Triton's interpreter)
 # 100 prompts on this CPU (docs/models.md, "Accuracy"): dense 1.00, DMS 4x 1.00 at 2.30x, StreamingLLM at
-# R = 0.6 (2.49x, near DMS 4x's compression on these prompts) 0.36; the inverted 4x checkpoint: see docs/models.md.
+# R = 0.6 (2.49x, near DMS 4x's compression on these prompts) 0.36; 40 prompts of the inverted 4x checkpoint: 0.025.
 DENSE_FLOOR = 0.95
 STREAMING = "streamingllm:0.6"
 DMS_4X_MAX_DROP = 0.05
