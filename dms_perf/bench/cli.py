@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Join bench outputs made in parts, e.g. one device call per group of methods, and write results.json, "
             "results.md and the plots for all of them. Runs join when their card, model, dtype and seed agree; a "
             "cell (context, method, batch) present twice keeps the later row. Each input is a bench output "
-            "directory, its results.json, or the pytest-benchmark JSON of benchmarks/test_end_to_end.py. Exit "
+            "directory, its results.json, or the pytest-benchmark JSON of benchmarks/test_end_to_end.py; request "
+            "streams (stream.json, one method per run) join when their stream options, card and pool budget "
+            "agree, into stream.json, stream.md and running_vs_time.png. Exit "
             "status: 0, or 2 when an input cannot be read or joined (one line naming it) or --out is unusable.",
             100),
         formatter_class=HelpFormatter,
@@ -610,8 +612,22 @@ def _failure_summary(failed: list[dict], total: int) -> str:
 
 
 def run_report(args, parser) -> int:
+    from dms_perf.bench import stream
     from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
 
+    streams = [stream.is_stream_output(path) for path in args.inputs]
+    if any(streams):
+        if not all(streams):
+            cells = next(path for path, is_stream in zip(args.inputs, streams, strict=True) if not is_stream)
+            return _error(parser, f"cannot merge {cells}: request streams join only with streams (stream.json)")
+        try:
+            meta, rows = stream.merge_streams(args.inputs)
+        except ValueError as exc:  # ResultsFileError too: names the input and what is wrong
+            return _error(parser, exc)
+        if (problem := _prepare_out(args.out)) is not None:
+            return _error(parser, problem)
+        print("wrote " + ", ".join(str(f) for f in stream.write_stream_outputs(args.out, meta, rows)))
+        return 0
     try:
         meta, rows = merge_results(args.inputs, per_model=args.per_model)
     except ResultsFileError as exc:  # names the file and what is wrong with it

@@ -485,6 +485,57 @@ def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):
     return fig
 
 
+# What two streams must share to stand side by side in one table (meta keys; the pool's budget is per row).
+STREAM_JOIN_KEYS = ("model", "dtype", "requests", "prompt_length", "output_lengths", "seed", "max_running",
+                    "duration_s", "warmup_s")
+
+
+def is_stream_output(path) -> bool:
+    """Whether ``path`` is a stream's output: a directory holding ``stream.json``, or that file."""
+    from pathlib import Path
+
+    path = Path(path)
+    return (path / JSON_NAME).is_file() if path.is_dir() else path.name == JSON_NAME
+
+
+def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Join streams run in parts (one method per device call, when a long window does not fit one call for
+    both): (meta, rows). They join when their card and everything in ``STREAM_JOIN_KEYS`` agree and their
+    rows' pools had the same budget; else ValueError naming the input and what differs (a file that cannot
+    be read: ``ResultsFileError``). A method present twice keeps the later row; meta is the first run's with
+    the methods of all and every command."""
+    import json
+    from pathlib import Path
+
+    from dms_perf.bench.report import ResultsFileError
+
+    meta: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    commands = []
+    for path in paths:
+        file = Path(path) / JSON_NAME if Path(path).is_dir() else Path(path)
+        try:
+            data = json.loads(file.read_text())
+            m, r = data["meta"], data["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ResultsFileError(f"{file}: not a stream's {JSON_NAME} ({type(exc).__name__}: {exc})") from None
+        if not meta:
+            meta = dict(m)
+        differs = [(what, m.get(what), meta.get(what)) for what in STREAM_JOIN_KEYS if m.get(what) != meta.get(what)]
+        gpus = ((m.get("device") or {}).get("gpu"), (meta.get("device") or {}).get("gpu"))
+        differs += [("device gpu", *gpus)] if gpus[0] != gpus[1] else []
+        budgets = {row.get("pool_budget_bytes") for row in [*rows.values(), *r]} - {None}
+        differs += [("pool budget (bytes)", sorted(budgets), "one budget")] if len(budgets) > 1 else []
+        if differs:
+            what, mine, first = differs[0]
+            raise ValueError(f"cannot join {path}: its {what} {mine!r} differs from {first!r}")
+        commands.append(m.get("command"))
+        meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
+        rows.update({row["method"]: row for row in r})
+    meta["command"] = " ; ".join(c for c in commands if c)
+    return meta, [rows[name] for name in meta["methods"] if name in rows]
+
+
 def write_stream_outputs(out_dir, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list:
     import json
     from pathlib import Path

@@ -233,3 +233,35 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
+    """Streams run in parts (one method per device call) join through ``dms-perf report`` when their
+    options, card and pool budget agree; any difference, or a stream beside bench cells, is one line."""
+    common = ["bench", "--requests", "2", "--contexts", "16", "--model", "tiny", "--dtype", "float32",
+              "--output-lengths", "2-4", "--max-running", "2"]
+    for method in ("dms-triton", "dense-triton"):
+        assert cli.main([*common, "--methods", method, "--out", str(tmp_path / method)]) == 0
+    joined = tmp_path / "joined"
+    assert cli.main(["report", str(tmp_path / "dms-triton"), str(tmp_path / "dense-triton" / "stream.json"),
+                     "--out", str(joined)]) == 0
+    data = json.loads((joined / "stream.json").read_text())
+    assert [r["method"] for r in data["results"]] == ["dms-triton", "dense-triton"]
+    assert data["meta"]["methods"] == ["dms-triton", "dense-triton"] and data["meta"]["command"].count("dms-perf") == 2
+    assert "| dense-triton | ok |" in (joined / "stream.md").read_text()
+    assert (joined / "running_vs_time.png").stat().st_size > 0
+    capsys.readouterr()
+
+    other = tmp_path / "other-seed"
+    assert cli.main([*common, "--methods", "dense-triton", "--seed", "1", "--out", str(other)]) == 0
+    budget = tmp_path / "other-budget"
+    assert cli.main([*common, "--methods", "dense-triton", "--memory-budget", "0.01", "--out", str(budget)]) == 0
+    cells = tmp_path / "cells"
+    assert cli.main(["bench", "--model", "tiny", "--dtype", "float32", "--contexts", "16", "--new-tokens", "2",
+                     "--methods", "dense-triton", "--repeats", "1", "--out", str(cells)]) == 0
+    capsys.readouterr()
+    for inputs, message in (((other,), "its seed 1 differs from 0"), ((budget,), "pool budget"),
+                            ((cells,), "streams join only with streams")):
+        assert cli.main(["report", str(tmp_path / "dms-triton"), *map(str, inputs), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -203,6 +203,37 @@ def test_decode_schedules_on_uneven_heads(pattern, schedule, num_splits, device)
     assert torch.equal(out.view(2, 3, 2, 32)[lengths == 0], torch.zeros(int((lengths == 0).sum()), 2, 32))
 
 
+class _PoisonedTorch:
+    """torch, with every float tensor ``empty`` returns filled with NaN: a kernel's output or partial it
+    allocates itself fails the comparison wherever no program wrote it."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        return poison(out) if out.is_floating_point() else out
+
+
+@pytest.mark.parametrize("merge_tile,merge_columns", [(1, 16), (4, 32), (64, 16), (16, 128)])
+@pytest.mark.parametrize("pattern", ["one-holds-all", "spread"])
+def test_balanced_merge_geometry(pattern, merge_tile, merge_columns, monkeypatch, device):
+    """The balanced merge takes ``MERGE_TILE`` chunks a step and ``MERGE_COLUMNS`` head-dim columns a
+    program (all of them when that is more than the head dim): every geometry gives the reference's
+    output, and every element is written (the kernel's buffers start as NaN)."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "MERGE_TILE", merge_tile)
+    monkeypatch.setattr(kernel, "MERGE_COLUMNS", merge_columns)
+    monkeypatch.setattr(kernel, "torch", _PoisonedTorch())
+    lengths = torch.tensor(UNEVEN[pattern], dtype=torch.int32, device=device)
+    q, _, (k, v, starts) = _layouts(lengths, 6, 64, 64, torch.float32, device)
+    out = dms_decode_attention(q, k, v, starts, lengths, 64, num_splits=4, block_n=16, schedule="balanced")
+    assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
+    assert torch.equal(out.view(2, 3, 2, 64)[lengths == 0], torch.zeros(int((lengths == 0).sum()), 2, 64))
+
+
 def test_balanced_schedule_locates_chunks_across_head_blocks(monkeypatch, device):
     """A balanced program reads the lengths ``HEAD_BLOCK`` heads at a time to find its chunk (and the merge
     its head's first chunk): with blocks of 8 heads, 15 heads take two blocks, the second one partial."""

@@ -56,10 +56,13 @@ NUM_WARPS = 4
 # How the key blocks are cut into splits (module docstring), read at every call; ``schedule=`` overrides.
 SCHEDULES = ("per_head", "balanced")
 SCHEDULE = "balanced"
-# Balanced scheduling: lengths a program reads per step while it locates its chunk, and chunk partials
-# the merge combines per step.
+# Balanced scheduling: lengths a program reads per step while it locates its chunk; chunk partials the
+# merge combines per step (one head may hold most chunks: its merge takes cdiv(its chunks, MERGE_TILE)
+# dependent steps, the serial part of a step with uneven heads); head-dim columns per merge program
+# (smaller: more programs, and a tile of MERGE_TILE chunks that still fits in registers).
 HEAD_BLOCK = 1024
 MERGE_TILE = 16
+MERGE_COLUMNS = 128
 
 
 @triton.jit
@@ -271,12 +274,13 @@ def _decode_balanced_merge_kernel(
     part_out_ptr, part_lse_ptr, len_ptr, out_ptr, stride_ob, stride_oh,
     num_kv_heads, num_heads, num_chunks,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_BLOCK: tl.constexpr, MERGE_TILE: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, MERGE_TILE: tl.constexpr, COLUMNS: tl.constexpr,
 ):
-    """Query head ``h * G + g`` of head ``pid_bh``: the log-sum-exp merge of that head's chunks, read
-    ``MERGE_TILE`` at a time (one head may hold all ``num_chunks``)."""
+    """Columns ``pid_c * COLUMNS ..`` of query head ``h * G + g`` of head ``pid_bh``: the log-sum-exp merge
+    of that head's chunks, read ``MERGE_TILE`` at a time (one head may hold all ``num_chunks``)."""
     pid_bh = tl.program_id(0)
     g = tl.program_id(1)
+    pid_c = tl.program_id(2)
     chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
     first = tl.full([], 0, tl.int32)
     for h0 in range(0, num_heads, HEAD_BLOCK):
@@ -287,10 +291,10 @@ def _decode_balanced_merge_kernel(
     count = ((own_blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
 
     offs_t = tl.arange(0, MERGE_TILE)
-    offs_d = tl.arange(0, D)
+    offs_d = pid_c * COLUMNS + tl.arange(0, COLUMNS)
     m = tl.full([], float("-inf"), tl.float32)
     total = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([COLUMNS], tl.float32)
     for t0 in range(0, count, MERGE_TILE):
         t_mask = t0 + offs_t < count
         row = (first + t0 + offs_t).to(tl.int64) * G_PAD + g
@@ -469,10 +473,11 @@ def dms_decode_attention(
         Hkv, B * Hkv, num_chunks, scale * math.log2(math.e), **geometry, HEAD_BLOCK=head_block,
         num_warps=NUM_WARPS,
     )
-    _decode_balanced_merge_kernel[(B * Hkv, G)](
+    columns = min(MERGE_COLUMNS, D)  # both powers of two: columns divides D
+    _decode_balanced_merge_kernel[(B * Hkv, G, D // columns)](
         part_out, part_lse, lengths, out, out.stride(0), out.stride(1),
         Hkv, B * Hkv, num_chunks,
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, HEAD_BLOCK=head_block, MERGE_TILE=MERGE_TILE,
-        num_warps=4,
+        COLUMNS=columns, num_warps=4,
     )
     return out
