@@ -29,7 +29,7 @@ import gc
 import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -297,6 +297,13 @@ class Method:
         model.dms_cuda_graphs = self.family.cuda_graphs
         model.set_dms_eviction(self.family.evict)
         model.set_dms_borrowed_channel(not self.family.press_on_engine)
+        if getattr(model, "dms_zero_decision_rows", False):  # a base checkpoint: untrained DMS draws its rows
+            from dms_perf.model.calibrate import draw_decision_rows, zero_decision_rows
+
+            if self.family.calibrated:
+                draw_decision_rows(model, model.dms_source["seed"])
+            else:
+                zero_decision_rows(model)
         if self.family.calibrated:
             model.config.dms_initial_alpha_offset = self.calibration(model).alpha_offset
         elif (offset := getattr(model, "dms_loaded_alpha_offset", None)) is not None:
@@ -510,7 +517,7 @@ def calibration_for(model: str, *, dtype: torch.dtype, device, seed: int, target
     fields at their defaults), target, dtype and device (and that backend). Found once per key and process;
     the model it ran on is freed before this returns."""
     from dms_perf.model import qwen3_dms as api
-    from dms_perf.model.calibrate import calibrate_dms
+    from dms_perf.model.calibrate import calibrate_dms, decision_rows_are_zero, draw_decision_rows
 
     key = (model, seed, float(target_cr), dtype, str(torch.device(device)), CALIBRATION_BACKEND)
     if key not in _CALIBRATIONS:
@@ -521,8 +528,15 @@ def calibration_for(model: str, *, dtype: torch.dtype, device, seed: int, target
             fresh = api.build_model(model_config(model), backend=CALIBRATION_BACKEND, dtype=dtype, device=device,
                                     seed=seed)
         fresh.set_dms_eviction(True)
+        drawn = is_model_path(model) and decision_rows_are_zero(fresh)
+        if drawn:  # as Method.prepare does on the run's model: the same rows for the same seed
+            draw_decision_rows(fresh, seed)
         tokens = min(CALIBRATION_TOKENS, getattr(fresh.config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
-        _CALIBRATIONS[key] = calibrate_dms(fresh, target_cr=target_cr, num_tokens=tokens)
+        calibration = calibrate_dms(fresh, target_cr=target_cr, num_tokens=tokens)
+        if drawn:
+            calibration = replace(calibration, decision_rows=f"drawn at random (seed {seed}): the "
+                                              "checkpoint's are all zero")
+        _CALIBRATIONS[key] = calibration
         del fresh
         gc.collect()
         if HAS_CUDA:
@@ -533,7 +547,8 @@ def calibration_for(model: str, *, dtype: torch.dtype, device, seed: int, target
 def calibration_record(calibration) -> dict[str, float]:
     """A calibration as results files record it (``meta["calibration"][backend]``)."""
     return {"alpha_offset": calibration.alpha_offset, "marked_fraction": calibration.marked_fraction,
-            "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio}
+            "target_cr": calibration.target_cr, "compression_ratio": calibration.compression_ratio,
+            "decision_rows": calibration.decision_rows}
 
 
 def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, seed: int = 0,
@@ -564,7 +579,10 @@ def load_model_for(model: str, method: Method, *, dtype: torch.dtype, device, se
         if calibration is not None:
             built.config.dms_initial_alpha_offset = calibration.alpha_offset
     if method.is_dms:
+        from dms_perf.model.calibrate import decision_rows_are_zero
+
         built.dms_loaded_alpha_offset = built.config.dms_initial_alpha_offset  # what prepare restores
+        built.dms_zero_decision_rows = is_model_path(model) and decision_rows_are_zero(built)
         built.dms_source = {"model": model, "seed": seed, "device": device}
         if method.family.fused:
             apply_engine_fusions(built)

@@ -792,10 +792,13 @@ def accuracy_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str
         achieved = ", ".join(f"{m}: {found[m]['marked_fraction']:.3f} of the decisions marked" for m in
                              dict.fromkeys(calibrated) if isinstance(found.get(m), dict)
                              and found[m].get("marked_fraction") is not None)
+        drawn = sorted({found[m]["decision_rows"] for m in dict.fromkeys(calibrated) if isinstance(found.get(m), dict)
+                        and found[m].get("decision_rows", "the model's") != "the model's"})
         notes.append(f"{', '.join(dict.fromkeys(calibrated))}: DMS eviction with an offset calibrated on these weights "
                      "to mark R of the decisions on a random calibration prompt, not learnt: on a base checkpoint "
                      "this is untrained DMS" + (f" ({achieved})" if achieved else "") + ". Its compression on "
-                     "these prompts is in the Compression column.")
+                     "these prompts is in the Compression column."
+                     + (f" Its decision rows were {'; '.join(drawn)}." if drawn else ""))
     if any(r.get("retrieval_accuracy") is not None and not _ok(r) for r in scored):
         notes.append("A method whose timed run failed (its status beside its name) has no KV or time figure and is on "
                      "no frontier.")

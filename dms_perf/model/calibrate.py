@@ -23,11 +23,51 @@ class Calibration:
     alpha_offset: float
     marked_fraction: float
     target_cr: float
+    # Whose decision rows the offset was found on: the model's own, or rows drawn at random
+    # (``draw_decision_rows``) because the checkpoint's were all zero.
+    decision_rows: str = "the model's"
 
     @property
     def compression_ratio(self) -> float:
         """Tokens seen per token kept, ignoring the window: ``1 / (1 - marked_fraction)``."""
         return 1.0 / max(1.0 - self.marked_fraction, 1e-12)
+
+
+def decision_rows_are_zero(model) -> bool:
+    """Whether every layer's decision rows of ``q_proj`` (the borrowed channel, docs/DMS.md "Decisions") are zero:
+    a base checkpoint made for a DMS retrofit (``dms_perf.train.pretrain``), whose decisions cannot tell tokens
+    apart, so no offset can calibrate them to a ratio."""
+    from dms_perf.train.retrofit import borrowed_rows
+
+    rows = borrowed_rows(model.config)
+    return all(not layer.self_attn.q_proj.weight[rows].any() for layer in model.model.layers)
+
+
+def draw_decision_rows(model, seed: int) -> None:
+    """Write decision rows drawn at random into every layer's ``q_proj`` (in place, so fused projections, whose
+    ``q_proj`` is a view, see them): normal with the config's ``initializer_range``, as a random-weight model's,
+    from a CPU generator of ``seed`` (the same rows on every device). Untrained DMS on a base checkpoint: the
+    decisions read a random projection of the hidden state. Undo with ``zero_decision_rows``."""
+    from dms_perf.train.retrofit import borrowed_rows
+
+    rows = borrowed_rows(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            weight = layer.self_attn.q_proj.weight
+            drawn = torch.randn(len(rows), weight.shape[1], generator=generator, dtype=torch.float32) * std
+            weight[rows] = drawn.to(device=weight.device, dtype=weight.dtype)
+
+
+def zero_decision_rows(model) -> None:
+    """Set every layer's decision rows of ``q_proj`` back to zero (in place): the base checkpoint's own."""
+    from dms_perf.train.retrofit import borrowed_rows
+
+    rows = borrowed_rows(model.config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[rows] = 0
 
 
 def _alpha_logits(model: Qwen3DMSForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,41 @@ def test_prepare_sets_every_switch_a_method_depends_on(models):
     assert model.dms_pool is None and model._decode_graph is None
     with pytest.raises(ValueError, match="dms-hub runs on a model without the decode engine's fusions"):
         resolve_method("dms-hub").prepare(model)  # fusions cannot be undone: not a dms-hub model
+
+
+def test_untrained_dms_on_a_base_whose_decision_rows_are_zero():
+    """The committed base checkpoint's decision rows are zero, so no offset can calibrate them: dms-calibrated
+    draws them at random (seeded) and calibrates on those, so it marks about R of the decisions; the other DMS
+    methods sharing the model get the checkpoint's zero rows back, and a second draw is the first."""
+    from dms_perf.bench.methods import load_model_for
+    from dms_perf.model.calibrate import decision_rows_are_zero
+    from dms_perf.rule import decision_alphas
+
+    base = str(Path(__file__).parents[2] / "models" / "qwen3-synth-mid")
+    untrained, learnt = resolve_method("dms-calibrated:0.75"), resolve_method("dms-triton")
+    model, _ = load_model_for(base, learnt, dtype=torch.float32, device="cpu", seed=3)
+    assert model.dms_zero_decision_rows and decision_rows_are_zero(model)
+    calibration = untrained.calibration(model)
+    assert calibration.marked_fraction == pytest.approx(0.75, abs=0.02)
+    assert calibration.decision_rows == "drawn at random (seed 3): the checkpoint's are all zero"
+
+    def alphas(ids):
+        captured = []
+        hooks = [layer.self_attn.q_norm.register_forward_hook(
+            lambda _m, _i, q: captured.append(decision_alphas(q.transpose(1, 2), model.config.num_key_value_heads)))
+            for layer in model.model.layers]
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        return torch.cat([c.flatten() for c in captured])
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    untrained.prepare(model)
+    drawn = alphas(ids)
+    assert not decision_rows_are_zero(model) and drawn.std() > 0
+    assert model.config.dms_initial_alpha_offset == calibration.alpha_offset
+    learnt.prepare(model)
+    assert decision_rows_are_zero(model) and not alphas(ids).any()
+    untrained.prepare(model)
+    assert torch.equal(alphas(ids), drawn)
