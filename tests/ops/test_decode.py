@@ -377,7 +377,8 @@ MANY_HEADS = 65536
 def test_decode_launch_grids_fit_any_batch(monkeypatch, device):
     """Both decode launches put B * Hkv on grid axis 0 and the splits / query heads on axis 1.
     Recorded, not run (the interpreter would take minutes); test_decode_takes_any_batch_gpu runs it.
-    The balanced scheduler's split launch is one axis of (num_splits + 1) * B * Hkv programs."""
+    The balanced scheduler's split launch is one axis of (num_splits + 1) * B * Hkv programs; its merge has a
+    third axis, head_dim / MERGE_COLUMNS (1 here: D = 16)."""
     from dms_perf.ops.decode import kernel
 
     spies = {name: spy_launches(monkeypatch, kernel, name, run=False) for name in (
@@ -393,7 +394,7 @@ def test_decode_launch_grids_fit_any_batch(monkeypatch, device):
     grids = {name: spy.grids() for name, spy in spies.items()}
     assert grids == {
         "_decode_split_kernel": [(MANY_HEADS, 3)], "_decode_merge_kernel": [(MANY_HEADS, 3)],
-        "_decode_balanced_split_kernel": [(4 * MANY_HEADS,)], "_decode_balanced_merge_kernel": [(MANY_HEADS, 3)],
+        "_decode_balanced_split_kernel": [(4 * MANY_HEADS,)], "_decode_balanced_merge_kernel": [(MANY_HEADS, 3, 1)],
     }
     for grid in sum(grids.values(), []):
         assert_grid_fits_cuda(grid)
