@@ -104,9 +104,14 @@ def measure(directory: Path, docs: torch.Tensor, *, evict: bool) -> dict:
     """Perplexity of ``directory`` loaded with ``load_model`` (Qwen3-DMS, "math" backend, fp32), eviction on or
     off, and its measured decisions (the hard training forward, which takes the inference decisions)."""
     from dms_perf.model.qwen3_dms import load_model
+
+    return _measure_model(load_model(str(directory), backend="math", dtype=torch.float32), docs, evict=evict)
+
+
+@torch.inference_mode()
+def _measure_model(model, docs: torch.Tensor, *, evict: bool) -> dict:
     from dms_perf.train.forward import dms_training_forward
 
-    model = load_model(str(directory), backend="math", dtype=torch.float32)
     model.set_dms_eviction(evict)
     window = model.config.dms_window_size
     total = count = 0
@@ -155,6 +160,30 @@ def measure_random(base: Path, docs: torch.Tensor, rate: float, *, window: int, 
             "kept": sum(kept) / len(kept), "window": window, "decisions": f"random, rate {rate:.4f}, seed {seed}"}
 
 
+@torch.inference_mode()
+def measure_untrained(base: Path, docs: torch.Tensor, rate: float, *, window: int, seed: int = 0) -> dict:
+    """Untrained DMS on the base: its zero decision rows drawn at random (``draw_decision_rows``, as
+    ``dms-calibrated`` does), the offset calibrated (``calibrate_dms``) to mark ``rate`` of the decisions on
+    ``docs`` themselves, then measured as a retrofit (``measure``): decisions that read the hidden state
+    through weights no training shaped."""
+    from dms_perf.model.calibrate import calibrate_dms, draw_decision_rows
+    from dms_perf.model.qwen3_dms import load_model
+    from dms_perf.train.checkpoint import DMS_DEFAULTS, is_dms_config, read_config
+
+    config = read_config(base)
+    if not is_dms_config(config):
+        for name, value in DMS_DEFAULTS.items():
+            setattr(config, name, value)
+    config.dms_window_size = window
+    model = load_model(str(base), backend="math", dtype=torch.float32, config=config)
+    draw_decision_rows(model, seed)
+    model.set_dms_eviction(True)
+    calibrate_dms(model, target_cr=1 / (1 - rate), input_ids=docs)
+    row = _measure_model(model, docs, evict=True)
+    row["decisions"] = f"decision rows drawn at random (seed {seed}), offset calibrated to rate {rate:.4f}"
+    return row
+
+
 def evaluate_all(base: Path, retrofits: dict[float, Path], *, documents: int, length: int, log=print) -> dict:
     from transformers import AutoTokenizer
 
@@ -171,6 +200,9 @@ def evaluate_all(base: Path, retrofits: dict[float, Path], *, documents: int, le
         rand = measure_random(base, docs, max(row["marked"], 1e-6), window=row["window"])
         rows[f"random {ratio:g}x"] = rand
         log(f"random {ratio:g}x {rand}")
+        untrained = measure_untrained(base, docs, max(row["marked"], 1e-6), window=row["window"])
+        rows[f"untrained {ratio:g}x"] = untrained
+        log(f"untrained {ratio:g}x {untrained}")
     if retrofits:  # every token outside the window evicted: the most any decision rule could lose here
         window = rows[f"DMS {next(iter(retrofits)):g}x"]["window"]
         rows["window only"] = measure_random(base, docs, 1 - 1e-12, window=window)

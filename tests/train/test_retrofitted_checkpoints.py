@@ -65,6 +65,17 @@ def test_retrofit_evicts_its_target_and_keeps_perplexity(ids, dense, ratio):
     assert ppl <= dense * RATIO_BOUND
 
 
+def test_untrained_dms_on_the_base_marks_its_rate_and_loses_more_than_a_retrofit(ids, dense):
+    """The base with its zero decision rows drawn at random and calibrated to 4x's rate (retrofit_build's
+    "untrained" rows): it marks that rate (so the rows were drawn: zero rows mark all or nothing) and its
+    perplexity is above the retrofits' bound (on 8 x 1024 tokens it measured 1.04 times dense)."""
+    from dms_perf.train.retrofit_build import measure_untrained
+
+    row = measure_untrained(BASE, ids, 0.75, window=64)
+    assert abs(row["marked"] - 0.75) <= 0.02 and row["kept"] < 0.5
+    assert row["perplexity"] > dense * RATIO_BOUND
+
+
 def test_answer_batches_mark_the_answers_of_the_retrieval_documents():
     """``data_batches(answers=True)`` (``--answer-weight``): the ids of ``answers=False``, seed for seed, with a
     mask that marks some of them and leaves most unmarked."""
