@@ -49,7 +49,8 @@ def main() -> None:
             kernel.MERGE_TILE, kernel.MERGE_COLUMNS = tile, columns
             out = check().float()
             first = out if first is None else first
-            ms = median_call_ms(rotating(lambda lengths=lengths: _attention_inputs(lengths), kv_bytes), cuda_graph=True,
+            next_call = rotating(lambda lengths=lengths: _attention_inputs(lengths), kv_bytes)
+            ms = median_call_ms(lambda next_call=next_call: next_call()(), cuda_graph=True,
                                 calls_per_graph=CALLS_PER_GRAPH)
             floor = bandwidth_floor(moved, ms * 1e-3)
             row = dict(batch=batch, spread=spread, merge_tile=tile, merge_columns=columns, ms=ms,

@@ -61,8 +61,8 @@ SCHEDULE = "balanced"
 # dependent steps, the serial part of a step with uneven heads); head-dim columns per merge program
 # (smaller: more programs, and a tile of MERGE_TILE chunks that still fits in registers).
 HEAD_BLOCK = 1024
-MERGE_TILE = 16
-MERGE_COLUMNS = 128
+MERGE_TILE = 128
+MERGE_COLUMNS = 32
 
 
 @triton.jit
