@@ -264,7 +264,8 @@ def merge_results(paths: list[str | os.PathLike], *, per_model: bool = False) ->
         if per_model:
             label = Path(str(m.get("model"))).name
             r = [{**row, "method": f"{row['method']} ({label})", "model": m.get("model")} for row in r]
-            m = {**m, "model": "per row", "methods": [f"{name} ({label})" for name in m.get("methods", [])]}
+            m = {**m, "model": "per row", "methods": [f"{name} ({label})" for name in m.get("methods", [])],
+                 "calibration": {f"{name} ({label})": v for name, v in (m.get("calibration") or {}).items()}}
         if not meta:
             meta = {**m, "commands": []}
         for what, mine, first in (

@@ -141,7 +141,8 @@ def test_merge_per_model_joins_a_base_and_its_retrofits(tmp_path):
     meta = {"device": {"gpu": None}, "dtype": "float32", "contexts": [4096], "methods": ["dms-hub"]}
     row = _rows()[0]
     assert row["method"] == "dms-hub"
-    a = _saved(tmp_path / "a", {**meta, "model": "models/base"}, [row])
+    a = _saved(tmp_path / "a", {**meta, "model": "models/base", "calibration": {"dms-hub": {"marked_fraction": 0.5}}},
+               [row])
     b = _saved(tmp_path / "b", {**meta, "model": "models/base-dms-4x"}, [{**row, "prefill_s": 0.5}])
     with pytest.raises(ValueError, match="model"):
         merge_results([a, b])
@@ -150,6 +151,7 @@ def test_merge_per_model_joins_a_base_and_its_retrofits(tmp_path):
         ("dms-hub (base)", "models/base", row["prefill_s"]), ("dms-hub (base-dms-4x)", "models/base-dms-4x", 0.5)]
     assert merged_meta["methods"] == ["dms-hub (base)", "dms-hub (base-dms-4x)"]
     assert merged_meta["model"] == "per row"
+    assert merged_meta["calibration"] == {"dms-hub (base)": {"marked_fraction": 0.5}}  # named as its rows are
 
 
 def test_benchmark_json_rows_come_in_bench_order():
