@@ -26,7 +26,10 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
   last chunk may be short); each program reads all lengths, finds its (head, chunk) from the prefix sum
   of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
   sizes only, so no host sync and a CUDA graph can capture it. The price: every split and merge program
-  reads all ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch.
+  reads all ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch. A
+  head that holds many chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge
+  takes wide tiles, and splits the head dim over programs (``MERGE_COLUMNS``) so that a tile fits in
+  registers (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep).
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ SCHEDULE = "balanced"
 # Balanced scheduling: lengths a program reads per step while it locates its chunk; chunk partials the
 # merge combines per step (one head may hold most chunks: its merge takes cdiv(its chunks, MERGE_TILE)
 # dependent steps, the serial part of a step with uneven heads); head-dim columns per merge program
-# (smaller: more programs, and a tile of MERGE_TILE chunks that still fits in registers).
+# (smaller: more programs, and a tile of MERGE_TILE chunks that still fits in registers). Both powers of
+# two; chosen by `benchmarks/tune_decode_merge.py` on an H200 (one sequence, 4.5x-uneven heads: 1.16x the
+# even time at 16 x 128, 1.03x at 128 x 32).
 HEAD_BLOCK = 1024
 MERGE_TILE = 128
 MERGE_COLUMNS = 32
