@@ -40,7 +40,8 @@ def decision_rows_are_zero(model) -> bool:
     from dms_perf.train.retrofit import borrowed_rows
 
     rows = borrowed_rows(model.config)
-    return all(not layer.self_attn.q_proj.weight[rows].any() for layer in model.model.layers)
+    projections = [layer.self_attn.q_proj for layer in model.model.layers]
+    return all(not q.weight[rows].any() and (q.bias is None or not q.bias[rows].any()) for q in projections)
 
 
 def draw_decision_rows(model, seed: int) -> None:
