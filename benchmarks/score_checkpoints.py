@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 
-def score(directory: str, *, contexts: tuple[int, ...], prompts: int, device: str) -> dict:
+def score(directory: str, *, contexts: tuple[int, ...], prompts: int, device: str, suite_only: bool = False) -> dict:
     from dms_perf.bench.workloads import load_tokenizer
     from dms_perf.model.qwen3_dms import load_model
     from dms_perf.train.evaluate import evaluate, retrieval_accuracy, retrieval_prompts
@@ -38,6 +38,11 @@ def score(directory: str, *, contexts: tuple[int, ...], prompts: int, device: st
     started = time.perf_counter()
     tokenizer = load_tokenizer(directory)
     model = load_model(directory, backend=backend, dtype=dtype, device=device)
+    if suite_only:  # retrieval on the suite alone: a larger sample of the figure the targets are set on
+        suite = {c: retrieval_accuracy(model, tokenizer, retrieval_prompts(tokenizer, c, prompts, which="suite"))
+                 for c in contexts}
+        return {"retrieval": {"suite": suite}, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+                "prompts": prompts, "seconds": round(time.perf_counter() - started, 1)}
     result = evaluate(model, tokenizer, contexts, n=prompts)
     result.update(backend=backend, dtype=str(dtype).removeprefix("torch."), prompts=prompts)
     with torch.inference_mode():
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="1024,2048", help="prompt lengths in tokens, comma-separated")
     parser.add_argument("--prompts", type=int, default=100, help="retrieval prompts per set and context")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--suite-only", action="store_true",
+                        help="retrieval on the suite set at each context only (no heldout set, perplexity, kept "
+                        "fraction or eviction-off run): many prompts in less time")
     args = parser.parse_args(argv)
     try:
         contexts = tuple(int(c) for c in args.contexts.split(","))
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{directory}: no config.json (not a checkpoint directory)")
     scores = {}
     for directory in args.models:
-        scores[directory] = score(directory, contexts=contexts, prompts=args.prompts, device=args.device)
+        scores[directory] = score(directory, contexts=contexts, prompts=args.prompts, device=args.device,
+                                  suite_only=args.suite_only)
         print(directory, json.dumps(scores[directory]), flush=True)
         Path(args.out).write_text(json.dumps(scores, indent=1) + "\n")
     return 0

@@ -110,6 +110,19 @@ def test_score_checkpoints_scores_with_eviction_on_and_off(tmp_path):
     assert base["kept_suite"]["256"] == 1.0 and 0 < scores[dms]["kept_suite"]["256"] < 0.9
 
 
+def test_score_checkpoints_suite_only_scores_the_suite_alone(tmp_path):
+    """``--suite-only``: the suite's retrieval at each context and nothing else; the same figure as the full
+    scoring's suite retrieval on the same prompts."""
+    from benchmarks.score_checkpoints import main
+
+    full, alone = tmp_path / "full.json", tmp_path / "alone.json"
+    common = [str(BASE), "--contexts", "256", "--prompts", "3", "--device", "cpu"]
+    assert main([*common, "--out", str(full)]) == 0 and main([*common, "--out", str(alone), "--suite-only"]) == 0
+    got, want = json.loads(alone.read_text())[str(BASE)], json.loads(full.read_text())[str(BASE)]
+    assert set(got) == {"retrieval", "backend", "dtype", "prompts", "seconds"} and set(got["retrieval"]) == {"suite"}
+    assert got["retrieval"]["suite"] == want["retrieval"]["suite"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--contexts", "1k"], "comma-separated integers"),
     (["--prompts", "0"], "must be positive"),
