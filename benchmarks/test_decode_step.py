@@ -177,6 +177,17 @@ def _attention_inputs(lengths: torch.Tensor, layout: str = "contiguous", schedul
                                         schedule=schedule, **addressing)
 
 
+def attention_bytes(lengths: torch.Tensor, layout: str = "contiguous") -> tuple[int, int, int]:
+    """(K and V bytes of the kept rows, bytes the call must move, pages) of decode attention over ``lengths``
+    (``_decode_attention_case``'s floor; ``pages`` as ``_page_table`` hands them out)."""
+    batch = lengths.shape[0]
+    e = DTYPE.itemsize
+    kv_bytes = 2 * int(lengths.sum()) * D * e
+    pages = int(((lengths.long() + PAGE_ROWS - 1) // PAGE_ROWS).sum())
+    addressing = 12 * batch * HKV if layout == "contiguous" else 4 * batch * HKV + 4 * pages
+    return kv_bytes, kv_bytes + 2 * batch * HQ * D * e + addressing, pages
+
+
 def _decode_attention_case(benchmark, spread: str, batch: int, context_length: int, layout: str = "contiguous",
                            schedule: str | None = None) -> None:
     """Floor: K and V of every kept row, the query read and the output written, and the addressing read:
@@ -186,12 +197,8 @@ def _decode_attention_case(benchmark, spread: str, batch: int, context_length: i
     if HAS_CUDA and context_length not in ATTENTION_CONTEXTS:
         pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
     lengths = _kept_lengths(spread, batch, context_length)
-    e = DTYPE.itemsize
-    kv_bytes = 2 * int(lengths.sum()) * D * e
-    assert kv_bytes == 2 * batch * HKV * context_length * D * e
-    pages = int(((lengths.long() + PAGE_ROWS - 1) // PAGE_ROWS).sum())
-    addressing = 12 * batch * HKV if layout == "contiguous" else 4 * batch * HKV + 4 * pages
-    moved = kv_bytes + 2 * batch * HQ * D * e + addressing
+    kv_bytes, moved, pages = attention_bytes(lengths, layout)
+    assert kv_bytes == 2 * batch * HKV * context_length * D * DTYPE.itemsize
     benchmark.group = f"decode-attention-ctx{context_length}-b{batch}"
     benchmark.extra_info.update(batch=batch, kept_per_head=context_length, num_q_heads=HQ, num_kv_heads=HKV,
                                 head_dim=D, dtype=str(DTYPE), spread=spread, longest_head=int(lengths.max()),

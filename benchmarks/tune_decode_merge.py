@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from benchmarks.test_decode_step import CALLS_PER_GRAPH, DTYPE, HKV, HQ, D, _attention_inputs, _kept_lengths
+from benchmarks.test_decode_step import CALLS_PER_GRAPH, _attention_inputs, _kept_lengths, attention_bytes
 from dms_perf.bench.floors import bandwidth_floor
 from dms_perf.bench.timing import median_call_ms, rotating
 from dms_perf.ops.decode import kernel
@@ -39,9 +39,7 @@ def main() -> None:
     rows = []
     for batch, spread in itertools.product((int(b) for b in args.batches.split(",")), SPREADS):
         lengths = _kept_lengths(spread, batch, args.context_length)
-        e = DTYPE.itemsize
-        kv_bytes = 2 * int(lengths.sum()) * D * e
-        moved = kv_bytes + 2 * batch * HQ * D * e + 12 * batch * HKV
+        kv_bytes, moved, _ = attention_bytes(lengths)
         first = None
         torch.manual_seed(batch)
         check = _attention_inputs(lengths)  # one fixed input set for the outputs' agreement

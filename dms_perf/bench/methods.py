@@ -298,12 +298,13 @@ class Method:
         model.set_dms_eviction(self.family.evict)
         model.set_dms_borrowed_channel(not self.family.press_on_engine)
         if getattr(model, "dms_zero_decision_rows", False):  # a base checkpoint: untrained DMS draws its rows
-            from dms_perf.model.calibrate import draw_decision_rows, zero_decision_rows
+            from dms_perf.model.calibrate import draw_decision_rows
+            from dms_perf.train.retrofit import zero_borrowed_channel
 
             if self.family.calibrated:
                 draw_decision_rows(model, model.dms_source["seed"])
             else:
-                zero_decision_rows(model)
+                zero_borrowed_channel(model)
         if self.family.calibrated:
             model.config.dms_initial_alpha_offset = self.calibration(model).alpha_offset
         elif (offset := getattr(model, "dms_loaded_alpha_offset", None)) is not None:

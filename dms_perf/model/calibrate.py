@@ -48,7 +48,8 @@ def draw_decision_rows(model, seed: int) -> None:
     """Write decision rows drawn at random into every layer's ``q_proj`` (in place, so fused projections, whose
     ``q_proj`` is a view, see them): normal with the config's ``initializer_range``, as a random-weight model's,
     from a CPU generator of ``seed`` (the same rows on every device). Untrained DMS on a base checkpoint: the
-    decisions read a random projection of the hidden state. Undo with ``zero_decision_rows``."""
+    decisions read a random projection of the hidden state. Undo with
+    ``dms_perf.train.retrofit.zero_borrowed_channel``."""
     from dms_perf.train.retrofit import borrowed_rows
 
     rows = borrowed_rows(model.config)
@@ -59,16 +60,6 @@ def draw_decision_rows(model, seed: int) -> None:
             weight = layer.self_attn.q_proj.weight
             drawn = torch.randn(len(rows), weight.shape[1], generator=generator, dtype=torch.float32) * std
             weight[rows] = drawn.to(device=weight.device, dtype=weight.dtype)
-
-
-def zero_decision_rows(model) -> None:
-    """Set every layer's decision rows of ``q_proj`` back to zero (in place): the base checkpoint's own."""
-    from dms_perf.train.retrofit import borrowed_rows
-
-    rows = borrowed_rows(model.config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight[rows] = 0
 
 
 def _alpha_logits(model: Qwen3DMSForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,20 @@ def read_config(path) -> Qwen3Config:
     return Qwen3Config.from_pretrained(path)
 
 
+def retrofit_config(path, *, window: int | None = None):
+    """The config a retrofit of the checkpoint at ``path`` runs with: a plain Qwen3 config gets the released
+    checkpoint's ``dms_*`` values (``DMS_DEFAULTS``), a Qwen3-DMS one keeps its own; ``window`` sets
+    ``dms_window_size``. Validated."""
+    config = read_config(path)
+    if not is_dms_config(config):
+        for name, value in DMS_DEFAULTS.items():
+            setattr(config, name, value)
+    if window is not None:
+        config.dms_window_size = window
+    validate_dms_config(config)
+    return config
+
+
 def load_for_retrofit(path, *, window: int | None = None, dtype: torch.dtype = torch.bfloat16,
                       device="cpu") -> RetrofitModels:
     """Student and teacher from a Qwen3 (or Qwen3-DMS) checkpoint directory.
@@ -63,14 +77,8 @@ def load_for_retrofit(path, *, window: int | None = None, dtype: torch.dtype = t
     eviction off (its borrowed channel already carries decisions, not attention). ``window`` sets the
     student's ``dms_window_size``.
     """
-    config = read_config(path)
-    source_is_dms = is_dms_config(config)
-    if not source_is_dms:
-        for name, value in DMS_DEFAULTS.items():
-            setattr(config, name, value)
-    if window is not None:
-        config.dms_window_size = window
-    validate_dms_config(config)
+    source_is_dms = is_dms_config(read_config(path))
+    config = retrofit_config(path, window=window)
     student = Qwen3DMSForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa")
     student = student.to(device).eval()
     if source_is_dms:

@@ -168,14 +168,9 @@ def measure_untrained(base: Path, docs: torch.Tensor, rate: float, *, window: in
     through weights no training shaped."""
     from dms_perf.model.calibrate import calibrate_dms, draw_decision_rows
     from dms_perf.model.qwen3_dms import load_model
-    from dms_perf.train.checkpoint import DMS_DEFAULTS, is_dms_config, read_config
+    from dms_perf.train.checkpoint import retrofit_config
 
-    config = read_config(base)
-    if not is_dms_config(config):
-        for name, value in DMS_DEFAULTS.items():
-            setattr(config, name, value)
-    config.dms_window_size = window
-    model = load_model(str(base), backend="math", dtype=torch.float32, config=config)
+    model = load_model(str(base), backend="math", dtype=torch.float32, config=retrofit_config(base, window=window))
     draw_decision_rows(model, seed)
     model.set_dms_eviction(True)
     calibrate_dms(model, target_cr=1 / (1 - rate), input_ids=docs)
