@@ -14,7 +14,9 @@ measurement of one tried batch (``dms-perf capacity``, dms_perf.bench.capacity).
   without a GPU an estimate, weights + ``cache.kv_bytes()`` (activations not counted).
 * ``measure_generation_batch`` (``--new-tokens``): B copies of the prompt generate the whole output on a
   paged pool of what the budget leaves; the batch fits iff its pages never ran out and the peak stayed
-  within the budget. The search tries batch 1, then the batch its pages predict (``guess_from_pages``).
+  within the budget. The search tries batch 1, then the batch its pages predict (``guess_from_pages``);
+  for a method that evicts nothing, a batch whose pages are known to exceed the budget is recorded
+  without running it (``beyond_the_pages``).
 
 B fits iff nothing raised (an out-of-memory error is "OOM") and the peak is within the budget.
 """
@@ -30,6 +32,7 @@ import torch
 from dms_perf._runtime import HAS_CUDA
 from dms_perf.bench.floors import weight_bytes
 from dms_perf.bench.generation import (
+    device_room,
     engine_pool,
     failure_status,
     prefill_for_the_engine,
@@ -61,6 +64,8 @@ class Try:
     kv_bytes: int | None = None  # the batch's KV cache (every slot), at the end of the steps
     kv_pages: int | None = None  # long generations: the most pool pages the batch held at once
     free_pages: int | None = None  # long generations: pages the budget leaves for a pool (before capping)
+    free_bytes: int | None = None  # long generations: bytes the budget leaves for a pool, tables included
+    ran: bool = True  # False: not run, known not to fit (``search_largest_batch``'s ``excluded``)
 
     @property
     def fatal(self) -> bool:
@@ -82,7 +87,9 @@ class Search:
 
 
 def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
-                         guess: Callable[[Try], int] | None = None) -> Search:
+                         guess: Callable[[Try], int] | None = None,
+                         excluded: Callable[[Try, int], str | None] | None = None,
+                         stop: Callable[[int], str | None] | None = None) -> Search:
     """The largest batch in ``1 .. max_batch`` for which ``try_batch(batch).fits``, assuming that fitting is
     monotone (a batch fits if a larger one does).
 
@@ -94,16 +101,34 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
     ``guess(first_try)``: when batch 1 fit, a predicted answer (e.g. from the memory batch 1 took) is tried
     next, then the batch above it; a guess that was right costs three tries in all, a wrong one falls
     back to doubling (from above the guess) or bisection (below it).
+
+    ``excluded(largest_fit, batch)``: a reason why ``batch`` cannot fit, known from the largest try that fit
+    without running it (e.g. pages that every sequence is known to hold), or None. An excluded batch is
+    recorded as a failing try with ``ran=False`` and its reason.
+
+    ``stop(batch)``: checked before every try but the first; a reason (e.g. a time limit) ends the search
+    before ``batch`` runs, and ``stopped`` says so: the answer is then a lower bound.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     search = Search()
+    largest_fit: list[Try] = []  # the largest try that fit so far, once one has
 
-    def attempt(batch: int) -> Try:
-        result = try_batch(batch)
+    def attempt(batch: int) -> Try | None:
+        """The try of ``batch`` (run or excluded), or None when ``stop`` ended the search before it."""
+        reason = excluded(largest_fit[0], batch) if excluded is not None and largest_fit else None
+        if reason is not None:
+            result = Try(batch, False, reason, ran=False)
+        else:
+            if stop is not None and search.tries and (why := stop(batch)) is not None:
+                search.stopped = f"batch {batch} not tried: {why}"
+                return None
+            result = try_batch(batch)
         search.tries.append(result)
         if result.fatal:
             search.stopped = f"batch {batch}: {result.reason}"
+        if result.fits and (not largest_fit or batch > largest_fit[0].batch):
+            largest_fit[:] = [result]
         return result
 
     fit, fail = 0, None  # the largest batch that fit, the smallest that did not
@@ -113,7 +138,11 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
         if not first.fits:
             return search
         fit, batch = 1, min(max(2, guess(first)), max_batch)
-        if attempt(batch).fits:
+        result = attempt(batch)
+        if result is None:
+            search.largest = fit
+            return search
+        if result.fits:
             fit = batch
             batch = min(batch + 1, max_batch)
             if fit == max_batch:
@@ -124,6 +153,8 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
             fail = batch
     while fail is None and search.stopped is None:
         result = attempt(batch)
+        if result is None:
+            break
         if not result.fits:
             fail = batch
             break
@@ -134,7 +165,10 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
         batch = min(2 * batch, max_batch)
     while fail is not None and fail - fit > 1 and search.stopped is None:
         batch = (fit + fail) // 2
-        if attempt(batch).fits:
+        result = attempt(batch)
+        if result is None:
+            break
+        if result.fits:
             fit = batch
         else:
             fail = batch
@@ -292,15 +326,17 @@ def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int)
             allocated = torch.cuda.memory_allocated()
         else:
             allocated = weight_bytes(model)
-        free = int(budget * (1 - GENERATION_HEADROOM)) - allocated
-        page = PagedKVPool.page_bytes(DEFAULT_PAGE_ROWS, model.config.head_dim, model.dtype)
+        # What the budget leaves for a pool, and never more than the card has room for (the guess from
+        # these pages must be a pool that can be allocated).
+        free = max(0, min(int(budget * (1 - GENERATION_HEADROOM)) - allocated, device_room()))
+        page = _page_bytes(model)
         # A pool of what the budget leaves, but never more than every token of the batch kept would take.
         pool_budget = min(free, sizing_budget(model, batch, prompt.context + new_tokens))
-        free_pages = max(0, free // page)
+        room = {"free_pages": free // page, "free_bytes": free}
         try:
             pool = engine_pool(model, max_seqs=batch, budget_bytes=pool_budget)
         except ValueError:
-            return Try(batch, False, over_budget(allocated + page, budget, " before decoding"), free_pages=free_pages)
+            return Try(batch, False, over_budget(allocated + page, budget, " before decoding"), **room)
         cache = DMSCache.repeated(template, batch, pool=pool, consume=not prompt.reuse)
         del template
         position = torch.full((batch, 1), prompt.context, device=token.device)
@@ -313,7 +349,7 @@ def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int)
         except PagesExhausted:
             done = int(position[0, 0]) - prompt.context
             return Try(batch, False, f"KV pages ran out after {done + 1} of {new_tokens} tokens "
-                       f"({gib(pool.nbytes)} GiB pool)", kv_pages=pool.peak_pages_in_use, free_pages=free_pages)
+                       f"({gib(pool.nbytes)} GiB pool)", kv_pages=pool.peak_pages_in_use, **room)
         if HAS_CUDA:
             torch.cuda.synchronize()
         decode_s = time.perf_counter() - start
@@ -322,7 +358,7 @@ def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int)
     fits = peak <= budget
     step_s = decode_s / max(steps, 1)
     return Try(batch, fits, "ok" if fits else over_budget(peak, budget), peak, step_s * 1e3,
-               batch / step_s if steps else None, kv, kv_pages=pool.peak_pages_in_use, free_pages=free_pages)
+               batch / step_s if steps else None, kv, kv_pages=pool.peak_pages_in_use, **room)
 
 
 def measure_generation_batch(prompt: Prompt, batch: int, *, new_tokens: int, budget: int) -> Try:
@@ -334,12 +370,43 @@ def measure_generation_batch(prompt: Prompt, batch: int, *, new_tokens: int, bud
     return _verdict(prompt, batch, lambda: _run_generation(prompt, batch, new_tokens=new_tokens, budget=budget))
 
 
-def guess_from_pages(first: Try) -> int:
-    """The batch a long generation's budget holds, predicted from batch 1: pages the budget leaves over the
-    most pages one sequence held (sequences of a tried batch are copies: they hold the same pages)."""
-    if not first.kv_pages or not first.free_pages:
+def _pool_bytes(model, pages: int, seqs: int) -> int:
+    """Bytes of a pool of ``pages`` pages for ``seqs`` sequences: the pages and the per-head tables."""
+    return PagedKVPool.budget_for_pages(model, pages, max_seqs=seqs)
+
+
+def guess_from_pages(first: Try, model) -> int:
+    """The batch a long generation's budget holds, predicted from batch 1: the most copies of the pages one
+    sequence held (sequences of a tried batch are copies: they hold the same pages) whose pool, tables
+    included, fits what the budget leaves."""
+    if not first.kv_pages or not first.free_bytes:
         return 2
-    return first.free_pages // first.kv_pages
+    batch = max(1, first.free_bytes // (first.kv_pages * _page_bytes(model)))
+    while batch > 1 and _pool_bytes(model, batch * first.kv_pages, batch) > first.free_bytes:
+        batch -= 1
+    return batch
+
+
+def beyond_the_pages(model) -> Callable[[Try, int], str | None]:
+    """``search_largest_batch``'s ``excluded`` for a method that evicts nothing while it decodes: every
+    copy of the prompt then holds exactly the pages each sequence of a tried batch held, so a batch whose
+    pages (and tables) exceed what the budget leaves cannot fit, and is not run."""
+    def excluded(fit: Try, batch: int) -> str | None:
+        if batch <= fit.batch or not fit.kv_pages or fit.free_bytes is None or fit.kv_pages % fit.batch:
+            return None
+        each = fit.kv_pages // fit.batch
+        need = _pool_bytes(model, batch * each, batch)
+        if need <= fit.free_bytes:
+            return None
+        return (f"not run: {batch} sequences hold {batch * each:,} pages ({gib(need)} GiB with their tables), "
+                f"more than the {gib(fit.free_bytes)} GiB the budget leaves (the method evicts nothing, so each "
+                f"holds the {each:,} pages each of batch {fit.batch} held)")
+
+    return excluded
+
+
+def _page_bytes(model) -> int:
+    return PagedKVPool.page_bytes(DEFAULT_PAGE_ROWS, model.config.head_dim, model.dtype)
 
 
 def sequence_bytes(prompt: Prompt) -> dict[str, int]:

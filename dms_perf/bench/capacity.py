@@ -22,6 +22,7 @@ import math
 import shlex
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from dms_perf.bench.batch_search import (
     BATCH_FILL,
     Prompt,
     Search,
+    beyond_the_pages,
     gib,
     guess_from_pages,
     measure_batch,
@@ -104,6 +106,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "fits the budget on the decode engine's paged KV pool, measured at its end, with the "
                         "decode throughput over the whole generation (engine methods only; batch 1 is measured, "
                         "the batch its pages predict is tried next). 0: the prompt regime above (--steps)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="a search starts no new try once its longest try so far would end more than SECONDS "
+                        "after the search began; its largest batch is then a lower bound, and the report says "
+                        "which batch was not tried (default: no limit)")
     options.add_model_options(parser, d)
     parser.add_argument("--out", default="results-capacity", metavar="DIR", help="output directory")
     parser.set_defaults(run=run, command_parser=parser)
@@ -120,6 +126,7 @@ class Settings:
     steps: int
     warmup_steps: int
     new_tokens: int = 0  # > 0: long generations (measure_generation_batch)
+    time_limit: float | None = None  # seconds a search may start tries in (None: no limit)
 
 
 def validate(args) -> Settings:
@@ -145,6 +152,8 @@ def validate(args) -> Settings:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     if args.memory_budget is not None:
         if not (math.isfinite(args.memory_budget) and args.memory_budget > 0):
             raise UsageError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
@@ -175,7 +184,8 @@ def validate(args) -> Settings:
     if weights > budget:
         raise UsageError(f"the memory budget, {gib(budget)} GiB ({source}), is less than the weights of {args.model} "
                          f"in {args.dtype} alone ({gib(weights)} GiB): no batch can fit")
-    return Settings(contexts, methods, budget, source, args.max_batch, args.steps, args.warmup_steps, new_tokens)
+    return Settings(contexts, methods, budget, source, args.max_batch, args.steps, args.warmup_steps, new_tokens,
+                    args.time_limit)
 
 
 def memory_note() -> str:
@@ -223,7 +233,7 @@ def run(args, parser=None) -> int:
         "memory_budget_source": settings.budget_source, "memory": memory_note(),
         "contexts": list(settings.contexts), "methods": [m.name for m in settings.methods],
         "max_batch": settings.max_batch, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
-        "new_tokens": settings.new_tokens,
+        "new_tokens": settings.new_tokens, "time_limit_s": settings.time_limit,
         "batch_fill": BATCH_FILL,
         "search": SEARCH_GENERATION if settings.new_tokens else SEARCH_PROMPT,
         "seed": args.seed, "target_cr": args.target_cr, "calibration": {},
@@ -282,7 +292,10 @@ def _search(model, method, ctx: int, input_ids: torch.Tensor, settings: Settings
         _progress(f"{method.name} @ {ctx}: one sequence failed: {failure_status(exc)}")
         release_memory()
 
+    started, longest = time.perf_counter(), [0.0]
+
     def attempt(batch):
+        begun = time.perf_counter()
         if settings.new_tokens:
             result = measure_generation_batch(prompt, batch, new_tokens=settings.new_tokens, budget=settings.budget)
         else:
@@ -291,10 +304,27 @@ def _search(model, method, ctx: int, input_ids: torch.Tensor, settings: Settings
         _progress(f"{method.name} @ {ctx} tokens, batch {batch}: {result.reason}"
                   + (f", peak {gib(result.peak_bytes)} GiB" if result.peak_bytes else "")
                   + (f", {_num(result.step_ms)} ms/step" if result.step_ms else ""))
+        longest[0] = max(longest[0], time.perf_counter() - begun)
         return result
 
-    search = search_largest_batch(attempt, settings.max_batch,
-                                  guess=guess_from_pages if settings.new_tokens else None)
+    def stop(batch) -> str | None:
+        """The time limit: the next try would run at least as long as the longest so far."""
+        if settings.time_limit is None:
+            return None
+        elapsed = time.perf_counter() - started
+        if elapsed + longest[0] <= settings.time_limit:
+            return None
+        why = (f"--time-limit {settings.time_limit:g} s ({elapsed:.0f} s spent, the longest try took "
+               f"{longest[0]:.0f} s); the largest batch may be higher")
+        _progress(f"{method.name} @ {ctx} tokens: batch {batch} not tried: {why}")
+        return why
+
+    long_run = bool(settings.new_tokens)
+    search = search_largest_batch(
+        attempt, settings.max_batch, stop=stop,
+        guess=(lambda first: guess_from_pages(first, model)) if long_run else None,
+        # a method that keeps every decoded row holds known pages: a batch beyond them need not run
+        excluded=beyond_the_pages(model) if long_run and not method.evicts else None)
     prompt.release()
     return _result(ctx, method.name, search, extra)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -556,7 +557,10 @@ def sizing_budget(model, batch: int, tokens: int) -> int:
     config = model.config
     per_head = -(-(tokens + 2 * model.dms_capacity_step) // DEFAULT_PAGE_ROWS)
     pages = batch * config.num_hidden_layers * config.num_key_value_heads * per_head
-    budget = PagedKVPool.budget_for_pages(model, pages, max_seqs=batch)
-    if HAS_CUDA:
-        budget = min(budget, int(torch.cuda.mem_get_info()[0] * (1 - SIZING_HEADROOM)))
-    return budget
+    return min(PagedKVPool.budget_for_pages(model, pages, max_seqs=batch), device_room())
+
+
+def device_room() -> int | float:
+    """The most a pool may take of the card: its free memory less ``SIZING_HEADROOM`` of it (infinite
+    without a GPU, where the budgets are the callers')."""
+    return int(torch.cuda.mem_get_info()[0] * (1 - SIZING_HEADROOM)) if HAS_CUDA else math.inf

@@ -70,6 +70,62 @@ def test_search_stops_at_an_error():
     assert search.largest == 4 and search.stopped == "batch 8: error: RuntimeError: boom"
 
 
+def test_search_records_excluded_batches_without_running_them():
+    """A batch known not to fit from the largest try that fit is recorded (ran=False) and never run; the
+    search still ends at the right answer."""
+    ran = []
+
+    def try_batch(batch):
+        ran.append(batch)
+        return Try(batch, batch <= 37, "ok" if batch <= 37 else "over budget: fake")
+
+    def excluded(fit, batch):
+        assert fit.fits and fit.ran and fit.batch < batch  # only ever asked about batches above a fit
+        return "not run: known" if batch > 40 else None
+
+    search = search_largest_batch(try_batch, max_batch=1024, excluded=excluded)
+    assert search.largest == 37
+    assert _batches(search) == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
+    assert ran == [1, 2, 4, 8, 16, 32, 40, 36, 38, 37]  # 64 and 48 were excluded, not run
+    skipped = [(t.batch, t.fits, t.ran, t.reason) for t in search.tries if not t.ran]
+    assert skipped == [(64, False, False, "not run: known"), (48, False, False, "not run: known")]
+
+
+def test_search_with_a_guess_excludes_the_batch_above_it():
+    """Batch 1, the guess, and the batch above the guess excluded: two runs for an exact answer."""
+    ran = []
+
+    def try_batch(batch):
+        ran.append(batch)
+        return Try(batch, batch <= 24, "ok" if batch <= 24 else "over budget: fake")
+
+    search = search_largest_batch(try_batch, max_batch=1024, guess=lambda first: 24,
+                                  excluded=lambda fit, batch: "not run: pages" if batch > 24 else None)
+    assert search.largest == 24 and ran == [1, 24] and _batches(search) == [1, 24, 25]
+    assert not search.tries[-1].ran and search.stopped is None
+
+
+def test_search_stop_ends_it_with_a_lower_bound():
+    """``stop`` is asked before every try but the first; its reason ends the search, and the largest batch
+    that fit so far is the answer (a lower bound, ``stopped`` says which batch was not tried)."""
+    asked = []
+
+    def stop(batch):
+        asked.append(batch)
+        return "out of time" if batch >= 16 else None
+
+    search = search_largest_batch(_fits_up_to(100), max_batch=1024, stop=stop)
+    assert _batches(search) == [1, 2, 4, 8] and asked == [2, 4, 8, 16]
+    assert search.largest == 8 and search.stopped == "batch 16 not tried: out of time"
+    guessed = search_largest_batch(_fits_up_to(100), max_batch=1024, guess=lambda first: 90,
+                                   stop=lambda batch: "out of time" if batch > 90 else None)
+    assert _batches(guessed) == [1, 90] and guessed.largest == 90
+    assert guessed.stopped == "batch 91 not tried: out of time" and not guessed.ceiling_reached
+    early = search_largest_batch(_fits_up_to(100), max_batch=1024, guess=lambda first: 90,
+                                 stop=lambda batch: "out of time")
+    assert _batches(early) == [1] and early.largest == 1 and early.stopped == "batch 90 not tried: out of time"
+
+
 def test_search_rejects_a_non_positive_ceiling():
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         search_largest_batch(_fits_up_to(3), max_batch=0)
@@ -236,6 +292,8 @@ def test_method_whose_batch_one_does_not_fit_gets_a_row(tmp_path):
         (["--memory-budget", "0"], "--memory-budget must be a positive number of GiB, got 0.0"),
         (["--memory-budget", "-2"], "--memory-budget must be a positive number of GiB, got -2.0"),
         (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+        (["--time-limit", "0"], "--time-limit must be a positive number of seconds, got 0.0"),
+        (["--time-limit", "nan"], "--time-limit must be a positive number of seconds, got nan"),
         (["--target-cr", "0.5"], "--target-cr must be 0 (off) or > 1, got 0.5"),
         (["--memory-budget", "0.001"], "is less than the weights of tiny in float32 alone"),
     ],
@@ -258,7 +316,7 @@ def test_help_explains_every_option(capsys):
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--contexts", "--methods", "--memory-budget", "--max-batch", "--steps", "--warmup-steps",
-                   "--model", "--dtype", "--seed", "--target-cr", "--out"):
+                   "--time-limit", "--model", "--dtype", "--seed", "--target-cr", "--out"):
         assert option in text
 
 
@@ -347,12 +405,16 @@ def test_long_generations_are_measured_at_their_end(tmp_path):
     (r,) = data["results"]
     tries = r["tries"]
     assert tries[0]["batch"] == 1 and tries[0]["fits"] and tries[0]["kv_pages"] > 0
-    guess = tries[0]["free_pages"] // tries[0]["kv_pages"]
-    assert tries[1]["batch"] == min(max(2, guess), 8)
+    page = 2 * 64 * tiny_config().head_dim * 4  # K and V rows of a 64-row page, float32
+    assert tries[0]["free_pages"] == tries[0]["free_bytes"] // page
+    guess = tries[0]["free_bytes"] // (tries[0]["kv_pages"] * page)  # at most; the tables may take one fewer
+    assert tries[1]["batch"] in (min(max(2, guess), 8), min(max(2, guess - 1), 8))
     fit = [t["batch"] for t in tries if t["fits"]]
     failed = [t for t in tries if not t["fits"]]
     assert r["largest_batch"] == max(fit) >= 2 and failed
     assert all(t["batch"] > r["largest_batch"] for t in failed)
+    # DMS may hold fewer pages a sequence at a larger batch: every batch above its guess is run, none excluded
+    assert all(t["ran"] for t in tries)
     # out of pages while decoding (how far it got), or already while the batch was filled (an OOM)
     assert all(t["reason"].startswith(("KV pages ran out after", "over budget", "OOM")) for t in failed)
     md = (out / "capacity.md").read_text()  # the report says what this mode measured, not the prompt regime's
@@ -361,3 +423,53 @@ def test_long_generations_are_measured_at_their_end(tmp_path):
     assert "| KV pages (most held) | KV GiB |" in md
     assert "| 1 | 1 | yes | ok |" in md and f" | {_num(tries[0]['kv_pages'])} | " in md
     assert capacity.main([*args[:3], "dms-hub", *args[4:]]) == 2  # off the engine: refused
+
+
+def _long_run(tmp_path, method: str, pool_mib: float, *extra: str):
+    """A tiny ``--new-tokens`` capacity run whose pool gets about ``pool_mib`` MiB; its one result."""
+    from dms_perf.bench.floors import config_weight_bytes
+    from dms_perf.model.qwen3_dms import tiny_config
+
+    weights = config_weight_bytes(tiny_config(), torch.float32)
+    budget = repr((weights + pool_mib * 2**20) / 0.95 / 2**30)  # the pool gets the budget less 5 %, less weights
+    out = tmp_path / method
+    args = ["--contexts", "16", "--methods", method, "--model", "tiny", "--dtype", "float32", "--new-tokens", "12",
+            "--max-batch", "64", "--memory-budget", budget, "--out", str(out), *extra]
+    assert capacity.main(args) == 0
+    (result,) = json.loads((out / "capacity.json").read_text())["results"]
+    return result, float(budget) * 2**30
+
+
+def test_a_method_that_evicts_nothing_needs_no_run_above_its_pages(tmp_path):
+    """dense-triton holds every row: batch 1's pages predict the answer exactly, and the batch above it is
+    recorded as not run. Running that batch anyway (the check) does run out of pages."""
+    from dms_perf.bench.batch_search import Prompt, measure_generation_batch
+    from dms_perf.bench.methods import load_model_for, resolve_method
+
+    result, budget = _long_run(tmp_path, "dense-triton", 0.4)
+    tries = result["tries"]
+    assert [t["ran"] for t in tries] == [True, True, False], tries
+    first, fit, above = tries
+    assert fit["fits"] and fit["kv_pages"] == fit["batch"] * first["kv_pages"]  # copies hold the same pages
+    assert above["batch"] == fit["batch"] + 1 == result["largest_batch"] + 1 and not above["fits"]
+    assert above["reason"].startswith(f"not run: {above['batch']} sequences hold "
+                                      f"{above['batch'] * first['kv_pages']:,} pages")
+    method = resolve_method("dense-triton")
+    model, _ = load_model_for("tiny", method, dtype=torch.float32, device="cpu")
+    method.prepare(model)
+    ids = (torch.randint(0, 2**31 - 1, (1, 16), generator=torch.Generator().manual_seed(0)) % model.config.vocab_size)
+    check = measure_generation_batch(Prompt(model, ids, method=method), above["batch"], new_tokens=12,
+                                     budget=round(budget))
+    # out of pages while decoding, or already while the batch was filled (PagesExhausted: an OOM)
+    assert not check.fits and check.reason.startswith(("KV pages ran out after", "OOM")), check
+
+
+def test_time_limit_leaves_a_lower_bound_and_says_so(tmp_path):
+    """A limit shorter than batch 1's try: nothing after it starts, the answer is 1 and the report says which
+    batch was not tried."""
+    result, _ = _long_run(tmp_path, "dense-triton", 0.4, "--time-limit", "0.001")
+    assert [t["batch"] for t in result["tries"]] == [1] and result["largest_batch"] == 1
+    assert result["stopped"].startswith("batch ") and "not tried: --time-limit 0.001 s" in result["stopped"]
+    assert "the largest batch may be higher" in result["stopped"]
+    md = (tmp_path / "dense-triton" / "capacity.md").read_text()
+    assert "1 (search stopped at batch" in md
