@@ -89,7 +89,7 @@ class Search:
 def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
                          guess: Callable[[Try], int] | None = None,
                          excluded: Callable[[Try, int], str | None] | None = None,
-                         stop: Callable[[int], str | None] | None = None) -> Search:
+                         stop: Callable[[int], str | None] | None = None, start: int | None = None) -> Search:
     """The largest batch in ``1 .. max_batch`` for which ``try_batch(batch).fits``, assuming that fitting is
     monotone (a batch fits if a larger one does).
 
@@ -100,7 +100,8 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
 
     ``guess(first_try)``: when batch 1 fit, a predicted answer (e.g. from the memory batch 1 took) is tried
     next, then the batch above it; a guess that was right costs three tries in all, a wrong one falls
-    back to doubling (from above the guess) or bisection (below it).
+    back to doubling (from above the guess) or bisection (below it). ``start``: a predicted answer known
+    before any try (e.g. from an earlier run's pages), tried first in place of batch 1 and its guess.
 
     ``excluded(largest_fit, batch)``: a reason why ``batch`` cannot fit, known from the largest try that fit
     without running it (e.g. pages that every sequence is known to hold), or None. An excluded batch is
@@ -132,12 +133,16 @@ def search_largest_batch(try_batch: Callable[[int], Try], max_batch: int,
         return result
 
     fit, fail = 0, None  # the largest batch that fit, the smallest that did not
-    batch = 1
-    if guess is not None and max_batch > 1:
+    batch, predicted = 1, None
+    if start is not None:
+        predicted = max(1, min(start, max_batch))
+    elif guess is not None and max_batch > 1:
         first = attempt(1)
         if not first.fits:
             return search
-        fit, batch = 1, min(max(2, guess(first)), max_batch)
+        fit, predicted = 1, min(max(2, guess(first)), max_batch)
+    if predicted is not None:
+        batch = predicted
         result = attempt(batch)
         if result is None:
             search.largest = fit
@@ -323,12 +328,7 @@ def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int)
         if HAS_CUDA:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            allocated = torch.cuda.memory_allocated()
-        else:
-            allocated = weight_bytes(model)
-        # What the budget leaves for a pool, and never more than the card has room for (the guess from
-        # these pages must be a pool that can be allocated).
-        free = max(0, min(int(budget * (1 - GENERATION_HEADROOM)) - allocated, device_room()))
+        free = room_for_pool(model, budget)
         page = _page_bytes(model)
         # A pool of what the budget leaves, but never more than every token of the batch kept would take.
         pool_budget = min(free, sizing_budget(model, batch, prompt.context + new_tokens))
@@ -336,6 +336,7 @@ def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int)
         try:
             pool = engine_pool(model, max_seqs=batch, budget_bytes=pool_budget)
         except ValueError:
+            allocated = torch.cuda.memory_allocated() if HAS_CUDA else weight_bytes(model)
             return Try(batch, False, over_budget(allocated + page, budget, " before decoding"), **room)
         cache = DMSCache.repeated(template, batch, pool=pool, consume=not prompt.reuse)
         del template
@@ -373,6 +374,35 @@ def measure_generation_batch(prompt: Prompt, batch: int, *, new_tokens: int, bud
 def _pool_bytes(model, pages: int, seqs: int) -> int:
     """Bytes of a pool of ``pages`` pages for ``seqs`` sequences: the pages and the per-head tables."""
     return PagedKVPool.budget_for_pages(model, pages, max_seqs=seqs)
+
+
+def room_for_pool(model, budget: int) -> int:
+    """Bytes a long generation's pool may take within ``budget``: the budget less ``GENERATION_HEADROOM``
+    and what is allocated (the weights), never more than the card has room for (``device_room``)."""
+    allocated = torch.cuda.memory_allocated() if HAS_CUDA else weight_bytes(model)
+    return max(0, min(int(budget * (1 - GENERATION_HEADROOM)) - allocated, device_room()))
+
+
+def pages_from_file(path, context: int, method: str, new_tokens: int, model_name: str) -> int:
+    """The most pages one sequence held in an earlier ``dms-perf capacity --new-tokens`` run's file (its
+    tries that ran to the end: ``kv_pages`` over the batch, rounded up), for ``--guess-from``. ValueError
+    naming what does not match."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+        meta, results = data["meta"], data["results"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--guess-from {path}: not a capacity.json ({type(exc).__name__}: {exc})") from None
+    for key, want in (("new_tokens", new_tokens), ("model", model_name)):
+        if meta.get(key) != want:
+            raise ValueError(f"--guess-from {path}: its run had {key} {meta.get(key)!r}, this one {want!r}")
+    held = [-(-t["kv_pages"] // t["batch"]) for r in results if r["context"] == context and r["method"] == method
+            for t in r["tries"] if t.get("fits") and t.get("kv_pages")]
+    if not held:
+        raise ValueError(f"--guess-from {path}: no batch of {method} at {context} tokens ran to its end there")
+    return max(held)
 
 
 def guess_from_pages(first: Try, model) -> int:

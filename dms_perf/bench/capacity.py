@@ -24,7 +24,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -35,11 +35,14 @@ from dms_perf.bench.batch_search import (
     BATCH_FILL,
     Prompt,
     Search,
+    Try,
     beyond_the_pages,
     gib,
     guess_from_pages,
     measure_batch,
     measure_generation_batch,
+    pages_from_file,
+    room_for_pool,
     search_largest_batch,
     sequence_bytes,
 )
@@ -110,6 +113,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="a search starts no new try once its longest try so far would end more than SECONDS "
                         "after the search began; its largest batch is then a lower bound, and the report says "
                         "which batch was not tried (default: no limit)")
+    parser.add_argument("--guess-from", default=None, metavar="CAPACITY_JSON",
+                        help="with --new-tokens: skip batch 1 and try first the batch that the most pages one "
+                        "sequence held in an earlier run's capacity.json (same model, context, method and "
+                        "--new-tokens) predicts for this budget")
     options.add_model_options(parser, d)
     parser.add_argument("--out", default="results-capacity", metavar="DIR", help="output directory")
     parser.set_defaults(run=run, command_parser=parser)
@@ -127,6 +134,7 @@ class Settings:
     warmup_steps: int
     new_tokens: int = 0  # > 0: long generations (measure_generation_batch)
     time_limit: float | None = None  # seconds a search may start tries in (None: no limit)
+    held_pages: dict = field(default_factory=dict)  # --guess-from: (context, method name) -> pages a sequence held
 
 
 def validate(args) -> Settings:
@@ -181,11 +189,20 @@ def validate(args) -> Settings:
             raise UsageError(problem)
     elif (problem := options.positions_problem(args.model, contexts, args.warmup_steps + args.steps + 1)) is not None:
         raise UsageError(problem.replace("--new-tokens", "decode steps"))
+    held_pages = {}
+    if args.guess_from is not None:
+        if not new_tokens:
+            raise UsageError("--guess-from predicts long generations' batches: give --new-tokens too")
+        try:
+            held_pages = {(ctx, m.name): pages_from_file(args.guess_from, ctx, m.name, new_tokens, args.model)
+                          for ctx in contexts for m in methods}
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if weights > budget:
         raise UsageError(f"the memory budget, {gib(budget)} GiB ({source}), is less than the weights of {args.model} "
                          f"in {args.dtype} alone ({gib(weights)} GiB): no batch can fit")
     return Settings(contexts, methods, budget, source, args.max_batch, args.steps, args.warmup_steps, new_tokens,
-                    args.time_limit)
+                    args.time_limit, held_pages)
 
 
 def memory_note() -> str:
@@ -233,9 +250,11 @@ def run(args, parser=None) -> int:
         "memory_budget_source": settings.budget_source, "memory": memory_note(),
         "contexts": list(settings.contexts), "methods": [m.name for m in settings.methods],
         "max_batch": settings.max_batch, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
-        "new_tokens": settings.new_tokens, "time_limit_s": settings.time_limit,
+        "new_tokens": settings.new_tokens, "time_limit_s": settings.time_limit, "guess_from": args.guess_from,
         "batch_fill": BATCH_FILL,
-        "search": SEARCH_GENERATION if settings.new_tokens else SEARCH_PROMPT,
+        "search": (SEARCH_PROMPT if not settings.new_tokens else SEARCH_GENERATION if args.guess_from is None
+                   else f"{SEARCH_GENERATION}; batch 1 not run: its pages are the most one sequence held in "
+                   f"{args.guess_from}"),
         "seed": args.seed, "target_cr": args.target_cr, "calibration": {},
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
     }
@@ -275,9 +294,10 @@ def run(args, parser=None) -> int:
 
 SEARCH_PROMPT = ("doubling from 1 until a batch does not fit or --max-batch, then bisection between the last batch "
                  "that fit and the first that did not")
-SEARCH_GENERATION = ("batch 1, then the batch its pages predict (the pages the budget leaves over the most pages the "
-                     "one sequence held), then the batch above it; a wrong prediction falls back to doubling (from "
-                     "above it) or bisection (below it)")
+SEARCH_GENERATION = ("batch 1, then the batch its pages predict (the most copies of the pages the one sequence held "
+                     "whose pool, tables included, fits what the budget leaves), then the batch above it (recorded "
+                     "without running it when the method evicts nothing and its pages cannot fit); a wrong "
+                     "prediction falls back to doubling (from above it) or bisection (below it)")
 
 
 def _search(model, method, ctx: int, input_ids: torch.Tensor, settings: Settings) -> dict[str, Any]:
@@ -320,8 +340,14 @@ def _search(model, method, ctx: int, input_ids: torch.Tensor, settings: Settings
         return why
 
     long_run = bool(settings.new_tokens)
+    start = None
+    if (held := settings.held_pages.get((ctx, method.name))) is not None:
+        start = guess_from_pages(Try(0, True, "--guess-from", kv_pages=held,
+                                     free_bytes=room_for_pool(model, settings.budget)), model)
+        _progress(f"{method.name} @ {ctx} tokens: a sequence held {held:,} pages in --guess-from's run: "
+                  f"batch {start} tried first")
     search = search_largest_batch(
-        attempt, settings.max_batch, stop=stop,
+        attempt, settings.max_batch, stop=stop, start=start,
         guess=(lambda first: guess_from_pages(first, model)) if long_run else None,
         # a method that keeps every decoded row holds known pages: a batch beyond them need not run
         excluded=beyond_the_pages(model) if long_run and not method.evicts else None)

@@ -1201,7 +1201,9 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
                         xytext=(0, 12 if k == 0 else -14), ha="center", va="bottom" if k == 0 else "top",
                         fontsize=8, color=colour)
         present = sorted({row_batch(r) for r in here})  # and every power of two between: log-2 ticks
-        powers = {2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k}
+        # (with none between, as a search that started at its guess may give: the two around them)
+        powers = ({2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k}
+                  or {2 ** (present[0].bit_length() - 1), 2 ** present[-1].bit_length()})
         # A search's bisected batches (14, 15) would crowd the axis: powers of two only, each point still drawn.
         ticks = sorted(powers if largest else set(present) | powers)
         ax.set_xscale("log", base=2)

@@ -330,6 +330,9 @@ def test_help_explains_every_option(capsys):
         (["--target-cr", "nan"], "--target-cr must be 0 (off) or > 1, got nan"),
         (["--contexts", "128,5000"], "--contexts 5000: a prompt and its decode steps 3 must fit the model's "
          "positions, but --model tiny has 4096"),
+        (["--guess-from", "x.json"], "--guess-from predicts long generations' batches: give --new-tokens too"),
+        (["--new-tokens", "8", "--guess-from", "/no/such.json"], "--guess-from /no/such.json: not a capacity.json "
+         "(FileNotFoundError:"),
     ],
 )
 def test_refused_at_once_through_dms_perf(tmp_path, capsys, args, message):
@@ -463,6 +466,12 @@ def test_a_method_that_evicts_nothing_needs_no_run_above_its_pages(tmp_path):
     # out of pages while decoding, or already while the batch was filled (PagesExhausted: an OOM)
     assert not check.fits and check.reason.startswith(("KV pages ran out after", "OOM")), check
 
+    # --guess-from that run: batch 1 is skipped, the same answer in one run
+    again, _ = _long_run(tmp_path / "again", "dense-triton", 0.4, "--guess-from",
+                         str(tmp_path / "dense-triton" / "capacity.json"))
+    assert [(t["batch"], t["ran"]) for t in again["tries"]] == [(fit["batch"], True), (above["batch"], False)]
+    assert again["largest_batch"] == result["largest_batch"]
+
 
 def test_time_limit_leaves_a_lower_bound_and_says_so(tmp_path):
     """A limit shorter than batch 1's try: nothing after it starts, the answer is 1 and the report says which
@@ -473,3 +482,21 @@ def test_time_limit_leaves_a_lower_bound_and_says_so(tmp_path):
     assert "the largest batch may be higher" in result["stopped"]
     md = (tmp_path / "dense-triton" / "capacity.md").read_text()
     assert "1 (search stopped at batch" in md
+
+
+def test_guess_from_a_run_that_does_not_match_is_refused(tmp_path):
+    """Another --new-tokens, or no finished batch of the method at the context: one line naming it."""
+    from dms_perf.bench.batch_search import pages_from_file
+
+    path = tmp_path / "capacity.json"
+    tries = [{"batch": 1, "fits": True, "kv_pages": 10}, {"batch": 3, "fits": True, "kv_pages": 31},
+             {"batch": 4, "fits": False, "kv_pages": 44}]
+    path.write_text(json.dumps({"meta": {"new_tokens": 12, "model": "tiny"},
+                                "results": [{"context": 16, "method": "dms-triton", "tries": tries}]}))
+    assert pages_from_file(path, 16, "dms-triton", 12, "tiny") == 11  # 31 / 3 rounded up; the failed try is not one
+    with pytest.raises(ValueError, match="its run had new_tokens 12, this one 16"):
+        pages_from_file(path, 16, "dms-triton", 16, "tiny")
+    with pytest.raises(ValueError, match="its run had model 'tiny', this one 'qwen3-8b'"):
+        pages_from_file(path, 16, "dms-triton", 12, "qwen3-8b")
+    with pytest.raises(ValueError, match="no batch of dense-triton at 16 tokens ran to its end there"):
+        pages_from_file(path, 16, "dense-triton", 12, "tiny")
