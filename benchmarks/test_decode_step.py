@@ -10,6 +10,8 @@ GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 40
   Lengths come from a seeded generator, so every run measures one layout; the group is the even case's.
   Both record ``spread``, ``longest_head`` and ``max_over_mean`` (longest head over the mean length), and
   ``layout`` ``contiguous`` and ``schedule`` (the kernel's default scheduler, ``SCHEDULE``).
+* ``test_decode_attention_many_heads``: 144 sequences of 2,048 rows a head (a 1K + 16K DMS generation's
+  capacity regime), paged, spread ``even`` and ``trained``, under both schedulers.
 * ``test_decode_attention_layouts``: the same three spreads at the same rows, with the other layout and
   scheduler pairs: ``contiguous`` with the ``balanced`` scheduler, and ``paged`` (pages of
   ``PAGE_ROWS`` rows handed out in shuffled order, one block table per head) with ``per_head`` and
@@ -67,6 +69,9 @@ CALLS_PER_GRAPH = 8
 BATCHES = (1, 8, 32) if HAS_CUDA else (1, 2)
 ROWS = (1, 8, 32)
 ATTENTION_CONTEXTS = (8192, 32768)  # on the GPU; every CPU smoke context
+# Many short heads, as a 1K + 16K DMS generation holds them at its capacity in an H100's whole memory
+# (142 sequences whose heads end with ~2.6K rows, ~1.7K on average over the generation): (batch, rows a head).
+MANY_HEADS = (144, 2048) if HAS_CUDA else (4, 64)
 # Uneven layouts: the long head's length over the mean (capped so every other head keeps a window), a
 # short sequence's share of the mean (never under a window), and the seed of their draws.
 LONG_HEAD_RATIO = 4.5
@@ -189,12 +194,12 @@ def attention_bytes(lengths: torch.Tensor, layout: str = "contiguous") -> tuple[
 
 
 def _decode_attention_case(benchmark, spread: str, batch: int, context_length: int, layout: str = "contiguous",
-                           schedule: str | None = None) -> None:
+                           schedule: str | None = None, *, any_length: bool = False) -> None:
     """Floor: K and V of every kept row, the query read and the output written, and the addressing read:
     starts and lengths (contiguous) or lengths and one block-table entry per page (paged):
     ``2 B Hkv L D e + 2 B Hq D e + 12 B Hkv`` or ``... + 4 B Hkv + 4 pages`` bytes (``e`` bytes an element;
     ``B Hkv L`` rows in all, whatever the spread; rows past a head's length in its last page are not read)."""
-    if HAS_CUDA and context_length not in ATTENTION_CONTEXTS:
+    if HAS_CUDA and not any_length and context_length not in ATTENTION_CONTEXTS:
         pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
     lengths = _kept_lengths(spread, batch, context_length)
     kv_bytes, moved, pages = attention_bytes(lengths, layout)
@@ -240,6 +245,18 @@ def test_decode_attention_layouts(benchmark, batch, context_length, spread, layo
     if spread == "batch" and batch < 2:
         pytest.skip("a batch spread needs two sequences or more")
     _decode_attention_case(benchmark, spread, batch, context_length, layout, schedule)
+
+
+@pytest.mark.parametrize("schedule", decode_kernel.SCHEDULES)
+@pytest.mark.parametrize("spread", ["even", "trained"])
+def test_decode_attention_many_heads(benchmark, spread, schedule):
+    """``MANY_HEADS``: many sequences of short heads on pages, under both schedulers. The balanced scheduler's
+    programs each scan every head's length to find their chunk (and its merge programs those of the heads
+    before theirs), work that grows with the square of the heads; floor as ``_decode_attention_case``."""
+    if spread == "trained" and not TRAINED_PATTERN.exists():
+        pytest.skip(f"no recorded eviction pattern: {TRAINED_PATTERN.name} (python -m benchmarks.eviction_pattern)")
+    batch, rows = MANY_HEADS
+    _decode_attention_case(benchmark, spread, batch, rows, "paged", schedule, any_length=True)
 
 
 # --- the fused step between the q/k/v projection and attention --------------------------------------
