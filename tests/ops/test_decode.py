@@ -204,8 +204,9 @@ def test_decode_schedules_on_uneven_heads(pattern, schedule, num_splits, device)
 
 
 class _PoisonedTorch:
-    """torch, with every float tensor ``empty`` returns filled with NaN: a kernel's output or partial it
-    allocates itself fails the comparison wherever no program wrote it."""
+    """torch, with every float tensor ``empty`` returns filled with NaN and every integer one with a far
+    negative index: a kernel's output, partial or chunk offset it allocates itself fails the comparison (or
+    the read) wherever no program wrote it."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -213,7 +214,7 @@ class _PoisonedTorch:
     @staticmethod
     def empty(*args, **kwargs):
         out = torch.empty(*args, **kwargs)
-        return poison(out) if out.is_floating_point() else out
+        return poison(out) if out.is_floating_point() else out.fill_(-(2**30))
 
 
 @pytest.mark.parametrize("merge_tile,merge_columns", [(1, 16), (4, 32), (64, 16), (16, 128)])

@@ -25,9 +25,10 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
   grid is fixed at ``num_splits * B * Hkv + B * Hkv`` programs (the most chunks there can be: each head's
   last chunk may be short); each program reads all lengths, finds its (head, chunk) from the prefix sum
   of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
-  sizes only, so no host sync and a CUDA graph can capture it. The price: every split and merge program
-  reads all ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch. A
-  head that holds many chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge
+  sizes only, so no host sync and a CUDA graph can capture it. The price: every split program reads all
+  ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch; the merge
+  reads where its head's chunks start from the split (the program of each head's first chunk writes it),
+  not from the lengths, since it has ``G * D / MERGE_COLUMNS`` programs a head. A head that holds many chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge
   takes wide tiles, and splits the head dim over programs (``MERGE_COLUMNS``) so that a tile fits in
   registers (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep).
 """
@@ -230,16 +231,20 @@ def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BL
 
 @triton.jit
 def _decode_balanced_split_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr, first_ptr,
     stride_qb, stride_qh, stride_kn, stride_vn, stride_tb, stride_th, stride_tp, max_pages,
     num_kv_heads, num_heads, num_chunks, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_BLOCK: tl.constexpr,
 ):
     """The balanced scheduler: program ``pid`` takes chunk ``pid`` of the heads' chunks in head order
-    (head r's chunks are programs ``before[r] .. before[r] + chunks[r] - 1``); partial rows by program."""
+    (head r's chunks are programs ``before[r] .. before[r] + chunks[r] - 1``); partial rows by program.
+    For the merge, which then needs no scan of the lengths: the program of a head's first chunk writes
+    ``first[r] = before[r]``, program 0 writes the key blocks a chunk takes at ``first[num_heads]``."""
     pid = tl.program_id(0)
     chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
+    if pid == 0:
+        tl.store(first_ptr + num_heads, chunk_blocks.to(tl.int32))
     # Find the one head whose chunks cover pid (none past the last chunk): head stays -1 then.
     head = tl.full([], -1, tl.int32)
     chunk = tl.full([], 0, tl.int32)
@@ -254,6 +259,8 @@ def _decode_balanced_split_kernel(
         chunk += tl.sum(tl.where(mine, pid - (through - chunks), 0), 0)
         before_block += tl.sum(chunks, 0)
     if head >= 0:
+        if chunk == 0:
+            tl.store(first_ptr + head, pid)
         b = (head // num_kv_heads).to(tl.int64)
         h = head % num_kv_heads
         q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
@@ -276,24 +283,22 @@ def _decode_balanced_split_kernel(
 
 @triton.jit
 def _decode_balanced_merge_kernel(
-    part_out_ptr, part_lse_ptr, len_ptr, out_ptr, stride_ob, stride_oh,
-    num_kv_heads, num_heads, num_chunks,
+    part_out_ptr, part_lse_ptr, len_ptr, first_ptr, out_ptr, stride_ob, stride_oh,
+    num_kv_heads, num_heads,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_BLOCK: tl.constexpr, MERGE_TILE: tl.constexpr, COLUMNS: tl.constexpr,
+    MERGE_TILE: tl.constexpr, COLUMNS: tl.constexpr,
 ):
     """Columns ``pid_c * COLUMNS ..`` of query head ``h * G + g`` of head ``pid_bh``: the log-sum-exp merge
-    of that head's chunks, read ``MERGE_TILE`` at a time (one head may hold all ``num_chunks``)."""
+    of that head's chunks, read ``MERGE_TILE`` at a time (one head may hold all ``num_chunks``). Where its
+    chunks start and how many key blocks a chunk takes, the split wrote (``first``); a head without
+    keys has no chunk, and its entry is never read."""
     pid_bh = tl.program_id(0)
     g = tl.program_id(1)
     pid_c = tl.program_id(2)
-    chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
-    first = tl.full([], 0, tl.int32)
-    for h0 in range(0, num_heads, HEAD_BLOCK):
-        heads = h0 + tl.arange(0, HEAD_BLOCK)
-        blocks = (tl.load(len_ptr + heads, mask=heads < pid_bh, other=0) + BLOCK_N - 1) // BLOCK_N
-        first += tl.sum(((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32), 0)
+    chunk_blocks = tl.load(first_ptr + num_heads)
     own_blocks = (tl.load(len_ptr + pid_bh) + BLOCK_N - 1) // BLOCK_N
     count = ((own_blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+    first = tl.load(first_ptr + pid_bh, mask=count > 0, other=0)
 
     offs_t = tl.arange(0, MERGE_TILE)
     offs_d = pid_c * COLUMNS + tl.arange(0, COLUMNS)
@@ -473,16 +478,17 @@ def dms_decode_attention(
     head_block = min(HEAD_BLOCK, max(16, next_power_of_2(B * Hkv)))
     part_out = torch.empty((programs * g_pad, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((programs * g_pad,), device=q.device, dtype=torch.float32)
+    first = torch.empty((B * Hkv + 1,), device=q.device, dtype=torch.int32)
     _decode_balanced_split_kernel[(programs,)](
-        q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, *addressing,
+        q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, first, *addressing,
         Hkv, B * Hkv, num_chunks, scale * math.log2(math.e), **geometry, HEAD_BLOCK=head_block,
         num_warps=NUM_WARPS,
     )
     columns = min(MERGE_COLUMNS, D)  # both powers of two: columns divides D
     _decode_balanced_merge_kernel[(B * Hkv, G, D // columns)](
-        part_out, part_lse, lengths, out, out.stride(0), out.stride(1),
-        Hkv, B * Hkv, num_chunks,
-        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, HEAD_BLOCK=head_block, MERGE_TILE=MERGE_TILE,
+        part_out, part_lse, lengths, first, out, out.stride(0), out.stride(1),
+        Hkv, B * Hkv,
+        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, MERGE_TILE=MERGE_TILE,
         COLUMNS=columns, num_warps=4,
     )
     return out
