@@ -23,14 +23,15 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
 * ``"balanced"``: all heads' key blocks are cut into chunks of one size, ``C = cdiv(total blocks,
   num_splits * B * Hkv)`` blocks, so every program has about the same work whatever the spread. The
   grid is fixed at ``num_splits * B * Hkv + B * Hkv`` programs (the most chunks there can be: each head's
-  last chunk may be short); each program reads all lengths, finds its (head, chunk) from the prefix sum
+  last chunk may be short); each split program reads all lengths, finds its (head, chunk) from the prefix sum
   of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
   sizes only, so no host sync and a CUDA graph can capture it. The price: every split program reads all
   ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch; the merge
   reads where its head's chunks start from the split (the program of each head's first chunk writes it),
-  not from the lengths, since it has ``G * D / MERGE_COLUMNS`` programs a head. A head that holds many chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge
-  takes wide tiles, and splits the head dim over programs (``MERGE_COLUMNS``) so that a tile fits in
-  registers (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep).
+  not from the lengths, since it has ``G * D / MERGE_COLUMNS`` programs a head. A head that holds many
+  chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge takes wide tiles,
+  and splits the head dim over programs (``MERGE_COLUMNS``) so that a tile fits in registers
+  (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep).
 """
 
 from __future__ import annotations
