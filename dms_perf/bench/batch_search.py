@@ -63,8 +63,8 @@ class Try:
     tok_s: float | None = None  # batch / step seconds: tokens of all sequences per second
     kv_bytes: int | None = None  # the batch's KV cache (every slot), at the end of the steps
     kv_pages: int | None = None  # long generations: the most pool pages the batch held at once
-    free_pages: int | None = None  # long generations: pages the budget leaves for a pool (before capping)
-    free_bytes: int | None = None  # long generations: bytes the budget leaves for a pool, tables included
+    free_pages: int | None = None  # long generations: pages the budget and the card leave for a pool
+    free_bytes: int | None = None  # long generations: bytes they leave (for its pages and per-head tables)
     ran: bool = True  # False: not run, known not to fit (``search_largest_batch``'s ``excluded``)
 
     @property
