@@ -9,13 +9,15 @@ sequence in one batch. A finished request returns its pages at once and the last
 into its slot (``PagedKVPool.move``: block tables, not rows), so the live sequences always occupy the
 lowest slots and a step runs on the smallest batch bucket (``BUCKETS``) that holds them; the engine keeps
 one CUDA graph per bucket. If the running sequences outgrow the pool, the one with the least progress is
-preempted: its pages return, it goes back to the head of the queue and is generated again from its prompt
-later (vLLM's recompute preemption), so the cache is never corrupted and the stream always completes.
+preempted: its pages return and it goes back to the head of the queue with the tokens it generated; admitted
+again, it prefills its prompt and those tokens together and goes on from there (vLLM's recompute
+preemption: the KV cache is recomputed, no generated token is thrown away; a press's prefill compresses them
+with the prompt), so the cache is never corrupted and the stream always completes.
 
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
-included), requests completed per minute, the most pages in use, preemptions, the wall time spent admitting
-(prefills and copies into the pool, during which nothing decodes), and the number of running sequences
-against time.
+included), requests completed per minute, the most pages in use, preemptions and the generated tokens they
+had to prefill again, the wall time spent admitting (prefills and copies into the pool, during which nothing
+decodes), and the number of running sequences against time.
 
 Admission keeps pages back for the running sequences' growth: one hand-out each, and at least
 ``ADMIT_HORIZON`` decode steps of growth for every running sequence and the new one, at the rate the pool's
@@ -26,8 +28,8 @@ output lengths must spend is the preemptions its admission could not foresee, no
 
 ``duration_s`` (``--duration``) measures a fixed window instead of the whole stream: admission and decoding
 stop at the first step that ends past it; requests completed per minute and tokens per second then count what
-the window finished and generated (a running request's tokens so far included, a preempted request's dropped
-tokens not), and the row says how many were still running and queued. Every method then gets the same wall
+the window finished and generated (the tokens so far of a request still running or queued again
+included), and the row says how many were still running and queued. Every method then gets the same wall
 time, and a stream too long to finish in the time a machine is lent can still be compared. ``warmup_s``
 (``--warmup-seconds``) runs the stream that long first and counts only from the first step past it (window figures are
 differences from that step's): the cold start (every slot admitted at once, kernels compiled, graphs captured)
@@ -85,6 +87,13 @@ class Request:
     finished_at: float | None = None
     preempted: int = 0
     tokens: list | None = None  # run_stream(keep_tokens=True): the generated ids (device scalars)
+    resumed: torch.Tensor | None = None  # preempted: the ids it had generated ([1, k], on the device)
+
+    def prefill_ids(self) -> torch.Tensor:
+        """What its admission prefills: the prompt, then the tokens it generated before a preemption."""
+        if self.resumed is None:
+            return self.prompt
+        return torch.cat([self.prompt.to(self.resumed.device), self.resumed], dim=1)
 
 
 @dataclass
@@ -105,7 +114,7 @@ class StreamRun:
     running_at_end: int = 0
     queued_at_end: int = 0
     admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
-    dropped_tokens: int = 0  # tokens preempted requests had generated, thrown away
+    recomputed_tokens: int = 0  # generated tokens prefilled again when a preempted request came back
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
     counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
     mean_output_length: float = 0.0  # of all the stream's requests (its distribution's mean, as drawn)
@@ -150,7 +159,7 @@ class StreamRun:
             "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
             "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
             "admission_s": self.admission_s - b.get("admission_s", 0.0),
-            "dropped_tokens": self.dropped_tokens - b.get("dropped_tokens", 0),
+            "recomputed_tokens": self.recomputed_tokens - b.get("recomputed_tokens", 0),
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
             "stream_trace": self.trace,
@@ -217,6 +226,11 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     made = [0] * max_seqs  # tokens generated so far per slot (the first comes from the prefill)
     tokens = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
     positions = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
+    # Every slot's generated ids by index (a token at position p of a prompt of length L is index p - L), kept
+    # on the device without a sync, so that a preempted request keeps them.
+    history = torch.zeros((max_seqs, max((r.output_length for r in requests), default=1)), dtype=torch.long,
+                          device=device)
+    prompt_lengths = torch.zeros((max_seqs, 1), dtype=torch.long, device=device)
     cache = model.make_dms_cache()
     run = StreamRun(len(requests), 0, 0.0, 0, 0, pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype),
                     pool.nbytes, 0, 0, 0, duration_s, warmup_s=warmup_s,
@@ -233,9 +247,15 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             pool.move(last, slot)
             tokens[slot] = tokens[last]
             positions[slot] = positions[last]
+            history[slot] = history[last]
+            prompt_lengths[slot] = prompt_lengths[last]
             made[slot] = made[last]
             running[slot] = running[last]
         running.pop()
+
+    def unfinished_tokens() -> int:
+        """Tokens generated by requests not finished: the running ones and the preempted ones queued again."""
+        return sum(made[: len(running)]) + sum(r.resumed.shape[1] for r in queue if r.resumed is not None)
 
     def finish(slot: int, now: float) -> None:
         request = running[slot]
@@ -255,7 +275,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             return False
         request = queue[0]
         if staged is None or staged[0] is not request:
-            single, first = (prefill or plain_prefill)(model, request.prompt.to(device))
+            single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
             staged = (request, single, first, admission_pages(single, pool))
         _, single, first, pages = staged
         measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
@@ -273,13 +293,20 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         staged = None
         queue.popleft()
         request.admitted_at = time.perf_counter() - start
+        done = 0 if request.resumed is None else request.resumed.shape[1]  # generated before a preemption
         tokens[slot] = first
         if keep_tokens:
-            request.tokens = [first.reshape(())]
-        positions[slot] = request.prompt.shape[1]
-        made[slot] = 1
+            request.tokens = [*(request.tokens or [])[:done], first.reshape(())]
+        prompt_lengths[slot] = request.prompt.shape[1]
+        positions[slot] = request.prompt.shape[1] + done
+        if done:
+            history[slot, :done] = request.resumed[0]
+        history[slot, done] = first.reshape(())
+        made[slot] = done + 1
+        run.recomputed_tokens += done
+        request.resumed = None
         running.append(request)
-        if request.output_length <= 1:
+        if made[slot] >= request.output_length:  # its prefill gave its last token
             finish(slot, request.admitted_at)
         return True
 
@@ -292,8 +319,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                 if warmup_s and not run.before and now >= warmup:
                     run.counted_from_s = now
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
-                                  "tokens": run.generated_tokens + sum(made[: len(running)]),
-                                  "admission_s": run.admission_s, "dropped_tokens": run.dropped_tokens}
+                                  "tokens": run.generated_tokens + unfinished_tokens(),
+                                  "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens}
             admitting = time.perf_counter()
             while admit():
                 pass
@@ -311,12 +338,12 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                 if len(running) == 1:
                     raise  # one request alone outgrows the pool: no stream can complete
                 # The request with the least progress (a finished one's slot takes the last, so slot order
-                # is not admission order): its tokens are dropped, its prompt queued again.
+                # is not admission order): queued again with the tokens it generated, its pages returned.
                 slot = min(range(len(running)), key=made.__getitem__)
                 victim = running[slot]
                 victim.preempted += 1
                 run.preemptions += 1
-                run.dropped_tokens += made[slot]
+                victim.resumed = history[slot : slot + 1, : made[slot]].clone()
                 vacate(slot)
                 queue.appendleft(victim)
                 continue
@@ -326,6 +353,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                         use_cache=True)
             tokens[:batch] = out.logits[:, -1:].argmax(-1)
             positions[:batch] += 1
+            # the new token's index: at most its output length less one (a request finishing now stops here)
+            index = (positions[:batch] - prompt_lengths[:batch]).clamp(max=history.shape[1] - 1)
+            history[:batch].scatter_(1, index, tokens[:batch])
             if keep_tokens:
                 for slot, request in enumerate(running):
                     request.tokens.append(tokens[slot, 0].clone())
@@ -345,7 +375,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                                 f"{pool.pages_in_use}/{pool.num_pages} pages")
     synchronize()
     run.wall_s = time.perf_counter() - start
-    run.generated_tokens += sum(made[: len(running)])  # a window's unfinished requests (none otherwise)
+    run.generated_tokens += unfinished_tokens()  # a window's unfinished requests (none otherwise)
     run.running_at_end, run.queued_at_end = len(running), len(queue)
     run.record(run.wall_s, len(running), pool.pages_in_use)  # the end, so that even a short stream draws a line
     run.peak_pages = max(run.peak_pages, pool.peak_pages_in_use)
@@ -444,7 +474,7 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | req/min by tokens | total tok/s | completed | mean running "
         "| running / queued at the end | max running | peak KV pages | peak KV GiB | pool GiB "
-        "| preemptions (tokens dropped) | admitting (s) |",
+        "| preemptions (their generated tokens) | admitting (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def gib(row, key):
@@ -457,9 +487,18 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
                      f"{r.get('running_at_end', '-')} / {r.get('queued_at_end', '-')} | "
                      f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
                      f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} "
-                     f"({r.get('dropped_tokens', '-')}) | "
+                     f"({_preempted_tokens(r)}) | "
                      f"{_num(r.get('admission_s'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _preempted_tokens(row: dict[str, Any]) -> str:
+    """The generated tokens preemptions cost: prefilled again, or (rows from before they were kept) dropped."""
+    if row.get("recomputed_tokens") is not None:
+        return f"{row['recomputed_tokens']} recomputed"
+    if row.get("dropped_tokens") is not None:
+        return f"{row['dropped_tokens']} dropped"
+    return "-"
 
 
 def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):

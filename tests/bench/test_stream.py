@@ -80,18 +80,42 @@ def test_every_request_generates_what_it_generates_alone(pages):
     with torch.no_grad():
         want = [_solo(model, r) for r in requests]
         pool = _use_pool(model, pages)
-        run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1, admit_horizon=0)
+        prefilled = []  # every admission's prefill length
+
+        def prefill(model, ids):
+            prefilled.append(ids.shape[1])
+            return stream.plain_prefill(model, ids)
+
+        run = stream.run_stream(model, requests, prefill=prefill, keep_tokens=True, trace_every=1, admit_horizon=0)
     got = [[int(t) for t in r.tokens] for r in requests]
     assert got == want
     assert run.completed == 4 and run.generated_tokens == sum(r.output_length for r in requests)
     assert run.max_running == 2 and pool.pages_in_use == 0 and pool.live_slots == []
-    if pages == 24:
-        assert run.preemptions > 0 and any(r.preempted for r in requests) and run.dropped_tokens > 0
+    if pages == 24:  # a preempted request kept its tokens: prefilled again with its prompt, not generated again
+        assert run.preemptions > 0 and any(r.preempted for r in requests) and run.recomputed_tokens > 0
+        assert len(prefilled) == 4 + run.preemptions and sum(n - 8 for n in prefilled) == run.recomputed_tokens
     else:
-        assert run.preemptions == 0 and run.dropped_tokens == 0
+        assert run.preemptions == 0 and run.recomputed_tokens == 0 and prefilled == [8] * 4
     row = run.as_row()
     assert row["requests_per_min"] > 0 and row["peak_pages"] <= pool.num_pages
     assert row["stream_trace"]["running"] and max(row["stream_trace"]["running"]) <= 2
+
+
+def test_a_request_preempted_twice_keeps_its_tokens():
+    """Three slots, 42 pages: one request is preempted, admitted again with its tokens, and preempted again;
+    what it keeps the second time includes what it kept the first (its slot's history is restored), and
+    every request still generates its solo tokens."""
+    model = _tiny_model()
+    requests = stream.make_requests(6, 8, (4, 24), vocab_size=model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        want = [_solo(model, r) for r in requests]
+        pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 42, max_seqs=3, page_rows=4),
+                                      max_seqs=3, page_rows=4)
+        model.use_kv_pool(pool)
+        run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1, admit_horizon=0)
+    assert max(r.preempted for r in requests) == 2 and run.recomputed_tokens > 0
+    assert [[int(t) for t in r.tokens] for r in requests] == want
+    assert pool.pages_in_use == 0 and pool.live_slots == []
 
 
 def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
