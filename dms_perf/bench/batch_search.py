@@ -336,8 +336,7 @@ def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int)
         try:
             pool = engine_pool(model, max_seqs=batch, budget_bytes=pool_budget)
         except ValueError:
-            allocated = torch.cuda.memory_allocated() if HAS_CUDA else weight_bytes(model)
-            return Try(batch, False, over_budget(allocated + page, budget, " before decoding"), **room)
+            return Try(batch, False, over_budget(_allocated(model) + page, budget, " before decoding"), **room)
         cache = DMSCache.repeated(template, batch, pool=pool, consume=not prompt.reuse)
         del template
         position = torch.full((batch, 1), prompt.context, device=token.device)
@@ -371,16 +370,21 @@ def measure_generation_batch(prompt: Prompt, batch: int, *, new_tokens: int, bud
     return _verdict(prompt, batch, lambda: _run_generation(prompt, batch, new_tokens=new_tokens, budget=budget))
 
 
-def _pool_bytes(model, pages: int, seqs: int) -> int:
-    """Bytes of a pool of ``pages`` pages for ``seqs`` sequences: the pages and the per-head tables."""
-    return PagedKVPool.budget_for_pages(model, pages, max_seqs=seqs)
+def _copies_bytes(model, each: int, batch: int) -> int:
+    """Bytes of a pool for ``batch`` sequences holding ``each`` pages apiece: the pages and the per-head
+    tables."""
+    return PagedKVPool.budget_for_pages(model, batch * each, max_seqs=batch)
+
+
+def _allocated(model) -> int:
+    """Device memory allocated now (the weights, between tries); without a GPU the weights' bytes."""
+    return torch.cuda.memory_allocated() if HAS_CUDA else weight_bytes(model)
 
 
 def room_for_pool(model, budget: int) -> int:
     """Bytes a long generation's pool may take within ``budget``: the budget less ``GENERATION_HEADROOM``
     and what is allocated (the weights), never more than the card has room for (``device_room``)."""
-    allocated = torch.cuda.memory_allocated() if HAS_CUDA else weight_bytes(model)
-    return max(0, min(int(budget * (1 - GENERATION_HEADROOM)) - allocated, device_room()))
+    return max(0, min(int(budget * (1 - GENERATION_HEADROOM)) - _allocated(model), device_room()))
 
 
 def pages_from_file(path, context: int, method: str, new_tokens: int, model_name: str) -> int:
@@ -412,7 +416,7 @@ def guess_from_pages(first: Try, model) -> int:
     if not first.kv_pages or not first.free_bytes:
         return 2
     batch = max(1, first.free_bytes // (first.kv_pages * _page_bytes(model)))
-    while batch > 1 and _pool_bytes(model, batch * first.kv_pages, batch) > first.free_bytes:
+    while batch > 1 and _copies_bytes(model, first.kv_pages, batch) > first.free_bytes:
         batch -= 1
     return batch
 
@@ -425,7 +429,7 @@ def beyond_the_pages(model) -> Callable[[Try, int], str | None]:
         if batch <= fit.batch or not fit.kv_pages or fit.free_bytes is None or fit.kv_pages % fit.batch:
             return None
         each = fit.kv_pages // fit.batch
-        need = _pool_bytes(model, batch * each, batch)
+        need = _copies_bytes(model, each, batch)
         if need <= fit.free_bytes:
             return None
         return (f"not run: {batch} sequences hold {batch * each:,} pages ({gib(need)} GiB with their tables), "

@@ -390,22 +390,31 @@ def test_capacity_is_a_dms_perf_subcommand(capsys):
     assert err.startswith("dms-perf capacity: error:") and "--memory-budget" in err and "Traceback" not in err
 
 
-def test_long_generations_are_measured_at_their_end(tmp_path):
-    """``--new-tokens``: every tried batch generates all its tokens on a paged pool of what the budget leaves;
-    batch 1 is measured, then the batch its pages predict and the one above; a batch whose pages run out is
-    recorded with how far it got."""
+def _long_run(tmp_path, method: str, pool_mib: float, *extra: str, max_batch: int = 64):
+    """A tiny ``--new-tokens 12`` capacity run in ``tmp_path / method`` whose pool gets about ``pool_mib`` MiB:
+    (its one result, the budget in bytes, its arguments)."""
     from dms_perf.bench.floors import config_weight_bytes
     from dms_perf.model.qwen3_dms import tiny_config
 
     weights = config_weight_bytes(tiny_config(), torch.float32)
-    budget = repr((weights + 0.45 * 2**20) / 0.95 / 2**30)  # the pool gets the budget less 5 %, less the weights
-    out = tmp_path / "long"
-    args = ["--contexts", "16", "--methods", "dms-triton", "--model", "tiny", "--dtype", "float32",
-            "--new-tokens", "12", "--max-batch", "8", "--memory-budget", budget, "--out", str(out)]
+    budget = repr((weights + pool_mib * 2**20) / 0.95 / 2**30)  # the pool gets the budget less 5 %, less weights
+    out = tmp_path / method
+    args = ["--contexts", "16", "--methods", method, "--model", "tiny", "--dtype", "float32", "--new-tokens", "12",
+            "--max-batch", str(max_batch), "--memory-budget", budget, "--out", str(out), *extra]
     assert capacity.main(args) == 0
-    data = json.loads((out / "capacity.json").read_text())
-    assert data["meta"]["new_tokens"] == 12
-    (r,) = data["results"]
+    (result,) = json.loads((out / "capacity.json").read_text())["results"]
+    return result, float(budget) * 2**30, args
+
+
+def test_long_generations_are_measured_at_their_end(tmp_path):
+    """``--new-tokens``: every tried batch generates all its tokens on a paged pool of what the budget leaves;
+    batch 1 is measured, then the batch its pages predict and the one above; a batch whose pages run out is
+    recorded with how far it got."""
+    from dms_perf.model.qwen3_dms import tiny_config
+
+    r, _, args = _long_run(tmp_path, "dms-triton", 0.45, max_batch=8)
+    out = tmp_path / "dms-triton"
+    assert json.loads((out / "capacity.json").read_text())["meta"]["new_tokens"] == 12
     tries = r["tries"]
     assert tries[0]["batch"] == 1 and tries[0]["fits"] and tries[0]["kv_pages"] > 0
     page = 2 * 64 * tiny_config().head_dim * 4  # K and V rows of a 64-row page, float32
@@ -428,28 +437,13 @@ def test_long_generations_are_measured_at_their_end(tmp_path):
     assert capacity.main([*args[:3], "dms-hub", *args[4:]]) == 2  # off the engine: refused
 
 
-def _long_run(tmp_path, method: str, pool_mib: float, *extra: str):
-    """A tiny ``--new-tokens`` capacity run whose pool gets about ``pool_mib`` MiB; its one result."""
-    from dms_perf.bench.floors import config_weight_bytes
-    from dms_perf.model.qwen3_dms import tiny_config
-
-    weights = config_weight_bytes(tiny_config(), torch.float32)
-    budget = repr((weights + pool_mib * 2**20) / 0.95 / 2**30)  # the pool gets the budget less 5 %, less weights
-    out = tmp_path / method
-    args = ["--contexts", "16", "--methods", method, "--model", "tiny", "--dtype", "float32", "--new-tokens", "12",
-            "--max-batch", "64", "--memory-budget", budget, "--out", str(out), *extra]
-    assert capacity.main(args) == 0
-    (result,) = json.loads((out / "capacity.json").read_text())["results"]
-    return result, float(budget) * 2**30
-
-
 def test_a_method_that_evicts_nothing_needs_no_run_above_its_pages(tmp_path):
     """dense-triton holds every row: batch 1's pages predict the answer exactly, and the batch above it is
     recorded as not run. Running that batch anyway (the check) does run out of pages."""
     from dms_perf.bench.batch_search import Prompt, measure_generation_batch
     from dms_perf.bench.methods import load_model_for, resolve_method
 
-    result, budget = _long_run(tmp_path, "dense-triton", 0.4)
+    result, budget, _ = _long_run(tmp_path, "dense-triton", 0.4)
     tries = result["tries"]
     assert [t["ran"] for t in tries] == [True, True, False], tries
     first, fit, above = tries
@@ -467,7 +461,7 @@ def test_a_method_that_evicts_nothing_needs_no_run_above_its_pages(tmp_path):
     assert not check.fits and check.reason.startswith(("KV pages ran out after", "OOM")), check
 
     # --guess-from that run: batch 1 is skipped, the same answer in one run
-    again, _ = _long_run(tmp_path / "again", "dense-triton", 0.4, "--guess-from",
+    again, _, _ = _long_run(tmp_path / "again", "dense-triton", 0.4, "--guess-from",
                          str(tmp_path / "dense-triton" / "capacity.json"))
     assert [(t["batch"], t["ran"]) for t in again["tries"]] == [(fit["batch"], True), (above["batch"], False)]
     assert again["largest_batch"] == result["largest_batch"]
@@ -476,7 +470,7 @@ def test_a_method_that_evicts_nothing_needs_no_run_above_its_pages(tmp_path):
 def test_time_limit_leaves_a_lower_bound_and_says_so(tmp_path):
     """A limit shorter than batch 1's try: nothing after it starts, the answer is 1 and the report says which
     batch was not tried."""
-    result, _ = _long_run(tmp_path, "dense-triton", 0.4, "--time-limit", "0.001")
+    result, _, _ = _long_run(tmp_path, "dense-triton", 0.4, "--time-limit", "0.001")
     assert [t["batch"] for t in result["tries"]] == [1] and result["largest_batch"] == 1
     assert result["stopped"].startswith("batch ") and "not tried: --time-limit 0.001 s" in result["stopped"]
     assert "the largest batch may be higher" in result["stopped"]
