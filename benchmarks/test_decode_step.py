@@ -251,8 +251,8 @@ def test_decode_attention_layouts(benchmark, batch, context_length, spread, layo
 @pytest.mark.parametrize("spread", ["even", "trained"])
 def test_decode_attention_many_heads(benchmark, spread, schedule):
     """``MANY_HEADS``: many sequences of short heads on pages, under both schedulers. The balanced scheduler's
-    programs each scan every head's length to find their chunk (and its merge programs those of the heads
-    before theirs), work that grows with the square of the heads; floor as ``_decode_attention_case``."""
+    split programs each scan every head's length to find their chunk, work that grows with the square of
+    the heads; floor as ``_decode_attention_case``."""
     if spread == "trained" and not TRAINED_PATTERN.exists():
         pytest.skip(f"no recorded eviction pattern: {TRAINED_PATTERN.name} (python -m benchmarks.eviction_pattern)")
     batch, rows = MANY_HEADS
