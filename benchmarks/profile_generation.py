@@ -23,13 +23,12 @@ import torch
 import dms_perf.model.cache as cache_module
 from dms_perf._runtime import HAS_CUDA
 from dms_perf.bench.batch_search import Prompt, _decode, room_for_pool, sizing_budget
-from dms_perf.bench.floors import weight_bytes
+from dms_perf.bench.floors import bandwidth_floor, weight_bytes
 from dms_perf.bench.generation import engine_pool
 from dms_perf.bench.methods import load_model_for, resolve_method
 from dms_perf.bench.options import DEFAULT_TARGET_CR, parse_token_count
 from dms_perf.bench.timing import copy_bandwidth_bytes_per_s, synchronize
 from dms_perf.model.cache import DMSCache
-from dms_perf.model.paged import PagedKVPool
 
 # The two decode schedulers, forced through the spread rule the cache applies (PagedCacheLayer.schedule).
 FORCED_SPREAD = {"per_head": float("inf"), "balanced": 0.0}
@@ -81,7 +80,6 @@ def main(argv=None) -> dict:
         cache = DMSCache.repeated(template, args.batch, pool=pool, consume=not prompt.reuse)
         del template
         position = torch.full((args.batch, 1), args.context, device=device)
-        page = PagedKVPool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype)
 
         def timed(n: int) -> float:
             synchronize()
@@ -95,12 +93,12 @@ def main(argv=None) -> dict:
             n = min(args.chunk, profile_at - done)
             ms = timed(n)
             done += n
-            kv = pool.pages_in_use * page
+            kv = pool.bytes_in_use
             row = {"steps": done, "ms_per_step": ms, "kv_bytes": kv, "schedule": cache.layers[0].schedule,
                    "spread": pool.bound_spread(args.batch)}
             if bandwidth:
-                row["floor_ms"] = (weights + kv) / bandwidth * 1e3
-                row["floor_fraction"] = row["floor_ms"] / ms
+                floor = bandwidth_floor(weights + kv, ms / 1e3)
+                row.update(floor_ms=floor["floor_ms"], floor_fraction=floor["floor_fraction"])
             report["chunks"].append(row)
             print(json.dumps(row), flush=True)
 
@@ -120,7 +118,7 @@ def main(argv=None) -> dict:
                 cache_module.EVEN_SPREAD = spread
                 timed(8)  # captures this scheduler's graphs
                 report["schedulers"][name] = {"ms_per_step": timed(args.ab_steps), "ran": cache.layers[0].schedule,
-                                              "kv_bytes": pool.pages_in_use * page}
+                                              "kv_bytes": pool.bytes_in_use}
                 print(name, json.dumps(report["schedulers"][name]), flush=True)
         finally:
             cache_module.EVEN_SPREAD = rule

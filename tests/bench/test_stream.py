@@ -40,10 +40,10 @@ def _tiny_model():
     return model
 
 
-def _use_pool(model, pages: int) -> PagedKVPool:
-    """A pool of ``pages`` pages of 4 rows and two sequence slots, for ``model``."""
-    pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, pages, max_seqs=2, page_rows=4),
-                                  max_seqs=2, page_rows=4)
+def _use_pool(model, pages: int, seqs: int = 2) -> PagedKVPool:
+    """A pool of ``pages`` pages of 4 rows and ``seqs`` sequence slots, for ``model``."""
+    pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, pages, max_seqs=seqs, page_rows=4),
+                                  max_seqs=seqs, page_rows=4)
     model.use_kv_pool(pool)
     return pool
 
@@ -109,9 +109,7 @@ def test_a_request_preempted_twice_keeps_its_tokens():
     requests = stream.make_requests(6, 8, (4, 24), vocab_size=model.config.vocab_size, seed=2)
     with torch.no_grad():
         want = [_solo(model, r) for r in requests]
-        pool = PagedKVPool.for_budget(model, PagedKVPool.budget_for_pages(model, 42, max_seqs=3, page_rows=4),
-                                      max_seqs=3, page_rows=4)
-        model.use_kv_pool(pool)
+        pool = _use_pool(model, 42, seqs=3)
         run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1, admit_horizon=0)
     assert max(r.preempted for r in requests) == 2 and run.recomputed_tokens > 0
     assert [[int(t) for t in r.tokens] for r in requests] == want
