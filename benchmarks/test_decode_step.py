@@ -11,7 +11,8 @@ GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 40
   Both record ``spread``, ``longest_head`` and ``max_over_mean`` (longest head over the mean length), and
   ``layout`` ``contiguous`` and ``schedule`` (the kernel's default scheduler, ``SCHEDULE``).
 * ``test_decode_attention_many_heads``: 144 sequences of 2,048 rows a head (a 1K + 16K DMS generation's
-  capacity regime), paged, spread ``even`` and ``trained``, under both schedulers.
+  capacity regime), paged, spread ``even`` and ``trained``, under both schedulers, the balanced one with
+  and without its plan launch (``MANY_HEADS_CASES``).
 * ``test_decode_attention_layouts``: the same three spreads at the same rows, with the other layout and
   scheduler pairs: ``contiguous`` with the ``balanced`` scheduler, and ``paged`` (pages of
   ``PAGE_ROWS`` rows handed out in shuffled order, one block table per head) with ``per_head`` and
@@ -247,14 +248,23 @@ def test_decode_attention_layouts(benchmark, batch, context_length, spread, layo
     _decode_attention_case(benchmark, spread, batch, context_length, layout, schedule)
 
 
-@pytest.mark.parametrize("schedule", decode_kernel.SCHEDULES)
+# The many-heads cases: the per-head scheduler, and the balanced one with each program scanning the lengths
+# to find its chunk or reading the plan launch's chunk starts (``decode_kernel.PLAN_HEADS``).
+MANY_HEADS_CASES = [("per_head", None), ("balanced", "scan"), ("balanced", "plan")]
+
+
+@pytest.mark.parametrize("schedule,finding", MANY_HEADS_CASES,
+                         ids=[s if f is None else f"{s}-{f}" for s, f in MANY_HEADS_CASES])
 @pytest.mark.parametrize("spread", ["even", "trained"])
-def test_decode_attention_many_heads(benchmark, spread, schedule):
-    """``MANY_HEADS``: many sequences of short heads on pages, under both schedulers. The balanced scheduler's
-    split programs each scan every head's length to find their chunk, work that grows with the square of
-    the heads; floor as ``_decode_attention_case``."""
+def test_decode_attention_many_heads(benchmark, spread, schedule, finding, monkeypatch):
+    """``MANY_HEADS``: many sequences of short heads on pages, under both schedulers. Without the plan launch
+    the balanced scheduler's split programs each scan every head's length to find their chunk, work that
+    grows with the square of the heads; floor as ``_decode_attention_case``."""
     if spread == "trained" and not TRAINED_PATTERN.exists():
         pytest.skip(f"no recorded eviction pattern: {TRAINED_PATTERN.name} (python -m benchmarks.eviction_pattern)")
+    if finding is not None:
+        monkeypatch.setattr(decode_kernel, "PLAN_HEADS", 0 if finding == "plan" else 2**31 - 1)
+        benchmark.extra_info["finding"] = finding
     batch, rows = MANY_HEADS
     _decode_attention_case(benchmark, spread, batch, rows, "paged", schedule, any_length=True)
 

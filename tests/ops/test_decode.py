@@ -182,6 +182,16 @@ def _uneven_lengths(page_rows: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
+@pytest.fixture(params=["scan", "plan"])
+def plan(request, monkeypatch):
+    """The balanced split finding its chunk both ways: each program scanning the lengths (``scan``), or the
+    plan launch writing where each head's chunks start (``plan``), whatever the number of heads."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "PLAN_HEADS", 0 if request.param == "plan" else 2**31 - 1)
+    return request.param
+
+
 # Per pattern: [B, Hkv] lengths with empty heads, one head holding everything, or nothing at all.
 UNEVEN = {
     "one-holds-all": [[0, 0, 0], [0, 400, 0]],
@@ -192,7 +202,7 @@ UNEVEN = {
 
 @pytest.mark.parametrize("schedule,num_splits", [("per_head", 4), ("balanced", 1), ("balanced", 4)])
 @pytest.mark.parametrize("pattern", list(UNEVEN))
-def test_decode_schedules_on_uneven_heads(pattern, schedule, num_splits, device):
+def test_decode_schedules_on_uneven_heads(pattern, schedule, num_splits, device, plan):
     """Each scheduler over heads of very different lengths (contiguous cache): exact per the reference,
     empty heads zeros, whatever the number of splits (the balanced one cuts equal chunks of all heads'
     key blocks, so a head holding everything takes nearly all chunks)."""
@@ -219,7 +229,7 @@ class _PoisonedTorch:
 
 @pytest.mark.parametrize("merge_tile,merge_columns", [(1, 16), (4, 32), (64, 16), (16, 128)])
 @pytest.mark.parametrize("pattern", ["one-holds-all", "spread"])
-def test_balanced_merge_geometry(pattern, merge_tile, merge_columns, monkeypatch, device):
+def test_balanced_merge_geometry(pattern, merge_tile, merge_columns, monkeypatch, device, plan):
     """The balanced merge takes ``MERGE_TILE`` chunks a step and ``MERGE_COLUMNS`` head-dim columns a
     program (all of them when that is more than the head dim): every geometry gives the reference's
     output, and every element is written (the kernel's buffers start as NaN)."""
@@ -235,7 +245,7 @@ def test_balanced_merge_geometry(pattern, merge_tile, merge_columns, monkeypatch
     assert torch.equal(out.view(2, 3, 2, 64)[lengths == 0], torch.zeros(int((lengths == 0).sum()), 2, 64))
 
 
-def test_balanced_schedule_locates_chunks_across_head_blocks(monkeypatch, device):
+def test_balanced_schedule_locates_chunks_across_head_blocks(monkeypatch, device, plan):
     """A balanced program reads the lengths ``HEAD_BLOCK`` heads at a time to find its chunk (and the merge
     its head's first chunk): with blocks of 8 heads, 15 heads take two blocks, the second one partial."""
     from dms_perf.ops.decode import kernel
@@ -284,7 +294,7 @@ def test_paged_decode_matches_reference(page_rows, block_n, schedule, device):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("page_rows,block_n", [(16, 32), (32, 32)], ids=["gather-16", "tile-32"])
-def test_paged_decode_masks_no_page_rows(page_rows, block_n, schedule, device):
+def test_paged_decode_masks_no_page_rows(page_rows, block_n, schedule, device, plan):
     """A logical row whose table entry is NO_PAGE is never read: as if masked. Here a long head's second
     page, another head's first (its first tiles have no key at all) and every page of a third (zeros):
     their pages are poisoned, and the reference leaves those rows out."""
@@ -439,7 +449,7 @@ def test_decode_takes_any_batch_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, None])
-def test_balanced_decode_takes_2048_heads_gpu(num_splits, dtype):
+def test_balanced_decode_takes_2048_heads_gpu(num_splits, dtype, plan):
     """The balanced scheduler at B * Hkv = 2048 (two blocks of HEAD_BLOCK lengths per scan): heads of
     0..40 rows, a tenth empty, four holding 2000 (segments of 2000 rows), against the dense softmax."""
     B, Hq, Hkv, cap, D = 256, 16, 8, 2000, 64

@@ -23,12 +23,14 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
 * ``"balanced"``: all heads' key blocks are cut into chunks of one size, ``C = cdiv(total blocks,
   num_splits * B * Hkv)`` blocks, so every program has about the same work whatever the spread. The
   grid is fixed at ``num_splits * B * Hkv + B * Hkv`` programs (the most chunks there can be: each head's
-  last chunk may be short); each split program reads all lengths, finds its (head, chunk) from the prefix sum
-  of the chunks per head, and the ones past the last chunk exit. Computed on the device from host-known
-  sizes only, so no host sync and a CUDA graph can capture it. The price: every split program reads all
-  ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time), a cost that grows with the batch; the merge
-  reads where its head's chunks start from the split (the program of each head's first chunk writes it),
-  not from the lengths, since it has ``G * D / MERGE_COLUMNS`` programs a head. A head that holds many
+  last chunk may be short); each split program finds its (head, chunk) from the prefix sum of the chunks
+  per head, and the ones past the last chunk exit. Computed on the device from host-known sizes only, so
+  no host sync and a CUDA graph can capture it. Below ``PLAN_HEADS`` heads every split program reads all
+  ``B * Hkv`` lengths (from L2, ``HEAD_BLOCK`` at a time) to sum them; from there on, a cost that grows with
+  the square of the heads, one small launch (the plan) writes where each head's chunks start, and a split
+  program counts the heads that start at or before it. The merge reads those starts (written by the plan,
+  or by the split program of each head's first chunk), not the lengths, since it has ``G * D /
+  MERGE_COLUMNS`` programs a head. A head that holds many
   chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge takes wide tiles,
   and splits the head dim over programs (``MERGE_COLUMNS``) so that a tile fits in registers
   (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep).
@@ -69,6 +71,10 @@ SCHEDULE = "balanced"
 # even time at 16 x 128, 1.03x at 128 x 32).
 HEAD_BLOCK = 1024
 MERGE_TILE = 128
+# Balanced scheduling at ``B * Hkv >= PLAN_HEADS`` heads: one small launch finds where each head's chunks
+# start, once, for the split programs to read (``_decode_balanced_plan_kernel``); below it each split
+# program scans the lengths itself, which costs less than a launch while the heads are few.
+PLAN_HEADS = 512
 MERGE_COLUMNS = 32
 
 
@@ -231,37 +237,71 @@ def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BL
 
 
 @triton.jit
+def _decode_balanced_plan_kernel(len_ptr, first_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr,
+                                 HEAD_BLOCK: tl.constexpr):
+    """One program: where each head's chunks start, ``first[r] = before[r]``, then the key blocks a chunk
+    takes at ``first[num_heads]`` and the number of chunks at ``first[num_heads + 1]``; the split reads
+    them instead of scanning the lengths in every program (``PLAN_HEADS``)."""
+    chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
+    before = tl.full([], 0, tl.int32)
+    for h0 in range(0, num_heads, HEAD_BLOCK):
+        heads = h0 + tl.arange(0, HEAD_BLOCK)
+        blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
+        chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+        tl.store(first_ptr + heads, before + tl.cumsum(chunks, 0) - chunks, mask=heads < num_heads)
+        before += tl.sum(chunks, 0)
+    tl.store(first_ptr + num_heads, chunk_blocks.to(tl.int32))
+    tl.store(first_ptr + num_heads + 1, before)
+
+
+@triton.jit
 def _decode_balanced_split_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr, first_ptr,
     stride_qb, stride_qh, stride_kn, stride_vn, stride_tb, stride_th, stride_tp, max_pages,
     num_kv_heads, num_heads, num_chunks, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    PLANNED: tl.constexpr,
 ):
     """The balanced scheduler: program ``pid`` takes chunk ``pid`` of the heads' chunks in head order
     (head r's chunks are programs ``before[r] .. before[r] + chunks[r] - 1``); partial rows by program.
-    For the merge, which then needs no scan of the lengths: the program of a head's first chunk writes
-    ``first[r] = before[r]``, program 0 writes the key blocks a chunk takes at ``first[num_heads]``."""
+
+    ``PLANNED``: the plan launch wrote ``first`` (``_decode_balanced_plan_kernel``); a program past the last
+    chunk exits after one load, the others find their head as the number of heads starting at or before
+    ``pid``, less one (a head without chunks starts where the next one does, so the count skips it).
+    Else each program scans the lengths twice (their sum, then the chunks before each head), and for the
+    merge the program of a head's first chunk writes ``first[r]``, program 0 the key blocks a chunk takes
+    at ``first[num_heads]``."""
     pid = tl.program_id(0)
-    chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
-    if pid == 0:
-        tl.store(first_ptr + num_heads, chunk_blocks.to(tl.int32))
-    # Find the one head whose chunks cover pid (none past the last chunk): head stays -1 then.
     head = tl.full([], -1, tl.int32)
     chunk = tl.full([], 0, tl.int32)
-    before_block = tl.full([], 0, tl.int32)
-    for h0 in range(0, num_heads, HEAD_BLOCK):
-        heads = h0 + tl.arange(0, HEAD_BLOCK)
-        blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
-        chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
-        through = before_block + tl.cumsum(chunks, 0)
-        mine = (through - chunks <= pid) & (pid < through)
-        head += tl.sum(tl.where(mine, heads + 1, 0), 0)
-        chunk += tl.sum(tl.where(mine, pid - (through - chunks), 0), 0)
-        before_block += tl.sum(chunks, 0)
+    if PLANNED:
+        chunk_blocks = tl.load(first_ptr + num_heads).to(tl.int64)
+        if pid < tl.load(first_ptr + num_heads + 1):
+            for h0 in range(0, num_heads, HEAD_BLOCK):
+                heads = h0 + tl.arange(0, HEAD_BLOCK)
+                starts = tl.load(first_ptr + heads, mask=heads < num_heads, other=2147483647)
+                head += tl.sum((starts <= pid).to(tl.int32), 0)
+            chunk = pid - tl.load(first_ptr + head)
+    else:
+        chunk_blocks = _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N, HEAD_BLOCK)
+        if pid == 0:
+            tl.store(first_ptr + num_heads, chunk_blocks.to(tl.int32))
+        # Find the one head whose chunks cover pid (none past the last chunk): head stays -1 then.
+        before_block = tl.full([], 0, tl.int32)
+        for h0 in range(0, num_heads, HEAD_BLOCK):
+            heads = h0 + tl.arange(0, HEAD_BLOCK)
+            blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
+            chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+            through = before_block + tl.cumsum(chunks, 0)
+            mine = (through - chunks <= pid) & (pid < through)
+            head += tl.sum(tl.where(mine, heads + 1, 0), 0)
+            chunk += tl.sum(tl.where(mine, pid - (through - chunks), 0), 0)
+            before_block += tl.sum(chunks, 0)
+        if head >= 0:
+            if chunk == 0:
+                tl.store(first_ptr + head, pid)
     if head >= 0:
-        if chunk == 0:
-            tl.store(first_ptr + head, pid)
         b = (head // num_kv_heads).to(tl.int64)
         h = head % num_kv_heads
         q = _load_query(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
@@ -479,11 +519,15 @@ def dms_decode_attention(
     head_block = min(HEAD_BLOCK, max(16, next_power_of_2(B * Hkv)))
     part_out = torch.empty((programs * g_pad, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((programs * g_pad,), device=q.device, dtype=torch.float32)
-    first = torch.empty((B * Hkv + 1,), device=q.device, dtype=torch.int32)
+    first = torch.empty((B * Hkv + 2,), device=q.device, dtype=torch.int32)
+    planned = B * Hkv >= PLAN_HEADS
+    if planned:
+        _decode_balanced_plan_kernel[(1,)](lengths, first, B * Hkv, num_chunks, BLOCK_N=block_n,
+                                           HEAD_BLOCK=head_block, num_warps=4)
     _decode_balanced_split_kernel[(programs,)](
         q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, first, *addressing,
         Hkv, B * Hkv, num_chunks, scale * math.log2(math.e), **geometry, HEAD_BLOCK=head_block,
-        num_warps=NUM_WARPS,
+        PLANNED=planned, num_warps=NUM_WARPS,
     )
     columns = min(MERGE_COLUMNS, D)  # both powers of two: columns divides D
     _decode_balanced_merge_kernel[(B * Hkv, G, D // columns)](
