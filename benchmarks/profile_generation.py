@@ -29,9 +29,7 @@ from dms_perf.bench.methods import load_model_for, resolve_method
 from dms_perf.bench.options import DEFAULT_TARGET_CR, parse_token_count
 from dms_perf.bench.timing import copy_bandwidth_bytes_per_s, synchronize
 from dms_perf.model.cache import DMSCache
-
-# The two decode schedulers, forced through the spread rule the cache applies (PagedCacheLayer.schedule).
-FORCED_SPREAD = {"per_head": float("inf"), "balanced": 0.0}
+from dms_perf.ops.decode.kernel import SCHEDULES
 
 
 def main(argv=None) -> dict:
@@ -112,16 +110,16 @@ def main(argv=None) -> dict:
         report["profile_table"] = table
         print(table, flush=True)
 
-        rule = cache_module.EVEN_SPREAD
+        rule = cache_module.decode_schedule  # the rule the cache's layers apply, replaced by each scheduler
         try:
-            for name, spread in FORCED_SPREAD.items():
-                cache_module.EVEN_SPREAD = spread
+            for name in SCHEDULES:
+                cache_module.decode_schedule = lambda spread, heads, name=name: name
                 timed(8)  # captures this scheduler's graphs
                 report["schedulers"][name] = {"ms_per_step": timed(args.ab_steps), "ran": cache.layers[0].schedule,
                                               "kv_bytes": pool.bytes_in_use}
                 print(name, json.dumps(report["schedulers"][name]), flush=True)
         finally:
-            cache_module.EVEN_SPREAD = rule
+            cache_module.decode_schedule = rule
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -46,8 +46,13 @@ from dms_perf.rule import evict_flags
 
 DEFAULT_CAPACITY_STEP = 128
 # Heads whose longest host-known row bound is at most this many times the mean decode with per-head splits
-# on the paged pool, more uneven ones with the balanced scheduler (PagedCacheLayer.schedule).
+# on the paged pool, more uneven ones with the balanced scheduler (decode_schedule) ...
 EVEN_SPREAD = 1.15
+# ... unless a layer has at least MANY_HEADS heads (B * Hkv) spread at most MANY_HEADS_SPREAD: the per-head
+# programs then fill many waves and even out on their own (H100, 1,136-1,152 heads of spread 1.0-1.9: 7-10 %
+# faster than the balanced scheduler; benchmarks/NOTES.md, "Session of 2026-12-07 (10)").
+MANY_HEADS = 1024
+MANY_HEADS_SPREAD = 2.0
 # Prefill layers whose packing may wait (each holds its full-length K/V until packed): two layers of
 # GPU work stay queued behind the one the host waits for.
 MAX_PENDING_LAYERS = 2
@@ -359,6 +364,17 @@ class DMSCacheLayer(CacheLayerMixin):
                             self.block_table, self.page_rows, self.schedule)
 
 
+def decode_schedule(spread: float, heads: int) -> str:
+    """The decode scheduler for a layer of ``heads`` heads (``B * Hkv``) whose longest row bound is ``spread``
+    times their mean: ``"per_head"`` while they hold about as many rows (``EVEN_SPREAD``), or are many
+    (``MANY_HEADS``) and at most ``MANY_HEADS_SPREAD`` uneven; else ``"balanced"`` (benchmarks/NOTES.md:
+    per-head splits cost 1-3 % less on even heads; on a few uneven ones the longest head sets their time,
+    which the balanced scheduler evens out)."""
+    if spread <= EVEN_SPREAD or (heads >= MANY_HEADS and spread <= MANY_HEADS_SPREAD):
+        return "per_head"
+    return "balanced"
+
+
 class PagedCacheLayer(DMSCacheLayer):
     """A layer of a :class:`DMSCache` on a :class:`~dms_perf.model.paged.PagedKVPool`: each head's rows are
     the pages its block table lists (docs/DMS.md, "Cache and decode"); the batch's sequences occupy the
@@ -499,11 +515,9 @@ class PagedCacheLayer(DMSCacheLayer):
 
     @property
     def schedule(self) -> str:
-        """``"per_head"`` while every layer's heads hold about as many rows (``PagedKVPool.bound_spread`` at
-        most ``EVEN_SPREAD``), else ``"balanced"``: one value for all layers, from host-known bounds, so that
-        a decode graph is keyed by it once (benchmarks/NOTES.md: per-head splits cost 1-3 % less on even
-        heads; the longest head sets their time on uneven ones, which the balanced scheduler evens out)."""
-        return "per_head" if self.pool.bound_spread(self.batch) <= EVEN_SPREAD else "balanced"
+        """``decode_schedule`` of the batch's heads: one value for all layers, from host-known bounds
+        (``PagedKVPool.bound_spread``), so that a decode graph is keyed by it once."""
+        return decode_schedule(self.pool.bound_spread(self.batch), self.batch * self.pool.kv_heads)
 
     def nbytes(self) -> int:
         """Bytes of the pages this layer's heads hold and of their state in the pool (host figures: no sync)."""

@@ -10,7 +10,7 @@ import dms_perf.model.cache as cache_module
 def test_profile_generation_times_chunks_and_forces_each_scheduler(tmp_path):
     from benchmarks.profile_generation import main
 
-    rule = cache_module.EVEN_SPREAD
+    rule = cache_module.decode_schedule
     out = tmp_path / "profile.json"
     report = main(["--model", "tiny", "--batch", "2", "--context", "64", "--new-tokens", "24", "--chunk", "2",
                    "--profile-steps", "1", "--ab-steps", "1", "--out", str(out)])
@@ -19,7 +19,7 @@ def test_profile_generation_times_chunks_and_forces_each_scheduler(tmp_path):
     assert all(row["ms_per_step"] > 0 and row["kv_bytes"] > 0 for row in report["chunks"])
     assert {name: figures["ran"] for name, figures in report["schedulers"].items()} == {
         "per_head": "per_head", "balanced": "balanced"}
-    assert cache_module.EVEN_SPREAD == rule  # the cache's rule is restored
+    assert cache_module.decode_schedule is rule  # the cache's rule is restored
     assert out.exists()
 
 

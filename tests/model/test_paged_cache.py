@@ -112,6 +112,19 @@ def test_long_paged_generation_equals_the_math_reference(evict, device):
     _check_pages(pool)
 
 
+@pytest.mark.parametrize("spread,heads,expected", [
+    (1.0, 8, "per_head"), (1.15, 8, "per_head"), (1.16, 8, "balanced"), (1.9, 1023, "balanced"),
+    (1.9, 1024, "per_head"), (2.0, 4096, "per_head"), (2.01, 4096, "balanced"), (1.16, 1024, "per_head"),
+])
+def test_decode_schedule_takes_per_head_splits_for_even_or_many_heads(spread, heads, expected):
+    """Per-head splits for heads within ``EVEN_SPREAD`` of their mean, or at least ``MANY_HEADS`` of them
+    within ``MANY_HEADS_SPREAD``; the balanced scheduler otherwise (the rule at the constants' values)."""
+    from dms_perf.model.cache import EVEN_SPREAD, MANY_HEADS, MANY_HEADS_SPREAD, decode_schedule
+
+    assert (EVEN_SPREAD, MANY_HEADS, MANY_HEADS_SPREAD) == (1.15, 1024, 2.0)  # the cases are placed around them
+    assert decode_schedule(spread, heads) == expected
+
+
 @pytest.mark.parametrize("even_spread", [0.0, 1e9], ids=["balanced", "per-head"])
 def test_the_decode_scheduler_follows_the_heads_spread(even_spread, device, monkeypatch):
     """The paged layers ask decode attention for per-head splits while the heads' bounds are within
