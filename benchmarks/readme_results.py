@@ -3,8 +3,8 @@
     python -m benchmarks.readme_results                 # print the section for the README's card
     python -m benchmarks.readme_results --write         # replace it in README.md
 
-Sources, all under version control: the card's newest pytest-benchmark baseline
-(``benchmarks/baselines/<card>/*/NNNN_baseline.json``: ``test_decode_batch``), the serving run
+Sources, all under version control: the card's newest pytest-benchmark baseline with ``test_decode_batch``
+cases (``benchmarks/baselines/<card>/*/NNNN_baseline.json``), the serving run
 (``benchmarks/results/<card>/serving/results.json``, ``dms-perf bench``) and the capacity run
 (``benchmarks/results/<card>/capacity/capacity.json``, ``dms-perf capacity``). Every table names its card,
 command, date and commit. ``tests/test_readme.py`` checks that README.md holds exactly this rendering.
@@ -27,11 +27,13 @@ PAIR = ("dms-triton", "dense-triton")
 DECODE_CELLS = ((32768, 1), (32768, 8), (32768, 32), (8192, 1), (8192, 8), (8192, 32))
 
 
-def newest_baseline(card: str = CARD) -> Path:
+def newest_baseline(card: str = CARD, test: str = "test_decode_batch") -> Path:
+    """The card's newest baseline holding cases of ``test`` (a baseline may re-measure only some benchmarks)."""
     files = sorted((REPO / "benchmarks" / "baselines" / card).glob("*/[0-9][0-9][0-9][0-9]_*.json"))
-    if not files:
-        raise FileNotFoundError(f"no baseline for {card} under benchmarks/baselines/{card}/")
-    return files[-1]
+    for path in reversed(files):
+        if any(case["name"].startswith(test + "[") for case in json.loads(path.read_text())["benchmarks"]):
+            return path
+    raise FileNotFoundError(f"no baseline with {test} cases for {card} under benchmarks/baselines/{card}/")
 
 
 def _k(tokens: int) -> str:
