@@ -22,7 +22,7 @@ import torch
 
 import dms_perf.model.cache as cache_module
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.batch_search import Prompt, _decode, room_for_pool, sizing_budget
+from dms_perf.bench.batch_search import Prompt, _decode, generation_pool_budget
 from dms_perf.bench.floors import bandwidth_floor, weight_bytes
 from dms_perf.bench.generation import engine_pool
 from dms_perf.bench.methods import load_model_for, resolve_method
@@ -70,10 +70,7 @@ def main(argv=None) -> dict:
 
     with torch.inference_mode():
         token = first.repeat(args.batch, 1)
-        if not prompt.reuse:
-            template.to("cpu")
-        end = args.context + args.new_tokens
-        pool_budget = min(room_for_pool(model, budget), sizing_budget(model, args.batch, end))
+        _, pool_budget = generation_pool_budget(prompt, template, args.batch, new_tokens=args.new_tokens, budget=budget)
         pool = engine_pool(model, max_seqs=args.batch, budget_bytes=pool_budget)
         cache = DMSCache.repeated(template, args.batch, pool=pool, consume=not prompt.reuse)
         del template

@@ -317,21 +317,29 @@ def _verdict(prompt: Prompt, batch: int, run: Callable[[], Try]) -> Try:
 GENERATION_HEADROOM = 0.05
 
 
+def generation_pool_budget(prompt: Prompt, template, batch: int, *, new_tokens: int, budget: int) -> tuple[int, int]:
+    """Ready a long generation of ``batch`` copies of ``template`` (``prompt.prefill()``'s cache) for its pool:
+    the template parked on the host (unless the prompt reuses it: not one more sequence while the pool is
+    allocated), the peak memory counted from here. Returns the bytes ``budget`` leaves for a pool
+    (``room_for_pool``) and the pool's budget: that, but never more than every token of the batch kept would
+    take (``sizing_budget``)."""
+    if not prompt.reuse:
+        template.to("cpu")
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    free = room_for_pool(prompt.model, budget)
+    return free, min(free, sizing_budget(prompt.model, batch, prompt.context + new_tokens))
+
+
 def _run_generation(prompt: Prompt, batch: int, *, new_tokens: int, budget: int) -> Try:
     model = prompt.model
     template, first = prompt.prefill()
     with torch.inference_mode():
         token = first.repeat(batch, 1)
         del first
-        if not prompt.reuse:  # parked on the host while the pool is allocated: not one more sequence
-            template.to("cpu")
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        free = room_for_pool(model, budget)
+        free, pool_budget = generation_pool_budget(prompt, template, batch, new_tokens=new_tokens, budget=budget)
         page = _page_bytes(model)
-        # A pool of what the budget leaves, but never more than every token of the batch kept would take.
-        pool_budget = min(free, sizing_budget(model, batch, prompt.context + new_tokens))
         room = {"free_pages": free // page, "free_bytes": free}
         try:
             pool = engine_pool(model, max_seqs=batch, budget_bytes=pool_budget)
