@@ -71,11 +71,12 @@ SCHEDULE = "balanced"
 # even time at 16 x 128, 1.03x at 128 x 32).
 HEAD_BLOCK = 1024
 MERGE_TILE = 128
+MERGE_COLUMNS = 32
 # Balanced scheduling at ``B * Hkv >= PLAN_HEADS`` heads: one small launch finds where each head's chunks
 # start, once, for the split programs to read (``_decode_balanced_plan_kernel``); below it each split
-# program scans the lengths itself, which costs less than a launch while the heads are few.
+# program scans the lengths itself. Measured at 1,152 heads only (H100: 0.4-0.6 % faster than the scans,
+# benchmarks/NOTES.md, "Session of 2026-12-07 (10)"); 512, where a scan takes half a HEAD_BLOCK, is a guess.
 PLAN_HEADS = 512
-MERGE_COLUMNS = 32
 
 
 @triton.jit
