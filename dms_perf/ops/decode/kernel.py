@@ -238,6 +238,14 @@ def _chunk_blocks(len_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr, HEAD_BL
 
 
 @triton.jit
+def _head_chunks(len_ptr, heads, num_heads, chunk_blocks, BLOCK_N: tl.constexpr):
+    """Chunks of ``chunk_blocks`` key blocks that heads ``heads`` (a tile or one index) hold, 0 past
+    ``num_heads`` (int32): one rule for the plan, the split and the merge, which must agree on it."""
+    blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
+    return ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+
+
+@triton.jit
 def _decode_balanced_plan_kernel(len_ptr, first_ptr, num_heads, num_chunks, BLOCK_N: tl.constexpr,
                                  HEAD_BLOCK: tl.constexpr):
     """One program: where each head's chunks start, ``first[r] = before[r]``, then the key blocks a chunk
@@ -247,8 +255,7 @@ def _decode_balanced_plan_kernel(len_ptr, first_ptr, num_heads, num_chunks, BLOC
     before = tl.full([], 0, tl.int32)
     for h0 in range(0, num_heads, HEAD_BLOCK):
         heads = h0 + tl.arange(0, HEAD_BLOCK)
-        blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
-        chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+        chunks = _head_chunks(len_ptr, heads, num_heads, chunk_blocks, BLOCK_N)
         tl.store(first_ptr + heads, before + tl.cumsum(chunks, 0) - chunks, mask=heads < num_heads)
         before += tl.sum(chunks, 0)
     tl.store(first_ptr + num_heads, chunk_blocks.to(tl.int32))
@@ -292,8 +299,7 @@ def _decode_balanced_split_kernel(
         before_block = tl.full([], 0, tl.int32)
         for h0 in range(0, num_heads, HEAD_BLOCK):
             heads = h0 + tl.arange(0, HEAD_BLOCK)
-            blocks = (tl.load(len_ptr + heads, mask=heads < num_heads, other=0) + BLOCK_N - 1) // BLOCK_N
-            chunks = ((blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+            chunks = _head_chunks(len_ptr, heads, num_heads, chunk_blocks, BLOCK_N)
             through = before_block + tl.cumsum(chunks, 0)
             mine = (through - chunks <= pid) & (pid < through)
             head += tl.sum(tl.where(mine, heads + 1, 0), 0)
@@ -338,8 +344,7 @@ def _decode_balanced_merge_kernel(
     g = tl.program_id(1)
     pid_c = tl.program_id(2)
     chunk_blocks = tl.load(first_ptr + num_heads)
-    own_blocks = (tl.load(len_ptr + pid_bh) + BLOCK_N - 1) // BLOCK_N
-    count = ((own_blocks + chunk_blocks - 1) // chunk_blocks).to(tl.int32)
+    count = _head_chunks(len_ptr, pid_bh, num_heads, chunk_blocks, BLOCK_N)
     first = tl.load(first_ptr + pid_bh, mask=count > 0, other=0)
 
     offs_t = tl.arange(0, MERGE_TILE)
