@@ -27,7 +27,8 @@ prompts as the pool holds and then preempts most of them, re-prefilling each: th
 output lengths must spend is the preemptions its admission could not foresee, not those of a full pool.
 
 ``duration_s`` (``--duration``) measures a fixed window instead of the whole stream: admission and decoding
-stop at the first step that ends past it; requests completed per minute and tokens per second then count what
+stop at the first step that ends past it (counted from the end of the warm-up, which can run past
+``warmup_s`` while a cold start admits); requests completed per minute and tokens per second then count what
 the window finished and generated (the tokens so far of a request still running or queued again
 included), and the row says how many were still running and queued. Every method then gets the same wall
 time, and a stream too long to finish in the time a machine is lent can still be compared. ``warmup_s``
@@ -274,13 +275,17 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         if not queue or len(running) >= max_seqs:
             return False
         request = queue[0]
+        measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
+        rate = grown / sequence_steps if measured else most_growth
+        reserve = max(layer_pages * len(running), rate * admit_horizon * (len(running) + 1))
+        # Not even a page a head would fit: wait without prefilling (a preempted request queued ahead would
+        # throw that prefill away; in a full pool's cold start most of the admission time went to such prefills)
+        if running and pool.layers * pool.kv_heads + reserve > pool.free_pages:
+            return False
         if staged is None or staged[0] is not request:
             single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
             staged = (request, single, first, admission_pages(single, pool))
         _, single, first, pages = staged
-        measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
-        rate = grown / sequence_steps if measured else most_growth
-        reserve = max(layer_pages * len(running), rate * admit_horizon * (len(running) + 1))
         if running and pages + reserve > pool.free_pages:
             return False
         slot = len(running)
@@ -314,13 +319,13 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         while queue or running:
             if duration_s is not None:
                 now = time.perf_counter() - start
-                if now >= warmup + duration_s:
-                    break
                 if warmup_s and not run.before and now >= warmup:
                     run.counted_from_s = now
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
                                   "tokens": run.generated_tokens + unfinished_tokens(),
                                   "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens}
+                if now >= (run.counted_from_s if run.before else warmup) + duration_s:
+                    break  # the window is duration_s long even when the warm-up ran past warmup_s
             admitting = time.perf_counter()
             while admit():
                 pass

@@ -116,6 +116,28 @@ def test_a_request_preempted_twice_keeps_its_tokens():
     assert pool.pages_in_use == 0 and pool.live_slots == []
 
 
+def test_a_request_waits_without_a_prefill_while_not_a_page_a_head_fits():
+    """Three slots, 32 pages: requests are preempted, and each goes back to the head of the queue. The queue's
+    head is prefilled only when its pages could fit beside the running sequences' reserve, so no prefill is
+    thrown away: one prefill an admission (the requests and the readmissions of the preempted); every request
+    still generates its solo tokens."""
+    model = _tiny_model()
+    requests = stream.make_requests(6, 8, (4, 24), vocab_size=model.config.vocab_size, seed=2)
+    prefilled = []
+
+    def prefill(model, ids):
+        prefilled.append(ids.shape[1])
+        return stream.plain_prefill(model, ids)
+
+    with torch.no_grad():
+        want = [_solo(model, r) for r in requests]
+        pool = _use_pool(model, 32, seqs=3)
+        run = stream.run_stream(model, requests, prefill=prefill, keep_tokens=True, admit_horizon=0)
+    assert run.preemptions >= 2 and len(prefilled) == len(requests) + run.preemptions
+    assert [[int(t) for t in r.tokens] for r in requests] == want
+    assert pool.pages_in_use == 0 and pool.live_slots == []
+
+
 def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
     """``duration_s`` stops the stream at the first step past the window (a fake clock, one second a read):
     completed requests are those that finished in it, the generated tokens are every token of the window (the
@@ -174,7 +196,7 @@ def test_a_warm_up_is_not_counted(monkeypatch):
         run = stream.run_stream(model, requests, keep_tokens=True, duration_s=40, warmup_s=30, admit_horizon=0)
     model.use_kv_pool(None)
     before = run.before
-    assert run.counted_from_s >= 30 and run.wall_s >= 70
+    assert run.counted_from_s >= 30 and run.wall_s >= run.counted_from_s + 40  # the window is 40 s after it
     assert 0 < before["completed"] < run.completed and 0 < before["steps"] < run.steps
     row = run.as_row()
     started = [r for r in requests if r.tokens is not None]
