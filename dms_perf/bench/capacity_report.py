@@ -35,6 +35,37 @@ class CapacityWriter(ResultsWriter):
         return [self.json_path, md, plot]
 
 
+# What two capacity runs must share to stand side by side in one table (meta keys).
+CAPACITY_JOIN_KEYS = ("model", "dtype", "memory_budget_bytes", "new_tokens", "steps", "warmup_steps", "seed",
+                      "target_cr", "max_batch", "batch_fill")
+
+
+def is_capacity_output(path) -> bool:
+    """Whether ``path`` is a ``dms-perf capacity`` output: a directory holding capacity.json, or that file."""
+    path = Path(path)
+    return (path / JSON_NAME).is_file() if path.is_dir() else path.name == JSON_NAME
+
+
+def merge_capacity(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Join capacity runs made in parts (one method per device call: a 16K-token generation at each tried
+    batch takes minutes) through ``report.join_outputs``: they join when their card and everything in
+    ``CAPACITY_JOIN_KEYS`` agree (the budget to the byte: a budget of the card's free memory joins when fresh
+    processes on one card model found the same, as the H100's did). A (context, method) present twice keeps the
+    later result. Meta is the first run's, with every run's date and the weights' note of the joined methods."""
+    from dms_perf.bench.methods import resolve_methods, weights_note
+    from dms_perf.bench.report import join_outputs
+
+    def absorb(meta, other):
+        meta["date"] = " / ".join(dict.fromkeys([*str(meta.get("date")).split(" / "), str(other.get("date"))]))
+
+    meta, rows = join_outputs(paths, json_name=JSON_NAME, rows_key=CapacityWriter.rows_key,
+                              join_keys=CAPACITY_JOIN_KEYS, row_id=lambda r: (r["context"], r["method"]),
+                              what=f"a capacity run's {JSON_NAME}", absorb=absorb)
+    meta["contexts"] = sorted({r["context"] for r in rows})
+    meta["weights"] = weights_note(meta["model"], resolve_methods(meta["methods"]), meta.get("target_cr"))
+    return meta, rows
+
+
 def _largest(result: dict[str, Any]) -> str:
     text = str(result["largest_batch"])
     if result["ceiling_reached"]:

@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
             "cell (context, method, batch) present twice keeps the later row. Each input is a bench output "
             "directory, its results.json, or the pytest-benchmark JSON of benchmarks/test_end_to_end.py; request "
             "streams (stream.json, one method per run) join when their stream options, card and pool budget "
-            "agree, into stream.json, stream.md and running_vs_time.png. Exit "
-            "status: 0, or 2 when an input cannot be read or joined (one line naming it) or --out is unusable.",
+            "agree, into stream.json, stream.md and running_vs_time.png; capacity runs (capacity.json) join when "
+            "their card, model, dtype, memory budget and generation agree, into capacity.json, capacity.md and the "
+            "plot. Exit status: 0, or 2 when an input cannot be read or joined (one line naming it) or --out is "
+            "unusable.",
             100),
         formatter_class=HelpFormatter,
     )
@@ -612,9 +614,26 @@ def _failure_summary(failed: list[dict], total: int) -> str:
 
 
 def run_report(args, parser) -> int:
-    from dms_perf.bench import stream
+    from dms_perf.bench import capacity_report, stream
     from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
 
+    capacities = [capacity_report.is_capacity_output(path) for path in args.inputs]
+    if any(capacities):
+        if not all(capacities):
+            other = next(path for path, is_cap in zip(args.inputs, capacities, strict=True) if not is_cap)
+            return _error(parser, f"cannot merge {other}: capacity runs join only with capacity runs "
+                          f"({capacity_report.JSON_NAME})")
+        try:
+            meta, rows = capacity_report.merge_capacity(args.inputs)
+        except ValueError as exc:  # ResultsFileError too: names the input and what is wrong
+            return _error(parser, exc)
+        if (problem := _prepare_out(args.out)) is not None:
+            return _error(parser, problem)
+        writer = capacity_report.CapacityWriter(args.out, meta)
+        for row in rows:
+            writer.add(row)
+        print("wrote " + ", ".join(str(f) for f in writer.finish()))
+        return 0
     streams = [stream.is_stream_output(path) for path in args.inputs]
     if any(streams):
         if not all(streams):

@@ -239,6 +239,44 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
     return meta, rows
 
 
+def join_outputs(paths, *, json_name: str, rows_key: str, join_keys: tuple[str, ...], row_id, what: str,
+                 check=None, absorb=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Join the JSON outputs of a command run in parts (one method per device call, when both do not fit one
+    call): (meta, rows). Each path is a directory holding ``json_name`` or that file. They join when their
+    card and every meta key in ``join_keys`` agree, and ``check(rows so far, new rows)`` (optional) returns
+    None; else ValueError naming the input and what differs (a file that cannot be read: ``ResultsFileError``).
+    A row whose ``row_id(row)`` was seen keeps the later one; meta is the first run's, with every run's
+    methods and commands, and ``absorb(meta, a later run's meta)`` (optional) takes what else it needs."""
+    meta: dict[str, Any] = {}
+    rows: dict[Any, dict[str, Any]] = {}
+    commands = []
+    for path in paths:
+        file = Path(path) / json_name if Path(path).is_dir() else Path(path)
+        try:
+            data = json.loads(file.read_text())
+            m, r = data["meta"], data[rows_key]
+            ids = [row_id(row) for row in r]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ResultsFileError(f"{file}: not {what} ({type(exc).__name__}: {exc})") from None
+        if not meta:
+            meta = dict(m)
+        differs = [(key, m.get(key), meta.get(key)) for key in join_keys if m.get(key) != meta.get(key)]
+        gpus = ((m.get("device") or {}).get("gpu"), (meta.get("device") or {}).get("gpu"))
+        differs += [("device gpu", *gpus)] if gpus[0] != gpus[1] else []
+        if not differs and check is not None and (problem := check(list(rows.values()), r)) is not None:
+            differs.append(problem)
+        if differs:
+            key, mine, first = differs[0]
+            raise ValueError(f"cannot join {path}: its {key} {mine!r} differs from {first!r}")
+        commands.append(m.get("command"))
+        meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
+        if absorb is not None and len(commands) > 1:  # the first run's meta is meta itself
+            absorb(meta, m)
+        rows.update(zip(ids, r, strict=True))
+    meta["command"] = " ; ".join(c for c in commands if c)
+    return meta, list(rows.values())
+
+
 def merge_results(paths: list[str | os.PathLike], *, per_model: bool = False) -> tuple[dict[str, Any],
                                                                                       list[dict[str, Any]]]:
     """Join runs made in parts (e.g. one device call per group of methods, or a ``--methods vanilla`` run

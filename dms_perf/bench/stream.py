@@ -543,41 +543,19 @@ def is_stream_output(path) -> bool:
 
 
 def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Join streams run in parts (one method per device call, when a long window does not fit one call for
-    both): (meta, rows). They join when their card and everything in ``STREAM_JOIN_KEYS`` agree and their
-    rows' pools had the same budget; else ValueError naming the input and what differs (a file that cannot
-    be read: ``ResultsFileError``). A method present twice keeps the later row; meta is the first run's with
-    the methods of all and every command."""
-    import json
-    from pathlib import Path
+    """Join streams run in parts (``report.join_outputs``): they join when their card and everything in
+    ``STREAM_JOIN_KEYS`` agree and their rows' pools had the same budget. A method present twice keeps the
+    later row; the rows follow the joined methods' order."""
+    from dms_perf.bench.report import join_outputs
 
-    from dms_perf.bench.report import ResultsFileError
+    def one_budget(have, new):
+        budgets = {row.get("pool_budget_bytes") for row in [*have, *new]} - {None}
+        return ("pool budget (bytes)", sorted(budgets), "one budget") if len(budgets) > 1 else None
 
-    meta: dict[str, Any] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    commands = []
-    for path in paths:
-        file = Path(path) / JSON_NAME if Path(path).is_dir() else Path(path)
-        try:
-            data = json.loads(file.read_text())
-            m, r = data["meta"], data["results"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ResultsFileError(f"{file}: not a stream's {JSON_NAME} ({type(exc).__name__}: {exc})") from None
-        if not meta:
-            meta = dict(m)
-        differs = [(what, m.get(what), meta.get(what)) for what in STREAM_JOIN_KEYS if m.get(what) != meta.get(what)]
-        gpus = ((m.get("device") or {}).get("gpu"), (meta.get("device") or {}).get("gpu"))
-        differs += [("device gpu", *gpus)] if gpus[0] != gpus[1] else []
-        budgets = {row.get("pool_budget_bytes") for row in [*rows.values(), *r]} - {None}
-        differs += [("pool budget (bytes)", sorted(budgets), "one budget")] if len(budgets) > 1 else []
-        if differs:
-            what, mine, first = differs[0]
-            raise ValueError(f"cannot join {path}: its {what} {mine!r} differs from {first!r}")
-        commands.append(m.get("command"))
-        meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
-        rows.update({row["method"]: row for row in r})
-    meta["command"] = " ; ".join(c for c in commands if c)
-    return meta, [rows[name] for name in meta["methods"] if name in rows]
+    meta, rows = join_outputs(paths, json_name=JSON_NAME, rows_key="results", join_keys=STREAM_JOIN_KEYS,
+                              row_id=lambda row: row["method"], what=f"a stream's {JSON_NAME}", check=one_budget)
+    by_method = {row["method"]: row for row in rows}
+    return meta, [by_method[name] for name in meta["methods"] if name in by_method]
 
 
 def write_stream_outputs(out_dir, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list:

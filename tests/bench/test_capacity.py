@@ -494,3 +494,47 @@ def test_guess_from_a_run_that_does_not_match_is_refused(tmp_path):
         pages_from_file(path, 16, "dms-triton", 12, "qwen3-8b")
     with pytest.raises(ValueError, match="no batch of dense-triton at 16 tokens ran to its end there"):
         pages_from_file(path, 16, "dense-triton", 12, "tiny")
+
+
+def test_report_joins_capacity_runs_made_one_method_at_a_time(tmp_path, capsys):
+    """Capacity runs made in parts (one method per device call) join through ``dms-perf report`` into one
+    capacity.json, capacity.md and plot when their card, model, dtype, budget and generation agree; any
+    difference, or a capacity run beside bench cells, is one line and exit 2."""
+    from dms_perf.bench import cli
+
+    one = ["--contexts", "64", "--model", "tiny", "--dtype", "float32", "--target-cr", "4", "--steps", "1",
+           "--max-batch", "1"]
+    for method in ("dms-triton", "dense-triton"):
+        assert capacity.main([*one, "--methods", method, "--out", str(tmp_path / method)]) == 0
+    parts = {m: json.loads((tmp_path / m / "capacity.json").read_text()) for m in ("dms-triton", "dense-triton")}
+    joined = tmp_path / "joined"
+    assert cli.main(["report", str(tmp_path / "dense-triton" / "capacity.json"), str(tmp_path / "dms-triton"),
+                     "--out", str(joined)]) == 0
+    data = json.loads((joined / "capacity.json").read_text())
+    assert [r["method"] for r in data["results"]] == ["dense-triton", "dms-triton"]
+    for row in data["results"]:  # each method's result as its own run measured it
+        assert row == parts[row["method"]]["results"][0]
+    meta = data["meta"]
+    assert meta["methods"] == ["dense-triton", "dms-triton"] and meta["command"].count("dms-perf capacity") == 2
+    # the dense run alone evicted nothing; joined with DMS its weights' note says eviction was calibrated
+    assert "calibrated" not in parts["dense-triton"]["meta"]["weights"]
+    assert meta["weights"] == parts["dms-triton"]["meta"]["weights"] and "calibrated to 4x" in meta["weights"]
+    md = (joined / "capacity.md").read_text()
+    assert "| 64 | dense-triton | 1 (--max-batch) |" in md and "| 64 | dms-triton | 1 (--max-batch) |" in md
+    assert (joined / "throughput_vs_batch.png").stat().st_size > 0
+    capsys.readouterr()
+
+    other = tmp_path / "other-steps"
+    assert capacity.main([*one, "--steps", "2", "--methods", "dense-triton", "--out", str(other)]) == 0
+    cells = tmp_path / "cells"
+    assert cli.main(["bench", "--model", "tiny", "--dtype", "float32", "--contexts", "16", "--new-tokens", "2",
+                     "--methods", "dense-triton", "--repeats", "1", "--out", str(cells)]) == 0
+    broken = tmp_path / "broken" / "capacity.json"
+    broken.parent.mkdir()
+    broken.write_text("{}")
+    capsys.readouterr()
+    for inputs, message in (((other,), "its steps 2 differs from 1"), ((cells,), "capacity runs join only with"),
+                            ((broken,), "not a capacity run's capacity.json")):
+        assert cli.main(["report", str(tmp_path / "dms-triton"), *map(str, inputs), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
