@@ -5,9 +5,10 @@
 
 Sources, all under version control: the card's newest pytest-benchmark baseline with ``test_decode_batch``
 cases (``benchmarks/baselines/<card>/*/NNNN_baseline.json``), the serving run
-(``benchmarks/results/<card>/serving/results.json``, ``dms-perf bench``) and the capacity run
-(``benchmarks/results/<card>/capacity/capacity.json``, ``dms-perf capacity``). Every table names its card,
-command, date and commit. ``tests/test_readme.py`` checks that README.md holds exactly this rendering.
+(``benchmarks/results/<card>/serving/results.json``, ``dms-perf bench``) and the capacity runs
+(``benchmarks/results/<card>/capacity/capacity.json`` and ``LONG_CAPACITY``'s, ``dms-perf capacity``).
+Every table names its card, command, date and commit. ``tests/test_readme.py`` checks that README.md holds
+exactly this rendering.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ README = REPO / "README.md"
 CARD = "nvidia-h100-80gb-hbm3"  # the card the README shows
 BEGIN, END = "<!-- results: begin (python -m benchmarks.readme_results --write) -->", "<!-- results: end -->"
 PAIR = ("dms-triton", "dense-triton")
+# The long-generation capacity run the README shows (1K prompts, 16K generated; both methods, joined).
+LONG_CAPACITY = "capacity-1k-16k-card-bbf9461"
 # (context, batch) cells of the decode-batch table, in order.
 DECODE_CELLS = ((32768, 1), (32768, 8), (32768, 32), (8192, 1), (8192, 8), (8192, 32))
 
@@ -120,16 +123,24 @@ def serving_table(path: Path) -> str:
 
 
 def capacity_table(path: Path) -> str:
-    """``dms-perf capacity``: the largest batch within the budget and its decode throughput, per method."""
+    """``dms-perf capacity``: the largest batch within the budget and its decode throughput, per method; with
+    ``--new-tokens``, the largest batch whose whole generation fits and the throughput over it."""
     data = json.loads(path.read_text())
     meta = data["meta"]
-    lines = _head(f"The largest batch whose decode fits {meta['memory_budget_gib']:.1f} GiB", meta, path,
-                  "| method | context | largest batch | decode tok/s at it | ms/step | peak GiB |")
+    budget = f"{meta['memory_budget_gib']:.1f} GiB"
+    if meta.get("new_tokens"):
+        what = f"The largest batch whose whole {_k(meta['new_tokens'])}-token generation fits {budget}"
+        columns = "| method | prompt | largest batch | tok/s over the generation | ms/step | peak GiB |"
+    else:
+        what = f"The largest batch whose decode fits {budget}"
+        columns = "| method | context | largest batch | decode tok/s at it | ms/step | peak GiB |"
+    lines = _head(what, meta, path, columns)
     for r in data["results"]:
         if not r["largest_batch"]:
             lines.append(f"| {r['method']} | {_k(r['context'])} | none fits | | | |")
             continue
-        largest = f"{r['largest_batch']}" + (" (the --max-batch ceiling)" if r["ceiling_reached"] else "")
+        largest = f"{r['largest_batch']}" + (" (the --max-batch ceiling)" if r["ceiling_reached"] else
+                                             " (at least: the search stopped)" if r["stopped"] else "")
         lines.append(f"| {r['method']} | {_k(r['context'])} | {largest} | {_n(r['tok_s'])} | "
                      f"{r['step_ms']:.1f} | {r['peak_bytes'] / 2**30:.1f} |")
     return "\n".join(lines)
@@ -144,6 +155,8 @@ def render(card: str = CARD) -> str:
         serving_table(results / "serving" / "results.json"),
         "",
         capacity_table(results / "capacity" / "capacity.json"),
+        "",
+        capacity_table(results / LONG_CAPACITY / "capacity.json"),
         END,
     ])
 
