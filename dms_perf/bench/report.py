@@ -1238,10 +1238,11 @@ def _batch_figure(rows: list[dict[str, Any]], meta: dict[str, Any], styles: dict
             ax.annotate(f"max {best}\n{_num(tok_s)} tok/s", (best, tok_s), textcoords="offset points",
                         xytext=(0, 12 if k == 0 else -14), ha="center", va="bottom" if k == 0 else "top",
                         fontsize=8, color=colour)
-        present = sorted({row_batch(r) for r in here})  # and every power of two between: log-2 ticks
-        # (with none between, as a search that started at its guess may give: the two around them)
-        powers = ({2**k for k in range(present[-1].bit_length()) if present[0] <= 2**k}
-                  or {2 ** (present[0].bit_length() - 1), 2 ** present[-1].bit_length()})
+        present = sorted({row_batch(r) for r in here})
+        # log-2 ticks: every power of two from the one at or below the smallest batch to the one at or above
+        # the largest, so that the axis holds every point (a search that started at its guess gives 23, 24 and
+        # 142 with one method's batches below the first power of two between them)
+        powers = {2**k for k in range(present[0].bit_length() - 1, (present[-1] - 1).bit_length() + 1)}
         # A search's bisected batches (14, 15) would crowd the axis: powers of two only, each point still drawn.
         ticks = sorted(powers if largest else set(present) | powers)
         ax.set_xscale("log", base=2)

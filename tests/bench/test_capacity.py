@@ -538,3 +538,27 @@ def test_report_joins_capacity_runs_made_one_method_at_a_time(tmp_path, capsys):
         assert cli.main(["report", str(tmp_path / "dms-triton"), *map(str, inputs), "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("batches", [(23, 24, 142), (1, 3), (13, 14, 15), (1, 2, 4), (96, 97, 108)])
+def test_the_batch_figure_holds_every_tried_batch(batches):
+    """The figure's batch axis (log 2, ticks at powers of two) spans every tried batch of every method: two
+    methods' searches that started at their guesses (dense 23 and 24, DMS 142) drew dense off the axis."""
+    from dms_perf.bench.capacity_report import build_figure
+
+    results = []
+    for k, method in enumerate(("dense-triton", "dms-triton")):
+        mine = batches[k::2] or batches[:1]
+        tries = [{"batch": b, "fits": True, "reason": "ok", "tok_s": 10.0 * b} for b in mine]
+        results.append({"context": 1024, "method": method, "largest_batch": max(mine), "stopped": None,
+                        "tries": tries})
+    meta = {"model": "qwen3-8b", "dtype": "bfloat16", "methods": ["dense-triton", "dms-triton"], "date": "d",
+            "memory_budget_bytes": 2**30, "batch_fill": "one prefilled sequence copied into every slot",
+            "weights": "random weights"}
+    (ax,) = build_figure(meta, results).axes
+    low, high = ax.get_xlim()
+    drawn = [x for line in ax.get_lines() for x in line.get_xdata()]
+    assert sorted(set(drawn)) == sorted(set(batches))
+    assert all(low < x < high for x in drawn), (low, high, drawn)
+    ticks = [int(t.get_text()) for t in ax.get_xticklabels()]
+    assert all(t & (t - 1) == 0 for t in ticks) and ticks[0] <= min(batches) and ticks[-1] >= max(batches)
