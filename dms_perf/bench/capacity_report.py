@@ -66,6 +66,14 @@ def merge_capacity(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return meta, rows
 
 
+def write_capacity_outputs(out_dir, meta: dict[str, Any], results: list[dict[str, Any]]) -> list[Path]:
+    """capacity.json, capacity.md and the plot of ``results`` (a joined run); returns the files written."""
+    writer = CapacityWriter(out_dir, meta)
+    for result in results:
+        writer.add(result)
+    return writer.finish()
+
+
 def _largest(result: dict[str, Any]) -> str:
     text = str(result["largest_batch"])
     if result["ceiling_reached"]:

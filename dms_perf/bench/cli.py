@@ -617,35 +617,25 @@ def run_report(args, parser) -> int:
     from dms_perf.bench import capacity_report, stream
     from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
 
-    capacities = [capacity_report.is_capacity_output(path) for path in args.inputs]
-    if any(capacities):
-        if not all(capacities):
-            other = next(path for path, is_cap in zip(args.inputs, capacities, strict=True) if not is_cap)
-            return _error(parser, f"cannot merge {other}: capacity runs join only with capacity runs "
-                          f"({capacity_report.JSON_NAME})")
+    # Outputs of commands with files of their own join only with their kind: (kind, file, test, join, write).
+    kinds = (("capacity runs", capacity_report.JSON_NAME, capacity_report.is_capacity_output,
+              capacity_report.merge_capacity, capacity_report.write_capacity_outputs),
+             ("request streams", stream.JSON_NAME, stream.is_stream_output, stream.merge_streams,
+              stream.write_stream_outputs))
+    for kind, json_name, is_output, join, write in kinds:
+        found = [is_output(path) for path in args.inputs]
+        if not any(found):
+            continue
+        if not all(found):
+            other = next(path for path, ok in zip(args.inputs, found, strict=True) if not ok)
+            return _error(parser, f"cannot merge {other}: {kind} join only with {kind} ({json_name})")
         try:
-            meta, rows = capacity_report.merge_capacity(args.inputs)
+            meta, rows = join(args.inputs)
         except ValueError as exc:  # ResultsFileError too: names the input and what is wrong
             return _error(parser, exc)
         if (problem := _prepare_out(args.out)) is not None:
             return _error(parser, problem)
-        writer = capacity_report.CapacityWriter(args.out, meta)
-        for row in rows:
-            writer.add(row)
-        print("wrote " + ", ".join(str(f) for f in writer.finish()))
-        return 0
-    streams = [stream.is_stream_output(path) for path in args.inputs]
-    if any(streams):
-        if not all(streams):
-            cells = next(path for path, is_stream in zip(args.inputs, streams, strict=True) if not is_stream)
-            return _error(parser, f"cannot merge {cells}: request streams join only with streams (stream.json)")
-        try:
-            meta, rows = stream.merge_streams(args.inputs)
-        except ValueError as exc:  # ResultsFileError too: names the input and what is wrong
-            return _error(parser, exc)
-        if (problem := _prepare_out(args.out)) is not None:
-            return _error(parser, problem)
-        print("wrote " + ", ".join(str(f) for f in stream.write_stream_outputs(args.out, meta, rows)))
+        print("wrote " + ", ".join(str(f) for f in write(args.out, meta, rows)))
         return 0
     try:
         meta, rows = merge_results(args.inputs, per_model=args.per_model)

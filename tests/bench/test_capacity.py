@@ -14,6 +14,7 @@ import torch
 from dms_perf.bench import batch_search, capacity
 from dms_perf.bench.batch_search import Try, search_largest_batch
 from dms_perf.bench.report import _num
+from tests.bench.joins import assert_report_refuses, tiny_cells
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -526,18 +527,13 @@ def test_report_joins_capacity_runs_made_one_method_at_a_time(tmp_path, capsys):
 
     other = tmp_path / "other-steps"
     assert capacity.main([*one, "--steps", "2", "--methods", "dense-triton", "--out", str(other)]) == 0
-    cells = tmp_path / "cells"
-    assert cli.main(["bench", "--model", "tiny", "--dtype", "float32", "--contexts", "16", "--new-tokens", "2",
-                     "--methods", "dense-triton", "--repeats", "1", "--out", str(cells)]) == 0
+    tiny_cells(cells := tmp_path / "cells")
     broken = tmp_path / "broken" / "capacity.json"
     broken.parent.mkdir()
     broken.write_text("{}")
-    capsys.readouterr()
-    for inputs, message in (((other,), "its steps 2 differs from 1"), ((cells,), "capacity runs join only with"),
-                            ((broken,), "not a capacity run's capacity.json")):
-        assert cli.main(["report", str(tmp_path / "dms-triton"), *map(str, inputs), "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert_report_refuses(capsys, tmp_path / "dms-triton", (
+        ((other,), "its steps 2 differs from 1"), ((cells,), "capacity runs join only with capacity runs"),
+        ((broken,), "not a capacity run's capacity.json")), tmp_path / "x")
 
 
 @pytest.mark.parametrize("batches", [(23, 24, 142), (1, 3), (13, 14, 15), (1, 2, 4), (96, 97, 108)])

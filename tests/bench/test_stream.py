@@ -12,6 +12,7 @@ import torch
 from dms_perf.bench import cli, stream
 from dms_perf.model.paged import PagedKVPool
 from dms_perf.model.qwen3_dms import build_model, tiny_config
+from tests.bench.joins import assert_report_refuses, tiny_cells
 
 
 def test_buckets_and_output_lengths():
@@ -300,12 +301,7 @@ def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
     assert cli.main([*common, "--methods", "dense-triton", "--seed", "1", "--out", str(other)]) == 0
     budget = tmp_path / "other-budget"
     assert cli.main([*common, "--methods", "dense-triton", "--memory-budget", "0.01", "--out", str(budget)]) == 0
-    cells = tmp_path / "cells"
-    assert cli.main(["bench", "--model", "tiny", "--dtype", "float32", "--contexts", "16", "--new-tokens", "2",
-                     "--methods", "dense-triton", "--repeats", "1", "--out", str(cells)]) == 0
-    capsys.readouterr()
-    for inputs, message in (((other,), "its seed 1 differs from 0"), ((budget,), "pool budget"),
-                            ((cells,), "streams join only with streams")):
-        assert cli.main(["report", str(tmp_path / "dms-triton"), *map(str, inputs), "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    tiny_cells(cells := tmp_path / "cells")
+    assert_report_refuses(capsys, tmp_path / "dms-triton", (
+        ((other,), "its seed 1 differs from 0"), ((budget,), "pool budget"),
+        ((cells,), "join only with request streams (stream.json)")), tmp_path / "x")
