@@ -51,18 +51,25 @@ def merge_capacity(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     batch takes minutes) through ``report.join_outputs``: they join when their card and everything in
     ``CAPACITY_JOIN_KEYS`` agree (the budget to the byte: a budget of the card's free memory joins when fresh
     processes on one card model found the same, as the H100's did). A (context, method) present twice keeps the
-    later result. Meta is the first run's, with every run's date and the weights' note of the joined methods."""
-    from dms_perf.bench.methods import resolve_methods, weights_note
+    later result. Meta is the first run's, with every run's date and the weights' note of the joined methods
+    (a checkpoint's runs: each run's note, which may need its files to be made again)."""
+    from dms_perf.bench.methods import is_model_path, resolve_methods, weights_note
     from dms_perf.bench.report import join_outputs
+
+    notes = []
 
     def absorb(meta, other):
         meta["date"] = " / ".join(dict.fromkeys([*str(meta.get("date")).split(" / "), str(other.get("date"))]))
+        notes.append(other.get("weights"))
 
     meta, rows = join_outputs(paths, json_name=JSON_NAME, rows_key=CapacityWriter.rows_key,
                               join_keys=CAPACITY_JOIN_KEYS, row_id=lambda r: (r["context"], r["method"]),
                               what=f"a capacity run's {JSON_NAME}", absorb=absorb)
     meta["contexts"] = sorted({r["context"] for r in rows})
-    meta["weights"] = weights_note(meta["model"], resolve_methods(meta["methods"]), meta.get("target_cr"))
+    if is_model_path(meta["model"]):
+        meta["weights"] = "; ".join(dict.fromkeys(str(n) for n in [meta.get("weights"), *notes]))
+    else:
+        meta["weights"] = weights_note(meta["model"], resolve_methods(meta["methods"]), meta.get("target_cr"))
     return meta, rows
 
 

@@ -524,6 +524,15 @@ def test_report_joins_capacity_runs_made_one_method_at_a_time(tmp_path, capsys):
     assert "| 64 | dense-triton | 1 (--max-batch) |" in md and "| 64 | dms-triton | 1 (--max-batch) |" in md
     assert (joined / "throughput_vs_batch.png").stat().st_size > 0
     capsys.readouterr()
+    # runs of a checkpoint not on this machine: each run's weights' note is kept, none made up
+    from dms_perf.bench.capacity_report import merge_capacity
+
+    for method, note in (("dms-triton", "real weights from /gone/ckpt; dms-triton: x"),
+                         ("dense-triton", "real weights from /gone/ckpt")):
+        parts[method]["meta"].update(model="/gone/ckpt", weights=note)
+        (tmp_path / f"{method}.json").write_text(json.dumps(parts[method]))
+    meta, _ = merge_capacity([tmp_path / "dms-triton.json", tmp_path / "dense-triton.json"])
+    assert meta["weights"] == "real weights from /gone/ckpt; dms-triton: x; real weights from /gone/ckpt"
 
     other = tmp_path / "other-steps"
     assert capacity.main([*one, "--steps", "2", "--methods", "dense-triton", "--out", str(other)]) == 0
