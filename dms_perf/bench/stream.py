@@ -112,6 +112,7 @@ class StreamRun:
     preemptions: int
     steps: int
     duration_s: float | None = None  # the window, if the stream was cut at one (run_stream's duration_s)
+    running_at_start: int = 0  # sequences running when counting began (a window's start; 0 without a warm-up)
     running_at_end: int = 0
     queued_at_end: int = 0
     admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
@@ -162,8 +163,8 @@ class StreamRun:
             "admission_s": self.admission_s - b.get("admission_s", 0.0),
             "recomputed_tokens": self.recomputed_tokens - b.get("recomputed_tokens", 0),
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
-            "running_at_end": self.running_at_end, "queued_at_end": self.queued_at_end,
-            "stream_trace": self.trace,
+            "running_at_start": self.running_at_start, "running_at_end": self.running_at_end,
+            "queued_at_end": self.queued_at_end, "stream_trace": self.trace,
         }
 
 
@@ -320,7 +321,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             if duration_s is not None:
                 now = time.perf_counter() - start
                 if warmup_s and not run.before and now >= warmup:
-                    run.counted_from_s = now
+                    run.counted_from_s, run.running_at_start = now, len(running)
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
                                   "tokens": run.generated_tokens + unfinished_tokens(),
                                   "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens}
@@ -478,7 +479,7 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
            "compiles, graph captures)"] if meta.get("warmup_s") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | req/min by tokens | total tok/s | completed | mean running "
-        "| running / queued at the end | max running | peak KV pages | peak KV GiB | pool GiB "
+        "| running at the start → end (queued at the end) | max running | peak KV pages | peak KV GiB | pool GiB "
         "| preemptions (their generated tokens) | admitting (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -489,12 +490,32 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         lines.append(f"| {r['method']} | {r['status']} | {_num(r.get('requests_per_min'))} | "
                      f"{_num(r.get('requests_per_min_by_tokens'))} | "
                      f"{_num(r.get('total_tok_s'))} | {r.get('completed', '-')} | {_num(r.get('mean_running'))} | "
-                     f"{r.get('running_at_end', '-')} / {r.get('queued_at_end', '-')} | "
+                     f"{r.get('running_at_start', '-')} → {r.get('running_at_end', '-')} "
+                     f"({r.get('queued_at_end', '-')}) | "
                      f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
                      f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} "
                      f"({_preempted_tokens(r)}) | "
                      f"{_num(r.get('admission_s'))} |")
+    transients = [transient_note(meta, r) for r in rows]
+    lines += ["", *(f"- {note}" for note in transients if note)] if any(transients) else []
     return "\n".join(lines) + "\n"
+
+
+# A window whose running sequences changed by more than this fraction between its start and its end measured a
+# transient (a cold start's admissions thinning out), not the steady state.
+STEADY_TOLERANCE = 0.2
+
+
+def transient_note(meta: dict[str, Any], row: dict[str, Any]) -> str | None:
+    """One line when a window's running sequences moved by more than ``STEADY_TOLERANCE`` between its start and
+    its end (the figures are then a transient's), else None; None for a stream run to its end."""
+    start, end = row.get("running_at_start"), row.get("running_at_end")
+    if not meta.get("duration_s") or row.get("status") != "ok" or start is None or end is None:
+        return None
+    if abs(end - start) <= STEADY_TOLERANCE * max(start, end):
+        return None
+    return (f"{row['method']}: not a steady state: {start} sequences ran when the window opened and {end} when "
+            f"it closed (a longer --warmup-seconds measures the steady state)")
 
 
 def _preempted_tokens(row: dict[str, Any]) -> str:

@@ -194,9 +194,14 @@ def test_a_warm_up_is_not_counted(monkeypatch):
         _use_pool(model, 400)
         with pytest.raises(ValueError, match="warmup_s must be"):
             stream.run_stream(model, requests, warmup_s=5)
-        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=40, warmup_s=30, admit_horizon=0)
+        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=40, warmup_s=30, admit_horizon=0,
+                                trace_every=1)
     model.use_kv_pool(None)
     before = run.before
+    # running when the window opened: the trace's last point before it (one a step, nothing admitted between)
+    times = run.trace["time_s"]
+    last = max(i for i, t in enumerate(times) if t < run.counted_from_s)
+    assert run.as_row()["running_at_start"] == run.trace["running"][last] > 0
     assert run.counted_from_s >= 30 and run.wall_s >= run.counted_from_s + 40  # the window is 40 s after it
     assert 0 < before["completed"] < run.completed and 0 < before["steps"] < run.steps
     row = run.as_row()
@@ -205,6 +210,23 @@ def test_a_warm_up_is_not_counted(monkeypatch):
     assert row["generated_tokens"] == sum(len(r.tokens) for r in started) - before["tokens"]
     assert row["wall_s"] == run.wall_s - run.counted_from_s and row["warmup_wall_s"] == run.counted_from_s
     assert row["requests_per_min"] == 60 * row["completed"] / row["wall_s"]
+
+
+def test_a_window_that_caught_a_transient_says_so():
+    """stream.md adds a line for a window whose running sequences moved by more than a fifth between its start
+    and its end (the H100's cold start in the card's memory: 282 to 61), none for a steady one or a stream run
+    to its end."""
+    meta = {"model": "m", "dtype": "bfloat16", "date": "d", "requests": 8, "prompt_length": 4,
+            "output_lengths": [2, 4], "seed": 0, "max_running": 4, "duration_s": 150.0, "warmup_s": 60.0,
+            "command": "c"}
+    rows = [{"method": "dense-triton", "status": "ok", "running_at_start": 282, "running_at_end": 61},
+            {"method": "dms-triton", "status": "ok", "running_at_start": 300, "running_at_end": 250}]
+    md = stream.render_stream_markdown(meta, rows)
+    assert "| 282 → 61 (-) |" in md
+    assert "- dense-triton: not a steady state: 282 sequences ran when the window opened and 61 when" in md
+    assert "dms-triton: not a steady state" not in md  # 250 of 300: within a fifth
+    assert stream.transient_note({**meta, "duration_s": None}, rows[0]) is None
+    assert stream.transient_note(meta, {**rows[0], "status": "OOM"}) is None
 
 
 def test_mean_running_and_the_rate_by_tokens():
