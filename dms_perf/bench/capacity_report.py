@@ -40,12 +40,6 @@ CAPACITY_JOIN_KEYS = ("model", "dtype", "memory_budget_bytes", "new_tokens", "st
                       "target_cr", "max_batch", "batch_fill")
 
 
-def is_capacity_output(path) -> bool:
-    """Whether ``path`` is a ``dms-perf capacity`` output: a directory holding capacity.json, or that file."""
-    path = Path(path)
-    return (path / JSON_NAME).is_file() if path.is_dir() else path.name == JSON_NAME
-
-
 def merge_capacity(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Join capacity runs made in parts (one method per device call: a 16K-token generation at each tried
     batch takes minutes) through ``report.join_outputs``: they join when their card and everything in

@@ -615,15 +615,14 @@ def _failure_summary(failed: list[dict], total: int) -> str:
 
 def run_report(args, parser) -> int:
     from dms_perf.bench import capacity_report, stream
-    from dms_perf.bench.report import ResultsFileError, ResultsWriter, merge_results
+    from dms_perf.bench.report import ResultsFileError, ResultsWriter, is_output, merge_results
 
-    # Outputs of commands with files of their own join only with their kind: (kind, file, test, join, write).
-    kinds = (("capacity runs", capacity_report.JSON_NAME, capacity_report.is_capacity_output,
-              capacity_report.merge_capacity, capacity_report.write_capacity_outputs),
-             ("request streams", stream.JSON_NAME, stream.is_stream_output, stream.merge_streams,
-              stream.write_stream_outputs))
-    for kind, json_name, is_output, join, write in kinds:
-        found = [is_output(path) for path in args.inputs]
+    # Outputs of commands with files of their own join only with their kind: (kind, file, join, write).
+    kinds = (("capacity runs", capacity_report.JSON_NAME, capacity_report.merge_capacity,
+              capacity_report.write_capacity_outputs),
+             ("request streams", stream.JSON_NAME, stream.merge_streams, stream.write_stream_outputs))
+    for kind, json_name, join, write in kinds:
+        found = [is_output(path, json_name) for path in args.inputs]
         if not any(found):
             continue
         if not all(found):

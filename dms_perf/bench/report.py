@@ -239,6 +239,17 @@ def results_from_benchmarks(data: dict[str, Any], source: str = "") -> tuple[dic
     return meta, rows
 
 
+def output_file(path, json_name: str) -> Path:
+    """The JSON file a command's output ``path`` names: ``path/json_name`` for a directory, else ``path``."""
+    return Path(path) / json_name if Path(path).is_dir() else Path(path)
+
+
+def is_output(path, json_name: str) -> bool:
+    """Whether ``path`` is an output holding ``json_name`` (a directory with that file, or the file itself)."""
+    file = output_file(path, json_name)
+    return file.is_file() if Path(path).is_dir() else file.name == json_name
+
+
 def join_outputs(paths, *, json_name: str, rows_key: str, join_keys: tuple[str, ...], row_id, what: str,
                  check=None, absorb=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Join the JSON outputs of a command run in parts (one method per device call, when both do not fit one
@@ -250,8 +261,8 @@ def join_outputs(paths, *, json_name: str, rows_key: str, join_keys: tuple[str, 
     meta: dict[str, Any] = {}
     rows: dict[Any, dict[str, Any]] = {}
     commands = []
-    for path in paths:
-        file = Path(path) / json_name if Path(path).is_dir() else Path(path)
+    for index, path in enumerate(paths):
+        file = output_file(path, json_name)
         try:
             data = json.loads(file.read_text())
             m, r = data["meta"], data[rows_key]
@@ -270,7 +281,7 @@ def join_outputs(paths, *, json_name: str, rows_key: str, join_keys: tuple[str, 
             raise ValueError(f"cannot join {path}: its {key} {mine!r} differs from {first!r}")
         commands.append(m.get("command"))
         meta["methods"] = list(dict.fromkeys([*meta.get("methods", []), *m.get("methods", [])]))
-        if absorb is not None and len(commands) > 1:  # the first run's meta is meta itself
+        if absorb is not None and index:  # the first run's meta is meta itself
             absorb(meta, m)
         rows.update(zip(ids, r, strict=True))
     meta["command"] = " ; ".join(c for c in commands if c)

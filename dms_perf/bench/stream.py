@@ -555,14 +555,6 @@ STREAM_JOIN_KEYS = ("model", "dtype", "requests", "prompt_length", "output_lengt
                     "duration_s", "warmup_s")
 
 
-def is_stream_output(path) -> bool:
-    """Whether ``path`` is a stream's output: a directory holding ``stream.json``, or that file."""
-    from pathlib import Path
-
-    path = Path(path)
-    return (path / JSON_NAME).is_file() if path.is_dir() else path.name == JSON_NAME
-
-
 def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Join streams run in parts (``report.join_outputs``): they join when their card and everything in
     ``STREAM_JOIN_KEYS`` agree and their rows' pools had the same budget. A method present twice keeps the
