@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup-seconds", type=float, default=None, metavar="SECONDS",
                        help="the stream with --duration: run each method this many seconds first and count only "
                        "after them (the steady state, without the cold start's admissions, compiles and captures)")
+    bench.add_argument("--steady-start", action="store_true",
+                       help="the stream with --warmup-seconds: begin as a stream that has been running (the first "
+                       "admitted requests part-way through their outputs, drawn as a steady stream's running ones "
+                       "are), so that the window reaches the steady state without a cold start's minutes")
     bench.add_argument("--capacity-step", type=int, default=None, metavar="N",
                        help="the stream: rows per KV head each page hand-out gives ahead (default 128); fewer "
                        "hold fewer spare pages and hand out more often")
@@ -421,6 +425,9 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
     if args.warmup_seconds is not None and (args.duration is None or not args.warmup_seconds >= 0):
         return _error(parser, f"--warmup-seconds takes seconds >= 0 beside --duration, got {args.warmup_seconds}"
                       + ("" if args.duration is not None else " without --duration"))
+    if args.steady_start and not args.warmup_seconds:
+        return _error(parser, "--steady-start needs --warmup-seconds > 0 (and --duration): its first admissions' "
+                      "prefills are the warm-up's")
     if args.capacity_step is not None and args.capacity_step < 1:
         return _error(parser, f"--capacity-step must be >= 1, got {args.capacity_step}")
     not_engine = [m.name for m in methods if not m.family.fused]
@@ -441,6 +448,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         "device": _device_info(), "model": args.model, "dtype": args.dtype, "requests": args.requests,
         "prompt_length": contexts[0], "output_lengths": [low, high], "max_running": max_running,
         "duration_s": args.duration, "warmup_s": args.warmup_seconds, "capacity_step": args.capacity_step,
+        "steady_start": True if args.steady_start else None,  # None, as in streams from before the option
         "seed": args.seed, "methods": [m.name for m in methods],
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
@@ -454,6 +462,9 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
             continue
         requests = stream.make_requests(args.requests, contexts[0], (low, high), vocab_size=model.config.vocab_size,
                                         seed=args.seed)
+        if args.steady_start:
+            requests = stream.steady_start(requests, max_running, (low, high), vocab_size=model.config.vocab_size,
+                                           seed=args.seed)
         for method in group:
             console.print(f"{method.name}: {args.requests} requests, outputs {low}-{high} tokens")
             def progress(line, name=method.name):

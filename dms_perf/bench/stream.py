@@ -35,6 +35,16 @@ time, and a stream too long to finish in the time a machine is lent can still be
 (``--warmup-seconds``) runs the stream that long first and counts only from the first step past it (window figures are
 differences from that step's): the cold start (every slot admitted at once, kernels compiled, graphs captured)
 is then out of the figures, which measure the steady state.
+
+A cold start reaches the steady state only after every slot's first request has run its life, and a request
+lives minutes when hundreds decode together (H100, the card's memory: dense-triton went from 282 running to 61
+over 200 s, DMS still falling at 210 s). ``steady_start`` (``--steady-start``) begins the stream as one that has
+been running: the requests admitted before the first decode step are drawn as a steady stream's running ones
+are, their output lengths in proportion to length times its probability (a long request is running for longer)
+and each part-way through, its progress uniform over its life; each prefills its prompt and the tokens it had
+"generated" (random ids, prefilled as a preempted request's are, with the method's own eviction). The requests
+of the queue that the first admission did not take are the plain ones again. Those prefills are the warm-up's,
+so a steady start needs ``warmup_s``.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -89,6 +99,7 @@ class Request:
     preempted: int = 0
     tokens: list | None = None  # run_stream(keep_tokens=True): the generated ids (device scalars)
     resumed: torch.Tensor | None = None  # preempted: the ids it had generated ([1, k], on the device)
+    plain: Request | None = None  # a steady start's request in flight: the plain request it stands in for
 
     def prefill_ids(self) -> torch.Tensor:
         """What its admission prefills: the prompt, then the tokens it generated before a preemption."""
@@ -179,6 +190,25 @@ def make_requests(count: int, prompt_length: int, output_lengths: tuple[int, int
             for i, n in enumerate(lengths)]
 
 
+def steady_start(requests: list[Request], count: int, output_lengths: tuple[int, int], *, vocab_size: int,
+                 seed: int) -> list[Request]:
+    """``requests`` with the first ``count`` standing in for requests a steady stream has in flight (module
+    docstring): output length L drawn with probability in proportion to L over the inclusive range, progress k
+    uniform in 0 .. L - 2 tokens (``resumed``: k random ids, so that admission's prefill gives token k + 1 of L
+    and the request still decodes), the plain request kept in ``plain``. Seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed + 1)  # not the plain draws' stream
+    low, high = output_lengths
+    count = min(count, len(requests))
+    lengths = torch.arange(low, high + 1, dtype=torch.float64)
+    drawn = (low + torch.multinomial(lengths, count, replacement=True, generator=generator)).tolist()
+    started = []
+    for request, length in zip(requests[:count], drawn, strict=True):
+        done = int(torch.randint(0, max(1, length - 1), (1,), generator=generator))
+        ids = torch.randint(0, vocab_size, (1, done), generator=generator)
+        started.append(Request(request.index, request.prompt, length, resumed=ids if done else None, plain=request))
+    return started + list(requests[count:])
+
+
 def admission_pages(single, pool) -> int:
     """Pages a prefilled one-sequence cache takes when admitted, with one hand-out (``capacity_step`` rows per
     head) ahead."""
@@ -204,7 +234,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
     on what ran beside it). ``duration_s``: stop at the first step that ends past it, after ``warmup_s`` more
     seconds, whose figures are not counted; ``admit_horizon``: the decode steps of growth admission keeps pages
-    for (module docstring; 0 keeps one hand-out a running sequence only). Raises
+    for (module docstring; 0 keeps one hand-out a running sequence only). Requests from
+    ``steady_start`` are in flight if the first admission takes them, else their plain requests queue. Raises
     ``PagesExhausted`` only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
@@ -215,6 +246,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         raise ValueError(f"duration_s must be a positive number of seconds, got {duration_s}")
     if warmup_s is not None and (duration_s is None or not warmup_s >= 0):
         raise ValueError(f"warmup_s must be a number of seconds >= 0 beside a duration_s, got {warmup_s}")
+    if any(r.plain is not None for r in requests) and not warmup_s:
+        raise ValueError("a steady start's prefills are its warm-up's: run_stream needs warmup_s > 0 with it")
     warmup = warmup_s or 0.0
     device = next(model.parameters()).device
     max_seqs = pool.max_seqs
@@ -236,7 +269,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     cache = model.make_dms_cache()
     run = StreamRun(len(requests), 0, 0.0, 0, 0, pool.page_bytes(pool.page_rows, pool.head_dim, pool.dtype),
                     pool.nbytes, 0, 0, 0, duration_s, warmup_s=warmup_s,
-                    mean_output_length=sum(r.output_length for r in requests) / max(1, len(requests)))
+                    mean_output_length=sum((r.plain or r).output_length for r in requests) / max(1, len(requests)))
     batch = 0
     synchronize()
     start = time.perf_counter()
@@ -301,8 +334,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         request.admitted_at = time.perf_counter() - start
         done = 0 if request.resumed is None else request.resumed.shape[1]  # generated before a preemption
         tokens[slot] = first
-        if keep_tokens:
-            request.tokens = [*(request.tokens or [])[:done], first.reshape(())]
+        if keep_tokens:  # a steady start's request in flight kept no tokens of its own: its resumed ids
+            before = request.tokens if request.tokens is not None else list(request.resumed[0]) if done else []
+            request.tokens = [*before[:done], first.reshape(())]
         prompt_lengths[slot] = request.prompt.shape[1]
         positions[slot] = request.prompt.shape[1] + done
         if done:
@@ -316,11 +350,12 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             finish(slot, request.admitted_at)
         return True
 
+    steady = any(r.plain is not None for r in requests)
     with torch.inference_mode():
         while queue or running:
             if duration_s is not None:
                 now = time.perf_counter() - start
-                if warmup_s and not run.before and now >= warmup:
+                if warmup_s and not run.before and not steady and now >= warmup:
                     run.counted_from_s, run.running_at_start = now, len(running)
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
                                   "tokens": run.generated_tokens + unfinished_tokens(),
@@ -330,6 +365,11 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             admitting = time.perf_counter()
             while admit():
                 pass
+            if steady:  # a steady start's first admission is over: the requests it did not take are plain again
+                plain = [r.plain or r for r in queue]
+                queue.clear()
+                queue.extend(plain)
+                staged, steady = None, False
             run.admission_s += time.perf_counter() - admitting
             if not running:
                 continue
@@ -436,6 +476,8 @@ def stream_method(model, method, requests: list[Request], *, budget_gib: float |
     from dms_perf.bench.generation import engine_pool, failure_status, prefill_for_the_engine, release_memory
 
     row: dict[str, Any] = {"method": method.name}
+    # run_stream marks the requests it runs (admitted, preempted, their tokens): each method runs copies
+    requests = [replace(r) for r in requests]
     try:
         method.prepare(model)
         if capacity_step is not None:
@@ -477,6 +519,9 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
           if meta.get("duration_s") else []),
         *([f"- after a warm-up of {meta['warmup_s']:g} s per method (the cold start, not counted: admissions, "
            "compiles, graph captures)"] if meta.get("warmup_s") else []),
+        *(["- steady start: the requests of the first admission began part-way through their outputs, drawn as a "
+           "steady stream's running ones are (lengths in proportion to length, progress uniform)"]
+          if meta.get("steady_start") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | req/min by tokens | total tok/s | completed | mean running "
         "| running at the start → end (queued at the end) | max running | peak KV pages | peak KV GiB | pool GiB "
@@ -515,7 +560,7 @@ def transient_note(meta: dict[str, Any], row: dict[str, Any]) -> str | None:
     if abs(end - start) <= STEADY_TOLERANCE * max(start, end):
         return None
     return (f"{row['method']}: not a steady state: {start} sequences ran when the window opened and {end} when "
-            f"it closed (a longer --warmup-seconds measures the steady state)")
+            f"it closed (a longer --warmup-seconds, or --steady-start, measures the steady state)")
 
 
 def _preempted_tokens(row: dict[str, Any]) -> str:
@@ -552,7 +597,7 @@ def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):
 
 # What two streams must share to stand side by side in one table (meta keys; the pool's budget is per row).
 STREAM_JOIN_KEYS = ("model", "dtype", "requests", "prompt_length", "output_lengths", "seed", "max_running",
-                    "duration_s", "warmup_s")
+                    "duration_s", "warmup_s", "steady_start")
 
 
 def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -55,15 +55,17 @@ def _fake_clock(monkeypatch) -> None:
     monkeypatch.setattr(stream.time, "perf_counter", lambda: float(next(clock)))
 
 
-def _solo(model, request) -> list[int]:
-    """The request generated alone, on a cache of its own buffers."""
+def _solo(model, request, ids=None, count=None) -> list[int]:
+    """The request generated alone, on a cache of its own buffers (``ids`` then ``count`` tokens: its prompt and
+    output length unless given)."""
     cache = model.make_dms_cache(pooled=False)
-    ids = request.prompt
+    ids = request.prompt if ids is None else ids
+    count = request.output_length if count is None else count
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token, made = out.logits[:, -1:].argmax(-1), []
-    for i in range(request.output_length):
+    for i in range(count):
         made.append(int(token))
-        if i + 1 == request.output_length:
+        if i + 1 == count:
             break
         position = torch.tensor([[ids.shape[1] + i]])
         token = model(input_ids=token, past_key_values=cache, position_ids=position,
@@ -247,6 +249,79 @@ def test_mean_running_and_the_rate_by_tokens():
     assert run.as_row()["requests_per_min_by_tokens"] is None
 
 
+def test_a_steady_start_draws_requests_in_flight():
+    """``steady_start``: the first ``count`` requests stand in for a steady stream's running ones (seeded): output
+    lengths within the range, drawn in proportion to length (their mean is E[L^2] / E[L] of the plain range's, not
+    E[L]); progress 0 .. L - 2 ids, about half the length on average; the rest of the queue is the plain
+    requests, and each stand-in keeps its plain request."""
+    plain = stream.make_requests(4000, 4, (2, 2000), vocab_size=50, seed=5)
+    started = stream.steady_start(plain, 3000, (2, 2000), vocab_size=50, seed=5)
+    again = stream.steady_start(plain, 3000, (2, 2000), vocab_size=50, seed=5)
+    assert [r.output_length for r in started] == [r.output_length for r in again]
+    assert all(a is b for a, b in zip(started[3000:], plain[3000:], strict=True))
+    started = started[:3000]
+    assert all(r.plain is p for r, p in zip(started, plain, strict=False))
+    assert all(2 <= r.output_length <= 2000 for r in started)
+    done = [0 if r.resumed is None else r.resumed.shape[1] for r in started]
+    assert all(0 <= k <= r.output_length - 2 for k, r in zip(done, started, strict=True))
+    assert all(int(r.resumed.max()) < 50 for r in started if r.resumed is not None)
+    lengths = range(2, 2001)
+    biased_mean = sum(n * n for n in lengths) / sum(lengths)  # 1334.3; the plain mean is 1001
+    assert sum(r.output_length for r in started) / 3000 == pytest.approx(biased_mean, rel=0.02)
+    assert sum(k / r.output_length for k, r in zip(done, started, strict=True)) / 3000 == pytest.approx(0.5, abs=0.02)
+    assert len(stream.steady_start(plain[:3], 10, (2, 2000), vocab_size=50, seed=5)) == 3
+
+
+def test_a_steady_start_runs_its_requests_from_where_they_were(monkeypatch):
+    """Six requests, the first four standing in for requests in flight, two slots: the first admission takes
+    two of them, which prefill their prompt and progress and generate the rest as they would alone; the two it
+    did not take queue as their plain requests again; every request ends, every page comes back, and the
+    window's tokens leave out the progress the stand-ins came with. Without a warm-up, refused."""
+    model = _tiny_model()
+    plain = stream.make_requests(6, 8, (6, 14), vocab_size=model.config.vocab_size, seed=3)
+    requests = stream.steady_start(plain, 4, (6, 14), vocab_size=model.config.vocab_size, seed=3)
+    assert all(r.resumed is not None for r in requests[:2])  # the two admitted first come part-way
+
+    def progress(r):
+        return [] if r.resumed is None else [int(t) for t in r.resumed[0]]
+
+    with torch.no_grad():
+        want = [progress(r) + _solo(model, r, r.prefill_ids(), r.output_length - len(progress(r)))
+                for r in requests[:2]]
+        want += [_solo(model, r) for r in plain[2:]]
+        came_with = sum(len(progress(r)) for r in requests[:2])
+        pool = _use_pool(model, 400)
+        with pytest.raises(ValueError, match="steady start"):
+            stream.run_stream(model, requests, duration_s=100)
+        _fake_clock(monkeypatch)
+        run = stream.run_stream(model, requests, keep_tokens=True, duration_s=10**5, warmup_s=3, admit_horizon=0)
+    model.use_kv_pool(None)
+    ran = [*requests[:2], *plain[2:]]
+    assert [[int(t) for t in r.tokens] for r in ran] == want
+    assert requests[2].tokens is None and requests[3].tokens is None  # not in flight: their plain ones ran
+    assert run.completed == 6 and pool.pages_in_use == 0 and pool.live_slots == []
+    assert run.mean_output_length == sum(r.output_length for r in plain) / 6
+    row = run.as_row()
+    assert run.before["tokens"] >= came_with  # counting began after the first admission
+    assert row["generated_tokens"] == sum(len(r.tokens) for r in ran) - run.before["tokens"]
+
+
+def test_each_method_streams_its_own_copy_of_the_requests():
+    """stream_method runs copies: a stand-in's progress and a request's marks (admission, tokens) stay as they
+    were for the next method."""
+    from dms_perf.bench.methods import load_model_for, resolve_method
+
+    method = resolve_method("dense-triton")
+    model, _ = load_model_for("tiny", method, dtype=torch.float32, device="cpu")
+    plain = stream.make_requests(3, 8, (3, 6), vocab_size=model.config.vocab_size, seed=0)
+    requests = stream.steady_start(plain, 1, (3, 6), vocab_size=model.config.vocab_size, seed=0)
+    progress = requests[0].resumed
+    row = stream.stream_method(model, method, requests, budget_gib=0.002, max_running=2, duration_s=600,
+                               warmup_s=1e-6)
+    assert row["status"] == "ok"
+    assert requests[0].resumed is progress and all(r.admitted_at is None and r.tokens is None for r in requests)
+
+
 def test_a_request_that_cannot_run_alone_is_an_oom_error():
     """A pool of one 4-row page a head cannot take a 12-token prompt: run_stream raises the pool's
     out-of-memory error (no request can ever run), which a bench row reports as OOM."""
@@ -286,6 +361,7 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         ("--max-running", "-1"): "--max-running must be >= 1",
         ("--duration", "0"): "--duration must be a positive",
         ("--warmup-seconds", "5"): "beside --duration",
+        ("--steady-start", ""): "--steady-start needs --warmup-seconds",
         ("--capacity-step", "0"): "--capacity-step must be >= 1",
         ("--requests", None): "add --requests N",
     }
@@ -293,6 +369,8 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         argv = list(args)
         if value is None:  # the stream's own options without a stream
             del argv[argv.index(option) : argv.index(option) + 2]
+        elif value == "":  # a flag
+            argv.append(option)
         elif option in argv:
             argv[argv.index(option) + 1] = value
         else:
