@@ -399,9 +399,19 @@ def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
 
     other = tmp_path / "other-seed"
     assert cli.main([*common, "--methods", "dense-triton", "--seed", "1", "--out", str(other)]) == 0
+    window = ["--duration", "600", "--warmup-seconds", "1e-6"]
+    steady = tmp_path / "steady"  # both methods of one process, each from the same steady start
+    assert cli.main([*common, "--methods", "dms-triton,dense-triton", *window, "--steady-start",
+                     "--out", str(steady)]) == 0
+    assert cli.main([*common, "--methods", "dense-triton", *window, "--out", str(cold := tmp_path / "cold")]) == 0
+    data = json.loads((steady / "stream.json").read_text())
+    assert data["meta"]["steady_start"] is True and [r["status"] for r in data["results"]] == ["ok", "ok"]
+    assert "- steady start: the requests of the first admission began part-way" in (steady / "stream.md").read_text()
     budget = tmp_path / "other-budget"
     assert cli.main([*common, "--methods", "dense-triton", "--memory-budget", "0.01", "--out", str(budget)]) == 0
     tiny_cells(cells := tmp_path / "cells")
     assert_report_refuses(capsys, tmp_path / "dms-triton", (
         ((other,), "its seed 1 differs from 0"), ((budget,), "pool budget"),
+        ((steady,), "its duration_s 600.0 differs from None"),
         ((cells,), "join only with request streams (stream.json)")), tmp_path / "x")
+    assert_report_refuses(capsys, steady, (((cold,), "its steady_start None differs from True"),), tmp_path / "y")
