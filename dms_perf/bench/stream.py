@@ -19,12 +19,18 @@ included), requests completed per minute, the most pages in use, preemptions and
 had to prefill again, the wall time spent admitting (prefills and copies into the pool, during which nothing
 decodes), and the number of running sequences against time.
 
-Admission keeps pages back for the running sequences' growth: one hand-out each, and at least
+Admission keeps pages back for the running sequences' growth: one hand-out each (a hand-out asks pages for
+``capacity_step`` more rows of every head at once, most of which the next trim returns), plus
 ``ADMIT_HORIZON`` decode steps of growth for every running sequence and the new one, at the rate the pool's
 decode steps have taken pages so far (net of the pages trims returned), or, before any step was measured, at
 the most a sequence can grow (one row per KV head per step, as dense). Without it a cold start admits as many
 prompts as the pool holds and then preempts most of them, re-prefilling each: the work a stream of unknown
-output lengths must spend is the preemptions its admission could not foresee, not those of a full pool.
+output lengths must spend is the preemptions its admission could not foresee, not those of a full pool. A
+hand-out that runs out trims first (one read-back of the heads' lengths returns the spare pages of earlier
+hand-outs) and preempts only if it still runs out. Until 2026-12-07 the two parts of the reserve were the
+larger of them, not their sum, and a hand-out preempted at once: on an H100 with DMS in the card's memory, the
+running sequences swung between ~280 and ~140 every ~45 s, 464 preemptions in a 240 s window, 155 s of it
+admitting (their recomputes).
 
 ``duration_s`` (``--duration``) measures a fixed window instead of the whole stream: admission and decoding
 stop at the first step that ends past it (counted from the end of the warm-up, which can run past
@@ -128,6 +134,7 @@ class StreamRun:
     queued_at_end: int = 0
     admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
     recomputed_tokens: int = 0  # generated tokens prefilled again when a preempted request came back
+    exhausted_trims: int = 0  # hand-outs that ran out and trimmed (one read-back) before preempting
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
     counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
     mean_output_length: float = 0.0  # of all the stream's requests (its distribution's mean, as drawn)
@@ -173,6 +180,7 @@ class StreamRun:
             "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
             "admission_s": self.admission_s - b.get("admission_s", 0.0),
             "recomputed_tokens": self.recomputed_tokens - b.get("recomputed_tokens", 0),
+            "exhausted_trims": self.exhausted_trims - b.get("exhausted_trims", 0),
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_start": self.running_at_start, "running_at_end": self.running_at_end,
             "queued_at_end": self.queued_at_end, "stream_trace": self.trace,
@@ -311,7 +319,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         request = queue[0]
         measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
         rate = grown / sequence_steps if measured else most_growth
-        reserve = max(layer_pages * len(running), rate * admit_horizon * (len(running) + 1))
+        # A hand-out asks for a page-rounded capacity_step of rows for every head at once (layer_pages a
+        # sequence, most of it returned by the next trim), on top of what the sequences keep growing by
+        reserve = layer_pages * len(running) + rate * admit_horizon * (len(running) + 1)
         # Not even a page a head would fit: wait without prefilling (a preempted request queued ahead would
         # throw that prefill away; in a full pool's cold start most of the admission time went to such prefills)
         if running and pool.layers * pool.kv_heads + reserve > pool.free_pages:
@@ -351,6 +361,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         return True
 
     steady = any(r.plain is not None for r in requests)
+    trimmed = False  # the pool trimmed since the last step that got its pages
     with torch.inference_mode():
         while queue or running:
             if duration_s is not None:
@@ -359,7 +370,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                     run.counted_from_s, run.running_at_start = now, len(running)
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
                                   "tokens": run.generated_tokens + unfinished_tokens(),
-                                  "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens}
+                                  "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens,
+                                  "exhausted_trims": run.exhausted_trims}
                 if now >= (run.counted_from_s if run.before else warmup) + duration_s:
                     break  # the window is duration_s long even when the warm-up ran past warmup_s
             admitting = time.perf_counter()
@@ -381,6 +393,11 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             try:
                 cache.prepare_step()  # page hand-out for the step (host only); may run out
             except PagesExhausted:
+                if not trimmed:  # the spare pages of earlier hand-outs first: a read-back now returns them
+                    trimmed = True
+                    run.exhausted_trims += 1
+                    pool.trim()
+                    continue
                 if len(running) == 1:
                     raise  # one request alone outgrows the pool: no stream can complete
                 # The request with the least progress (a finished one's slot takes the last, so slot order
@@ -393,6 +410,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                 vacate(slot)
                 queue.appendleft(victim)
                 continue
+            trimmed = False
             grown += pool.pages_in_use - in_use
             sequence_steps += len(running)
             out = model(input_ids=tokens[:batch], past_key_values=cache, position_ids=positions[:batch],
