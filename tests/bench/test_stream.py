@@ -104,19 +104,50 @@ def test_every_request_generates_what_it_generates_alone(pages):
     assert row["stream_trace"]["running"] and max(row["stream_trace"]["running"]) <= 2
 
 
+def _without_trim_first(pool) -> None:
+    """The stream's trim before a preemption made a no-op (a hand-out's own trims stay): the pool runs out as it
+    did before that trim, for tests of what preemption keeps."""
+    trim = pool.trim
+    pool.trim = lambda **wait: trim(**wait) if wait else False
+
+
 def test_a_request_preempted_twice_keeps_its_tokens():
-    """Three slots, 42 pages: one request is preempted, admitted again with its tokens, and preempted again;
-    what it keeps the second time includes what it kept the first (its slot's history is restored), and
-    every request still generates its solo tokens."""
+    """Three slots, 42 pages, no trim before a preemption: one request is preempted, admitted again with its
+    tokens, and preempted again; what it keeps the second time includes what it kept the first (its slot's
+    history is restored), and every request still generates its solo tokens."""
     model = _tiny_model()
     requests = stream.make_requests(6, 8, (4, 24), vocab_size=model.config.vocab_size, seed=2)
     with torch.no_grad():
         want = [_solo(model, r) for r in requests]
         pool = _use_pool(model, 42, seqs=3)
+        _without_trim_first(pool)
         run = stream.run_stream(model, requests, keep_tokens=True, trace_every=1, admit_horizon=0)
     assert max(r.preempted for r in requests) == 2 and run.recomputed_tokens > 0
     assert [[int(t) for t in r.tokens] for r in requests] == want
     assert pool.pages_in_use == 0 and pool.live_slots == []
+
+
+def test_a_hand_out_that_runs_out_trims_before_it_preempts():
+    """The pool above: without the trim a request is preempted twice; with it, a hand-out that runs out first
+    returns the spare pages of earlier hand-outs, some run-outs end there, and no request is preempted twice;
+    every request still generates its solo tokens and every page comes back."""
+    model = _tiny_model()
+    runs = {}
+    for trim_first in (False, True):
+        requests = stream.make_requests(6, 8, (4, 24), vocab_size=model.config.vocab_size, seed=2)
+        with torch.no_grad():
+            want = [_solo(model, r) for r in requests]
+            pool = _use_pool(model, 42, seqs=3)
+            if not trim_first:
+                _without_trim_first(pool)
+            runs[trim_first] = stream.run_stream(model, requests, keep_tokens=True, admit_horizon=0)
+            runs[trim_first].most_preempted = max(r.preempted for r in requests)
+        assert [[int(t) for t in r.tokens] for r in requests] == want
+        assert pool.pages_in_use == 0 and pool.live_slots == []
+    model.use_kv_pool(None)
+    assert runs[True].exhausted_trims > runs[True].preemptions >= 0
+    assert runs[True].most_preempted == 1 < runs[False].most_preempted == 2
+    assert runs[True].as_row()["exhausted_trims"] == runs[True].exhausted_trims
 
 
 def test_a_request_waits_without_a_prefill_while_not_a_page_a_head_fits():
