@@ -535,8 +535,8 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         *([f"- measured over a window of {meta['duration_s']:g} s per method: requests completed and tokens "
            "generated in it; running and queued are the requests left when it closed"]
           if meta.get("duration_s") else []),
-        *([f"- after a warm-up of {meta['warmup_s']:g} s per method (the cold start, not counted: admissions, "
-           "compiles, graph captures)"] if meta.get("warmup_s") else []),
+        *([f"- after a warm-up of {_warmups(meta, rows)} (the cold start, not counted: admissions, compiles, "
+           "graph captures)"] if meta.get("warmup_s") else []),
         *(["- steady start: the requests of the first admission began part-way through their outputs, drawn as a "
            "steady stream's running ones are (lengths in proportion to length, progress uniform)"]
           if meta.get("steady_start") else []),
@@ -581,6 +581,15 @@ def transient_note(meta: dict[str, Any], row: dict[str, Any]) -> str | None:
             f"it closed (a longer --warmup-seconds, or --steady-start, measures the steady state)")
 
 
+def _warmups(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The warm-up: one for all methods, or each method's (joined runs whose methods took different times to
+    reach their steady state)."""
+    each = {r["method"]: r.get("warmup_s", meta["warmup_s"]) for r in rows}
+    if len(set(each.values())) <= 1:
+        return f"{meta['warmup_s']:g} s per method"
+    return ", ".join(f"{seconds:g} s for {method}" for method, seconds in each.items())
+
+
 def _preempted_tokens(row: dict[str, Any]) -> str:
     """The generated tokens preemptions cost: prefilled again, or (rows from before they were kept) dropped."""
     if row.get("recomputed_tokens") is not None:
@@ -613,9 +622,11 @@ def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):
     return fig
 
 
-# What two streams must share to stand side by side in one table (meta keys; the pool's budget is per row).
+# What two streams must share to stand side by side in one table (meta keys; the pool's budget is per row). Not
+# the warm-up: it is how long a method takes to reach its steady state (a steady start's first admission takes
+# DMS, with ~4x the requests in flight, ~4x dense's time); each row keeps its own, and the window is shared.
 STREAM_JOIN_KEYS = ("model", "dtype", "requests", "prompt_length", "output_lengths", "seed", "max_running",
-                    "duration_s", "warmup_s", "steady_start")
+                    "duration_s", "steady_start")
 
 
 def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:

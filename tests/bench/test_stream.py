@@ -435,6 +435,12 @@ def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
     assert cli.main([*common, "--methods", "dms-triton,dense-triton", *window, "--steady-start",
                      "--out", str(steady)]) == 0
     assert cli.main([*common, "--methods", "dense-triton", *window, "--out", str(cold := tmp_path / "cold")]) == 0
+    later = tmp_path / "later"  # the same window after another warm-up: joins, each row with its own
+    assert cli.main([*common, "--methods", "dense-triton", "--duration", "600", "--warmup-seconds", "2e-6",
+                     "--steady-start", "--out", str(later)]) == 0
+    assert cli.main(["report", str(steady), str(later), "--out", str(tmp_path / "j2")]) == 0
+    assert "after a warm-up of 1e-06 s for dms-triton, 2e-06 s for dense-triton (" in (
+        tmp_path / "j2" / "stream.md").read_text()
     data = json.loads((steady / "stream.json").read_text())
     assert data["meta"]["steady_start"] is True and [r["status"] for r in data["results"]] == ["ok", "ok"]
     assert "- steady start: the requests of the first admission began part-way" in (steady / "stream.md").read_text()
