@@ -584,7 +584,7 @@ def transient_note(meta: dict[str, Any], row: dict[str, Any]) -> str | None:
 def _warmups(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The warm-up: one for all methods, or each method's (joined runs whose methods took different times to
     reach their steady state)."""
-    each = {r["method"]: r.get("warmup_s", meta["warmup_s"]) for r in rows}
+    each = {r["method"]: r["warmup_s"] for r in rows if r.get("warmup_s") is not None}  # a failed row has none
     if len(set(each.values())) <= 1:
         return f"{meta['warmup_s']:g} s per method"
     return ", ".join(f"{seconds:g} s for {method}" for method, seconds in each.items())
