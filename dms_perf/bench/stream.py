@@ -17,7 +17,8 @@ with the prompt), so the cache is never corrupted and the stream always complete
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
 included), requests completed per minute, the most pages in use, preemptions and the generated tokens they
 had to prefill again, the wall time spent admitting (prefills and copies into the pool, during which nothing
-decodes), and the number of running sequences against time.
+decodes; of it, the wait for the decode steps still queued on the device before each prefill, and the
+prefills), and the number of running sequences against time.
 
 Admission keeps pages back for the running sequences' growth: one hand-out each (a hand-out asks pages for
 ``capacity_step`` more rows of every head at once, most of which the next trim returns), plus
@@ -133,6 +134,8 @@ class StreamRun:
     running_at_end: int = 0
     queued_at_end: int = 0
     admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
+    admission_wait_s: float = 0.0  # of it: waiting for the decode steps queued on the device before a prefill
+    prefill_s: float = 0.0  # of it: the prefills (the rest is copying into the pool and the host's work)
     recomputed_tokens: int = 0  # generated tokens prefilled again when a preempted request came back
     exhausted_trims: int = 0  # hand-outs that ran out and trimmed (one read-back) before preempting
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
@@ -179,6 +182,8 @@ class StreamRun:
             "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
             "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
             "admission_s": self.admission_s - b.get("admission_s", 0.0),
+            "admission_wait_s": self.admission_wait_s - b.get("admission_wait_s", 0.0),
+            "prefill_s": self.prefill_s - b.get("prefill_s", 0.0),
             "recomputed_tokens": self.recomputed_tokens - b.get("recomputed_tokens", 0),
             "exhausted_trims": self.exhausted_trims - b.get("exhausted_trims", 0),
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
@@ -327,8 +332,13 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         if running and pool.layers * pool.kv_heads + reserve > pool.free_pages:
             return False
         if staged is None or staged[0] is not request:
+            waited = time.perf_counter()
+            synchronize()  # the decode steps still queued on the device: their time, not this prefill's
+            began = time.perf_counter()
             single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
-            staged = (request, single, first, admission_pages(single, pool))
+            staged = (request, single, first, admission_pages(single, pool))  # its read-back ends the prefill
+            run.admission_wait_s += began - waited
+            run.prefill_s += time.perf_counter() - began
         _, single, first, pages = staged
         if running and pages + reserve > pool.free_pages:
             return False
@@ -371,7 +381,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                     run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
                                   "tokens": run.generated_tokens + unfinished_tokens(),
                                   "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens,
-                                  "exhausted_trims": run.exhausted_trims}
+                                  "exhausted_trims": run.exhausted_trims, "prefill_s": run.prefill_s,
+                                  "admission_wait_s": run.admission_wait_s}
                 if now >= (run.counted_from_s if run.before else warmup) + duration_s:
                     break  # the window is duration_s long even when the warm-up ran past warmup_s
             admitting = time.perf_counter()
@@ -558,7 +569,7 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
                      f"{r.get('max_running', '-')} | {r.get('peak_pages', '-')} | "
                      f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} "
                      f"({_preempted_tokens(r)}) | "
-                     f"{_num(r.get('admission_s'))} |")
+                     f"{_admitting(r)} |")
     transients = [transient_note(meta, r) for r in rows]
     lines += ["", *(f"- {note}" for note in transients if note)] if any(transients) else []
     return "\n".join(lines) + "\n"
@@ -588,6 +599,16 @@ def _warmups(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if len(set(each.values())) <= 1:
         return f"{meta['warmup_s']:g} s per method"
     return ", ".join(f"{seconds:g} s for {method}" for method, seconds in each.items())
+
+
+def _admitting(row: dict[str, Any]) -> str:
+    """The admitting seconds, with the waits for queued decode steps and the prefills in them where measured."""
+    from dms_perf.bench.report import _num
+
+    if row.get("prefill_s") is None:
+        return _num(row.get("admission_s"))
+    return (f"{_num(row['admission_s'])} ({_num(row['admission_wait_s'])} waiting for queued steps, "
+            f"{_num(row['prefill_s'])} prefilling)")
 
 
 def _preempted_tokens(row: dict[str, Any]) -> str:

@@ -101,6 +101,11 @@ def test_every_request_generates_what_it_generates_alone(pages):
         assert run.preemptions == 0 and run.recomputed_tokens == 0 and prefilled == [8] * 4
     row = run.as_row()
     assert row["requests_per_min"] > 0 and row["peak_pages"] <= pool.num_pages
+    # the admitting time holds the prefills and the waits before them (none without a GPU's queue)
+    assert 0 < row["prefill_s"] and 0 <= row["admission_wait_s"]
+    assert row["prefill_s"] + row["admission_wait_s"] <= row["admission_s"]
+    cell = stream._admitting(row)
+    assert cell.endswith(" prefilling)") and "waiting for queued steps" in cell
     assert row["stream_trace"]["running"] and max(row["stream_trace"]["running"]) <= 2
 
 
