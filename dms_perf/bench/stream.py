@@ -115,6 +115,11 @@ class Request:
         return torch.cat([self.prompt.to(self.resumed.device), self.resumed], dim=1)
 
 
+# StreamRun's counters a window counts from the warm-up's end (the row gives each as a difference from then).
+WINDOW_COUNTERS = ("completed", "steps", "preemptions", "admission_s", "admission_wait_s", "prefill_s",
+                   "recomputed_tokens", "exhausted_trims")
+
+
 @dataclass
 class StreamRun:
     """What a stream measured (``as_row`` gives the bench row's figures)."""
@@ -160,12 +165,19 @@ class StreamRun:
                 covered += hi - lo
         return area / covered if covered > 0 else None
 
+    def snapshot(self, unfinished_tokens: int) -> dict[str, float]:
+        """The counters now (``before`` at the warm-up's end): ``WINDOW_COUNTERS`` and the tokens generated so far,
+        those of requests not finished (``unfinished_tokens``) included."""
+        return {name: getattr(self, name) for name in WINDOW_COUNTERS} | {
+            "tokens": self.generated_tokens + unfinished_tokens}
+
     def as_row(self) -> dict[str, Any]:
         """The bench row: with a warm-up, completed, tokens, preemptions and steps are those after it, and
         the rates are over the time after it (``wall_s``); ``warmup_wall_s`` is when counting began."""
         b = self.before
+        counted = {name: getattr(self, name) - b.get(name, 0) for name in WINDOW_COUNTERS}
         wall = self.wall_s - self.counted_from_s
-        completed = self.completed - b.get("completed", 0)
+        completed = counted["completed"]
         tokens = self.generated_tokens - b.get("tokens", 0)
         tok_s = tokens / wall if wall > 0 else None
         return {
@@ -179,13 +191,10 @@ class StreamRun:
             "mean_running": self.mean_running(),
             "generated_tokens": tokens, "peak_pages": self.peak_pages,
             "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
-            "max_running": self.max_running, "preemptions": self.preemptions - b.get("preemptions", 0),
-            "decode_steps": self.steps - b.get("steps", 0), "duration_s": self.duration_s,
-            "admission_s": self.admission_s - b.get("admission_s", 0.0),
-            "admission_wait_s": self.admission_wait_s - b.get("admission_wait_s", 0.0),
-            "prefill_s": self.prefill_s - b.get("prefill_s", 0.0),
-            "recomputed_tokens": self.recomputed_tokens - b.get("recomputed_tokens", 0),
-            "exhausted_trims": self.exhausted_trims - b.get("exhausted_trims", 0),
+            "max_running": self.max_running, "preemptions": counted["preemptions"],
+            "decode_steps": counted["steps"], "duration_s": self.duration_s,
+            **{name: counted[name] for name in ("admission_s", "admission_wait_s", "prefill_s",
+                                                "recomputed_tokens", "exhausted_trims")},
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_start": self.running_at_start, "running_at_end": self.running_at_end,
             "queued_at_end": self.queued_at_end, "stream_trace": self.trace,
@@ -259,7 +268,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         raise ValueError(f"duration_s must be a positive number of seconds, got {duration_s}")
     if warmup_s is not None and (duration_s is None or not warmup_s >= 0):
         raise ValueError(f"warmup_s must be a number of seconds >= 0 beside a duration_s, got {warmup_s}")
-    if any(r.plain is not None for r in requests) and not warmup_s:
+    steady = any(r.plain is not None for r in requests)  # a steady start's first admission is still to come
+    if steady and not warmup_s:
         raise ValueError("a steady start's prefills are its warm-up's: run_stream needs warmup_s > 0 with it")
     warmup = warmup_s or 0.0
     device = next(model.parameters()).device
@@ -370,7 +380,6 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             finish(slot, request.admitted_at)
         return True
 
-    steady = any(r.plain is not None for r in requests)
     trimmed = False  # the pool trimmed since the last step that got its pages
     with torch.inference_mode():
         while queue or running:
@@ -378,11 +387,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                 now = time.perf_counter() - start
                 if warmup_s and not run.before and not steady and now >= warmup:
                     run.counted_from_s, run.running_at_start = now, len(running)
-                    run.before = {"completed": run.completed, "steps": run.steps, "preemptions": run.preemptions,
-                                  "tokens": run.generated_tokens + unfinished_tokens(),
-                                  "admission_s": run.admission_s, "recomputed_tokens": run.recomputed_tokens,
-                                  "exhausted_trims": run.exhausted_trims, "prefill_s": run.prefill_s,
-                                  "admission_wait_s": run.admission_wait_s}
+                    run.before = run.snapshot(unfinished_tokens())
                 if now >= (run.counted_from_s if run.before else warmup) + duration_s:
                     break  # the window is duration_s long even when the warm-up ran past warmup_s
             admitting = time.perf_counter()
