@@ -56,6 +56,7 @@ so a steady start needs ``warmup_s``.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,7 +65,7 @@ from typing import Any
 
 import torch
 
-from dms_perf.bench.timing import synchronize
+from dms_perf.bench.timing import DeviceSpans, synchronize
 
 # Decode steps of growth admission keeps pages for, per running sequence (module docstring).
 ADMIT_HORIZON = 256
@@ -147,6 +148,10 @@ class StreamRun:
     counted_from_s: float = 0.0  # the first step past the warm-up (0 without one)
     mean_output_length: float = 0.0  # of all the stream's requests (its distribution's mean, as drawn)
     before: dict[str, float] = field(default_factory=dict)  # the counters at counted_from_s
+    # The counted decode steps' device times in ms (CUDA events around each step; empty without CUDA): a step's
+    # own time, which the wall time's admissions and host waits do not blur.
+    device_step_ms: list[float] = field(default_factory=list)
+    end_census: dict[str, Any] | None = None  # ``census`` of the sequences running when the stream stopped
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
     def record(self, time_s: float, running: int, pages: int) -> None:
@@ -197,8 +202,32 @@ class StreamRun:
                                                 "recomputed_tokens", "exhausted_trims")},
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_start": self.running_at_start, "running_at_end": self.running_at_end,
-            "queued_at_end": self.queued_at_end, "stream_trace": self.trace,
+            "queued_at_end": self.queued_at_end,
+            "device_step_ms": statistics.median(self.device_step_ms) if self.device_step_ms else None,
+            "device_decode_s": sum(self.device_step_ms) / 1e3 if self.device_step_ms else None,
+            "end_census": self.end_census, "stream_trace": self.trace,
         }
+
+
+def census(pool, running: list[Request], positions: torch.Tensor) -> dict[str, Any]:
+    """What the sequences in slots ``0 .. len(running) - 1`` hold: their number, mean position (tokens seen),
+    and a head's rows, averaged over their heads: kept (K/V rows now, read from the device) and held (the rows
+    its pages have room for). For all of them, and (key ``plain``) for those that are not a steady start's
+    stand-ins, whose progress was prefilled rather than generated."""
+    n = len(running)
+    kept = pool.lengths[:, :n].double().mean(dim=(0, 2)).cpu()
+    held = torch.from_numpy(pool.rows_held(n).astype("float64")).mean(dim=(0, 2))
+    seen = positions[:n, 0].double().cpu()
+
+    def summary(chosen: list[int]) -> dict[str, Any]:
+        if not chosen:
+            return {"running": 0, "mean_position": None, "kept_rows_per_head": None, "held_rows_per_head": None}
+        index = torch.tensor(chosen)
+        return {"running": len(chosen), "mean_position": float(seen[index].mean()),
+                "kept_rows_per_head": float(kept[index].mean()), "held_rows_per_head": float(held[index].mean())}
+
+    plain = [i for i, request in enumerate(running) if request.plain is None]
+    return summary(list(range(n))) | {"plain": summary(plain)}
 
 
 def make_requests(count: int, prompt_length: int, output_lengths: tuple[int, int], *, vocab_size: int,
@@ -294,6 +323,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                     pool.nbytes, 0, 0, 0, duration_s, warmup_s=warmup_s,
                     mean_output_length=sum((r.plain or r).output_length for r in requests) / max(1, len(requests)))
     batch = 0
+    spans = DeviceSpans(device)
     synchronize()
     start = time.perf_counter()
 
@@ -429,6 +459,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             trimmed = False
             grown += pool.pages_in_use - in_use
             sequence_steps += len(running)
+            counting = bool(run.before) or not warmup_s
+            if counting:
+                spans.begin()
             out = model(input_ids=tokens[:batch], past_key_values=cache, position_ids=positions[:batch],
                         use_cache=True)
             tokens[:batch] = out.logits[:, -1:].argmax(-1)
@@ -436,6 +469,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             # the new token's index: at most its output length less one (a request finishing now stops here)
             index = (positions[:batch] - prompt_lengths[:batch]).clamp(max=history.shape[1] - 1)
             history[:batch].scatter_(1, index, tokens[:batch])
+            if counting:
+                spans.end()
             if keep_tokens:
                 for slot, request in enumerate(running):
                     request.tokens.append(tokens[slot, 0].clone())
@@ -455,6 +490,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                                 f"{pool.pages_in_use}/{pool.num_pages} pages")
     synchronize()
     run.wall_s = time.perf_counter() - start
+    run.device_step_ms = spans.elapsed_ms()
+    if running:
+        run.end_census = census(pool, running, positions)
     run.generated_tokens += unfinished_tokens()  # a window's unfinished requests (none otherwise)
     run.running_at_end, run.queued_at_end = len(running), len(queue)
     run.record(run.wall_s, len(running), pool.pages_in_use)  # the end, so that even a short stream draws a line
@@ -575,9 +613,31 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
                      f"{gib(r, 'peak_kv_bytes')} | {gib(r, 'kv_pool_bytes')} | {r.get('preemptions', '-')} "
                      f"({_preempted_tokens(r)}) | "
                      f"{_admitting(r)} |")
-    transients = [transient_note(meta, r) for r in rows]
-    lines += ["", *(f"- {note}" for note in transients if note)] if any(transients) else []
+    notes = [note for r in rows for note in (transient_note(meta, r), _step_and_census(r)) if note]
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
     return "\n".join(lines) + "\n"
+
+
+def _step_and_census(row: dict[str, Any]) -> str | None:
+    """A method's decode step on the device and what its running sequences held at the end, where measured."""
+    from dms_perf.bench.report import _num
+
+    parts = []
+    if row.get("device_step_ms") is not None:
+        parts.append(f"a decode step took {_num(row['device_step_ms'])} ms on the device (median of the window's "
+                     f"{row.get('decode_steps', '-')}; {_num(row['device_decode_s'])} s of decoding in all)")
+
+    def held(c):
+        return (f"{c['running']} at a mean position of {_num(c['mean_position'])} tokens, a head keeping "
+                f"{_num(c['kept_rows_per_head'])} rows and its pages holding {_num(c['held_rows_per_head'])}")
+
+    census = row.get("end_census")
+    if census:
+        plain = census["plain"]
+        parts.append(f"at the end {held(census)}" + (
+            f" (of them, the requests that did not start part-way: {held(plain)})"
+            if plain["running"] and plain["running"] != census["running"] else ""))
+    return f"{row['method']}: {'; '.join(parts)}" if parts else None
 
 
 # A window whose running sequences changed by more than this fraction between its start and its end measured a

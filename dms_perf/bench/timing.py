@@ -62,6 +62,36 @@ def rotating(make_inputs: Callable[[], Sequence[Any]], l2_bytes_each: int, min_t
     return itertools.cycle(sets).__next__
 
 
+class DeviceSpans:
+    """Device time of spans of a loop that must not wait for the device (a decode loop whose host runs ahead):
+    ``begin()`` and ``end()`` record CUDA events in stream order, read only by ``elapsed_ms()`` once the loop is
+    over. A span's time is the device's between its two events: its kernels' time when the host kept the queue
+    full, plus any gap the host left. On a device without CUDA it records nothing (``elapsed_ms()`` is empty)."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = torch.device(device).type == "cuda"
+        self._pairs: list = []
+        self._open = None
+
+    def begin(self) -> None:
+        if self.enabled:
+            self._open = torch.cuda.Event(enable_timing=True)
+            self._open.record()
+
+    def end(self) -> None:
+        if self.enabled and self._open is not None:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+            self._pairs.append((self._open, done))
+            self._open = None
+
+    def elapsed_ms(self) -> list[float]:
+        """Each closed span's device time in ms, in order (synchronizes once)."""
+        if self._pairs:
+            self._pairs[-1][1].synchronize()
+        return [start.elapsed_time(done) for start, done in self._pairs]
+
+
 SLOW_CALL_MS = 500.0
 
 

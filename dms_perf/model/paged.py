@@ -403,6 +403,12 @@ class PagedKVPool:
         held = self._pages[:, :slots] if layer is None else self._pages[layer, :slots]
         return int(held.sum())
 
+    def rows_held(self, slots: int) -> np.ndarray:
+        """``[layers, slots, kv_heads]``: the rows the pages of each head of slots ``0 .. slots - 1`` have room
+        for (a head's length is at most this; the difference is the pages handed out ahead and a last page's
+        rounding)."""
+        return self._pages[:, :slots] * self.page_rows
+
     def release(self, slot: int) -> None:
         """End the sequence in ``slot``: all its pages return to the free list, its block-table entries
         become ``NO_PAGE`` and its lengths 0. ValueError for a slot that is not live."""

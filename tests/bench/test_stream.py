@@ -34,9 +34,10 @@ def test_requests_are_seeded_and_within_their_range():
     assert one[0].prompt.shape == (1, 16)
 
 
-def _tiny_model():
-    """The tiny model marking most tokens (heads differ), handing out pages every 4 steps."""
-    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32)
+def _tiny_model(**config):
+    """The tiny model marking most tokens (heads differ), handing out pages every 4 steps (``config``: its
+    config's other fields)."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0, **config), backend="triton", dtype=torch.float32)
     model.dms_capacity_step = 4
     return model
 
@@ -71,6 +72,17 @@ def _solo(model, request, ids=None, count=None) -> list[int]:
         token = model(input_ids=token, past_key_values=cache, position_ids=position,
                       use_cache=True).logits[:, -1:].argmax(-1)
     return made
+
+
+def _solo_rows(model, prompt, fed: list[int]) -> float:
+    """A head's rows, averaged over the layers and KV heads, of a cache of its own buffers after ``prompt``'s
+    prefill and decode steps of the ids ``fed``."""
+    cache = model.make_dms_cache(pooled=False)
+    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for i, token in enumerate(fed):
+        model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+              position_ids=torch.tensor([[prompt.shape[1] + i]]), use_cache=True)
+    return float(torch.stack([cache.head_lengths(i) for i in range(len(cache.layers))]).double().mean())
 
 
 @pytest.mark.parametrize("pages", [400, 24], ids=["roomy", "preempting"])
@@ -180,8 +192,9 @@ def test_a_request_waits_without_a_prefill_while_not_a_page_a_head_fits():
 def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
     """``duration_s`` stops the stream at the first step past the window (a fake clock, one second a read):
     completed requests are those that finished in it, the generated tokens are every token of the window (the
-    running requests' so far too), and each request's tokens are still a prefix of its solo tokens."""
-    model = _tiny_model()
+    running requests' so far too), and each request's tokens are still a prefix of its solo tokens. What the
+    running ones hold at the end (a window of 4, so that they evict) is their solo caches'."""
+    model = _tiny_model(dms_window_size=4)
     requests = stream.make_requests(5, 8, (3, 24), vocab_size=model.config.vocab_size, seed=2)
     _fake_clock(monkeypatch)
     with torch.no_grad():
@@ -202,6 +215,21 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
         assert made == want[request.index][: len(made)]
     row = run.as_row()
     assert row["duration_s"] == 100 and row["requests_per_min"] == 60 * run.completed / run.wall_s
+    # What the running ones held when the window closed: their positions, and per head the rows their solo
+    # caches keep after the same tokens (no device here: no step's device time)
+    running = [r for r in started if len(r.tokens) < r.output_length]
+    seen = [r.prompt.shape[1] + len(r.tokens) - 1 for r in running]  # the last token is not fed yet
+    with torch.no_grad():
+        kept = [_solo_rows(model, r.prompt, [int(t) for t in r.tokens[:-1]]) for r in running]
+    census = row["end_census"]
+    assert census["running"] == run.running_at_end == len(running)
+    assert census["mean_position"] == pytest.approx(sum(seen) / len(seen))
+    assert census["kept_rows_per_head"] == pytest.approx(sum(kept) / len(kept))
+    assert census["kept_rows_per_head"] < census["mean_position"]  # the tiny model evicts
+    step = model.dms_capacity_step
+    assert census["kept_rows_per_head"] <= census["held_rows_per_head"] <= census["kept_rows_per_head"] + 3 * step + 4
+    assert census["plain"] == {k: v for k, v in census.items() if k != "plain"}  # no stand-ins
+    assert row["device_step_ms"] is None and row["device_decode_s"] is None
 
 
 def test_admission_keeps_pages_for_growth():
@@ -265,6 +293,16 @@ def test_a_window_that_caught_a_transient_says_so():
     assert "dms-triton: not a steady state" not in md  # 250 of 300: within a fifth
     assert stream.transient_note({**meta, "duration_s": None}, rows[0]) is None
     assert stream.transient_note(meta, {**rows[0], "status": "OOM"}) is None
+    # the device's decode step and the end's census, where measured: a line each method
+    census = {"running": 250, "mean_position": 6400.0, "kept_rows_per_head": 1300.0, "held_rows_per_head": 1400.0}
+    rows[1] |= {"device_step_ms": 23.4, "device_decode_s": 46.0, "decode_steps": 1968,
+                "end_census": census | {"plain": census | {"running": 100, "kept_rows_per_head": 1250.0}}}
+    md = stream.render_stream_markdown(meta, rows)
+    assert ("- dms-triton: a decode step took 23.4 ms on the device (median of the window's 1968; 46 s of "
+            "decoding in all); at the end 250 at a mean position of 6,400 tokens, a head keeping 1,300 rows and "
+            "its pages holding 1,400 (of them, the requests that did not start part-way: 100 at a mean position "
+            "of 6,400 tokens, a head keeping 1,250 rows") in md
+    assert "- dense-triton: a decode step" not in md
 
 
 def test_mean_running_and_the_rate_by_tokens():
@@ -339,6 +377,7 @@ def test_a_steady_start_runs_its_requests_from_where_they_were(monkeypatch):
     assert run.mean_output_length == sum(r.output_length for r in plain) / 6
     row = run.as_row()
     assert run.before["tokens"] >= came_with  # counting began after the first admission
+    assert row["end_census"] is None  # every request ended: none running
     assert row["generated_tokens"] == sum(len(r.tokens) for r in ran) - run.before["tokens"]
 
 

@@ -206,6 +206,32 @@ def test_graph_replays_captures_back_to_back_calls():
     assert [int(t[0] - b[0]) for t, b in zip(sets, before, strict=True)] == [1] * 6
 
 
+def test_device_spans_record_nothing_without_cuda():
+    spans = timing.DeviceSpans(torch.device("cpu"))
+    spans.begin()
+    spans.end()
+    assert not spans.enabled and spans.elapsed_ms() == []
+
+
+@pytest.mark.gpu
+def test_device_spans_time_each_span_on_the_device():
+    """Spans around work the host does not wait for: one time each, in order; a span of a longer kernel
+    (8x the matmul FLOPs) takes longer; a ``begin`` without an ``end`` adds nothing."""
+    a = torch.randn(2048, 2048, device="cuda")
+    b = torch.randn(4096, 4096, device="cuda")
+    a @ a, b @ b  # warm-up (cuBLAS handles, kernels)
+    spans = timing.DeviceSpans(torch.device("cuda"))
+    for x in (a, b, a):
+        spans.begin()
+        for _ in range(4):
+            x @ x
+        spans.end()
+    spans.begin()
+    times = spans.elapsed_ms()
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert times[1] > 3 * max(times[0], times[2])
+
+
 def test_device_info_names_the_commit_that_runs(monkeypatch):
     """Every figure's machine record names its commit: the environment's where a tree was copied without
     git metadata, else the checkout's HEAD (a short hash, with -dirty when tracked files changed)."""
