@@ -24,6 +24,15 @@ host keeps an upper bound of each head's length, its exact length at the last pr
 plus the decode steps since (``advance``), and ``reserve_ahead(steps)`` hands out pages from that
 bound alone. ``trim`` reads the lengths back (one host sync, as often as the caller chooses) to return
 the pages reserved for rows that slot reuse made unnecessary.
+
+A DMS pool (``window`` given) tightens that bound with what the read-back can already tell: the token that
+leaves the window at each of the next ``window + 1`` steps is known, and so is whether it was marked (its
+ring flag), in which case that step's new token takes its slot and adds no row (docs/DMS.md, "Cache and
+decode"). With the lengths, ``request_trim`` reads back how many of the next ``horizon`` steps reuse a slot;
+a head's growth over ``x`` steps since is then at most ``x`` until it reaches the ``horizon`` less those
+reuses, stays there until ``horizon`` steps, and grows one a step after (``_growth``). At 8x, where ~7/8 of
+the window is marked, a head's bound grows ~1/8 as fast as the steps, as its length does, and the pages
+handed out ahead follow the rows kept rather than the steps.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ NO_PAGE = -1
 # One page per tile of a 64-row decode-attention block; at 8x a 32K-token head holds ~4.6K rows, so a
 # partly filled last page costs it under 1.5%.
 DEFAULT_PAGE_ROWS = 64
+# A hand-out's read-back counts the slot reuses of this many hand-outs of steps: it is applied one or two
+# hand-outs later and bounds the steps up to the next, so most bounds stay within it, where they are tightest.
+HORIZON_HAND_OUTS = 4
 
 
 class PagesExhausted(torch.OutOfMemoryError):
@@ -144,6 +156,10 @@ class PagedKVPool:
         self._pages = np.zeros(heads, dtype=np.int64)  # pages each head holds
         self._rows = np.zeros(heads, dtype=np.int64)  # exact lengths at the last prefill or trim
         self._since = np.zeros(max_seqs, dtype=np.int64)  # decode steps per slot since then
+        # Per head, from the last read-back of a DMS pool: the steps from then whose slot reuse it knew, and of
+        # them, those that reuse a slot (no new row). 0 and 0 (nothing known) after a prefill.
+        self._horizon = np.zeros(heads, dtype=np.int64)
+        self._reused = np.zeros(heads, dtype=np.int64)
         self._room = np.zeros(max_seqs, dtype=np.int64)  # steps every head of the slot has pages for
         self._live = np.zeros(max_seqs, dtype=bool)
         self._admitted = np.zeros(max_seqs, dtype=np.int64)  # admissions per slot (a trim skips changed slots)
@@ -345,10 +361,10 @@ class PagedKVPool:
             self.ring_flag[:, dest].copy_(self.ring_flag[:, source])
             H = self.kv_heads
             self.step_index[:, dest * H : (dest + 1) * H].copy_(self.step_index[:, source * H : (source + 1) * H])
-        for state in (self._table, self._pages, self._rows):
+        for state in (self._table, self._pages, self._rows, self._horizon, self._reused):
             state[:, dest] = state[:, source]
         self._table[:, source] = NO_PAGE
-        self._pages[:, source] = self._rows[:, source] = 0
+        self._pages[:, source] = self._rows[:, source] = self._horizon[:, source] = self._reused[:, source] = 0
         for state in (self._since, self._room, self._live):
             state[dest] = state[source]
         self._admitted[dest] += 1
@@ -371,13 +387,28 @@ class PagedKVPool:
         live = self._live[:slots]
         return int(self._room[:slots][live].min()) if live.any() else 0
 
+    def _growth(self, steps: np.ndarray) -> np.ndarray:
+        """``[layers, max_seqs, kv_heads]``: each head's most new rows over ``steps[s]`` decode steps of slot ``s``
+        since its last prefill or read-back. Every step appends, except that of the first ``horizon`` steps (the
+        read-back's) ``reused`` take a freed slot: growth stops at ``horizon - reused`` until ``horizon`` steps
+        (the reuses may come last), then goes on a row a step."""
+        steps = np.asarray(steps)[None, :, None]
+        return steps - np.clip(steps - (self._horizon - self._reused), 0, self._reused)
+
+    def bounds(self, slots: int | None = None) -> np.ndarray:
+        """``[layers, slots, kv_heads]``: a host-known upper bound of the rows each head of slots ``0 .. slots -
+        1`` (default all) holds: its length at the last prefill or ``trim`` plus its growth since (``_growth``),
+        at most ``max_rows_per_head``; 0 for a slot that holds no sequence."""
+        bound = np.minimum(self._rows + self._growth(self._since), self.max_rows_per_head)
+        bound = np.where(self._live[None, :, None], bound, 0)
+        return bound if slots is None else bound[:, :slots]
+
     def longest_bound(self, layer: int | None, slots: int) -> int:
         """A host-known upper bound of the rows any head of layer ``layer`` (None: of any layer) in slots
         ``0 .. slots - 1`` holds: its length at the last prefill or ``trim`` plus the decode steps since."""
         if layer is None:
             return self._bound_summary(slots)[0]
-        bound = self._rows[layer, :slots] + self._since[:slots, None]
-        return int(min(bound.max(initial=0), self.max_rows_per_head))
+        return int(self.bounds(slots)[layer].max(initial=0))
 
     def bound_spread(self, slots: int) -> float:
         """How unevenly the heads of slots ``0 .. slots - 1`` hold rows, from host-known bounds only
@@ -390,7 +421,7 @@ class PagedKVPool:
         the bounds change (every layer of a decode step asks for both)."""
         summary = self._bound_memo.get(slots)
         if summary is None:
-            bound = np.minimum(self._rows[:, :slots] + self._since[None, :slots, None], self.max_rows_per_head)
+            bound = self.bounds(slots)
             per_layer = bound.reshape(bound.shape[0], -1)
             mean, longest = per_layer.mean(axis=1), per_layer.max(axis=1, initial=0)
             held = mean > 0
@@ -418,7 +449,7 @@ class PagedKVPool:
         self._free[self._free_count : self._free_count + pages.size] = pages
         self._free_count += pages.size
         owned.fill(NO_PAGE)
-        self._pages[:, slot] = self._rows[:, slot] = 0
+        self._pages[:, slot] = self._rows[:, slot] = self._horizon[:, slot] = self._reused[:, slot] = 0
         self._since[slot] = self._room[slot] = 0
         self._live[slot] = False
         self._bound_memo.clear()
@@ -438,8 +469,8 @@ class PagedKVPool:
         the device. :class:`PagesExhausted` (nothing changed) if the free pages do not cover them all.
         """
         steps = _positive_int("steps", steps)
-        bound = self._rows + self._since[None, :, None]
-        target = _pages_for(np.minimum(bound + steps, self.max_rows_per_head), self.page_rows)
+        bound = self._rows + self._growth(self._since + steps)
+        target = _pages_for(np.minimum(bound, self.max_rows_per_head), self.page_rows)
         need = np.where(self._live[None, :, None], np.maximum(target - self._pages, 0), 0)
         self._hand_out(need)
         self._update_room()
@@ -473,44 +504,63 @@ class PagedKVPool:
             self._snapshot_age += 1
         self.reserve_ahead(steps)
         if self._snapshot is None:
-            self.request_trim()
+            self.request_trim(HORIZON_HAND_OUTS * steps)
 
-    def request_trim(self) -> None:
+    def request_trim(self, horizon: int | None = None) -> None:
         """Start reading the device lengths back without waiting: a copy into pinned host memory in
         stream order (on CUDA), which a later ``trim(wait=False)`` applies once it has landed. A decode
-        loop requests at one page hand-out and trims at the next, so it never waits for the device."""
+        loop requests at one page hand-out and trims at the next, so it never waits for the device.
+        A DMS pool also reads how many of the next ``horizon`` steps (at most and by default ``window + 1``)
+        reuse a slot (module docstring): the bounds then follow the rows kept, not the steps."""
+        horizon = 0 if self.window is None else min(self.window + 1, horizon or self.window + 1)
+        counts = self.lengths if not horizon else torch.stack([self.lengths, self._reuses_ahead(horizon)])
         if self.device.type == "cuda":
-            host = torch.empty(self.lengths.shape, dtype=torch.int32, pin_memory=True)
-            host.copy_(self.lengths, non_blocking=True)
+            host = torch.empty(counts.shape, dtype=torch.int32, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
         else:
-            host, ready = self.lengths.clone(), None
-        self._snapshot = (host, ready, self._since.copy(), self._admitted.copy())
+            host, ready = counts.clone(), None
+        self._snapshot = (host, ready, self._since.copy(), self._admitted.copy(), horizon)
         self._snapshot_age = 0  # hand-outs that found it still on its way
+
+    def _reuses_ahead(self, horizon: int) -> torch.Tensor:
+        """``[layers, max_seqs, kv_heads]`` int32 on the device: of the next ``horizon`` (<= window + 1) decode
+        steps, those whose token leaving the window was marked, so that the step's new token takes its slot.
+        Step ``j`` from now (step index ``t``) reads ring entry ``(t + j) % (window + 1)``, the token ``t + j -
+        window - 1``, whose flag no step before it changes (docs/DMS.md, "Cache and decode"; entry ``t - 1``'s
+        flag, unset until step ``t`` sets it, counts as an append, which keeps the count a lower bound). A
+        sequence's heads in a layer decode the same tokens, so head 0's step index serves them all."""
+        layers, seqs, heads = self.lengths.shape
+        step = self.step_index.view(layers, seqs, heads)[:, :, :1, None]
+        entries = (step + torch.arange(horizon, device=self.device)) % (self.window + 1)
+        return torch.gather(self.ring_flag, 3, entries.expand(layers, seqs, heads, horizon)).sum(-1, dtype=torch.int32)
 
     def trim(self, *, wait: bool = True) -> bool:
         """Return every page past what a live head may hold: the pages ``reserve_ahead`` gave for appends
         that slot reuse made unnecessary. Applies the lengths ``request_trim`` read back (requesting them
-        now if it was not asked); a head's bound becomes its length then plus the decode steps since.
+        now if it was not asked); a head's bound becomes its length then plus its growth since (``_growth``).
         ``wait=False``: do nothing and return False while the read-back is still on its way (no host
         sync); else returns True. Slots released or admitted since the request keep their bounds."""
         if self._snapshot is None:
             if not wait:
                 return False
             self.request_trim()
-        host, ready, since_then, admitted_then = self._snapshot
+        host, ready, since_then, admitted_then, horizon = self._snapshot
         if ready is not None and not ready.query():
             if not wait:
                 return False
             ready.synchronize()
         self._snapshot = None
-        lengths = host.numpy().astype(np.int64)
+        counts = host.numpy().astype(np.int64)
+        lengths, reused = (counts[0], counts[1]) if horizon else (counts, 0)
         valid = self._live & (self._admitted == admitted_then)
-        since = np.where(valid, self._since - since_then, self._since)
-        rows = np.where(valid[None, :, None], lengths, self._rows)
-        bound = np.minimum(rows + since[None, :, None], self.max_rows_per_head)
-        keep = np.where(self._live[None, :, None], np.minimum(_pages_for(bound, self.page_rows), self._pages), 0)
+        fresh, live = valid[None, :, None], self._live[None, :, None]
+        self._since = np.where(valid, self._since - since_then, np.where(self._live, self._since, 0))
+        self._rows = np.where(fresh, lengths, np.where(live, self._rows, 0))
+        self._horizon = np.where(fresh, horizon, np.where(live, self._horizon, 0))
+        self._reused = np.where(fresh, reused, np.where(live, self._reused, 0))
+        keep = np.where(live, np.minimum(_pages_for(self.bounds(), self.page_rows), self._pages), 0)
         column = np.arange(self.max_pages_per_head)
         surplus = (column >= keep[..., None]) & (self._table != NO_PAGE)
         flat = np.flatnonzero(surplus)
@@ -520,8 +570,6 @@ class PagedKVPool:
         self._table.reshape(-1)[flat] = NO_PAGE
         self._write(self.block_table, flat, np.full_like(flat, NO_PAGE))
         self._pages = keep
-        self._rows = np.where(self._live[None, :, None], rows, 0)
-        self._since = np.where(self._live, since, 0)
         self._bound_memo.clear()
         self._update_room()
         return True
@@ -580,5 +628,9 @@ class PagedKVPool:
 
     def _update_room(self) -> None:
         """Decode steps each live slot's heads all have pages for (``advance`` spends them)."""
-        room = self._pages * self.page_rows - (self._rows + self._since[None, :, None])
+        # The most steps x since the read-back whose growth the pages hold (``_growth`` is flat from horizon -
+        # reused to horizon, so a head with room past that flat part gets its reuses on top), less those taken.
+        rows_free = self._pages * self.page_rows - self._rows
+        most = np.where(rows_free >= self._horizon - self._reused, rows_free + self._reused, rows_free)
+        room = most - self._since[None, :, None]
         self._room = np.where(self._live, room.min(axis=(0, 2)), 0)

@@ -355,6 +355,37 @@ def test_reserve_ahead_bound_and_advance():
     assert pool.pages_held(slot) == 11
 
 
+def test_a_read_back_of_a_dms_pool_counts_the_slot_reuses_ahead():
+    """A window of 4 (ring of 5), step index 10: entries (10 + j) % 5 are read at steps j = 0..4, and the flags
+    set at entries 0, 1 and 3 mean steps 0, 1 and 3 reuse a slot. Over the next 5 steps a head then grows by at
+    most 2 rows (after 2 steps, if the reuses come last), then a row a step; pages and room follow."""
+    pool = PagedKVPool(64, 4, HEAD_DIM, layers=1, max_seqs=1, kv_heads=2, max_rows_per_head=64,
+                       dtype=torch.float32, device="cpu", window=4)
+    slot = pool.admit()
+    pool.prefill(slot, [[6, 6]])
+    pool.step_index.fill_(10)
+    pool.ring_flag[0, slot, 0, [0, 1, 3]] = True  # head 1: no flag, every step appends
+    pool.request_trim(horizon=8)  # at most window + 1 = 5 steps are known
+    pool.trim()
+    assert pool.bounds(1).tolist() == [[[6, 6]]]
+    pool.reserve_ahead(5)  # head 0: 6 + 2 rows, 2 pages; head 1: 6 + 5, 3 pages
+    assert pool.pages_held(slot) == 2 + 3
+    assert pool.room(1) == 5  # head 0's 8 rows hold steps 0..4 (growth 2), no further
+    pool.advance(5)
+    assert pool.bounds(1).tolist() == [[[8, 11]]]
+    with pytest.raises(RuntimeError, match="reserve_ahead"):
+        pool.advance()
+    pool.reserve_ahead(1)  # step 5 is not known: head 0 may reach 9 rows, a third page
+    assert pool.pages_held(slot) == 3 + 3
+    pool.advance()
+    assert pool.bounds(1).tolist() == [[[9, 12]]]
+    pool.release(slot)  # what the read-back knew goes with the sequence
+    again = pool.admit()
+    pool.prefill(again, [[6, 6]])
+    pool.reserve_ahead(5)
+    assert pool.pages_held(again) == 3 + 3  # 6 + 5 rows each: nothing known of the new sequence
+
+
 def test_bound_spread_is_the_most_uneven_layers_longest_over_mean_bound():
     pool = _pool(num_pages=64, page_rows=4, layers=2, max_seqs=2, kv_heads=2)
     assert pool.bound_spread(2) == 1.0  # nothing held

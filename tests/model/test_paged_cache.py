@@ -112,6 +112,32 @@ def test_long_paged_generation_equals_the_math_reference(evict, device):
     _check_pages(pool)
 
 
+def test_bounds_follow_the_rows_kept_and_never_fall_below_a_length(device):
+    """Under eviction most steps reuse a slot, and the pool's read-backs count the reuses ahead: at every step
+    of a 64-step generation (window 16, 4-row pages, a hand-out every 8 steps) no head is longer than its
+    host bound, and the rows its pages hold beyond its length average under one hand-out. A bound of the
+    length read back plus the steps since would keep at least a hand-out of spare rows after each hand-out
+    (12.6 rows on average here)."""
+    model = _model(device, dms_window_size=16)
+    model.dms_capacity_step = 8
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), device=device)
+    spare = []
+    with torch.no_grad():
+        pool = _pool(model, page_rows=4)
+        cache = model.make_dms_cache()
+        token = _prefill(model, ids, cache)
+        for i in range(64):
+            position = torch.full((2, 1), 40 + i, device=device)
+            token = model(input_ids=token, past_key_values=cache, position_ids=position,
+                          use_cache=True).logits[:, -1:].argmax(-1)
+            lengths = pool.lengths[:, :2].cpu().numpy()
+            assert (lengths <= pool.bounds(2)).all(), f"step {i}: a head outgrew its bound"
+            spare.append((pool.rows_held(2) - lengths).mean())
+    assert int(lengths.max()) < 40 + 64  # it evicted
+    assert np.mean(spare) < model.dms_capacity_step
+    _check_pages(pool)
+
+
 @pytest.mark.parametrize("spread,heads,expected", [
     (1.0, 8, "per_head"), (1.15, 8, "per_head"), (1.16, 8, "balanced"), (1.9, 1023, "balanced"),
     (1.9, 1024, "per_head"), (2.0, 4096, "per_head"), (2.01, 4096, "balanced"), (1.16, 1024, "per_head"),
