@@ -342,7 +342,7 @@ class PagedKVPool:
         flat = np.ravel_multi_index((np.repeat(layers, heads), np.repeat(slots, heads),
                                      np.tile(np.arange(heads), layers.size)), self._rows.shape)
         self._write(self.lengths, flat, rows.ravel())
-        self._update_room()
+        self._update_room(np.unique(slots))
 
     def move(self, source: int, dest: int) -> None:
         """Move the live sequence in slot ``source`` to the free slot ``dest``: its block tables, lengths, DMS
@@ -561,9 +561,12 @@ class PagedKVPool:
         self._horizon = np.where(fresh, horizon, np.where(live, self._horizon, 0))
         self._reused = np.where(fresh, reused, np.where(live, self._reused, 0))
         keep = np.where(live, np.minimum(_pages_for(self.bounds(), self.page_rows), self._pages), 0)
-        column = np.arange(self.max_pages_per_head)
-        surplus = (column >= keep[..., None]) & (self._table != NO_PAGE)
-        flat = np.flatnonzero(surplus)
+        # The surplus: columns keep .. pages - 1 of each head that holds more than it keeps
+        heads = np.flatnonzero(keep < self._pages)
+        counts = (self._pages - keep).reshape(-1)[heads]
+        first = counts.cumsum() - counts
+        column = np.repeat(keep.reshape(-1)[heads], counts) + np.arange(int(counts.sum())) - np.repeat(first, counts)
+        flat = np.repeat(heads, counts) * self.max_pages_per_head + column
         pages = self._table.reshape(-1)[flat]
         self._free[self._free_count : self._free_count + pages.size] = pages
         self._free_count += pages.size
@@ -593,7 +596,9 @@ class PagedKVPool:
     def _hand_out(self, need: np.ndarray) -> None:
         """Append ``need[l, s, h]`` free pages to each head's block table, all or none (callers keep every
         head within ``max_pages_per_head``: rows are checked at prefill, reserves capped)."""
-        total = int(need.sum())
+        heads = np.flatnonzero(need)  # the heads that take pages: few at an admission, all at a hand-out
+        counts = need.reshape(-1)[heads]
+        total = int(counts.sum())
         if total > self._free_count:
             raise PagesExhausted(
                 f"paged KV pool exhausted: {total} pages asked with {self._free_count} of {self.num_pages} free "
@@ -604,11 +609,10 @@ class PagedKVPool:
             return
         pages = self._free[self._free_count - total : self._free_count].copy()
         self._free_count -= total
-        counts = need.reshape(-1)
-        head = np.repeat(np.arange(counts.size), counts)
+        head = np.repeat(heads, counts)
         # New page i of a head goes to the column after the pages it holds.
         first = counts.cumsum() - counts  # where each head's new pages start in ``pages``
-        column = np.repeat(self._pages.reshape(-1), counts) + np.arange(total) - np.repeat(first, counts)
+        column = np.repeat(self._pages.reshape(-1)[heads], counts) + np.arange(total) - np.repeat(first, counts)
         flat = head * self.max_pages_per_head + column
         self._table.reshape(-1)[flat] = pages
         self._pages += need
@@ -626,11 +630,13 @@ class PagedKVPool:
             staged = staged.to(self.device)
         target.view(-1).index_copy_(0, staged[0], staged[1].to(target.dtype))
 
-    def _update_room(self) -> None:
-        """Decode steps each live slot's heads all have pages for (``advance`` spends them)."""
+    def _update_room(self, slots: np.ndarray | None = None) -> None:
+        """Decode steps each live slot's heads all have pages for (``advance`` spends them); of ``slots`` only
+        (the others unchanged), or of all."""
+        index = slice(None) if slots is None else slots
+        pages, rows, horizon, reused = (a[:, index] for a in (self._pages, self._rows, self._horizon, self._reused))
         # The most steps x since the read-back whose growth the pages hold (``_growth`` is flat from horizon -
         # reused to horizon, so a head with room past that flat part gets its reuses on top), less those taken.
-        rows_free = self._pages * self.page_rows - self._rows
-        most = np.where(rows_free >= self._horizon - self._reused, rows_free + self._reused, rows_free)
-        room = most - self._since[None, :, None]
-        self._room = np.where(self._live, room.min(axis=(0, 2)), 0)
+        rows_free = pages * self.page_rows - rows
+        most = np.where(rows_free >= horizon - reused, rows_free + reused, rows_free)
+        self._room[index] = np.where(self._live[index], most.min(axis=(0, 2)) - self._since[index], 0)
