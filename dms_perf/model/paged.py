@@ -405,7 +405,7 @@ class PagedKVPool:
 
     def longest_bound(self, layer: int | None, slots: int) -> int:
         """A host-known upper bound of the rows any head of layer ``layer`` (None: of any layer) in slots
-        ``0 .. slots - 1`` holds: its length at the last prefill or ``trim`` plus the decode steps since."""
+        ``0 .. slots - 1`` holds (``bounds``)."""
         if layer is None:
             return self._bound_summary(slots)[0]
         return int(self.bounds(slots)[layer].max(initial=0))
