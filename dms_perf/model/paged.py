@@ -563,10 +563,7 @@ class PagedKVPool:
         keep = np.where(live, np.minimum(_pages_for(self.bounds(), self.page_rows), self._pages), 0)
         # The surplus: columns keep .. pages - 1 of each head that holds more than it keeps
         heads = np.flatnonzero(keep < self._pages)
-        counts = (self._pages - keep).reshape(-1)[heads]
-        first = counts.cumsum() - counts
-        column = np.repeat(keep.reshape(-1)[heads], counts) + np.arange(int(counts.sum())) - np.repeat(first, counts)
-        flat = np.repeat(heads, counts) * self.max_pages_per_head + column
+        flat = self._columns(heads, keep.reshape(-1)[heads], (self._pages - keep).reshape(-1)[heads])
         pages = self._table.reshape(-1)[flat]
         self._free[self._free_count : self._free_count + pages.size] = pages
         self._free_count += pages.size
@@ -609,15 +606,19 @@ class PagedKVPool:
             return
         pages = self._free[self._free_count - total : self._free_count].copy()
         self._free_count -= total
-        head = np.repeat(heads, counts)
-        # New page i of a head goes to the column after the pages it holds.
-        first = counts.cumsum() - counts  # where each head's new pages start in ``pages``
-        column = np.repeat(self._pages.reshape(-1)[heads], counts) + np.arange(total) - np.repeat(first, counts)
-        flat = head * self.max_pages_per_head + column
+        # A head's new pages go to the columns after the pages it holds, in the order of ``pages``.
+        flat = self._columns(heads, self._pages.reshape(-1)[heads], counts)
         self._table.reshape(-1)[flat] = pages
         self._pages += need
         self._peak = max(self._peak, self.pages_in_use)
         self._write(self.block_table, flat, pages)
+
+    def _columns(self, heads: np.ndarray, first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Flat block-table indices of columns ``first[i] .. first[i] + counts[i] - 1`` of each flat head
+        ``heads[i]``, head by head."""
+        run_start = counts.cumsum() - counts  # where each head's run starts in the result
+        column = np.repeat(first, counts) + np.arange(int(counts.sum())) - np.repeat(run_start, counts)
+        return np.repeat(heads, counts) * self.max_pages_per_head + column
 
     def _write(self, target: torch.Tensor, flat: np.ndarray, values: np.ndarray) -> None:
         """``target.view(-1)[flat] = values`` without waiting for the device (pinned, non-blocking on CUDA)."""
