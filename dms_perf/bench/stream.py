@@ -216,7 +216,7 @@ def census(pool, running: list[Request], positions: torch.Tensor) -> dict[str, A
     stand-ins, whose progress was prefilled rather than generated."""
     n = len(running)
     kept = pool.lengths[:, :n].double().mean(dim=(0, 2)).cpu()
-    held = torch.from_numpy(pool.rows_held(n).astype("float64")).mean(dim=(0, 2))
+    held = torch.from_numpy(pool.rows_held(n).mean(axis=(0, 2)))
     seen = positions[:n, 0].double().cpu()
 
     def summary(chosen: list[int]) -> dict[str, Any]:

@@ -395,11 +395,11 @@ class PagedKVPool:
         steps = np.asarray(steps)[None, :, None]
         return steps - np.clip(steps - (self._horizon - self._reused), 0, self._reused)
 
-    def bounds(self, slots: int | None = None) -> np.ndarray:
+    def bounds(self, slots: int | None = None, ahead: int = 0) -> np.ndarray:
         """``[layers, slots, kv_heads]``: a host-known upper bound of the rows each head of slots ``0 .. slots -
-        1`` (default all) holds: its length at the last prefill or ``trim`` plus its growth since (``_growth``),
-        at most ``max_rows_per_head``; 0 for a slot that holds no sequence."""
-        bound = np.minimum(self._rows + self._growth(self._since), self.max_rows_per_head)
+        1`` (default all) holds, ``ahead`` decode steps from now: its length at the last prefill or ``trim`` plus
+        its growth since (``_growth``), at most ``max_rows_per_head``; 0 for a slot that holds no sequence."""
+        bound = np.minimum(self._rows + self._growth(self._since + ahead), self.max_rows_per_head)
         bound = np.where(self._live[None, :, None], bound, 0)
         return bound if slots is None else bound[:, :slots]
 
@@ -469,10 +469,8 @@ class PagedKVPool:
         the device. :class:`PagesExhausted` (nothing changed) if the free pages do not cover them all.
         """
         steps = _positive_int("steps", steps)
-        bound = self._rows + self._growth(self._since + steps)
-        target = _pages_for(np.minimum(bound, self.max_rows_per_head), self.page_rows)
-        need = np.where(self._live[None, :, None], np.maximum(target - self._pages, 0), 0)
-        self._hand_out(need)
+        need = np.maximum(_pages_for(self.bounds(ahead=steps), self.page_rows) - self._pages, 0)
+        self._hand_out(need)  # none for a free slot: its bound is 0, and it holds no page
         self._update_room()
 
     def advance(self, steps: int = 1) -> None:
