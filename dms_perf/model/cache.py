@@ -469,10 +469,15 @@ class PagedCacheLayer(DMSCacheLayer):
             raise ValueError(f"copy_in takes one sequence at a time, got a batch of {layer.lengths.shape[0]}")
         if same_tokens and self.is_initialized and layer.seen != self.seen:
             raise ValueError(f"only caches that have seen as many tokens join one batch: {layer.seen} vs {self.seen}")
-        lengths = layer.lengths.flatten().long()
-        host = lengths.cpu()
+        host = layer.lengths.flatten().cpu()
         self._take_slots(slot + 1, slot)
         self.pool.prefill_layer(self.layer_idx, [slot], host.view(1, -1))
+        self._copy_rows(slot, layer, host)
+
+    def _copy_rows(self, slot: int, layer: DMSCacheLayer, host: torch.Tensor) -> None:
+        """``copy_in``'s device part, once the pool has given slot ``slot``'s heads their rows: ``host`` (a CPU
+        tensor) is ``layer``'s lengths, as read back. Waits for nothing."""
+        lengths = layer.lengths.flatten().long()
         occupied = int(host.sum())
         H = lengths.numel()
         head = torch.repeat_interleave(torch.arange(H, device=lengths.device), lengths, output_size=occupied)
@@ -651,9 +656,20 @@ class DMSCache(Cache):
         if self.pool is None:
             raise ValueError("admit is for a cache on a paged KV pool")
         single.finish_prefill()
+        if len(single.layers) != len(self.layers):
+            raise ValueError(f"the cache has {len(self.layers)} layers, the admitted one {len(single.layers)}")
+        theirs = [layer._prefilled() for layer in single.layers]
+        for layer in theirs:
+            if layer.lengths.shape[0] != 1:
+                raise ValueError(f"admit takes one sequence, got a batch of {layer.lengths.shape[0]}")
+        # One read-back of every layer's lengths and one hand-out for them all, then the copies (no wait)
+        host = torch.stack([layer.lengths.flatten() for layer in theirs]).cpu()
         try:
-            for mine, theirs in zip(self.layers, single.layers, strict=True):
-                mine.copy_in(slot, theirs, same_tokens=False)
+            self.layers[0]._take_slots(slot + 1, slot)
+            self.pool.prefill(slot, host)
+            for mine, layer, rows in zip(self.layers, theirs, host, strict=True):
+                mine.check_open()
+                mine._copy_rows(slot, layer, rows)
         except BaseException:
             if slot in self.pool.live_slots:
                 self.pool.release(slot)

@@ -333,14 +333,12 @@ class PagedKVPool:
             raise ValueError(f"row counts must lie in [0, {self.max_rows_per_head}], got {rows.min()}..{rows.max()}")
         if self._rows[layers, slots].any() or self._since[slots].any():
             raise ValueError(f"{what} already holds rows: a sequence is prefilled once, right after admit")
-        need = np.zeros_like(self._pages)
-        need[layers, slots] = np.maximum(_pages_for(rows, self.page_rows) - self._pages[layers, slots], 0)
-        self._hand_out(need)
-        self._rows[layers, slots] = rows
-        self._bound_memo.clear()
         heads = self.kv_heads
         flat = np.ravel_multi_index((np.repeat(layers, heads), np.repeat(slots, heads),
                                      np.tile(np.arange(heads), layers.size)), self._rows.shape)
+        self._hand_out(flat, np.maximum(_pages_for(rows.ravel(), self.page_rows) - self._pages.reshape(-1)[flat], 0))
+        self._rows[layers, slots] = rows
+        self._bound_memo.clear()
         self._write(self.lengths, flat, rows.ravel())
         self._update_room(np.unique(slots))
 
@@ -469,8 +467,9 @@ class PagedKVPool:
         the device. :class:`PagesExhausted` (nothing changed) if the free pages do not cover them all.
         """
         steps = _positive_int("steps", steps)
-        need = np.maximum(_pages_for(self.bounds(ahead=steps), self.page_rows) - self._pages, 0)
-        self._hand_out(need)  # none for a free slot: its bound is 0, and it holds no page
+        need = np.maximum(_pages_for(self.bounds(ahead=steps), self.page_rows) - self._pages, 0).reshape(-1)
+        heads = np.flatnonzero(need)  # none for a free slot: its bound is 0, and it holds no page
+        self._hand_out(heads, need[heads])
         self._update_room()
 
     def advance(self, steps: int = 1) -> None:
@@ -588,11 +587,10 @@ class PagedKVPool:
             raise ValueError(f"slot {slot!r} holds no live sequence (live: {self.live_slots})")
         return slot
 
-    def _hand_out(self, need: np.ndarray) -> None:
-        """Append ``need[l, s, h]`` free pages to each head's block table, all or none (callers keep every
-        head within ``max_pages_per_head``: rows are checked at prefill, reserves capped)."""
-        heads = np.flatnonzero(need)  # the heads that take pages: few at an admission, all at a hand-out
-        counts = need.reshape(-1)[heads]
+    def _hand_out(self, heads: np.ndarray, counts: np.ndarray) -> None:
+        """Append ``counts[i]`` free pages to the block table of each flat head ``heads[i]`` (distinct), all
+        or none (callers keep every head within ``max_pages_per_head``: rows are checked at prefill, reserves
+        capped)."""
         total = int(counts.sum())
         if total > self._free_count:
             raise PagesExhausted(
@@ -607,7 +605,7 @@ class PagedKVPool:
         # A head's new pages go to the columns after the pages it holds, in the order of ``pages``.
         flat = self._columns(heads, self._pages.reshape(-1)[heads], counts)
         self._table.reshape(-1)[flat] = pages
-        self._pages += need
+        self._pages.reshape(-1)[heads] += counts
         self._peak = max(self._peak, self.pages_in_use)
         self._write(self.block_table, flat, pages)
 
