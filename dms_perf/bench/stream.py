@@ -20,8 +20,10 @@ had to prefill again, the wall time spent admitting (prefills and copies into th
 decodes; of it, the wait for the decode steps still queued on the device before each prefill, and the
 prefills), and the number of running sequences against time.
 
-Admission keeps pages back for the running sequences' growth: one hand-out each (a hand-out asks pages for
-``capacity_step`` more rows of every head at once, most of which the next trim returns), plus
+Admission keeps pages back for the running sequences' growth: the pages their next hand-out would take
+(``PagedKVPool.pages_short`` at the heads' bounds when it asks: under DMS most heads' fit in the pages they
+hold, as ~7 of 8 steps reuse a slot; until 2026-12-07 it was a page-rounded ``capacity_step`` of rows for every
+head, 4 % of an H100's pool at DMS's ~240 sequences), plus
 ``ADMIT_HORIZON`` decode steps of growth for every running sequence and the new one, at the rate the pool's
 decode steps have taken pages so far (net of the pages trims returned), or, before any step was measured, at
 the most a sequence can grow (one row per KV head per step, as dense). Without it a cold start admits as many
@@ -303,7 +305,6 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     warmup = warmup_s or 0.0
     device = next(model.parameters()).device
     max_seqs = pool.max_seqs
-    layer_pages = pool.layers * pool.kv_heads * -(-model.dms_capacity_step // pool.page_rows)
     # Pages the decode steps took (hand-outs net of trims) over sequence-steps: the growth rate admission
     # reserves for, first at its bound (one row per KV head per step).
     grown, sequence_steps = 0, 0
@@ -364,13 +365,18 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         request = queue[0]
         measured = sequence_steps > 0 and run.steps >= 2 * model.dms_capacity_step  # two hand-outs at least
         rate = grown / sequence_steps if measured else most_growth
-        # A hand-out asks for a page-rounded capacity_step of rows for every head at once (layer_pages a
-        # sequence, most of it returned by the next trim), on top of what the sequences keep growing by
-        reserve = layer_pages * len(running) + rate * admit_horizon * (len(running) + 1)
+        reserve = rate * admit_horizon * (len(running) + 1)  # what the sequences keep growing by
         # Not even a page a head would fit: wait without prefilling (a preempted request queued ahead would
-        # throw that prefill away; in a full pool's cold start most of the admission time went to such prefills)
-        if running and pool.layers * pool.kv_heads + reserve > pool.free_pages:
+        # throw that prefill away; in a full pool's cold start most of the admission time went to such prefills).
+        # The next hand-out's pages on top (it comes when the pages' room is spent and asks for capacity_step
+        # steps more), counted only if the rest fits.
+        one_page = pool.layers * pool.kv_heads
+        if running and one_page + reserve > pool.free_pages:
             return False
+        if running:
+            reserve += pool.pages_short(pool.room(len(running)) + model.dms_capacity_step)
+            if one_page + reserve > pool.free_pages:
+                return False
         if staged is None or staged[0] is not request:
             waited = time.perf_counter()
             synchronize()  # the decode steps still queued on the device: their time, not this prefill's

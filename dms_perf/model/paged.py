@@ -466,11 +466,19 @@ class PagedKVPool:
         hold, that is at most ``ceil(steps / page_rows)`` new pages per head, known without reading
         the device. :class:`PagesExhausted` (nothing changed) if the free pages do not cover them all.
         """
-        steps = _positive_int("steps", steps)
-        need = np.maximum(_pages_for(self.bounds(ahead=steps), self.page_rows) - self._pages, 0).reshape(-1)
+        need = self._short(_positive_int("steps", steps))
         heads = np.flatnonzero(need)  # none for a free slot: its bound is 0, and it holds no page
         self._hand_out(heads, need[heads])
         self._update_room()
+
+    def pages_short(self, steps: int) -> int:
+        """The free pages ``reserve_ahead(steps)`` would take now (host arithmetic): what the live heads'
+        pages lack for their bounds ``steps`` decode steps ahead. A request stream keeps this many back."""
+        return int(self._short(_positive_int("steps", steps)).sum())
+
+    def _short(self, steps: int) -> np.ndarray:
+        """Flat per head: the pages it lacks for its bound ``steps`` steps ahead."""
+        return np.maximum(_pages_for(self.bounds(ahead=steps), self.page_rows) - self._pages, 0).reshape(-1)
 
     def advance(self, steps: int = 1) -> None:
         """The host's share of ``steps`` decode steps of every live sequence (their kernels, which append

@@ -168,6 +168,7 @@ class PagedPoolMachine(RuleBasedStateMachine):
         target = {key: max(self.pages[key], math.ceil(min(self.known[key] + self.since[key[1]] + steps, limit) / P))
                   for key in self.pages}
         need = sum(target[key] - self.pages[key] for key in self.pages)
+        assert self.pool.pages_short(steps) == need  # what a request stream keeps back for the hand-out
         before = _state(self.pool)
         if need > self._free():
             event("reserve_ahead: exhausted")
@@ -368,6 +369,7 @@ def test_a_read_back_of_a_dms_pool_counts_the_slot_reuses_ahead():
     pool.request_trim(horizon=8)  # at most window + 1 = 5 steps are known
     pool.trim()
     assert pool.bounds(1).tolist() == [[[6, 6]]]
+    assert pool.pages_short(5) == 0 + 1  # what a stream keeps back: head 0's 2 pages hold 8 rows already
     pool.reserve_ahead(5)  # head 0: 6 + 2 rows, 2 pages; head 1: 6 + 5, 3 pages
     assert pool.pages_held(slot) == 2 + 3
     assert pool.room(1) == 5  # head 0's 8 rows hold steps 0..4 (growth 2), no further
