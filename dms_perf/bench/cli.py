@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the stream with --warmup-seconds: begin as a stream that has been running (the first "
                        "admitted requests part-way through their outputs, drawn as a steady stream's running ones "
                        "are), so that the window reaches the steady state without a cold start's minutes")
+    bench.add_argument("--overlap-prefill", action="store_true",
+                       help="the stream on a GPU: run each admission's prefill on a second CUDA stream beside "
+                       "the decode steps, admitting it at the first step after it finishes")
     bench.add_argument("--capacity-step", type=int, default=None, metavar="N",
                        help="the stream: rows per KV head each page hand-out gives ahead (default 128); fewer "
                        "hold fewer spare pages and hand out more often")
@@ -286,7 +289,7 @@ def run_bench(args, parser) -> int:
         return _run_stream_bench(args, parser, contexts, methods)
     stream_options = (("--output-lengths", args.output_lengths), ("--max-running", args.max_running),
                       ("--duration", args.duration), ("--warmup-seconds", args.warmup_seconds),
-                      ("--capacity-step", args.capacity_step))
+                      ("--capacity-step", args.capacity_step), ("--overlap-prefill", args.overlap_prefill or None))
     stream_only = [flag for flag, value in stream_options if value is not None]
     if stream_only:
         return _error(parser, f"{', '.join(stream_only)} set(s) a request stream: add --requests N")
@@ -449,6 +452,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         "prompt_length": contexts[0], "output_lengths": [low, high], "max_running": max_running,
         "duration_s": args.duration, "warmup_s": args.warmup_seconds, "capacity_step": args.capacity_step,
         "steady_start": True if args.steady_start else None,  # None, as in streams from before the option
+        "overlap_prefill": True if args.overlap_prefill else None,
         "seed": args.seed, "methods": [m.name for m in methods],
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
@@ -473,7 +477,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
             rows.append(stream.stream_method(model, method, requests, budget_gib=args.memory_budget,
                                              max_running=max_running, on_progress=progress,
                                              duration_s=args.duration, warmup_s=args.warmup_seconds,
-                                             capacity_step=args.capacity_step))
+                                             capacity_step=args.capacity_step, overlap_prefill=args.overlap_prefill))
         del model
     for row in rows:
         row.setdefault("context", contexts[0])

@@ -14,6 +14,15 @@ again, it prefills its prompt and those tokens together and goes on from there (
 preemption: the KV cache is recomputed, no generated token is thrown away; a press's prefill compresses them
 with the prompt), so the cache is never corrupted and the stream always completes.
 
+An admission stops the decode: the device drains, the prefill runs, its lengths are read back, its rows are
+copied in. DMS completes ~5x the requests of dense in the same memory, so it pays that ~5x as often (on an
+H100, ~0.3 s an admission cost DMS a quarter of its wall time). With ``overlap_prefill``
+(``--overlap-prefill``, CUDA only) the queue head's prefill is launched on a second stream as soon as the
+pool nearly has its pages, the decode steps go on beside it (a 1K prefill is compute, a decode step mostly
+memory reads), and it is admitted at the first step after it landed: its lengths are read back on the idle
+side stream and the copy-in waits on its event, not on the decode. The next prefill waits for the copies that
+read the last one's buffers, which it may reuse.
+
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
 included), requests completed per minute, the most pages in use, preemptions and the generated tokens they
 had to prefill again, the wall time spent admitting (prefills and copies into the pool, during which nothing
@@ -58,6 +67,7 @@ so a steady start needs ``warmup_s``.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import deque
@@ -154,6 +164,7 @@ class StreamRun:
     # own time, which the wall time's admissions and host waits do not blur.
     device_step_ms: list[float] = field(default_factory=list)
     end_census: dict[str, Any] | None = None  # ``census`` of the sequences running when the stream stopped
+    overlapped_prefill: bool = False  # prefills ran on a side stream beside the decode steps (run_stream)
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
 
     def record(self, time_s: float, running: int, pages: int) -> None:
@@ -207,7 +218,8 @@ class StreamRun:
             "queued_at_end": self.queued_at_end,
             "device_step_ms": statistics.median(self.device_step_ms) if self.device_step_ms else None,
             "device_decode_s": sum(self.device_step_ms) / 1e3 if self.device_step_ms else None,
-            "end_census": self.end_census, "stream_trace": self.trace,
+            "end_census": self.end_census, "overlapped_prefill": self.overlapped_prefill,
+            "stream_trace": self.trace,
         }
 
 
@@ -262,12 +274,34 @@ def steady_start(requests: list[Request], count: int, output_lengths: tuple[int,
     return started + list(requests[count:])
 
 
-def admission_pages(single, pool) -> int:
+def head_rows(single) -> torch.Tensor:
+    """``[layers, kv_heads]`` on the host: the rows each head of a prefilled one-sequence cache holds (one
+    read-back, on the current stream)."""
+    return torch.stack([single.head_lengths(i).flatten() for i in range(len(single.layers))]).cpu()
+
+
+def admission_pages(single, pool, lengths: torch.Tensor | None = None) -> int:
     """Pages a prefilled one-sequence cache takes when admitted, with one hand-out (``capacity_step`` rows per
-    head) ahead."""
-    lengths = torch.stack([single.head_lengths(i) for i in range(len(single.layers))]).long().cpu()
+    head) ahead; ``lengths``: its ``head_rows`` if already read back."""
+    lengths = (head_rows(single) if lengths is None else lengths).long()
     step = single.layers[0].capacity_step
     return pool.pages_for_rows((lengths + step).clamp(max=pool.max_rows_per_head).numpy(), pool.page_rows)
+
+
+@dataclass
+class Staged:
+    """The queue head's prefill while it waits for its pages: read back once, not at every step it waits."""
+
+    request: Request
+    single: Any  # its one-sequence cache
+    first: torch.Tensor  # its first greedy token
+    done: Any = None  # with overlapped prefills on CUDA: an event after the prefill on the side stream
+    lengths: torch.Tensor | None = None  # ``head_rows``, once read back
+    pages: int = 0  # ``admission_pages``, likewise
+
+    def landed(self) -> bool:
+        """Whether the prefill has finished on the device (always, unless it runs beside the decode steps)."""
+        return self.done is None or self.done.query()
 
 
 def plain_prefill(model, prompt: torch.Tensor):
@@ -280,14 +314,17 @@ def plain_prefill(model, prompt: torch.Tensor):
 def run_stream(model, requests: list[Request], *, prefill: Callable | None = None,
                on_progress: Callable[[str], None] | None = None, trace_every: int = 16,
                keep_tokens: bool = False, duration_s: float | None = None,
-               warmup_s: float | None = None, admit_horizon: int = ADMIT_HORIZON) -> StreamRun:
+               warmup_s: float | None = None, admit_horizon: int = ADMIT_HORIZON,
+               overlap_prefill: bool = False) -> StreamRun:
     """Generate every request greedily on ``model``'s paged pool (``model.use_kv_pool``; the pool's
     ``max_seqs`` caps the running sequences). ``prefill(model, prompt)`` gives a request's one-sequence
     cache and first token (default ``plain_prefill``; a press on the engine passes its own). ``keep_tokens``:
     each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
     on what ran beside it). ``duration_s``: stop at the first step that ends past it, after ``warmup_s`` more
     seconds, whose figures are not counted; ``admit_horizon``: the decode steps of growth admission keeps pages
-    for (module docstring; 0 keeps one hand-out a running sequence only). Requests from
+    for (module docstring; 0 keeps one hand-out a running sequence only). ``overlap_prefill``: on CUDA, run
+    each admission's prefill on a side stream beside the decode steps and admit it at the first step after it
+    lands (module docstring). Requests from
     ``steady_start`` are in flight if the first admission takes them, else their plain requests queue. Raises
     ``PagesExhausted`` only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
@@ -325,6 +362,13 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                     mean_output_length=sum((r.plain or r).output_length for r in requests) / max(1, len(requests)))
     batch = 0
     spans = DeviceSpans(device)
+    side = torch.cuda.Stream(device) if overlap_prefill and device.type == "cuda" else None
+    run.overlapped_prefill = side is not None
+
+    def on_side():
+        """Work on the side stream (overlapped prefills), else on the current one."""
+        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
     synchronize()
     start = time.perf_counter()
 
@@ -353,9 +397,35 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         run.generated_tokens += request.output_length
         vacate(slot)
 
-    # The queue head's prefill while it waits: (request, its one-sequence cache, first token, the pages it
-    # takes when admitted), read back once, not at every step it waits.
-    staged = None
+    staged: Staged | None = None
+
+    def stage(request: Request) -> Staged:
+        """Start ``request``'s prefill: at once, the device drained first (its wait and the prefill timed
+        apart), or with ``overlap_prefill`` launched behind whatever the device is doing (the host's launch
+        timed as the prefill)."""
+        began = time.perf_counter()
+        if not overlap_prefill:
+            synchronize()  # the decode steps still queued on the device: their time, not this prefill's
+            run.admission_wait_s += time.perf_counter() - began
+            began = time.perf_counter()
+        done = None
+        with on_side():
+            if side is not None:  # after the copies that read the last prefill's buffers, which it may reuse
+                side.wait_stream(torch.cuda.current_stream(device))
+            single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
+            if side is not None:
+                done = torch.cuda.Event()
+                done.record(side)
+        staged = Staged(request, single, first, done)
+        if not overlap_prefill:
+            read_back(staged)  # its read-back ends the prefill
+        run.prefill_s += time.perf_counter() - began
+        return staged
+
+    def read_back(staged: Staged) -> None:
+        with on_side():  # the side stream is idle once the prefill landed: no wait for the decode steps
+            staged.lengths = head_rows(staged.single)
+        staged.pages = admission_pages(staged.single, pool, staged.lengths)
 
     def admit() -> bool:
         """Admit the next queued request if a slot and its pages (beyond the running ones' watermark) are free."""
@@ -377,20 +447,20 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             reserve += pool.pages_short(pool.room(len(running)) + model.dms_capacity_step)
             if one_page + reserve > pool.free_pages:
                 return False
-        if staged is None or staged[0] is not request:
-            waited = time.perf_counter()
-            synchronize()  # the decode steps still queued on the device: their time, not this prefill's
-            began = time.perf_counter()
-            single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
-            staged = (request, single, first, admission_pages(single, pool))  # its read-back ends the prefill
-            run.admission_wait_s += began - waited
-            run.prefill_s += time.perf_counter() - began
-        _, single, first, pages = staged
-        if running and pages + reserve > pool.free_pages:
+        if staged is None or staged.request is not request:
+            staged = stage(request)
+        if not staged.landed():
+            return False  # the decode steps go on beside it
+        if staged.lengths is None:
+            read_back(staged)
+        single, first = staged.single, staged.first
+        if running and staged.pages + reserve > pool.free_pages:
             return False
         slot = len(running)
+        if staged.done is not None:
+            torch.cuda.current_stream(device).wait_event(staged.done)
         try:
-            cache.admit(slot, single)
+            cache.admit(slot, single, lengths=staged.lengths)
         except PagesExhausted:
             if running:
                 return False
@@ -546,11 +616,12 @@ def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: in
 
 def stream_method(model, method, requests: list[Request], *, budget_gib: float | None, max_running: int,
                   on_progress: Callable[[str], None] | None = None, duration_s: float | None = None,
-                  warmup_s: float | None = None, capacity_step: int | None = None) -> dict[str, Any]:
+                  warmup_s: float | None = None, capacity_step: int | None = None,
+                  overlap_prefill: bool = False) -> dict[str, Any]:
     """One method's stream: its pool (``engine_pool``, the budget's pages), the run, and its row. Never
     raises for an expected failure: an exhausted pool or a bad budget becomes the row's status.
     ``capacity_step``: rows per KV head a page hand-out gives ahead (``--capacity-step``; default the
-    method's)."""
+    method's); ``overlap_prefill``: ``run_stream``'s (``--overlap-prefill``)."""
     from dms_perf.bench.generation import engine_pool, failure_status, prefill_for_the_engine, release_memory
 
     row: dict[str, Any] = {"method": method.name}
@@ -572,7 +643,8 @@ def stream_method(model, method, requests: list[Request], *, budget_gib: float |
                 return cache, out.logits[0, -1:].argmax(-1)
 
         row.update(run_stream(model, requests, prefill=prefill, on_progress=on_progress,
-                              duration_s=duration_s, warmup_s=warmup_s).as_row(), capacity_step=model.dms_capacity_step)
+                              duration_s=duration_s, warmup_s=warmup_s, overlap_prefill=overlap_prefill).as_row(),
+                   capacity_step=model.dms_capacity_step)
         row["status"] = "ok"
     except Exception as exc:  # one failing method must not stop the others
         row["status"] = failure_status(exc)
@@ -600,6 +672,8 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
         *(["- steady start: the requests of the first admission began part-way through their outputs, drawn as a "
            "steady stream's running ones are (lengths in proportion to length, progress uniform)"]
           if meta.get("steady_start") else []),
+        *(["- overlapped prefills: each admission's prefill ran on a second CUDA stream beside the decode steps"]
+          if meta.get("overlap_prefill") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | req/min by tokens | total tok/s | completed | mean running "
         "| running at the start → end (queued at the end) | max running | peak KV pages | peak KV GiB | pool GiB "
@@ -678,6 +752,8 @@ def _admitting(row: dict[str, Any]) -> str:
 
     if row.get("prefill_s") is None:
         return _num(row.get("admission_s"))
+    if row.get("overlapped_prefill"):
+        return f"{_num(row['admission_s'])} ({_num(row['prefill_s'])} launching prefills beside the decode steps)"
     return (f"{_num(row['admission_s'])} ({_num(row['admission_wait_s'])} waiting for queued steps, "
             f"{_num(row['prefill_s'])} prefilling)")
 
@@ -718,7 +794,7 @@ def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):
 # the warm-up: it is how long a method takes to reach its steady state (a steady start's first admission takes
 # DMS, with ~4x the requests in flight, ~4x dense's time); each row keeps its own, and the window is shared.
 STREAM_JOIN_KEYS = ("model", "dtype", "requests", "prompt_length", "output_lengths", "seed", "max_running",
-                    "duration_s", "steady_start")
+                    "duration_s", "steady_start", "overlap_prefill")
 
 
 def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:

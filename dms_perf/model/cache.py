@@ -648,11 +648,12 @@ class DMSCache(Cache):
                 setattr(layer, name, None)  # views of the pool already: nothing to carry over
             layer._bind(batch)
 
-    def admit(self, slot: int, single: DMSCache) -> None:
+    def admit(self, slot: int, single: DMSCache, *, lengths: torch.Tensor | None = None) -> None:
         """Copy the prefilled one-sequence cache ``single`` (owning its buffers) into the free slot ``slot`` of
         this cache's paged pool, whatever the tokens it has seen (a request stream's new request; its
-        positions are the caller's). All or nothing: short of pages, the slot is released and
-        ``PagesExhausted`` raised."""
+        positions are the caller's). ``lengths``: its heads' rows ``[layers, kv_heads]`` on the host if the
+        caller read them back already (else one read-back here). All or nothing: short of pages, the slot is
+        released and ``PagesExhausted`` raised."""
         if self.pool is None:
             raise ValueError("admit is for a cache on a paged KV pool")
         single.finish_prefill()
@@ -663,7 +664,10 @@ class DMSCache(Cache):
             if layer.lengths.shape[0] != 1:
                 raise ValueError(f"admit takes one sequence, got a batch of {layer.lengths.shape[0]}")
         # One read-back of every layer's lengths and one hand-out for them all, then the copies (no wait)
-        host = torch.stack([layer.lengths.flatten() for layer in theirs]).cpu()
+        host = torch.stack([layer.lengths.flatten() for layer in theirs]).cpu() if lengths is None else lengths
+        if tuple(host.shape) != (len(self.layers), theirs[0].lengths.numel()):
+            raise ValueError(f"lengths must be [layers, kv_heads] = [{len(self.layers)}, {theirs[0].lengths.numel()}]"
+                             f", got {list(host.shape)}")
         try:
             self.layers[0]._take_slots(slot + 1, slot)
             self.pool.prefill(slot, host)

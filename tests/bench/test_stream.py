@@ -4,6 +4,7 @@ pool's pages all come back; bad input is one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -187,6 +188,55 @@ def test_a_request_waits_without_a_prefill_while_not_a_page_a_head_fits():
     assert run.preemptions >= 2 and len(prefilled) == len(requests) + run.preemptions
     assert [[int(t) for t in r.tokens] for r in requests] == want
     assert pool.pages_in_use == 0 and pool.live_slots == []
+
+
+@pytest.mark.parametrize("pages", [400, 32], ids=["roomy", "preempting"])
+def test_an_overlapped_prefill_is_admitted_once_it_lands(monkeypatch, pages):
+    """With overlap_prefill a staged prefill that has not landed yet lets the loop go on (decoding the running
+    sequences) and is admitted at a later step; here each lands at its fourth poll. Every request still
+    generates its solo tokens, preempted or not, and every page comes back. Without CUDA nothing ran beside
+    the decode, and the row says so."""
+    polls = []
+
+    def landed(self):
+        self.polls = getattr(self, "polls", 0) + 1
+        polls.append((self.request.index, self.polls))
+        return self.polls > 3
+
+    monkeypatch.setattr(stream.Staged, "landed", landed)
+    model = _tiny_model()
+    requests = stream.make_requests(6, 8, (4, 24), vocab_size=model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        want = [_solo(model, r) for r in requests]
+        pool = _use_pool(model, pages, seqs=3)
+        run = stream.run_stream(model, requests, keep_tokens=True, admit_horizon=0, overlap_prefill=True)
+    assert [[int(t) for t in r.tokens] for r in requests] == want
+    assert run.completed == 6 and pool.pages_in_use == 0 and pool.live_slots == []
+    assert (run.preemptions > 0) == (pages == 32)
+    admitted = {index for index, count in polls if count == 4}
+    assert admitted == {r.index for r in requests}  # each waited three polls, then went in
+    row = run.as_row()
+    assert row["overlapped_prefill"] is False and row["admission_wait_s"] == 0
+    assert "launching" not in stream._admitting(row)
+
+
+@pytest.mark.gpu
+def test_overlapped_prefills_change_no_token_gpu():
+    """On a GPU, prefills run on a side stream beside the decode steps (prompts of 256 tokens, long enough to
+    overlap several steps): every request generates the tokens of the same stream with serial admissions."""
+    model = build_model(tiny_config(dms_initial_alpha_offset=-40.0), backend="triton", dtype=torch.float32,
+                        device="cuda")
+    model.dms_capacity_step = 4
+    requests = stream.make_requests(8, 256, (16, 64), vocab_size=model.config.vocab_size, seed=4)
+    tokens = {}
+    with torch.no_grad():
+        for overlap in (False, True):
+            _use_pool(model, 2048, seqs=3)
+            mine = [dataclasses.replace(r) for r in requests]
+            run = stream.run_stream(model, mine, keep_tokens=True, overlap_prefill=overlap)
+            assert run.completed == 8 and run.overlapped_prefill == overlap
+            tokens[overlap] = [[int(t) for t in r.tokens] for r in mine]
+    assert tokens[True] == tokens[False]
 
 
 def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
@@ -453,6 +503,9 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    cells = ["bench", "--contexts", "16", "--methods", "dms-triton", "--model", "tiny", "--overlap-prefill"]
+    assert cli.main(cells) == 2
+    assert "--overlap-prefill set(s) a request stream" in capsys.readouterr().err
 
 
 def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
