@@ -30,6 +30,7 @@ plus every decision, so the rule can be applied as a full mask at each step.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -472,27 +473,36 @@ class PagedCacheLayer(DMSCacheLayer):
         host = layer.lengths.flatten().cpu()
         self._take_slots(slot + 1, slot)
         self.pool.prefill_layer(self.layer_idx, [slot], host.view(1, -1))
-        self._copy_rows(slot, layer, host)
-
-    def _copy_rows(self, slot: int, layer: DMSCacheLayer, host: torch.Tensor) -> None:
-        """``copy_in``'s device part, once the pool has given slot ``slot``'s heads their rows: ``host`` (a CPU
-        tensor) is ``layer``'s lengths, as read back. Waits for nothing."""
-        lengths = layer.lengths.flatten().long()
-        occupied = int(host.sum())
-        H = lengths.numel()
-        head = torch.repeat_interleave(torch.arange(H, device=lengths.device), lengths, output_size=occupied)
-        row = torch.arange(occupied, device=lengths.device) - (lengths.cumsum(0) - lengths)[head]
-        source = layer.starts.flatten()[head] + row
-        dest = self._physical(head + slot * H, row.to(self.pool.device))
-        D = self.pool.head_dim
-        for name in ("keys", "values"):
-            getattr(self.pool, name).view(-1, D).index_copy_(0, dest, getattr(layer, name).index_select(0, source).to(
-                self.pool.device))
-        pool, index = self.pool, self.layer_idx
-        pool.ring_slot[index, slot].copy_(layer.ring_slot[0])
-        pool.ring_flag[index, slot].copy_(layer.ring_flag[0])
-        pool.step_index[index, slot * H : (slot + 1) * H].copy_(layer.step_index)
+        self._copy_rows(slot, [layer], host.view(1, -1))
         self.seen, self.window = layer.seen, layer.window
+
+    def _copy_rows(self, slot: int, sources: list[DMSCacheLayer], host: torch.Tensor) -> None:
+        """``copy_in``'s device part for this layer and the ones after it, once the pool has given slot
+        ``slot``'s heads their rows: ``sources[i]`` (a one-sequence layer owning its buffers) goes into layer
+        ``layer_idx + i``; ``host`` ``[len(sources), kv_heads]`` is their lengths, as read back. One gather
+        and one scatter for K and for V, whatever the number of layers; waits for nothing."""
+        pool, H, P, D = self.pool, self.pool.kv_heads, self.page_rows, self.pool.head_dim
+        first, n = self.layer_idx, len(sources)
+        device = sources[0].lengths.device
+        lengths = torch.cat([layer.lengths.flatten() for layer in sources]).long()
+        # Each source's segment starts, offset by the rows of the sources before it in the joined buffers
+        offsets = torch.tensor(list(accumulate((layer.keys.shape[0] for layer in sources[:-1]), initial=0)),
+                               device=device)
+        starts = (torch.stack([layer.starts.flatten() for layer in sources]) + offsets[:, None]).flatten()
+        occupied = int(host.sum())
+        head = torch.repeat_interleave(torch.arange(n * H, device=device), lengths, output_size=occupied)
+        row = torch.arange(occupied, device=device) - (lengths.cumsum(0) - lengths)[head]
+        source = starts[head] + row
+        tables = pool.block_table[first : first + n, slot].reshape(n * H, pool.max_pages_per_head)
+        head, row = head.to(pool.device), row.to(pool.device)
+        dest = tables[head, row // P].long() * P + row % P
+        for name in ("keys", "values"):
+            joined = torch.cat([getattr(layer, name) for layer in sources]) if n > 1 else getattr(sources[0], name)
+            getattr(pool, name).view(-1, D).index_copy_(0, dest, joined.index_select(0, source).to(pool.device))
+        for name in ("ring_slot", "ring_flag"):
+            getattr(pool, name)[first : first + n, slot].copy_(torch.cat([getattr(layer, name) for layer in sources]))
+        pool.step_index[first : first + n, slot * H : (slot + 1) * H].copy_(
+            torch.stack([layer.step_index for layer in sources]))
 
     def _before_step(self) -> None:
         if self.host_frozen:
@@ -671,9 +681,10 @@ class DMSCache(Cache):
         try:
             self.layers[0]._take_slots(slot + 1, slot)
             self.pool.prefill(slot, host)
-            for mine, layer, rows in zip(self.layers, theirs, host, strict=True):
+            for mine, layer in zip(self.layers, theirs, strict=True):
                 mine.check_open()
-                mine._copy_rows(slot, layer, rows)
+                mine.seen, mine.window = layer.seen, layer.window
+            self.layers[0]._copy_rows(slot, theirs, host)
         except BaseException:
             if slot in self.pool.live_slots:
                 self.pool.release(slot)
