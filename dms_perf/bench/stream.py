@@ -303,6 +303,11 @@ class Staged:
         """Whether the prefill has finished on the device (always, unless it runs beside the decode steps)."""
         return self.done is None or self.done.query()
 
+    def wait(self) -> None:
+        """Block the host until the prefill has finished on the device."""
+        if self.done is not None:
+            self.done.synchronize()
+
 
 def plain_prefill(model, prompt: torch.Tensor):
     """A request's prefill into a one-sequence DMS cache of its own: (cache, first greedy token [1])."""
@@ -450,7 +455,9 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         if staged is None or staged.request is not request:
             staged = stage(request)
         if not staged.landed():
-            return False  # the decode steps go on beside it
+            if running and not steady:
+                return False  # the decode steps go on beside it
+            staged.wait()  # nothing decodes beside it, or a steady start's first admission takes it at once
         if staged.lengths is None:
             read_back(staged)
         single, first = staged.single, staged.first
