@@ -17,11 +17,12 @@ with the prompt), so the cache is never corrupted and the stream always complete
 An admission stops the decode: the device drains, the prefill runs, its lengths are read back, its rows are
 copied in. DMS completes ~5x the requests of dense in the same memory, so it pays that ~5x as often (on an
 H100, ~0.3 s an admission cost DMS a quarter of its wall time). With ``overlap_prefill``
-(``--overlap-prefill``, CUDA only) the queue head's prefill is launched on a second stream as soon as the
-pool nearly has its pages, the decode steps go on beside it (a 1K prefill is compute, a decode step mostly
+(``--overlap-prefill``, CUDA only) the queue head's prefill is launched on a second stream once a page a head
+fits beside the reserve, the decode steps go on beside it (a 1K prefill is compute, a decode step mostly
 memory reads), and it is admitted at the first step after it landed: its lengths are read back on the idle
 side stream and the copy-in waits on its event, not on the decode. The next prefill waits for the copies that
-read the last one's buffers, which it may reuse.
+read the last one's buffers, which it may reuse. With nothing decoding, and in a steady start's first
+admission, prefills run as without the option.
 
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
 included), requests completed per minute, the most pages in use, preemptions and the generated tokens they
@@ -368,11 +369,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     batch = 0
     spans = DeviceSpans(device)
     side = torch.cuda.Stream(device) if overlap_prefill and device.type == "cuda" else None
+    main = torch.cuda.current_stream(device) if side is not None else None
     run.overlapped_prefill = side is not None
-
-    def on_side():
-        """Work on the side stream (overlapped prefills), else on the current one."""
-        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
     synchronize()
     start = time.perf_counter()
@@ -405,30 +403,34 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     staged: Staged | None = None
 
     def stage(request: Request) -> Staged:
-        """Start ``request``'s prefill: at once, the device drained first (its wait and the prefill timed
-        apart), or with ``overlap_prefill`` launched behind whatever the device is doing (the host's launch
-        timed as the prefill)."""
+        """Start ``request``'s prefill. On the side stream, launched behind whatever the device is doing (the
+        host's launch timed as the prefill), if ``overlap_prefill`` has decode steps to run beside it; else at
+        once on this stream, the device drained first (the wait and the prefill timed apart) and the lengths
+        read back."""
+        beside = side is not None and bool(running) and not steady
         began = time.perf_counter()
-        if not overlap_prefill:
+        if not beside:
             synchronize()  # the decode steps still queued on the device: their time, not this prefill's
             run.admission_wait_s += time.perf_counter() - began
             began = time.perf_counter()
         done = None
-        with on_side():
-            if side is not None:  # after the copies that read the last prefill's buffers, which it may reuse
-                side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if beside else contextlib.nullcontext():
+            if beside:  # after the copies that read the last prefill's buffers, which this one may reuse
+                side.wait_stream(main)
             single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
-            if side is not None:
+            if beside:
                 done = torch.cuda.Event()
                 done.record(side)
         staged = Staged(request, single, first, done)
-        if not overlap_prefill:
+        if not beside:
             read_back(staged)  # its read-back ends the prefill
         run.prefill_s += time.perf_counter() - began
         return staged
 
     def read_back(staged: Staged) -> None:
-        with on_side():  # the side stream is idle once the prefill landed: no wait for the decode steps
+        """The staged prefill's lengths and pages, read on the stream it ran on (the side stream is idle once it
+        landed: no wait for the decode steps)."""
+        with torch.cuda.stream(side) if staged.done is not None else contextlib.nullcontext():
             staged.lengths = head_rows(staged.single)
         staged.pages = admission_pages(staged.single, pool, staged.lengths)
 
@@ -465,7 +467,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             return False
         slot = len(running)
         if staged.done is not None:
-            torch.cuda.current_stream(device).wait_event(staged.done)
+            main.wait_event(staged.done)
         try:
             cache.admit(slot, single, lengths=staged.lengths)
         except PagesExhausted:
