@@ -328,11 +328,11 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
     each request's generated ids in ``Request.tokens`` (for tests: what a request generates must not depend
     on what ran beside it). ``duration_s``: stop at the first step that ends past it, after ``warmup_s`` more
     seconds, whose figures are not counted; ``admit_horizon``: the decode steps of growth admission keeps pages
-    for (module docstring; 0 keeps one hand-out a running sequence only). ``overlap_prefill``: on CUDA, run
-    each admission's prefill on a side stream beside the decode steps and admit it at the first step after it
-    lands (module docstring). Requests from
-    ``steady_start`` are in flight if the first admission takes them, else their plain requests queue. Raises
-    ``PagesExhausted`` only if a single request cannot run alone in the pool."""
+    for (module docstring; 0 keeps back only the pages of the running sequences' next hand-out).
+    ``overlap_prefill``: on CUDA, run each admission's prefill on a side stream beside the decode steps and
+    admit it at the first step after it lands (module docstring). Requests from ``steady_start`` are in
+    flight if the first admission takes them, else their plain requests queue. Raises ``PagesExhausted``
+    only if a single request cannot run alone in the pool."""
     from dms_perf.model.paged import PagesExhausted
 
     pool = model.dms_pool
