@@ -275,16 +275,10 @@ def steady_start(requests: list[Request], count: int, output_lengths: tuple[int,
     return started + list(requests[count:])
 
 
-def head_rows(single) -> torch.Tensor:
-    """``[layers, kv_heads]`` on the host: the rows each head of a prefilled one-sequence cache holds (one
-    read-back, on the current stream)."""
-    return torch.stack([single.head_lengths(i).flatten() for i in range(len(single.layers))]).cpu()
-
-
-def admission_pages(single, pool, lengths: torch.Tensor | None = None) -> int:
+def admission_pages(single, pool, lengths: torch.Tensor) -> int:
     """Pages a prefilled one-sequence cache takes when admitted, with one hand-out (``capacity_step`` rows per
-    head) ahead; ``lengths``: its ``head_rows`` if already read back."""
-    lengths = (head_rows(single) if lengths is None else lengths).long()
+    head) ahead; ``lengths``: its ``head_lengths_on_host``."""
+    lengths = lengths.long()
     step = single.layers[0].capacity_step
     return pool.pages_for_rows((lengths + step).clamp(max=pool.max_rows_per_head).numpy(), pool.page_rows)
 
@@ -297,7 +291,7 @@ class Staged:
     single: Any  # its one-sequence cache
     first: torch.Tensor  # its first greedy token
     done: Any = None  # with overlapped prefills on CUDA: an event after the prefill on the side stream
-    lengths: torch.Tensor | None = None  # ``head_rows``, once read back
+    lengths: torch.Tensor | None = None  # its cache's ``head_lengths_on_host``, once read back
     pages: int = 0  # ``admission_pages``, likewise
 
     def landed(self) -> bool:
@@ -431,7 +425,7 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         """The staged prefill's lengths and pages, read on the stream it ran on (the side stream is idle once it
         landed: no wait for the decode steps)."""
         with torch.cuda.stream(side) if staged.done is not None else contextlib.nullcontext():
-            staged.lengths = head_rows(staged.single)
+            staged.lengths = staged.single.head_lengths_on_host()
         staged.pages = admission_pages(staged.single, pool, staged.lengths)
 
     def admit() -> bool:

@@ -674,7 +674,7 @@ class DMSCache(Cache):
             if layer.lengths.shape[0] != 1:
                 raise ValueError(f"admit takes one sequence, got a batch of {layer.lengths.shape[0]}")
         # One read-back of every layer's lengths and one hand-out for them all, then the copies (no wait)
-        host = torch.stack([layer.lengths.flatten() for layer in theirs]).cpu() if lengths is None else lengths
+        host = single.head_lengths_on_host() if lengths is None else lengths
         if tuple(host.shape) != (len(self.layers), theirs[0].lengths.numel()):
             raise ValueError(f"lengths must be [layers, kv_heads] = [{len(self.layers)}, {theirs[0].lengths.numel()}]"
                              f", got {list(host.shape)}")
@@ -806,6 +806,11 @@ class DMSCache(Cache):
     def head_lengths(self, layer_idx: int) -> torch.Tensor:
         """``[B, Hkv]`` int32: tokens held per (batch, KV head) in layer ``layer_idx``."""
         return self.layers[layer_idx].lengths
+
+    def head_lengths_on_host(self) -> torch.Tensor:
+        """``[layers, B * Hkv]`` int32 on the host: every layer's ``head_lengths``, in one read-back (on the
+        current stream)."""
+        return torch.stack([layer.lengths.flatten() for layer in self.layers]).cpu()
 
     def segment_rows(self) -> int:
         """K/V rows the heads' segments hold (occupied and spare): what a KV pool needs for this cache."""
