@@ -18,8 +18,9 @@ An admission stops the decode: the device drains, the prefill runs, its lengths 
 copied in. DMS completes ~5x the requests of dense in the same memory, so it pays that ~5x as often (on an
 H100, ~0.3 s an admission cost DMS a quarter of its wall time). With ``overlap_prefill``
 (``--overlap-prefill``, CUDA only) the queue head's prefill is launched on a second stream once a page a head
-fits beside the reserve, the decode steps go on beside it (a 1K prefill is compute, a decode step mostly
-memory reads), and it is admitted at the first step after it landed: its lengths are read back on the idle
+fits beside the reserve, launched whole without a wait for the device (its kept K/V are packed at the
+admission: ``DMSCache.pack_later``), the decode steps go on beside it (a 1K prefill is compute, a decode step
+mostly memory reads), and it is admitted at the first step after it landed: its lengths are read back on the idle
 side stream and the copy-in waits on its event, not on the decode. The next prefill waits for the copies that
 read the last one's buffers, which it may reuse. With nothing decoding, and in a steady start's first
 admission, prefills run as without the option.
@@ -304,10 +305,13 @@ class Staged:
             self.done.synchronize()
 
 
-def plain_prefill(model, prompt: torch.Tensor):
-    """A request's prefill into a one-sequence DMS cache of its own: (cache, first greedy token [1])."""
+def plain_prefill(model, prompt: torch.Tensor, *, pack_later: bool = False):
+    """A request's prefill into a one-sequence DMS cache of its own: (cache, first greedy token [1]).
+    ``pack_later``: launch it without a wait for the device (``DMSCache.pack_later``); its admission packs it."""
     single = model.make_dms_cache(pooled=False)
+    single.pack_later = pack_later
     out = model(input_ids=prompt, past_key_values=single, use_cache=True, logits_to_keep=1)
+    single.pack_later = False
     return single, out.logits[0, -1:].argmax(-1)
 
 
@@ -411,7 +415,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         with torch.cuda.stream(side) if beside else contextlib.nullcontext():
             if beside:  # after the copies that read the last prefill's buffers, which this one may reuse
                 side.wait_stream(main)
-            single, first = (prefill or plain_prefill)(model, request.prefill_ids().to(device))
+            ids = request.prefill_ids().to(device)
+            single, first = prefill(model, ids) if prefill else plain_prefill(model, ids, pack_later=overlap_prefill)
             if beside:
                 done = torch.cuda.Event()
                 done.record(side)

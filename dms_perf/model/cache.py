@@ -570,6 +570,10 @@ class DMSCache(Cache):
         super().__init__(layers=layers)
         self.window, self.pool = window, pool
         self._pending_layers: list[DMSCacheLayer] = []
+        # Leave every prefill layer's packing pending (not MAX_PENDING_LAYERS): its prefill then never waits for
+        # the device, and the cache's next use packs it. For a prefill launched on a side stream beside other
+        # work (the request stream's overlap_prefill), which the host must not wait for layer by layer.
+        self.pack_later = False
 
     def append(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,
@@ -581,7 +585,8 @@ class DMSCache(Cache):
         the arguments of ``dms_decode_attention``. ``defer_packing`` (prefill only; returns None): leave
         the layer's packing pending, so that the model's prefill does not wait for the GPU at every
         layer. At most ``MAX_PENDING_LAYERS`` layers stay pending (the oldest is packed first, waiting
-        for a layer the GPU finished long ago); ``finish_prefill()`` packs the rest.
+        for a layer the GPU finished long ago), all of them with ``pack_later``; ``finish_prefill()`` packs
+        the rest.
         """
         layer = self.layers[layer_idx]
         n = keys.shape[2]
@@ -595,7 +600,7 @@ class DMSCache(Cache):
             layer.prefill(keys, values, decisions)
             if defer_packing:
                 self._pending_layers.append(layer)
-                while len(self._pending_layers) > MAX_PENDING_LAYERS:
+                while not self.pack_later and len(self._pending_layers) > MAX_PENDING_LAYERS:
                     self._pending_layers.pop(0).finish_prefill()
                 return None
             layer.finish_prefill()

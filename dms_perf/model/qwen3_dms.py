@@ -308,7 +308,7 @@ class Qwen3DMSForCausalLM(Qwen3ForCausalLM):
         out = super().forward(
             input_ids=input_ids, attention_mask=None, past_key_values=past_key_values, use_cache=use_cache, **kwargs
         )
-        if isinstance(past_key_values, DMSCache):
+        if isinstance(past_key_values, DMSCache) and not past_key_values.pack_later:
             past_key_values.finish_prefill()  # the prefill's deferred packing (a no-op when decoding)
         return out
 

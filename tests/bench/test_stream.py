@@ -201,9 +201,11 @@ def _lands_at_the_fourth_poll(staged) -> bool:
 def test_an_overlapped_prefill_is_admitted_once_it_lands(monkeypatch, pages):
     """With overlap_prefill a staged prefill that has not landed yet lets the loop go on (decoding the running
     sequences) and is admitted at a later step; here each lands at its fourth poll. With nothing running it is
-    waited for (the first request). Every request still generates its solo tokens, preempted or not, and every
-    page comes back. Without CUDA nothing ran beside the decode, and the row says so."""
+    waited for (the first request). Every prefill leaves its packing to its admission (``pack_later``). Every
+    request still generates its solo tokens, preempted or not, and every page comes back. Without CUDA nothing
+    ran beside the decode, and the row says so."""
     staged, admitted = [], []  # every staged prefill; (polls, waited) of each admitted one
+    packed_late = []  # whether each admitted prefill's K/V were still unpacked (its launch waited for nothing)
 
     def landed(self):
         staged.append(self)
@@ -215,6 +217,7 @@ def test_an_overlapped_prefill_is_admitted_once_it_lands(monkeypatch, pages):
     def admit(cache, slot, single, **kwargs):
         mine = next(s for s in staged if s.single is single)
         admitted.append((mine.polls, getattr(mine, "waited", False)))
+        packed_late.append(all(layer.pending for layer in single.layers))
         return real_admit(cache, slot, single, **kwargs)
 
     real_admit = DMSCache.admit
@@ -234,6 +237,7 @@ def test_an_overlapped_prefill_is_admitted_once_it_lands(monkeypatch, pages):
     # none went in before it landed unless waited for (the first, with nothing running); most waited 3 polls
     assert all(polls >= 4 or waited for polls, waited in admitted) and admitted[0] == (1, True)
     assert sum(polls >= 4 and not waited for polls, waited in admitted) >= 4
+    assert len(packed_late) == len(admitted) and all(packed_late)
     row = run.as_row()
     assert row["overlapped_prefill"] is False
     assert "launching" not in stream._admitting(row)

@@ -156,20 +156,24 @@ def test_decode_update_and_attention_do_not_synchronize(planted):
             plant_sync(out)
 
 
-def test_deferred_prefill_packing_matches_immediate(device):
-    """The model's prefill defers each layer's packing (at most MAX_PENDING_LAYERS wait); the packed
-    cache must equal the one packed at once, layer by layer."""
+@pytest.mark.parametrize("pack_later", [False, True], ids=["bounded", "pack-later"])
+def test_deferred_prefill_packing_matches_immediate(device, pack_later):
+    """The model's prefill defers each layer's packing (at most MAX_PENDING_LAYERS wait; every layer with
+    ``pack_later``, nothing packed until the cache's next use); the packed cache must equal the one packed at
+    once, layer by layer."""
     from dms_perf.model.cache import MAX_PENDING_LAYERS
 
     layers, B, H, n, D = MAX_PENDING_LAYERS + 3, 2, 2, 40, 16
     deferred, immediate = DMSCache(num_layers=layers, window=4), DMSCache(num_layers=layers, window=4)
+    deferred.pack_later = pack_later
     for layer in range(layers):
         k, v = _tagged(B, H, n, D, 0, device)
         decisions = torch.rand(B, H, n, device=device) < 0.7
         assert deferred.append(layer, k, v, decisions, defer_packing=True) is None
         immediate.append(layer, k, v, decisions)
-        assert sum(lay.pending for lay in deferred.layers) == min(layer + 1, MAX_PENDING_LAYERS)
-    assert deferred.layers[0].pending is False and deferred.layers[-1].pending is True
+        pending = layer + 1 if pack_later else min(layer + 1, MAX_PENDING_LAYERS)
+        assert sum(lay.pending for lay in deferred.layers) == pending
+    assert deferred.layers[0].pending is pack_later and deferred.layers[-1].pending is True
     deferred.finish_prefill()
     assert not any(lay.pending for lay in deferred.layers)
     for layer in range(layers):
