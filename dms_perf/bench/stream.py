@@ -29,7 +29,8 @@ Reported: total generated tokens per second (the tokens the requests generated o
 included), requests completed per minute, the most pages in use, preemptions and the generated tokens they
 had to prefill again, the wall time spent admitting (prefills and copies into the pool, during which nothing
 decodes; of it, the wait for the decode steps still queued on the device before each prefill, and the
-prefills), and the number of running sequences against time.
+prefills; apart from it, the host's checks that admitted nothing, beside the queued steps), and the number of
+running sequences against time.
 
 Admission keeps pages back for the running sequences' growth: the pages their next hand-out would take
 (``PagedKVPool.pages_short`` at the heads' bounds when it asks: under DMS most heads' fit in the pages they
@@ -132,7 +133,7 @@ class Request:
 
 # StreamRun's counters a window counts from the warm-up's end (the row gives each as a difference from then).
 WINDOW_COUNTERS = ("completed", "steps", "preemptions", "admission_s", "admission_wait_s", "prefill_s",
-                   "recomputed_tokens", "exhausted_trims")
+                   "admission_check_s", "recomputed_tokens", "exhausted_trims")
 
 
 @dataclass
@@ -156,6 +157,9 @@ class StreamRun:
     admission_s: float = 0.0  # wall time spent admitting (prefills, copies into the pool), not decoding
     admission_wait_s: float = 0.0  # of it: waiting for the decode steps queued on the device before a prefill
     prefill_s: float = 0.0  # of it: the prefills (the rest is copying into the pool and the host's work)
+    # Not in it: the host's checks at each step that admitted nothing and prefilled nothing (a request waiting
+    # for pages, or for its overlapped prefill), which run beside the decode steps queued on the device.
+    admission_check_s: float = 0.0
     recomputed_tokens: int = 0  # generated tokens prefilled again when a preempted request came back
     exhausted_trims: int = 0  # hand-outs that ran out and trimmed (one read-back) before preempting
     warmup_s: float | None = None  # run_stream's warmup_s: the figures count from counted_from_s
@@ -213,7 +217,7 @@ class StreamRun:
             "peak_kv_bytes": self.peak_pages * self.page_bytes, "kv_pool_bytes": self.pool_bytes,
             "max_running": self.max_running, "preemptions": counted["preemptions"],
             "decode_steps": counted["steps"], "duration_s": self.duration_s,
-            **{name: counted[name] for name in ("admission_s", "admission_wait_s", "prefill_s",
+            **{name: counted[name] for name in ("admission_s", "admission_wait_s", "prefill_s", "admission_check_s",
                                                 "recomputed_tokens", "exhausted_trims")},
             "warmup_s": self.warmup_s, "warmup_wall_s": self.counted_from_s,
             "running_at_start": self.running_at_start, "running_at_end": self.running_at_end,
@@ -399,12 +403,15 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
         vacate(slot)
 
     staged: Staged | None = None
+    prefills = 0  # prefills started (an admission check that started none and admitted none is a check only)
 
     def stage(request: Request) -> Staged:
         """Start ``request``'s prefill. On the side stream, launched behind whatever the device is doing (the
         host's launch timed as the prefill), if ``overlap_prefill`` has decode steps to run beside it; else at
         once on this stream, the device drained first (the wait and the prefill timed apart) and the lengths
         read back."""
+        nonlocal prefills
+        prefills += 1
         beside = side is not None and bool(running) and not steady
         began = time.perf_counter()
         if not beside:
@@ -504,15 +511,21 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
                     run.before = run.snapshot(unfinished_tokens())
                 if now >= (run.counted_from_s if run.before else warmup) + duration_s:
                     break  # the window is duration_s long even when the warm-up ran past warmup_s
-            admitting = time.perf_counter()
-            while admit():
-                pass
+            while True:  # admissions, timed apart from the checks that admitted nothing and prefilled nothing
+                began, started = time.perf_counter(), prefills
+                admitted = admit()
+                spent = time.perf_counter() - began
+                if admitted or prefills != started:
+                    run.admission_s += spent
+                else:
+                    run.admission_check_s += spent
+                if not admitted:
+                    break
             if steady:  # a steady start's first admission is over: the requests it did not take are plain again
                 plain = [r.plain or r for r in queue]
                 queue.clear()
                 queue.extend(plain)
                 staged, steady = None, False
-            run.admission_s += time.perf_counter() - admitting
             if not running:
                 continue
             wanted = bucket_for(len(running), max_seqs)
@@ -711,6 +724,9 @@ def _step_and_census(row: dict[str, Any]) -> str | None:
     from dms_perf.bench.report import _num
 
     parts = []
+    if row.get("admission_check_s"):
+        parts.append(f"the admission checks that admitted nothing took {_num(row['admission_check_s'])} s of host "
+                     f"time beside the queued decode steps (not in the admitting column)")
     if row.get("device_step_ms") is not None:
         parts.append(f"a decode step took {_num(row['device_step_ms'])} ms on the device (median of the window's "
                      f"{row.get('decode_steps', '-')}; {_num(row['device_decode_s'])} s of decoding in all)")

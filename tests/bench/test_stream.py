@@ -262,6 +262,24 @@ def test_overlapped_prefills_change_no_token_gpu():
     assert tokens[True] == tokens[False]
 
 
+def test_the_admitting_time_leaves_out_the_checks_that_admitted_nothing(monkeypatch):
+    """Two slots, six requests, a roomy pool, a fake clock (one second a read): each step's admissions end with
+    one check that admits nothing and prefills nothing (the slots are full, or the queue empty), which counts
+    apart from the admitting time, one second a step; the admissions themselves (prefills in them) count in it."""
+    model = _tiny_model()
+    requests = stream.make_requests(6, 8, (3, 12), vocab_size=model.config.vocab_size, seed=3)
+    _fake_clock(monkeypatch)
+    with torch.no_grad():
+        _use_pool(model, 400, seqs=2)
+        run = stream.run_stream(model, requests, admit_horizon=0)
+    assert run.completed == 6 and run.preemptions == 0 and run.exhausted_trims == 0
+    assert run.admission_check_s == run.steps
+    assert run.admission_s >= run.prefill_s + run.admission_wait_s and run.prefill_s >= 6
+    row = run.as_row()
+    assert row["admission_check_s"] == run.steps
+    assert f"admitted nothing took {run.steps} s" in stream._step_and_census(dict(row, method="dms-triton"))
+
+
 def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
     """``duration_s`` stops the stream at the first step past the window (a fake clock, one second a read):
     completed requests are those that finished in it, the generated tokens are every token of the window (the
