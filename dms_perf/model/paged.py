@@ -162,8 +162,10 @@ class PagedKVPool:
         self._reused = np.zeros(heads, dtype=np.int64)
         self._room = np.zeros(max_seqs, dtype=np.int64)  # steps every head of the slot has pages for
         self._live = np.zeros(max_seqs, dtype=bool)
-        self._admitted = np.zeros(max_seqs, dtype=np.int64)  # admissions per slot (a trim skips changed slots)
         self._snapshot = None  # request_trim's lengths on their way to the host
+        # Each slot's column in that read-back: -1 for a sequence admitted or prefilled since (a trim leaves its
+        # bound as it is); a move carries the column to the sequence's new slot.
+        self._snapshot_slot = np.full(max_seqs, -1, dtype=np.int64)
         # Per batch size, (longest bound, spread) of the bounds above (``_bound_summary``), until they change:
         # asked by every layer of a decode step, computed once.
         self._bound_memo: dict[int, tuple[int, float]] = {}
@@ -294,7 +296,7 @@ class PagedKVPool:
         elif self._live[slot]:
             raise ValueError(f"slot {slot} already holds a live sequence")
         self._live[slot] = True
-        self._admitted[slot] += 1
+        self._snapshot_slot[slot] = -1
         self._since[slot] = self._room[slot] = 0
         self._bound_memo.clear()
         return slot
@@ -338,6 +340,7 @@ class PagedKVPool:
                                      np.tile(np.arange(heads), layers.size)), self._rows.shape)
         self._hand_out(flat, np.maximum(_pages_for(rows.ravel(), self.page_rows) - self._pages.reshape(-1)[flat], 0))
         self._rows[layers, slots] = rows
+        self._snapshot_slot[slots] = -1  # a read-back on its way saw none of these rows
         self._bound_memo.clear()
         self._write(self.lengths, flat, rows.ravel())
         self._update_room(np.unique(slots))
@@ -350,8 +353,6 @@ class PagedKVPool:
         source, dest = self._check_live(source), int(dest)
         if not 0 <= dest < self.max_seqs or self._live[dest]:
             raise ValueError(f"slot {dest!r} must be a free slot in [0, {self.max_seqs})")
-        if self._snapshot is not None:  # its lengths are per slot: a moved sequence would keep stale ones
-            self._snapshot = None
         self.block_table[:, dest].copy_(self.block_table[:, source])
         self.lengths[:, dest].copy_(self.lengths[:, source])
         if self.window is not None:
@@ -365,7 +366,7 @@ class PagedKVPool:
         self._pages[:, source] = self._rows[:, source] = self._horizon[:, source] = self._reused[:, source] = 0
         for state in (self._since, self._room, self._live):
             state[dest] = state[source]
-        self._admitted[dest] += 1
+        self._snapshot_slot[dest], self._snapshot_slot[source] = self._snapshot_slot[source], -1
         self._since[source] = self._room[source] = 0
         self._live[source] = False
         self._bound_memo.clear()
@@ -450,6 +451,7 @@ class PagedKVPool:
         self._pages[:, slot] = self._rows[:, slot] = self._horizon[:, slot] = self._reused[:, slot] = 0
         self._since[slot] = self._room[slot] = 0
         self._live[slot] = False
+        self._snapshot_slot[slot] = -1
         self._bound_memo.clear()
         self.block_table[:, slot].fill_(NO_PAGE)
         self.lengths[:, slot].zero_()
@@ -526,7 +528,8 @@ class PagedKVPool:
             ready.record()
         else:
             host, ready = counts.clone(), None
-        self._snapshot = (host, ready, self._since.copy(), self._admitted.copy(), horizon)
+        self._snapshot = (host, ready, self._since.copy(), horizon)
+        self._snapshot_slot = np.arange(self.max_seqs)
         self._snapshot_age = 0  # hand-outs that found it still on its way
 
     def _reuses_ahead(self, horizon: int) -> torch.Tensor:
@@ -546,20 +549,25 @@ class PagedKVPool:
         that slot reuse made unnecessary. Applies the lengths ``request_trim`` read back (requesting them
         now if it was not asked); a head's bound becomes its length then plus its growth since (``_growth``).
         ``wait=False``: do nothing and return False while the read-back is still on its way (no host
-        sync); else returns True. Slots released or admitted since the request keep their bounds."""
+        sync); else returns True. Slots released, admitted or prefilled since the request keep their bounds; a
+        sequence moved since takes its old slot's lengths."""
         if self._snapshot is None:
             if not wait:
                 return False
             self.request_trim()
-        host, ready, since_then, admitted_then, horizon = self._snapshot
+        host, ready, since_then, horizon = self._snapshot
         if ready is not None and not ready.query():
             if not wait:
                 return False
             ready.synchronize()
         self._snapshot = None
-        counts = host.numpy().astype(np.int64)
+        # Each live slot's column of the read-back (a sequence moved since reads its old slot's)
+        valid = self._live & (self._snapshot_slot >= 0)
+        column = np.where(valid, self._snapshot_slot, 0)
+        counts = host.numpy().astype(np.int64)[..., column, :]
         lengths, reused = (counts[0], counts[1]) if horizon else (counts, 0)
-        valid = self._live & (self._admitted == admitted_then)
+        since_then = since_then[column]
+        self._snapshot_slot[:] = -1
         fresh, live = valid[None, :, None], self._live[None, :, None]
         self._since = np.where(valid, self._since - since_then, np.where(self._live, self._since, 0))
         self._rows = np.where(fresh, lengths, np.where(live, self._rows, 0))

@@ -56,11 +56,14 @@ def _pointers(pool) -> tuple[int, ...]:
 
 
 class PagedPoolMachine(RuleBasedStateMachine):
-    """Random admit / prefill / decode / reserve_ahead / trim / release sequences on a small pool.
+    """Random admit / prefill / decode / reserve_ahead / read-back / trim / move / release sequences on a small
+    pool.
 
     The shadow knows no block table: per head, a list of the values its rows hold (in row order), its
     page count, and the length the host knew at the last prefill or trim; per slot, the decode steps
-    since. Expected page counts and exhaustion follow from docs alone (ceil of rows over page_rows).
+    since. Expected page counts and exhaustion follow from docs alone (ceil of rows over page_rows). A
+    read-back started before moves, admissions and releases is applied to the sequences it saw, where they
+    are now.
     """
 
     @initialize(page_rows=st.sampled_from([1, 2, 4, 8]), layers=st.integers(1, 2), kv_heads=st.integers(1, 3),
@@ -74,6 +77,8 @@ class PagedPoolMachine(RuleBasedStateMachine):
         self.pages: dict[tuple[int, int, int], int] = {}
         self.known: dict[tuple[int, int, int], int] = {}
         self.since: dict[int, int] = {}
+        # A read-back on its way: each head's rows and each slot's steps then, and each live slot's slot then
+        self.snap: tuple[dict, dict, dict] | None = None
         self.peak = 0
         self.next_value = 1.0
 
@@ -106,6 +111,8 @@ class PagedPoolMachine(RuleBasedStateMachine):
         slot = self.pool.admit(data.draw(st.sampled_from(free)) if choose else None)
         assert slot in free and (choose or slot == free[0])
         self.since[slot] = 0
+        if self.snap:
+            self.snap[2].pop(slot, None)
         for l, h in self.heads:
             self.rows[(l, slot, h)], self.pages[(l, slot, h)], self.known[(l, slot, h)] = [], 0, 0
 
@@ -127,6 +134,8 @@ class PagedPoolMachine(RuleBasedStateMachine):
             return
         self.pool.prefill(slot, rows)
         event("prefill: uneven heads" if len(set(counts.values())) > 1 else "prefill: even heads")
+        if self.snap:  # a read-back on its way saw none of these rows
+            self.snap[2].pop(slot, None)
         for (l, h), n in counts.items():
             key = (l, slot, h)
             self.pages[key] = max(self.pages[key], math.ceil(n / self.pool.page_rows))
@@ -186,13 +195,55 @@ class PagedPoolMachine(RuleBasedStateMachine):
                                                                for l, h in self.heads))
 
     @rule()
+    def request_trim(self):
+        """A hand-out's read-back, applied by a later trim."""
+        self.pool.request_trim()
+        self.snap = ({key: len(held) for key, held in self.rows.items()}, dict(self.since),
+                     {slot: slot for slot in self.since})
+
+    @rule()
     def trim(self):
         self.pool.trim()
-        for key, held in self.rows.items():
-            self.known[key] = len(held)
-            self.pages[key] = math.ceil(len(held) / self.pool.page_rows)
-        for slot in self.since:
-            self.since[slot] = 0
+        if self.snap is None:  # read back now
+            for key, held in self.rows.items():
+                self.known[key] = len(held)
+                self.pages[key] = math.ceil(len(held) / self.pool.page_rows)
+            for slot in self.since:
+                self.since[slot] = 0
+            return
+        rows_then, since_then, slot_then = self.snap
+        self.snap = None
+        for slot, then in slot_then.items():
+            event("trim: a sequence moved since its read-back" if slot != then else "trim: read-back applied")
+            for l, h in self.heads:
+                self.known[(l, slot, h)] = rows_then[(l, then, h)]
+            self.since[slot] -= since_then[then]
+        for key in self.pages:  # a head keeps the pages of its bound: rows then plus a row a step since
+            bound = min(self.known[key] + self.since[key[1]], self.pool.max_rows_per_head)
+            self.pages[key] = min(self.pages[key], math.ceil(bound / self.pool.page_rows))
+
+    @precondition(lambda self: self.since and len(self.since) < self.pool.max_seqs)
+    @rule(data=st.data())
+    def move(self, data):
+        """A finished sequence's slot taken by another (a request stream keeps its sequences in the lowest)."""
+        source = data.draw(st.sampled_from(sorted(self.since)))
+        dest = data.draw(st.sampled_from([s for s in range(self.pool.max_seqs) if s not in self.since]))
+        self.pool.move(source, dest)
+        for l, h in self.heads:
+            for table in (self.rows, self.pages, self.known):
+                table[(l, dest, h)] = table.pop((l, source, h))
+        self.since[dest] = self.since.pop(source)
+        if self.snap and source in self.snap[2]:
+            self.snap[2][dest] = self.snap[2].pop(source)
+
+    @precondition(lambda self: self.since and len(self.since) < self.pool.max_seqs)
+    @rule(data=st.data())
+    def read_back_move_trim(self, data):
+        """A request stream's order, which the rules above rarely draw: a hand-out's read-back, a finished
+        sequence's slot taken by another, the next hand-out's trim."""
+        self.request_trim()
+        self.move(data)
+        self.trim()
 
     @rule(slot=st.integers(-1, 3))
     def release(self, slot):
@@ -208,6 +259,8 @@ class PagedPoolMachine(RuleBasedStateMachine):
         event(f"release: {'pages returned' if held else 'no pages'}")
         assert self.pool.free_pages == free_before + held
         del self.since[slot]
+        if self.snap:
+            self.snap[2].pop(slot, None)
         for l, h in self.heads:
             del self.rows[(l, slot, h)], self.pages[(l, slot, h)], self.known[(l, slot, h)]
 
@@ -386,6 +439,35 @@ def test_a_read_back_of_a_dms_pool_counts_the_slot_reuses_ahead():
     pool.prefill(again, [[6, 6]])
     pool.reserve_ahead(5)
     assert pool.pages_held(again) == 3 + 3  # 6 + 5 rows each: nothing known of the new sequence
+
+
+def test_a_read_back_follows_a_sequence_moved_before_it_is_applied():
+    """A request stream moves its last sequence into a finished one's slot between a hand-out, which starts a
+    read-back, and the next, which applies it without a wait: the moved sequence takes its old slot's lengths
+    and slot reuses (the tight DMS bound), and the one admitted since into that old slot keeps its own
+    (nothing known). Until 2026-12-08 a move dropped the read-back, and the next hand-out gave every head a row
+    a step: on an H100 stream completing ~1 request a second the pages swung 0.92 -> 0.99 of the pool and back
+    at each forced trim (benchmarks/NOTES.md, session 15)."""
+    pool = PagedKVPool(64, 4, HEAD_DIM, layers=1, max_seqs=3, kv_heads=1, max_rows_per_head=64,
+                       dtype=torch.float32, device="cpu", window=4)
+    finished, moved = pool.admit(), pool.admit()
+    pool.prefill(finished, [[3]])
+    pool.prefill(moved, [[6]])
+    pool.step_index.fill_(10)
+    pool.ring_flag[0, moved, 0, [0, 1, 3]] = True  # of the next 5 steps, 0, 1 and 3 reuse a slot
+    pool.hand_out(2)  # pages for 2 steps; starts the read-back (horizon min(4 x 2, window + 1) = 5 steps)
+    pool.advance(2)
+    pool.release(finished)
+    pool.move(moved, finished)
+    fresh = pool.admit()
+    assert fresh == moved  # the stream admits into the slot after the running ones: the moved one's old slot
+    pool.prefill(fresh, [[5]])
+    pool.hand_out(2)  # applies the read-back, then pages for 2 steps more
+    bounds = pool.bounds(3)[0, :, 0].tolist()
+    assert bounds[finished] == 6 + 2  # 2 steps since the read-back: at most 2 rows (5 - 3 reuses)
+    assert pool.bounds(3, ahead=2)[0, finished, 0] == 8  # steps 2..3 add none: 2 pages, not 10 rows' 3
+    assert pool.pages_held(finished) == 2
+    assert bounds[fresh] == 5 and pool.pages_held(fresh) == 2  # its prefill, and 2 steps of a row each
 
 
 def test_bound_spread_is_the_most_uneven_layers_longest_over_mean_bound():
