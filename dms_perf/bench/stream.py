@@ -23,7 +23,8 @@ admission: ``DMSCache.pack_later``), the decode steps go on beside it (a 1K pref
 mostly memory reads), and it is admitted at the first step after it landed: its lengths are read back on the idle
 side stream and the copy-in waits on its event, not on the decode. The next prefill waits for the copies that
 read the last one's buffers, which it may reuse. With nothing decoding, and in a steady start's first
-admission, prefills run as without the option.
+admission, prefills run as without the option. On an H100 it was slower than serial admissions (a 1K prefill's
+launch alone kept the host as long as a serial prefill took; benchmarks/NOTES.md, session 15).
 
 Reported: total generated tokens per second (the tokens the requests generated over the wall time, prefills
 included), requests completed per minute, the most pages in use, preemptions and the generated tokens they
