@@ -13,6 +13,9 @@ GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 40
 * ``test_decode_attention_many_heads``: 144 sequences of 2,048 rows a head (a 1K + 16K DMS generation's
   capacity regime), paged, spread ``even`` and ``trained``, under both schedulers, the balanced one with
   and without its plan launch (``MANY_HEADS_CASES``).
+* ``test_decode_attention_stream``: the request stream's heads in its steady state (1K prompt, outputs
+  2K-16K; dms-triton's 264 sequences and dense's 56, as the H100's pool held them), paged, both schedulers,
+  the balanced one with its merge narrow and wide (``STREAM_CASES``).
 * ``test_decode_attention_layouts``: the same three spreads at the same rows, with the other layout and
   scheduler pairs: ``contiguous`` with the ``balanced`` scheduler, and ``paged`` (pages of
   ``PAGE_ROWS`` rows handed out in shuffled order, one block table per head) with ``per_head`` and
@@ -267,6 +270,54 @@ def test_decode_attention_many_heads(benchmark, spread, schedule, finding, monke
         benchmark.extra_info["finding"] = finding
     batch, rows = MANY_HEADS
     _decode_attention_case(benchmark, spread, batch, rows, "paged", schedule, any_length=True)
+
+
+# The request stream's heads in its steady state (benchmarks/NOTES.md, "Session of 2026-12-07 (15)"): a
+# 1K prompt and outputs uniform in 2K-16K, each running request at a position drawn as a steady stream holds
+# it (``steady_progress``); dms-triton keeps ``WINDOW + (p - WINDOW) / 8`` rows a head at position p, dense
+# p. Per method: (sequences running, as the H100's 50.6 GiB pool held them; compression).
+STREAM_PROMPT, STREAM_OUTPUTS = (1024, (2048, 16384)) if HAS_CUDA else (48, (16, 96))
+STREAM_BATCHES = {"dms": (264, 8), "dense": (56, 1)} if HAS_CUDA else {"dms": (4, 8), "dense": (2, 1)}
+STREAM_SEED = 0
+
+
+def stream_lengths(method: str) -> torch.Tensor:
+    """``[batch, Hkv]`` int32 rows a head of ``method``'s running sequences in the stream's steady state
+    (every head of a sequence at its position's rows; seeded, so every run measures one layout)."""
+    from dms_perf.bench.stream import steady_progress
+
+    batch, compression = STREAM_BATCHES[method]
+    progress = steady_progress(batch, STREAM_OUTPUTS, torch.Generator().manual_seed(STREAM_SEED))
+    positions = torch.tensor([STREAM_PROMPT + done + 1 for _, done in progress], dtype=torch.int64)
+    rows = positions if compression == 1 else WINDOW + (positions - WINDOW + compression - 1) // compression
+    return rows[:, None].expand(batch, HKV).to(torch.int32).contiguous()
+
+
+# The stream cases: the per-head scheduler, and the balanced one with its merge narrow (``MERGE_COLUMNS``
+# columns a program) or wide (every column: ``decode_kernel.MERGE_WIDE_HEADS``).
+STREAM_CASES = [("per_head", None), ("balanced", "narrow"), ("balanced", "wide")]
+
+
+@pytest.mark.parametrize("schedule,merge", STREAM_CASES, ids=[s if m is None else f"{s}-{m}" for s, m in STREAM_CASES])
+@pytest.mark.parametrize("method", list(STREAM_BATCHES))
+def test_decode_attention_stream(benchmark, method, schedule, merge, monkeypatch):
+    """Paged decode attention over the request stream's heads (``stream_lengths``) under each scheduler: the
+    rule (``decode_schedule``) picks one by the heads' number and spread, recorded as ``max_over_mean``; the
+    balanced one with each merge geometry. Floor as ``_decode_attention_case``, over these lengths."""
+    if merge is not None:
+        monkeypatch.setattr(decode_kernel, "MERGE_WIDE_HEADS", 0 if merge == "wide" else 2**31 - 1)
+        benchmark.extra_info["merge"] = merge
+    lengths = stream_lengths(method)
+    kv_bytes, moved, pages = attention_bytes(lengths, "paged")
+    batch = lengths.shape[0]
+    benchmark.group = f"decode-attention-stream-{method}"
+    benchmark.extra_info.update(batch=batch, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=str(DTYPE),
+                                spread="stream", mean_rows=float(lengths.float().mean()),
+                                longest_head=int(lengths.max()),
+                                max_over_mean=float(lengths.max()) / float(lengths.float().mean()),
+                                layout="paged", schedule=schedule, page_rows=PAGE_ROWS, pages=pages)
+    call_s = _timed(benchmark, rotating(lambda: _attention_inputs(lengths, "paged", schedule), kv_bytes))
+    _floor(benchmark, moved, call_s)
 
 
 # --- the fused step between the q/k/v projection and attention --------------------------------------

@@ -269,16 +269,23 @@ def steady_start(requests: list[Request], count: int, output_lengths: tuple[int,
     uniform in 0 .. L - 2 tokens (``resumed``: k random ids, so that admission's prefill gives token k + 1 of L
     and the request still decodes), the plain request kept in ``plain``. Seeded by ``seed``."""
     generator = torch.Generator().manual_seed(seed + 1)  # not the plain draws' stream
-    low, high = output_lengths
     count = min(count, len(requests))
-    lengths = torch.arange(low, high + 1, dtype=torch.float64)
-    drawn = (low + torch.multinomial(lengths, count, replacement=True, generator=generator)).tolist()
     started = []
-    for request, length in zip(requests[:count], drawn, strict=True):
-        done = int(torch.randint(0, max(1, length - 1), (1,), generator=generator))
+    for request, (length, done) in zip(requests[:count], steady_progress(count, output_lengths, generator),
+                                       strict=True):
         ids = torch.randint(0, vocab_size, (1, done), generator=generator)
         started.append(Request(request.index, request.prompt, length, resumed=ids if done else None, plain=request))
     return started + list(requests[count:])
+
+
+def steady_progress(count: int, output_lengths: tuple[int, int], generator: torch.Generator) -> list[tuple[int, int]]:
+    """``count`` (output length, tokens generated so far) pairs of a steady stream's running requests: length L
+    with probability in proportion to L over the inclusive range (a request is running for as many steps as
+    it has tokens), progress uniform in 0 .. L - 2."""
+    low, high = output_lengths
+    weights = torch.arange(low, high + 1, dtype=torch.float64)
+    drawn = (low + torch.multinomial(weights, count, replacement=True, generator=generator)).tolist()
+    return [(length, int(torch.randint(0, max(1, length - 1), (1,), generator=generator))) for length in drawn]
 
 
 def admission_pages(single, pool, lengths: torch.Tensor) -> int:

@@ -227,22 +227,76 @@ class _PoisonedTorch:
         return poison(out) if out.is_floating_point() else out.fill_(-(2**30))
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
 @pytest.mark.parametrize("merge_tile,merge_columns", [(1, 16), (4, 32), (64, 16), (16, 128)])
 @pytest.mark.parametrize("pattern", ["one-holds-all", "spread"])
-def test_balanced_merge_geometry(pattern, merge_tile, merge_columns, monkeypatch, device, plan):
+def test_balanced_merge_geometry(pattern, merge_tile, merge_columns, wide, monkeypatch, device, plan):
     """The balanced merge takes ``MERGE_TILE`` chunks a step and ``MERGE_COLUMNS`` head-dim columns a
-    program (all of them when that is more than the head dim): every geometry gives the reference's
+    program (all of them when that is more than the head dim), or, from ``MERGE_WIDE_HEADS`` heads on
+    (``wide``: 0 here), all columns and as many fewer chunks a step: every geometry gives the reference's
     output, and every element is written (the kernel's buffers start as NaN)."""
     from dms_perf.ops.decode import kernel
 
     monkeypatch.setattr(kernel, "MERGE_TILE", merge_tile)
     monkeypatch.setattr(kernel, "MERGE_COLUMNS", merge_columns)
+    monkeypatch.setattr(kernel, "MERGE_WIDE_HEADS", 0 if wide else 2**31 - 1)
     monkeypatch.setattr(kernel, "torch", _PoisonedTorch())
     lengths = torch.tensor(UNEVEN[pattern], dtype=torch.int32, device=device)
     q, _, (k, v, starts) = _layouts(lengths, 6, 64, 64, torch.float32, device)
     out = dms_decode_attention(q, k, v, starts, lengths, 64, num_splits=4, block_n=16, schedule="balanced")
     assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
     assert torch.equal(out.view(2, 3, 2, 64)[lengths == 0], torch.zeros(int((lengths == 0).sum()), 2, 64))
+
+
+@pytest.mark.parametrize("heads,head_dim,expected", [
+    (1, 64, (16, 32)), (511, 128, (16, 32)), (512, 128, (4, 128)), (4096, 64, (8, 64)), (512, 16, (16, 16)),
+])
+def test_merge_geometry_widens_from_many_heads(heads, head_dim, expected, monkeypatch):
+    """Below ``MERGE_WIDE_HEADS`` the constants (columns capped at the head dim); from there on every column
+    and a tile of as many elements. The rule at set values, so that a change of the constants' tuning does
+    not hide a change of the rule."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "MERGE_TILE", 16)
+    monkeypatch.setattr(kernel, "MERGE_COLUMNS", 32)
+    monkeypatch.setattr(kernel, "MERGE_WIDE_HEADS", 512)
+    assert kernel.merge_geometry(heads, head_dim) == expected
+
+
+@pytest.mark.parametrize("schedule,num_splits", [("per_head", 1), ("per_head", 3), ("balanced", 2)])
+def test_decode_writes_no_padded_query_row(schedule, num_splits, monkeypatch, device, plan):
+    """G = 3 query heads a KV head, padded to 16 rows a program: the partials' padding rows stay as allocated
+    (NaN) and the output is the reference's. With one split a head (per-head) the split programs write the
+    output themselves: no merge is launched and no partial allocated, and every output element is written."""
+    from dms_perf.ops.decode import kernel
+
+    monkeypatch.setattr(kernel, "torch", _PoisonedTorch())
+    spies = {name: spy_launches(monkeypatch, kernel, name) for name in ("_decode_merge_kernel",
+                                                                         "_decode_balanced_merge_kernel")}
+    allocated = []
+    monkeypatch.setattr(_PoisonedTorch, "empty", staticmethod(_recording(allocated, _PoisonedTorch.empty)))
+    lengths = torch.tensor([[5, 0], [130, 47]], dtype=torch.int32, device=device)
+    q, _, (k, v, starts) = _layouts(lengths, 6, 32, 64, torch.float32, device)
+    out = dms_decode_attention(q, k, v, starts, lengths, 130, num_splits=num_splits, block_n=16, schedule=schedule)
+    assert rel_error(out, dms_decode_attention_reference(q, k, v, starts, lengths)) < 1e-5
+    merges = sum(len(spy.launches) for spy in spies.values())
+    partials = [t for t in allocated if t.is_floating_point() and t.shape != q.shape]
+    if schedule == "per_head" and num_splits == 1:
+        assert merges == 0 and partials == []
+    else:
+        part_out = next(t for t in partials if t.dim() == 2)
+        assert merges == 1
+        padding = part_out.view(-1, 16, num_splits, 32) if schedule == "per_head" else part_out.view(-1, 16, 32)
+        assert padding[:, 3:].isnan().all() and not padding[:, :3].isnan().all()
+
+
+def _recording(allocated, empty):
+    def record(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        allocated.append(out)
+        return out
+
+    return record
 
 
 def test_balanced_schedule_locates_chunks_across_head_blocks(monkeypatch, device, plan):

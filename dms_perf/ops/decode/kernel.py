@@ -15,7 +15,8 @@ evicted tokens), so decode attention is plain softmax attention over each head's
 
 Kernel layout: a split program attends one query token's ``G`` query heads of a KV head (one K/V read
 serves all of them) over a range of that head's key blocks; a second small kernel merges the splits of
-each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHEDULE``):
+each head by log-sum-exp (with one split a head the split program writes the output, and there is no
+merge). Two schedulers cut the key blocks into splits (``SCHEDULE``):
 
 * ``"per_head"``: each head's own length is cut into ``num_splits`` splits, grid ``(B * Hkv,
   num_splits)``. The longest head sets the time: with the same rows spread unevenly over the heads,
@@ -33,7 +34,8 @@ each head by log-sum-exp. Two schedulers cut the key blocks into splits (``SCHED
   MERGE_COLUMNS`` programs a head. A head that holds many
   chunks is merged in ``cdiv(its chunks, MERGE_TILE)`` dependent steps, so the merge takes wide tiles,
   and splits the head dim over programs (``MERGE_COLUMNS``) so that a tile fits in registers
-  (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep).
+  (benchmarks/NOTES.md, "Session of 2026-12-06 (7)", has the sweep); from ``MERGE_WIDE_HEADS`` heads on,
+  where a head holds a chunk or two, a program takes every column and fewer chunks a step.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ MERGE_COLUMNS = 32
 # program scans the lengths itself. Measured at 1,152 heads only (H100: 0.4-0.6 % faster than the scans,
 # benchmarks/NOTES.md, "Session of 2026-12-07 (10)"); 512, where a scan takes half a HEAD_BLOCK, is a guess.
 PLAN_HEADS = 512
+# Balanced merge at ``B * Hkv >= MERGE_WIDE_HEADS`` heads: a program merges all ``D`` columns of a query head
+# (``merge_geometry``). Many heads hold a chunk or two each, and a merge program's time is its dependent
+# loads, not its bytes: at 1,136 heads the narrow merge took 40 us a layer, ~20x its bytes over the card's
+# rate (H100, benchmarks/NOTES.md, "Session of 2026-12-07 (10)"); a quarter of the programs does the same
+# work. 512 (about four programs an SM) is a guess, not yet measured.
+MERGE_WIDE_HEADS = 512
 
 
 @triton.jit
@@ -139,14 +147,28 @@ def _attend(
 
 
 @triton.jit
-def _store_partial(part_out_ptr, part_lse_ptr, row, m_i, l_i, acc, D: tl.constexpr):
-    """One split's normalized output and log2-sum-exp at partial rows ``row`` ``[G_PAD]``; a split without
-    keys reports out = 0, lse = -inf and contributes nothing to the merge."""
+def _store_partial(part_out_ptr, part_lse_ptr, row, m_i, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr,
+                   D: tl.constexpr):
+    """One split's normalized output and log2-sum-exp at partial rows ``row`` ``[G_PAD]``, of the ``G`` real
+    query heads only (the merge reads no padding row); a split without keys reports out = 0, lse = -inf
+    and contributes nothing to the merge."""
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(part_out_ptr + row[:, None] * D + tl.arange(0, D)[None, :], out)
-    tl.store(part_lse_ptr + row, lse2)
+    real = tl.arange(0, G_PAD) < G
+    tl.store(part_out_ptr + row[:, None] * D + tl.arange(0, D)[None, :], out, mask=real[:, None])
+    tl.store(part_lse_ptr + row, lse2, mask=real)
+
+
+@triton.jit
+def _store_output(out_ptr, b, h, stride_ob, stride_oh, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr,
+                  D: tl.constexpr):
+    """The attention output of query heads ``h * G ..`` of sequence ``b`` from one program that read all of
+    the head's rows (no merge); a head without keys gives zeros."""
+    offs_g = tl.arange(0, G_PAD)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    rows = out_ptr + b * stride_ob + (h * G + offs_g).to(tl.int64)[:, None] * stride_oh + tl.arange(0, D)[None, :]
+    tl.store(rows, out.to(out_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
 
 
 @triton.jit
@@ -158,13 +180,14 @@ def _load_query(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.co
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, start_ptr, table_ptr, len_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     stride_qb, stride_qh, stride_kn, stride_vn, stride_tb, stride_th, stride_tp, max_pages,
-    num_kv_heads, num_splits, scale_log2,
+    stride_ob, stride_oh, num_kv_heads, num_splits, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
-    """The per-head scheduler: program (head, split)."""
+    """The per-head scheduler: program (head, split). ``DIRECT`` (one split a head): the program reads the
+    whole head and writes the output itself; there is nothing to merge."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
@@ -189,8 +212,11 @@ def _decode_split_kernel(
         q, k_ptr, v_ptr, first, table_row, stride_tp, max_pages, start, end, stride_kn, stride_vn, scale_log2,
         G_PAD, D, BLOCK_N, PAGED, PAGE_ROWS, DOT_PRECISION,
     )
-    row = (pid_bh.to(tl.int64) * G_PAD + tl.arange(0, G_PAD)) * num_splits + pid_s
-    _store_partial(part_out_ptr, part_lse_ptr, row, m_i, l_i, acc, D)
+    if DIRECT:
+        _store_output(out_ptr, b, h, stride_ob, stride_oh, l_i, acc, G, G_PAD, D)
+    else:
+        row = (pid_bh.to(tl.int64) * G_PAD + tl.arange(0, G_PAD)) * num_splits + pid_s
+        _store_partial(part_out_ptr, part_lse_ptr, row, m_i, l_i, acc, G, G_PAD, D)
 
 
 @triton.jit
@@ -326,7 +352,8 @@ def _decode_balanced_split_kernel(
             scale_log2, G_PAD, D, BLOCK_N, PAGED, PAGE_ROWS, DOT_PRECISION,
         )
         # Programs past the last chunk write nothing: the merge reads each head's own chunks only.
-        _store_partial(part_out_ptr, part_lse_ptr, pid.to(tl.int64) * G_PAD + tl.arange(0, G_PAD), m_i, l_i, acc, D)
+        _store_partial(part_out_ptr, part_lse_ptr, pid.to(tl.int64) * G_PAD + tl.arange(0, G_PAD), m_i, l_i, acc,
+                       G, G_PAD, D)
 
 
 @triton.jit
@@ -408,6 +435,16 @@ def _check_inputs(q, k_cache, v_cache, starts, lengths, max_length, block_table,
     devices = {q.device, k_cache.device, v_cache.device, lengths.device}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def merge_geometry(heads: int, head_dim: int) -> tuple[int, int]:
+    """``(chunks a step, head-dim columns a program)`` of the balanced merge for ``heads`` (``B * Hkv``) heads:
+    ``MERGE_TILE`` x ``MERGE_COLUMNS`` below ``MERGE_WIDE_HEADS``; from there on every column in one program,
+    and as many fewer chunks a step, so that a tile holds as many elements (both powers of two)."""
+    columns = min(MERGE_COLUMNS, head_dim)  # both powers of two: columns divides head_dim
+    if heads < MERGE_WIDE_HEADS:
+        return MERGE_TILE, columns
+    return max(1, MERGE_TILE * columns // head_dim), head_dim
 
 
 def default_num_splits(batch_kv_heads: int, max_length: int, block_n: int) -> int:
@@ -502,18 +539,24 @@ def dms_decode_attention(
     if schedule == "per_head":
         # The splits are the grid's second axis; its first, B * Hkv, may take up to 2**31 - 1.
         check_grid_rows("num_splits", num_splits)
-        part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
-        part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
+        direct = num_splits == 1
+        if direct:  # unused stand-ins: the split programs write the output
+            part_out = part_lse = out
+        else:
+            part_out = torch.empty((B * Hkv * g_pad * num_splits, D), device=q.device, dtype=torch.float32)
+            part_lse = torch.empty((B * Hkv * g_pad * num_splits,), device=q.device, dtype=torch.float32)
         _decode_split_kernel[(B * Hkv, num_splits)](
-            q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, *addressing,
-            Hkv, num_splits, scale * math.log2(math.e), **geometry, num_warps=NUM_WARPS,
+            q, k_cache, v_cache, starts, block_table, lengths, part_out, part_lse, out, *addressing,
+            out.stride(0), out.stride(1), Hkv, num_splits, scale * math.log2(math.e), **geometry, DIRECT=direct,
+            num_warps=NUM_WARPS,
         )
-        _decode_merge_kernel[(B * Hkv, G)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            Hkv, num_splits,
-            G=G, G_PAD=g_pad, D=D, S_PAD=next_power_of_2(num_splits),
-            num_warps=4,
-        )
+        if not direct:
+            _decode_merge_kernel[(B * Hkv, G)](
+                part_out, part_lse, out, out.stride(0), out.stride(1),
+                Hkv, num_splits,
+                G=G, G_PAD=g_pad, D=D, S_PAD=next_power_of_2(num_splits),
+                num_warps=4,
+            )
         return out
     num_chunks = num_splits * B * Hkv
     programs = num_chunks + B * Hkv  # at most one short last chunk per head beyond num_chunks full ones
@@ -535,11 +578,11 @@ def dms_decode_attention(
         Hkv, B * Hkv, num_chunks, scale * math.log2(math.e), **geometry, HEAD_BLOCK=head_block,
         PLANNED=planned, num_warps=NUM_WARPS,
     )
-    columns = min(MERGE_COLUMNS, D)  # both powers of two: columns divides D
+    tile, columns = merge_geometry(B * Hkv, D)
     _decode_balanced_merge_kernel[(B * Hkv, G, D // columns)](
         part_out, part_lse, lengths, first, out, out.stride(0), out.stride(1),
         Hkv, B * Hkv,
-        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, MERGE_TILE=MERGE_TILE,
+        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, MERGE_TILE=tile,
         COLUMNS=columns, num_warps=4,
     )
     return out
