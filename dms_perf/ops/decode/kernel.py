@@ -80,11 +80,12 @@ MERGE_COLUMNS = 32
 # benchmarks/NOTES.md, "Session of 2026-12-07 (10)"); 512, where a scan takes half a HEAD_BLOCK, is a guess.
 PLAN_HEADS = 512
 # Balanced merge at ``B * Hkv >= MERGE_WIDE_HEADS`` heads: a program merges all ``D`` columns of a query head
-# (``merge_geometry``). Many heads hold a chunk or two each, and a merge program's time is its dependent
-# loads, not its bytes: at 1,136 heads the narrow merge took 40 us a layer, ~20x its bytes over the card's
-# rate (H100, benchmarks/NOTES.md, "Session of 2026-12-07 (10)"); a quarter of the programs does the same
-# work. 512 (about four programs an SM) is a guess, not yet measured.
-MERGE_WIDE_HEADS = 512
+# (``merge_geometry``). Many heads hold a few chunks each, and a merge program's time is its dependent loads,
+# not its bytes: at 1,136 heads the narrow merge took 40 us a layer, ~20x its bytes over the card's rate (H100,
+# benchmarks/NOTES.md, "Session of 2026-12-07 (10)"). The merge sweep (H200, "Session of 2026-12-06 (7)") had
+# the wide geometries (16 or 64 x 128) as fast as 128 x 32 or faster from 8 sequences (64 heads) on, even or
+# uneven; at one sequence (8 heads) the narrow one wins on uneven heads.
+MERGE_WIDE_HEADS = 64
 
 
 @triton.jit
