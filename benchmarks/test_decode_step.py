@@ -28,6 +28,8 @@ GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 40
   ``F.linear``; ``addmm_`` into the residual for down; ``F.linear`` then ``silu_mul`` for gate/up); plus
   the LM head, which the model runs on cuBLAS. Skinny cases also record ``cublas_ms`` and
   ``speedup_vs_cublas``, the cuBLAS call on the same shape timed by the case itself.
+* ``test_projection_batch``: each projection on cuBLAS at a decode batch's rows (``BATCH_ROWS``: the stream's
+  56-288 sequences), against the larger of its bytes' and its FLOPs' floors (``roofline_floor``).
 * ``test_silu_mul``: ``silu_mul`` (``triton``) and ``silu(gate) * up`` in torch (``torch``), 1 / 8 / 32 rows.
 
 Timing: ``bench`` replaying CUDA graphs of ``CALLS_PER_GRAPH`` back-to-back calls, timed per call (the
@@ -52,7 +54,7 @@ import pytest
 import torch
 
 from dms_perf._runtime import HAS_CUDA
-from dms_perf.bench.floors import bandwidth_floor
+from dms_perf.bench.floors import bandwidth_floor, roofline_floor
 from dms_perf.bench.timing import bench, median_call_ms, rotating
 from dms_perf.model.cache import DMSCache
 from dms_perf.model.qwen3_dms import qwen3_8b_config, tiny_config
@@ -388,6 +390,29 @@ def test_projection(benchmark, projection, rows, impl):
         next_cublas = rotating(lambda: _projection_inputs("cublas", rows, n, k, epilogue), n * k * e)
         cublas_ms = median_call_ms(lambda: next_cublas()(), cuda_graph=True, calls_per_graph=CALLS_PER_GRAPH)
         benchmark.extra_info.update(cublas_ms=cublas_ms, speedup_vs_cublas=cublas_ms / (call_s * 1e3))
+
+
+# The stream's batches (``STREAM_BATCHES``: dense's 56 sequences, DMS's 256-288) and 128: where cuBLAS's row
+# tiles may round a batch up (257 rows computed as 384 by 128-row tiles).
+BATCH_ROWS = (56, 128, 256, 264, 288) if HAS_CUDA else (2, 3)
+
+
+@pytest.mark.parametrize("rows", BATCH_ROWS, ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("projection", list(PROJECTION_SHAPES))
+def test_projection_batch(benchmark, projection, rows):
+    """Each projection on cuBLAS as ``decode_linear`` issues it (``torch_linear``) at a decode batch's rows,
+    where its multiplies, not its weight, may set the time. Floor: the larger of ``test_projection``'s bytes at
+    the copy rate and its ``2 rows N K`` FLOPs at the measured matmul rate (``roofline_floor``)."""
+    n, k, epilogue = PROJECTION_SHAPES[projection]
+    e = LINEAR_DTYPE.itemsize
+    width = n // 2 if epilogue == "silu_mul" else n
+    moved = n * k * e + rows * k * e + rows * width * e + (rows * n * e if epilogue == "residual" else 0)
+    benchmark.group = f"linear-batch-{projection}"
+    benchmark.extra_info.update(projection=projection, rows=rows, n=n, k=k, epilogue=epilogue,
+                                dtype=str(LINEAR_DTYPE), bytes=moved, flops=2 * rows * n * k)
+    call_s = _timed(benchmark, rotating(lambda: _projection_inputs("cublas", rows, n, k, epilogue), n * k * e))
+    if call_s is not None:
+        benchmark.extra_info.update(roofline_floor(moved, 2 * rows * n * k, call_s))
 
 
 # --- SwiGLU's activation on its own (the cuBLAS path's second launch) ---------------------------------

@@ -51,3 +51,17 @@ def bandwidth_floor(moved_bytes: int, seconds: float) -> dict[str, float]:
 
     floor_s = moved_bytes / copy_bandwidth_bytes_per_s()
     return {"floor_ms": floor_s * 1e3, "floor_fraction": floor_s / seconds, "gbps": moved_bytes / seconds / 1e9}
+
+
+def roofline_floor(moved_bytes: int, flops: int, seconds: float) -> dict[str, float]:
+    """A call that may be bound by its bytes or its arithmetic: ``bandwidth_floor``'s figures with
+    ``floor_ms`` the larger of the bytes' floor (``bytes_floor_ms``) and the FLOPs' at the measured matmul
+    rate (``flop_floor_ms``, ``dms_perf.bench.timing.matmul_flops_per_s``), and ``tflops`` achieved."""
+    from dms_perf.bench.timing import matmul_flops_per_s
+
+    figures = bandwidth_floor(moved_bytes, seconds)
+    bytes_ms, flop_ms = figures["floor_ms"], flops / matmul_flops_per_s() * 1e3
+    floor_ms = max(bytes_ms, flop_ms)
+    figures.update(bytes_floor_ms=bytes_ms, flop_floor_ms=flop_ms, floor_ms=floor_ms,
+                   floor_fraction=floor_ms / (seconds * 1e3), tflops=flops / seconds / 1e12)
+    return figures

@@ -52,6 +52,19 @@ def copy_bandwidth_bytes_per_s() -> float:
     return 2 * 2**30 / (ms * 1e-3)
 
 
+@functools.cache
+def matmul_flops_per_s() -> float:
+    """Measured bf16 matrix-multiply rate, FLOP/s: one 8192 x 8192 x 8192 product (cuBLAS), the compute
+    floors' rate as ``copy_bandwidth_bytes_per_s`` is the memory floors'."""
+    if not HAS_CUDA:
+        return float("nan")
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in "ab")
+    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench_ms(lambda: torch.mm(a, b, out=out), warmup_ms=50, rep_ms=300)
+    return 2 * n**3 / (ms * 1e-3)
+
+
 def rotating(make_inputs: Callable[[], Sequence[Any]], l2_bytes_each: int, min_total: int = 256 * 2**20):
     """An endless cycle over enough input sets (``make_inputs()`` each) to defeat a 50 MB L2 cache.
 

@@ -44,3 +44,19 @@ def test_bandwidth_floor_is_the_bytes_at_the_measured_copy_rate(monkeypatch):
     monkeypatch.setattr(timing, "copy_bandwidth_bytes_per_s", lambda: 2e12)
     figures = bandwidth_floor(10**9, 1e-3)
     assert figures == pytest.approx({"floor_ms": 0.5, "floor_fraction": 0.5, "gbps": 1000.0})
+
+
+@pytest.mark.parametrize("flops,bound", [(10**12, "bytes"), (4 * 10**12, "flops")])
+def test_roofline_floor_is_the_larger_of_the_bytes_and_the_flops_floor(flops, bound, monkeypatch):
+    """1 GB at 2 TB/s is 0.5 ms; 1 / 4 TFLOP at 2 PFLOP/s 0.5 / 2 ms: the floor is the larger, its fraction of
+    the call's 4 ms, and the rates achieved."""
+    from dms_perf.bench import timing
+    from dms_perf.bench.floors import roofline_floor
+
+    monkeypatch.setattr(timing, "copy_bandwidth_bytes_per_s", lambda: 2e12)
+    monkeypatch.setattr(timing, "matmul_flops_per_s", lambda: 2e15)
+    figures = roofline_floor(10**9, flops, 4e-3)
+    floor = 0.5 if bound == "bytes" else 2.0
+    expected = {"floor_ms": floor, "floor_fraction": floor / 4, "gbps": 250.0, "bytes_floor_ms": 0.5,
+                "flop_floor_ms": flops / 2e12, "tflops": flops / 4e-3 / 1e12}
+    assert figures == pytest.approx(expected)
