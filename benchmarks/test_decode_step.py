@@ -370,6 +370,15 @@ def _projection_inputs(impl: str, rows: int, n: int, k: int, epilogue: str) -> C
     return lambda: torch_linear(x, weight, residual=residual, silu_mul=silu, residual_in_place=True)
 
 
+def projection_bytes(projection: str, rows: int) -> int:
+    """What a projection of ``rows`` tokens must move: the weight, the input rows, the output rows written
+    (``N / 2`` wide after SiLU), and the residual read."""
+    n, k, epilogue = PROJECTION_SHAPES[projection]
+    e = LINEAR_DTYPE.itemsize
+    width = n // 2 if epilogue == "silu_mul" else n
+    return n * k * e + rows * k * e + rows * width * e + (rows * n * e if epilogue == "residual" else 0)
+
+
 @pytest.mark.parametrize("impl", ["skinny", "cublas"])
 @pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("projection", list(PROJECTION_SHAPES))
@@ -377,9 +386,7 @@ def test_projection(benchmark, projection, rows, impl):
     """Floor: the weight, the input rows, the output rows written (``N / 2`` wide after SiLU), and the
     residual read: ``N K e + rows K e + rows N_out e (+ rows N e)`` bytes."""
     n, k, epilogue = PROJECTION_SHAPES[projection]
-    e = LINEAR_DTYPE.itemsize
-    width = n // 2 if epilogue == "silu_mul" else n
-    moved = n * k * e + rows * k * e + rows * width * e + (rows * n * e if epilogue == "residual" else 0)
+    e, moved = LINEAR_DTYPE.itemsize, projection_bytes(projection, rows)
     benchmark.group = f"linear-{projection}-{rows}rows"
     benchmark.extra_info.update(projection=projection, rows=rows, n=n, k=k, epilogue=epilogue,
                                 dtype=str(LINEAR_DTYPE))
@@ -404,9 +411,7 @@ def test_projection_batch(benchmark, projection, rows):
     where its multiplies, not its weight, may set the time. Floor: the larger of ``test_projection``'s bytes at
     the copy rate and its ``2 rows N K`` FLOPs at the measured matmul rate (``roofline_floor``)."""
     n, k, epilogue = PROJECTION_SHAPES[projection]
-    e = LINEAR_DTYPE.itemsize
-    width = n // 2 if epilogue == "silu_mul" else n
-    moved = n * k * e + rows * k * e + rows * width * e + (rows * n * e if epilogue == "residual" else 0)
+    e, moved = LINEAR_DTYPE.itemsize, projection_bytes(projection, rows)
     benchmark.group = f"linear-batch-{projection}"
     benchmark.extra_info.update(projection=projection, rows=rows, n=n, k=k, epilogue=epilogue,
                                 dtype=str(LINEAR_DTYPE), bytes=moved, flops=2 * rows * n * k)
