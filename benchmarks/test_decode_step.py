@@ -15,7 +15,8 @@ GPU: bf16, ``qwen3_8b_config()`` (32 query / 8 KV heads, head dim 128, hidden 40
   and without its plan launch (``MANY_HEADS_CASES``).
 * ``test_decode_attention_stream``: the request stream's heads in its steady state (1K prompt, outputs
   2K-16K; dms-triton's 264 sequences and dense's 56, as the H100's pool held them), paged, both schedulers,
-  the balanced one with its merge narrow and wide (``STREAM_CASES``).
+  the per-head one in slot order and longest first, the balanced one with its merge narrow and wide
+  (``STREAM_CASES``).
 * ``test_decode_attention_layouts``: the same three spreads at the same rows, with the other layout and
   scheduler pairs: ``contiguous`` with the ``balanced`` scheduler, and ``paged`` (pages of
   ``PAGE_ROWS`` rows handed out in shuffled order, one block table per head) with ``per_head`` and
@@ -295,21 +296,26 @@ def stream_lengths(method: str) -> torch.Tensor:
     return rows[:, None].expand(batch, HKV).to(torch.int32).contiguous()
 
 
-# The stream cases: the per-head scheduler, and the balanced one with its merge narrow (``MERGE_COLUMNS``
-# columns a program) or wide (every column: ``decode_kernel.MERGE_WIDE_HEADS``).
-STREAM_CASES = [("per_head", None), ("balanced", "narrow"), ("balanced", "wide")]
+# The stream cases: the per-head scheduler over the sequences in slot order (as the stream holds them) or
+# longest first (what ordering its programs by length would give: the longest heads start first and no long
+# one is left to run alone at the end), and the balanced one with its merge narrow (``MERGE_COLUMNS`` columns
+# a program) or wide (every column: ``decode_kernel.MERGE_WIDE_HEADS``).
+STREAM_CASES = [("per_head", "slot-order"), ("per_head", "longest-first"), ("balanced", "narrow"), ("balanced", "wide")]
 
 
-@pytest.mark.parametrize("schedule,merge", STREAM_CASES, ids=[s if m is None else f"{s}-{m}" for s, m in STREAM_CASES])
+@pytest.mark.parametrize("schedule,variant", STREAM_CASES, ids=[f"{s}-{v}" for s, v in STREAM_CASES])
 @pytest.mark.parametrize("method", list(STREAM_BATCHES))
-def test_decode_attention_stream(benchmark, method, schedule, merge, monkeypatch):
+def test_decode_attention_stream(benchmark, method, schedule, variant, monkeypatch):
     """Paged decode attention over the request stream's heads (``stream_lengths``) under each scheduler: the
     rule (``decode_schedule``) picks one by the heads' number and spread, recorded as ``max_over_mean``; the
-    balanced one with each merge geometry. Floor as ``_decode_attention_case``, over these lengths."""
-    if merge is not None:
-        monkeypatch.setattr(decode_kernel, "MERGE_WIDE_HEADS", 0 if merge == "wide" else 2**31 - 1)
-        benchmark.extra_info["merge"] = merge
+    per-head one in two orders of the sequences, the balanced one with each merge geometry. Floor as
+    ``_decode_attention_case``, over these lengths (the same in every case of a method)."""
     lengths = stream_lengths(method)
+    if schedule == "balanced":
+        monkeypatch.setattr(decode_kernel, "MERGE_WIDE_HEADS", 0 if variant == "wide" else 2**31 - 1)
+    elif variant == "longest-first":
+        lengths = lengths[lengths[:, 0].argsort(descending=True, stable=True)]
+    benchmark.extra_info["variant"] = variant
     kv_bytes, moved, pages = attention_bytes(lengths, "paged")
     batch = lengths.shape[0]
     benchmark.group = f"decode-attention-stream-{method}"
