@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--capacity-step", type=int, default=None, metavar="N",
                        help="the stream: rows per KV head each page hand-out gives ahead (default 128); fewer "
                        "hold fewer spare pages and hand out more often")
+    bench.add_argument("--page-rows", type=int, default=None, metavar="N",
+                       help="the stream: K/V rows a page of the paged KV pool holds, a power of two (default 64); "
+                       "smaller pages round each head up less and hand out more entries")
     bench.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
                        help="the stream's paged KV pool, in GiB (default: the card's free memory less 10%% for "
                        "activations; 0.002 GiB without a GPU)")
@@ -289,7 +292,8 @@ def run_bench(args, parser) -> int:
         return _run_stream_bench(args, parser, contexts, methods)
     stream_options = (("--output-lengths", args.output_lengths), ("--max-running", args.max_running),
                       ("--duration", args.duration), ("--warmup-seconds", args.warmup_seconds),
-                      ("--capacity-step", args.capacity_step), ("--overlap-prefill", args.overlap_prefill or None))
+                      ("--capacity-step", args.capacity_step), ("--overlap-prefill", args.overlap_prefill or None),
+                      ("--page-rows", args.page_rows))
     stream_only = [flag for flag, value in stream_options if value is not None]
     if stream_only:
         return _error(parser, f"{', '.join(stream_only)} set(s) a request stream: add --requests N")
@@ -433,6 +437,9 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
                       "prefills are the warm-up's")
     if args.capacity_step is not None and args.capacity_step < 1:
         return _error(parser, f"--capacity-step must be >= 1, got {args.capacity_step}")
+    if args.page_rows is not None and (args.page_rows < 1 or args.page_rows & (args.page_rows - 1)):
+        return _error(parser, f"--page-rows must be a power of two (rows a page; docs/DMS.md, 'Cache and decode'), "
+                      f"got {args.page_rows}")
     not_engine = [m.name for m in methods if not m.family.fused]
     if not_engine:
         return _error(parser, f"a request stream runs on the decode engine's paged KV pool; {', '.join(not_engine)} "
@@ -440,7 +447,8 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
     if (problem := positions_problem(args.model, contexts, high)) is not None:
         return _error(parser, problem.replace("--new-tokens", "--output-lengths high"))
     if args.memory_budget is not None and (problem := stream.fit_problem(config_of(args.model), DTYPES[args.dtype],
-                                                                        args.memory_budget, contexts[0])):
+                                                                        args.memory_budget, contexts[0],
+                                                                        args.page_rows)):
         return _error(parser, problem)
     if (problem := _prepare_out(args.out)) is not None:
         return _error(parser, problem)
@@ -453,6 +461,7 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
         "duration_s": args.duration, "warmup_s": args.warmup_seconds, "capacity_step": args.capacity_step,
         "steady_start": True if args.steady_start else None,  # None, as in streams from before the option
         "overlap_prefill": True if args.overlap_prefill else None,
+        "page_rows": args.page_rows,  # None: the default, as in streams from before the option
         "seed": args.seed, "methods": [m.name for m in methods],
         "command": "dms-perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else ["bench"])),
     }
@@ -477,7 +486,8 @@ def _run_stream_bench(args, parser, contexts, methods) -> int:
             rows.append(stream.stream_method(model, method, requests, budget_gib=args.memory_budget,
                                              max_running=max_running, on_progress=progress,
                                              duration_s=args.duration, warmup_s=args.warmup_seconds,
-                                             capacity_step=args.capacity_step, overlap_prefill=args.overlap_prefill))
+                                             capacity_step=args.capacity_step, overlap_prefill=args.overlap_prefill,
+                                             page_rows=args.page_rows))
         del model
     for row in rows:
         row.setdefault("context", contexts[0])

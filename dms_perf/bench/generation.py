@@ -530,17 +530,19 @@ def measure_generation(
     return row
 
 
-def engine_pool(model, *, max_seqs: int, budget_bytes: int | None = None, pages: int | None = None):
+def engine_pool(model, *, max_seqs: int, budget_bytes: int | None = None, pages: int | None = None,
+                page_rows: int | None = None):
     """Give ``model`` a paged KV pool for ``max_seqs`` sequences that fits ``budget_bytes`` (or holds
-    ``pages`` pages); returns it. The one place the bench, capacity and the benchmarks size the engine's
-    pool (``PagedKVPool.for_budget``)."""
-    from dms_perf.model.paged import PagedKVPool
+    ``pages`` pages) of ``page_rows`` rows (default ``DEFAULT_PAGE_ROWS``); returns it. The one place the bench,
+    capacity and the benchmarks size the engine's pool (``PagedKVPool.for_budget``)."""
+    from dms_perf.model.paged import DEFAULT_PAGE_ROWS, PagedKVPool
 
     if (budget_bytes is None) == (pages is None):
         raise ValueError("give exactly one of budget_bytes and pages")
+    page_rows = DEFAULT_PAGE_ROWS if page_rows is None else page_rows
     if budget_bytes is None:
-        budget_bytes = PagedKVPool.budget_for_pages(model, pages, max_seqs=max_seqs)
-    model.use_kv_pool(PagedKVPool.for_budget(model, budget_bytes, max_seqs=max_seqs))
+        budget_bytes = PagedKVPool.budget_for_pages(model, pages, max_seqs=max_seqs, page_rows=page_rows)
+    model.use_kv_pool(PagedKVPool.for_budget(model, budget_bytes, max_seqs=max_seqs, page_rows=page_rows))
     return model.dms_pool
 
 

@@ -627,16 +627,18 @@ def stream_budget(memory_budget_gib: float | None) -> tuple[int, str]:
     return round(CPU_POOL_GIB * 2**30), f"CPU default, {CPU_POOL_GIB} GiB (--memory-budget sets another)"
 
 
-def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: int) -> str | None:
-    """Why a pool of ``budget_gib`` cannot hold one request (one line), or None: the least any method keeps of a
-    prompt is each head's window + 1 rows (DMS never evicts inside the window), in whole pages, plus one slot's
-    per-head state."""
+def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: int,
+                page_rows: int | None = None) -> str | None:
+    """Why a pool of ``budget_gib`` (pages of ``page_rows`` rows, default ``DEFAULT_PAGE_ROWS``) cannot hold one
+    request (one line), or None: the least any method keeps of a prompt is each head's window + 1 rows (DMS
+    never evicts inside the window), in whole pages, plus one slot's per-head state."""
     from dms_perf.model.paged import DEFAULT_PAGE_ROWS, PagedKVPool
 
+    page_rows = DEFAULT_PAGE_ROWS if page_rows is None else page_rows
     window = getattr(config, "dms_window_size", prompt_length)
     rows = min(prompt_length, window + 1)
-    pages = config.num_hidden_layers * config.num_key_value_heads * -(-rows // DEFAULT_PAGE_ROWS)
-    need = PagedKVPool.budget_for_pages(config, pages, max_seqs=1, dtype=dtype)
+    pages = config.num_hidden_layers * config.num_key_value_heads * -(-rows // page_rows)
+    need = PagedKVPool.budget_for_pages(config, pages, max_seqs=1, dtype=dtype, page_rows=page_rows)
     if round(budget_gib * 2**30) >= need:
         return None
     return (f"--memory-budget {budget_gib} GiB cannot hold one request: its prompt's {rows} rows per KV head at the "
@@ -646,11 +648,12 @@ def fit_problem(config, dtype: torch.dtype, budget_gib: float, prompt_length: in
 def stream_method(model, method, requests: list[Request], *, budget_gib: float | None, max_running: int,
                   on_progress: Callable[[str], None] | None = None, duration_s: float | None = None,
                   warmup_s: float | None = None, capacity_step: int | None = None,
-                  overlap_prefill: bool = False) -> dict[str, Any]:
+                  overlap_prefill: bool = False, page_rows: int | None = None) -> dict[str, Any]:
     """One method's stream: its pool (``engine_pool``, the budget's pages), the run, and its row. Never
     raises for an expected failure: an exhausted pool or a bad budget becomes the row's status.
     ``capacity_step``: rows per KV head a page hand-out gives ahead (``--capacity-step``; default the
-    method's); ``overlap_prefill``: ``run_stream``'s (``--overlap-prefill``)."""
+    method's); ``overlap_prefill``: ``run_stream``'s (``--overlap-prefill``); ``page_rows``: the pool's rows a
+    page (``--page-rows``; default ``DEFAULT_PAGE_ROWS``)."""
     from dms_perf.bench.generation import engine_pool, failure_status, prefill_for_the_engine, release_memory
 
     row: dict[str, Any] = {"method": method.name}
@@ -662,7 +665,7 @@ def stream_method(model, method, requests: list[Request], *, budget_gib: float |
             model.dms_capacity_step = capacity_step
         budget, source = stream_budget(budget_gib)
         row.update(pool_budget_bytes=budget, pool_budget_source=source)
-        engine_pool(model, max_seqs=max_running, budget_bytes=budget)
+        pool = engine_pool(model, max_seqs=max_running, budget_bytes=budget, page_rows=page_rows)
         prefill = None
         if method.family.press_on_engine:
             press = method.press_for(model, requests[0].prompt.to(next(model.parameters()).device))
@@ -673,7 +676,7 @@ def stream_method(model, method, requests: list[Request], *, budget_gib: float |
 
         row.update(run_stream(model, requests, prefill=prefill, on_progress=on_progress,
                               duration_s=duration_s, warmup_s=warmup_s, overlap_prefill=overlap_prefill).as_row(),
-                   capacity_step=model.dms_capacity_step)
+                   capacity_step=model.dms_capacity_step, page_rows=pool.page_rows)
         row["status"] = "ok"
     except Exception as exc:  # one failing method must not stop the others
         row["status"] = failure_status(exc)
@@ -703,6 +706,7 @@ def render_stream_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
           if meta.get("steady_start") else []),
         *(["- overlapped prefills: each admission's prefill ran on a second CUDA stream beside the decode steps"]
           if meta.get("overlap_prefill") else []),
+        *([f"- KV pool pages of {meta['page_rows']} rows (--page-rows)"] if meta.get("page_rows") else []),
         f"- command: `{meta['command']}`", "",
         "| method | status | req/min | req/min by tokens | total tok/s | completed | mean running "
         "| running at the start → end (queued at the end) | max running | peak KV pages | peak KV GiB | pool GiB "
@@ -826,7 +830,7 @@ def stream_figure(meta: dict[str, Any], rows: list[dict[str, Any]]):
 # the warm-up: it is how long a method takes to reach its steady state (a steady start's first admission takes
 # DMS, with ~4x the requests in flight, ~4x dense's time); each row keeps its own, and the window is shared.
 STREAM_JOIN_KEYS = ("model", "dtype", "requests", "prompt_length", "output_lengths", "seed", "max_running",
-                    "duration_s", "steady_start", "overlap_prefill")
+                    "duration_s", "steady_start", "overlap_prefill", "page_rows")
 
 
 def merge_streams(paths) -> tuple[dict[str, Any], list[dict[str, Any]]]:

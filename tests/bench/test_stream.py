@@ -515,13 +515,16 @@ def test_a_request_that_cannot_run_alone_is_an_oom_error():
 def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "s"
     args = ["bench", "--requests", "3", "--contexts", "16", "--methods", "dms-triton,dense-triton", "--model", "tiny",
-            "--dtype", "float32", "--output-lengths", "2-6", "--max-running", "2", "--out", str(out)]
+            "--dtype", "float32", "--output-lengths", "2-6", "--max-running", "2", "--page-rows", "8",
+            "--out", str(out)]
     assert cli.main(args) == 0
     data = json.loads((out / "stream.json").read_text())
     assert [r["method"] for r in data["results"]] == ["dms-triton", "dense-triton"]
-    assert all(r["status"] == "ok" and r["completed"] == 3 for r in data["results"])
+    assert all(r["status"] == "ok" and r["completed"] == 3 and r["page_rows"] == 8 for r in data["results"])
     assert data["meta"]["output_lengths"] == [2, 6] and data["meta"]["max_running"] == 2
+    assert data["meta"]["page_rows"] == 8
     assert "| dms-triton | ok |" in (out / "stream.md").read_text()
+    assert "- KV pool pages of 8 rows (--page-rows)" in (out / "stream.md").read_text()
     assert (out / "running_vs_time.png").stat().st_size > 0
     capsys.readouterr()
     bad = {
@@ -535,6 +538,8 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
         ("--warmup-seconds", "5"): "beside --duration",
         ("--steady-start", ""): "--steady-start needs --warmup-seconds",
         ("--capacity-step", "0"): "--capacity-step must be >= 1",
+        ("--page-rows", "48"): "--page-rows must be a power of two",
+        ("--page-rows", "0"): "--page-rows must be a power of two",
         ("--requests", None): "add --requests N",
     }
     for (option, value), message in bad.items():
@@ -553,6 +558,8 @@ def test_the_cli_writes_the_stream_and_refuses_bad_input(tmp_path, capsys):
     cells = ["bench", "--contexts", "16", "--methods", "dms-triton", "--model", "tiny", "--overlap-prefill"]
     assert cli.main(cells) == 2
     assert "--overlap-prefill set(s) a request stream" in capsys.readouterr().err
+    assert cli.main([*cells[:-1], "--page-rows", "16"]) == 2
+    assert "--page-rows set(s) a request stream" in capsys.readouterr().err
 
 
 def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
@@ -590,9 +597,12 @@ def test_report_joins_streams_run_one_method_at_a_time(tmp_path, capsys):
     assert "- steady start: the requests of the first admission began part-way" in (steady / "stream.md").read_text()
     budget = tmp_path / "other-budget"
     assert cli.main([*common, "--methods", "dense-triton", "--memory-budget", "0.01", "--out", str(budget)]) == 0
+    pages = tmp_path / "other-pages"
+    assert cli.main([*common, "--methods", "dense-triton", "--page-rows", "8", "--out", str(pages)]) == 0
     tiny_cells(cells := tmp_path / "cells")
     assert_report_refuses(capsys, tmp_path / "dms-triton", (
         ((other,), "its seed 1 differs from 0"), ((budget,), "pool budget"),
+        ((pages,), "its page_rows 8 differs from None"),
         ((steady,), "its duration_s 600.0 differs from None"),
         ((cells,), "join only with request streams (stream.json)")), tmp_path / "x")
     assert_report_refuses(capsys, steady, (((cold,), "its steady_start None differs from True"),), tmp_path / "y")
