@@ -316,22 +316,23 @@ def test_balanced_schedule_locates_chunks_across_head_blocks(monkeypatch, device
 # --- paged addressing -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
     "page_rows,block_n", [(16, 64), (64, 64), (128, 32)], ids=["gather-16", "tile-64", "tiles-128"]
 )
-def test_paged_decode_matches_reference(page_rows, block_n, schedule, device):
+def test_paged_decode_matches_reference(page_rows, block_n, schedule, num_splits, device):
     """Pages handed out in shuffled order, the table a strided view (as the pool's ``block_table[l, :B]``
     may be) with NO_PAGE entries past each head's pages, very uneven heads and dead ones: the result of the
     loop-gathered reference, and that of the contiguous kernel on the same rows. Pages of 16 rows are
-    below the 64-row tile (one table entry per row); 64 and 128 hold whole tiles (one entry per tile).
-    fp32 only: the layouts differ in where rows are read, not in how they are computed (the dtypes are
-    test_decode_matches_reference's)."""
+    below the 64-row tile (one table entry per row); 64 and 128 hold whole tiles (one entry per tile). One
+    split a head: the per-head programs write the output themselves. fp32 only: the layouts differ in where
+    rows are read, not in how they are computed (the dtypes are test_decode_matches_reference's)."""
     dtype = torch.float32
     lengths = _uneven_lengths(page_rows, device)
     q, (k_pages, v_pages, table), (k, v, starts) = _layouts(lengths, 8, 32, page_rows, dtype, device)
     table = strided_view(table, spare_page(table, k_pages.shape[0] // page_rows))
-    launch = dict(num_splits=3, block_n=block_n, schedule=schedule)
+    launch = dict(num_splits=num_splits, block_n=block_n, schedule=schedule)
     out = dms_decode_attention(q, k_pages, v_pages, None, lengths, int(lengths.max()), block_table=table,
                                page_rows=page_rows, **launch)
     assert out.shape == q.shape and out.dtype == dtype
