@@ -170,6 +170,8 @@ class StreamRun:
     # The counted decode steps' device times in ms (CUDA events around each step; empty without CUDA): a step's
     # own time, which the wall time's admissions and host waits do not blur.
     device_step_ms: list[float] = field(default_factory=list)
+    # The counted decode steps under each decode scheduler (``PagedCacheLayer.schedule``, the graph's key).
+    schedule_steps: dict[str, int] = field(default_factory=dict)
     end_census: dict[str, Any] | None = None  # ``census`` of the sequences running when the stream stopped
     overlapped_prefill: bool = False  # prefills ran on a side stream beside the decode steps (run_stream)
     trace: dict[str, list] = field(default_factory=lambda: {"time_s": [], "running": [], "pages": []})
@@ -225,6 +227,7 @@ class StreamRun:
             "queued_at_end": self.queued_at_end,
             "device_step_ms": statistics.median(self.device_step_ms) if self.device_step_ms else None,
             "device_decode_s": sum(self.device_step_ms) / 1e3 if self.device_step_ms else None,
+            "schedule_steps": self.schedule_steps,
             "end_census": self.end_census, "overlapped_prefill": self.overlapped_prefill,
             "stream_trace": self.trace,
         }
@@ -566,6 +569,8 @@ def run_stream(model, requests: list[Request], *, prefill: Callable | None = Non
             sequence_steps += len(running)
             counting = bool(run.before) or not warmup_s
             if counting:
+                schedule = cache.layers[0].schedule
+                run.schedule_steps[schedule] = run.schedule_steps.get(schedule, 0) + 1
                 spans.begin()
             out = model(input_ids=tokens[:batch], past_key_values=cache, position_ids=positions[:batch],
                         use_cache=True)
@@ -742,6 +747,9 @@ def _step_and_census(row: dict[str, Any]) -> str | None:
     if row.get("device_step_ms") is not None:
         parts.append(f"a decode step took {_num(row['device_step_ms'])} ms on the device (median of the window's "
                      f"{row.get('decode_steps', '-')}; {_num(row['device_decode_s'])} s of decoding in all)")
+    if row.get("schedule_steps"):
+        parts.append("decode attention's scheduler: " + ", ".join(
+            f"{name} {steps} steps" for name, steps in sorted(row["schedule_steps"].items())))
 
     def held(c):
         return (f"{c['running']} at a mean position of {_num(c['mean_position'])} tokens, a head keeping "

@@ -321,6 +321,9 @@ def test_a_window_counts_what_it_finished_and_generated(monkeypatch):
     assert census["kept_rows_per_head"] <= census["held_rows_per_head"] <= census["kept_rows_per_head"] + 3 * step + 4
     assert census["plain"] == {k: v for k, v in census.items() if k != "plain"}  # no stand-ins
     assert row["device_step_ms"] is None and row["device_decode_s"] is None
+    # every counted step under the scheduler its graph was keyed by
+    assert set(row["schedule_steps"]) <= {"per_head", "balanced"}
+    assert sum(row["schedule_steps"].values()) == row["decode_steps"] > 0
 
 
 def test_admission_keeps_pages_for_growth():
@@ -387,10 +390,12 @@ def test_a_window_that_caught_a_transient_says_so():
     # the device's decode step and the end's census, where measured: a line each method
     census = {"running": 250, "mean_position": 6400.0, "kept_rows_per_head": 1300.0, "held_rows_per_head": 1400.0}
     rows[1] |= {"device_step_ms": 23.4, "device_decode_s": 46.0, "decode_steps": 1968,
+                "schedule_steps": {"per_head": 968, "balanced": 1000},
                 "end_census": census | {"plain": census | {"running": 100, "kept_rows_per_head": 1250.0}}}
     md = stream.render_stream_markdown(meta, rows)
     assert ("- dms-triton: a decode step took 23.4 ms on the device (median of the window's 1968; 46 s of "
-            "decoding in all); at the end 250 at a mean position of 6,400 tokens, a head keeping 1,300 rows and "
+            "decoding in all); decode attention's scheduler: balanced 1000 steps, per_head 968 steps; at the end "
+            "250 at a mean position of 6,400 tokens, a head keeping 1,300 rows and "
             "its pages holding 1,400 (of them, the requests that did not start part-way: 100 at a mean position "
             "of 6,400 tokens, a head keeping 1,250 rows") in md
     assert "- dense-triton: a decode step" not in md
