@@ -209,20 +209,30 @@ def _decode_attention_case(benchmark, spread: str, batch: int, context_length: i
     if HAS_CUDA and not any_length and context_length not in ATTENTION_CONTEXTS:
         pytest.skip(f"decode attention runs at {ATTENTION_CONTEXTS} kept rows per head")
     lengths = _kept_lengths(spread, batch, context_length)
-    kv_bytes, moved, pages = attention_bytes(lengths, layout)
-    assert kv_bytes == 2 * batch * HKV * context_length * D * DTYPE.itemsize
     benchmark.group = f"decode-attention-ctx{context_length}-b{batch}"
-    benchmark.extra_info.update(batch=batch, kept_per_head=context_length, num_q_heads=HQ, num_kv_heads=HKV,
-                                head_dim=D, dtype=str(DTYPE), spread=spread, longest_head=int(lengths.max()),
-                                max_over_mean=float(lengths.max()) / context_length, layout=layout,
+    benchmark.extra_info["kept_per_head"] = context_length
+    kv_bytes = _measure_attention(benchmark, lengths, spread, layout, schedule)
+    assert kv_bytes == 2 * batch * HKV * context_length * D * DTYPE.itemsize
+
+
+def _measure_attention(benchmark, lengths: torch.Tensor, spread: str, layout: str, schedule: str | None) -> int:
+    """Time decode attention over ``lengths`` (``[batch, Hkv]``) in ``layout`` under ``schedule`` (None: the
+    kernel's default), record the shape and the floor (``_decode_attention_case``'s) in ``extra_info``, and
+    return the K and V bytes of the kept rows; an OOM skips the case."""
+    kv_bytes, moved, pages = attention_bytes(lengths, layout)
+    batch, mean = lengths.shape[0], float(lengths.float().mean())
+    benchmark.extra_info.update(batch=batch, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=str(DTYPE),
+                                spread=spread, longest_head=int(lengths.max()),
+                                max_over_mean=float(lengths.max()) / mean, layout=layout,
                                 schedule=schedule or decode_kernel.SCHEDULE)
     if layout == "paged":
         benchmark.extra_info.update(page_rows=PAGE_ROWS, pages=pages)
     try:
         call_s = _timed(benchmark, rotating(lambda: _attention_inputs(lengths, layout, schedule), kv_bytes))
     except torch.OutOfMemoryError as exc:
-        pytest.skip(f"OOM at batch {batch} x {context_length} rows: {str(exc).splitlines()[0][:120]}")
+        pytest.skip(f"OOM at batch {batch} x {mean:.0f} rows a head: {str(exc).splitlines()[0][:120]}")
     _floor(benchmark, moved, call_s)
+    return kv_bytes
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
@@ -315,17 +325,9 @@ def test_decode_attention_stream(benchmark, method, schedule, variant, monkeypat
         monkeypatch.setattr(decode_kernel, "MERGE_WIDE_HEADS", 0 if variant == "wide" else 2**31 - 1)
     elif variant == "longest-first":
         lengths = lengths[lengths[:, 0].argsort(descending=True, stable=True)]
-    benchmark.extra_info["variant"] = variant
-    kv_bytes, moved, pages = attention_bytes(lengths, "paged")
-    batch = lengths.shape[0]
     benchmark.group = f"decode-attention-stream-{method}"
-    benchmark.extra_info.update(batch=batch, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=str(DTYPE),
-                                spread="stream", mean_rows=float(lengths.float().mean()),
-                                longest_head=int(lengths.max()),
-                                max_over_mean=float(lengths.max()) / float(lengths.float().mean()),
-                                layout="paged", schedule=schedule, page_rows=PAGE_ROWS, pages=pages)
-    call_s = _timed(benchmark, rotating(lambda: _attention_inputs(lengths, "paged", schedule), kv_bytes))
-    _floor(benchmark, moved, call_s)
+    benchmark.extra_info.update(variant=variant, mean_rows=float(lengths.float().mean()))
+    _measure_attention(benchmark, lengths, "stream", "paged", schedule)
 
 
 # --- the fused step between the q/k/v projection and attention --------------------------------------
