@@ -748,8 +748,8 @@ def _step_and_census(row: dict[str, Any]) -> str | None:
         parts.append(f"a decode step took {_num(row['device_step_ms'])} ms on the device (median of the window's "
                      f"{row.get('decode_steps', '-')}; {_num(row['device_decode_s'])} s of decoding in all)")
     if row.get("schedule_steps"):
-        parts.append("decode attention's scheduler: " + ", ".join(
-            f"{name} {steps} steps" for name, steps in sorted(row["schedule_steps"].items())))
+        parts.append("decode attention's steps by scheduler: " + ", ".join(
+            f"{name} {steps}" for name, steps in sorted(row["schedule_steps"].items())))
 
     def held(c):
         return (f"{c['running']} at a mean position of {_num(c['mean_position'])} tokens, a head keeping "

@@ -394,7 +394,7 @@ def test_a_window_that_caught_a_transient_says_so():
                 "end_census": census | {"plain": census | {"running": 100, "kept_rows_per_head": 1250.0}}}
     md = stream.render_stream_markdown(meta, rows)
     assert ("- dms-triton: a decode step took 23.4 ms on the device (median of the window's 1968; 46 s of "
-            "decoding in all); decode attention's scheduler: balanced 1000 steps, per_head 968 steps; at the end "
+            "decoding in all); decode attention's steps by scheduler: balanced 1000, per_head 968; at the end "
             "250 at a mean position of 6,400 tokens, a head keeping 1,300 rows and "
             "its pages holding 1,400 (of them, the requests that did not start part-way: 100 at a mean position "
             "of 6,400 tokens, a head keeping 1,250 rows") in md
